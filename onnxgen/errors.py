@@ -1,0 +1,29 @@
+"""Every error onnxgen raises on purpose. The CLI prints these as one line; anything else is a bug."""
+
+
+class OnnxgenError(Exception):
+    """Base class: a problem with the user's input or environment, not a bug in onnxgen."""
+
+
+class ModelFolderError(OnnxgenError):
+    """A model folder is missing, incomplete, or not an onnxgen export."""
+
+
+class OptionsError(OnnxgenError, ValueError):
+    """A generation option is out of range or contradicts another."""
+
+
+class ContextLengthError(OptionsError):
+    """Prompt plus max_new_tokens does not fit the model's context window."""
+
+
+class ProviderError(OnnxgenError):
+    """The requested execution provider (CPU or CUDA) cannot be used."""
+
+
+class ExportError(OnnxgenError):
+    """Export could not produce a validated model folder."""
+
+
+class QuantizeError(OnnxgenError):
+    """Quantization failed, did not take, or cost more accuracy than allowed."""

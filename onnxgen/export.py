@@ -1,0 +1,207 @@
+"""`onnxgen export`: a GPT-2 checkpoint in, a validated onnxgen model folder out.
+
+Steps: load the checkpoint with transformers; export it with optimum's `text-generation-with-past`
+task; fuse LayerNorm/Gelu with onnxruntime's GPT-2 optimizer; apply onnxgen's graph edits (graph.py);
+save (weights in `model.onnx.data` past a size threshold, as protobuf cannot hold more than 2 GB);
+then compare onnxruntime's logits with PyTorch's before the folder is renamed into place.
+
+optimum's own post-processing is skipped: it re-serializes the whole model in memory to de-duplicate
+the tied head, which fails past 2 GB (gpt2-large) with protobuf's C++ backend. graph.py does that
+de-duplication on the graph instead.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__, atomic, manifest
+from .errors import ExportError
+from .progress import steps
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+@dataclass
+class ExportOptions:
+    optimize: bool = True  # onnxruntime's GPT-2 fusions (SkipLayerNorm, FastGelu): a few % faster per token
+    opset: int | None = None  # None: optimum's default for GPT-2
+    external_data_threshold: int = 1 << 30  # bytes of weights above which they go to model.onnx.data
+    atol: float = 1e-4  # max abs logit difference against PyTorch for the export to pass
+    force: bool = False
+
+
+def _load(source: str) -> tuple[Any, Any]:
+    """Load model and fast tokenizer from a hub id or local folder, with one-line errors."""
+    from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
+
+    path = Path(source)
+    if path.exists() and not (path / "config.json").is_file():
+        raise ExportError(f"{source} is not a transformers checkpoint folder (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"cannot load {source!r} (unknown model id, no network, or not a checkpoint): {first}") from None
+    if config.model_type != "gpt2":
+        raise ExportError(f"{source} is a {config.model_type!r} model; onnxgen exports GPT-2 models only")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{source} has no usable tokenizer: {str(e).splitlines()[0]}") from None
+    if not tokenizer.is_fast:
+        raise ExportError(f"{source} has no fast tokenizer (tokenizer.json or vocab.json + merges.txt)")
+    model = GPT2LMHeadModel.from_pretrained(source, dtype="float32").eval()
+    return model, tokenizer
+
+
+def _validate(folder: Path, model: Any, atol: float) -> dict[str, Any]:
+    """PyTorch vs onnxruntime on a left-padded batch of two prompts and one cached step."""
+    import onnxruntime as ort
+    import torch
+
+    cfg = model.config
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.vocab_size, size=(2, 12))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0  # second row left-padded
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    position_ids=torch.from_numpy(pos), use_cache=True)
+    session = ort.InferenceSession(str(folder / MODEL_FILE), providers=["CPUExecutionProvider"])
+    head_dim = cfg.n_embd // cfg.n_head
+    empty = np.zeros((2, cfg.n_head, 0, head_dim), np.float32)
+    feed: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "logits_to_keep": np.array([0])}
+    for i in range(cfg.n_layer):
+        feed[f"past_key_values.{i}.key"] = feed[f"past_key_values.{i}.value"] = empty
+    out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    valid = mask.astype(bool)  # padded positions' logits are meaningless in both
+    prompt_diff = float(np.abs(out["logits"] - ref.logits.numpy())[valid].max())
+
+    nxt = ref.logits[:, -1].argmax(-1, keepdim=True)
+    mask2 = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+    pos2 = pos[:, -1:] + 1
+    with torch.no_grad():
+        ref2 = model(input_ids=nxt, attention_mask=torch.from_numpy(mask2), position_ids=torch.from_numpy(pos2),
+                     past_key_values=ref.past_key_values, use_cache=True)
+    feed = {"input_ids": nxt.numpy(), "attention_mask": mask2, "position_ids": pos2, "logits_to_keep": np.array([1])}
+    for i in range(cfg.n_layer):
+        for kind in ("key", "value"):
+            feed[f"past_key_values.{i}.{kind}"] = out[f"present.{i}.{kind}"]
+    step = session.run(["logits"], feed)[0]
+    step_diff = float(np.abs(step - ref2.logits.numpy()).max())
+    result = {"max_abs_diff_prompt": prompt_diff, "max_abs_diff_cached_step": step_diff, "atol": atol,
+              "passed": max(prompt_diff, step_diff) <= atol}
+    if not result["passed"]:
+        raise ExportError(f"validation failed: ONNX logits differ from PyTorch by {max(prompt_diff, step_diff):.2e} (allowed {atol:.0e})")
+    return result
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version(), "onnxgen": __version__}
+    for name in ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxruntime-gpu"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def io_names(path: Path) -> tuple[list[str], list[str]]:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {t.name for t in graph.initializer}
+    return [i.name for i in graph.input if i.name not in inits], [o.name for o in graph.output]
+
+
+def save_model(model: Any, folder: Path, threshold: int) -> None:
+    """Write model.onnx, with weights in model.onnx.data when they pass `threshold` bytes."""
+    import onnx
+
+    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    path = folder / MODEL_FILE
+    if weight_bytes > threshold:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def export(source: str, out: Path, options: ExportOptions | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Export `source` (hub id or folder) to `out`; returns the manifest. Raises ExportError."""
+    options = options or ExportOptions()
+    atomic.check_destination(out, options.force)
+    with steps(6, quiet=quiet) as progress:
+        with progress.step(f"Loading {source}"):
+            model, tokenizer = _load(source)
+        cfg = model.config
+        n_params = sum(p.numel() for p in model.parameters())
+        atomic.check_disk(out, n_params * 4 * 3)  # optimum's raw export, the final folder, slack
+        with atomic.building(out, options.force) as work, tempfile.TemporaryDirectory(dir=work.parent, prefix=f".{out.name}.raw-") as raw:
+            with progress.step("Exporting with optimum (text-generation-with-past)"):
+                from optimum.exporters.onnx import onnx_export_from_model
+
+                onnx_export_from_model(model, raw, task="text-generation-with-past", opset=options.opset,
+                                       no_post_process=True, do_validation=False)
+            with progress.step("Optimizing the graph" if options.optimize else "Loading the graph"):
+                onnx_model = _optimize(Path(raw) / MODEL_FILE, cfg, options.optimize)
+            with progress.step("Saving"):
+                from . import graph
+
+                tied = graph.untie_lm_head(onnx_model)
+                gemms = graph.gemm_to_matmul(onnx_model)
+                graph.add_logits_to_keep(onnx_model)
+                opset = next(o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx"))
+                save_model(onnx_model, work, options.external_data_threshold)
+                del onnx_model
+                cfg.save_pretrained(work)
+                model.generation_config.save_pretrained(work)
+                tokenizer.backend_tokenizer.save(str(work / "tokenizer.json"))
+                training = Path(source) / "training.json"  # the project's own models carry their recipe's results
+                if training.is_file():
+                    (work / "training.json").write_bytes(training.read_bytes())
+            with progress.step("Validating against PyTorch"):
+                validation = _validate(work, model, options.atol)
+            with progress.step("Writing manifest"):
+                inputs, outputs = io_names(work / MODEL_FILE)
+                result = manifest.write(work, {
+                    "source": {"model": source, "parameters": n_params},
+                    "versions": _versions(),
+                    "opset": opset,
+                    "dtype": "float32",
+                    "quantization": None,
+                    "graph": {"optimized": options.optimize, "tied_head_deduplicated": tied, "gemm_rewritten": gemms,
+                              "external_data": (work / DATA_FILE).exists()},
+                    "dims": {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
+                             "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions},
+                    "inputs": inputs,
+                    "outputs": outputs,
+                    "validation": validation,
+                    "export_options": {k: v for k, v in asdict(options).items() if k != "force"},
+                })
+    return result
+
+
+def _optimize(path: Path, cfg: Any, optimize: bool) -> Any:
+    import onnx
+
+    if not optimize:
+        return onnx.load(str(path))
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    # opt_level=0: Python fusions only. onnxruntime's own graph passes run at every session load anyway,
+    # and running them here would serialize the whole model (over 2 GB for gpt2-large).
+    optimized = optimize_model(str(path), model_type="gpt2", num_heads=cfg.n_head, hidden_size=cfg.n_embd, opt_level=0)
+    return optimized.model
+

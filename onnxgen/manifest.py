@@ -1,0 +1,57 @@
+"""`onnxgen.json`: what a model folder holds, where it came from, and how it was checked.
+
+The runtime reads it to find the graph's dimensions without opening the ONNX file; export and
+quantize write it last, so a folder without one is never mistaken for a finished model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelFolderError
+
+MANIFEST = "onnxgen.json"
+FORMAT_VERSION = 1
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
+    return {
+        p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def write(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    manifest = {"format_version": FORMAT_VERSION, **manifest, "files": describe_files(folder)}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise ModelFolderError(f"model folder not found: {folder}")
+    if not path.is_file():
+        raise ModelFolderError(f"{folder} is not an onnxgen model folder (no {MANIFEST}); make one with `onnxgen export`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFolderError(f"{path} is not valid JSON: {e}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelFolderError(f"{path} has format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+    missing = [name for name in manifest.get("files", {}) if not (folder / name).is_file()]
+    if missing:
+        raise ModelFolderError(f"{folder} is incomplete: missing {', '.join(missing)}")
+    return manifest

@@ -1,0 +1,32 @@
+"""Progress on stderr for the long steps, so that stdout carries only results."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+stderr = Console(stderr=True)
+
+
+class Steps:
+    """A bar over a fixed list of named steps: `with steps.step("Exporting"): ...`."""
+
+    def __init__(self, progress: Progress, total: int) -> None:
+        self._progress = progress
+        self._task = progress.add_task("", total=total)
+
+    @contextmanager
+    def step(self, description: str) -> Iterator[None]:
+        self._progress.update(self._task, description=description)
+        yield
+        self._progress.advance(self._task)
+
+
+@contextmanager
+def steps(total: int, quiet: bool = False) -> Iterator[Steps]:
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=False, disable=quiet) as progress:
+        yield Steps(progress, total)
