@@ -1,3 +1,18 @@
-"""onnxgen: GPT-2 text generation on onnxruntime."""
+"""onnxgen: GPT-2 text generation on onnxruntime.
+
+    import onnxgen
+    model = onnxgen.load("gpt2-onnx")            # or onnxgen.load() for the bundled small model
+    for piece in model.stream("Hello", max_new_tokens=40, do_sample=True, top_p=0.9):
+        print(piece, end="", flush=True)
+"""
 
 __version__ = "0.1.0"
+
+from .errors import ContextLengthError, ModelFolderError, OnnxgenError, OptionsError, ProviderError
+from .model import Completion, Model, Stats, TextGenerationPipeline, load, pipeline
+from .options import GenerationOptions
+
+__all__ = [
+    "Completion", "ContextLengthError", "GenerationOptions", "Model", "ModelFolderError", "OnnxgenError",
+    "OptionsError", "ProviderError", "Stats", "TextGenerationPipeline", "load", "pipeline",
+]

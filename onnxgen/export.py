@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import platform
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ class ExportOptions:
 def _load(source: str) -> tuple[Any, Any]:
     """Load model and fast tokenizer from a hub id or local folder, with one-line errors."""
     from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # progress is ours; transformers' notices would interleave with it
 
     path = Path(source)
     if path.exists() and not (path / "config.json").is_file():
@@ -152,8 +156,10 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
             with progress.step("Exporting with optimum (text-generation-with-past)"):
                 from optimum.exporters.onnx import onnx_export_from_model
 
-                onnx_export_from_model(model, raw, task="text-generation-with-past", opset=options.opset,
-                                       no_post_process=True, do_validation=False)
+                with warnings.catch_warnings():  # the tracer's warnings concern code paths GPT-2 does not take
+                    warnings.simplefilter("ignore")
+                    onnx_export_from_model(model, raw, task="text-generation-with-past", opset=options.opset,
+                                           no_post_process=True, do_validation=False)
             with progress.step("Optimizing the graph" if options.optimize else "Loading the graph"):
                 onnx_model = _optimize(Path(raw) / MODEL_FILE, cfg, options.optimize)
             with progress.step("Saving"):

@@ -1,0 +1,152 @@
+"""The `onnxgen` command: export, quantize, generate, bench. Results on stdout, progress and errors on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from .errors import OnnxgenError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="GPT-2 text generation on onnxruntime: export, quantize, generate, bench.")
+
+ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="model folder (default: the bundled small model)")]
+JsonOption = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    print(f"onnxgen: error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def run(action: Any) -> Any:
+    """Run a command body: onnxgen's own errors become one line on stderr, Ctrl-C exits 130."""
+    try:
+        return action()
+    except OnnxgenError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+def _export_stack() -> None:
+    try:
+        import optimum.exporters.onnx  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        fail("export and quantize need the export stack: pip install 'onnxgen[export,cpu]'")
+
+
+def _size(folder_manifest: dict[str, Any]) -> str:
+    return f"{sum(f['bytes'] for f in folder_manifest['files'].values()) / 1e6:.1f} MB"
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="hub id (gpt2, gpt2-large, ...) or local transformers folder")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="folder to create")],
+    force: Annotated[bool, typer.Option(help="replace OUTPUT if it exists")] = False,
+    optimize: Annotated[bool, typer.Option(help="fuse LayerNorm/Gelu with onnxruntime's GPT-2 optimizer")] = True,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: optimum's)")] = None,
+    external_data_threshold: Annotated[int, typer.Option(help="weights above this many bytes go to model.onnx.data")] = 1 << 30,
+    as_json: JsonOption = False,
+) -> None:
+    """Export a GPT-2 checkpoint to a validated ONNX model folder."""
+    _export_stack()
+    from .export import ExportOptions, export as do_export
+
+    options = ExportOptions(optimize=optimize, opset=opset, external_data_threshold=external_data_threshold, force=force)
+    result = run(lambda: do_export(model, output, options))
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        v = result["validation"]
+        diff = max(v["max_abs_diff_prompt"], v["max_abs_diff_cached_step"])
+        print(f"exported {model} to {output} ({_size(result)}); logits match PyTorch within {diff:.1e}")
+
+
+class Strategy(str, Enum):
+    greedy = "greedy"
+    beam = "beam"
+    sample = "sample"
+    top_k = "top-k"
+    top_p = "top-p"
+
+
+def strategy_options(strategy: Strategy | None, given: dict[str, Any]) -> dict[str, Any]:
+    """What a --strategy means, with explicitly given options taking precedence."""
+    presets: dict[Strategy, dict[str, Any]] = {
+        Strategy.greedy: {"do_sample": False, "num_beams": 1},
+        Strategy.beam: {"do_sample": False, "num_beams": 4},
+        Strategy.sample: {"do_sample": True, "num_beams": 1, "top_k": 0, "top_p": 1.0},
+        Strategy.top_k: {"do_sample": True, "num_beams": 1, "top_k": 50, "top_p": 1.0},
+        Strategy.top_p: {"do_sample": True, "num_beams": 1, "top_k": 0, "top_p": 0.9},
+    }
+    explicit = {k: v for k, v in given.items() if v is not None and v != []}
+    return {**(presets[strategy] if strategy else {}), **explicit}
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="text to continue")],
+    model: ModelOption = None,
+    strategy: Annotated[Strategy | None, typer.Option(help="decoding preset (default: the model's generation_config)")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option()] = None,
+    min_new_tokens: Annotated[int | None, typer.Option()] = None,
+    temperature: Annotated[float | None, typer.Option()] = None,
+    top_k: Annotated[int | None, typer.Option()] = None,
+    top_p: Annotated[float | None, typer.Option()] = None,
+    num_beams: Annotated[int | None, typer.Option()] = None,
+    length_penalty: Annotated[float | None, typer.Option()] = None,
+    num_return_sequences: Annotated[int | None, typer.Option()] = None,
+    repetition_penalty: Annotated[float | None, typer.Option()] = None,
+    no_repeat_ngram_size: Annotated[int | None, typer.Option()] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    truncate_prompt: Annotated[bool | None, typer.Option("--truncate-prompt", help="drop the oldest prompt tokens if too long")] = None,
+    provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
+    stats: Annotated[bool, typer.Option("--stats", help="print tokens, time to first token and tok/s on stderr")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Continue PROMPT, streaming the text to stdout as it is produced."""
+    from . import load
+
+    given = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k,
+                 top_p=top_p, num_beams=num_beams, length_penalty=length_penalty, num_return_sequences=num_return_sequences,
+                 repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, stop=stop, seed=seed,
+                 truncate_prompt=truncate_prompt)
+
+    def body() -> None:
+        m = load(model, provider=provider, threads=threads)  # type: ignore[arg-type]
+        opts = m.options(**strategy_options(strategy, given))
+        if as_json:
+            completions = m.generate(prompt, opts)
+            print(json.dumps({"prompt": prompt, "completions": [asdict(c) for c in completions],
+                              "stats": asdict(m.last_stats) if m.last_stats else None}, indent=2))
+        elif opts.num_beams == 1 and opts.num_return_sequences == 1:
+            for piece in m.stream(prompt, opts):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            for i, c in enumerate(m.generate(prompt, opts)):
+                print(f"--- {i + 1} ({c.finish_reason})" if opts.num_return_sequences > 1 else "", end="\n" if opts.num_return_sequences > 1 else "")
+                print(c.text)
+        if stats and m.last_stats:
+            s = m.last_stats
+            print(f"{s.prompt_tokens} prompt tokens, {s.new_tokens} new tokens; time to first token "
+                  f"{s.time_to_first_token_s * 1000:.1f} ms; decode {s.decode_tokens_per_s:.1f} tok/s; total {s.total_s:.2f} s",
+                  file=sys.stderr)
+
+    run(body)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,121 @@
+"""Score filters, in transformers' order and with its semantics, on numpy arrays of shape (rows, vocab).
+
+Each takes the scores and the token history of every row and returns new scores; `filters_for` picks
+the ones an option set needs, so a plain greedy step pays for none of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .options import GenerationOptions
+
+History = list[list[int]]  # per row: the tokens seen so far (prompt without padding, then generated)
+Filter = Callable[[np.ndarray, History, int], np.ndarray]  # (scores, history, new-token count) -> scores
+
+
+def repetition_penalty(penalty: float) -> Filter:
+    """Divide positive (multiply negative) scores of every token already in the row (CTRL paper)."""
+
+    def apply(scores: np.ndarray, history: History, _: int) -> np.ndarray:
+        scores = scores.copy()
+        for row, seen in enumerate(history):
+            ids = np.unique(np.asarray(seen, dtype=np.int64))
+            s = scores[row, ids]
+            scores[row, ids] = np.where(s < 0, s * penalty, s / penalty)
+        return scores
+
+    return apply
+
+
+def no_repeat_ngram(n: int) -> Filter:
+    """Ban any token that would complete an n-gram already present in the row."""
+
+    def apply(scores: np.ndarray, history: History, _: int) -> np.ndarray:
+        scores = scores.copy()
+        for row, seen in enumerate(history):
+            if len(seen) + 1 < n:
+                continue
+            prefix = tuple(seen[len(seen) - n + 1 :])
+            banned = [seen[i + n - 1] for i in range(len(seen) - n + 1) if tuple(seen[i : i + n - 1]) == prefix]
+            scores[row, banned] = -np.inf
+        return scores
+
+    return apply
+
+
+def min_new_tokens(count: int, eos_ids: list[int]) -> Filter:
+    def apply(scores: np.ndarray, _: History, generated: int) -> np.ndarray:
+        if generated < count:
+            scores = scores.copy()
+            scores[:, eos_ids] = -np.inf
+        return scores
+
+    return apply
+
+
+def temperature(t: float) -> Filter:
+    return lambda scores, _h, _g: scores / np.float32(t)
+
+
+def top_k(k: int) -> Filter:
+    def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
+        vocab = scores.shape[-1]
+        keep = min(k, vocab)
+        kth = np.partition(scores, vocab - keep, axis=-1)[:, vocab - keep : vocab - keep + 1]  # k-th largest
+        return np.where(scores < kth, -np.inf, scores).astype(scores.dtype)
+
+    return apply
+
+
+def top_p(p: float) -> Filter:
+    """Keep the smallest set of most likely tokens whose probability reaches p (always at least one)."""
+
+    def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
+        order = np.argsort(scores, axis=-1, kind="stable")  # ascending, as transformers sorts
+        ordered = np.take_along_axis(scores, order, axis=-1)
+        cumulative = np.cumsum(softmax(ordered), axis=-1)
+        remove_sorted = cumulative <= (1 - p)
+        remove_sorted[:, -1] = False
+        remove = np.zeros_like(remove_sorted)
+        np.put_along_axis(remove, order, remove_sorted, axis=-1)
+        return np.where(remove, -np.inf, scores).astype(scores.dtype)
+
+    return apply
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def filters_for(opts: GenerationOptions) -> list[Filter]:
+    """The filters the options call for, in the order transformers applies them."""
+    chain: list[Filter] = []
+    if opts.repetition_penalty != 1.0:
+        chain.append(repetition_penalty(opts.repetition_penalty))
+    if opts.no_repeat_ngram_size > 0:
+        chain.append(no_repeat_ngram(opts.no_repeat_ngram_size))
+    if opts.min_new_tokens > 0 and opts.eos_ids:
+        chain.append(min_new_tokens(opts.min_new_tokens, opts.eos_ids))
+    if opts.do_sample:
+        if opts.temperature != 1.0:
+            chain.append(temperature(opts.temperature))
+        if opts.top_k > 0:
+            chain.append(top_k(opts.top_k))
+        if opts.top_p < 1.0:
+            chain.append(top_p(opts.top_p))
+    return chain
+
+
+def apply(chain: list[Filter], scores: np.ndarray, history: History, generated: int) -> np.ndarray:
+    for f in chain:
+        scores = f(scores, history, generated)
+    return scores

@@ -1,0 +1,98 @@
+"""One onnxruntime session over an exported GPT-2 graph, and its key/value cache.
+
+Every run goes through IO binding: the `present.*` outputs stay where onnxruntime put them (host memory
+on CPU, device memory on CUDA) and are bound as the next step's `past_key_values.*` inputs as they are,
+so the cache is never copied between steps. Only the last position's logits come back to numpy.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .errors import ModelFolderError, ProviderError
+
+Provider = Literal["cpu", "cuda"]
+
+
+def _onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ProviderError(
+            "onnxruntime is not installed: pip install 'onnxgen[cpu]' (or 'onnxgen[gpu]' for CUDA, never both)"
+        ) from None
+    return onnxruntime
+
+
+@dataclass
+class Cache:
+    """past_key_values for every layer, as OrtValues in the order the graph names them."""
+
+    values: list[Any]
+    length: int  # positions already in the cache
+
+
+class Runtime:
+    def __init__(self, model_path: Path, dims: dict[str, int], provider: Provider = "cpu", threads: int | None = None) -> None:
+        ort = _onnxruntime()
+        self.ort = ort
+        self.n_layer, self.n_head = dims["n_layer"], dims["n_head"]
+        self.head_dim = dims["n_embd"] // dims["n_head"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # onnxruntime's warnings about unused initializers are noise here
+        if provider == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ProviderError("CUDA was requested but this onnxruntime has no CUDA provider: pip install 'onnxgen[gpu]' (and uninstall onnxruntime)")
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        elif provider == "cpu":
+            providers = ["CPUExecutionProvider"]
+        else:
+            raise ProviderError(f"unknown provider {provider!r}: use 'cpu' or 'cuda'")
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own untyped errors for unreadable models
+            raise ModelFolderError(f"cannot load {model_path}: {str(e).splitlines()[0]}") from None
+        # onnxruntime falls back to CPU silently when CUDA libraries are missing: refuse instead.
+        if provider == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            raise ProviderError("CUDA was requested but onnxruntime could not start it (CUDA/cuDNN libraries missing?)")
+        self.device = provider
+        self.past_names = [f"past_key_values.{i}.{kind}" for i in range(self.n_layer) for kind in ("key", "value")]
+        self.present_names = [f"present.{i}.{kind}" for i in range(self.n_layer) for kind in ("key", "value")]
+        self._keep_last = np.array([1], dtype=np.int64)
+        self.step_ends: list[float] = []  # perf_counter() after each forward, for time-to-first-token and tok/s
+
+    def empty_cache(self, batch: int) -> Cache:
+        empty = np.zeros((batch, self.n_head, 0, self.head_dim), dtype=np.float32)
+        value = self.ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0)
+        return Cache([value] * len(self.past_names), 0)
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: Cache) -> tuple[np.ndarray, Cache]:
+        """Run new tokens (batch, n) after `cache`; return the last position's logits (batch, vocab) and the new cache."""
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", input_ids)
+        io.bind_cpu_input("attention_mask", attention_mask)
+        io.bind_cpu_input("position_ids", position_ids)
+        io.bind_cpu_input("logits_to_keep", self._keep_last)
+        for name, value in zip(self.past_names, cache.values):
+            io.bind_ortvalue_input(name, value)
+        io.bind_output("logits", "cpu")
+        for name in self.present_names:
+            io.bind_output(name, self.device)
+        self.session.run_with_iobinding(io)
+        outputs = io.get_outputs()
+        logits = outputs[0].numpy()[:, -1, :]
+        self.step_ends.append(time.perf_counter())
+        return logits, Cache(outputs[1:], cache.length + input_ids.shape[1])
+
+    def reorder(self, cache: Cache, rows: np.ndarray) -> Cache:
+        """Select cache rows (beam search keeps the beams it continues). This one step copies."""
+        values = [self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows]), self.device, 0) for v in cache.values]
+        return Cache(values, cache.length)

@@ -1,0 +1,62 @@
+"""Session fixtures: a tiny GPT-2 (random weights, real architecture) with its own small tokenizer,
+and its onnxgen export. Nothing is downloaded and nothing outside the repository is read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+EVAL_TEXT = Path(__file__).parents[1] / "onnxgen" / "data" / "eval.txt"
+EOS = "<|endoftext|>"
+
+
+def make_checkpoint(folder: Path, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 128) -> Path:
+    """A GPT-2 checkpoint folder as transformers writes it, with a 400-token byte-level BPE."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([EVAL_TEXT.read_text()], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    eos = tok.token_to_id(EOS)
+    torch.manual_seed(0)
+    # A wide initializer gives peaked next-token distributions, so that greedy and beam choices are not
+    # near-ties that float rounding could flip (the default 0.02 makes every logit almost equal).
+    config = GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                        n_head=n_head, bos_token_id=eos, eos_token_id=eos, initializer_range=0.3)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS).save_pretrained(folder)
+    GenerationConfig(bos_token_id=eos, eos_token_id=eos).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="session")
+def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from onnxgen.export import export
+
+    out = tmp_path_factory.mktemp("exports") / "tiny"
+    export(str(checkpoint), out, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model(exported: Path):  # type: ignore[no-untyped-def]
+    import onnxgen
+
+    return onnxgen.load(exported, threads=1)
+
+
+@pytest.fixture(scope="session")
+def torch_model(checkpoint: Path):  # type: ignore[no-untyped-def]
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(checkpoint).eval()

@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from onnxgen import manifest as manifest_mod
+from onnxgen.errors import ExportError, OnnxgenError
+from onnxgen.export import ExportOptions, export
+
+EXPECTED_FILES = {"model.onnx", "config.json", "generation_config.json", "tokenizer.json", "onnxgen.json"}
+
+
+def test_folder_holds_what_the_runtime_needs_and_nothing_else(exported: Path) -> None:
+    assert {p.name for p in exported.iterdir()} == EXPECTED_FILES
+
+
+def test_manifest_describes_the_folder(exported: Path, checkpoint: Path) -> None:
+    m = json.loads((exported / "onnxgen.json").read_text())
+    assert m["source"]["model"] == str(checkpoint)
+    assert m["dtype"] == "float32" and m["opset"] >= 14
+    assert m["dims"] == {"n_layer": 2, "n_head": 4, "n_embd": 64, "vocab_size": 400, "n_positions": 128}
+    assert m["inputs"][:1] == ["input_ids"]
+    assert {"attention_mask", "position_ids", "past_key_values.0.key", "past_key_values.1.value"} <= set(m["inputs"])
+    assert m["outputs"][0] == "logits" and "present.1.value" in m["outputs"]
+    for name, info in m["files"].items():
+        assert info["bytes"] == (exported / name).stat().st_size
+        assert info["sha256"] == manifest_mod.sha256(exported / name)
+    assert m["validation"]["passed"] and m["validation"]["max_abs_diff_prompt"] <= 1e-4
+    assert {"torch", "transformers", "onnxruntime", "onnx"} <= set(m["versions"])
+    assert m["graph"]["tied_head_deduplicated"] is True
+
+
+def test_tied_head_is_stored_once(exported: Path, torch_model: torch.nn.Module) -> None:
+    graph = onnx.load(str(exported / "model.onnx")).graph
+    weight_bytes = sum(t.ByteSize() for t in graph.initializer)
+    torch_bytes = sum(p.numel() * 4 for p in torch_model.parameters())  # parameters() counts the tied tensor once
+    assert weight_bytes < torch_bytes * 1.05
+    assert not any(n.op_type == "Gemm" for n in graph.node)  # every weight is in a quantizable MatMul
+
+
+def test_onnx_logits_match_pytorch_on_every_position(exported: Path, torch_model: torch.nn.Module) -> None:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(1).integers(0, 400, size=(1, 20))
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(20)[None],
+            "logits_to_keep": np.array([0])}
+    for i in range(2):
+        feed[f"past_key_values.{i}.key"] = feed[f"past_key_values.{i}.value"] = np.zeros((1, 4, 0, 16), np.float32)
+    logits = session.run(["logits"], feed)[0]
+    with torch.no_grad():
+        ref = torch_model(torch.from_numpy(ids)).logits.numpy()
+    assert logits.shape == ref.shape
+    assert np.abs(logits - ref).max() <= 1e-4
+    feed["logits_to_keep"] = np.array([1])
+    last = session.run(["logits"], feed)[0]
+    assert last.shape == (1, 1, 400) and np.allclose(last[0, 0], logits[0, -1], atol=1e-5)
+
+
+def test_external_data_and_unoptimized_export(checkpoint: Path, tmp_path: Path, model) -> None:  # type: ignore[no-untyped-def]
+    import onnxgen
+
+    out = tmp_path / "ext"
+    m = export(str(checkpoint), out, ExportOptions(external_data_threshold=0, optimize=False), quiet=True)
+    assert (out / "model.onnx.data").stat().st_size > (out / "model.onnx").stat().st_size
+    assert m["graph"]["external_data"] and "model.onnx.data" in m["files"] and m["validation"]["passed"]
+    ext = onnxgen.load(out, threads=1)
+    prompt = [5, 17, 33, 2]
+    assert ext.generate(prompt, max_new_tokens=8)[0].token_ids == model.generate(prompt, max_new_tokens=8)[0].token_ids
+
+
+def test_existing_output_is_refused_unless_forced(checkpoint: Path, exported: Path) -> None:
+    with pytest.raises(OnnxgenError, match="already exists"):
+        export(str(checkpoint), exported, quiet=True)
+
+
+def test_force_replaces_and_interrupt_leaves_nothing(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    export(str(checkpoint), out, quiet=True)
+    before = json.loads((out / "onnxgen.json").read_text())
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("onnxgen.export._validate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export(str(checkpoint), out, ExportOptions(force=True), quiet=True)
+    assert json.loads((out / "onnxgen.json").read_text()) == before  # the old folder is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial folders left behind
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt):
+        export(str(checkpoint), fresh, quiet=True)
+    assert not fresh.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_failed_validation_is_an_error(checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="validation failed"):
+        export(str(checkpoint), tmp_path / "out", ExportOptions(atol=-1.0), quiet=True)  # no diff passes a negative bound
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_input_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpoint: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="not a transformers checkpoint"):
+        export(str(tmp_path / "empty"), tmp_path / "o1", quiet=True)
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ExportError, match="GPT-2 models only"):
+        export(str(bert), tmp_path / "o2", quiet=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ExportError, match="cannot load 'no-such-org/no-such-model'"):
+        export("no-such-org/no-such-model", tmp_path / "o3", quiet=True)
+    with pytest.raises(OnnxgenError, match="does not exist"):
+        export(str(checkpoint), tmp_path / "missing" / "out", quiet=True)
+    monkeypatch.setattr("onnxgen.atomic.shutil.disk_usage", lambda path: SimpleNamespace(free=1000))
+    with pytest.raises(OnnxgenError, match="not enough disk"):
+        export(str(checkpoint), tmp_path / "o4", quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "empty"]
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    r = subprocess.run([sys.executable, "-m", "onnxgen", "export", str(tmp_path / "empty"), "-o", str(tmp_path / "x")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("onnxgen: error: ")
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_cli_json_prints_the_manifest(checkpoint: Path, tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "onnxgen", "export", str(checkpoint), "-o", str(tmp_path / "x"), "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == json.loads((tmp_path / "x" / "onnxgen.json").read_text())
