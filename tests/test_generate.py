@@ -1,0 +1,257 @@
+"""Decoding parity with transformers on the same weights, and the runtime's contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import onnxgen
+from onnxgen import logits
+from onnxgen.decoding import sample
+from onnxgen.errors import ContextLengthError, ModelFolderError, OptionsError, ProviderError
+from onnxgen.options import GenerationOptions
+from onnxgen.tokenizer import TextStream, Tokenizer
+
+PROMPTS = [[12, 40, 7, 99, 150, 3, 61], [5, 77], [200, 201, 202, 203]]  # different lengths: left padding
+
+
+def hf_generate(torch_model: torch.nn.Module, prompts: list[list[int]], eos: int, **kwargs: object) -> list[list[int]]:
+    """transformers' generate on a left-padded batch; returns the new tokens of each row up to its eos."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = torch_model.generate(input_ids=ids, attention_mask=mask, pad_token_id=eos, eos_token_id=eos, **kwargs)
+    rows = []
+    for row in out[:, width:].tolist():
+        rows.append(row[: row.index(eos) + 1] if eos in row else row)
+    return rows
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 12, 30])
+def test_greedy_matches_transformers_on_a_padded_batch(model: onnxgen.Model, torch_model: torch.nn.Module, max_new_tokens: int) -> None:
+    eos = model.defaults.eos_ids[0]
+    ours = [c.token_ids for c in model.generate(PROMPTS, max_new_tokens=max_new_tokens)]
+    assert ours == hf_generate(torch_model, PROMPTS, eos, max_new_tokens=max_new_tokens, do_sample=False)
+
+
+def test_greedy_with_filters_matches_transformers(model: onnxgen.Model, torch_model: torch.nn.Module) -> None:
+    eos = model.defaults.eos_ids[0]
+    kw = dict(max_new_tokens=25, repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=5)
+    ours = [c.token_ids for c in model.generate(PROMPTS[:1], **kw)]  # one row: transformers penalises pad tokens too
+    assert ours == hf_generate(torch_model, PROMPTS[:1], eos, do_sample=False, **kw)
+
+
+@pytest.mark.parametrize(("num_beams", "returns", "length_penalty", "early_stopping"),
+                         [(3, 1, 1.0, False), (4, 2, 1.0, True), (3, 3, 0.5, "never"), (2, 2, 2.0, False)])
+def test_beam_search_matches_transformers(model: onnxgen.Model, torch_model: torch.nn.Module, num_beams: int, returns: int,
+                                          length_penalty: float, early_stopping: bool | str) -> None:
+    eos = model.defaults.eos_ids[0]
+    kw = dict(max_new_tokens=15, num_beams=num_beams, num_return_sequences=returns, length_penalty=length_penalty,
+              early_stopping=early_stopping)
+    ours = [c.token_ids for c in model.generate(PROMPTS, **kw)]
+    ref = hf_generate(torch_model, PROMPTS, eos, do_sample=False, **kw)
+    # transformers pads the shorter beams with pad (= eos here) after their end: compare the real tokens.
+    assert ours == ref
+
+
+@pytest.mark.parametrize(("length_penalty", "early_stopping"), [(-1.0, False), (1.2, True), (-1.0, "never")])
+def test_beam_search_with_ending_beams_matches_transformers(model: onnxgen.Model, torch_model: torch.nn.Module,
+                                                            length_penalty: float, early_stopping: bool | str) -> None:
+    """A token the model often picks serves as eos, so beams end at different steps and compete for the finished slots."""
+    greedy = [t for c in model.generate(PROMPTS, max_new_tokens=15) for t in c.token_ids]
+    eos = int(np.bincount(greedy).argmax())
+    kw = dict(max_new_tokens=15, num_beams=4, num_return_sequences=3, early_stopping=early_stopping, length_penalty=length_penalty)
+    ours = model.generate(PROMPTS, eos_token_id=eos, pad_token_id=eos, **kw)
+    assert any(c.finish_reason == "eos" for c in ours)
+    assert [c.token_ids for c in ours] == hf_generate(torch_model, PROMPTS, eos, do_sample=False, **kw)
+
+
+def test_eos_ends_a_row(model: onnxgen.Model) -> None:
+    eos = model.defaults.eos_ids[0]
+    first = model.generate(PROMPTS[0], max_new_tokens=1)[0].token_ids[0]
+    c = model.generate(PROMPTS[0], max_new_tokens=10, eos_token_id=[eos, first])[0]
+    assert c.token_ids == [first] and c.finish_reason == "eos"
+    assert model.generate(PROMPTS[0], max_new_tokens=3)[0].finish_reason in ("length", "eos")
+
+
+# -- score filters against transformers' processors, on random scores --------------------------------------
+
+def _hf(processor: object, history: list[list[int]], scores: np.ndarray) -> np.ndarray:
+    ids = torch.tensor(history)
+    return processor(ids, torch.from_numpy(scores.copy())).numpy()  # type: ignore[operator]
+
+
+@pytest.fixture
+def random_scores() -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(4, 400)).astype(np.float32) * 3
+
+
+HISTORY = [[1, 2, 3, 1, 2], [7, 7, 7, 8, 9], [5, 6, 5, 6, 5], [10, 11, 12, 13, 14]]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (logits.temperature(0.7), "TemperatureLogitsWarper", (0.7,)),
+    lambda: (logits.top_k(10), "TopKLogitsWarper", (10,)),
+    lambda: (logits.top_k(1), "TopKLogitsWarper", (1,)),
+    lambda: (logits.top_p(0.9), "TopPLogitsWarper", (0.9,)),
+    lambda: (logits.top_p(0.05), "TopPLogitsWarper", (0.05,)),
+    lambda: (logits.repetition_penalty(1.5), "RepetitionPenaltyLogitsProcessor", (1.5,)),
+    lambda: (logits.no_repeat_ngram(2), "NoRepeatNGramLogitsProcessor", (2,)),
+    lambda: (logits.no_repeat_ngram(3), "NoRepeatNGramLogitsProcessor", (3,)),
+])
+def test_filters_match_transformers(make, random_scores: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    import transformers.generation.logits_process as lp
+
+    ours_filter, name, args = make()
+    ours = ours_filter(random_scores, HISTORY, 5)
+    ref = _hf(getattr(lp, name)(*args), HISTORY, random_scores)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6)
+    assert np.isneginf(ours).sum() == np.isneginf(ref).sum()
+
+
+def test_min_new_tokens_matches_transformers(random_scores: np.ndarray) -> None:
+    from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
+
+    ref = _hf(MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=3, min_new_tokens=4, eos_token_id=9), HISTORY, random_scores)
+    np.testing.assert_array_equal(logits.min_new_tokens(4, [9])(random_scores, HISTORY, 2), ref)
+
+
+def test_sampling_draws_from_the_filtered_distribution() -> None:
+    """Chi-square over 20,000 draws from a top-k + top-p filtered distribution (p < 0.001 to fail by chance)."""
+    rng = np.random.default_rng(123)
+    scores = np.random.default_rng(5).normal(size=(1, 30)).astype(np.float32)
+    chain = logits.filters_for(GenerationOptions(do_sample=True, temperature=0.8, top_k=12, top_p=0.9))
+    filtered = logits.apply(chain, scores, [[]], 0)
+    probs = logits.softmax(filtered.astype(np.float64))[0]
+    draws = np.concatenate([sample(np.repeat(filtered, 1000, axis=0), rng) for _ in range(20)])
+    counts = np.bincount(draws, minlength=30)
+    assert counts[probs == 0].sum() == 0  # nothing outside the kept set, ever
+    kept = probs > 0
+    expected = probs[kept] * len(draws)
+    chi2 = ((counts[kept] - expected) ** 2 / expected).sum()
+    from scipy.stats import chi2 as chi2_dist
+
+    assert chi2 < chi2_dist.ppf(0.999, kept.sum() - 1)
+
+
+def test_seed_makes_sampling_repeat(model: onnxgen.Model) -> None:
+    kw = dict(do_sample=True, top_k=0, temperature=1.0, max_new_tokens=20, seed=7, num_return_sequences=3)
+    a = [c.token_ids for c in model.generate(PROMPTS, **kw)]
+    assert a == [c.token_ids for c in model.generate(PROMPTS, **kw)]
+    assert a != [c.token_ids for c in model.generate(PROMPTS, **{**kw, "seed": 8})]
+    assert len(a) == 9 and len({tuple(t) for t in a[:3]}) > 1  # three different samples of the first prompt
+
+
+# -- streaming, stop strings, the context window ---------------------------------------------------------
+
+def test_stream_equals_generate(model: onnxgen.Model) -> None:
+    text = model.generate("It is a truth", max_new_tokens=30)[0].text
+    assert "".join(model.stream("It is a truth", max_new_tokens=30)) == text
+    assert model.last_stats is not None and model.last_stats.new_tokens >= 1
+
+
+def test_stream_never_splits_a_character(exported: Path) -> None:
+    tok = Tokenizer(exported / "tokenizer.json")
+    text = "Café naïve — 😀 done"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # the rare characters are split into byte tokens
+    stream = TextStream(tok)
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) == text == stream.text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_stop_strings(model: onnxgen.Model) -> None:
+    full = model.generate("It is a truth", max_new_tokens=30)[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    c = model.generate("It is a truth", max_new_tokens=30, stop=[stop])[0]
+    assert c.finish_reason == "stop" and c.text == full[: full.index(stop)]
+    assert "".join(model.stream("It is a truth", max_new_tokens=30, stop=stop)) == c.text
+
+
+def test_context_window_is_enforced(model: onnxgen.Model) -> None:
+    long_prompt = list(range(1, 121))
+    with pytest.raises(ContextLengthError, match="context window of 128"):
+        model.generate(long_prompt, max_new_tokens=20)
+    c = model.generate(long_prompt, max_new_tokens=20, truncate_prompt=True)[0]
+    assert len(c.token_ids) == 20
+    assert model.last_stats is not None and model.last_stats.prompt_tokens == 108
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"do_sample": True, "temperature": 0.0}, "temperature"),
+    ({"num_beams": 0}, "num_beams"), ({"num_beams": 2, "num_return_sequences": 3}, "num_return_sequences"),
+    ({"num_return_sequences": 2}, "greedy"), ({"max_new_tokens": 0}, "max_new_tokens"), ({"top_k": -1}, "top_k"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"early_stopping": "sometimes"}, "early_stopping"),
+    ({"min_new_tokens": 50, "max_new_tokens": 10}, "min_new_tokens"), ({"temprature": 0.5}, "unknown"),
+])
+def test_bad_options_raise_specific_errors(model: onnxgen.Model, options: dict, message: str) -> None:
+    with pytest.raises(OptionsError, match=message):
+        model.generate("Hello", **options)
+
+
+def test_folder_and_provider_errors(tmp_path: Path, exported: Path) -> None:
+    with pytest.raises(ModelFolderError, match="not found"):
+        onnxgen.load(tmp_path / "nope")
+    with pytest.raises(ModelFolderError, match="no onnxgen.json"):
+        onnxgen.load(tmp_path)
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(ProviderError, match="CUDA"):
+            onnxgen.load(exported, provider="cuda")
+
+
+def test_pipeline_call_shape(exported: Path, model: onnxgen.Model) -> None:
+    generator = onnxgen.pipeline("text-generation", model=str(exported))
+    prompt = "It is a truth"
+    out = generator(prompt, max_length=len(model.tokenizer.encode(prompt)) + 10)
+    assert out == [{"generated_text": prompt + model.generate(prompt, max_new_tokens=10)[0].text}]
+    many = generator([prompt, "Call me"], max_new_tokens=5, do_sample=True, num_return_sequences=2, seed=1)
+    assert [len(x) for x in many] == [2, 2] and all(d["generated_text"].startswith(prompt) for d in many[0])
+
+
+def test_runtime_never_imports_the_export_stack(exported: Path) -> None:
+    code = (
+        "import sys, onnxgen\n"
+        f"m = onnxgen.load({str(exported)!r}, threads=1)\n"
+        "m.generate('Hello', max_new_tokens=3); list(m.stream('Hello', max_new_tokens=3))\n"
+        "m.generate('Hello', max_new_tokens=3, num_beams=2)\n"
+        "heavy = [x for x in ('torch', 'transformers', 'optimum', 'onnx') if x in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_cli_generate(exported: Path, model: onnxgen.Model) -> None:
+    expected = model.generate("It is a truth", max_new_tokens=15, do_sample=False)[0].text
+    base = [sys.executable, "-m", "onnxgen", "generate", "It is a truth", "--model", str(exported), "--max-new-tokens", "15"]
+    r = subprocess.run(base + ["--strategy", "greedy", "--stats"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected + "\n"
+    assert "tok/s" in r.stderr and "time to first token" in r.stderr
+    r = subprocess.run(base + ["--strategy", "beam", "--num-return-sequences", "2", "--json"], capture_output=True, text=True)
+    result = json.loads(r.stdout)
+    assert len(result["completions"]) == 2 and result["stats"]["new_tokens"] > 0
+    r = subprocess.run(base + ["--strategy", "top-p", "--top-p", "2"], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr == "onnxgen: error: top_p must be in (0, 1], got 2.0\n"
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu(exported: Path, model: onnxgen.Model) -> None:
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("no CUDA provider in this onnxruntime (install onnxgen[gpu] on a machine with a GPU)")
+    gpu = onnxgen.load(exported, provider="cuda")
+    for kw in ({}, {"num_beams": 3}):
+        assert [c.token_ids for c in gpu.generate(PROMPTS, max_new_tokens=20, **kw)] == \
+               [c.token_ids for c in model.generate(PROMPTS, max_new_tokens=20, **kw)]
