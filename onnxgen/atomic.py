@@ -15,8 +15,12 @@ def check_destination(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise OnnxgenError(f"{out} already exists (use --force to replace it)")
     parent = out.resolve().parent
-    if not parent.is_dir():
-        raise OnnxgenError(f"cannot write {out}: folder {parent} does not exist")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OnnxgenError(f"cannot write {out}: {parent} is not a folder") from None
+    except PermissionError:
+        raise OnnxgenError(f"cannot write {out}: no permission to create {parent}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OnnxgenError(f"cannot write {out}: no write permission in {parent}")
 

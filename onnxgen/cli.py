@@ -71,6 +71,34 @@ def export(
         print(f"exported {model} to {output} ({_size(result)}); logits match PyTorch within {diff:.1e}")
 
 
+class Mode(str, Enum):
+    int8 = "int8"
+    int4 = "int4"
+    fp16 = "fp16"
+
+
+@app.command()
+def quantize(
+    model: Annotated[Path, typer.Argument(help="fp32 folder made by `onnxgen export`")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="folder to create")],
+    mode: Annotated[Mode, typer.Option(help="int8 (dynamic), int4 (weight-only MatMulNBits) or fp16 (for CUDA)")] = Mode.int8,
+    per_channel: Annotated[bool, typer.Option(help="int8: one scale per output channel")] = False,
+    block_size: Annotated[int, typer.Option(help="int4: weights per scale")] = 32,
+    accuracy_level: Annotated[int, typer.Option(help="int4: compute type, 4 = int8 (fastest on CPU), 1 = fp32")] = 4,
+    max_ppl_increase: Annotated[float, typer.Option(help="refuse if perplexity on the evaluation text grows by more than this fraction")] = 0.10,
+    force: Annotated[bool, typer.Option(help="replace OUTPUT if it exists")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Make an int8, int4 or fp16 variant and report what it costs in accuracy."""
+    _export_stack()
+    from .quantize import QuantizeOptions, quantize as do_quantize, summary
+
+    options = QuantizeOptions(mode=mode.value, per_channel=per_channel, block_size=block_size,
+                              accuracy_level=accuracy_level, max_ppl_increase=max_ppl_increase, force=force)
+    result = run(lambda: do_quantize(model, output, options))
+    print(json.dumps(result, indent=2) if as_json else summary(result))
+
+
 class Strategy(str, Enum):
     greedy = "greedy"
     beam = "beam"

@@ -209,5 +209,10 @@ def _optimize(path: Path, cfg: Any, optimize: bool) -> Any:
     # opt_level=0: Python fusions only. onnxruntime's own graph passes run at every session load anyway,
     # and running them here would serialize the whole model (over 2 GB for gpt2-large).
     optimized = optimize_model(str(path), model_type="gpt2", num_heads=cfg.n_head, hidden_size=cfg.n_embd, opt_level=0)
-    return optimized.model
+    model = optimized.model
+    # The fused ops live in onnxruntime's domain; declare it, or onnx's shape inference (which the
+    # quantizers run) rejects the graph.
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return model
 

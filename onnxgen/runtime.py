@@ -92,6 +92,15 @@ class Runtime:
         self.step_ends.append(time.perf_counter())
         return logits, Cache(outputs[1:], cache.length + input_ids.shape[1])
 
+    def all_logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """Logits at every position of `input_ids` (batch, n) with no cache: for scoring text, not generating."""
+        feed = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
+                "position_ids": np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape).copy(),
+                "logits_to_keep": np.array([0], dtype=np.int64)}
+        empty = np.zeros((input_ids.shape[0], self.n_head, 0, self.head_dim), dtype=np.float32)
+        feed.update({name: empty for name in self.past_names})
+        return self.session.run(["logits"], feed)[0]
+
     def reorder(self, cache: Cache, rows: np.ndarray) -> Cache:
         """Select cache rows (beam search keeps the beams it continues). This one step copies."""
         values = [self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows]), self.device, 0) for v in cache.values]

@@ -119,12 +119,13 @@ def test_input_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpoin
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ExportError, match="cannot load 'no-such-org/no-such-model'"):
         export("no-such-org/no-such-model", tmp_path / "o3", quiet=True)
-    with pytest.raises(OnnxgenError, match="does not exist"):
-        export(str(checkpoint), tmp_path / "missing" / "out", quiet=True)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(OnnxgenError, match="is not a folder"):
+        export(str(checkpoint), tmp_path / "a-file" / "out", quiet=True)
     monkeypatch.setattr("onnxgen.atomic.shutil.disk_usage", lambda path: SimpleNamespace(free=1000))
     with pytest.raises(OnnxgenError, match="not enough disk"):
         export(str(checkpoint), tmp_path / "o4", quiet=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "empty"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "bert", "empty"]
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:

@@ -1,0 +1,52 @@
+"""What a quantized model costs: compare it with its fp32 parent on the evaluation text that ships with
+onnxgen (public-domain prose: Austen, Melville, a State of the Union address; see onnxgen/data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .logits import log_softmax
+from .model import Model
+from .runtime import Provider
+
+EVAL_TEXT = Path(__file__).parent / "data" / "eval.txt"
+
+
+def _windows(model: Model, max_tokens: int) -> list[np.ndarray]:
+    ids = model.tokenizer.encode(EVAL_TEXT.read_text(encoding="utf-8"))[:max_tokens]
+    width = min(model.context_length, 512)
+    return [np.asarray([ids[i : i + width]], dtype=np.int64) for i in range(0, len(ids) - 1, width) if len(ids[i : i + width]) > 1]
+
+
+def compare(reference: Path, candidate: Path, provider: Provider = "cpu", max_tokens: int = 1024, greedy_tokens: int = 48) -> dict[str, Any]:
+    ref, cand = Model(reference, provider), Model(candidate, provider)
+    nll = {"fp32": [], "quantized": []}  # type: dict[str, list[np.ndarray]]
+    agree, max_diff, diff_sum, count = 0, 0.0, 0.0, 0
+    for window in _windows(ref, max_tokens):
+        a, b = ref.runtime.all_logits(window)[0, :-1], cand.runtime.all_logits(window)[0, :-1]
+        targets = window[0, 1:]
+        for name, scores in (("fp32", a), ("quantized", b)):
+            nll[name].append(-log_softmax(scores.astype(np.float64))[np.arange(len(targets)), targets])
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        diff = np.abs(a - b)
+        max_diff, diff_sum, count = max(max_diff, float(diff.max())), diff_sum + float(diff.sum()), count + diff.size
+    positions = sum(len(x) for x in nll["fp32"])
+    prompt = _windows(ref, 32)[0][0].tolist()
+    new = min(greedy_tokens, ref.context_length - len(prompt))
+    ga = ref.generate(prompt, max_new_tokens=new, do_sample=False, num_beams=1, repetition_penalty=1.0, min_new_tokens=0, eos_token_id=None)[0].token_ids
+    gb = cand.generate(prompt, max_new_tokens=new, do_sample=False, num_beams=1, repetition_penalty=1.0, min_new_tokens=0, eos_token_id=None)[0].token_ids
+    same = next((i for i, (x, y) in enumerate(zip(ga, gb)) if x != y), len(ga))
+    return {
+        "eval_text": EVAL_TEXT.name,
+        "eval_tokens": positions,
+        "perplexity_fp32": float(np.exp(np.concatenate(nll["fp32"]).mean())),
+        "perplexity_quantized": float(np.exp(np.concatenate(nll["quantized"]).mean())),
+        "top1_agreement": agree / positions,
+        "max_abs_logit_diff": max_diff,
+        "mean_abs_logit_diff": diff_sum / count,
+        "greedy_tokens": len(ga),
+        "greedy_tokens_agreeing": same,
+    }

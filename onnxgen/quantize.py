@@ -1,0 +1,187 @@
+"""`onnxgen quantize`: int8, int4 and fp16 variants of an exported folder, checked for what they cost.
+
+- int8: dynamic quantization (weights int8 once, activations quantized per call) of every weight
+  MatMul and of the embedding Gather.
+- int4: weight-only block quantization into onnxruntime's MatMulNBits (block size, accuracy level).
+- fp16: half-precision weights and compute for the CUDA provider; LayerNorm, Softmax and the graph's
+  inputs and outputs stay fp32, as onnxruntime's own GPT-2 tooling keeps them.
+
+Before quantizing, the head's Transpose(embedding) (graph.py) is materialized as its own weight, or the
+largest matrix of the model would stay float. After quantizing, the quantized nodes are counted against
+the weight MatMuls there were: a mode that did not take is an error, never a silent fp32 model.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from . import accuracy, atomic, manifest
+from .errors import QuantizeError
+from .export import DATA_FILE, MODEL_FILE, save_model
+from .progress import steps
+
+Mode = Literal["int8", "int4", "fp16"]
+QUANTIZED_OP = {"int8": "MatMulInteger", "int4": "MatMulNBits"}
+KEEP_FP32 = ["LayerNormalization", "SkipLayerNormalization", "Softmax"]
+
+
+@dataclass
+class QuantizeOptions:
+    mode: Mode = "int8"
+    per_channel: bool = False  # int8: one scale per output channel instead of per tensor
+    block_size: int = 32  # int4: weights per scale
+    accuracy_level: int = 4  # int4: MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
+    max_ppl_increase: float = 0.10  # refuse when perplexity grows by more than this fraction
+    force: bool = False
+
+
+def _materialize_head(model: Any) -> None:
+    """Turn the head's Transpose(embedding) node back into a weight, so that it can be quantized."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    tied = [n for n in g.node if n.name == "/lm_head/TiedTranspose"]
+    if not tied:
+        return
+    emb = next(t for t in g.initializer if t.name == tied[0].input[0])
+    g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(emb).T.copy(), tied[0].output[0]))
+    g.node.remove(tied[0])
+
+
+def _weight_matmuls(model: Any) -> int:
+    inits = {t.name for t in model.graph.initializer}
+    return sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits)
+
+
+def _quantized_count(model: Any, mode: Mode) -> int:
+    if mode in QUANTIZED_OP:
+        return sum(1 for n in model.graph.node if n.op_type == QUANTIZED_OP[mode])
+    import onnx
+
+    half = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+    return sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in half)
+
+
+def _int8(src: Path, dst: Path, options: QuantizeOptions, large: bool) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(src, dst, per_channel=options.per_channel, weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul", "Gather"], use_external_data_format=large,
+                     # onnxruntime's fused ops (SkipLayerNorm, FastGelu) carry no type information.
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True})
+
+
+def _int4(model: Any, options: QuantizeOptions) -> Any:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=options.block_size, is_symmetric=True,
+                                     accuracy_level=options.accuracy_level, op_types_to_quantize=("MatMul", "Gather"))
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _fp16(model: Any) -> Any:
+    from onnx import numpy_helper
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    # torch's exporter shares equal constants between layers (a LayerNorm bias and a projection bias
+    # that are both zero): give the fp32 ops their own copy, or the converter makes it fp16 for both.
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    for n, node in enumerate(g.node):
+        if node.op_type in KEEP_FP32:
+            for i, name in enumerate(node.input):
+                if name in inits:
+                    copy = numpy_helper.from_array(numpy_helper.to_array(inits[name]), f"{name}/fp32_{n}_{i}")
+                    g.initializer.append(copy)
+                    node.input[i] = copy.name
+    # Symbolic shape inference knows onnxruntime's fused ops and has no 2 GB limit; the converter
+    # needs its types to put Casts around the ops that stay fp32.
+    wrapped = OnnxModel(model)
+    wrapped.convert_float_to_float16(use_symbolic_shape_infer=True, keep_io_types=True, op_block_list=KEEP_FP32)
+    return wrapped.model
+
+
+def quantize(source: Path, out: Path, options: QuantizeOptions | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Quantize the fp32 folder `source` into `out`; returns the new manifest. Raises QuantizeError."""
+    import onnx
+
+    options = options or QuantizeOptions()
+    parent = manifest.read(source)
+    if parent.get("quantization"):
+        raise QuantizeError(f"{source} is already quantized ({parent['quantization']['mode']}): quantize its fp32 parent")
+    if options.mode not in ("int8", "int4", "fp16"):
+        raise QuantizeError(f"unknown mode {options.mode!r}: use int8, int4 or fp16")
+    atomic.check_destination(out, options.force)
+    size = sum(f["bytes"] for f in parent["files"].values())
+    atomic.check_disk(out, size * 3)
+    large = size > (1 << 30)
+    with steps(4, quiet=quiet) as progress, atomic.building(out, options.force) as work:
+        with progress.step(f"Quantizing to {options.mode}"), tempfile.TemporaryDirectory(dir=work.parent, prefix=f".{out.name}.prep-") as tmp:
+            model = onnx.load(str(source / MODEL_FILE))
+            if options.mode != "fp16":  # fp16 keeps the tied head: Transpose of an fp16 embedding
+                _materialize_head(model)
+            expected = _weight_matmuls(model)
+            if options.mode == "int8":
+                prepared = Path(tmp) / MODEL_FILE
+                save_model(model, Path(tmp), threshold=0 if large else 1 << 62)
+                del model
+                _int8(prepared, work / MODEL_FILE, options, large)
+                quantized = onnx.load(str(work / MODEL_FILE))
+                (work / MODEL_FILE).unlink(missing_ok=True)
+                (work / DATA_FILE).unlink(missing_ok=True)
+            elif options.mode == "int4":
+                quantized = _int4(model, options)
+            else:
+                quantized = _fp16(model)
+            done = _quantized_count(quantized, options.mode)
+            if done < expected:
+                raise QuantizeError(f"{options.mode} did not take: {done} of {expected} weight matrices quantized")
+            save_model(quantized, work, threshold=1 << 30)
+            del quantized
+        for name in ("config.json", "generation_config.json", "tokenizer.json", "training.json"):
+            if (source / name).is_file():
+                shutil.copy2(source / name, work / name)
+        with progress.step("Measuring accuracy against fp32"):
+            record = {
+                **{k: v for k, v in parent.items() if k not in ("files", "format_version")},
+                "dtype": "float16" if options.mode == "fp16" else "float32",
+                "quantization": {"mode": options.mode, "parent": str(source), "parent_sha256": parent["files"][MODEL_FILE]["sha256"],
+                                 "quantized_matrices": done, "weight_matrices": expected,
+                                 "options": {k: v for k, v in asdict(options).items() if k != "force"}},
+            }
+            manifest.write(work, record)  # the runtime needs it to load the candidate; the folder is still hidden
+            report = accuracy.compare(source, work, provider="cpu")
+        with progress.step("Checking the accuracy budget"):
+            increase = report["perplexity_quantized"] / report["perplexity_fp32"] - 1
+            report["perplexity_increase"] = increase
+            report["max_perplexity_increase"] = options.max_ppl_increase
+            if increase > options.max_ppl_increase:
+                raise QuantizeError(
+                    f"{options.mode} raises perplexity by {increase:.1%} ({report['perplexity_fp32']:.2f} -> "
+                    f"{report['perplexity_quantized']:.2f}), over the allowed {options.max_ppl_increase:.0%}; "
+                    "raise --max-ppl-increase to accept it"
+                )
+        with progress.step("Writing manifest"):
+            record["quantization"]["accuracy"] = report
+            (work / manifest.MANIFEST).unlink()
+            result = manifest.write(work, record)
+    return result
+
+
+def summary(result: dict[str, Any]) -> str:
+    q = result["quantization"]
+    a = q["accuracy"]
+    size = sum(f["bytes"] for f in result["files"].values()) / 1e6
+    return "\n".join([
+        f"{q['mode']}: {size:.1f} MB, {q['quantized_matrices']}/{q['weight_matrices']} weight matrices quantized",
+        f"perplexity {a['perplexity_fp32']:.3f} (fp32) -> {a['perplexity_quantized']:.3f} ({a['perplexity_increase']:+.2%})",
+        f"top-1 next-token agreement {a['top1_agreement']:.2%}; logit diff max {a['max_abs_logit_diff']:.3g}, mean {a['mean_abs_logit_diff']:.3g}",
+        f"greedy: {a['greedy_tokens_agreeing']} of {a['greedy_tokens']} tokens agree before the first divergence",
+    ])
+

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import onnxgen
+from onnxgen.errors import QuantizeError
+from onnxgen.quantize import QuantizeOptions, quantize
+
+
+@pytest.fixture(scope="session", params=["int8", "int4", "fp16"])
+def quantized(request: pytest.FixtureRequest, exported: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    out = tmp_path_factory.mktemp("quantized") / request.param
+    # Random weights give near-uniform distributions where any rounding flips the top token: the budget
+    # here checks the machinery; the shipped model's report is the accuracy figure that means something.
+    quantize(exported, out, QuantizeOptions(mode=request.param, max_ppl_increase=0.5), quiet=True)
+    return request.param, out
+
+
+def test_quantized_folder_is_smaller_and_reports_accuracy(quantized: tuple[str, Path], exported: Path) -> None:
+    mode, folder = quantized
+    size = (folder / "model.onnx").stat().st_size
+    assert size < (exported / "model.onnx").stat().st_size * (0.6 if mode == "fp16" else 0.45)
+    m = json.loads((folder / "onnxgen.json").read_text())
+    q = m["quantization"]
+    assert q["mode"] == mode and q["quantized_matrices"] >= q["weight_matrices"] > 0
+    a = q["accuracy"]
+    assert a["eval_tokens"] > 100 and a["perplexity_fp32"] > 1 and a["perplexity_quantized"] > 1
+    assert 0 <= a["top1_agreement"] <= 1 and 0 <= a["greedy_tokens_agreeing"] <= a["greedy_tokens"]
+    assert 0 < a["mean_abs_logit_diff"] <= a["max_abs_logit_diff"]
+    if mode == "fp16":  # fp16 keeps nearly every decision of fp32
+        assert a["top1_agreement"] > 0.95 and a["greedy_tokens_agreeing"] > 0
+    assert m["files"]["model.onnx"]["bytes"] == size
+
+
+def test_runtime_loads_quantized_folders_like_fp32(quantized: tuple[str, Path]) -> None:
+    _, folder = quantized
+    m = onnxgen.load(folder, threads=1)
+    for kw in ({}, {"num_beams": 2}, {"do_sample": True, "seed": 1}):
+        c = m.generate(["It is a truth", "Call"], max_new_tokens=6, **kw)
+        assert len(c) == 2 and all(len(x.token_ids) >= 1 for x in c)
+
+
+def test_accuracy_budget_refuses_and_leaves_nothing(exported: Path, tmp_path: Path) -> None:
+    with pytest.raises(QuantizeError, match="raises perplexity"):
+        quantize(exported, tmp_path / "q", QuantizeOptions(mode="int4", max_ppl_increase=-1.0), quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantizing_a_quantized_folder_is_refused(quantized: tuple[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(QuantizeError, match="already quantized"):
+        quantize(quantized[1], tmp_path / "again", quiet=True)
+
+
+def test_cli_quantize(exported: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "onnxgen", "quantize", str(exported), "-o", str(tmp_path / "q"), "--mode", "int8", "--max-ppl-increase", "0.5"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "perplexity" in r.stdout and "weight matrices quantized" in r.stdout
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("onnxgen: error: ") and "already exists" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "onnxgen", "quantize", str(tmp_path), "-o", str(tmp_path / "z")], capture_output=True, text=True)
+    assert r.returncode == 1 and "no onnxgen.json" in r.stderr and "Traceback" not in r.stderr
