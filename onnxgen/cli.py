@@ -176,5 +176,31 @@ def generate(
     run(body)
 
 
+@app.command()
+def bench(
+    model: ModelOption = None,
+    batch: Annotated[list[int] | None, typer.Option(help="batch size (repeatable)")] = None,
+    prompt_tokens: Annotated[list[int] | None, typer.Option(help="prompt length (repeatable)")] = None,
+    new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 128,
+    strategy: Annotated[list[str] | None, typer.Option(help="greedy, sample or beam (repeatable)")] = None,
+    runs: Annotated[int, typer.Option(help="timed runs per case (after one warm-up)")] = 3,
+    provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Time a model folder: decode tok/s, time to first token, load time, peak memory."""
+    from rich.console import Console
+
+    from . import bench as b
+    from .model import BUNDLED
+
+    cases = [b.Case(n, p, new_tokens, s) for n in batch or [1] for p in prompt_tokens or [32] for s in strategy or ["greedy"]]
+    result = run(lambda: b.run(model or BUNDLED, cases, runs, threads, provider))  # type: ignore[arg-type]
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        Console().print(b.table(result))
+
+
 def main() -> None:
     app()

@@ -11,8 +11,10 @@ EVAL_TEXT = Path(__file__).parents[1] / "onnxgen" / "data" / "eval.txt"
 EOS = "<|endoftext|>"
 
 
-def make_checkpoint(folder: Path, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 128) -> Path:
-    """A GPT-2 checkpoint folder as transformers writes it, with a 400-token byte-level BPE."""
+def make_checkpoint(folder: Path, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 128,
+                    vocab_size: int | None = None, initializer_range: float = 0.3) -> Path:
+    """A GPT-2 checkpoint folder as transformers writes it, with a 400-token byte-level BPE
+    (the model's vocabulary may be larger, as GPT-2's own 50257 for the real shapes)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -26,8 +28,8 @@ def make_checkpoint(folder: Path, n_layer: int = 2, n_embd: int = 64, n_head: in
     torch.manual_seed(0)
     # A wide initializer gives peaked next-token distributions, so that greedy and beam choices are not
     # near-ties that float rounding could flip (the default 0.02 makes every logit almost equal).
-    config = GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                        n_head=n_head, bos_token_id=eos, eos_token_id=eos, initializer_range=0.3)
+    config = GPT2Config(vocab_size=vocab_size or tok.get_vocab_size(), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                        n_head=n_head, bos_token_id=eos, eos_token_id=eos, initializer_range=initializer_range)
     GPT2LMHeadModel(config).save_pretrained(folder)
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS).save_pretrained(folder)
     GenerationConfig(bos_token_id=eos, eos_token_id=eos).save_pretrained(folder)

@@ -1,0 +1,83 @@
+"""`onnxgen bench`: time a model folder on this machine (decode tok/s, time to first token, memory)."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import OptionsError
+from .model import load
+from .progress import stderr
+from .runtime import Provider
+
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "greedy": {"do_sample": False, "num_beams": 1},
+    "sample": {"do_sample": True, "top_k": 50, "top_p": 0.9, "temperature": 0.8, "seed": 0},
+    "beam": {"do_sample": False, "num_beams": 4},
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int = 1
+    prompt_tokens: int = 32
+    new_tokens: int = 128
+    strategy: str = "greedy"
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = None, provider: Provider = "cpu",
+        quiet: bool = False) -> dict[str, Any]:
+    """Every figure is the median (with min and max) of `runs` timed runs after one warm-up."""
+    from rich.progress import Progress
+
+    start = time.perf_counter()
+    model = load(folder, provider=provider, threads=threads)
+    load_s = time.perf_counter() - start
+    rng = np.random.default_rng(0)
+    results = []
+    with Progress(console=stderr, disable=quiet, transient=True) as progress:
+        task = progress.add_task("benchmarking", total=len(cases) * (runs + 1))
+        for case in cases:
+            if case.strategy not in STRATEGIES:
+                raise OptionsError(f"unknown strategy {case.strategy!r}: use {', '.join(STRATEGIES)}")
+            if case.prompt_tokens + case.new_tokens > model.context_length:
+                raise OptionsError(f"prompt {case.prompt_tokens} + new {case.new_tokens} tokens exceed the context window of {model.context_length}")
+            prompts = rng.integers(0, model.dims["vocab_size"], size=(case.batch, case.prompt_tokens)).tolist()
+            opts = model.options(max_new_tokens=case.new_tokens, eos_token_id=None, min_new_tokens=0, **STRATEGIES[case.strategy])
+            ttft, tps = [], []
+            for i in range(runs + 1):
+                model.generate(prompts, opts)
+                progress.advance(task)
+                if i and model.last_stats:  # run 0 warms up
+                    ttft.append(model.last_stats.time_to_first_token_s * 1000)
+                    tps.append(model.last_stats.decode_tokens_per_s)
+            results.append({**asdict(case), "time_to_first_token_ms": spread(ttft), "decode_tokens_per_s": spread(tps)})
+    return {"model": str(folder), "provider": provider, "threads": threads, "runs": runs, "load_s": load_s,
+            "peak_rss_mb": peak_rss_mb(), "cases": results}
+
+
+def table(result: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    t = Table(title=f"{result['model']} ({result['provider']}, load {result['load_s']:.2f} s, peak RSS {result['peak_rss_mb']:.0f} MB)")
+    for column in ("batch", "prompt", "new", "strategy", "decode tok/s (min-max)", "first token ms (min-max)"):
+        t.add_column(column, justify="right")
+    for c in result["cases"]:
+        d, f = c["decode_tokens_per_s"], c["time_to_first_token_ms"]
+        t.add_row(str(c["batch"]), str(c["prompt_tokens"]), str(c["new_tokens"]), c["strategy"],
+                  f"{d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f})", f"{f['median']:.1f} ({f['min']:.1f}-{f['max']:.1f})")
+    return t

@@ -1,0 +1,28 @@
+"""The gpt2-large shape (36 x 1280 x 20, vocab 50257, context 1024; random weights): run with -m slow.
+Its 3.1 GB of weights pass protobuf's 2 GB limit, so this is the external-data path for real."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import onnxgen
+from onnxgen.export import export
+
+from .conftest import make_checkpoint
+
+
+@pytest.mark.slow
+def test_gpt2_large_shape_exports_and_generates(tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", n_layer=36, n_embd=1280, n_head=20, n_positions=1024,
+                           vocab_size=50257, initializer_range=0.02)
+    out = tmp_path / "large"
+    m = export(str(ckpt), out, quiet=True)
+    assert m["graph"]["external_data"] and m["validation"]["passed"]
+    assert m["files"]["model.onnx.data"]["bytes"] > 3.0e9 and m["files"]["model.onnx"]["bytes"] < 5e6
+    assert json.loads((out / "onnxgen.json").read_text())["dims"]["n_layer"] == 36
+    model = onnxgen.load(out)
+    c = model.generate([list(range(100, 140))], max_new_tokens=4)[0]
+    assert len(c.token_ids) == 4
