@@ -13,6 +13,7 @@ de-duplication on the graph instead.
 from __future__ import annotations
 
 import gc
+import json
 import platform
 import tempfile
 import warnings
@@ -117,6 +118,12 @@ def _validate(folder: Path, ref: Reference, atol: float) -> dict[str, Any]:
     return result
 
 
+def _training(source: Path) -> dict[str, Any]:
+    """The recipe's results (validation perplexity, corpus hashes), for models trained by models/train.py."""
+    path = source / "training.json"
+    return {"training": json.loads(path.read_text())} if path.is_file() else {}
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -185,9 +192,6 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
                 save_model(onnx_model, work, options.external_data_threshold)
                 del onnx_model
                 tokenizer.backend_tokenizer.save(str(work / "tokenizer.json"))
-                training = Path(source) / "training.json"  # the project's own models carry their recipe's results
-                if training.is_file():
-                    (work / "training.json").write_bytes(training.read_bytes())
             with progress.step("Validating against PyTorch"):
                 validation = _validate(work, reference, options.atol)
             with progress.step("Writing manifest"):
@@ -205,6 +209,7 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
                     "inputs": inputs,
                     "outputs": outputs,
                     "validation": validation,
+                    **_training(Path(source)),
                     "export_options": {k: v for k, v in asdict(options).items() if k != "force"},
                 })
     return result

@@ -144,7 +144,7 @@ def quantize(source: Path, out: Path, options: QuantizeOptions | None = None, qu
                 raise QuantizeError(f"{options.mode} did not take: {done} of {expected} weight matrices quantized")
             save_model(quantized, work, threshold=1 << 30)
             del quantized
-        for name in ("config.json", "generation_config.json", "tokenizer.json", "training.json"):
+        for name in ("config.json", "generation_config.json", "tokenizer.json"):
             if (source / name).is_file():
                 shutil.copy2(source / name, work / name)
         with progress.step("Measuring accuracy against fp32"):

@@ -1,0 +1,285 @@
+"""onnxgen against transformers' PyTorch generate and optimum's ORTModelForCausalLM, in one run.
+
+    python benchmarks/run.py --models gpt2 gpt2-large --threads 2
+
+For each model (random weights of the real shapes, made by make_models.py; or --checkpoint DIR) it makes
+the onnxgen fp32/int8/int4 folders and optimum's own export once (kept in benchmarks/exports/), then runs
+every competitor in a subprocess of its own, one after the other, with the same thread count:
+- time to first token = a generate() of one new token; decode tok/s = batch x (N - 1) / (T(N) - T(1)),
+  the same method for every competitor, so no one is timed by its own clock;
+- peak RSS of the subprocess, model load time;
+- medians with min and max over --runs runs, after one warm-up.
+The machine's memory bandwidth is measured in the same run and turned into each model's decode bound
+(weight bytes read per token / bandwidth). Results: benchmarks/results/latest.{json,md,png}.
+Run it on a quiet machine: any background job halves the figures (the ratios hold up better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+COMPETITORS = ["pytorch", "optimum", "onnxgen-fp32", "onnxgen-int8", "onnxgen-int4"]
+STRATEGY = {
+    "greedy": {"do_sample": False, "num_beams": 1},
+    "sample": {"do_sample": True, "top_k": 50, "top_p": 0.9, "temperature": 0.8},
+    "beam": {"do_sample": False, "num_beams": 4},
+}
+
+
+def cases_for(big: bool, new_tokens: int, context: int) -> list[dict[str, Any]]:
+    grid = [(1, 32), (1, 512), (8, 32)] + ([] if big else [(8, 512)])  # batch 8 x 512 on gpt2-large takes minutes per competitor
+    cases = [{"batch": b, "prompt": p, "new": new_tokens, "strategy": "greedy"} for b, p in grid]
+    cases += [{"batch": 1, "prompt": 32, "new": new_tokens, "strategy": s} for s in ("sample", "beam")]
+    return [c for c in cases if c["prompt"] + c["new"] <= context]
+
+
+# -- one competitor, in its own process ---------------------------------------------------------------
+
+def worker(competitor: str, folder: str, threads: int, cases: list[dict[str, Any]], runs: int) -> dict[str, Any]:
+    import resource
+
+    start = time.perf_counter()
+    if competitor.startswith("onnxgen"):
+        import onnxgen
+
+        model = onnxgen.load(folder, threads=threads)
+        vocab = model.dims["vocab_size"]
+
+        def generate(ids: list[list[int]], new: int, strategy: str) -> None:
+            model.generate(ids, max_new_tokens=new, eos_token_id=None, seed=0, **STRATEGY[strategy])
+    else:
+        import torch
+
+        if competitor == "pytorch":
+            from transformers import GPT2LMHeadModel
+
+            torch.set_num_threads(threads)
+            model = GPT2LMHeadModel.from_pretrained(folder).eval()
+        else:
+            import onnxruntime as ort
+            from optimum.onnxruntime import ORTModelForCausalLM
+
+            torch.set_num_threads(1)  # its OpenMP threads would fight onnxruntime's for the cores
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            model = ORTModelForCausalLM.from_pretrained(folder, session_options=options, use_io_binding=False)
+        vocab = model.config.vocab_size
+        eos = model.config.eos_token_id
+
+        def generate(ids: list[list[int]], new: int, strategy: str) -> None:
+            with torch.no_grad():
+                t = torch.tensor(ids)
+                model.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=new, min_new_tokens=new,
+                               pad_token_id=eos, **STRATEGY[strategy])
+    load_s = time.perf_counter() - start
+
+    rng = np.random.default_rng(0)
+    results = []
+    for case in cases:
+        ids = rng.integers(0, vocab, size=(case["batch"], case["prompt"])).tolist()
+        generate(ids, 4, case["strategy"])  # warm-up
+        first, full = [], []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            generate(ids, 1, case["strategy"])
+            t1 = time.perf_counter()
+            generate(ids, case["new"], case["strategy"])
+            t2 = time.perf_counter()
+            first.append(t1 - t0)
+            full.append(t2 - t1)
+        tps = [case["batch"] * (case["new"] - 1) / max(1e-9, f - t) for f, t in zip(full, first)]
+        results.append({**case, "ttft_ms": spread([x * 1000 for x in first]), "decode_tps": spread(tps)})
+    return {"competitor": competitor, "load_s": load_s,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cases": results}
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+# -- preparation ----------------------------------------------------------------------------------------
+
+def prepare(checkpoint: Path, work: Path, competitors: list[str]) -> dict[str, Path]:
+    """The folders the competitors load, made once and reused."""
+    folders = {"pytorch": checkpoint, "optimum": work / "optimum", "onnxgen-fp32": work / "fp32",
+               "onnxgen-int8": work / "int8", "onnxgen-int4": work / "int4"}
+    onnxgen_cli = [sys.executable, "-m", "onnxgen"]
+    if any(c.startswith("onnxgen") for c in competitors) and not (folders["onnxgen-fp32"] / "onnxgen.json").exists():
+        subprocess.run(onnxgen_cli + ["export", str(checkpoint), "-o", str(folders["onnxgen-fp32"]), "--force"], check=True)
+    for mode in ("int8", "int4"):
+        if f"onnxgen-{mode}" in competitors and not (folders[f"onnxgen-{mode}"] / "onnxgen.json").exists():
+            # Random weights make perplexity meaningless, so the accuracy budget is opened here.
+            subprocess.run(onnxgen_cli + ["quantize", str(folders["onnxgen-fp32"]), "-o", str(folders[f"onnxgen-{mode}"]),
+                                          "--mode", mode, "--force", "--max-ppl-increase", "100"], check=True)
+    if "optimum" in competitors and not (folders["optimum"] / "model.onnx").exists():
+        # optimum's own export as its users run it; its post-processing needs the pure-Python protobuf
+        # past 2 GB (gpt2-large), else it fails to serialize.
+        env = {**os.environ, "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"}
+        code = ("from optimum.exporters.onnx import main_export; import sys; "
+                "main_export(sys.argv[1], sys.argv[2], task='text-generation-with-past', do_validation=False)")
+        subprocess.run([sys.executable, "-c", code, str(checkpoint), str(folders["optimum"])], check=True, env=env)
+    return folders
+
+
+def bandwidth_gbs(threads: int, mib: int = 512, repeats: int = 5) -> float:
+    """Copy bandwidth (bytes read + written per second) with `threads` threads, best of `repeats`."""
+    chunks = [(np.ones(mib * 2**20 // 8 // threads), np.empty(mib * 2**20 // 8 // threads)) for _ in range(threads)]
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            list(pool.map(lambda c: np.copyto(c[1], c[0]), chunks))
+            best = max(best, 2 * mib * 2**20 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def weight_bytes(folder: Path) -> int:
+    """Bytes of weights read per decode step: the model file(s)."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
+
+
+def import_seconds(statement: str) -> float:
+    code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
+    runs = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout) for _ in range(3)]
+    return statistics.median(runs)
+
+
+def environment(threads: int) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    versions = {}
+    for name in ("onnxgen", "onnxruntime", "torch", "transformers", "optimum", "optimum-onnx", "numpy"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(), "versions": versions}
+
+
+# -- report ---------------------------------------------------------------------------------------------
+
+def markdown(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    lines = [f"CPU: {env['cpu']}, {env['cores']} cores, {env['threads']} threads; memory bandwidth {result['bandwidth_gbs']:.1f} GB/s "
+             f"(copy, measured in the run). Medians of {result['runs']} runs (min-max).", ""]
+    for model in result["models"]:
+        lines += [f"### {model['name']}", "",
+                  "| competitor | weights MB | load s | peak RSS MB | case | decode tok/s | x PyTorch | first token ms | fraction of bound |",
+                  "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+        base = {c["key"]: c["decode_tps"]["median"] for c in model["competitors"][0]["cases"]}  # the first competitor: PyTorch
+        for comp in model["competitors"]:
+            for c in comp["cases"]:
+                d, f = c["decode_tps"], c["ttft_ms"]
+                bound = comp.get("bound_tps")
+                frac = f"{d['median'] / bound:.2f}" if bound and c["key"] == "b1 p32 greedy" else ""
+                lines.append(f"| {comp['competitor']} | {comp['weights_mb']:.0f} | {comp['load_s']:.2f} | {comp['peak_rss_mb']:.0f} | {c['key']} | "
+                             f"{d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | {d['median'] / base[c['key']]:.2f} | "
+                             f"{f['median']:.0f} ({f['min']:.0f}-{f['max']:.0f}) | {frac} |")
+        lines.append("")
+    imp = result["import_s"]
+    lines.append("Import time: " + ", ".join(f"`{k}` {v:.2f} s" for k, v in imp.items()))
+    if result.get("install_mb"):
+        lines.append("Installed size: " + ", ".join(f"{k} {v:.0f} MB" for k, v in result["install_mb"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = result["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        names = [c["competitor"] for c in model["competitors"]]
+        tps = [next(x for x in c["cases"] if x["key"] == "b1 p32 greedy")["decode_tps"]["median"] for c in model["competitors"]]
+        bars = ax.bar(names, tps, color=["#999999", "#7a9cc6"] + ["#e07b39"] * (len(names) - 2))
+        ax.bar_label(bars, fmt="%.0f")
+        for comp in model["competitors"]:
+            if comp["competitor"] == "onnxgen-fp32" and comp.get("bound_tps"):
+                ax.axhline(comp["bound_tps"], color="#555555", linestyle="--", linewidth=1, label="fp32 bandwidth bound")
+                ax.legend(loc="upper left", fontsize=8)
+        ax.set_title(f"{model['name']}: decode tok/s, batch 1, greedy")
+        ax.tick_params(axis="x", labelrotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=["gpt2", "gpt2-large"], help="shapes from make_models.py")
+    ap.add_argument("--checkpoint", type=Path, action="append", default=[], help="also bench this transformers folder")
+    ap.add_argument("--competitors", nargs="*", default=COMPETITORS, choices=COMPETITORS)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--work", type=Path, default=HERE / "exports")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: JSON job description
+    args = ap.parse_args()
+    if args.worker:
+        job = json.loads(args.worker)
+        print(json.dumps(worker(job["competitor"], job["folder"], job["threads"], job["cases"], job["runs"])))
+        return
+
+    from make_models import make
+
+    targets = [(name, args.work.parent / "models" / name) for name in args.models]
+    targets += [(p.name, p) for p in args.checkpoint]
+    result: dict[str, Any] = {"environment": environment(args.threads), "runs": args.runs, "bandwidth_gbs": bandwidth_gbs(args.threads),
+                              "models": []}
+    for name, checkpoint in targets:
+        if not (checkpoint / "config.json").exists():
+            make(name, checkpoint.parent)
+        folders = prepare(checkpoint, args.work / name, args.competitors)
+        config = json.loads((checkpoint / "config.json").read_text())
+        big = config["n_layer"] * config["n_embd"] ** 2 > 24 * 1024**2 * 12  # larger than gpt2-medium
+        cases = cases_for(big, args.new_tokens, config["n_positions"])
+        entry: dict[str, Any] = {"name": name, "config": {k: config[k] for k in ("n_layer", "n_embd", "n_head", "vocab_size")}, "competitors": []}
+        for competitor in args.competitors:
+            print(f"[{name}] {competitor} ...", file=sys.stderr, flush=True)
+            job = json.dumps({"competitor": competitor, "folder": str(folders[competitor]), "threads": args.threads,
+                              "cases": cases, "runs": args.runs})
+            done = subprocess.run([sys.executable, __file__, "--worker", job], capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"{competitor} on {name} failed:\n{done.stderr[-3000:]}")
+            measured = json.loads(done.stdout.strip().splitlines()[-1])
+            for c in measured["cases"]:
+                c["key"] = f"b{c['batch']} p{c['prompt']} {c['strategy']}"
+            folder = folders[competitor]
+            measured["weights_mb"] = (sum(p.stat().st_size for p in folder.glob("model.safetensors")) if competitor == "pytorch"
+                                      else weight_bytes(folder)) / 1e6
+            measured["bound_tps"] = result["bandwidth_gbs"] * 1e9 / (measured["weights_mb"] * 1e6)
+            entry["competitors"].append(measured)
+        result["models"].append(entry)
+    result["import_s"] = {"import onnxgen": import_seconds("import onnxgen"),
+                          "from optimum.onnxruntime import ORTModelForCausalLM": import_seconds("from optimum.onnxruntime import ORTModelForCausalLM"),
+                          "import torch, transformers": import_seconds("import torch, transformers; transformers.GPT2LMHeadModel")}
+    sizes = HERE / "results" / "install_sizes.json"  # written by install_sizes.sh
+    if sizes.exists():
+        result["install_mb"] = json.loads(sizes.read_text())
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(result, indent=2))
+    (args.out / "latest.md").write_text(markdown(result))
+    chart(result, args.out / "latest.png")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The benchmark harnesses run and write well-formed output (a benchmark is not a unit test: no timings are asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_onnxgen_bench_json(exported: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "onnxgen", "bench", "--model", str(exported), "--batch", "1", "--batch", "2",
+                        "--strategy", "greedy", "--strategy", "beam", "--new-tokens", "5", "--runs", "2", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert [(c["batch"], c["strategy"]) for c in result["cases"]] == [(1, "greedy"), (1, "beam"), (2, "greedy"), (2, "beam")]
+    for c in result["cases"]:
+        assert 0 < c["decode_tokens_per_s"]["min"] <= c["decode_tokens_per_s"]["median"] <= c["decode_tokens_per_s"]["max"]
+        assert c["time_to_first_token_ms"]["median"] > 0
+    assert result["load_s"] > 0 and result["peak_rss_mb"] > 0
+    r = subprocess.run([sys.executable, "-m", "onnxgen", "bench", "--model", str(exported), "--prompt-tokens", "200"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "context window" in r.stderr
+
+
+def test_suite_harness_writes_json_markdown_and_chart(checkpoint: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--models", "--checkpoint", str(checkpoint),
+           "--competitors", "pytorch", "onnxgen-fp32", "onnxgen-int8", "--threads", "1", "--runs", "1", "--new-tokens", "4",
+           "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work")]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT / "benchmarks")
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads((tmp_path / "results" / "latest.json").read_text())
+    assert result["bandwidth_gbs"] > 0 and result["environment"]["threads"] == 1
+    (model,) = result["models"]
+    assert [c["competitor"] for c in model["competitors"]] == ["pytorch", "onnxgen-fp32", "onnxgen-int8"]
+    for comp in model["competitors"]:
+        assert {c["key"] for c in comp["cases"]} >= {"b1 p32 greedy", "b1 p32 sample", "b1 p32 beam"}
+        assert all(c["decode_tps"]["median"] > 0 for c in comp["cases"]) and comp["peak_rss_mb"] > 0
+    assert "| onnxgen-int8 |" in (tmp_path / "results" / "latest.md").read_text()
+    assert (tmp_path / "results" / "latest.png").read_bytes()[:4] == b"\x89PNG"
