@@ -122,7 +122,7 @@ def prepare(checkpoint: Path, work: Path, competitors: list[str]) -> dict[str, P
     for mode in ("int8", "int4"):
         if f"onnxgen-{mode}" in competitors and not (folders[f"onnxgen-{mode}"] / "onnxgen.json").exists():
             # Random weights make perplexity meaningless, so the accuracy budget is opened here.
-            subprocess.run(onnxgen_cli + ["quantize", str(folders["onnxgen-fp32"]), "-o", str(folders[f"onnxgen-{mode}"]),
+            subprocess.run(onnxgen_cli + ["quantize", "--model", str(folders["onnxgen-fp32"]), "-o", str(folders[f"onnxgen-{mode}"]),
                                           "--mode", mode, "--force", "--max-ppl-increase", "100"], check=True)
     if "optimum" in competitors and not (folders["optimum"] / "model.onnx").exists():
         # optimum's own export as its users run it; its post-processing needs the pure-Python protobuf
@@ -158,17 +158,11 @@ def import_seconds(statement: str) -> float:
 
 
 def environment(threads: int) -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
+    from onnxgen.export import package_versions
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    versions = {}
-    for name in ("onnxgen", "onnxruntime", "torch", "transformers", "optimum", "optimum-onnx", "numpy"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(), "versions": versions}
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "versions": package_versions()}
 
 
 # -- report ---------------------------------------------------------------------------------------------

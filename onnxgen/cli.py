@@ -79,7 +79,7 @@ class Mode(str, Enum):
 
 @app.command()
 def quantize(
-    model: Annotated[Path, typer.Argument(help="fp32 folder made by `onnxgen export`")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="fp32 folder made by `onnxgen export`")],
     output: Annotated[Path, typer.Option("--output", "-o", help="folder to create")],
     mode: Annotated[Mode, typer.Option(help="int8 (dynamic), int4 (weight-only MatMulNBits) or fp16 (for CUDA)")] = Mode.int8,
     per_channel: Annotated[bool, typer.Option(help="int8: one scale per output channel")] = False,
@@ -164,8 +164,10 @@ def generate(
                 sys.stdout.flush()
             sys.stdout.write("\n")
         else:
-            for i, c in enumerate(m.generate(prompt, opts)):
-                print(f"--- {i + 1} ({c.finish_reason})" if opts.num_return_sequences > 1 else "", end="\n" if opts.num_return_sequences > 1 else "")
+            completions = m.generate(prompt, opts)
+            for i, c in enumerate(completions):
+                if len(completions) > 1:
+                    print(f"--- {i + 1} of {len(completions)} ({c.finish_reason})")
                 print(c.text)
         if stats and m.last_stats:
             s = m.last_stats

@@ -124,7 +124,7 @@ def _training(source: Path) -> dict[str, Any]:
     return {"training": json.loads(path.read_text())} if path.is_file() else {}
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version(), "onnxgen": __version__}
@@ -198,7 +198,7 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
                 inputs, outputs = io_names(work / MODEL_FILE)
                 result = manifest.write(work, {
                     "source": {"model": source, "parameters": n_params},
-                    "versions": _versions(),
+                    "versions": package_versions(),
                     "opset": opset,
                     "dtype": "float32",
                     "quantization": None,

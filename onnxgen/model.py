@@ -39,8 +39,8 @@ class Completion:
     prompt_index: int  # which prompt it continues
 
 
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+def _first_stop(text: str, stops: list[str], start: int = 0) -> int | None:
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
     return min(found) if found else None
 
 
@@ -151,10 +151,10 @@ class Model:
                 if emitted[row] < 0:  # this row's text is complete
                     pieces.append("")
                     continue
-                if generator.finish_reasons[row] in (None, "length") or tokens[row] not in generator.eos:
-                    stream.push(int(tokens[row]))
+                stream.push(int(tokens[row]))  # eos decodes to nothing
                 text = stream.text
-                cut = _first_stop(text, opts.stop) if opts.stop else None
+                # Text before emitted[row] was checked last step with `hold` characters after it.
+                cut = _first_stop(text, opts.stop, emitted[row]) if opts.stop else None
                 if cut is not None:
                     generator.finish(row, "stop")
                     text = text[:cut]

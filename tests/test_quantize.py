@@ -57,11 +57,11 @@ def test_quantizing_a_quantized_folder_is_refused(quantized: tuple[str, Path], t
 
 
 def test_cli_quantize(exported: Path, tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "onnxgen", "quantize", str(exported), "-o", str(tmp_path / "q"), "--mode", "int8", "--max-ppl-increase", "0.5"]
+    cmd = [sys.executable, "-m", "onnxgen", "quantize", "--model", str(exported), "-o", str(tmp_path / "q"), "--mode", "int8", "--max-ppl-increase", "0.5"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "perplexity" in r.stdout and "weight matrices quantized" in r.stdout
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.startswith("onnxgen: error: ") and "already exists" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "onnxgen", "quantize", str(tmp_path), "-o", str(tmp_path / "z")], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "onnxgen", "quantize", "-m", str(tmp_path), "-o", str(tmp_path / "z")], capture_output=True, text=True)
     assert r.returncode == 1 and "no onnxgen.json" in r.stderr and "Traceback" not in r.stderr

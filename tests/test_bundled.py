@@ -1,0 +1,58 @@
+"""The small model that ships inside the package (issue: offline default model)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import onnxgen
+from onnxgen.model import BUNDLED
+
+
+@pytest.fixture(scope="module")
+def bundled() -> onnxgen.Model:
+    return onnxgen.load(threads=1)  # no path: the bundled model
+
+
+def test_manifest_carries_training_and_accuracy(bundled: onnxgen.Model) -> None:
+    m = bundled.manifest
+    assert m["training"]["final"]["val_ppl"] > 1 and m["training"]["corpus"]["train_sha256"]
+    assert m["validation"]["passed"]
+    if m["quantization"]:
+        a = m["quantization"]["accuracy"]
+        assert a["perplexity_increase"] <= m["quantization"]["options"]["max_ppl_increase"]
+
+
+@pytest.mark.parametrize("options", [
+    {"do_sample": False, "repetition_penalty": 1.0},
+    {"do_sample": False, "num_beams": 4, "no_repeat_ngram_size": 3},
+    {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 0.8, "seed": 1},
+    {"do_sample": True, "top_k": 40, "top_p": 1.0, "seed": 1},
+    {"do_sample": True, "top_k": 0, "top_p": 0.9, "seed": 1},
+    {"seed": 1},  # the shipped generation_config.json defaults
+])
+def test_generates_with_every_strategy(bundled: onnxgen.Model, options: dict) -> None:
+    (c,) = bundled.generate("It is a truth universally acknowledged", max_new_tokens=20, **options)
+    assert len(c.token_ids) >= 1 and c.text.strip()
+
+
+def test_defaults_come_from_generation_config(bundled: onnxgen.Model) -> None:
+    saved = json.loads((BUNDLED / "generation_config.json").read_text())
+    assert bundled.defaults.do_sample is saved["do_sample"] is True
+    assert bundled.defaults.top_p == saved["top_p"] and bundled.defaults.repetition_penalty == saved["repetition_penalty"]
+
+
+@pytest.mark.parametrize("text", ["It is a truth universally acknowledged, that a single man...",
+                                  "Naïve café — “quoted” 😀\n\nnew paragraph\t tab"])
+def test_tokenizer_round_trips(bundled: onnxgen.Model, text: str) -> None:
+    assert bundled.tokenizer.decode(bundled.tokenizer.encode(text)) == text
+
+
+def test_cli_main_job_needs_no_model_argument() -> None:
+    r = subprocess.run([sys.executable, "-m", "onnxgen", "generate", "It is a truth universally acknowledged",
+                        "--max-new-tokens", "15", "--seed", "0"], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip()) > 0
