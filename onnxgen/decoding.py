@@ -28,11 +28,13 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 
 
 def sample(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One draw per row from softmax(scores), by inverse CDF."""
-    probs = logits.softmax(scores.astype(np.float64))
-    cdf = np.cumsum(probs, axis=-1)
-    u = rng.random((scores.shape[0], 1)) * cdf[:, -1:]
-    return np.minimum((cdf < u).sum(axis=-1), scores.shape[-1] - 1)
+    """One draw per row from softmax(scores), by inverse CDF over the row's finite scores."""
+    tokens = np.empty(scores.shape[0], dtype=np.int64)
+    for row, u in enumerate(rng.random(scores.shape[0])):
+        live = np.flatnonzero(scores[row] > -np.inf)  # after top-k or top-p, a few tokens out of the vocabulary
+        cdf = np.cumsum(logits.softmax(scores[row, live].astype(np.float64)))
+        tokens[row] = live[min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(live) - 1)]
+    return tokens
 
 
 class Generator:

@@ -71,17 +71,22 @@ def top_k(k: int) -> Filter:
 
 
 def top_p(p: float) -> Filter:
-    """Keep the smallest set of most likely tokens whose probability reaches p (always at least one)."""
+    """Keep the smallest set of most likely tokens whose probability reaches p (always at least one).
+
+    Works on each row's finite scores only: after top-k that is k tokens instead of the vocabulary,
+    and the result is the same, as -inf scores sort first and weigh nothing."""
 
     def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
-        order = np.argsort(scores, axis=-1, kind="stable")  # ascending, as transformers sorts
-        ordered = np.take_along_axis(scores, order, axis=-1)
-        cumulative = np.cumsum(softmax(ordered), axis=-1)
-        remove_sorted = cumulative <= (1 - p)
-        remove_sorted[:, -1] = False
-        remove = np.zeros_like(remove_sorted)
-        np.put_along_axis(remove, order, remove_sorted, axis=-1)
-        return np.where(remove, -np.inf, scores).astype(scores.dtype)
+        out = np.full_like(scores, -np.inf)
+        for row in range(scores.shape[0]):
+            live = np.flatnonzero(scores[row] > -np.inf)
+            order = live[np.argsort(scores[row, live], kind="stable")]  # ascending, as transformers sorts
+            cumulative = np.cumsum(softmax(scores[row, order]))
+            remove = cumulative <= (1 - p)
+            remove[-1] = False
+            kept = order[~remove]
+            out[row, kept] = scores[row, kept]
+        return out
 
     return apply
 
