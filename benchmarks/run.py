@@ -48,9 +48,13 @@ def cases_for(big: bool, new_tokens: int, context: int) -> list[dict[str, Any]]:
 
 # -- one competitor, in its own process ---------------------------------------------------------------
 
-def worker(competitor: str, folder: str, threads: int, cases: list[dict[str, Any]], runs: int) -> dict[str, Any]:
-    import resource
+def peak_rss_mb() -> float:
+    """This process's own high-water mark. (getrusage's ru_maxrss would carry the parent's over exec.)"""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
 
+
+def worker(competitor: str, folder: str, threads: int, cases: list[dict[str, Any]], runs: int) -> dict[str, Any]:
     start = time.perf_counter()
     if competitor.startswith("onnxgen"):
         import onnxgen
@@ -103,7 +107,7 @@ def worker(competitor: str, folder: str, threads: int, cases: list[dict[str, Any
         tps = [case["batch"] * (case["new"] - 1) / max(1e-9, f - t) for f, t in zip(full, first)]
         results.append({**case, "ttft_ms": spread([x * 1000 for x in first]), "decode_tps": spread(tps)})
     return {"competitor": competitor, "load_s": load_s,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cases": results}
+            "peak_rss_mb": peak_rss_mb(), "cases": results}
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -218,7 +222,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=["gpt2", "gpt2-large"], help="shapes from make_models.py")
-    ap.add_argument("--checkpoint", type=Path, action="append", default=[], help="also bench this transformers folder")
+    ap.add_argument("--checkpoint", action="append", default=[], help="also bench this transformers folder: PATH or NAME=PATH")
     ap.add_argument("--competitors", nargs="*", default=COMPETITORS, choices=COMPETITORS)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--runs", type=int, default=3)
@@ -235,7 +239,9 @@ def main() -> None:
     from make_models import make
 
     targets = [(name, args.work.parent / "models" / name) for name in args.models]
-    targets += [(p.name, p) for p in args.checkpoint]
+    for spec in args.checkpoint:
+        name, _, path = spec.rpartition("=")
+        targets.append((name or Path(path).name, Path(path)))
     result: dict[str, Any] = {"environment": environment(args.threads), "runs": args.runs, "bandwidth_gbs": bandwidth_gbs(args.threads),
                               "models": []}
     for name, checkpoint in targets:
