@@ -48,13 +48,9 @@ def cases_for(big: bool, new_tokens: int, context: int) -> list[dict[str, Any]]:
 
 # -- one competitor, in its own process ---------------------------------------------------------------
 
-def peak_rss_mb() -> float:
-    """This process's own high-water mark. (getrusage's ru_maxrss would carry the parent's over exec.)"""
-    status = Path("/proc/self/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
-
-
 def worker(competitor: str, folder: str, threads: int, cases: list[dict[str, Any]], runs: int) -> dict[str, Any]:
+    from onnxgen.bench import peak_rss_mb
+
     start = time.perf_counter()
     if competitor.startswith("onnxgen"):
         import onnxgen

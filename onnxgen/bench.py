@@ -36,7 +36,12 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB (`onnxgen bench` is its own process)
+    """This process's peak resident memory. Linux's VmHWM belongs to this program alone; getrusage's
+    ru_maxrss (the fallback elsewhere) carries a parent's peak over fork and exec."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        return int(next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmHWM:"))) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS: Linux is the target
 
 
 def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = None, provider: Provider = "cpu",
