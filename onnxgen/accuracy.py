@@ -25,7 +25,8 @@ def compare(reference: Path, candidate: Path, provider: Provider = "cpu", max_to
     ref, cand = Model(reference, provider), Model(candidate, provider)
     nll = {"fp32": [], "quantized": []}  # type: dict[str, list[np.ndarray]]
     agree, max_diff, diff_sum, count = 0, 0.0, 0.0, 0
-    for window in _windows(ref, max_tokens):
+    windows = _windows(ref, max_tokens)
+    for window in windows:
         a, b = ref.runtime.all_logits(window)[0, :-1], cand.runtime.all_logits(window)[0, :-1]
         targets = window[0, 1:]
         for name, scores in (("fp32", a), ("quantized", b)):
@@ -34,7 +35,7 @@ def compare(reference: Path, candidate: Path, provider: Provider = "cpu", max_to
         diff = np.abs(a - b)
         max_diff, diff_sum, count = max(max_diff, float(diff.max())), diff_sum + float(diff.sum()), count + diff.size
     positions = sum(len(x) for x in nll["fp32"])
-    prompt = _windows(ref, 32)[0][0].tolist()
+    prompt = windows[0][0, :32].tolist()
     new = min(greedy_tokens, ref.context_length - len(prompt))
     ga = ref.generate(prompt, max_new_tokens=new, do_sample=False, num_beams=1, repetition_penalty=1.0, min_new_tokens=0, eos_token_id=None)[0].token_ids
     gb = cand.generate(prompt, max_new_tokens=new, do_sample=False, num_beams=1, repetition_penalty=1.0, min_new_tokens=0, eos_token_id=None)[0].token_ids

@@ -43,7 +43,7 @@ class Generator:
         self.filters = logits.filters_for(opts)
         self.rng = np.random.default_rng(opts.seed)
         self.eos = np.asarray(opts.eos_ids, dtype=np.int64)
-        self.history = [list(p) for p in prompts]  # prompt + generated tokens, no padding
+        self.prompts = prompts
         self.generated: list[list[int]] = [[] for _ in prompts]
         self.finish_reasons: list[str | None] = [None] * len(prompts)
         self._ids, self._mask, self._positions = left_pad(prompts, pad_id)
@@ -60,14 +60,14 @@ class Generator:
     def step(self) -> np.ndarray:
         """Run the model once, pick one token per row, and return them (pad for rows already finished)."""
         scores, self._cache = self.runtime.forward(self._ids, self._mask, self._positions, self._cache)
-        scores = logits.apply(self.filters, scores, self.history, len(self.generated[0]))
+        history = [p + g for p, g in zip(self.prompts, self.generated)] if self.filters else []
+        scores = logits.apply(self.filters, scores, history, len(self.generated[0]))
         tokens = sample(scores, self.rng) if self.opts.do_sample else scores.argmax(axis=-1)
         for row, token in enumerate(tokens.tolist()):
             if self.finish_reasons[row] is not None:
                 tokens[row] = self.pad_id
                 continue
             self.generated[row].append(token)
-            self.history[row].append(token)
             if token in self.eos:
                 self.finish(row, "eos")
             elif len(self.generated[row]) >= self.opts.max_new_tokens:

@@ -34,9 +34,15 @@ def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def write(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Describe the folder's files (sizes, sha256) into `manifest` and save it; returns what was saved."""
     manifest = {"format_version": FORMAT_VERSION, **manifest, "files": describe_files(folder)}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    save(folder, manifest)
     return manifest
+
+
+def save(folder: Path, manifest: dict[str, Any]) -> None:
+    """Save a manifest as it is, for a change that leaves the files alone."""
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def read(folder: Path) -> dict[str, Any]:

@@ -106,9 +106,11 @@ class Model:
         else:
             rows = [p for p in ids for _ in range(opts.num_return_sequences)]
             generator = Generator(self.runtime, rows, opts, self._pad_id(opts))
-            for _ in self._steps(generator, opts):
-                pass
-            completions = [self._completion(generator, row, opts, row // opts.num_return_sequences) for row in range(len(rows))]
+            texts = [""] * len(rows)
+            for pieces in self._steps(generator, opts):
+                texts = [text + piece for text, piece in zip(texts, pieces)]
+            completions = [Completion(texts[row], generator.generated[row], generator.finish_reasons[row] or "length",
+                                      row // opts.num_return_sequences) for row in range(len(rows))]
         self._stop_clock(start, ids, [c.token_ids for c in completions])
         return completions
 
@@ -138,9 +140,8 @@ class Model:
         self._stop_clock(start, ids, generator.generated)
 
     def _steps(self, generator: Generator, opts: GenerationOptions) -> Iterator[list[str]]:
-        """Drive the generator; after each step yield every row's newly final text.
-
-        Text that could still turn into a stop string is held back until it cannot."""
+        """Drive the generator; after each step yield every row's newly final text. A row's pieces add up
+        to its whole text; text that could still turn into a stop string is held back until it cannot."""
         streams = [TextStream(self.tokenizer) for _ in generator.generated]
         emitted = [0] * len(streams)
         hold = max((len(s) for s in opts.stop), default=1) - 1
@@ -168,14 +169,6 @@ class Model:
                     pieces.append(text[emitted[row] : safe])
                     emitted[row] = safe
             yield pieces
-
-    def _completion(self, generator: Generator, row: int, opts: GenerationOptions, prompt_index: int) -> Completion:
-        tokens = generator.generated[row]
-        text = self.tokenizer.decode(tokens)
-        if generator.finish_reasons[row] == "stop":
-            cut = _first_stop(text, opts.stop)
-            text = text[:cut] if cut is not None else text
-        return Completion(text, tokens, generator.finish_reasons[row] or "length", prompt_index)
 
 
 def load(path: str | Path | None = None, provider: Provider = "cpu", threads: int | None = None) -> Model:

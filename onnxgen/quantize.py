@@ -155,7 +155,7 @@ def quantize(source: Path, out: Path, options: QuantizeOptions | None = None, qu
                                  "quantized_matrices": done, "weight_matrices": expected,
                                  "options": {k: v for k, v in asdict(options).items() if k != "force"}},
             }
-            manifest.write(work, record)  # the runtime needs it to load the candidate; the folder is still hidden
+            result = manifest.write(work, record)  # the runtime needs it to load the candidate; the folder is still hidden
             report = accuracy.compare(source, work, provider="cpu")
         with progress.step("Checking the accuracy budget"):
             increase = report["perplexity_quantized"] / report["perplexity_fp32"] - 1
@@ -168,9 +168,8 @@ def quantize(source: Path, out: Path, options: QuantizeOptions | None = None, qu
                     "raise --max-ppl-increase to accept it"
                 )
         with progress.step("Writing manifest"):
-            record["quantization"]["accuracy"] = report
-            (work / manifest.MANIFEST).unlink()
-            result = manifest.write(work, record)
+            result["quantization"]["accuracy"] = report  # the files are as described: no second hashing
+            manifest.save(work, result)
     return result
 
 

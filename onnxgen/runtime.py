@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,12 +29,7 @@ def _onnxruntime() -> Any:
     return onnxruntime
 
 
-@dataclass
-class Cache:
-    """past_key_values for every layer, as OrtValues in the order the graph names them."""
-
-    values: list[Any]
-    length: int  # positions already in the cache
+Cache = list[Any]  # past_key_values for every layer, as OrtValues in the order the graph names them
 
 
 class Runtime:
@@ -72,7 +66,7 @@ class Runtime:
     def empty_cache(self, batch: int) -> Cache:
         empty = np.zeros((batch, self.n_head, 0, self.head_dim), dtype=np.float32)
         value = self.ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0)
-        return Cache([value] * len(self.past_names), 0)
+        return [value] * len(self.past_names)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: Cache) -> tuple[np.ndarray, Cache]:
         """Run new tokens (batch, n) after `cache`; return the last position's logits (batch, vocab) and the new cache."""
@@ -81,7 +75,7 @@ class Runtime:
         io.bind_cpu_input("attention_mask", attention_mask)
         io.bind_cpu_input("position_ids", position_ids)
         io.bind_cpu_input("logits_to_keep", self._keep_last)
-        for name, value in zip(self.past_names, cache.values):
+        for name, value in zip(self.past_names, cache):
             io.bind_ortvalue_input(name, value)
         io.bind_output("logits", "cpu")
         for name in self.present_names:
@@ -90,7 +84,7 @@ class Runtime:
         outputs = io.get_outputs()
         logits = outputs[0].numpy()[:, -1, :]
         self.step_ends.append(time.perf_counter())
-        return logits, Cache(outputs[1:], cache.length + input_ids.shape[1])
+        return logits, outputs[1:]
 
     def all_logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits at every position of `input_ids` (batch, n) with no cache: for scoring text, not generating."""
@@ -103,5 +97,4 @@ class Runtime:
 
     def reorder(self, cache: Cache, rows: np.ndarray) -> Cache:
         """Select cache rows (beam search keeps the beams it continues). This one step copies."""
-        values = [self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows]), self.device, 0) for v in cache.values]
-        return Cache(values, cache.length)
+        return [self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows]), self.device, 0) for v in cache]
