@@ -7,6 +7,8 @@
   MatMul + Add every weight matrix is quantizable (onnxruntime fuses them back at load).
 - A `logits_to_keep` input (transformers' name and meaning: keep the last N positions, 0 = all)
   lets the prompt pass skip the head at every position but the last.
+- Each layer's attention (about 40 nodes, one of which transposes the whole key cache at every step)
+  becomes one MultiHeadAttention node: gpt2 decodes about 20% faster on CPU, and the prompt pass too.
 """
 
 from __future__ import annotations
@@ -83,3 +85,78 @@ def add_logits_to_keep(model: onnx.ModelProto) -> None:
     head.input[0] = kept
     logits = next(o for o in g.output if o.name == "logits")
     logits.type.tensor_type.shape.dim[1].dim_param = "logits_length"
+
+
+
+def _consumers(g: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
+    return [node for node in g.node if name in node.input]
+
+
+def _attention_layers(g: onnx.GraphProto) -> list[tuple[onnx.NodeProto, ...]] | None:
+    """Per layer, the nodes that bound its attention: (Split of c_attn's output, key Concat, value Concat,
+    final Reshape to (batch, seq, embd)). None if any layer does not have optimum's GPT-2 shape."""
+    producers = {out: node for node in g.node for out in node.output}
+    layers = []
+    for out in g.output:
+        if not (out.name.startswith("present.") and out.name.endswith(".key")):
+            continue
+        key_concat = producers[out.name]
+        value_concat = producers[out.name[: -len("key")] + "value"]
+        try:  # present.key = Concat(past, Transpose(Reshape(Split(qkv)[1])))
+            split = producers[producers[producers[key_concat.input[1]].input[0]].input[0]]
+        except KeyError:
+            return None
+        # The value cache is read by MatMul(probs, V), whose output goes Transpose -> Reshape back to (batch, seq, embd).
+        weighted = [n for n in _consumers(g, value_concat.output[0]) if n.op_type == "MatMul"]
+        merge = _consumers(g, weighted[0].output[0]) if len(weighted) == 1 else []
+        output = _consumers(g, merge[0].output[0]) if len(merge) == 1 and merge[0].op_type == "Transpose" else []
+        if split.op_type != "Split" or len(split.output) != 3 or len(output) != 1 or output[0].op_type != "Reshape":
+            return None
+        layers.append((split, key_concat, value_concat, output[0]))
+    return layers
+
+
+def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
+    """Replace each layer's attention subgraph with one com.microsoft MultiHeadAttention node.
+
+    optimum's graph spells attention out in about 40 nodes a layer, one of which transposes the whole
+    key cache at every step; MultiHeadAttention reads the cache in place and applies the causal mask
+    and the padding mask itself. Its inputs are the three slices of c_attn's output, the attention
+    mask (as an int32 key padding mask) and the past; its outputs keep the names the graph used.
+    Nodes left without consumers are removed. All layers or none: returns how many were fused.
+    """
+    g = model.graph
+    layers = _attention_layers(g)
+    if not layers:
+        return 0
+    mask = "/attention/key_padding_mask"
+    for split, key_concat, value_concat, output in layers:
+        layer = key_concat.output[0].split(".")[1]
+        attention = helper.make_node(
+            "MultiHeadAttention",
+            [*split.output, "", mask, "", key_concat.input[0], value_concat.input[0]],
+            [output.output[0], key_concat.output[0], value_concat.output[0]],
+            name=f"/attention/h.{layer}", domain="com.microsoft", num_heads=num_heads, unidirectional=1,
+        )
+        at = list(g.node).index(output)
+        for node in (key_concat, value_concat, output):
+            g.node.remove(node)
+        g.node.insert(at, attention)
+    first = min(i for i, n in enumerate(g.node) if n.op_type == "MultiHeadAttention")
+    g.node.insert(first, helper.make_node("Cast", ["attention_mask"], [mask], name="/attention/MaskToInt32", to=TensorProto.INT32))
+    _remove_dead_nodes(g)
+    return len(layers)
+
+
+def _remove_dead_nodes(g: onnx.GraphProto) -> None:
+    """Drop the nodes whose outputs nothing reads, and the initializers no node reads."""
+    needed = {o.name for o in g.output}
+    keep = []
+    for node in reversed(list(g.node)):  # the graph is topologically sorted: readers come after writers
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    del g.node[:]
+    g.node.extend(reversed(keep))
+    for t in [t for t in g.initializer if t.name not in needed]:
+        g.initializer.remove(t)

@@ -36,6 +36,20 @@ def test_manifest_describes_the_folder(exported: Path, checkpoint: Path) -> None
     assert m["validation"]["passed"] and m["validation"]["max_abs_diff_prompt"] <= 1e-4
     assert {"torch", "transformers", "onnxruntime", "onnx"} <= set(m["versions"])
     assert m["graph"]["tied_head_deduplicated"] is True
+    assert m["graph"]["attention_fused"] == 2
+
+
+def test_attention_is_one_node_per_layer(exported: Path) -> None:
+    from onnxgen import graph as graph_mod
+
+    model = onnx.load(str(exported / "model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MultiHeadAttention") == 2
+    # The step no longer transposes the key cache, nor builds a 4-D causal mask.
+    assert not any(n.op_type == "Transpose" and n.input[0].startswith("present.") for n in model.graph.node)
+    assert "Expand" not in ops and "IsNaN" not in ops
+    assert graph_mod.fuse_attention(model, 4) == 0  # a graph it does not recognise is left as it is
+    assert [n.op_type for n in model.graph.node] == ops
 
 
 def test_tied_head_is_stored_once(exported: Path, torch_model: torch.nn.Module) -> None:
