@@ -13,8 +13,11 @@ the weight MatMuls there were: a mode that did not take is an error, never a sil
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -107,6 +110,23 @@ def _fp16(model: Any) -> Any:
     return wrapped.model
 
 
+@contextmanager
+def _quiet_quantizers() -> Iterator[None]:
+    """onnxruntime's quantizers log every node at INFO (and configure the root logger to show it when
+    imported) and advise pre-processing on the root logger; the progress bar already says what runs."""
+    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401  (its import calls logging.basicConfig)
+
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def quantize(source: Path, out: Path, options: QuantizeOptions | None = None, quiet: bool = False) -> dict[str, Any]:
     """Quantize the fp32 folder `source` into `out`; returns the new manifest. Raises QuantizeError."""
     import onnx
@@ -122,7 +142,8 @@ def quantize(source: Path, out: Path, options: QuantizeOptions | None = None, qu
     atomic.check_disk(out, size * 3)
     large = size > (1 << 30)
     with steps(4, quiet=quiet) as progress, atomic.building(out, options.force) as work:
-        with progress.step(f"Quantizing to {options.mode}"), tempfile.TemporaryDirectory(dir=work.parent, prefix=f".{out.name}.prep-") as tmp:
+        with progress.step(f"Quantizing to {options.mode}"), _quiet_quantizers(), \
+                tempfile.TemporaryDirectory(dir=work.parent, prefix=f".{out.name}.prep-") as tmp:
             model = onnx.load(str(source / MODEL_FILE))
             if options.mode != "fp16":  # fp16 keeps the tied head: Transpose of an fp16 embedding
                 _materialize_head(model)
