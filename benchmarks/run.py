@@ -4,11 +4,13 @@
 
 For each model (random weights of the real shapes, made by make_models.py; or --checkpoint DIR) it makes
 the onnxgen fp32/int8/int4 folders and optimum's own export once (kept in benchmarks/exports/), then runs
-every competitor in a subprocess of its own, one after the other, with the same thread count:
+every competitor in a subprocess of its own, with the same thread count, in --runs rounds: each round
+runs every competitor once, one after the other, so that a machine whose memory bandwidth drifts over the
+run (a shared host's does) slows all competitors alike instead of whichever ran last:
 - time to first token = a generate() of one new token; decode tok/s = batch x (N - 1) / (T(N) - T(1)),
   the same method for every competitor, so no one is timed by its own clock;
-- peak RSS of the subprocess, model load time;
-- medians with min and max over --runs runs, after one warm-up.
+- peak RSS of the subprocess (the highest round), model load time;
+- medians with min and max over the rounds, each after a short warm-up.
 The machine's memory bandwidth is measured in the same run and turned into each model's decode bound
 (weight bytes read per token / bandwidth). Results: benchmarks/results/latest.{json,md,png}.
 Run it on a quiet machine: any background job halves the figures (the ratios hold up better).
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,7 +51,8 @@ def cases_for(big: bool, new_tokens: int, context: int) -> list[dict[str, Any]]:
 
 # -- one competitor, in its own process ---------------------------------------------------------------
 
-def worker(competitor: str, folder: str, threads: int, cases: list[dict[str, Any]], runs: int) -> dict[str, Any]:
+def worker(competitor: str, folder: str, threads: int, cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """One round: load, then each case once after a warm-up. Returns raw seconds; main() aggregates."""
     from onnxgen.bench import peak_rss_mb
 
     start = time.perf_counter()
@@ -87,23 +91,28 @@ def worker(competitor: str, folder: str, threads: int, cases: list[dict[str, Any
     load_s = time.perf_counter() - start
 
     rng = np.random.default_rng(0)
-    results = []
+    timings = []
     for case in cases:
         ids = rng.integers(0, vocab, size=(case["batch"], case["prompt"])).tolist()
         generate(ids, 4, case["strategy"])  # warm-up
-        first, full = [], []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            generate(ids, 1, case["strategy"])
-            t1 = time.perf_counter()
-            generate(ids, case["new"], case["strategy"])
-            t2 = time.perf_counter()
-            first.append(t1 - t0)
-            full.append(t2 - t1)
-        tps = [case["batch"] * (case["new"] - 1) / max(1e-9, f - t) for f, t in zip(full, first)]
-        results.append({**case, "ttft_ms": spread([x * 1000 for x in first]), "decode_tps": spread(tps)})
-    return {"competitor": competitor, "load_s": load_s,
-            "peak_rss_mb": peak_rss_mb(), "cases": results}
+        t0 = time.perf_counter()
+        generate(ids, 1, case["strategy"])
+        t1 = time.perf_counter()
+        generate(ids, case["new"], case["strategy"])
+        timings.append({"first_s": t1 - t0, "full_s": time.perf_counter() - t1})
+    return {"load_s": load_s, "peak_rss_mb": peak_rss_mb(), "timings": timings}
+
+
+def aggregate(competitor: str, cases: list[dict[str, Any]], rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians (min-max) over the rounds of one competitor."""
+    results = []
+    for i, case in enumerate(cases):
+        first = [r["timings"][i]["first_s"] for r in rounds]
+        tps = [case["batch"] * (case["new"] - 1) / max(1e-9, r["timings"][i]["full_s"] - r["timings"][i]["first_s"]) for r in rounds]
+        results.append({**case, "key": f"b{case['batch']} p{case['prompt']} {case['strategy']}",
+                        "ttft_ms": spread([x * 1000 for x in first]), "decode_tps": spread(tps)})
+    return {"competitor": competitor, "load_s": statistics.median(r["load_s"] for r in rounds),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds), "cases": results}
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -112,10 +121,13 @@ def spread(values: list[float]) -> dict[str, float]:
 
 # -- preparation ----------------------------------------------------------------------------------------
 
-def prepare(checkpoint: Path, work: Path, competitors: list[str]) -> dict[str, Path]:
-    """The folders the competitors load, made once and reused."""
+def prepare(checkpoint: Path, work: Path, competitors: list[str], fresh: bool) -> dict[str, Path]:
+    """The folders the competitors load, made once and reused (onnxgen's remade with `fresh`)."""
     folders = {"pytorch": checkpoint, "optimum": work / "optimum", "onnxgen-fp32": work / "fp32",
                "onnxgen-int8": work / "int8", "onnxgen-int4": work / "int4"}
+    if fresh:
+        for name in ("onnxgen-fp32", "onnxgen-int8", "onnxgen-int4"):
+            shutil.rmtree(folders[name], ignore_errors=True)
     onnxgen_cli = [sys.executable, "-m", "onnxgen"]
     if any(c.startswith("onnxgen") for c in competitors) and not (folders["onnxgen-fp32"] / "onnxgen.json").exists():
         subprocess.run(onnxgen_cli + ["export", str(checkpoint), "-o", str(folders["onnxgen-fp32"]), "--force"], check=True)
@@ -170,7 +182,7 @@ def environment(threads: int) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
     lines = [f"CPU: {env['cpu']}, {env['cores']} cores, {env['threads']} threads; memory bandwidth {result['bandwidth_gbs']:.1f} GB/s "
-             f"(copy, measured in the run). Medians of {result['runs']} runs (min-max).", ""]
+             f"(copy, measured in the run). Medians of {result['runs']} interleaved rounds (min-max).", ""]
     for model in result["models"]:
         lines += [f"### {model['name']}", "",
                   "| competitor | weights MB | load s | peak RSS MB | case | decode tok/s | x PyTorch | first token ms | fraction of bound |",
@@ -225,11 +237,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--work", type=Path, default=HERE / "exports")
+    ap.add_argument("--fresh", action="store_true", help="remake onnxgen's folders (after a change to export or quantize)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: JSON job description
     args = ap.parse_args()
     if args.worker:
         job = json.loads(args.worker)
-        print(json.dumps(worker(job["competitor"], job["folder"], job["threads"], job["cases"], job["runs"])))
+        print(json.dumps(worker(job["competitor"], job["folder"], job["threads"], job["cases"])))
         return
 
     from make_models import make
@@ -243,21 +256,22 @@ def main() -> None:
     for name, checkpoint in targets:
         if not (checkpoint / "config.json").exists():
             make(name, checkpoint.parent)
-        folders = prepare(checkpoint, args.work / name, args.competitors)
+        folders = prepare(checkpoint, args.work / name, args.competitors, args.fresh)
         config = json.loads((checkpoint / "config.json").read_text())
         big = config["n_layer"] * config["n_embd"] ** 2 > 24 * 1024**2 * 12  # larger than gpt2-medium
         cases = cases_for(big, args.new_tokens, config["n_positions"])
         entry: dict[str, Any] = {"name": name, "config": {k: config[k] for k in ("n_layer", "n_embd", "n_head", "vocab_size")}, "competitors": []}
+        rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in args.competitors}
+        for round_ in range(1, args.runs + 1):
+            for competitor in args.competitors:
+                print(f"[{name}] round {round_}/{args.runs}: {competitor} ...", file=sys.stderr, flush=True)
+                job = json.dumps({"competitor": competitor, "folder": str(folders[competitor]), "threads": args.threads, "cases": cases})
+                done = subprocess.run([sys.executable, __file__, "--worker", job], capture_output=True, text=True)
+                if done.returncode != 0:
+                    sys.exit(f"{competitor} on {name} failed:\n{done.stderr[-3000:]}")
+                rounds[competitor].append(json.loads(done.stdout.strip().splitlines()[-1]))
         for competitor in args.competitors:
-            print(f"[{name}] {competitor} ...", file=sys.stderr, flush=True)
-            job = json.dumps({"competitor": competitor, "folder": str(folders[competitor]), "threads": args.threads,
-                              "cases": cases, "runs": args.runs})
-            done = subprocess.run([sys.executable, __file__, "--worker", job], capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(f"{competitor} on {name} failed:\n{done.stderr[-3000:]}")
-            measured = json.loads(done.stdout.strip().splitlines()[-1])
-            for c in measured["cases"]:
-                c["key"] = f"b{c['batch']} p{c['prompt']} {c['strategy']}"
+            measured = aggregate(competitor, cases, rounds[competitor])
             folder = folders[competitor]
             measured["weights_mb"] = (sum(p.stat().st_size for p in folder.glob("model.safetensors")) if competitor == "pytorch"
                                       else weight_bytes(folder)) / 1e6
