@@ -61,6 +61,7 @@ def beam_search(runtime: Runtime, prompts: list[list[int]], opts: GenerationOpti
     finished_lens = np.zeros((b, k), dtype=np.int64)
     top_k_mask = np.arange(keep) < k
     cache = runtime.empty_cache(b * k)
+    reorder_buffers: list[np.ndarray] = []
     cur = prompt_len
     while True:
         out, cache = runtime.forward(ids, mask, positions, cache)
@@ -106,7 +107,7 @@ def beam_search(runtime: Runtime, prompts: list[list[int]], opts: GenerationOpti
         if not improvable.any() or (is_finished.all() and opts.early_stopping is True) or ends.all():
             break
 
-        cache = runtime.reorder(cache, beam_rows)
+        cache = runtime.reorder(cache, beam_rows, reorder_buffers)
         ids = running[:, :, cur - 1].reshape(-1, 1)
         mask = np.concatenate([mask, np.ones((b * k, 1), dtype=np.int64)], axis=1)
         positions = positions[:, -1:] + 1

@@ -87,7 +87,6 @@ def add_logits_to_keep(model: onnx.ModelProto) -> None:
     logits.type.tensor_type.shape.dim[1].dim_param = "logits_length"
 
 
-
 def _consumers(g: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
     return [node for node in g.node if name in node.input]
 
@@ -149,14 +148,13 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
 
 
 def _remove_dead_nodes(g: onnx.GraphProto) -> None:
-    """Drop the nodes whose outputs nothing reads, and the initializers no node reads."""
-    needed = {o.name for o in g.output}
-    keep = []
-    for node in reversed(list(g.node)):  # the graph is topologically sorted: readers come after writers
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-    del g.node[:]
-    g.node.extend(reversed(keep))
-    for t in [t for t in g.initializer if t.name not in needed]:
+    """Drop the nodes whose outputs nothing reads (until none is left), then the unread initializers."""
+    while True:
+        read = {name for node in g.node for name in node.input} | {o.name for o in g.output}
+        live = [node for node in g.node if any(o in read for o in node.output)]
+        if len(live) == len(g.node):
+            break
+        del g.node[:]
+        g.node.extend(live)
+    for t in [t for t in g.initializer if t.name not in read]:
         g.initializer.remove(t)
