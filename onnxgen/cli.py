@@ -163,6 +163,7 @@ def generate(
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
+            sys.stdout.flush()  # before --stats writes to stderr, or a terminal shows them on one line
         else:
             completions = m.generate(prompt, opts)
             for i, c in enumerate(completions):
