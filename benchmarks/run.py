@@ -105,6 +105,8 @@ def worker(competitor: str, folder: str, threads: int, cases: list[dict[str, Any
 
 def aggregate(competitor: str, cases: list[dict[str, Any]], rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians (min-max) over the rounds of one competitor."""
+    from onnxgen.bench import spread
+
     results = []
     for i, case in enumerate(cases):
         first = [r["timings"][i]["first_s"] for r in rounds]
@@ -113,10 +115,6 @@ def aggregate(competitor: str, cases: list[dict[str, Any]], rounds: list[dict[st
                         "ttft_ms": spread([x * 1000 for x in first]), "decode_tps": spread(tps)})
     return {"competitor": competitor, "load_s": statistics.median(r["load_s"] for r in rounds),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds), "cases": results}
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 # -- preparation ----------------------------------------------------------------------------------------
