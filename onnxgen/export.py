@@ -188,6 +188,7 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
                 tied = graph.untie_lm_head(onnx_model)
                 gemms = graph.gemm_to_matmul(onnx_model)
                 attention = graph.fuse_attention(onnx_model, cfg.n_head) if options.optimize else 0
+                biases = graph.fold_attention_biases(onnx_model) if attention else 0
                 graph.add_logits_to_keep(onnx_model)
                 opset = next(o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx"))
                 save_model(onnx_model, work, options.external_data_threshold)
@@ -204,7 +205,7 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
                     "dtype": "float32",
                     "quantization": None,
                     "graph": {"optimized": options.optimize, "tied_head_deduplicated": tied, "gemm_rewritten": gemms,
-                              "attention_fused": attention,
+                              "attention_fused": attention, "attention_biases_folded": biases,
                               "external_data": (work / DATA_FILE).exists()},
                     "dims": {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
                              "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions},

@@ -30,7 +30,16 @@ def make_checkpoint(folder: Path, n_layer: int = 2, n_embd: int = 64, n_head: in
     # near-ties that float rounding could flip (the default 0.02 makes every logit almost equal).
     config = GPT2Config(vocab_size=vocab_size or tok.get_vocab_size(), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                         n_head=n_head, bos_token_id=eos, eos_token_id=eos, initializer_range=initializer_range)
-    GPT2LMHeadModel(config).save_pretrained(folder)
+    model = GPT2LMHeadModel(config)
+    # GPT-2's initializer zeroes every bias and sets LayerNorm to identity; give them values too, or a
+    # graph edit that drops or misplaces a bias would still match PyTorch.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+            elif ".ln_" in name:
+                p.normal_(1.0, 0.1)
+    model.save_pretrained(folder)
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS).save_pretrained(folder)
     GenerationConfig(bos_token_id=eos, eos_token_id=eos).save_pretrained(folder)
     return folder

@@ -36,7 +36,7 @@ def test_manifest_describes_the_folder(exported: Path, checkpoint: Path) -> None
     assert m["validation"]["passed"] and m["validation"]["max_abs_diff_prompt"] <= 1e-4
     assert {"torch", "transformers", "onnxruntime", "onnx"} <= set(m["versions"])
     assert m["graph"]["tied_head_deduplicated"] is True
-    assert m["graph"]["attention_fused"] == 2
+    assert m["graph"]["attention_fused"] == 2 and m["graph"]["attention_biases_folded"] == 2
 
 
 def test_attention_is_one_node_per_layer(exported: Path) -> None:
@@ -48,7 +48,12 @@ def test_attention_is_one_node_per_layer(exported: Path) -> None:
     # The step no longer transposes the key cache, nor builds a 4-D causal mask.
     assert not any(n.op_type == "Transpose" and n.input[0].startswith("present.") for n in model.graph.node)
     assert "Expand" not in ops and "IsNaN" not in ops
+    # A layer is nine kernels: MatMul, Split, attention (with c_attn's bias), MatMul, SkipLayerNorm (with
+    # c_proj's bias), MatMul, FastGelu, MatMul, SkipLayerNorm; none of the Conv1D reshapes is left.
+    assert ops.count("MatMul") == 4 * 2 + 1 and "Reshape" not in ops and "Shape" not in ops
+    assert all(len(n.input) == 5 and n.input[4] for n in model.graph.node if n.op_type == "SkipLayerNormalization")
     assert graph_mod.fuse_attention(model, 4) == 0  # a graph it does not recognise is left as it is
+    assert graph_mod.fold_attention_biases(model) == 0
     assert [n.op_type for n in model.graph.node] == ops
 
 
