@@ -11,8 +11,8 @@ run (a shared host's does) slows all competitors alike instead of whichever ran 
   the same method for every competitor, so no one is timed by its own clock;
 - peak RSS of the subprocess (the highest round), model load time;
 - medians with min and max over the rounds, each after a short warm-up.
-The machine's memory bandwidth is measured in the same run and turned into each model's decode bound
-(weight bytes read per token / bandwidth). Results: benchmarks/results/latest.{json,md,png}.
+The machine's memory bandwidth is measured before every round and its median turned into each model's
+decode bound (weight bytes read per token / bandwidth). Results: benchmarks/results/latest.{json,md,png}.
 Run it on a quiet machine: any background job halves the figures (the ratios hold up better).
 """
 
@@ -179,10 +179,11 @@ def environment(threads: int) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
-    lines = [f"CPU: {env['cpu']}, {env['cores']} cores, {env['threads']} threads; memory bandwidth {result['bandwidth_gbs']:.1f} GB/s "
-             f"(copy, measured in the run). Medians of {result['runs']} interleaved rounds (min-max).", ""]
+    lines = [f"CPU: {env['cpu']}, {env['cores']} cores, {env['threads']} threads. Medians of {result['runs']} interleaved rounds (min-max); "
+             "memory bandwidth (copy) measured before each round.", ""]
     for model in result["models"]:
-        lines += [f"### {model['name']}", "",
+        bw = model["bandwidth_gbs"]
+        lines += [f"### {model['name']}", "", f"Bandwidth {bw['median']:.1f} GB/s ({bw['min']:.1f}-{bw['max']:.1f}).", "",
                   "| competitor | weights MB | load s | peak RSS MB | case | decode tok/s | x PyTorch | first token ms | fraction of bound |",
                   "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
         base = {c["key"]: c["decode_tps"]["median"] for c in model["competitors"][0]["cases"]}  # the first competitor: PyTorch
@@ -244,13 +245,13 @@ def main() -> None:
         return
 
     from make_models import make
+    from onnxgen.bench import spread
 
     targets = [(name, args.work.parent / "models" / name) for name in args.models]
     for spec in args.checkpoint:
         name, _, path = spec.rpartition("=")
         targets.append((name or Path(path).name, Path(path)))
-    result: dict[str, Any] = {"environment": environment(args.threads), "runs": args.runs, "bandwidth_gbs": bandwidth_gbs(args.threads),
-                              "models": []}
+    result: dict[str, Any] = {"environment": environment(args.threads), "runs": args.runs, "models": []}
     for name, checkpoint in targets:
         if not (checkpoint / "config.json").exists():
             make(name, checkpoint.parent)
@@ -260,7 +261,9 @@ def main() -> None:
         cases = cases_for(big, args.new_tokens, config["n_positions"])
         entry: dict[str, Any] = {"name": name, "config": {k: config[k] for k in ("n_layer", "n_embd", "n_head", "vocab_size")}, "competitors": []}
         rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in args.competitors}
+        bandwidths = []
         for round_ in range(1, args.runs + 1):
+            bandwidths.append(bandwidth_gbs(args.threads))  # it drifts on a shared host: sample it with the rounds
             for competitor in args.competitors:
                 print(f"[{name}] round {round_}/{args.runs}: {competitor} ...", file=sys.stderr, flush=True)
                 job = json.dumps({"competitor": competitor, "folder": str(folders[competitor]), "threads": args.threads, "cases": cases})
@@ -268,12 +271,13 @@ def main() -> None:
                 if done.returncode != 0:
                     sys.exit(f"{competitor} on {name} failed:\n{done.stderr[-3000:]}")
                 rounds[competitor].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        entry["bandwidth_gbs"] = spread(bandwidths)
         for competitor in args.competitors:
             measured = aggregate(competitor, cases, rounds[competitor])
             folder = folders[competitor]
             measured["weights_mb"] = (sum(p.stat().st_size for p in folder.glob("model.safetensors")) if competitor == "pytorch"
                                       else weight_bytes(folder)) / 1e6
-            measured["bound_tps"] = result["bandwidth_gbs"] * 1e9 / (measured["weights_mb"] * 1e6)
+            measured["bound_tps"] = entry["bandwidth_gbs"]["median"] * 1e9 / (measured["weights_mb"] * 1e6)
             entry["competitors"].append(measured)
         result["models"].append(entry)
     result["import_s"] = {"import onnxgen": import_seconds("import onnxgen"),
