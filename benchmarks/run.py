@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -51,56 +52,98 @@ def cases_for(big: bool, new_tokens: int, context: int) -> list[dict[str, Any]]:
 
 # -- one competitor, in its own process ---------------------------------------------------------------
 
-def worker(competitor: str, folder: str, threads: int, cases: list[dict[str, Any]]) -> dict[str, Any]:
-    """One round: load, then each case once after a warm-up. Returns raw seconds; main() aggregates."""
-    from onnxgen.bench import peak_rss_mb
-
-    start = time.perf_counter()
+def load(competitor: str, folder: str, threads: int) -> tuple[Callable[[list[list[int]], int, str], None], int]:
+    """Load one competitor; returns its generate(ids, new_tokens, strategy) and its vocabulary size."""
     if competitor.startswith("onnxgen"):
         import onnxgen
 
         model = onnxgen.load(folder, threads=threads)
-        vocab = model.dims["vocab_size"]
 
         def generate(ids: list[list[int]], new: int, strategy: str) -> None:
             model.generate(ids, max_new_tokens=new, eos_token_id=None, seed=0, **STRATEGY[strategy])
+        return generate, model.dims["vocab_size"]
+    import torch
+
+    if competitor == "pytorch":
+        from transformers import GPT2LMHeadModel
+
+        torch.set_num_threads(threads)
+        hf = GPT2LMHeadModel.from_pretrained(folder).eval()
     else:
-        import torch
+        import onnxruntime as ort
+        from optimum.onnxruntime import ORTModelForCausalLM
 
-        if competitor == "pytorch":
-            from transformers import GPT2LMHeadModel
+        torch.set_num_threads(1)  # its OpenMP threads would fight onnxruntime's for the cores
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        hf = ORTModelForCausalLM.from_pretrained(folder, session_options=options, use_io_binding=False)
 
-            torch.set_num_threads(threads)
-            model = GPT2LMHeadModel.from_pretrained(folder).eval()
-        else:
-            import onnxruntime as ort
-            from optimum.onnxruntime import ORTModelForCausalLM
+    def hf_generate(ids: list[list[int]], new: int, strategy: str) -> None:
+        with torch.no_grad():
+            t = torch.tensor(ids)
+            hf.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=new, min_new_tokens=new,
+                        pad_token_id=hf.config.eos_token_id, **STRATEGY[strategy])
+    return hf_generate, hf.config.vocab_size
 
-            torch.set_num_threads(1)  # its OpenMP threads would fight onnxruntime's for the cores
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            model = ORTModelForCausalLM.from_pretrained(folder, session_options=options, use_io_binding=False)
-        vocab = model.config.vocab_size
-        eos = model.config.eos_token_id
 
-        def generate(ids: list[list[int]], new: int, strategy: str) -> None:
-            with torch.no_grad():
-                t = torch.tensor(ids)
-                model.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=new, min_new_tokens=new,
-                               pad_token_id=eos, **STRATEGY[strategy])
+def time_case(generate: Callable[[list[list[int]], int, str], None], vocab: int, case: dict[str, Any]) -> dict[str, float]:
+    """A warm-up, then a generate() of one new token (time to first token) and one of case["new"]."""
+    ids = np.random.default_rng(0).integers(0, vocab, size=(case["batch"], case["prompt"])).tolist()
+    generate(ids, 4, case["strategy"])
+    t0 = time.perf_counter()
+    generate(ids, 1, case["strategy"])
+    t1 = time.perf_counter()
+    generate(ids, case["new"], case["strategy"])
+    return {"first_s": t1 - t0, "full_s": time.perf_counter() - t1}
+
+
+def decode_tps(case: dict[str, Any], timing: dict[str, float]) -> float:
+    return case["batch"] * (case["new"] - 1) / max(1e-9, timing["full_s"] - timing["first_s"])
+
+
+def worker(competitor: str, folder: str, threads: int, cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """One round: load, then each case once. Returns raw seconds; main() aggregates."""
+    from onnxgen.bench import peak_rss_mb
+
+    start = time.perf_counter()
+    generate, vocab = load(competitor, folder, threads)
     load_s = time.perf_counter() - start
-
-    rng = np.random.default_rng(0)
-    timings = []
-    for case in cases:
-        ids = rng.integers(0, vocab, size=(case["batch"], case["prompt"])).tolist()
-        generate(ids, 4, case["strategy"])  # warm-up
-        t0 = time.perf_counter()
-        generate(ids, 1, case["strategy"])
-        t1 = time.perf_counter()
-        generate(ids, case["new"], case["strategy"])
-        timings.append({"first_s": t1 - t0, "full_s": time.perf_counter() - t1})
+    timings = [time_case(generate, vocab, case) for case in cases]
     return {"load_s": load_s, "peak_rss_mb": peak_rss_mb(), "timings": timings}
+
+
+def serve(competitor: str, folder: str, threads: int) -> None:
+    """Paired mode's side: load once, then time each case that arrives on stdin (a JSON line)."""
+    generate, vocab = load(competitor, folder, threads)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(json.dumps(time_case(generate, vocab, json.loads(line))), flush=True)
+
+
+def paired(a: str, b: str, folders: dict[str, Path], threads: int, case: dict[str, Any], reps: int) -> dict[str, Any]:
+    """Two competitors loaded side by side, timed in turns (who goes first alternates): each rep gives a
+    ratio of two runs seconds apart, which a drifting memory bandwidth moves far less than a median of
+    runs minutes apart."""
+    from onnxgen.bench import spread
+
+    sides = {}
+    for name in (a, b):
+        job = json.dumps({"competitor": name, "folder": str(folders[name]), "threads": threads})
+        sides[name] = subprocess.Popen([sys.executable, __file__, "--serve", job], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if sides[name].stdout.readline().strip() != "ready":
+            sys.exit(f"{name} failed to load")
+    tps: dict[str, list[float]] = {a: [], b: []}
+    for rep in range(reps):
+        for name in (a, b) if rep % 2 == 0 else (b, a):
+            time.sleep(0.5)  # the other side's idle threads stop spinning
+            sides[name].stdin.write(json.dumps(case) + "\n")
+            sides[name].stdin.flush()
+            tps[name].append(decode_tps(case, json.loads(sides[name].stdout.readline())))
+    for side in sides.values():
+        side.stdin.close()
+        side.wait()
+    return {"a": a, "b": b, "case": case, "decode_tps": {name: spread(v) for name, v in tps.items()},
+            "ratio": spread([y / x for x, y in zip(tps[a], tps[b])])}
 
 
 def aggregate(competitor: str, cases: list[dict[str, Any]], rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -110,7 +153,7 @@ def aggregate(competitor: str, cases: list[dict[str, Any]], rounds: list[dict[st
     results = []
     for i, case in enumerate(cases):
         first = [r["timings"][i]["first_s"] for r in rounds]
-        tps = [case["batch"] * (case["new"] - 1) / max(1e-9, r["timings"][i]["full_s"] - r["timings"][i]["first_s"]) for r in rounds]
+        tps = [decode_tps(case, r["timings"][i]) for r in rounds]
         results.append({**case, "key": f"b{case['batch']} p{case['prompt']} {case['strategy']}",
                         "ttft_ms": spread([x * 1000 for x in first]), "decode_tps": spread(tps)})
     return {"competitor": competitor, "load_s": statistics.median(r["load_s"] for r in rounds),
@@ -177,6 +220,19 @@ def environment(threads: int) -> dict[str, Any]:
 
 # -- report ---------------------------------------------------------------------------------------------
 
+def pair_markdown(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    lines = [f"CPU: {env['cpu']}, {env['cores']} cores, {env['threads']} threads. Batch 1, 32-token prompt, greedy, "
+             f"{result['runs']} turns each, taken in alternation; medians (min-max).", "",
+             "| model | bandwidth GB/s | A | A decode tok/s | B | B decode tok/s | B / A, turn by turn |",
+             "| --- | ---: | --- | ---: | --- | ---: | ---: |"]
+    for p in result["pairs"]:
+        a, b, r = p["decode_tps"][p["a"]], p["decode_tps"][p["b"]], p["ratio"]
+        lines.append(f"| {p['name']} | {p['bandwidth_gbs']:.1f} | {p['a']} | {a['median']:.1f} ({a['min']:.1f}-{a['max']:.1f}) | "
+                     f"{p['b']} | {b['median']:.1f} ({b['min']:.1f}-{b['max']:.1f}) | {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}) |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
     lines = [f"CPU: {env['cpu']}, {env['cores']} cores, {env['threads']} threads. Medians of {result['runs']} interleaved rounds (min-max); "
@@ -237,11 +293,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--work", type=Path, default=HERE / "exports")
     ap.add_argument("--fresh", action="store_true", help="remake onnxgen's folders (after a change to export or quantize)")
+    ap.add_argument("--pair", nargs=2, choices=COMPETITORS, metavar="COMPETITOR",
+                    help="instead of the full table: these two side by side, batch 1, 32-token prompt, greedy, --runs turns each")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: JSON job description
+    ap.add_argument("--serve", help=argparse.SUPPRESS)  # internal: JSON job description (paired mode)
     args = ap.parse_args()
     if args.worker:
         job = json.loads(args.worker)
         print(json.dumps(worker(job["competitor"], job["folder"], job["threads"], job["cases"])))
+        return
+    if args.serve:
+        job = json.loads(args.serve)
+        serve(job["competitor"], job["folder"], job["threads"])
         return
 
     from make_models import make
@@ -252,6 +315,22 @@ def main() -> None:
         name, _, path = spec.rpartition("=")
         targets.append((name or Path(path).name, Path(path)))
     result: dict[str, Any] = {"environment": environment(args.threads), "runs": args.runs, "models": []}
+    if args.pair:
+        pairs = []
+        for name, checkpoint in targets:
+            if not (checkpoint / "config.json").exists():
+                make(name, checkpoint.parent)
+            folders = prepare(checkpoint, args.work / name, args.pair, args.fresh)
+            case = {"batch": 1, "prompt": 32, "new": args.new_tokens, "strategy": "greedy"}
+            print(f"[{name}] {args.pair[0]} and {args.pair[1]}, {args.runs} turns each ...", file=sys.stderr, flush=True)
+            pairs.append({"name": name, "bandwidth_gbs": bandwidth_gbs(args.threads), **paired(*args.pair, folders, args.threads, case, args.runs)})
+        result["pairs"] = pairs
+        stem = f"pair-{args.pair[0]}-{args.pair[1]}"
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+        (args.out / f"{stem}.md").write_text(pair_markdown(result))
+        print(pair_markdown(result))
+        return
     for name, checkpoint in targets:
         if not (checkpoint / "config.json").exists():
             make(name, checkpoint.parent)

@@ -21,13 +21,24 @@ def _windows(model: Model, max_tokens: int) -> list[np.ndarray]:
     return [np.asarray([ids[i : i + width]], dtype=np.int64) for i in range(0, len(ids) - 1, width) if len(ids[i : i + width]) > 1]
 
 
+def _outputs(folder: Path, provider: Provider, max_tokens: int, greedy_tokens: int) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+    """One model's evaluation windows, its logits on them and its greedy continuation of the first
+    window's start. The models run one after the other: two gpt2-large sessions at once would add up."""
+    model = Model(folder, provider)
+    windows = _windows(model, max_tokens)
+    logits = [model.runtime.all_logits(window)[0, :-1] for window in windows]
+    prompt = windows[0][0, :32].tolist()
+    new = min(greedy_tokens, model.context_length - len(prompt))
+    greedy = model.generate(prompt, max_new_tokens=new, do_sample=False, num_beams=1, repetition_penalty=1.0, min_new_tokens=0, eos_token_id=None)
+    return windows, logits, greedy[0].token_ids
+
+
 def compare(reference: Path, candidate: Path, provider: Provider = "cpu", max_tokens: int = 1024, greedy_tokens: int = 48) -> dict[str, Any]:
-    ref, cand = Model(reference, provider), Model(candidate, provider)
+    windows, ref_logits, ga = _outputs(reference, provider, max_tokens, greedy_tokens)
+    _, cand_logits, gb = _outputs(candidate, provider, max_tokens, greedy_tokens)
     nll = {"fp32": [], "quantized": []}  # type: dict[str, list[np.ndarray]]
     agree, max_diff, diff_sum, count = 0, 0.0, 0.0, 0
-    windows = _windows(ref, max_tokens)
-    for window in windows:
-        a, b = ref.runtime.all_logits(window)[0, :-1], cand.runtime.all_logits(window)[0, :-1]
+    for window, a, b in zip(windows, ref_logits, cand_logits):
         targets = window[0, 1:]
         for name, scores in (("fp32", a), ("quantized", b)):
             nll[name].append(-log_softmax(scores.astype(np.float64))[np.arange(len(targets)), targets])
@@ -35,10 +46,6 @@ def compare(reference: Path, candidate: Path, provider: Provider = "cpu", max_to
         diff = np.abs(a - b)
         max_diff, diff_sum, count = max(max_diff, float(diff.max())), diff_sum + float(diff.sum()), count + diff.size
     positions = sum(len(x) for x in nll["fp32"])
-    prompt = windows[0][0, :32].tolist()
-    new = min(greedy_tokens, ref.context_length - len(prompt))
-    ga = ref.generate(prompt, max_new_tokens=new, do_sample=False, num_beams=1, repetition_penalty=1.0, min_new_tokens=0, eos_token_id=None)[0].token_ids
-    gb = cand.generate(prompt, max_new_tokens=new, do_sample=False, num_beams=1, repetition_penalty=1.0, min_new_tokens=0, eos_token_id=None)[0].token_ids
     same = next((i for i, (x, y) in enumerate(zip(ga, gb)) if x != y), len(ga))
     return {
         "eval_text": EVAL_TEXT.name,

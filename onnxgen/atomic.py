@@ -31,18 +31,46 @@ def check_disk(out: Path, needed_bytes: int) -> None:
         raise OnnxgenError(f"not enough disk for {out}: need about {needed_bytes / 1e9:.1f} GB, {free / 1e9:.1f} GB free")
 
 
+def scratch_prefix(out: Path, kind: str) -> str:
+    """Name prefix for a hidden folder beside `out` that this process owns (see `building`)."""
+    return f".{out.name}.{kind}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the hidden folders that a killed build for `out` left behind (SIGKILL or a power cut skip
+    every cleanup): they carry the builder's process id, and that process is gone."""
+    prefix = f".{out.name}."
+    for path in out.parent.iterdir():
+        if not path.name.startswith(prefix):
+            continue
+        kind, _, rest = path.name[len(prefix):].partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("partial", "old", "raw", "prep") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @contextmanager
 def building(out: Path, force: bool) -> Iterator[Path]:
     """Yield a hidden work folder; on success it replaces `out`, on any error or Ctrl-C it is removed."""
     check_destination(out, force)
     out = out.resolve()
-    work = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
+    _remove_stale(out)
+    work = out.parent / f"{scratch_prefix(out, 'partial')}work"
     work.mkdir()
     try:
         yield work
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = out.parent / f"{scratch_prefix(out, 'old')}replaced"
             out.rename(old)
             work.rename(out)
             shutil.rmtree(old)

@@ -167,7 +167,7 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
         cfg = model.config
         n_params = sum(p.numel() for p in model.parameters())
         atomic.check_disk(out, n_params * 4 * 3)  # optimum's raw export, the final folder, slack
-        with atomic.building(out, options.force) as work, tempfile.TemporaryDirectory(dir=work.parent, prefix=f".{out.name}.raw-") as raw:
+        with atomic.building(out, options.force) as work, tempfile.TemporaryDirectory(dir=work.parent, prefix=atomic.scratch_prefix(out, "raw")) as raw:
             with progress.step("Exporting with optimum (text-generation-with-past)"):
                 from optimum.exporters.onnx import onnx_export_from_model
 

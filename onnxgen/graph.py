@@ -121,8 +121,8 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
     """Replace each layer's attention subgraph with one com.microsoft MultiHeadAttention node.
 
     optimum's graph spells attention out in about 40 nodes a layer, one of which transposes the whole
-    key cache at every step; MultiHeadAttention reads the cache in place and applies the causal mask
-    and the padding mask itself. Its inputs are the three slices of c_attn's output, the attention
+    key cache at every step; MultiHeadAttention takes the cache as it is (it still copies past and the
+    new position into present: see export/README.md) and applies the causal and padding masks itself. Its inputs are the three slices of c_attn's output, the attention
     mask (as an int32 key padding mask) and the past; its outputs keep the names the graph used.
     Nodes left without consumers are removed. All layers or none: returns how many were fused.
     """

@@ -14,6 +14,7 @@ the weight MatMuls there were: a mode that did not take is an error, never a sil
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -90,6 +91,7 @@ def _int4(model: Any, options: QuantizeOptions) -> Any:
 
 def _fp16(model: Any) -> Any:
     from onnx import numpy_helper
+    from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     # torch's exporter shares equal constants between layers (a LayerNorm bias and a projection bias
@@ -103,11 +105,35 @@ def _fp16(model: Any) -> Any:
                     copy = numpy_helper.from_array(numpy_helper.to_array(inits[name]), f"{name}/fp32_{n}_{i}")
                     g.initializer.append(copy)
                     node.input[i] = copy.name
-    # Symbolic shape inference knows onnxruntime's fused ops and has no 2 GB limit; the converter
-    # needs its types to put Casts around the ops that stay fp32.
-    wrapped = OnnxModel(model)
-    wrapped.convert_float_to_float16(use_symbolic_shape_infer=True, keep_io_types=True, op_block_list=KEEP_FP32)
+    _add_element_types(model)
+    fp16 = convert_float_to_float16(model, disable_shape_infer=True, keep_io_types=True, op_block_list=KEEP_FP32)
+    wrapped = OnnxModel(fp16)  # the clean-up onnxruntime's own OnnxModel.convert_float_to_float16 does
+    wrapped.remove_cascaded_cast_nodes()
+    wrapped.remove_useless_cast_nodes()
     return wrapped.model
+
+
+def _add_element_types(model: Any) -> None:
+    """Record every tensor's element type in the graph: the fp16 converter needs them to put Casts around
+    the ops that stay fp32. Symbolic shape inference finds them (it knows onnxruntime's fused ops and
+    has no 2 GB limit) but copies the model it is given, weights and all: gpt2-large's fp16 peaked at
+    18.7 GB that way. It runs here on a copy whose large initializers carry their shape and no data."""
+    from onnx import TensorProto, ValueInfoProto, helper
+    from onnxruntime.transformers.shape_infer_helper import SymbolicShapeInferenceHelper
+
+    g = model.graph
+    stubs = [t if math.prod(t.dims) < (1 << 16) else TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+             for t in g.initializer]
+    light = helper.make_model(helper.make_graph(g.node, g.name, g.input, g.output, stubs, value_info=g.value_info),
+                              opset_imports=model.opset_import, ir_version=model.ir_version)
+    inferred = SymbolicShapeInferenceHelper(light).infer_shapes(light, auto_merge=True, guess_output_rank=False)
+    known = {vi.name for vi in g.value_info}
+    for vi in inferred.graph.value_info:
+        if vi.name and vi.name not in known and vi.type.tensor_type.elem_type != TensorProto.UNDEFINED:
+            typed = ValueInfoProto()
+            typed.CopyFrom(vi)
+            typed.type.tensor_type.ClearField("shape")  # types only: auto_merge can get shapes wrong
+            g.value_info.append(typed)
 
 
 @contextmanager
@@ -143,7 +169,7 @@ def quantize(source: Path, out: Path, options: QuantizeOptions | None = None, qu
     large = size > (1 << 30)
     with steps(4, quiet=quiet) as progress, atomic.building(out, options.force) as work:
         with progress.step(f"Quantizing to {options.mode}"), _quiet_quantizers(), \
-                tempfile.TemporaryDirectory(dir=work.parent, prefix=f".{out.name}.prep-") as tmp:
+                tempfile.TemporaryDirectory(dir=work.parent, prefix=atomic.scratch_prefix(out, "prep")) as tmp:
             model = onnx.load(str(source / MODEL_FILE))
             if options.mode != "fp16":  # fp16 keeps the tied head: Transpose of an fp16 embedding
                 _materialize_head(model)

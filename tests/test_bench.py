@@ -33,8 +33,9 @@ def test_suite_harness_writes_json_markdown_and_chart(checkpoint: Path, tmp_path
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT / "benchmarks")
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads((tmp_path / "results" / "latest.json").read_text())
-    assert result["bandwidth_gbs"] > 0 and result["environment"]["threads"] == 1
+    assert result["environment"]["threads"] == 1
     (model,) = result["models"]
+    assert 0 < model["bandwidth_gbs"]["min"] <= model["bandwidth_gbs"]["median"] <= model["bandwidth_gbs"]["max"]
     assert [c["competitor"] for c in model["competitors"]] == ["pytorch", "onnxgen-fp32", "onnxgen-int8"]
     for comp in model["competitors"]:
         assert {c["key"] for c in comp["cases"]} >= {"b1 p32 greedy", "b1 p32 sample", "b1 p32 beam"}
@@ -42,3 +43,16 @@ def test_suite_harness_writes_json_markdown_and_chart(checkpoint: Path, tmp_path
         assert comp["peak_rss_mb"] > 0
     assert "| onnxgen-int8 |" in (tmp_path / "results" / "latest.md").read_text()
     assert (tmp_path / "results" / "latest.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_suite_harness_pairs_two_competitors(checkpoint: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--models", "--checkpoint", str(checkpoint),
+           "--pair", "pytorch", "onnxgen-fp32", "--threads", "1", "--runs", "2", "--new-tokens", "4",
+           "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work")]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT / "benchmarks")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (pair,) = json.loads((tmp_path / "results" / "pair-pytorch-onnxgen-fp32.json").read_text())["pairs"]
+    a, b = pair["decode_tps"]["pytorch"], pair["decode_tps"]["onnxgen-fp32"]
+    assert 0 < a["min"] <= a["max"] and 0 < b["min"] <= b["max"]
+    assert b["min"] / a["max"] <= pair["ratio"]["min"] <= pair["ratio"]["max"] <= b["max"] / a["min"]
+    assert "| onnxgen-fp32 |" in (tmp_path / "results" / "pair-pytorch-onnxgen-fp32.md").read_text()

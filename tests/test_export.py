@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +162,20 @@ def test_cli_json_prints_the_manifest(checkpoint: Path, tmp_path: Path) -> None:
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == json.loads((tmp_path / "x" / "onnxgen.json").read_text())
+
+
+def test_a_killed_build_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
+    from onnxgen import atomic
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # its id now names no process, as a SIGKILLed export's would
+    dead, alive = finished.pid, os.getppid()
+    left = [f".out.partial-{dead}-work", f".out.partial-{dead}", f".out.raw-{dead}-x1y2", f".out.old-{dead}-replaced"]
+    kept = [f".out.partial-{alive}-work", f".other.partial-{dead}-work", ".out.notes"]
+    for name in left + kept:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.onnx").write_text("half")
+    with atomic.building(tmp_path / "out", force=False) as work:
+        (work / "model.onnx").write_text("whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *kept])  # a running build's folder stays
+    assert (tmp_path / "out" / "model.onnx").read_text() == "whole"
