@@ -48,14 +48,15 @@ def _alive(pid: int) -> bool:
 
 def _remove_stale(out: Path) -> None:
     """Remove the hidden folders that a killed build for `out` left behind (SIGKILL or a power cut skip
-    every cleanup): they carry the builder's process id, and that process is gone."""
+    every cleanup): they carry the builder's process id, and that process is gone. A stale `.old-`
+    folder stays: killed between its two renames, it is the only complete copy."""
     prefix = f".{out.name}."
     for path in out.parent.iterdir():
         if not path.name.startswith(prefix):
             continue
         kind, _, rest = path.name[len(prefix):].partition("-")
         pid = rest.split("-")[0]
-        if kind in ("partial", "old", "raw", "prep") and pid.isdigit() and not _alive(int(pid)):
+        if kind in ("partial", "raw", "prep") and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
 

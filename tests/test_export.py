@@ -170,8 +170,8 @@ def test_a_killed_build_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()  # its id now names no process, as a SIGKILLed export's would
     dead, alive = finished.pid, os.getppid()
-    left = [f".out.partial-{dead}-work", f".out.partial-{dead}", f".out.raw-{dead}-x1y2", f".out.old-{dead}-replaced"]
-    kept = [f".out.partial-{alive}-work", f".other.partial-{dead}-work", ".out.notes"]
+    left = [f".out.partial-{dead}-work", f".out.partial-{dead}", f".out.raw-{dead}-x1y2", f".out.prep-{dead}-x3y4"]
+    kept = [f".out.partial-{alive}-work", f".other.partial-{dead}-work", ".out.notes", f".out.old-{dead}-replaced"]
     for name in left + kept:
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.onnx").write_text("half")
