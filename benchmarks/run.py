@@ -43,8 +43,8 @@ STRATEGY = {
 }
 
 
-def cases_for(big: bool, new_tokens: int, context: int) -> list[dict[str, Any]]:
-    grid = [(1, 32), (1, 512), (8, 32)] + ([] if big else [(8, 512)])  # batch 8 x 512 on gpt2-large takes minutes per competitor
+def cases_for(new_tokens: int, context: int) -> list[dict[str, Any]]:
+    grid = [(1, 32), (1, 512), (8, 32), (8, 512)]
     cases = [{"batch": b, "prompt": p, "new": new_tokens, "strategy": "greedy"} for b, p in grid]
     cases += [{"batch": 1, "prompt": 32, "new": new_tokens, "strategy": s} for s in ("sample", "beam")]
     return [c for c in cases if c["prompt"] + c["new"] <= context]
@@ -336,8 +336,7 @@ def main() -> None:
             make(name, checkpoint.parent)
         folders = prepare(checkpoint, args.work / name, args.competitors, args.fresh)
         config = json.loads((checkpoint / "config.json").read_text())
-        big = config["n_layer"] * config["n_embd"] ** 2 > 24 * 1024**2 * 12  # larger than gpt2-medium
-        cases = cases_for(big, args.new_tokens, config["n_positions"])
+        cases = cases_for(args.new_tokens, config["n_positions"])
         entry: dict[str, Any] = {"name": name, "config": {k: config[k] for k in ("n_layer", "n_embd", "n_head", "vocab_size")}, "competitors": []}
         rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in args.competitors}
         bandwidths = []
