@@ -36,6 +36,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 COMPETITORS = ["pytorch", "optimum", "onnxgen-fp32", "onnxgen-int8", "onnxgen-int4"]
+VARIANTS = ["fp32", "int8", "int4", "fp16"]  # onnxgen's; fp16 on request (--competitors, --pair)
 STRATEGY = {
     "greedy": {"do_sample": False, "num_beams": 1},
     "sample": {"do_sample": True, "top_k": 50, "top_p": 0.9, "temperature": 0.8},
@@ -164,15 +165,14 @@ def aggregate(competitor: str, cases: list[dict[str, Any]], rounds: list[dict[st
 
 def prepare(checkpoint: Path, work: Path, competitors: list[str], fresh: bool) -> dict[str, Path]:
     """The folders the competitors load, made once and reused (onnxgen's remade with `fresh`)."""
-    folders = {"pytorch": checkpoint, "optimum": work / "optimum", "onnxgen-fp32": work / "fp32",
-               "onnxgen-int8": work / "int8", "onnxgen-int4": work / "int4"}
+    folders = {"pytorch": checkpoint, "optimum": work / "optimum", **{f"onnxgen-{v}": work / v for v in VARIANTS}}
     if fresh:
-        for name in ("onnxgen-fp32", "onnxgen-int8", "onnxgen-int4"):
-            shutil.rmtree(folders[name], ignore_errors=True)
+        for variant in VARIANTS:
+            shutil.rmtree(folders[f"onnxgen-{variant}"], ignore_errors=True)
     onnxgen_cli = [sys.executable, "-m", "onnxgen"]
     if any(c.startswith("onnxgen") for c in competitors) and not (folders["onnxgen-fp32"] / "onnxgen.json").exists():
         subprocess.run(onnxgen_cli + ["export", str(checkpoint), "-o", str(folders["onnxgen-fp32"]), "--force"], check=True)
-    for mode in ("int8", "int4"):
+    for mode in VARIANTS[1:]:
         if f"onnxgen-{mode}" in competitors and not (folders[f"onnxgen-{mode}"] / "onnxgen.json").exists():
             # Random weights make perplexity meaningless, so the accuracy budget is opened here.
             subprocess.run(onnxgen_cli + ["quantize", "--model", str(folders["onnxgen-fp32"]), "-o", str(folders[f"onnxgen-{mode}"]),
@@ -286,14 +286,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=["gpt2", "gpt2-large"], help="shapes from make_models.py")
     ap.add_argument("--checkpoint", action="append", default=[], help="also bench this transformers folder: PATH or NAME=PATH")
-    ap.add_argument("--competitors", nargs="*", default=COMPETITORS, choices=COMPETITORS)
+    ap.add_argument("--competitors", nargs="*", default=COMPETITORS, choices=COMPETITORS + ["onnxgen-fp16"])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--work", type=Path, default=HERE / "exports")
     ap.add_argument("--fresh", action="store_true", help="remake onnxgen's folders (after a change to export or quantize)")
-    ap.add_argument("--pair", nargs=2, choices=COMPETITORS, metavar="COMPETITOR",
+    ap.add_argument("--pair", nargs=2, choices=COMPETITORS + ["onnxgen-fp16"], metavar="COMPETITOR",
                     help="instead of the full table: these two side by side, batch 1, 32-token prompt, greedy, --runs turns each")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: JSON job description
     ap.add_argument("--serve", help=argparse.SUPPRESS)  # internal: JSON job description (paired mode)
