@@ -182,10 +182,9 @@ def quantize(source: Path, out: Path, options: QuantizeOptions | None = None, qu
                 quantized = onnx.load(str(work / MODEL_FILE))
                 (work / MODEL_FILE).unlink(missing_ok=True)
                 (work / DATA_FILE).unlink(missing_ok=True)
-            elif options.mode == "int4":
-                quantized = _int4(model, options)
             else:
-                quantized = _fp16(model)
+                quantized = _int4(model, options) if options.mode == "int4" else _fp16(model)
+                del model  # or the fp32 weights stay in memory through the accuracy check
             done = _quantized_count(quantized, options.mode)
             if done < expected:
                 raise QuantizeError(f"{options.mode} did not take: {done} of {expected} weight matrices quantized")
