@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-COMPETITORS = ["pytorch", "optimum", "onnxgen-fp32", "onnxgen-int8", "onnxgen-int4"]
-VARIANTS = ["fp32", "int8", "int4", "fp16"]  # onnxgen's; fp16 on request (--competitors, --pair)
+VARIANTS = ["fp32", "int8", "int4", "fp16"]  # onnxgen's
+CHOICES = ["pytorch", "optimum", *(f"onnxgen-{v}" for v in VARIANTS)]
+COMPETITORS = [c for c in CHOICES if c != "onnxgen-fp16"]  # the default run; fp16 on request (--competitors, --pair)
 STRATEGY = {
     "greedy": {"do_sample": False, "num_beams": 1},
     "sample": {"do_sample": True, "top_k": 50, "top_p": 0.9, "temperature": 0.8},
@@ -163,8 +164,13 @@ def aggregate(competitor: str, cases: list[dict[str, Any]], rounds: list[dict[st
 
 # -- preparation ----------------------------------------------------------------------------------------
 
-def prepare(checkpoint: Path, work: Path, competitors: list[str], fresh: bool) -> dict[str, Path]:
-    """The folders the competitors load, made once and reused (onnxgen's remade with `fresh`)."""
+def prepare(name: str, checkpoint: Path, work: Path, competitors: list[str], fresh: bool) -> dict[str, Path]:
+    """The folders the competitors load, made once and reused (onnxgen's remade with `fresh`); a missing
+    checkpoint of a known shape is made first (make_models.py)."""
+    if not (checkpoint / "config.json").exists():
+        from make_models import make
+
+        make(name, checkpoint.parent)
     folders = {"pytorch": checkpoint, "optimum": work / "optimum", **{f"onnxgen-{v}": work / v for v in VARIANTS}}
     if fresh:
         for variant in VARIANTS:
@@ -282,18 +288,34 @@ def chart(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def run_pairs(args: argparse.Namespace, targets: list[tuple[str, Path]], result: dict[str, Any]) -> None:
+    """--pair: the two competitors side by side on each model; writes results/pair-A-B.{json,md}."""
+    result["pairs"] = []
+    for name, checkpoint in targets:
+        folders = prepare(name, checkpoint, args.work / name, args.pair, args.fresh)
+        case = {"batch": 1, "prompt": 32, "new": args.new_tokens, "strategy": "greedy"}
+        print(f"[{name}] {args.pair[0]} and {args.pair[1]}, {args.runs} turns each ...", file=sys.stderr, flush=True)
+        result["pairs"].append({"name": name, "bandwidth_gbs": bandwidth_gbs(args.threads),
+                                **paired(*args.pair, folders, args.threads, case, args.runs)})
+    stem = f"pair-{args.pair[0]}-{args.pair[1]}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"{stem}.md").write_text(pair_markdown(result))
+    print(pair_markdown(result))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=["gpt2", "gpt2-large"], help="shapes from make_models.py")
     ap.add_argument("--checkpoint", action="append", default=[], help="also bench this transformers folder: PATH or NAME=PATH")
-    ap.add_argument("--competitors", nargs="*", default=COMPETITORS, choices=COMPETITORS + ["onnxgen-fp16"])
+    ap.add_argument("--competitors", nargs="*", default=COMPETITORS, choices=CHOICES)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--work", type=Path, default=HERE / "exports")
     ap.add_argument("--fresh", action="store_true", help="remake onnxgen's folders (after a change to export or quantize)")
-    ap.add_argument("--pair", nargs=2, choices=COMPETITORS + ["onnxgen-fp16"], metavar="COMPETITOR",
+    ap.add_argument("--pair", nargs=2, choices=CHOICES, metavar="COMPETITOR",
                     help="instead of the full table: these two side by side, batch 1, 32-token prompt, greedy, --runs turns each")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: JSON job description
     ap.add_argument("--serve", help=argparse.SUPPRESS)  # internal: JSON job description (paired mode)
@@ -307,34 +329,19 @@ def main() -> None:
         serve(job["competitor"], job["folder"], job["threads"])
         return
 
-    from make_models import make
     from onnxgen.bench import spread
 
     targets = [(name, args.work.parent / "models" / name) for name in args.models]
     for spec in args.checkpoint:
         name, _, path = spec.rpartition("=")
         targets.append((name or Path(path).name, Path(path)))
-    result: dict[str, Any] = {"environment": environment(args.threads), "runs": args.runs, "models": []}
+    result: dict[str, Any] = {"environment": environment(args.threads), "runs": args.runs}
     if args.pair:
-        pairs = []
-        for name, checkpoint in targets:
-            if not (checkpoint / "config.json").exists():
-                make(name, checkpoint.parent)
-            folders = prepare(checkpoint, args.work / name, args.pair, args.fresh)
-            case = {"batch": 1, "prompt": 32, "new": args.new_tokens, "strategy": "greedy"}
-            print(f"[{name}] {args.pair[0]} and {args.pair[1]}, {args.runs} turns each ...", file=sys.stderr, flush=True)
-            pairs.append({"name": name, "bandwidth_gbs": bandwidth_gbs(args.threads), **paired(*args.pair, folders, args.threads, case, args.runs)})
-        result["pairs"] = pairs
-        stem = f"pair-{args.pair[0]}-{args.pair[1]}"
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-        (args.out / f"{stem}.md").write_text(pair_markdown(result))
-        print(pair_markdown(result))
+        run_pairs(args, targets, result)
         return
+    result["models"] = []
     for name, checkpoint in targets:
-        if not (checkpoint / "config.json").exists():
-            make(name, checkpoint.parent)
-        folders = prepare(checkpoint, args.work / name, args.competitors, args.fresh)
+        folders = prepare(name, checkpoint, args.work / name, args.competitors, args.fresh)
         config = json.loads((checkpoint / "config.json").read_text())
         cases = cases_for(args.new_tokens, config["n_positions"])
         entry: dict[str, Any] = {"name": name, "config": {k: config[k] for k in ("n_layer", "n_embd", "n_head", "vocab_size")}, "competitors": []}

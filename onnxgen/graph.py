@@ -122,8 +122,9 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
 
     optimum's graph spells attention out in about 40 nodes a layer, one of which transposes the whole
     key cache at every step; MultiHeadAttention takes the cache as it is (it still copies past and the
-    new position into present: see export/README.md) and applies the causal and padding masks itself. Its inputs are the three slices of c_attn's output, the attention
-    mask (as an int32 key padding mask) and the past; its outputs keep the names the graph used.
+    new position into present: see export/README.md) and applies the causal and padding masks itself.
+    Its inputs are the three slices of c_attn's output, the attention mask (as an int32 key padding
+    mask) and the past; its outputs keep the names the graph used.
     Nodes left without consumers are removed. All layers or none: returns how many were fused.
     """
     g = model.graph
@@ -162,14 +163,13 @@ def fold_attention_biases(model: onnx.ModelProto) -> int:
     producers = {out: node for node in g.node for out in node.output}
     count = 0
     for attention in [n for n in g.node if n.op_type == "MultiHeadAttention"]:
-        split = producers.get(attention.input[0])
-        add = producers.get(split.input[0]) if split is not None and split.op_type == "Split" else None
-        qkv_bias = next((i for i in add.input if i in inits), None) if add is not None and add.op_type == "Add" else None
+        qkv = _qkv_bias(g, producers, attention, inits)
         projection = _projection(g, attention.output[0], inits)
-        if qkv_bias is None or len(_consumers(g, add.output[0])) != 1 or projection is None or attention.input[3]:
+        if qkv is None or projection is None:
             continue
+        split, product, qkv_bias = qkv
         matmul, bias, norm = projection
-        split.input[0] = next(i for i in add.input if i != qkv_bias)
+        split.input[0] = product
         attention.input[3] = qkv_bias
         matmul.input[0] = attention.output[0]
         norm.input[0] = matmul.output[0]
@@ -178,6 +178,19 @@ def fold_attention_biases(model: onnx.ModelProto) -> int:
         count += 1
     _remove_dead_nodes(g)
     return count
+
+
+def _qkv_bias(g: onnx.GraphProto, producers: dict[str, onnx.NodeProto], attention: onnx.NodeProto,
+              inits: set[str]) -> tuple[onnx.NodeProto, str, str] | None:
+    """(Split, c_attn's product, c_attn's bias) of product -> Add(bias) -> Split -> an attention node without a bias."""
+    split = producers.get(attention.input[0])
+    add = producers.get(split.input[0]) if split is not None and split.op_type == "Split" else None
+    if add is None or add.op_type != "Add" or len(_consumers(g, add.output[0])) != 1 or attention.input[3]:
+        return None
+    bias = next((i for i in add.input if i in inits), None)
+    if bias is None:
+        return None
+    return split, next(i for i in add.input if i != bias), bias
 
 
 def _projection(g: onnx.GraphProto, attention_output: str, inits: set[str]) -> tuple[onnx.NodeProto, str, onnx.NodeProto] | None:
