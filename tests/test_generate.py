@@ -116,6 +116,35 @@ def test_filters_match_transformers(make, random_scores: np.ndarray) -> None:  #
     assert np.isneginf(ours).sum() == np.isneginf(ref).sum()
 
 
+@pytest.mark.parametrize("p", [0.3, 0.9, 0.99])
+@pytest.mark.parametrize("spread", [1.0, 8.0])  # near-flat rows keep thousands of tokens, peaked rows a few
+def test_top_p_matches_transformers_at_gpt2_vocabulary(p: float, spread: float) -> None:
+    """top_p finds its cut without sorting indices: hold it to transformers where that matters, on GPT-2's
+    50,257 scores, alone and after top-k (where only k scores are finite)."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    scores = np.random.default_rng(3).normal(size=(4, 50257)).astype(np.float32) * spread
+    after_top_k = _hf(TopKLogitsWarper(40), HISTORY, scores)
+    for rows in (scores, after_top_k):
+        ours = logits.top_p(p)(rows, HISTORY, 5)
+        ref = _hf(TopPLogitsWarper(p), HISTORY, rows)
+        np.testing.assert_array_equal(ours, ref)
+
+
+def test_top_p_keeps_as_many_tied_scores_as_transformers() -> None:
+    """With ties at the cut, the same number of them stays (which ones is torch's sort's choice, not stable)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    scores = np.random.default_rng(4).integers(-4, 4, size=(4, 2000)).astype(np.float32)
+    ours = logits.top_p(0.5)(scores, HISTORY, 5)
+    ref = _hf(TopPLogitsWarper(0.5), HISTORY, scores)
+    kept = np.isfinite(ours)
+    assert (kept.sum(axis=1) == np.isfinite(ref).sum(axis=1)).all()
+    floor = np.where(kept, scores, np.inf).min(axis=1, keepdims=True)  # each row's smallest kept score
+    assert kept[scores > floor].all()  # everything above it stays
+    assert (~kept & (scores == floor)).any()  # and the cut does fall inside a group of ties
+
+
 def test_min_new_tokens_matches_transformers(random_scores: np.ndarray) -> None:
     from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
 

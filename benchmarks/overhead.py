@@ -1,0 +1,95 @@
+"""The per-token cost outside onnxruntime: what onnxgen's own loop adds to each decode step, by strategy.
+
+    python benchmarks/overhead.py onnxgen/bundled/prose-mini benchmarks/exports/gpt2/int8 --threads 2
+
+A decode step is onnxruntime's forward plus onnxgen's Python around it: the IO binding, the score filters,
+the draw, the stop checks and the streaming detokenizer. For each folder and strategy (batch 1, 32-token
+prompt, transformers' default options otherwise) this times whole steps (the runtime's clock after each
+forward) and the `run_with_iobinding` call inside each, and reports the medians and their difference. On a
+small or quantized model that difference decides the speed: the model's forward is short, and the filters
+work on the whole vocabulary (50,257 scores for GPT-2). Results: benchmarks/results/overhead.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import onnxgen
+from onnxgen.model import BUNDLED
+
+HERE = Path(__file__).resolve().parent
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "greedy": {"do_sample": False},
+    "top-k 50 + top-p 0.9": {"do_sample": True, "top_k": 50, "top_p": 0.9, "temperature": 0.8},
+    "top-p 0.9 alone": {"do_sample": True, "top_k": 0, "top_p": 0.9, "temperature": 0.8},  # the bundled model's choice
+    "sampling, no filter": {"do_sample": True, "top_k": 0},
+}
+
+
+def measure(folder: Path, threads: int, new_tokens: int, runs: int) -> list[dict[str, Any]]:
+    model = onnxgen.load(folder, threads=threads)
+    session = model.runtime.session
+    run = session.run_with_iobinding
+    inside: list[float] = []
+
+    def timed(binding: Any) -> None:
+        start = time.perf_counter()
+        run(binding)
+        inside.append(time.perf_counter() - start)
+
+    session.run_with_iobinding = timed  # the runtime calls it once per forward
+    prompt = list(range(100, 132))
+    rows = []
+    for name, options in STRATEGIES.items():
+        steps, forwards = [], []
+        for i in range(runs + 1):
+            inside.clear()
+            model.generate([prompt], onnxgen.GenerationOptions(), max_new_tokens=new_tokens, seed=0, **options)
+            if i:  # the first run warms up
+                ends = model.runtime.step_ends
+                steps.append(statistics.median(b - a for a, b in zip(ends, ends[1:])))
+                forwards.append(statistics.median(inside[1:]))  # inside[0] is the prompt pass
+        step_ms, run_ms = statistics.median(steps) * 1e3, statistics.median(forwards) * 1e3
+        rows.append({"strategy": name, "step_ms": step_ms, "run_ms": run_ms, "outside_ms": step_ms - run_ms,
+                     "tokens_per_s": 1e3 / step_ms})
+    return rows
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"{result['threads']} threads, batch 1, 32-token prompt, {result['new_tokens']} new tokens; medians of "
+             f"{result['runs']} runs.", "",
+             "| model | strategy | step ms | session.run ms | outside ms | outside share | tok/s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for model in result["models"]:
+        for r in model["rows"]:
+            lines.append(f"| {model['name']} | {r['strategy']} | {r['step_ms']:.3f} | {r['run_ms']:.3f} | "
+                         f"{r['outside_ms']:.3f} | {r['outside_ms'] / r['step_ms']:.0%} | {r['tokens_per_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="*", type=Path, default=[BUNDLED], help="onnxgen model folders (default: the bundled model)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args()
+    result: dict[str, Any] = {"threads": args.threads, "new_tokens": args.new_tokens, "runs": args.runs, "models": []}
+    for folder in args.folders:
+        print(f"{folder} ...", file=sys.stderr, flush=True)
+        result["models"].append({"name": str(folder), "rows": measure(folder, args.threads, args.new_tokens, args.runs)})
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "overhead.json").write_text(json.dumps(result, indent=2))
+    (args.out / "overhead.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
