@@ -12,7 +12,9 @@ run (a shared host's does) slows all competitors alike instead of whichever ran 
 - peak RSS of the subprocess (the highest round), model load time;
 - medians with min and max over the rounds, each after a short warm-up.
 The machine's memory bandwidth is measured before every round and its median turned into each model's
-decode bound (weight bytes read per token / bandwidth). Results: benchmarks/results/latest.{json,md,png}.
+decode bound: weight bytes read per token / read bandwidth (decoding streams the weights and writes next to
+nothing, so a copy's rate, which counts writes, is no bound; it is reported beside for comparison).
+Results: benchmarks/results/latest.{json,md,png}.
 Run it on a quiet machine: any background job halves the figures (the ratios hold up better).
 """
 
@@ -135,7 +137,9 @@ def paired(a: str, b: str, folders: dict[str, Path], threads: int, case: dict[st
         if sides[name].stdout.readline().strip() != "ready":
             sys.exit(f"{name} failed to load")
     tps: dict[str, list[float]] = {a: [], b: []}
+    bandwidths = []
     for rep in range(reps):
+        bandwidths.append(bandwidth_gbs(threads))  # it drifts over the run: sample it with the turns
         for name in (a, b) if rep % 2 == 0 else (b, a):
             time.sleep(0.5)  # the other side's idle threads stop spinning
             sides[name].stdin.write(json.dumps(case) + "\n")
@@ -145,7 +149,8 @@ def paired(a: str, b: str, folders: dict[str, Path], threads: int, case: dict[st
         side.stdin.close()
         side.wait()
     return {"a": a, "b": b, "case": case, "decode_tps": {name: spread(v) for name, v in tps.items()},
-            "ratio": spread([y / x for x, y in zip(tps[a], tps[b])])}
+            "ratio": spread([y / x for x, y in zip(tps[a], tps[b])]),
+            "bandwidth_gbs": {kind: spread([bw[kind] for bw in bandwidths]) for kind in ("read", "copy")}}
 
 
 def aggregate(competitor: str, cases: list[dict[str, Any]], rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -193,21 +198,30 @@ def prepare(name: str, checkpoint: Path, work: Path, competitors: list[str], fre
     return folders
 
 
-def bandwidth_gbs(threads: int, mib: int = 512, repeats: int = 5) -> float:
-    """Copy bandwidth (bytes read + written per second) with `threads` threads, best of `repeats`."""
-    chunks = [(np.ones(mib * 2**20 // 8 // threads), np.empty(mib * 2**20 // 8 // threads)) for _ in range(threads)]
-    best = 0.0
+def bandwidth_gbs(threads: int, mib: int = 512, repeats: int = 5) -> dict[str, float]:
+    """Memory bandwidth in GB/s with `threads` threads, best of `repeats`: "read" streams a buffer, as a
+    decode step streams the weights (numpy's max: one pass, SIMD, the GIL released); "copy" counts the
+    bytes read and written by a copy, the measure of earlier runs."""
+    sources = [np.ones(mib * 2**20 // 4 // threads, np.float32) for _ in range(threads)]
+    targets = [np.empty_like(a) for a in sources]
+    best = {"read": 0.0, "copy": 0.0}
     with ThreadPoolExecutor(threads) as pool:
+
+        def seconds(work: Callable[[int], object]) -> float:
+            start = time.perf_counter()
+            list(pool.map(work, range(threads)))
+            return time.perf_counter() - start
+
         for _ in range(repeats):
-            t = time.perf_counter()
-            list(pool.map(lambda c: np.copyto(c[1], c[0]), chunks))
-            best = max(best, 2 * mib * 2**20 / (time.perf_counter() - t) / 1e9)
+            best["read"] = max(best["read"], mib * 2**20 / seconds(lambda i: sources[i].max()) / 1e9)
+            best["copy"] = max(best["copy"], 2 * mib * 2**20 / seconds(lambda i: np.copyto(targets[i], sources[i])) / 1e9)
     return best
 
 
-def weight_bytes(folder: Path) -> int:
+def weight_bytes(competitor: str, folder: Path) -> int:
     """Bytes of weights read per decode step: the model file(s)."""
-    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
+    prefix = "model.safetensors" if competitor == "pytorch" else "model.onnx"
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(prefix))
 
 
 def import_seconds(statement: str) -> float:
@@ -230,22 +244,31 @@ def pair_markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
     lines = [f"CPU: {env['cpu']}, {env['cores']} cores, {env['threads']} threads. Batch 1, 32-token prompt, greedy, "
              f"{result['runs']} turns each, taken in alternation; medians (min-max).", "",
-             "| model | bandwidth GB/s | A | A decode tok/s | B | B decode tok/s | B / A, turn by turn |",
-             "| --- | ---: | --- | ---: | --- | ---: | ---: |"]
+             "Bandwidth, measured before every turn, median (min-max): read (the bound) and copy (reads + writes). "
+             "Each side's fraction of its bound: decode tok/s x weight bytes / median read bandwidth.", "",
+             "| model | read GB/s | copy GB/s | A | A decode tok/s | A of bound | B | B decode tok/s | B of bound | B / A, turn by turn |",
+             "| --- | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
     for p in result["pairs"]:
-        a, b, r = p["decode_tps"][p["a"]], p["decode_tps"][p["b"]], p["ratio"]
-        lines.append(f"| {p['name']} | {p['bandwidth_gbs']:.1f} | {p['a']} | {a['median']:.1f} ({a['min']:.1f}-{a['max']:.1f}) | "
-                     f"{p['b']} | {b['median']:.1f} ({b['min']:.1f}-{b['max']:.1f}) | {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}) |")
+        read, copy, r = p["bandwidth_gbs"]["read"], p["bandwidth_gbs"]["copy"], p["ratio"]
+        sides = []
+        for name in (p["a"], p["b"]):
+            d = p["decode_tps"][name]
+            bound = read["median"] * 1e9 / p["weight_bytes"][name]
+            sides.append(f"{name} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | {d['median'] / bound:.2f}")
+        lines.append(f"| {p['name']} | {read['median']:.1f} ({read['min']:.1f}-{read['max']:.1f}) | "
+                     f"{copy['median']:.1f} ({copy['min']:.1f}-{copy['max']:.1f}) | {' | '.join(sides)} | "
+                     f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}) |")
     return "\n".join(lines) + "\n"
 
 
 def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
     lines = [f"CPU: {env['cpu']}, {env['cores']} cores, {env['threads']} threads. Medians of {result['runs']} interleaved rounds (min-max); "
-             "memory bandwidth (copy) measured before each round.", ""]
+             "memory bandwidth measured before each round; the bound is weight bytes per token over the read bandwidth.", ""]
     for model in result["models"]:
-        bw = model["bandwidth_gbs"]
-        lines += [f"### {model['name']}", "", f"Bandwidth {bw['median']:.1f} GB/s ({bw['min']:.1f}-{bw['max']:.1f}).", "",
+        read, copy = model["bandwidth_gbs"]["read"], model["bandwidth_gbs"]["copy"]
+        lines += [f"### {model['name']}", "", f"Bandwidth: read {read['median']:.1f} GB/s ({read['min']:.1f}-{read['max']:.1f}), "
+                  f"copy {copy['median']:.1f} ({copy['min']:.1f}-{copy['max']:.1f}).", "",
                   "| competitor | weights MB | load s | peak RSS MB | case | decode tok/s | x PyTorch | first token ms | fraction of bound |",
                   "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
         base = {c["key"]: c["decode_tps"]["median"] for c in model["competitors"][0]["cases"]}  # the first competitor: PyTorch
@@ -280,7 +303,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
         ax.bar_label(bars, fmt="%.0f")
         for comp in model["competitors"]:
             if comp["competitor"] == "onnxgen-fp32" and comp.get("bound_tps"):
-                ax.axhline(comp["bound_tps"], color="#555555", linestyle="--", linewidth=1, label="fp32 bandwidth bound")
+                ax.axhline(comp["bound_tps"], color="#555555", linestyle="--", linewidth=1, label="fp32 read-bandwidth bound")
                 ax.legend(loc="upper left", fontsize=8)
         ax.set_title(f"{model['name']}: decode tok/s, batch 1, greedy")
         ax.tick_params(axis="x", labelrotation=30)
@@ -295,7 +318,7 @@ def run_pairs(args: argparse.Namespace, targets: list[tuple[str, Path]], result:
         folders = prepare(name, checkpoint, args.work / name, args.pair, args.fresh)
         case = {"batch": 1, "prompt": 32, "new": args.new_tokens, "strategy": "greedy"}
         print(f"[{name}] {args.pair[0]} and {args.pair[1]}, {args.runs} turns each ...", file=sys.stderr, flush=True)
-        result["pairs"].append({"name": name, "bandwidth_gbs": bandwidth_gbs(args.threads),
+        result["pairs"].append({"name": name, "weight_bytes": {c: weight_bytes(c, folders[c]) for c in args.pair},
                                 **paired(*args.pair, folders, args.threads, case, args.runs)})
     stem = f"pair-{args.pair[0]}-{args.pair[1]}"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -356,13 +379,11 @@ def main() -> None:
                 if done.returncode != 0:
                     sys.exit(f"{competitor} on {name} failed:\n{done.stderr[-3000:]}")
                 rounds[competitor].append(json.loads(done.stdout.strip().splitlines()[-1]))
-        entry["bandwidth_gbs"] = spread(bandwidths)
+        entry["bandwidth_gbs"] = {kind: spread([b[kind] for b in bandwidths]) for kind in ("read", "copy")}
         for competitor in args.competitors:
             measured = aggregate(competitor, cases, rounds[competitor])
-            folder = folders[competitor]
-            measured["weights_mb"] = (sum(p.stat().st_size for p in folder.glob("model.safetensors")) if competitor == "pytorch"
-                                      else weight_bytes(folder)) / 1e6
-            measured["bound_tps"] = entry["bandwidth_gbs"]["median"] * 1e9 / (measured["weights_mb"] * 1e6)
+            measured["weights_mb"] = weight_bytes(competitor, folders[competitor]) / 1e6
+            measured["bound_tps"] = entry["bandwidth_gbs"]["read"]["median"] * 1e9 / (measured["weights_mb"] * 1e6)
             entry["competitors"].append(measured)
         result["models"].append(entry)
     result["import_s"] = {"import onnxgen": import_seconds("import onnxgen"),

@@ -35,7 +35,8 @@ def test_suite_harness_writes_json_markdown_and_chart(checkpoint: Path, tmp_path
     result = json.loads((tmp_path / "results" / "latest.json").read_text())
     assert result["environment"]["threads"] == 1
     (model,) = result["models"]
-    assert 0 < model["bandwidth_gbs"]["min"] <= model["bandwidth_gbs"]["median"] <= model["bandwidth_gbs"]["max"]
+    for bandwidth in model["bandwidth_gbs"]["read"], model["bandwidth_gbs"]["copy"]:
+        assert 0 < bandwidth["min"] <= bandwidth["median"] <= bandwidth["max"]
     assert [c["competitor"] for c in model["competitors"]] == ["pytorch", "onnxgen-fp32", "onnxgen-int8"]
     for comp in model["competitors"]:
         assert {c["key"] for c in comp["cases"]} >= {"b1 p32 greedy", "b1 p32 sample", "b1 p32 beam"}
@@ -55,4 +56,5 @@ def test_suite_harness_pairs_two_competitors(checkpoint: Path, tmp_path: Path) -
     a, b = pair["decode_tps"]["pytorch"], pair["decode_tps"]["onnxgen-fp32"]
     assert 0 < a["min"] <= a["max"] and 0 < b["min"] <= b["max"]
     assert b["min"] / a["max"] <= pair["ratio"]["min"] <= pair["ratio"]["max"] <= b["max"] / a["min"]
+    assert 0 < pair["bandwidth_gbs"]["read"]["min"] <= pair["bandwidth_gbs"]["read"]["max"] and pair["weight_bytes"]["pytorch"] > 0 and pair["weight_bytes"]["onnxgen-fp32"] > 0
     assert "| onnxgen-fp32 |" in (tmp_path / "results" / "pair-pytorch-onnxgen-fp32.md").read_text()
