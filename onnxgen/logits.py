@@ -84,8 +84,9 @@ def top_p(p: float) -> Filter:
 
 
 def nucleus(scores: np.ndarray, p: float) -> np.ndarray:
-    """The indices top_p keeps in one row, by transformers' rule: with the scores in ascending order (ties by
-    index), a token goes when the probability of it and of everything below it is <= 1 - p.
+    """The indices top_p keeps in one row, by transformers' rule: with the scores in ascending order, a token
+    goes when the probability of it and of everything below it is <= 1 - p. Ties at the cut go in index
+    order (torch's sort leaves their order open; the count kept is the same).
 
     transformers argsorts the row; the rule only needs the smallest kept score, which sorting the values
     alone finds (a SIMD sort, without indices: 0.4 ms for GPT-2's 50,257 scores, against 5.6 ms for a
