@@ -36,11 +36,17 @@ def run(action: Any) -> Any:
 
 
 def _export_stack() -> None:
+    from .runtime import onnxruntime_conflict
+
+    conflict = onnxruntime_conflict()
+    if conflict:
+        fail(conflict)
     try:
+        import onnxruntime  # noqa: F401
         import optimum.exporters.onnx  # noqa: F401
         import transformers  # noqa: F401
     except ImportError:
-        fail("export and quantize need the export stack: pip install 'onnxgen[export,cpu]'")
+        fail("export and quantize need the export stack: pip install 'onnxgen[export,cpu]' (or 'onnxgen[export,gpu]')")
 
 
 def _size(folder_manifest: dict[str, Any]) -> str:
@@ -86,6 +92,7 @@ def quantize(
     block_size: Annotated[int, typer.Option(help="int4: weights per scale")] = 32,
     accuracy_level: Annotated[int, typer.Option(help="int4: compute type, 4 = int8 (fastest on CPU), 1 = fp32")] = 4,
     max_ppl_increase: Annotated[float, typer.Option(help="refuse if perplexity on the evaluation text grows by more than this fraction")] = 0.10,
+    provider: Annotated[str, typer.Option(help="where the accuracy check runs: cpu or cuda")] = "cpu",
     force: Annotated[bool, typer.Option(help="replace OUTPUT if it exists")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -94,7 +101,8 @@ def quantize(
     from .quantize import QuantizeOptions, quantize as do_quantize, summary
 
     options = QuantizeOptions(mode=mode.value, per_channel=per_channel, block_size=block_size,
-                              accuracy_level=accuracy_level, max_ppl_increase=max_ppl_increase, force=force)
+                              accuracy_level=accuracy_level, max_ppl_increase=max_ppl_increase,
+                              provider=provider, force=force)  # type: ignore[arg-type]
     result = run(lambda: do_quantize(model, output, options))
     print(json.dumps(result, indent=2) if as_json else summary(result))
 

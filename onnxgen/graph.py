@@ -221,3 +221,14 @@ def _remove_dead_nodes(g: onnx.GraphProto) -> None:
         g.node.extend(live)
     for t in [t for t in g.initializer if t.name not in read]:
         g.initializer.remove(t)
+
+
+def select_rows_model(elem_type: int) -> onnx.ModelProto:
+    """Gather(cache, rows) on the batch axis: the graph beam search reorders a CUDA cache with, on the device
+    (runtime.py ships one per cache type in onnxgen/graphs; tests check they are what this makes)."""
+    dims = ["batch", "heads", "positions", "head_size"]
+    node = helper.make_node("Gather", ["cache", "rows"], ["selected"], name="SelectRows", axis=0)
+    g = helper.make_graph([node], "select_rows",
+                          [helper.make_tensor_value_info("cache", elem_type, dims), helper.make_tensor_value_info("rows", TensorProto.INT64, ["rows"])],
+                          [helper.make_tensor_value_info("selected", elem_type, ["rows", *dims[1:]])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8, producer_name="onnxgen")

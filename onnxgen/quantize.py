@@ -3,8 +3,12 @@
 - int8: dynamic quantization (weights int8 once, activations quantized per call) of every weight
   MatMul and of the embedding Gather.
 - int4: weight-only block quantization into onnxruntime's MatMulNBits (block size, accuracy level).
-- fp16: half-precision weights and compute for the CUDA provider; LayerNorm, Softmax and the graph's
-  inputs and outputs stay fp32, as onnxruntime's own GPT-2 tooling keeps them.
+- fp16: a native half-precision graph for the CUDA provider: weights, activations, the key/value cache
+  and the logits are fp16, and no Cast is added. onnxruntime's fused CUDA kernels (LayerNorm,
+  SkipLayerNorm, MultiHeadAttention, Gelu) accumulate in fp32 inside, so nothing needs to stay fp32;
+  a Cast around each of them would double the kernels a decode step launches, which is what bounds a
+  GPU step at batch 1. On CPU the folder still loads and runs (onnxruntime computes most of its ops in
+  fp32 behind Casts it inserts itself), slower than fp32.
 
 Before quantizing, the head's Transpose(embedding) (graph.py) is materialized as its own weight, or the
 largest matrix of the model would stay float. After quantizing, the quantized nodes are counted against
@@ -14,7 +18,6 @@ the weight MatMuls there were: a mode that did not take is an error, never a sil
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -27,10 +30,10 @@ from . import accuracy, atomic, manifest
 from .errors import QuantizeError
 from .export import DATA_FILE, MODEL_FILE, save_model
 from .progress import steps
+from .runtime import Provider
 
 Mode = Literal["int8", "int4", "fp16"]
 QUANTIZED_OP = {"int8": "MatMulInteger", "int4": "MatMulNBits"}
-KEEP_FP32 = ["LayerNormalization", "SkipLayerNormalization", "Softmax"]
 
 
 @dataclass
@@ -40,6 +43,7 @@ class QuantizeOptions:
     block_size: int = 32  # int4: weights per scale
     accuracy_level: int = 4  # int4: MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
     max_ppl_increase: float = 0.10  # refuse when perplexity grows by more than this fraction
+    provider: Provider = "cpu"  # where the accuracy check runs: cuda measures fp16 as it will be used, and fast
     force: bool = False
 
 
@@ -90,50 +94,11 @@ def _int4(model: Any, options: QuantizeOptions) -> Any:
 
 
 def _fp16(model: Any) -> Any:
-    from onnx import numpy_helper
     from onnxruntime.transformers.float16 import convert_float_to_float16
-    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    # torch's exporter shares equal constants between layers (a LayerNorm bias and a projection bias
-    # that are both zero): give the fp32 ops their own copy, or the converter makes it fp16 for both.
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    for n, node in enumerate(g.node):
-        if node.op_type in KEEP_FP32:
-            for i, name in enumerate(node.input):
-                if name in inits:
-                    copy = numpy_helper.from_array(numpy_helper.to_array(inits[name]), f"{name}/fp32_{n}_{i}")
-                    g.initializer.append(copy)
-                    node.input[i] = copy.name
-    _add_element_types(model)
-    fp16 = convert_float_to_float16(model, disable_shape_infer=True, keep_io_types=True, op_block_list=KEEP_FP32)
-    wrapped = OnnxModel(fp16)  # the clean-up onnxruntime's own OnnxModel.convert_float_to_float16 does
-    wrapped.remove_cascaded_cast_nodes()
-    wrapped.remove_useless_cast_nodes()
-    return wrapped.model
-
-
-def _add_element_types(model: Any) -> None:
-    """Record every tensor's element type in the graph: the fp16 converter needs them to put Casts around
-    the ops that stay fp32. Symbolic shape inference finds them (it knows onnxruntime's fused ops and
-    has no 2 GB limit) but copies the model it is given, weights and all: gpt2-large's fp16 peaked at
-    18.7 GB that way. It runs here on a copy whose large initializers carry their shape and no data."""
-    from onnx import TensorProto, ValueInfoProto, helper
-    from onnxruntime.transformers.shape_infer_helper import SymbolicShapeInferenceHelper
-
-    g = model.graph
-    stubs = [t if math.prod(t.dims) < (1 << 16) else TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
-             for t in g.initializer]
-    light = helper.make_model(helper.make_graph(g.node, g.name, g.input, g.output, stubs, value_info=g.value_info),
-                              opset_imports=model.opset_import, ir_version=model.ir_version)
-    inferred = SymbolicShapeInferenceHelper(light).infer_shapes(light, auto_merge=True, guess_output_rank=False)
-    known = {vi.name for vi in g.value_info}
-    for vi in inferred.graph.value_info:
-        if vi.name and vi.name not in known and vi.type.tensor_type.elem_type != TensorProto.UNDEFINED:
-            typed = ValueInfoProto()
-            typed.CopyFrom(vi)
-            typed.type.tensor_type.ClearField("shape")  # types only: auto_merge can get shapes wrong
-            g.value_info.append(typed)
+    # Everything to fp16, inputs and outputs included: with nothing kept fp32 the converter inserts no
+    # Cast (onnxruntime 1.31's inserted some twice and wrote an invalid model).
+    return convert_float_to_float16(model, keep_io_types=False, op_block_list=[], disable_shape_infer=True)
 
 
 @contextmanager
@@ -202,7 +167,7 @@ def quantize(source: Path, out: Path, options: QuantizeOptions | None = None, qu
                                  "options": {k: v for k, v in asdict(options).items() if k != "force"}},
             }
             result = manifest.write(work, record)  # the runtime needs it to load the candidate; the folder is still hidden
-            report = accuracy.compare(source, work, provider="cpu")
+            report = accuracy.compare(source, work, provider=options.provider)
         with progress.step("Checking the accuracy budget"):
             increase = report["perplexity_quantized"] / report["perplexity_fp32"] - 1
             report["perplexity_increase"] = increase

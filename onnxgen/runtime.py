@@ -2,14 +2,18 @@
 
 Every run goes through IO binding: the `present.*` outputs stay where onnxruntime put them (host memory
 on CPU, device memory on CUDA) and are bound as the next step's `past_key_values.*` inputs as they are,
-so the cache is never copied between steps. Only the last position's logits come back to numpy.
+so the cache is never copied between steps. Only the last position's logits come back to numpy. The
+cache's element type is the graph's own (float32, or float16 in an fp16 folder).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import io
 import os
 import time
+from importlib.metadata import distributions
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,8 +23,30 @@ from .errors import ModelFolderError, ProviderError
 
 Provider = Literal["cpu", "cuda"]
 
+ONNXRUNTIME_PACKAGES = ("onnxruntime", "onnxruntime-gpu")
+# Gather(cache, rows) on axis 0, one graph per cache type (made by graph.select_rows_model): beam search
+# reorders a CUDA cache with it, on the device.
+SELECT_ROWS = {np.dtype(np.float32): "select_rows_float32.onnx", np.dtype(np.float16): "select_rows_float16.onnx"}
+GRAPHS = Path(__file__).parent / "graphs"
+_ELEMENT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
+
+
+def onnxruntime_conflict(path: list[str] | None = None) -> str | None:
+    """A message if onnxruntime and onnxruntime-gpu are installed into the same folder of `path` (sys.path by
+    default): both unpack into `onnxruntime/`, so whichever was installed last has overwritten the other's
+    files. The same two in different folders (one shadowing the other on the path) are left alone."""
+    where = {"path": path} if path is not None else {}
+    cpu, gpu = ({str(d.locate_file("")) for d in distributions(name=name, **where)} for name in ONNXRUNTIME_PACKAGES)
+    if not cpu & gpu:
+        return None
+    return (f"onnxruntime and onnxruntime-gpu are both installed in {min(cpu & gpu)} and overwrite each other: "
+            "pip uninstall -y onnxruntime onnxruntime-gpu, then pip install 'onnxgen[gpu]' (or 'onnxgen[cpu]')")
+
 
 def _onnxruntime() -> Any:
+    conflict = onnxruntime_conflict()
+    if conflict:
+        raise ProviderError(conflict)
     try:
         import onnxruntime
     except ImportError:
@@ -28,6 +54,16 @@ def _onnxruntime() -> Any:
             "onnxruntime is not installed: pip install 'onnxgen[cpu]' (or 'onnxgen[gpu]' for CUDA, never both)"
         ) from None
     return onnxruntime
+
+
+def _load_cuda_libraries(ort: Any) -> str:
+    """Load CUDA and cuDNN from the nvidia-* wheels that onnxgen[gpu] installs (onnxruntime finds a system
+    CUDA on the library path by itself, and then this finds it too). onnxruntime prints what failed on
+    stdout, where generated text goes: keep it for the error instead."""
+    notes = io.StringIO()
+    with contextlib.redirect_stdout(notes):
+        ort.preload_dlls()
+    return f": {notes.getvalue().strip().splitlines()[0]}" if notes.getvalue().strip() else ""
 
 
 Cache = list[Any]  # past_key_values for every layer, as OrtValues in the order the graph names them
@@ -48,6 +84,7 @@ class Runtime:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise ProviderError("CUDA was requested but this onnxruntime has no CUDA provider: pip install 'onnxgen[gpu]' (and uninstall onnxruntime)")
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            library_notes = _load_cuda_libraries(ort)
         elif provider == "cpu":
             providers = ["CPUExecutionProvider"]
         else:
@@ -58,15 +95,26 @@ class Runtime:
             raise ModelFolderError(f"cannot load {model_path}: {str(e).splitlines()[0]}") from None
         # onnxruntime falls back to CPU silently when CUDA libraries are missing: refuse instead.
         if provider == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
-            raise ProviderError("CUDA was requested but onnxruntime could not start it (CUDA/cuDNN libraries missing?)")
+            raise ProviderError("CUDA was requested but onnxruntime could not start it (CUDA/cuDNN libraries missing? "
+                                f"onnxgen[gpu] installs them){library_notes}")
         self.device = provider
+        self.cache_dtype = self._cache_dtype(model_path)
+        # Beam search's reorder on CUDA, on the device (see reorder); a few milliseconds to load.
+        self._select_rows = ort.InferenceSession(str(GRAPHS / SELECT_ROWS[self.cache_dtype]), options, providers=providers)
         self.past_names = [f"past_key_values.{i}.{kind}" for i in range(self.n_layer) for kind in ("key", "value")]
         self.present_names = [f"present.{i}.{kind}" for i in range(self.n_layer) for kind in ("key", "value")]
         self._keep_last = np.array([1], dtype=np.int64)
         self.step_ends: list[float] = []  # perf_counter() after each forward, for time-to-first-token and tok/s
 
+    def _cache_dtype(self, model_path: Path) -> np.dtype:
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        first = types.get("past_key_values.0.key")
+        if first not in _ELEMENT_TYPES:
+            raise ModelFolderError(f"{model_path}: past_key_values.0.key is {first}, expected tensor(float) or tensor(float16)")
+        return _ELEMENT_TYPES[first]
+
     def empty_cache(self, batch: int) -> Cache:
-        empty = np.zeros((batch, self.n_head, 0, self.head_dim), dtype=np.float32)
+        empty = np.zeros((batch, self.n_head, 0, self.head_dim), dtype=self.cache_dtype)
         value = self.ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0)
         return [value] * len(self.past_names)
 
@@ -84,7 +132,7 @@ class Runtime:
             io.bind_output(name, self.device)
         self.session.run_with_iobinding(io)
         outputs = io.get_outputs()
-        logits = outputs[0].numpy()[:, -1, :]
+        logits = outputs[0].numpy()[:, -1, :].astype(np.float32, copy=False)  # an fp16 graph's logits are fp16
         self.step_ends.append(time.perf_counter())
         return logits, outputs[1:]
 
@@ -93,31 +141,46 @@ class Runtime:
         feed = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
                 "position_ids": np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape).copy(),
                 "logits_to_keep": np.array([0], dtype=np.int64)}
-        empty = np.zeros((input_ids.shape[0], self.n_head, 0, self.head_dim), dtype=np.float32)
+        empty = np.zeros((input_ids.shape[0], self.n_head, 0, self.head_dim), dtype=self.cache_dtype)
         feed.update({name: empty for name in self.past_names})
-        return self.session.run(["logits"], feed)[0]
+        return self.session.run(["logits"], feed)[0].astype(np.float32, copy=False)
 
     def reorder(self, cache: Cache, rows: np.ndarray, buffers: list[np.ndarray]) -> Cache:
         """Select cache rows (beam search keeps the beams it continues), copying the cache once.
 
-        On CPU numpy gathers straight from onnxruntime's memory (no `OrtValue.numpy()` copy) into
-        `buffers`, which the caller keeps from step to step (start with []): fresh arrays cost a page
-        fault per 4 KB, which for gpt2-large's four beams took four times longer than the copy itself.
-        The returned cache lives in them, so it is valid until the next reorder into the same buffers.
-        On CUDA the rows go through the host. The cache is float32 in every variant (fp16 keeps its I/O).
+        On CUDA a Gather runs on the device (`select_rows`). On CPU numpy gathers straight from
+        onnxruntime's memory (no `OrtValue.numpy()` copy) into `buffers`, which the caller keeps from step
+        to step (start with []): fresh arrays cost a page fault per 4 KB, which for gpt2-large's four beams
+        took four times longer than the copy itself. The returned cache lives in them, so it is valid until
+        the next reorder into the same buffers.
         """
         if self.device != "cpu":
-            return [self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows]), self.device, 0) for v in cache]
+            return self.select_rows(cache, rows)
         selected = []
         for i, value in enumerate(cache):
             shape = value.shape()
             size = int(np.prod(shape))
-            source = np.ctypeslib.as_array((ctypes.c_float * size).from_address(value.data_ptr())).reshape(shape)
+            raw = (ctypes.c_byte * (size * self.cache_dtype.itemsize)).from_address(value.data_ptr())
+            source = np.frombuffer(raw, dtype=self.cache_dtype).reshape(shape)
             if i == len(buffers):
-                buffers.append(np.empty(0, np.float32))
+                buffers.append(np.empty(0, self.cache_dtype))
             if buffers[i].size < size:  # grow ahead, up to the context window: the cache gains a position per step
-                buffers[i] = np.empty(min(2 * size, size // max(1, shape[2]) * self.n_positions), np.float32)
+                buffers[i] = np.empty(min(2 * size, size // max(1, shape[2]) * self.n_positions), self.cache_dtype)
             target = buffers[i][:size].reshape(shape)
             np.take(source, rows, axis=0, out=target, mode="clip")  # mode="clip": "raise" would buffer the output
             selected.append(self.ort.OrtValue.ortvalue_from_numpy(target))
+        return selected
+
+    def select_rows(self, cache: Cache, rows: np.ndarray) -> Cache:
+        """Select cache rows where the cache lives, through the `select_rows` graph: one small run per
+        layer's key and value, the row indices copied to the device once."""
+        index = self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(rows, dtype=np.int64), self.device, 0)
+        selected = []
+        for value in cache:
+            io = self._select_rows.io_binding()
+            io.bind_ortvalue_input("cache", value)
+            io.bind_ortvalue_input("rows", index)
+            io.bind_output("selected", self.device)
+            self._select_rows.run_with_iobinding(io)
+            selected.append(io.get_outputs()[0])
         return selected

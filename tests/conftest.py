@@ -71,3 +71,23 @@ def torch_model(checkpoint: Path):  # type: ignore[no-untyped-def]
     from transformers import GPT2LMHeadModel
 
     return GPT2LMHeadModel.from_pretrained(checkpoint).eval()
+
+
+@pytest.fixture(scope="session")
+def quantized_folder(exported: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """quantized_folder(mode, **options): the tiny export quantized once per session for each set of options."""
+    from onnxgen.quantize import QuantizeOptions, quantize
+
+    made: dict[tuple[str, tuple[tuple[str, object], ...]], Path] = {}
+
+    def make(mode: str, **options: object) -> Path:
+        key = (mode, tuple(sorted(options.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp("quantized") / mode
+            # Random weights give near-uniform distributions where any rounding flips the top token: the
+            # budget here checks the machinery; the shipped model's report is the accuracy figure that means something.
+            quantize(exported, out, QuantizeOptions(mode=mode, max_ppl_increase=0.5, **options), quiet=True)  # type: ignore[arg-type]
+            made[key] = out
+        return made[key]
+
+    return make

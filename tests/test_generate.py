@@ -13,7 +13,7 @@ import torch
 
 import onnxgen
 from onnxgen import logits
-from onnxgen.decoding import sample
+from onnxgen.decoding import left_pad, sample
 from onnxgen.errors import ContextLengthError, ModelFolderError, OptionsError, ProviderError
 from onnxgen.options import GenerationOptions
 from onnxgen.tokenizer import TextStream, Tokenizer
@@ -274,13 +274,26 @@ def test_cli_generate(exported: Path, model: onnxgen.Model) -> None:
     assert r.returncode == 1 and r.stderr == "onnxgen: error: top_p must be in (0, 1], got 2.0\n"
 
 
-@pytest.mark.cuda
-def test_cuda_matches_cpu(exported: Path, model: onnxgen.Model) -> None:
-    import onnxruntime
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_shipped_select_rows_graphs_are_what_graph_py_makes(dtype: str) -> None:
+    import onnx
 
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        pytest.skip("no CUDA provider in this onnxruntime (install onnxgen[gpu] on a machine with a GPU)")
-    gpu = onnxgen.load(exported, provider="cuda")
-    for kw in ({}, {"num_beams": 3}):
-        assert [c.token_ids for c in gpu.generate(PROMPTS, max_new_tokens=20, **kw)] == \
-               [c.token_ids for c in model.generate(PROMPTS, max_new_tokens=20, **kw)]
+    from onnxgen.graph import select_rows_model
+    from onnxgen.runtime import GRAPHS, SELECT_ROWS
+
+    shipped = onnx.load(str(GRAPHS / SELECT_ROWS[np.dtype(dtype)]))
+    made = select_rows_model(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+    assert shipped.graph == made.graph and shipped.opset_import == made.opset_import
+
+
+def test_device_reorder_selects_the_same_rows_as_the_host_one(model: onnxgen.Model) -> None:
+    """Beam search's reorder on CUDA (select_rows, a Gather run where the cache lives) against the CPU one."""
+    rt = model.runtime
+    ids, mask, positions = left_pad(PROMPTS, 0)
+    _, cache = rt.forward(ids, mask, positions, rt.empty_cache(len(PROMPTS)))
+    rows = np.array([2, 0, 0])
+    expected = [value.numpy()[rows] for value in cache]
+    buffers: list[np.ndarray] = []
+    for reordered in (rt.select_rows(cache, rows), rt.reorder(cache, rows, buffers)):
+        assert len(reordered) == len(expected)
+        assert all(np.array_equal(got.numpy(), want) for got, want in zip(reordered, expected))

@@ -1,24 +1,25 @@
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import onnxgen
 from onnxgen.errors import QuantizeError
 from onnxgen.quantize import QuantizeOptions, quantize
 
+from .conftest import EVAL_TEXT
+from .test_generate import PROMPTS
+
 
 @pytest.fixture(scope="session", params=["int8", "int4", "fp16"])
-def quantized(request: pytest.FixtureRequest, exported: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    out = tmp_path_factory.mktemp("quantized") / request.param
-    # Random weights give near-uniform distributions where any rounding flips the top token: the budget
-    # here checks the machinery; the shipped model's report is the accuracy figure that means something.
-    quantize(exported, out, QuantizeOptions(mode=request.param, max_ppl_increase=0.5), quiet=True)
-    return request.param, out
+def quantized(request: pytest.FixtureRequest, quantized_folder) -> tuple[str, Path]:  # type: ignore[no-untyped-def]
+    return request.param, quantized_folder(request.param)
 
 
 def test_quantized_folder_is_smaller_and_reports_accuracy(quantized: tuple[str, Path], exported: Path) -> None:
@@ -65,3 +66,29 @@ def test_cli_quantize(exported: Path, tmp_path: Path) -> None:
     assert r.returncode == 1 and r.stderr.startswith("onnxgen: error: ") and "already exists" in r.stderr
     r = subprocess.run([sys.executable, "-m", "onnxgen", "quantize", "-m", str(tmp_path), "-o", str(tmp_path / "z")], capture_output=True, text=True)
     assert r.returncode == 1 and "no onnxgen.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fp16_is_a_native_half_graph(quantized_folder, exported: Path) -> None:  # type: ignore[no-untyped-def]
+    """Weights, cache and logits in fp16 with no Cast added: the same nodes as fp32, so a CUDA step
+    launches no more kernels (onnxruntime 1.31's converter also wrote duplicate Casts this way)."""
+    import onnx
+
+    half = onnx.load(str(quantized_folder("fp16") / "model.onnx"))
+    full = onnx.load(str(exported / "model.onnx"))
+    ops = lambda m: collections.Counter(n.op_type for n in m.graph.node)  # noqa: E731
+    assert ops(half) == ops(full) and ops(half)["Cast"] <= 2
+    assert len({n.name for n in half.graph.node}) == len(half.graph.node)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*half.graph.input, *half.graph.output]}
+    assert types["past_key_values.0.key"] == types["present.1.value"] == types["logits"] == onnx.TensorProto.FLOAT16
+    assert not [t.name for t in half.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+
+
+def test_fp16_generates_like_fp32_on_cpu(quantized_folder, model: onnxgen.Model) -> None:  # type: ignore[no-untyped-def]
+    half = onnxgen.load(quantized_folder("fp16"), threads=1)
+    assert half.runtime.cache_dtype == np.float16
+    window = np.asarray([half.tokenizer.encode(EVAL_TEXT.read_text())[:64]])
+    a, b = model.runtime.all_logits(window), half.runtime.all_logits(window)
+    assert b.dtype == np.float32 and np.abs(a - b).max() < 0.02 * np.abs(a).max()
+    for kw in ({}, {"num_beams": 3}):
+        assert [c.token_ids for c in half.generate(PROMPTS, max_new_tokens=12, **kw)] == \
+               [c.token_ids for c in model.generate(PROMPTS, max_new_tokens=12, **kw)]
