@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_models import SHAPES, TOKENIZER, make  # noqa: E402
 
 import onnxgen  # noqa: E402
-from onnxgen.bench import STRATEGIES  # noqa: E402
+from onnxgen.options import STRATEGIES  # noqa: E402
 
 Generate = Callable[[np.ndarray, int, str], None]  # (prompts, new tokens per prompt, strategy): runs to completion
 
@@ -44,7 +44,7 @@ Generate = Callable[[np.ndarray, int, str], None]  # (prompts, new tokens per pr
 class Case:
     batch: int
     prompt_tokens: int
-    strategy: str  # a key of onnxgen.bench.STRATEGIES
+    strategy: str  # a key of onnxgen.options.STRATEGIES
 
 
 CASES = [Case(b, p, s) for s in ("greedy", "beam") for b in (1, 8) for p in (32, 512)]

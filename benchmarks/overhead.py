@@ -4,7 +4,7 @@
 
 A decode step is onnxruntime's forward plus onnxgen's Python around it: the IO binding, the score filters,
 the draw, the stop checks and the streaming detokenizer. For each folder and strategy (batch 1, 32-token
-prompt, transformers' default options otherwise) this times whole steps (the runtime's clock after each
+prompt, transformers' default options otherwise) this times whole steps (the generator's clock after each
 forward) and the `run_with_iobinding` call inside each, and reports the medians and their difference. On a
 small or quantized model that difference decides the speed: the model's forward is short, and the filters
 work on the whole vocabulary (50,257 scores for GPT-2). Results: benchmarks/results/overhead.{json,md}.
@@ -21,15 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import onnxgen
-from onnxgen.bench import STRATEGIES as BENCH
 from onnxgen.model import BUNDLED
+from onnxgen.options import STRATEGIES as PRESETS
 
 HERE = Path(__file__).resolve().parent
 STRATEGIES: dict[str, dict[str, Any]] = {  # `onnxgen bench`'s, and the filters they leave out
-    "greedy": BENCH["greedy"],
-    "top-k 50 + top-p 0.9": BENCH["sample"],
-    "top-p 0.9 alone": {**BENCH["sample"], "top_k": 0},  # the bundled model's choice
-    "sampling, no filter": {**BENCH["sample"], "top_k": 0, "top_p": 1.0, "temperature": 1.0},
+    "greedy": PRESETS["greedy"],
+    "top-k 50 + top-p 0.9": PRESETS["top-k-top-p"],
+    "top-p 0.9 alone": {**PRESETS["top-k-top-p"], "top_k": 0},  # the bundled model's choice
+    "sampling, no filter": {**PRESETS["top-k-top-p"], "top_k": 0, "top_p": 1.0, "temperature": 1.0},
 }
 
 
@@ -51,9 +51,11 @@ def measure(folder: Path, threads: int, new_tokens: int, runs: int) -> list[dict
         steps, forwards = [], []
         for i in range(runs + 1):
             inside.clear()
-            model.generate([prompt], onnxgen.GenerationOptions(), max_new_tokens=new_tokens, **options)
+            generator = model.generator([prompt], onnxgen.GenerationOptions(), max_new_tokens=new_tokens, **options)
+            while not generator.done:
+                generator.step()
             if i:  # the first run warms up
-                ends = model.runtime.step_ends
+                ends = generator.step_ends
                 steps.append(statistics.median(b - a for a, b in zip(ends, ends[1:])))
                 forwards.append(statistics.median(inside[1:]))  # inside[0] is the prompt pass
         step_ms, run_ms = statistics.median(steps) * 1e3, statistics.median(forwards) * 1e3

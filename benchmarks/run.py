@@ -36,21 +36,19 @@ from typing import Any
 
 import numpy as np
 
+from onnxgen.options import STRATEGIES
+
 HERE = Path(__file__).resolve().parent
 VARIANTS = ["fp32", "int8", "int4", "fp16"]  # onnxgen's
 CHOICES = ["pytorch", "optimum", *(f"onnxgen-{v}" for v in VARIANTS)]
 COMPETITORS = [c for c in CHOICES if c != "onnxgen-fp16"]  # the default run; fp16 on request (--competitors, --pair)
-STRATEGY = {
-    "greedy": {"do_sample": False, "num_beams": 1},
-    "sample": {"do_sample": True, "top_k": 50, "top_p": 0.9, "temperature": 0.8},
-    "beam": {"do_sample": False, "num_beams": 4},
-}
+SAMPLING = "top-k-top-p"  # the sampling case: a preset of onnxgen.options.STRATEGIES, as greedy and beam are
 
 
 def cases_for(new_tokens: int, context: int) -> list[dict[str, Any]]:
     grid = [(1, 32), (1, 512), (8, 32), (8, 512)]
     cases = [{"batch": b, "prompt": p, "new": new_tokens, "strategy": "greedy"} for b, p in grid]
-    cases += [{"batch": 1, "prompt": 32, "new": new_tokens, "strategy": s} for s in ("sample", "beam")]
+    cases += [{"batch": 1, "prompt": 32, "new": new_tokens, "strategy": s} for s in (SAMPLING, "beam")]
     return [c for c in cases if c["prompt"] + c["new"] <= context]
 
 
@@ -64,8 +62,8 @@ def load(competitor: str, folder: str, threads: int) -> tuple[Callable[[list[lis
         model = onnxgen.load(folder, threads=threads)
 
         def generate(ids: list[list[int]], new: int, strategy: str) -> None:
-            model.generate(ids, max_new_tokens=new, eos_token_id=None, seed=0, **STRATEGY[strategy])
-        return generate, model.dims["vocab_size"]
+            model.generate(ids, max_new_tokens=new, eos_token_id=None, **{"seed": 0, **STRATEGIES[strategy]})
+        return generate, model.dims.vocab_size
     import torch
 
     if competitor == "pytorch":
@@ -86,7 +84,7 @@ def load(competitor: str, folder: str, threads: int) -> tuple[Callable[[list[lis
         with torch.no_grad():
             t = torch.tensor(ids)
             hf.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=new, min_new_tokens=new,
-                        pad_token_id=hf.config.eos_token_id, **STRATEGY[strategy])
+                        pad_token_id=hf.config.eos_token_id, **{k: v for k, v in STRATEGIES[strategy].items() if k != "seed"})
     return hf_generate, hf.config.vocab_size
 
 

@@ -9,10 +9,12 @@
 __version__ = "0.1.0"
 
 from .errors import ContextLengthError, ModelFolderError, OnnxgenError, OptionsError, ProviderError
-from .model import Completion, Model, Stats, TextGenerationPipeline, load, pipeline
-from .options import GenerationOptions
+from .beam import BeamSearch
+from .generator import Completion, Event, Generator, Stats
+from .model import Model, TextGenerationPipeline, load, pipeline
+from .options import STRATEGIES, GenerationOptions
 
 __all__ = [
-    "Completion", "ContextLengthError", "GenerationOptions", "Model", "ModelFolderError", "OnnxgenError",
-    "OptionsError", "ProviderError", "Stats", "TextGenerationPipeline", "load", "pipeline",
+    "STRATEGIES", "BeamSearch", "Completion", "ContextLengthError", "Event", "GenerationOptions", "Generator", "Model",
+    "ModelFolderError", "OnnxgenError", "OptionsError", "ProviderError", "Stats", "TextGenerationPipeline", "load", "pipeline",
 ]

@@ -4,27 +4,25 @@ Per prompt, `num_beams` running beams; each step looks at the best 2 x num_beams
 enough stay alive when some end. Ended candidates compete for `num_beams` finished slots on their
 length-penalised score; the search stops when no running beam can beat the finished ones (the
 `early_stopping` rule), when the finished slots are full (`early_stopping=True`), or at max_new_tokens.
+`BeamSearch` has the generator's nouns (generator.py); its steps return no events, since a beam revises
+its past: the results come from `completions()` once it is done.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
 
 import numpy as np
 
 from . import logits
-from .decoding import left_pad
+from .decoding import Rows, Scoring
+from .generator import Completion, Event, Stats, call_stats
 from .options import GenerationOptions
 from .runtime import Runtime
+from .stopping import StopRules
+from .tokenizer import Tokenizer
 
 NEG = np.float32(-1.0e9)
-
-
-@dataclass
-class Beam:
-    tokens: list[int]
-    score: float
-    finish_reason: str
 
 
 def _take(array: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -39,85 +37,116 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=-1)
 
 
-def beam_search(runtime: Runtime, prompts: list[list[int]], opts: GenerationOptions, pad_id: int) -> list[list[Beam]]:
-    """Returns, per prompt, the best `num_return_sequences` beams, best first."""
-    b, k = len(prompts), opts.num_beams
-    eos = np.asarray(opts.eos_ids, dtype=np.int64)
-    keep = max(2, 1 + len(eos)) * k  # candidates looked at per step
-    filters = logits.filters_for(opts)
+class BeamSearch:
+    def __init__(self, runtime: Runtime, tokenizer: Tokenizer, prompts: list[list[int]], opts: GenerationOptions, pad_id: int) -> None:
+        self.start = time.perf_counter()
+        self.tokenizer, self.opts = tokenizer, opts
+        b, k = len(prompts), opts.num_beams
+        self.b, self.k = b, k
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        self.rules = StopRules.of(opts)
+        self.eos = np.asarray(sorted(self.rules.eos), dtype=np.int64)
+        self.keep = max(2, 1 + len(self.eos)) * k  # candidates looked at per step
+        self.scoring = Scoring(opts)
+        self.rows = Rows(runtime, [p for p in prompts for _ in range(k)], pad_id)
+        self.top_n = opts.logprobs or 0
+        new = opts.max_new_tokens
+        # Per beam, running and finished: new tokens, each one's log-probability and best alternatives, score, length.
+        self.running = np.full((b, k, new), pad_id, dtype=np.int64)
+        self.running_lp = np.zeros((b, k, new), dtype=np.float32)
+        self.running_alt = np.zeros((b, k, new, self.top_n, 2), dtype=np.float32)  # (token id, log-probability)
+        self.running_scores = np.zeros((b, k), dtype=np.float32)
+        self.running_scores[:, 1:] = NEG  # all beams start equal: let only the first one spread at step one
+        self.finished, self.finished_lp, self.finished_alt = self.running.copy(), self.running_lp.copy(), self.running_alt.copy()
+        self.finished_scores = np.full((b, k), NEG, dtype=np.float32)
+        self.is_finished = np.zeros((b, k), dtype=bool)
+        self.finished_lens = np.zeros((b, k), dtype=np.int64)
+        self.improvable = np.ones((b, 1), dtype=bool)
+        self.steps = 0
+        self.step_ends: list[float] = []
+        self.cancelled = False
+        self._done = False
 
-    ids, mask, positions = left_pad([p for p in prompts for _ in range(k)], pad_id)
-    prompt_len = ids.shape[1]
-    max_len = prompt_len + opts.max_new_tokens
-    running = np.full((b, k, max_len), pad_id, dtype=np.int64)
-    running[:, :, :prompt_len] = ids.reshape(b, k, prompt_len)
-    finished_seqs = running.copy()
-    running_scores = np.zeros((b, k), dtype=np.float32)
-    running_scores[:, 1:] = NEG  # all beams start equal: let only the first one spread at step one
-    finished_scores = np.full((b, k), NEG, dtype=np.float32)
-    is_finished = np.zeros((b, k), dtype=bool)
-    improvable = np.ones((b, 1), dtype=bool)
-    running_lens = np.zeros((b, k), dtype=np.int64)  # generated tokens per beam
-    finished_lens = np.zeros((b, k), dtype=np.int64)
-    top_k_mask = np.arange(keep) < k
-    cache = runtime.empty_cache(b * k)
-    reorder_buffers: list[np.ndarray] = []
-    cur = prompt_len
-    while True:
-        out, cache = runtime.forward(ids, mask, positions, cache)
-        flat = running.reshape(b * k, max_len)
-        history = [prompts[r // k] + flat[r, prompt_len:cur].tolist() for r in range(b * k)] if filters else []
-        scores = logits.apply(filters, logits.log_softmax(out), history, cur - prompt_len)
-        scores = (scores.reshape(b, k, -1) + running_scores[:, :, None]).reshape(b, -1)
-        vocab = out.shape[-1]
+    @property
+    def done(self) -> bool:
+        return self._done
 
-        # The best `keep` continuations over all beams of each prompt.
-        top = _top(scores, keep)
+    def cancel(self) -> None:
+        """Stop the search: the finished beams found so far are the results."""
+        self.cancelled = self._done = True
+
+    def step(self) -> list[Event]:
+        if self._done:
+            return []
+        b, k, opts, cur = self.b, self.k, self.opts, self.steps
+        raw = self.rows.forward()
+        self.step_ends.append(time.perf_counter())
+        processed = self.scoring(logits.log_softmax(raw), self.rows, cur)  # (b * k, vocab)
+        vocab = processed.shape[-1]
+        scores = (processed.reshape(b, k, -1) + self.running_scores[:, :, None]).reshape(b, -1)
+
+        # The best `keep` continuations over all beams of each prompt, and what each one carries.
+        top = _top(scores, self.keep)
         top_scores = np.take_along_axis(scores, top, axis=-1)
         top_beams, top_tokens = top // vocab, top % vocab
-        top_seqs = _take(running, top_beams)
+        top_seqs, top_lp, top_alt = _take(self.running, top_beams), _take(self.running_lp, top_beams), _take(self.running_alt, top_beams)
         top_seqs[:, :, cur] = top_tokens
-        top_lens = _take(running_lens, top_beams) + 1
-        ends = np.isin(top_tokens, eos) | (cur + 1 >= max_len)
+        top_lp[:, :, cur] = np.take_along_axis(processed.reshape(b, -1), top, axis=-1)
+        if self.top_n:
+            alt_ids = _top(processed, self.top_n)
+            alt = np.stack([alt_ids, np.take_along_axis(processed, alt_ids, -1)], axis=-1).reshape(b, k, self.top_n, 2)
+            top_alt[:, :, cur] = _take(alt, top_beams)
+        ends = np.isin(top_tokens, self.eos) | (cur + 1 >= opts.max_new_tokens)
 
         # Running beams for the next step: the best candidates that did not end.
         live_scores = top_scores + ends.astype(np.float32) * NEG
         chosen = _top(live_scores, k)
-        running, running_scores, running_lens = _take(top_seqs, chosen), np.take_along_axis(live_scores, chosen, -1), np.take_along_axis(top_lens, chosen, -1)
-        beam_rows = (np.take_along_axis(top_beams, chosen, -1) + np.arange(b)[:, None] * k).reshape(-1)
+        self.running, self.running_lp, self.running_alt = _take(top_seqs, chosen), _take(top_lp, chosen), _take(top_alt, chosen)
+        self.running_scores = np.take_along_axis(live_scores, chosen, -1)
+        source = (np.take_along_axis(top_beams, chosen, -1) + np.arange(b)[:, None] * k).reshape(-1)
 
         # Finished slots: ended candidates among the top k compete on length-penalised score.
-        penalised = top_scores / np.float32((cur + 1 - prompt_len) ** opts.length_penalty)
-        full = is_finished.all(axis=1, keepdims=True) & (opts.early_stopping is True)
-        just_ended = ends & top_k_mask[None, :]
-        penalised = penalised + full * NEG + (~improvable) * NEG + (~just_ended) * NEG
-        merged_scores = np.concatenate([finished_scores, penalised], axis=1)
-        best = _top(merged_scores, k)
-        finished_seqs = _take(np.concatenate([finished_seqs, top_seqs], axis=1), best)
-        finished_scores = np.take_along_axis(merged_scores, best, -1)
-        finished_lens = np.take_along_axis(np.concatenate([finished_lens, top_lens], axis=1), best, -1)
-        is_finished = np.take_along_axis(np.concatenate([is_finished, just_ended], axis=1), best, -1)
+        penalised = top_scores / np.float32((cur + 1) ** opts.length_penalty)
+        full = self.is_finished.all(axis=1, keepdims=True) & (opts.early_stopping is True)
+        just_ended = ends & (np.arange(self.keep) < k)[None, :]
+        penalised = penalised + full * NEG + (~self.improvable) * NEG + (~just_ended) * NEG
+        merged = np.concatenate([self.finished_scores, penalised], axis=1)
+        best = _top(merged, k)
+        self.finished_scores = np.take_along_axis(merged, best, -1)
+        self.finished = _take(np.concatenate([self.finished, top_seqs], axis=1), best)
+        self.finished_lp = _take(np.concatenate([self.finished_lp, top_lp], axis=1), best)
+        self.finished_alt = _take(np.concatenate([self.finished_alt, top_alt], axis=1), best)
+        self.finished_lens = _take(np.concatenate([self.finished_lens, np.full_like(top_tokens, cur + 1)], axis=1), best)
+        self.is_finished = _take(np.concatenate([self.is_finished, just_ended], axis=1), best)
 
-        cur += 1
+        self.steps = cur = cur + 1
         # Can a running beam still beat the worst finished one?
-        horizon = (max_len if opts.early_stopping == "never" and opts.length_penalty > 0 else cur) - prompt_len
-        best_running = running_scores[:, :1] / np.float32(horizon**opts.length_penalty)
-        worst_finished = np.where(is_finished, finished_scores.min(axis=1, keepdims=True), NEG)
-        improvable = improvable & (best_running > worst_finished).any(axis=-1, keepdims=True)
-        if not improvable.any() or (is_finished.all() and opts.early_stopping is True) or ends.all():
-            break
+        horizon = opts.max_new_tokens if opts.early_stopping == "never" and opts.length_penalty > 0 else cur
+        best_running = self.running_scores[:, :1] / np.float32(horizon**opts.length_penalty)
+        worst_finished = np.where(self.is_finished, self.finished_scores.min(axis=1, keepdims=True), NEG)
+        self.improvable &= (best_running > worst_finished).any(axis=-1, keepdims=True)
+        if not self.improvable.any() or (self.is_finished.all() and opts.early_stopping is True) or ends.all():
+            self._done = True
+        else:
+            self.rows.advance(self.running[:, :, cur - 1].reshape(-1), source)
+        return []
 
-        cache = runtime.reorder(cache, beam_rows, reorder_buffers)
-        ids = running[:, :, cur - 1].reshape(-1, 1)
-        mask = np.concatenate([mask, np.ones((b * k, 1), dtype=np.int64)], axis=1)
-        positions = positions[:, -1:] + 1
+    def completions(self) -> list[Completion]:
+        """The best `num_return_sequences` beams of each prompt, best first, prompt by prompt."""
+        asked = self.opts.logprobs is not None
+        results = []
+        for i in range(self.b):
+            for j in range(self.opts.num_return_sequences):
+                n = int(self.finished_lens[i, j])
+                tokens = self.finished[i, j, :n].tolist()
+                reason = "cancelled" if self.cancelled else ("eos" if tokens and tokens[-1] in self.rules.eos else "length")
+                alternatives = [{int(t): float(v) for t, v in step} for step in self.finished_alt[i, j, :n]] if asked else None
+                results.append(Completion(self.tokenizer.decode(tokens), tokens, reason, i,
+                                          self.finished_lp[i, j, :n].tolist() if asked else None, alternatives,
+                                          float(self.finished_scores[i, j])))
+        return results
 
-    results = []
-    for i in range(b):
-        beams = []
-        for j in range(opts.num_return_sequences):
-            tokens = finished_seqs[i, j, prompt_len : prompt_len + finished_lens[i, j]].tolist()
-            reason = "eos" if tokens and tokens[-1] in eos else "length"
-            beams.append(Beam(tokens, float(finished_scores[i, j]), reason))
-        results.append(beams)
-    return results
+    @property
+    def stats(self) -> Stats:
+        lengths = [int(n) for n in self.finished_lens[:, : self.opts.num_return_sequences].reshape(-1)]
+        return call_stats(self.start, self.step_ends, self.prompt_tokens, lengths)

@@ -13,15 +13,9 @@ import numpy as np
 
 from .errors import OptionsError
 from .model import load
+from .options import STRATEGIES
 from .progress import stderr
 from .runtime import Provider
-
-STRATEGIES: dict[str, dict[str, Any]] = {
-    "greedy": {"do_sample": False, "num_beams": 1},
-    "sample": {"do_sample": True, "top_k": 50, "top_p": 0.9, "temperature": 0.8, "seed": 0},
-    "beam": {"do_sample": False, "num_beams": 4},
-}
-
 
 @dataclass(frozen=True)
 class Case:
@@ -61,7 +55,7 @@ def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = No
                 raise OptionsError(f"unknown strategy {case.strategy!r}: use {', '.join(STRATEGIES)}")
             if case.prompt_tokens + case.new_tokens > model.context_length:
                 raise OptionsError(f"prompt {case.prompt_tokens} + new {case.new_tokens} tokens exceed the context window of {model.context_length}")
-            prompts = rng.integers(0, model.dims["vocab_size"], size=(case.batch, case.prompt_tokens)).tolist()
+            prompts = rng.integers(0, model.dims.vocab_size, size=(case.batch, case.prompt_tokens)).tolist()
             opts = model.options(max_new_tokens=case.new_tokens, eos_token_id=None, min_new_tokens=0, **STRATEGIES[case.strategy])
             ttft, tps = [], []
             for i in range(runs + 1):

@@ -12,6 +12,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from .errors import OnnxgenError
+from .options import STRATEGIES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="GPT-2 text generation on onnxruntime: export, quantize, generate, bench.")
@@ -107,25 +108,13 @@ def quantize(
     print(json.dumps(result, indent=2) if as_json else summary(result))
 
 
-class Strategy(str, Enum):
-    greedy = "greedy"
-    beam = "beam"
-    sample = "sample"
-    top_k = "top-k"
-    top_p = "top-p"
+Strategy = Enum("Strategy", {name.replace("-", "_"): name for name in STRATEGIES}, type=str)  # type: ignore[misc]
 
 
 def strategy_options(strategy: Strategy | None, given: dict[str, Any]) -> dict[str, Any]:
-    """What a --strategy means, with explicitly given options taking precedence."""
-    presets: dict[Strategy, dict[str, Any]] = {
-        Strategy.greedy: {"do_sample": False, "num_beams": 1},
-        Strategy.beam: {"do_sample": False, "num_beams": 4},
-        Strategy.sample: {"do_sample": True, "num_beams": 1, "top_k": 0, "top_p": 1.0},
-        Strategy.top_k: {"do_sample": True, "num_beams": 1, "top_k": 50, "top_p": 1.0},
-        Strategy.top_p: {"do_sample": True, "num_beams": 1, "top_k": 0, "top_p": 0.9},
-    }
+    """What a --strategy means (onnxgen.options.STRATEGIES), with explicitly given options taking precedence."""
     explicit = {k: v for k, v in given.items() if v is not None and v != []}
-    return {**(presets[strategy] if strategy else {}), **explicit}
+    return {**(STRATEGIES[strategy.value] if strategy else {}), **explicit}
 
 
 @app.command()
@@ -145,6 +134,7 @@ def generate(
     no_repeat_ngram_size: Annotated[int | None, typer.Option()] = None,
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
+    logprobs: Annotated[int | None, typer.Option(help="with --json: each token's log-probability and this many alternatives")] = None,
     truncate_prompt: Annotated[bool | None, typer.Option("--truncate-prompt", help="drop the oldest prompt tokens if too long")] = None,
     provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
@@ -157,7 +147,7 @@ def generate(
     given = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k,
                  top_p=top_p, num_beams=num_beams, length_penalty=length_penalty, num_return_sequences=num_return_sequences,
                  repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, stop=stop, seed=seed,
-                 truncate_prompt=truncate_prompt)
+                 logprobs=logprobs, truncate_prompt=truncate_prompt)
 
     def body() -> None:
         m = load(model, provider=provider, threads=threads)  # type: ignore[arg-type]
@@ -168,8 +158,9 @@ def generate(
                               "stats": asdict(m.last_stats) if m.last_stats else None}, indent=2))
         elif opts.num_beams == 1 and opts.num_return_sequences == 1:
             for piece in m.stream(prompt, opts):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+                if piece:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
             sys.stdout.write("\n")
             sys.stdout.flush()  # before --stats writes to stderr, or a terminal shows them on one line
         else:
@@ -193,7 +184,7 @@ def bench(
     batch: Annotated[list[int] | None, typer.Option(help="batch size (repeatable)")] = None,
     prompt_tokens: Annotated[list[int] | None, typer.Option(help="prompt length (repeatable)")] = None,
     new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 128,
-    strategy: Annotated[list[str] | None, typer.Option(help="greedy, sample or beam (repeatable)")] = None,
+    strategy: Annotated[list[str] | None, typer.Option(help=f"{', '.join(STRATEGIES)} (repeatable)")] = None,
     runs: Annotated[int, typer.Option(help="timed runs per case (after one warm-up)")] = 3,
     provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,

@@ -1,7 +1,8 @@
-"""Greedy and sampled decoding as a step loop: each `step()` adds one token to every row.
+"""The rows being decoded and what one step does to them, shared by sampling/greedy and beam search.
 
-The caller drives the loop, which is what makes streaming and cancellation free: it can read each
-new token as it comes, and stop a row (`finish`) or the whole loop whenever it likes.
+`Rows` holds each row's tokens (its left-padded prompt, then what was generated), the attention mask,
+positions and key/value cache. A step is `scores = rows.forward()`, a choice of one token per row, then
+`rows.advance(tokens)`; beam search also says which row each new row continues (`source`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import numpy as np
 
 from . import logits
 from .options import GenerationOptions
-from .runtime import Runtime
+from .runtime import Cache, Runtime
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -40,42 +41,49 @@ def sample(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return tokens
 
 
-class Generator:
-    def __init__(self, runtime: Runtime, prompts: list[list[int]], opts: GenerationOptions, pad_id: int) -> None:
-        self.runtime, self.opts, self.pad_id = runtime, opts, pad_id
-        self.filters = logits.filters_for(opts)
-        self.rng = np.random.default_rng(opts.seed)
-        self.eos = np.asarray(opts.eos_ids, dtype=np.int64)
-        self.prompts = prompts
-        self.generated: list[list[int]] = [[] for _ in prompts]
-        self.finish_reasons: list[str | None] = [None] * len(prompts)
-        self._ids, self._mask, self._positions = left_pad(prompts, pad_id)
-        self._cache = runtime.empty_cache(len(prompts))
+class Rows:
+    def __init__(self, runtime: Runtime, prompts: list[list[int]], pad_id: int) -> None:
+        self.runtime = runtime
+        self.input_ids, self.mask, positions = left_pad(prompts, pad_id)  # input_ids grows by a column a step
+        self.prompt_width = self.input_ids.shape[1]
+        self._pending = (self.input_ids, positions)  # what the next forward runs: the prompts, then one token a row
+        self._cache: Cache = runtime.empty_cache(len(prompts))
+        self._reorder_buffers: list[np.ndarray] = []  # kept across steps (see Runtime.reorder)
 
-    @property
-    def done(self) -> bool:
-        return all(r is not None for r in self.finish_reasons)
+    def forward(self) -> np.ndarray:
+        """Run the pending tokens; the last position's scores, (rows, vocab) float32."""
+        ids, positions = self._pending
+        scores, self._cache = self.runtime.forward(ids, self.mask, positions, self._cache)
+        return scores
 
-    def finish(self, row: int, reason: str) -> None:
-        if self.finish_reasons[row] is None:
-            self.finish_reasons[row] = reason
+    def advance(self, tokens: np.ndarray, source: np.ndarray | None = None) -> None:
+        """Append one token to every row; with `source`, row i first becomes a copy of row source[i]."""
+        positions = self._pending[1][:, -1:] + 1
+        if source is not None:
+            self.input_ids, self.mask, positions = self.input_ids[source], self.mask[source], positions[source]
+            self._cache = self.runtime.reorder(self._cache, source, self._reorder_buffers)
+        column = tokens.reshape(-1, 1).astype(np.int64)
+        self.input_ids = np.concatenate([self.input_ids, column], axis=1)
+        self.mask = np.concatenate([self.mask, np.ones_like(column)], axis=1)
+        self._pending = (column, positions)
 
-    def step(self) -> np.ndarray:
-        """Run the model once, pick one token per row, and return them (pad for rows already finished)."""
-        scores, self._cache = self.runtime.forward(self._ids, self._mask, self._positions, self._cache)
-        history = [p + g for p, g in zip(self.prompts, self.generated)] if self.filters else []
-        scores = logits.apply(self.filters, scores, history, len(self.generated[0]))
-        tokens = sample(scores, self.rng) if self.opts.do_sample else scores.argmax(axis=-1)
-        for row, token in enumerate(tokens.tolist()):
-            if self.finish_reasons[row] is not None:
-                tokens[row] = self.pad_id
-                continue
-            self.generated[row].append(token)
-            if token in self.eos:
-                self.finish(row, "eos")
-            elif len(self.generated[row]) >= self.opts.max_new_tokens:
-                self.finish(row, "length")
-        self._ids = tokens.reshape(-1, 1).astype(np.int64)
-        self._mask = np.concatenate([self._mask, np.ones((len(tokens), 1), dtype=np.int64)], axis=1)
-        self._positions = self._positions[:, -1:] + 1
-        return tokens
+    def history(self, row: int) -> list[int]:
+        """The row's tokens so far without padding: its prompt, then what was generated."""
+        return self.input_ids[row, self.mask[row] == 1].tolist()
+
+
+
+class Scoring:
+    """What turns a step's raw scores into the ones a token is chosen from: the built-in processors,
+    then the caller's `logits_processors`, then sampling's warpers (transformers' order)."""
+
+    def __init__(self, opts: GenerationOptions) -> None:
+        self.processors, self.warpers = logits.processors_for(opts), logits.warpers_for(opts)
+        self.user = opts.logits_processors
+
+    def __call__(self, raw: np.ndarray, rows: Rows, step: int) -> np.ndarray:
+        history = [rows.history(r) for r in range(len(raw))] if self.processors else []
+        scores = logits.apply(self.processors, raw, history, step)
+        for processor in self.user:
+            scores = np.asarray(processor(rows.input_ids, scores), dtype=np.float32)
+        return logits.apply(self.warpers, scores, history, step)

@@ -25,10 +25,9 @@ import numpy as np
 
 from . import __version__, atomic, manifest
 from .errors import ExportError
+from .folder import (ATTENTION_MASK, CONFIG, DATA_FILE, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, MODEL_FILE, POSITION_IDS, TOKENIZER,
+                     past_names, present_names)
 from .progress import steps
-
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 
 
 @dataclass
@@ -48,8 +47,8 @@ def _load(source: str) -> tuple[Any, Any]:
     logging.set_verbosity_error()  # progress is ours; transformers' notices would interleave with it
 
     path = Path(source)
-    if path.exists() and not (path / "config.json").is_file():
-        raise ExportError(f"{source} is not a transformers checkpoint folder (no config.json)")
+    if path.exists() and not (path / CONFIG).is_file():
+        raise ExportError(f"{source} is not a transformers checkpoint folder (no {CONFIG})")
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
@@ -75,6 +74,7 @@ class Reference:
     feeds: list[dict[str, np.ndarray]]  # onnxruntime inputs, past_key_values of the step filled at check time
     logits: list[np.ndarray]
     valid: np.ndarray  # positions whose logits mean something (not padding)
+    n_layer: int
 
 
 def _reference(model: Any) -> Reference:
@@ -94,10 +94,10 @@ def _reference(model: Any) -> Reference:
                        past_key_values=first.past_key_values, use_cache=True)
     head_dim = cfg.n_embd // cfg.n_head
     empty = np.zeros((2, cfg.n_head, 0, head_dim), np.float32)
-    prompt = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "logits_to_keep": np.array([0])}
-    prompt.update({f"past_key_values.{i}.{kind}": empty for i in range(cfg.n_layer) for kind in ("key", "value")})
-    step = {"input_ids": nxt.numpy(), "attention_mask": mask2, "position_ids": pos[:, -1:] + 1, "logits_to_keep": np.array([1])}
-    return Reference([prompt, step], [first.logits.numpy(), second.logits.numpy()], mask.astype(bool))
+    prompt = {INPUT_IDS: ids, ATTENTION_MASK: mask, POSITION_IDS: pos, LOGITS_TO_KEEP: np.array([0])}
+    prompt.update({name: empty for name in past_names(cfg.n_layer)})
+    step = {INPUT_IDS: nxt.numpy(), ATTENTION_MASK: mask2, POSITION_IDS: pos[:, -1:] + 1, LOGITS_TO_KEEP: np.array([1])}
+    return Reference([prompt, step], [first.logits.numpy(), second.logits.numpy()], mask.astype(bool), cfg.n_layer)
 
 
 def _validate(folder: Path, ref: Reference, atol: float) -> dict[str, Any]:
@@ -107,10 +107,10 @@ def _validate(folder: Path, ref: Reference, atol: float) -> dict[str, Any]:
     session = ort.InferenceSession(str(folder / MODEL_FILE), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     out = dict(zip(names, session.run(None, ref.feeds[0])))
-    prompt_diff = float(np.abs(out["logits"] - ref.logits[0])[ref.valid].max())
+    prompt_diff = float(np.abs(out[LOGITS] - ref.logits[0])[ref.valid].max())
     step_feed = dict(ref.feeds[1])
-    step_feed.update({n.replace("present", "past_key_values"): v for n, v in out.items() if n.startswith("present.")})
-    step_diff = float(np.abs(session.run(["logits"], step_feed)[0] - ref.logits[1]).max())
+    step_feed.update({past: out[present] for past, present in zip(past_names(ref.n_layer), present_names(ref.n_layer))})
+    step_diff = float(np.abs(session.run([LOGITS], step_feed)[0] - ref.logits[1]).max())
     result = {"max_abs_diff_prompt": prompt_diff, "max_abs_diff_cached_step": step_diff, "atol": atol,
               "passed": max(prompt_diff, step_diff) <= atol}
     if not result["passed"]:
@@ -137,11 +137,11 @@ def package_versions() -> dict[str, str]:
 
 
 def io_names(path: Path) -> tuple[list[str], list[str]]:
+    """The graph's inputs (those with a default too) and outputs."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    inits = {t.name for t in graph.initializer}
-    return [i.name for i in graph.input if i.name not in inits], [o.name for o in graph.output]
+    return [i.name for i in graph.input], [o.name for o in graph.output]
 
 
 def save_model(model: Any, folder: Path, threshold: int) -> None:
@@ -193,7 +193,7 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
                 opset = next(o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx"))
                 save_model(onnx_model, work, options.external_data_threshold)
                 del onnx_model
-                tokenizer.backend_tokenizer.save(str(work / "tokenizer.json"))
+                tokenizer.backend_tokenizer.save(str(work / TOKENIZER))
             with progress.step("Validating against PyTorch"):
                 validation = _validate(work, reference, options.atol)
             with progress.step("Writing manifest"):

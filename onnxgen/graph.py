@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-LOGITS_TO_KEEP = "logits_to_keep"
+from .folder import LOGITS_TO_KEEP
 
 
 def _head(model: onnx.ModelProto) -> onnx.NodeProto:
@@ -72,11 +72,14 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
 
 
 def add_logits_to_keep(model: onnx.ModelProto) -> None:
-    """Slice the hidden states to the last `logits_to_keep` positions before the head."""
+    """Slice the hidden states to the last `logits_to_keep` positions before the head. The input defaults
+    to 0 (every position, as optimum's graph computes them), so optimum's ORTModelForCausalLM, which feeds
+    the inputs it knows, runs the folder too; onnxgen binds 1."""
     g = model.graph
     head = _head(model)
     g.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
     g.initializer.extend([
+        numpy_helper.from_array(np.array([0], np.int64), LOGITS_TO_KEEP),
         numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), "/lm_head/keep_end"),
         numpy_helper.from_array(np.array([1], np.int64), "/lm_head/keep_axis"),
     ])

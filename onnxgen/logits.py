@@ -114,8 +114,21 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def filters_for(opts: GenerationOptions) -> list[Filter]:
-    """The filters the options call for, in the order transformers applies them."""
+def bias(by_token: dict[int, float]) -> Filter:
+    ids = np.fromiter(by_token, dtype=np.int64, count=len(by_token))
+    values = np.fromiter(by_token.values(), dtype=np.float32, count=len(by_token))
+
+    def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
+        scores = scores.copy()
+        scores[:, ids] += values
+        return scores
+
+    return apply
+
+
+def processors_for(opts: GenerationOptions) -> list[Filter]:
+    """The processors the options call for, in the order transformers applies them (the caller's own
+    processors run after these, then the warpers)."""
     chain: list[Filter] = []
     if opts.repetition_penalty != 1.0:
         chain.append(repetition_penalty(opts.repetition_penalty))
@@ -123,6 +136,14 @@ def filters_for(opts: GenerationOptions) -> list[Filter]:
         chain.append(no_repeat_ngram(opts.no_repeat_ngram_size))
     if opts.min_new_tokens > 0 and opts.eos_ids:
         chain.append(min_new_tokens(opts.min_new_tokens, opts.eos_ids))
+    if opts.logit_bias:
+        chain.append(bias(opts.logit_bias))
+    return chain
+
+
+def warpers_for(opts: GenerationOptions) -> list[Filter]:
+    """Sampling's reshaping of the distribution: temperature, top-k, top-p (none without do_sample)."""
+    chain: list[Filter] = []
     if opts.do_sample:
         if opts.temperature != 1.0:
             chain.append(temperature(opts.temperature))

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from .errors import OptionsError
+from .folder import GENERATION_CONFIG
+
+# The decoding presets of the CLI's --strategy, `onnxgen bench` and the benchmark suite: one table.
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "greedy": {"do_sample": False, "num_beams": 1},
+    "beam": {"do_sample": False, "num_beams": 4},
+    "sample": {"do_sample": True, "num_beams": 1, "top_k": 0, "top_p": 1.0},
+    "top-k": {"do_sample": True, "num_beams": 1, "top_k": 50, "top_p": 1.0},
+    "top-p": {"do_sample": True, "num_beams": 1, "top_k": 0, "top_p": 0.9},
+    "top-k-top-p": {"do_sample": True, "num_beams": 1, "top_k": 50, "top_p": 0.9, "temperature": 0.8, "seed": 0},
+}
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,12 @@ class GenerationOptions:
     stop: list[str] = field(default_factory=list)  # stop strings: generation ends when the text contains one
     seed: int | None = None  # makes sampling reproducible
     truncate_prompt: bool = False  # drop the prompt's oldest tokens instead of refusing a too-long prompt
+    logprobs: int | None = None  # per new token its log-probability, and this many most likely alternatives
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' scores (OpenAI's option)
+    # transformers' conventions on numpy arrays: processor(input_ids, scores) -> scores, after the built-in
+    # processors and before temperature/top-k/top-p; criterion(input_ids, scores) -> bool per row (or one bool).
+    logits_processors: list[Callable[[Any, Any], Any]] = field(default_factory=list)
+    stopping_criteria: list[Callable[[Any, Any], Any]] = field(default_factory=list)
 
     def validate(self) -> GenerationOptions:
         if self.max_new_tokens < 1:
@@ -61,6 +80,10 @@ class GenerationOptions:
             raise OptionsError("stop strings are not supported with beam search")
         if any(not s for s in self.stop):
             raise OptionsError("stop strings must not be empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise OptionsError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
+        if any(not callable(f) for f in [*self.logits_processors, *self.stopping_criteria]):
+            raise OptionsError("logits_processors and stopping_criteria must be callables")
         return self
 
     def with_overrides(self, **overrides: Any) -> GenerationOptions:
@@ -70,6 +93,8 @@ class GenerationOptions:
             raise OptionsError(f"unknown generation option(s): {', '.join(unknown)}")
         if isinstance(overrides.get("stop"), str):
             overrides["stop"] = [overrides["stop"]]
+        if overrides.get("logit_bias"):  # JSON gives its keys as strings
+            overrides["logit_bias"] = {int(k): float(v) for k, v in overrides["logit_bias"].items()}
         return replace(self, **overrides).validate()
 
     @property
@@ -81,7 +106,7 @@ class GenerationOptions:
     @classmethod
     def from_folder(cls, folder: Path) -> GenerationOptions:
         """Defaults from the folder's generation_config.json; keys onnxgen does not use are ignored."""
-        path = folder / "generation_config.json"
+        path = folder / GENERATION_CONFIG
         saved = json.loads(path.read_text()) if path.is_file() else {}
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in saved.items() if k in names and v is not None}).validate()

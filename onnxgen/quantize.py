@@ -28,7 +28,8 @@ from typing import Any, Literal
 
 from . import accuracy, atomic, manifest
 from .errors import QuantizeError
-from .export import DATA_FILE, MODEL_FILE, save_model
+from .export import save_model
+from .folder import DATA_FILE, MODEL_FILE, SHARED_FILES
 from .progress import steps
 from .runtime import Provider
 
@@ -155,7 +156,7 @@ def quantize(source: Path, out: Path, options: QuantizeOptions | None = None, qu
                 raise QuantizeError(f"{options.mode} did not take: {done} of {expected} weight matrices quantized")
             save_model(quantized, work, threshold=1 << 30)
             del quantized
-        for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        for name in SHARED_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, work / name)
         with progress.step("Measuring accuracy against fp32"):

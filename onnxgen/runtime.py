@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import io
 import os
-import time
 from importlib.metadata import distributions
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import ModelFolderError, ProviderError
+from .folder import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS, ModelFolder, past_names, present_names
 
 Provider = Literal["cpu", "cuda"]
 
@@ -70,12 +70,11 @@ Cache = list[Any]  # past_key_values for every layer, as OrtValues in the order 
 
 
 class Runtime:
-    def __init__(self, model_path: Path, dims: dict[str, int], provider: Provider = "cpu", threads: int | None = None) -> None:
+    def __init__(self, folder: ModelFolder, provider: Provider = "cpu", threads: int | None = None) -> None:
         ort = _onnxruntime()
         self.ort = ort
-        self.n_layer, self.n_head = dims["n_layer"], dims["n_head"]
-        self.head_dim = dims["n_embd"] // dims["n_head"]
-        self.n_positions = dims["n_positions"]
+        self.n_head, self.head_dim, self.n_positions = folder.dims.n_head, folder.dims.head_dim, folder.dims.n_positions
+        model_path = folder.model_file
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
@@ -101,16 +100,16 @@ class Runtime:
         self.cache_dtype = self._cache_dtype(model_path)
         # Beam search's reorder on CUDA, on the device (see reorder); a few milliseconds to load.
         self._select_rows = ort.InferenceSession(str(GRAPHS / SELECT_ROWS[self.cache_dtype]), options, providers=providers)
-        self.past_names = [f"past_key_values.{i}.{kind}" for i in range(self.n_layer) for kind in ("key", "value")]
-        self.present_names = [f"present.{i}.{kind}" for i in range(self.n_layer) for kind in ("key", "value")]
-        self._keep_last = np.array([1], dtype=np.int64)
-        self.step_ends: list[float] = []  # perf_counter() after each forward, for time-to-first-token and tok/s
+        self.past_names, self.present_names = past_names(folder.dims.n_layer), present_names(folder.dims.n_layer)
+        # logits_to_keep has a default (graph.add_logits_to_keep), and IO binding takes an input with a
+        # default only as an OrtValue.
+        self._keep_last = ort.OrtValue.ortvalue_from_numpy(np.array([1], dtype=np.int64))
 
     def _cache_dtype(self, model_path: Path) -> np.dtype:
         types = {i.name: i.type for i in self.session.get_inputs()}
-        first = types.get("past_key_values.0.key")
+        first = types.get(past_names(1)[0])
         if first not in _ELEMENT_TYPES:
-            raise ModelFolderError(f"{model_path}: past_key_values.0.key is {first}, expected tensor(float) or tensor(float16)")
+            raise ModelFolderError(f"{model_path}: {past_names(1)[0]} is {first}, expected tensor(float) or tensor(float16)")
         return _ELEMENT_TYPES[first]
 
     def empty_cache(self, batch: int) -> Cache:
@@ -121,29 +120,28 @@ class Runtime:
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: Cache) -> tuple[np.ndarray, Cache]:
         """Run new tokens (batch, n) after `cache`; return the last position's logits (batch, vocab) and the new cache."""
         io = self.session.io_binding()
-        io.bind_cpu_input("input_ids", input_ids)
-        io.bind_cpu_input("attention_mask", attention_mask)
-        io.bind_cpu_input("position_ids", position_ids)
-        io.bind_cpu_input("logits_to_keep", self._keep_last)
+        io.bind_cpu_input(INPUT_IDS, input_ids)
+        io.bind_cpu_input(ATTENTION_MASK, attention_mask)
+        io.bind_cpu_input(POSITION_IDS, position_ids)
+        io.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep_last)
         for name, value in zip(self.past_names, cache):
             io.bind_ortvalue_input(name, value)
-        io.bind_output("logits", "cpu")
+        io.bind_output(LOGITS, "cpu")
         for name in self.present_names:
             io.bind_output(name, self.device)
         self.session.run_with_iobinding(io)
         outputs = io.get_outputs()
         logits = outputs[0].numpy()[:, -1, :].astype(np.float32, copy=False)  # an fp16 graph's logits are fp16
-        self.step_ends.append(time.perf_counter())
         return logits, outputs[1:]
 
     def all_logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits at every position of `input_ids` (batch, n) with no cache: for scoring text, not generating."""
-        feed = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
-                "position_ids": np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape).copy(),
-                "logits_to_keep": np.array([0], dtype=np.int64)}
+        feed = {INPUT_IDS: input_ids, ATTENTION_MASK: np.ones_like(input_ids),
+                POSITION_IDS: np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape).copy(),
+                LOGITS_TO_KEEP: np.array([0], dtype=np.int64)}
         empty = np.zeros((input_ids.shape[0], self.n_head, 0, self.head_dim), dtype=self.cache_dtype)
         feed.update({name: empty for name in self.past_names})
-        return self.session.run(["logits"], feed)[0].astype(np.float32, copy=False)
+        return self.session.run([LOGITS], feed)[0].astype(np.float32, copy=False)
 
     def reorder(self, cache: Cache, rows: np.ndarray, buffers: list[np.ndarray]) -> Cache:
         """Select cache rows (beam search keeps the beams it continues), copying the cache once.

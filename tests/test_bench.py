@@ -39,7 +39,7 @@ def test_suite_harness_writes_json_markdown_and_chart(checkpoint: Path, tmp_path
         assert 0 < bandwidth["min"] <= bandwidth["median"] <= bandwidth["max"]
     assert [c["competitor"] for c in model["competitors"]] == ["pytorch", "onnxgen-fp32", "onnxgen-int8"]
     for comp in model["competitors"]:
-        assert {c["key"] for c in comp["cases"]} >= {"b1 p32 greedy", "b1 p32 sample", "b1 p32 beam"}
+        assert {c["key"] for c in comp["cases"]} >= {"b1 p32 greedy", "b1 p32 top-k-top-p", "b1 p32 beam"}
         assert all(0 < c["decode_tps"]["min"] <= c["decode_tps"]["median"] <= c["decode_tps"]["max"] for c in comp["cases"])
         assert comp["peak_rss_mb"] > 0
     assert "| onnxgen-int8 |" in (tmp_path / "results" / "latest.md").read_text()

@@ -179,3 +179,17 @@ def test_a_killed_build_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
         (work / "model.onnx").write_text("whole")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *kept])  # a running build's folder stays
     assert (tmp_path / "out" / "model.onnx").read_text() == "whole"
+
+
+def test_optimum_runs_the_exported_folder(exported: Path, model, torch_model: torch.nn.Module) -> None:  # type: ignore[no-untyped-def]
+    """Users switching either way: optimum's ORTModelForCausalLM generates from an onnxgen fp32 folder (it
+    feeds the inputs it knows; logits_to_keep defaults to every position), the same tokens as PyTorch and onnxgen."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    ids = torch.tensor([[12, 40, 7, 99, 150]])
+    options = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    ours = ORTModelForCausalLM.from_pretrained(exported).generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)
+    with torch.no_grad():
+        reference = torch_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)
+    assert ours[0, 5:].tolist() == reference[0, 5:].tolist() == model.generate([ids[0].tolist()], max_new_tokens=10, eos_token_id=None)[0].token_ids
+    assert "logits_to_keep" in json.loads((exported / "onnxgen.json").read_text())["inputs"]

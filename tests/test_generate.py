@@ -156,7 +156,7 @@ def test_sampling_draws_from_the_filtered_distribution() -> None:
     """Chi-square over 20,000 draws from a top-k + top-p filtered distribution (p < 0.001 to fail by chance)."""
     rng = np.random.default_rng(123)
     scores = np.random.default_rng(5).normal(size=(1, 30)).astype(np.float32)
-    chain = logits.filters_for(GenerationOptions(do_sample=True, temperature=0.8, top_k=12, top_p=0.9))
+    chain = logits.warpers_for(GenerationOptions(do_sample=True, temperature=0.8, top_k=12, top_p=0.9))
     filtered = logits.apply(chain, scores, [[]], 0)
     probs = logits.softmax(filtered.astype(np.float64))[0]
     draws = np.concatenate([sample(np.repeat(filtered, 1000, axis=0), rng) for _ in range(20)])

@@ -1,0 +1,200 @@
+"""The decode loop as an object the caller drives, one token per row a step:
+
+    g = model.generator(["Hello", "Once upon a time"], max_new_tokens=40, do_sample=True, logprobs=3)
+    while not g.done:
+        for event in g.step():          # one Event per row still running
+            print(event.row, repr(event), event.token_id, event.logprob, event.finish_reason)
+    completions = g.completions()       # texts, token ids, log-probabilities, finish reasons
+    g.stats                             # this call's timings
+
+Streaming, cancellation (`g.finish(row)`, `g.cancel()`) and token-by-token tools come from owning the
+loop. Everything a call needs lives in its generator, so one loaded model serves many threads at once.
+Beam search (beam.py) has the same nouns; its steps return no events, since a beam revises its past.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import logits
+from .decoding import Rows, Scoring, sample
+from .options import GenerationOptions
+from .runtime import Runtime
+from .stopping import StopRules
+from .tokenizer import TextStream, Tokenizer
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int  # over all rows, without padding
+    new_tokens: int  # over all returned sequences
+    time_to_first_token_s: float  # call start to the first token (the prompt pass)
+    decode_tokens_per_s: float  # tokens after the first, per second, over all returned sequences
+    total_s: float
+
+
+@dataclass
+class Completion:
+    text: str  # generated text only, without the prompt (and without a stop string that ended it)
+    token_ids: list[int]  # generated tokens (after a stop string, those wholly before it)
+    finish_reason: str  # "eos", "length", "stop" or "cancelled" (see stopping.py)
+    prompt_index: int  # which prompt it continues
+    logprobs: list[float] | None = None  # per token, its log-probability under the scores it was chosen from
+    top_logprobs: list[dict[int, float]] | None = None  # per token, the `logprobs` most likely tokens, best first
+    score: float | None = None  # beam search: transformers' sequence score; else the sum of logprobs, when asked
+
+
+class Event(str):
+    """What one step added to one row. The string itself is the new text: "" while a character's bytes or a
+    possible stop string are held back, so the pieces of a row add up to its completion's text."""
+
+    row: int
+    prompt_index: int
+    token_id: int
+    logprob: float | None
+    top_logprobs: dict[int, float] | None
+    finish_reason: str | None  # set on the row's last event
+
+    def __new__(cls, text: str, row: int, prompt_index: int, token_id: int, logprob: float | None = None,
+                top_logprobs: dict[int, float] | None = None, finish_reason: str | None = None) -> Event:
+        event = super().__new__(cls, text)
+        event.row, event.prompt_index, event.token_id = row, prompt_index, token_id
+        event.logprob, event.top_logprobs, event.finish_reason = logprob, top_logprobs, finish_reason
+        return event
+
+    @property
+    def text(self) -> str:
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"Event({self.text!r}, row={self.row}, token_id={self.token_id}, finish_reason={self.finish_reason!r})"
+
+
+def token_logprobs(scores: np.ndarray, tokens: np.ndarray, top: int) -> tuple[np.ndarray, list[dict[int, float]]]:
+    """Each row's chosen token's log-probability under softmax(scores), and its `top` most likely tokens."""
+    lp = logits.log_softmax(scores.astype(np.float32, copy=False))
+    chosen = lp[np.arange(len(tokens)), tokens]
+    best: list[dict[int, float]] = []
+    for row in lp:
+        ids = np.argpartition(-row, top - 1)[:top] if top else np.empty(0, np.int64)
+        ids = ids[np.argsort(-row[ids], kind="stable")]
+        best.append({int(i): float(row[i]) for i in ids})
+    return chosen, best
+
+
+class Generator:
+    """Greedy decoding and sampling; see the module's docstring."""
+
+    def __init__(self, runtime: Runtime, tokenizer: Tokenizer, prompts: list[list[int]], prompt_index: list[int],
+                 opts: GenerationOptions, pad_id: int) -> None:
+        self.start = time.perf_counter()
+        self.opts, self.pad_id, self.tokenizer = opts, pad_id, tokenizer
+        self.prompt_index = prompt_index
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        self.rules = StopRules.of(opts)
+        self.scoring = Scoring(opts)
+        self.rng = np.random.default_rng(opts.seed)
+        self.rows = Rows(runtime, prompts, pad_id)
+        self.generated: list[list[int]] = [[] for _ in prompts]
+        self.logprobs: list[list[float]] = [[] for _ in prompts]
+        self.top_logprobs: list[list[dict[int, float]]] = [[] for _ in prompts]
+        self.finish_reasons: list[str | None] = [None] * len(prompts)
+        self.texts: list[str | None] = [None] * len(prompts)  # each row's whole text, once it has finished
+        self.steps = 0
+        self.step_ends: list[float] = []  # perf_counter() after each forward
+        self._streams = [TextStream(tokenizer) for _ in prompts]
+        self._emitted = [0] * len(prompts)  # characters of each row's text already in events
+
+    @property
+    def done(self) -> bool:
+        return all(r is not None for r in self.finish_reasons)
+
+    def finish(self, row: int) -> None:
+        """End a row now (finish reason "cancelled"); its completion keeps what it generated."""
+        if self.finish_reasons[row] is None:
+            self.finish_reasons[row] = "cancelled"
+            self.texts[row] = self.tokenizer.decode(self.generated[row])
+
+    def cancel(self) -> None:
+        for row in range(len(self.generated)):
+            self.finish(row)
+
+    def step(self) -> list[Event]:
+        """Run the model once and add one token to every running row; returns their events."""
+        if self.done:
+            return []
+        raw = self.rows.forward()
+        self.step_ends.append(time.perf_counter())
+        scores = self.scoring(raw, self.rows, self.steps)
+        tokens = sample(scores, self.rng) if self.opts.do_sample else scores.argmax(axis=-1)
+        chosen, best = token_logprobs(scores, tokens, self.opts.logprobs) if self.opts.logprobs is not None else (None, None)
+        self.steps += 1
+        running = [row for row, reason in enumerate(self.finish_reasons) if reason is None]
+        reasons: dict[int, str | None] = {}
+        for row in running:
+            token = int(tokens[row])
+            self.generated[row].append(token)
+            if chosen is not None and best is not None:
+                self.logprobs[row].append(float(chosen[row]))
+                self.top_logprobs[row].append(best[row])
+            reasons[row] = self.rules.after_token(token, len(self.generated[row]))
+        tokens[[row for row in range(len(tokens)) if row not in reasons]] = self.pad_id
+        self.rows.advance(tokens)
+        if self.rules.criteria:  # the caller's criteria see every row's tokens, the new one included
+            for row in np.flatnonzero(self.rules.criteria_met(self.rows.input_ids, scores)).tolist():
+                if row in reasons and reasons[row] is None:
+                    reasons[row] = "stop"
+        return [self._event(row, reason) for row, reason in reasons.items()]
+
+    def _event(self, row: int, reason: str | None) -> Event:
+        stream, emitted = self._streams[row], self._emitted[row]
+        stream.push(self.generated[row][-1])  # eos decodes to nothing
+        text = stream.text
+        # Text before `emitted` was checked last step with `hold` characters after it.
+        cut = self.rules.first_stop(text, emitted) if self.rules.stop else None
+        token, logprob = self.generated[row][-1], self.logprobs[row][-1] if self.logprobs[row] else None
+        top = self.top_logprobs[row][-1] if self.top_logprobs[row] else None
+        if cut is not None:
+            reason, text = "stop", text[:cut]
+            self._keep_tokens_before(row, cut)
+        if reason is None:
+            safe = max(emitted, len(text) - self.rules.hold)
+            self._emitted[row] = safe
+            return Event(text[emitted:safe], row, self.prompt_index[row], token, logprob, top)
+        if cut is None:
+            text = self.tokenizer.decode(self.generated[row])  # flush bytes held back
+        self.finish_reasons[row], self.texts[row] = reason, text
+        return Event(text[emitted:], row, self.prompt_index[row], token, logprob, top, reason)
+
+    def _keep_tokens_before(self, row: int, cut: int) -> None:
+        """After a stop string at character `cut`: keep the tokens whose text lies wholly before it."""
+        ids = self.generated[row]
+        keep = len(ids)
+        while keep and len(self.tokenizer.decode(ids[:keep])) > cut:
+            keep -= 1
+        del ids[keep:], self.logprobs[row][keep:], self.top_logprobs[row][keep:]
+
+    def completions(self) -> list[Completion]:
+        """One per row, in row order: prompt by prompt, each prompt's return sequences together."""
+        asked = self.opts.logprobs is not None
+        return [Completion(self.texts[row] if self.texts[row] is not None else self.tokenizer.decode(ids), list(ids),
+                           self.finish_reasons[row] or "length", self.prompt_index[row],
+                           list(self.logprobs[row]) if asked else None, list(self.top_logprobs[row]) if asked else None,
+                           float(sum(self.logprobs[row])) if asked else None)
+                for row, ids in enumerate(self.generated)]
+
+    @property
+    def stats(self) -> Stats:
+        return call_stats(self.start, self.step_ends, self.prompt_tokens, [len(ids) for ids in self.generated])
+
+
+def call_stats(start: float, step_ends: list[float], prompt_tokens: int, lengths: list[int]) -> Stats:
+    """A call's timings; the first token of every sequence comes from the prompt pass."""
+    now = time.perf_counter()
+    first = step_ends[0] if step_ends else now
+    decode_s = step_ends[-1] - first if step_ends else 0.0
+    tps = (sum(lengths) - len(lengths)) / decode_s if decode_s > 0 else 0.0
+    return Stats(prompt_tokens, sum(lengths), first - start, tps, now - start)

@@ -1,0 +1,55 @@
+"""Every rule that ends a row, in one place: the end-of-sequence token, the length limit, stop strings and
+the caller's own stopping criteria (transformers' calling convention, on numpy arrays).
+
+A row's finish reason says which rule ended it: "eos", "length", "stop" (a stop string or a criterion of
+the caller's) or "cancelled" (the caller's `finish`/`cancel`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .options import GenerationOptions
+
+# (input_ids (rows, length), scores (rows, vocab)) -> one bool per row, or one bool for all rows
+StoppingCriterion = Callable[[np.ndarray, np.ndarray], "np.ndarray | bool"]
+
+
+@dataclass(frozen=True)
+class StopRules:
+    eos: frozenset[int]
+    max_new_tokens: int
+    stop: tuple[str, ...]
+    criteria: tuple[StoppingCriterion, ...]
+
+    @classmethod
+    def of(cls, opts: GenerationOptions) -> StopRules:
+        return cls(frozenset(opts.eos_ids), opts.max_new_tokens, tuple(opts.stop), tuple(opts.stopping_criteria))
+
+    def after_token(self, token: int, generated: int) -> str | None:
+        """The reason a row ends with `token`, its `generated`-th new token, if it does."""
+        if token in self.eos:
+            return "eos"
+        if generated >= self.max_new_tokens:
+            return "length"
+        return None
+
+    def criteria_met(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Rows that one of the caller's criteria ends, given every row's tokens so far (the new one included)."""
+        met = np.zeros(len(input_ids), dtype=bool)
+        for criterion in self.criteria:
+            met |= np.broadcast_to(np.asarray(criterion(input_ids, scores), dtype=bool), met.shape)
+        return met
+
+    @property
+    def hold(self) -> int:
+        """Characters to hold back from a stream: the tail that could still become a stop string."""
+        return max((len(s) for s in self.stop), default=1) - 1
+
+    def first_stop(self, text: str, start: int = 0) -> int | None:
+        """Where the first stop string in `text` begins, looking from `start`."""
+        found = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+        return min(found) if found else None

@@ -1,0 +1,226 @@
+"""The public decode loop: events, log-probabilities against transformers, the caller's hooks, batch
+streaming, per-call stats and one model shared by many threads."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import onnxgen
+from onnxgen.errors import OptionsError
+
+from .test_generate import PROMPTS, hf_generate
+
+
+def drive(generator: onnxgen.Generator) -> list[onnxgen.Event]:
+    events = []
+    while not generator.done:
+        events.extend(generator.step())
+    return events
+
+
+def test_events_add_up_to_the_completions(model: onnxgen.Model) -> None:
+    options = dict(max_new_tokens=15, do_sample=True, seed=3, num_return_sequences=2, stop=["th"])
+    g = model.generator(PROMPTS, **options)
+    events = drive(g)
+    completions = g.completions()
+    assert completions == model.generate(PROMPTS, **options)
+    for row, c in enumerate(completions):
+        mine = [e for e in events if e.row == row]
+        assert "".join(mine) == c.text and all(e.prompt_index == row // 2 for e in mine)
+        assert [e.finish_reason for e in mine] == [None] * (len(mine) - 1) + [c.finish_reason]
+        assert [e.token_id for e in mine][: len(c.token_ids)] == c.token_ids
+
+
+def test_finish_and_cancel_end_rows_with_what_they_have(model: onnxgen.Model) -> None:
+    g = model.generator(PROMPTS, max_new_tokens=30, eos_token_id=None)
+    g.step(), g.step()
+    g.finish(1)
+    assert [e.row for e in g.step()] == [0, 2]
+    g.cancel()
+    assert g.done and g.step() == []
+    assert [(c.finish_reason, len(c.token_ids)) for c in g.completions()] == [("cancelled", 3), ("cancelled", 2), ("cancelled", 3)]
+
+
+def _transition_scores(torch_model: torch.nn.Module, prompts: list[list[int]], eos: int, **kwargs: object) -> tuple[torch.Tensor, object]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = torch_model.generate(input_ids=ids, attention_mask=mask, pad_token_id=eos, eos_token_id=eos,
+                                   output_scores=True, return_dict_in_generate=True, **kwargs)
+    beams = out.beam_indices if kwargs.get("num_beams", 1) > 1 else None  # type: ignore[operator]
+    return torch_model.compute_transition_scores(out.sequences, out.scores, beams, normalize_logits=beams is None), out
+
+
+def test_greedy_logprobs_equal_transformers(model: onnxgen.Model, torch_model: torch.nn.Module) -> None:
+    eos = model.defaults.eos_ids[0]
+    options = dict(max_new_tokens=12, repetition_penalty=1.2)
+    ours = model.generate(PROMPTS[:1], logprobs=3, **options)[0]
+    scores, out = _transition_scores(torch_model, PROMPTS[:1], eos, do_sample=False, **options)
+    n = len(ours.token_ids)
+    np.testing.assert_allclose(ours.logprobs, scores[0, :n].numpy(), atol=2e-4)
+    assert ours.score == pytest.approx(sum(ours.logprobs))
+    for step, alternatives in enumerate(ours.top_logprobs or []):
+        assert len(alternatives) == 3 and next(iter(alternatives)) == ours.token_ids[step]  # greedy: the best one
+        assert list(alternatives.values()) == sorted(alternatives.values(), reverse=True)
+
+
+def test_sampled_logprobs_equal_transformers_warpers(model: onnxgen.Model, torch_model: torch.nn.Module) -> None:
+    """Sampling draws differ from torch's RNG, so the reference scores our own draws: transformers' model and
+    warpers on the same tokens, normalised as compute_transition_scores(normalize_logits=True) does."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    prompt = PROMPTS[0]
+    ours = model.generate([prompt], max_new_tokens=10, do_sample=True, temperature=0.7, top_k=20, top_p=0.8, seed=5,
+                          eos_token_id=None, logprobs=0)[0]
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.8)])
+    sequence = torch.tensor([prompt + ours.token_ids])
+    with torch.no_grad():
+        raw = torch_model(sequence).logits[0, len(prompt) - 1 : -1]
+    reference = []
+    for i, token in enumerate(ours.token_ids):
+        warped = warpers(sequence[:, : len(prompt) + i], raw[i : i + 1].clone())
+        reference.append(torch.log_softmax(warped, dim=-1)[0, token].item())
+    np.testing.assert_allclose(ours.logprobs, reference, atol=2e-4)
+    assert ours.top_logprobs == [{}] * len(ours.token_ids)
+
+
+def test_beam_scores_equal_transformers(model: onnxgen.Model, torch_model: torch.nn.Module) -> None:
+    eos = model.defaults.eos_ids[0]
+    options = dict(max_new_tokens=10, num_beams=3, num_return_sequences=2, length_penalty=0.8)
+    ours = model.generate(PROMPTS, logprobs=2, **options)
+    scores, out = _transition_scores(torch_model, PROMPTS, eos, do_sample=False, **options)
+    for row, c in enumerate(ours):
+        n = len(c.token_ids)
+        np.testing.assert_allclose(c.logprobs, scores[row, :n].numpy(), atol=2e-4)
+        assert c.score == pytest.approx(out.sequences_scores[row].item(), abs=2e-4)
+        assert all(len(a) == 2 and lp in a.values() or lp <= min(a.values()) for a, lp in zip(c.top_logprobs or [], c.logprobs))
+
+
+def test_logit_bias_and_processors_steer_the_choice(model: onnxgen.Model, torch_model: torch.nn.Module) -> None:
+    assert {t for c in model.generate(PROMPTS, max_new_tokens=6, logit_bias={17: 100.0}) for t in c.token_ids} == {17}
+    with pytest.raises(OptionsError, match="logit_bias"):
+        model.generate(PROMPTS, logit_bias={model.dims.vocab_size: 1.0})
+
+    seen: list[tuple[int, ...]] = []
+
+    def echo_last(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """transformers' convention: the left-padded tokens so far; here, repeat each row's last one."""
+        seen.append(input_ids.shape)
+        out = np.full_like(scores, -np.inf)
+        out[np.arange(len(scores)), input_ids[:, -1]] = 0.0
+        return out
+
+    ours = [c.token_ids for c in model.generate(PROMPTS, max_new_tokens=4, logits_processors=[echo_last])]
+    assert ours == [[p[-1]] * 4 for p in PROMPTS]
+    assert seen == [(3, 7), (3, 8), (3, 9), (3, 10)]
+
+    class TorchEcho:  # the same processor, as transformers calls it
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(echo_last(input_ids.numpy(), scores.numpy()))
+
+    from transformers import LogitsProcessorList
+
+    eos = model.defaults.eos_ids[0]
+    assert ours == hf_generate(torch_model, PROMPTS, eos, max_new_tokens=4, do_sample=False, logits_processor=LogitsProcessorList([TorchEcho()]))
+
+
+def test_stopping_criteria_end_rows(model: onnxgen.Model) -> None:
+    width = max(map(len, PROMPTS))
+
+    def three_new(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        return np.full(len(input_ids), input_ids.shape[1] - width >= 3)
+
+    out = model.generate(PROMPTS, max_new_tokens=10, eos_token_id=None, stopping_criteria=[three_new])
+    assert [(len(c.token_ids), c.finish_reason) for c in out] == [(3, "stop")] * 3
+    with pytest.raises(OptionsError, match="callables"):
+        model.generate(PROMPTS, stopping_criteria=["not callable"])
+
+
+def test_stream_of_several_prompts_tags_rows(model: onnxgen.Model) -> None:
+    options = dict(max_new_tokens=12, do_sample=True, seed=9, num_return_sequences=2)
+    texts: dict[int, str] = {}
+    for event in model.stream(PROMPTS[:2], **options):
+        texts[event.row] = texts.get(event.row, "") + event
+    assert [texts[r] for r in range(4)] == [c.text for c in model.generate(PROMPTS[:2], **options)]
+
+
+def test_stream_checks_options_when_called(model: onnxgen.Model) -> None:
+    with pytest.raises(OptionsError, match="top_p"):
+        model.stream("Hello", top_p=2.0)  # not iterated
+    with pytest.raises(OptionsError, match="beam"):
+        model.stream("Hello", num_beams=2)
+
+
+def test_min_new_tokens_counts_steps_for_every_row(model: onnxgen.Model) -> None:
+    """Row 0 stops early on a stop string; the other rows' minimum still counts their own steps (it was
+    counted from row 0's tokens, so the others could never end with eos)."""
+    eos = model.defaults.eos_ids[0]
+    options = dict(max_new_tokens=20, min_new_tokens=6, logit_bias={eos: 4.0}, repetition_penalty=1.2)
+    first = model.generate(PROMPTS[0], **options)[0]
+    stop = next(model.tokenizer.decode([t]) for t in first.token_ids[1:] if model.tokenizer.decode([t]).strip())
+    batch = model.generate(PROMPTS, stop=[stop], **options)
+    assert batch[0].finish_reason == "stop" and any(c.finish_reason == "eos" for c in batch[1:])
+    alone = [model.generate(p, stop=[stop], **options)[0] for p in PROMPTS]
+    assert [(c.text, c.token_ids, c.finish_reason) for c in batch] == [(c.text, c.token_ids, c.finish_reason) for c in alone]
+
+
+def test_token_ids_end_before_a_stop_string(model: onnxgen.Model) -> None:
+    full = model.generate("It is a truth", max_new_tokens=30, eos_token_id=None)[0]
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 2]
+    c = model.generate("It is a truth", max_new_tokens=30, eos_token_id=None, stop=[stop], logprobs=0)[0]
+    kept = model.tokenizer.decode(c.token_ids)
+    assert c.finish_reason == "stop" and c.text.startswith(kept) and stop not in kept
+    assert len(c.token_ids) < len(full.token_ids) and len(c.logprobs or []) == len(c.token_ids)
+    assert full.token_ids[: len(c.token_ids)] == c.token_ids
+
+
+def test_one_model_serves_many_threads(exported: Path) -> None:
+    """8 threads x 50 seeded calls on one loaded model give exactly the serial results, and each thread's
+    last_stats is its own last call's."""
+    shared = onnxgen.load(exported, threads=1)
+
+    def call(i: int) -> list[onnxgen.Completion]:
+        kind = i % 3
+        options: dict[str, object] = {"max_new_tokens": 4 + i % 7, "seed": i}
+        if kind == 0:
+            options.update(do_sample=True, top_p=0.9, stop=["e"])
+        elif kind == 1:
+            options.update(num_beams=2)
+        return shared.generate(PROMPTS[i % 3 :], **options)
+
+    serial = [call(i) for i in range(400)]
+    results: dict[int, list[onnxgen.Completion]] = {}
+    stats_ok: list[bool] = []
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            for i in range(t, 400, 8):
+                results[i] = call(i)
+                stats = shared.last_stats
+                stats_ok.append(stats is not None and stats.new_tokens == sum(len(c.token_ids) for c in results[i]))
+        except BaseException as e:  # noqa: BLE001  (reported below, with the thread's calls)
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert [results[i] for i in range(400)] == serial
+    assert len(stats_ok) == 400 and all(stats_ok)
+
+
+def test_generator_stats_belong_to_the_call(model: onnxgen.Model) -> None:
+    g = model.generator(PROMPTS, max_new_tokens=5, eos_token_id=None)
+    drive(g)
+    s = g.stats
+    assert s.new_tokens == 15 and s.prompt_tokens == sum(map(len, PROMPTS)) and s.time_to_first_token_s > 0
+    assert 0 < s.time_to_first_token_s <= s.total_s and s.decode_tokens_per_s > 0
