@@ -48,7 +48,7 @@ class BeamSearch:
         self.eos = np.asarray(sorted(self.rules.eos), dtype=np.int64)
         self.keep = max(2, 1 + len(self.eos)) * k  # candidates looked at per step
         self.scoring = Scoring(opts)
-        self.rows = Rows(runtime, [p for p in prompts for _ in range(k)], pad_id)
+        self.rows = Rows(runtime, [p for p in prompts for _ in range(k)], pad_id, opts.max_new_tokens)
         self.top_n = opts.logprobs or 0
         new = opts.max_new_tokens
         # Per beam, running and finished: new tokens, each one's log-probability and best alternatives, score, length.

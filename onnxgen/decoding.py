@@ -42,11 +42,13 @@ def sample(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 class Rows:
-    def __init__(self, runtime: Runtime, prompts: list[list[int]], pad_id: int) -> None:
+    def __init__(self, runtime: Runtime, prompts: list[list[int]], pad_id: int, max_new_tokens: int) -> None:
         self.runtime = runtime
-        self.input_ids, self.mask, positions = left_pad(prompts, pad_id)  # input_ids grows by a column a step
-        self.prompt_width = self.input_ids.shape[1]
-        self._pending = (self.input_ids, positions)  # what the next forward runs: the prompts, then one token a row
+        self._prompts, self.mask, positions = left_pad(prompts, pad_id)
+        self._new = np.full((len(prompts), max_new_tokens), pad_id, dtype=np.int64)  # a column a step
+        self._steps = 0
+        self._tokens = [list(p) for p in prompts]  # the same without padding, as lists: what processors read
+        self._pending = (self._prompts, positions)  # what the next forward runs: the prompts, then one token a row
         self._cache: Cache = runtime.empty_cache(len(prompts))
         self._reorder_buffers: list[np.ndarray] = []  # kept across steps (see Runtime.reorder)
 
@@ -60,17 +62,25 @@ class Rows:
         """Append one token to every row; with `source`, row i first becomes a copy of row source[i]."""
         positions = self._pending[1][:, -1:] + 1
         if source is not None:
-            self.input_ids, self.mask, positions = self.input_ids[source], self.mask[source], positions[source]
+            self._prompts, self._new, self.mask, positions = self._prompts[source], self._new[source], self.mask[source], positions[source]
+            self._tokens = [list(self._tokens[s]) for s in source.tolist()]
             self._cache = self.runtime.reorder(self._cache, source, self._reorder_buffers)
         column = tokens.reshape(-1, 1).astype(np.int64)
-        self.input_ids = np.concatenate([self.input_ids, column], axis=1)
+        self._new[:, self._steps] = column[:, 0]
+        self._steps += 1
+        for row, token in zip(self._tokens, column[:, 0].tolist()):
+            row.append(token)
         self.mask = np.concatenate([self.mask, np.ones_like(column)], axis=1)
         self._pending = (column, positions)
 
-    def history(self, row: int) -> list[int]:
-        """The row's tokens so far without padding: its prompt, then what was generated."""
-        return self.input_ids[row, self.mask[row] == 1].tolist()
+    @property
+    def input_ids(self) -> np.ndarray:
+        """Every row's tokens so far, left-padded: what transformers hands processors and stopping criteria."""
+        return np.concatenate([self._prompts, self._new[:, : self._steps]], axis=1)
 
+    def history(self, row: int) -> list[int]:
+        """The row's tokens so far without padding: its prompt, then what was generated (do not modify)."""
+        return self._tokens[row]
 
 
 class Scoring:
@@ -82,6 +92,8 @@ class Scoring:
         self.user = opts.logits_processors
 
     def __call__(self, raw: np.ndarray, rows: Rows, step: int) -> np.ndarray:
+        if not (self.processors or self.user or self.warpers):  # greedy's usual case: the raw scores
+            return raw
         history = [rows.history(r) for r in range(len(raw))] if self.processors else []
         scores = logits.apply(self.processors, raw, history, step)
         for processor in self.user:

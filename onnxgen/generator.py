@@ -97,7 +97,7 @@ class Generator:
         self.rules = StopRules.of(opts)
         self.scoring = Scoring(opts)
         self.rng = np.random.default_rng(opts.seed)
-        self.rows = Rows(runtime, prompts, pad_id)
+        self.rows = Rows(runtime, prompts, pad_id, opts.max_new_tokens)
         self.generated: list[list[int]] = [[] for _ in prompts]
         self.logprobs: list[list[float]] = [[] for _ in prompts]
         self.top_logprobs: list[list[dict[int, float]]] = [[] for _ in prompts]
@@ -141,7 +141,8 @@ class Generator:
                 self.logprobs[row].append(float(chosen[row]))
                 self.top_logprobs[row].append(best[row])
             reasons[row] = self.rules.after_token(token, len(self.generated[row]))
-        tokens[[row for row in range(len(tokens)) if row not in reasons]] = self.pad_id
+        if len(reasons) < len(tokens):  # finished rows run on with padding
+            tokens[[row for row in range(len(tokens)) if row not in reasons]] = self.pad_id
         self.rows.advance(tokens)
         if self.rules.criteria:  # the caller's criteria see every row's tokens, the new one included
             for row in np.flatnonzero(self.rules.criteria_met(self.rows.input_ids, scores)).tolist():
