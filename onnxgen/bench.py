@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .errors import OptionsError
+from .folder import ModelFolder
 from .model import load
 from .options import STRATEGIES
 from .progress import stderr
@@ -43,6 +44,12 @@ def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = No
     """Every figure is the median (with min and max) of `runs` timed runs after one warm-up."""
     from rich.progress import Progress
 
+    if runs < 1:
+        raise OptionsError(f"runs must be at least 1, got {runs}")
+    bad = [c for c in cases if min(c.batch, c.prompt_tokens, c.new_tokens) < 1]
+    if bad:
+        raise OptionsError(f"batch, prompt tokens and new tokens must be at least 1, got {bad[0]}")
+    ModelFolder.read(Path(folder)).verify()  # timing a corrupted folder helps nobody; outside the load time
     start = time.perf_counter()
     model = load(folder, provider=provider, threads=threads)
     load_s = time.perf_counter() - start

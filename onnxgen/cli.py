@@ -1,8 +1,12 @@
-"""The `onnxgen` command: export, quantize, generate, bench. Results on stdout, progress and errors on stderr."""
+"""The `onnxgen` command: export, quantize, generate, bench, verify. Results on stdout, progress and errors on
+stderr. Every error is one line, `onnxgen: error: ...`: exit 2 for a usage error, 1 for anything else, 130 on
+Ctrl-C. No traceback reaches the user unless ONNXGEN_DEBUG=1 is set.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 from enum import Enum
@@ -22,18 +26,16 @@ JsonOption = Annotated[bool, typer.Option("--json", help="print machine-readable
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    print(f"onnxgen: error: {message}", file=sys.stderr)
+    print(f"onnxgen: error: {' '.join(message.split())}", file=sys.stderr)
     raise typer.Exit(code)
 
 
 def run(action: Any) -> Any:
-    """Run a command body: onnxgen's own errors become one line on stderr, Ctrl-C exits 130."""
+    """Run a command body: onnxgen's own errors become one line on stderr (main() handles the rest)."""
     try:
         return action()
     except OnnxgenError as e:
         fail(str(e))
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
 
 
 def _export_stack() -> None:
@@ -204,5 +206,35 @@ def bench(
         Console().print(b.table(result))
 
 
+@app.command()
+def verify(model: ModelOption = None) -> None:
+    """Check a model folder against its manifest: files, sizes, sha256, dims, graph and tokenizer."""
+    from . import load
+    from .model import BUNDLED
+
+    run(lambda: load(model or BUNDLED, verify=True))
+    print(f"{model or BUNDLED}: every file matches the manifest")
+
+
 def main() -> None:
-    app()
+    """The console entry point: the one place where an error becomes a line and an exit code."""
+    debug = os.environ.get("ONNXGEN_DEBUG") == "1"
+    try:
+        code = app(standalone_mode=False)  # typer turns Ctrl-C inside a command into exit code 130
+    except (KeyboardInterrupt, typer.Abort):
+        code = 130
+    except Exception as e:
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # click's errors (typer vendors click): usage, 2
+            if e.format_message():  # empty after `onnxgen` alone, which has shown the help
+                print(f"onnxgen: error: {' '.join(e.format_message().split())} (onnxgen --help lists the commands, "
+                      "onnxgen COMMAND --help their options)", file=sys.stderr)
+            code = e.exit_code
+        elif debug:
+            raise
+        else:  # a bug: say so in one line
+            print(f"onnxgen: error: internal error ({type(e).__name__}: {' '.join(str(e).split())}); "
+                  "ONNXGEN_DEBUG=1 shows the traceback", file=sys.stderr)
+            code = 1
+    if code == 130:
+        print("onnxgen: error: interrupted", file=sys.stderr)
+    sys.exit(code if isinstance(code, int) else 0)

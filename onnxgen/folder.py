@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import manifest
+from .errors import ModelFolderError
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"  # the weights, when they pass protobuf's 2 GB (or the export's threshold)
@@ -47,6 +48,9 @@ class Dims:
         return self.n_embd // self.n_head
 
 
+DIM_NAMES = tuple(Dims.__dataclass_fields__)
+
+
 @dataclass(frozen=True)
 class ModelFolder:
     path: Path
@@ -56,9 +60,32 @@ class ModelFolder:
 
     @classmethod
     def read(cls, path: Path) -> ModelFolder:
+        """The folder as its manifest describes it, after checking that its files are there with the sizes the
+        manifest gives and that the manifest's dims are the config's (the graph's are checked at load)."""
         record = manifest.read(path)
-        config = json.loads((path / CONFIG).read_text())
-        return cls(path, record, Dims(**{k: record["dims"][k] for k in Dims.__dataclass_fields__}), config.get("bos_token_id"))
+        for name, described in record.get("files", {}).items():
+            size = (path / name).stat().st_size
+            if size != described.get("bytes"):
+                raise ModelFolderError(f"{path / name} is {size} bytes, the manifest says {described.get('bytes')}: "
+                                       "the folder was changed after it was made; make it again")
+        dims = record.get("dims")
+        if not isinstance(dims, dict) or any(not isinstance(dims.get(k), int) or dims[k] < 1 for k in DIM_NAMES):
+            raise ModelFolderError(f"{path / MANIFEST} has no valid dims (positive integers {', '.join(DIM_NAMES)}): {dims!r}")
+        try:
+            config = json.loads((path / CONFIG).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelFolderError(f"{path / CONFIG} cannot be read: {e}") from None
+        differ = [f"{k} {dims[k]} (config {config.get(k)})" for k in DIM_NAMES if config.get(k) != dims[k]]
+        if differ:
+            raise ModelFolderError(f"{path / MANIFEST} and {CONFIG} disagree: {', '.join(differ)}")
+        return cls(path, record, Dims(**{k: dims[k] for k in DIM_NAMES}), config.get("bos_token_id"))
+
+    def verify(self) -> None:
+        """Hash every file and compare with the manifest (a few seconds a GB): corrupted weights that still
+        parse would otherwise give wrong text without an error."""
+        for name, described in self.manifest["files"].items():
+            if manifest.sha256(self.path / name) != described.get("sha256"):
+                raise ModelFolderError(f"{self.path / name} does not match its sha256 in the manifest: the file is corrupted or was replaced")
 
     @property
     def model_file(self) -> Path:

@@ -7,6 +7,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .beam import BeamSearch
 from .errors import ContextLengthError, ModelFolderError, OptionsError
 from .folder import MANIFEST, ModelFolder
@@ -20,12 +22,44 @@ BUNDLED = Path(__file__).parent / "bundled" / "prose-mini"
 Prompt = str | Sequence[int]
 
 
+def _is_ids(value: Any) -> bool:
+    """A 1-D run of integer token ids (bools are not ids)."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 1 and value.dtype.kind in "iu"
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and all(
+        isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_)) for t in value)
+
+
+def _prompt_list(prompts: Any) -> list[Any]:
+    """The prompts of a call as a list; anything that is neither text nor token ids is refused, not guessed at."""
+    if isinstance(prompts, (str, bytes)) or (_is_ids(prompts) and len(prompts) > 0):
+        return [prompts]
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 2 and prompts.dtype.kind in "iu":
+        return list(prompts)
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, (str, bytes)) or _is_ids(p) for p in prompts):
+        return list(prompts)
+    if isinstance(prompts, (list, tuple, np.ndarray)) and len(prompts) == 0:
+        raise OptionsError("no prompt given")
+    raise OptionsError("a prompt is text (str, or UTF-8 bytes) or a sequence of integer token ids; "
+                       f"several prompts are a list of those; got {type(prompts).__name__} {_short(prompts)}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class Model:
-    def __init__(self, path: Path, provider: Provider = "cpu", threads: int | None = None) -> None:
+    def __init__(self, path: Path, provider: Provider = "cpu", threads: int | None = None, verify: bool = False) -> None:
         self.folder = ModelFolder.read(path)
+        if verify:
+            self.folder.verify()
         self.manifest, self.dims = self.folder.manifest, self.folder.dims
         self.context_length = self.dims.n_positions
         self.tokenizer = Tokenizer(self.folder.tokenizer_file)
+        if self.tokenizer.vocab_size > self.dims.vocab_size:
+            raise ModelFolderError(f"{self.folder.tokenizer_file} has {self.tokenizer.vocab_size} tokens, more than the model's "
+                                   f"vocabulary of {self.dims.vocab_size}")
         self.defaults = GenerationOptions.from_folder(path)
         self.runtime = Runtime(self.folder, provider, threads)
         self._calls = threading.local()  # each thread's latest finished call, for last_stats
@@ -41,22 +75,20 @@ class Model:
         return (options or self.defaults).with_overrides(**overrides)
 
     def _prompt_ids(self, prompts: Prompt | Sequence[Prompt], opts: GenerationOptions) -> list[list[int]]:
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts)):
-            prompts = [prompts]  # type: ignore[list-item]
-        if not prompts:
-            raise OptionsError("no prompt given")
+        """One list of token ids per prompt, checked: text (str, or bytes in UTF-8), or token ids (a sequence
+        or 1-D array of integers); several prompts as a list of those or a 2-D integer array."""
         budget = self.context_length - opts.max_new_tokens
         if budget < 1:
             raise ContextLengthError(f"max_new_tokens ({opts.max_new_tokens}) must be below the context window ({self.context_length})")
         result = []
-        for prompt in prompts:  # type: ignore[union-attr]
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        for prompt in _prompt_list(prompts):
+            ids = self._encode(prompt)
             if not ids:  # an empty prompt starts from the beginning-of-text token, as transformers does
                 if self.folder.bos_token_id is None:
                     raise OptionsError("empty prompt and the model has no bos_token_id")
                 ids = [self.folder.bos_token_id]
             if any(not 0 <= t < self.dims.vocab_size for t in ids):
-                raise OptionsError(f"token ids must be in [0, {self.dims.vocab_size})")
+                raise OptionsError(f"token ids must be in [0, {self.dims.vocab_size}), got {next(t for t in ids if not 0 <= t < self.dims.vocab_size)}")
             if len(ids) > budget:
                 if not opts.truncate_prompt:
                     raise ContextLengthError(
@@ -66,6 +98,29 @@ class Model:
                 ids = ids[-budget:]
             result.append(ids)
         return result
+
+    def _encode(self, prompt: str | bytes | Sequence[int]) -> list[int]:
+        if isinstance(prompt, bytes):
+            try:
+                prompt = prompt.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise OptionsError(f"prompt is not valid UTF-8: {e}") from None
+        if isinstance(prompt, str):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate: bytes that were not UTF-8 (the command line's, say)
+                raise OptionsError(f"prompt is not valid text: {e.object[e.start:e.end]!r} at character {e.start} is not "
+                                   "a character (input that was not UTF-8?)") from None
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def _check_special_ids(self, opts: GenerationOptions) -> None:
+        vocab = self.dims.vocab_size
+        for name, ids in (("eos_token_id", opts.eos_ids), ("pad_token_id", [] if opts.pad_token_id is None else [opts.pad_token_id]),
+                          ("logit_bias", list(opts.logit_bias))):
+            outside = [t for t in ids if not 0 <= t < vocab]
+            if outside:
+                raise OptionsError(f"{name} token ids must be in [0, {vocab}), got {outside[0]}")
 
     def _pad_id(self, opts: GenerationOptions) -> int:
         if opts.pad_token_id is not None:
@@ -79,9 +134,7 @@ class Model:
         prompts are checked now. Rows go prompt by prompt, num_return_sequences rows each."""
         opts = self.options(options, **overrides)
         ids = self._prompt_ids(prompts, opts)
-        outside = [t for t in opts.logit_bias if not 0 <= t < self.dims.vocab_size]
-        if outside:
-            raise OptionsError(f"logit_bias token ids must be in [0, {self.dims.vocab_size}), got {outside[0]}")
+        self._check_special_ids(opts)
         if opts.num_beams > 1:
             return BeamSearch(self.runtime, self.tokenizer, ids, opts, self._pad_id(opts))
         n = opts.num_return_sequences
@@ -110,12 +163,13 @@ class Model:
         self._calls.stats = generator.stats
 
 
-def load(path: str | Path | None = None, provider: Provider = "cpu", threads: int | None = None) -> Model:
-    """Load an onnxgen model folder; with no path, the small model that ships with onnxgen."""
+def load(path: str | Path | None = None, provider: Provider = "cpu", threads: int | None = None, verify: bool = False) -> Model:
+    """Load an onnxgen model folder; with no path, the small model that ships with onnxgen. `verify` also
+    checks every file's sha256 against the manifest (a few seconds a GB)."""
     folder = Path(path) if path is not None else BUNDLED
     if path is None and not (folder / MANIFEST).is_file():
         raise ModelFolderError("this onnxgen install has no bundled model: pass a model folder")
-    return Model(folder, provider, threads)
+    return Model(folder, provider, threads, verify)
 
 
 class TextGenerationPipeline:
@@ -127,11 +181,18 @@ class TextGenerationPipeline:
     def __call__(self, text_inputs: str | list[str], max_length: int | None = None, return_full_text: bool = True,
                  **options: Any) -> list[dict[str, str]] | list[list[dict[str, str]]]:
         prompts = [text_inputs] if isinstance(text_inputs, str) else list(text_inputs)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise OptionsError("the pipeline takes a string or a list of strings")
         results = []
         for prompt in prompts:
             overrides = dict(options)
-            if max_length is not None:  # transformers' max_length counts the prompt
-                overrides["max_new_tokens"] = max_length - len(self.model.tokenizer.encode(prompt))
+            # transformers' max_length counts the prompt; an explicit max_new_tokens wins, as in transformers
+            if max_length is not None and "max_new_tokens" not in overrides:
+                prompt_tokens = len(self.model._encode(prompt))
+                if not isinstance(max_length, int) or max_length <= prompt_tokens:
+                    raise OptionsError(f"max_length ({max_length!r}) counts the prompt, which is {prompt_tokens} tokens: "
+                                       "pass a larger max_length, or max_new_tokens")
+                overrides["max_new_tokens"] = max_length - prompt_tokens
             prefix = prompt if return_full_text else ""
             results.append([{"generated_text": prefix + c.text} for c in self.model.generate(prompt, **overrides)])
         return results[0] if isinstance(text_inputs, str) else results

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 from .errors import OptionsError
 from .folder import GENERATION_CONFIG
@@ -21,6 +24,12 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "top-k-top-p": {"do_sample": True, "num_beams": 1, "top_k": 50, "top_p": 0.9, "temperature": 0.8, "seed": 0},
 }
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 100.0
+INTS = {"max_new_tokens", "min_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size"}
+OPTIONAL_INTS = {"pad_token_id", "seed", "logprobs"}
+FLOATS = {"temperature", "top_p", "length_penalty", "repetition_penalty"}
+BOOLS = {"do_sample", "truncate_prompt"}
 
 
 @dataclass(frozen=True)
@@ -50,12 +59,19 @@ class GenerationOptions:
     stopping_criteria: list[Callable[[Any, Any], Any]] = field(default_factory=list)
 
     def validate(self) -> GenerationOptions:
+        """Check every option's type and range; returns the options with numpy numbers made plain Python ones."""
+        typed = replace(self, **{f.name: _typed(f.name, getattr(self, f.name)) for f in fields(self)})
+        typed._check_ranges()
+        return typed
+
+    def _check_ranges(self) -> None:
         if self.max_new_tokens < 1:
             raise OptionsError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise OptionsError(f"min_new_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}")
-        if self.do_sample and not self.temperature > 0:
-            raise OptionsError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        # Past 100 every GPT-2 distribution is uniform to float32's precision: a typo, not a wish.
+        if self.do_sample and not 0 < self.temperature <= MAX_TEMPERATURE:
+            raise OptionsError(f"temperature must be in (0, {MAX_TEMPERATURE}] when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise OptionsError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -70,31 +86,31 @@ class GenerationOptions:
             raise OptionsError(f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams})")
         if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
             raise OptionsError("greedy decoding returns one sequence per prompt: set do_sample=True or num_beams >= num_return_sequences")
-        if not self.repetition_penalty > 0:
-            raise OptionsError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise OptionsError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], got {self.repetition_penalty}")
         if self.no_repeat_ngram_size < 0:
             raise OptionsError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
-        if self.early_stopping not in (True, False, "never"):
-            raise OptionsError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.num_beams > 1 and self.stop:
             raise OptionsError("stop strings are not supported with beam search")
         if any(not s for s in self.stop):
             raise OptionsError("stop strings must not be empty")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise OptionsError(f"seed must be in [0, 2**64), got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise OptionsError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
-        if any(not callable(f) for f in [*self.logits_processors, *self.stopping_criteria]):
-            raise OptionsError("logits_processors and stopping_criteria must be callables")
-        return self
+        bad_bias = [v for v in self.logit_bias.values() if not -100 <= v <= 100]
+        if bad_bias:
+            raise OptionsError(f"logit_bias values must be in [-100, 100] (OpenAI's range), got {bad_bias[0]}")
 
     def with_overrides(self, **overrides: Any) -> GenerationOptions:
         names = {f.name for f in fields(self)}
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise OptionsError(f"unknown generation option(s): {', '.join(unknown)}")
-        if isinstance(overrides.get("stop"), str):
-            overrides["stop"] = [overrides["stop"]]
-        if overrides.get("logit_bias"):  # JSON gives its keys as strings
-            overrides["logit_bias"] = {int(k): float(v) for k, v in overrides["logit_bias"].items()}
+        # Asking for beams asks for beam search: a sampling default (the bundled model's) gives way, unless
+        # sampling is asked for in the same call too (then the conflict is reported).
+        if _is_int(overrides.get("num_beams")) and overrides["num_beams"] > 1 and "do_sample" not in overrides:
+            overrides["do_sample"] = False
         return replace(self, **overrides).validate()
 
     @property
@@ -110,3 +126,55 @@ class GenerationOptions:
         saved = json.loads(path.read_text()) if path.is_file() else {}
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in saved.items() if k in names and v is not None}).validate()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _typed(name: str, value: Any) -> Any:
+    """`value` as option `name` takes it (numpy numbers become Python ones), or an OptionsError naming both."""
+    def refuse(expected: str) -> OptionsError:
+        return OptionsError(f"{name} must be {expected}, got {value!r}")
+
+    if name in INTS or (name in OPTIONAL_INTS and value is not None):
+        if not _is_int(value):
+            raise refuse("an integer")
+        return int(value)
+    if name in FLOATS:
+        if not (_is_int(value) or isinstance(value, (float, np.floating))) or not math.isfinite(value):
+            raise refuse("a finite number")
+        return float(value)
+    if name in BOOLS:
+        if not isinstance(value, (bool, np.bool_)):
+            raise refuse("True or False")
+        return bool(value)
+    if name == "early_stopping":
+        if value not in (True, False, "never") or not isinstance(value, (bool, np.bool_, str)):
+            raise refuse("True, False or 'never'")
+        return value if value == "never" else bool(value)
+    if name == "eos_token_id":
+        if value is None:
+            return None
+        ids = [value] if _is_int(value) else value
+        if not isinstance(ids, (list, tuple, np.ndarray)) or not all(_is_int(i) for i in ids):
+            raise refuse("a token id, a list of token ids, or None")
+        return int(ids[0]) if _is_int(value) else [int(i) for i in ids]
+    if name == "stop":
+        stops = [] if value is None else [value] if isinstance(value, str) else value
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+            raise refuse("a string or a list of strings")
+        return list(stops)
+    if name == "logit_bias":
+        items = value.items() if isinstance(value, dict) else [(None, None)]
+        # JSON gives the keys as strings of digits
+        keys = [int(k) if _is_int(k) or (isinstance(k, str) and k.isdigit()) else None for k, _ in items]
+        numbers = [v for _, v in items if _is_int(v) or (isinstance(v, (float, np.floating)) and not math.isnan(v))]
+        if None in keys or len(numbers) != len(keys):
+            raise refuse("a dict of token id to bias")
+        return {k: float(v) for k, v in zip(keys, numbers)}
+    if name in ("logits_processors", "stopping_criteria"):
+        if not isinstance(value, (list, tuple)) or not all(callable(f) for f in value):
+            raise refuse("a list of callables")
+        return list(value)
+    return value

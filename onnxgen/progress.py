@@ -28,5 +28,6 @@ class Steps:
 @contextmanager
 def steps(total: int, quiet: bool = False) -> Iterator[Steps]:
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=False, disable=quiet) as progress:
+    # Drawn on a terminal only: in a log or a pipe a bar is noise (and rich leaves blank lines there).
+    with Progress(*columns, console=stderr, transient=True, disable=quiet or not stderr.is_terminal) as progress:
         yield Steps(progress, total)

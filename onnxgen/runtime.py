@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import ModelFolderError, ProviderError
+from .errors import ModelFolderError, OptionsError, ProviderError
 from .folder import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS, ModelFolder, past_names, present_names
 
 Provider = Literal["cpu", "cuda"]
@@ -56,6 +56,17 @@ def _onnxruntime() -> Any:
     return onnxruntime
 
 
+def _threads(threads: int | None) -> int:
+    """onnxruntime's intra-op threads: all cores by default. Far more threads than cores only slows a step,
+    and a huge count makes session creation hang for minutes."""
+    cores = os.cpu_count() or 1
+    if threads is None:
+        return cores
+    if not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or not 1 <= threads <= 4 * cores:
+        raise OptionsError(f"threads must be an integer from 1 to {4 * cores} (4 x this machine's {cores} cores), got {threads!r}")
+    return int(threads)
+
+
 def _load_cuda_libraries(ort: Any) -> str:
     """Load CUDA and cuDNN from the nvidia-* wheels that onnxgen[gpu] installs (onnxruntime finds a system
     CUDA on the library path by itself, and then this finds it too). onnxruntime prints what failed on
@@ -76,7 +87,7 @@ class Runtime:
         self.n_head, self.head_dim, self.n_positions = folder.dims.n_head, folder.dims.head_dim, folder.dims.n_positions
         model_path = folder.model_file
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.intra_op_num_threads = _threads(threads)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # onnxruntime's warnings about unused initializers are noise here
         if provider == "cuda":
@@ -97,6 +108,7 @@ class Runtime:
             raise ProviderError("CUDA was requested but onnxruntime could not start it (CUDA/cuDNN libraries missing? "
                                 f"onnxgen[gpu] installs them){library_notes}")
         self.device = provider
+        self._check_graph(folder)
         self.cache_dtype = self._cache_dtype(model_path)
         # Beam search's reorder on CUDA, on the device (see reorder); a few milliseconds to load.
         self._select_rows = ort.InferenceSession(str(GRAPHS / SELECT_ROWS[self.cache_dtype]), options, providers=providers)
@@ -104,6 +116,25 @@ class Runtime:
         # logits_to_keep has a default (graph.add_logits_to_keep), and IO binding takes an input with a
         # default only as an OrtValue.
         self._keep_last = ort.OrtValue.ortvalue_from_numpy(np.array([1], dtype=np.int64))
+
+    def _check_graph(self, folder: ModelFolder) -> None:
+        """The graph's inputs and outputs against the manifest's dims, so a mismatch is a clear error at load
+        and not onnxruntime's shape error at the first step."""
+        dims, model_path = folder.dims, folder.model_file
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        past = [name for name in inputs if name.startswith("past_key_values.")]
+        missing = [n for n in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS) if n not in inputs] + [n for n in [LOGITS] if n not in outputs]
+        if missing:
+            raise ModelFolderError(f"{model_path} lacks {', '.join(missing)}: not a graph onnxgen made")
+        if sorted(past) != sorted(past_names(dims.n_layer)):
+            raise ModelFolderError(f"{model_path} has {len(past) // 2} layers of cache, the manifest says n_layer {dims.n_layer}")
+        shape = inputs[past_names(1)[0]]  # (batch, heads, positions, head size); a name where a size is symbolic
+        if (isinstance(shape[1], int) and shape[1] != dims.n_head) or (isinstance(shape[3], int) and shape[3] != dims.head_dim):
+            raise ModelFolderError(f"{model_path} has {shape[1]} heads of {shape[3]}, the manifest says n_head {dims.n_head} "
+                                   f"of {dims.head_dim} (n_embd {dims.n_embd})")
+        if isinstance(outputs[LOGITS][-1], int) and outputs[LOGITS][-1] != dims.vocab_size:
+            raise ModelFolderError(f"{model_path} scores {outputs[LOGITS][-1]} tokens, the manifest says vocab_size {dims.vocab_size}")
 
     def _cache_dtype(self, model_path: Path) -> np.dtype:
         types = {i.name: i.type for i in self.session.get_inputs()}

@@ -13,7 +13,14 @@ class Tokenizer:
     def __init__(self, path: Path) -> None:
         if not path.is_file():
             raise ModelFolderError(f"no tokenizer.json in {path.parent}")
-        self._tok = _Tokenizer.from_file(str(path))
+        try:
+            self._tok = _Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises plain Exceptions for malformed files
+            raise ModelFolderError(f"{path} is not a usable tokenizer: {str(e).splitlines()[0]}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
