@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .errors import OptionsError
-from .folder import ModelFolder
+from .folder import DATA_FILE, MODEL_FILE, ModelFolder
 from .model import load
 from .options import STRATEGIES
 from .progress import stderr
@@ -31,7 +31,7 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory. Linux's VmHWM belongs to this program alone; getrusage's
+    """This process's peak resident memory in MiB. Linux's VmHWM belongs to this program alone; getrusage's
     ru_maxrss (the fallback elsewhere) carries a parent's peak over fork and exec."""
     status = Path("/proc/self/status")
     if status.exists():
@@ -72,14 +72,17 @@ def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = No
                     ttft.append(model.last_stats.time_to_first_token_s * 1000)
                     tps.append(model.last_stats.decode_tokens_per_s)
             results.append({**asdict(case), "time_to_first_token_ms": spread(ttft), "decode_tokens_per_s": spread(tps)})
+    weights_mb = sum(model.manifest["files"][name]["bytes"] for name in (MODEL_FILE, DATA_FILE) if name in model.manifest["files"]) / 2**20
+    peak = peak_rss_mb()
     return {"model": str(folder), "provider": provider, "threads": threads, "runs": runs, "load_s": load_s,
-            "peak_rss_mb": peak_rss_mb(), "cases": results}
+            "peak_rss_mb": peak, "model_file_mb": weights_mb, "peak_rss_over_model_file": peak / weights_mb, "cases": results}
 
 
 def table(result: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    t = Table(title=f"{result['model']} ({result['provider']}, load {result['load_s']:.2f} s, peak RSS {result['peak_rss_mb']:.0f} MB)")
+    t = Table(title=f"{result['model']} ({result['provider']}, load {result['load_s']:.2f} s, peak RSS {result['peak_rss_mb']:.0f} MiB, "
+                    f"{result['peak_rss_over_model_file']:.2f}x the {result['model_file_mb']:.0f} MiB model file)")
     for column in ("batch", "prompt", "new", "strategy", "decode tok/s (min-max)", "first token ms (min-max)"):
         t.add_column(column, justify="right")
     for c in result["cases"]:

@@ -63,7 +63,7 @@ def export(
     force: Annotated[bool, typer.Option(help="replace OUTPUT if it exists")] = False,
     optimize: Annotated[bool, typer.Option(help="fuse LayerNorm/Gelu with onnxruntime's GPT-2 optimizer")] = True,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: optimum's)")] = None,
-    external_data_threshold: Annotated[int, typer.Option(help="weights above this many bytes go to model.onnx.data")] = 1 << 30,
+    external_data_threshold: Annotated[int, typer.Option(help="weights above this many bytes go to model.onnx.data (default: always; onnxruntime maps that file instead of copying it)")] = 0,
     as_json: JsonOption = False,
 ) -> None:
     """Export a GPT-2 checkpoint to a validated ONNX model folder."""

@@ -14,7 +14,7 @@ from . import manifest
 from .errors import ModelFolderError
 
 MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"  # the weights, when they pass protobuf's 2 GB (or the export's threshold)
+DATA_FILE = "model.onnx.data"  # the weights (mapped into memory by onnxruntime; the bundled model has none)
 CONFIG = "config.json"  # transformers' model config, as the checkpoint had it
 GENERATION_CONFIG = "generation_config.json"  # the default generation options
 TOKENIZER = "tokenizer.json"

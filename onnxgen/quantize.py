@@ -154,7 +154,7 @@ def quantize(source: Path, out: Path, options: QuantizeOptions | None = None, qu
             done = _quantized_count(quantized, options.mode)
             if done < expected:
                 raise QuantizeError(f"{options.mode} did not take: {done} of {expected} weight matrices quantized")
-            save_model(quantized, work, threshold=1 << 30)
+            save_model(quantized, work, threshold=0)  # weights in model.onnx.data, as export writes them
             del quantized
         for name in SHARED_FILES:
             if (source / name).is_file():

@@ -121,10 +121,10 @@ def _restamped(breaking: Callable[[Path], Any]) -> Callable[[Path], None]:
 
 
 def _flip_a_weight_byte(folder: Path) -> None:
-    """Same size, still parses: only the sha256 tells."""
-    data = bytearray((folder / "model.onnx").read_bytes())
+    """Same size, still loads: only the sha256 tells."""
+    data = bytearray((folder / "model.onnx.data").read_bytes())
     data[len(data) // 2] ^= 0x01
-    (folder / "model.onnx").write_bytes(bytes(data))
+    (folder / "model.onnx.data").write_bytes(bytes(data))
 
 
 # (what breaks the folder, the ModelFolderError's message must contain this)
@@ -146,7 +146,7 @@ BROKEN_FOLDERS: list[tuple[str, Callable[[Path], None], str]] = [
                                                    _edit_json(f / "config.json", lambda c: c.__setitem__("vocab_size", 300)))), "tokens"),
     ("no config.json", lambda f: (f / "config.json").unlink(), "config.json"),
     ("no tokenizer.json", lambda f: (f / "tokenizer.json").unlink(), "tokenizer.json"),
-    ("truncated weights", lambda f: (f / "model.onnx").write_bytes((f / "model.onnx").read_bytes()[:1000]), "bytes"),
+    ("truncated weights", lambda f: (f / "model.onnx.data").write_bytes((f / "model.onnx.data").read_bytes()[:1000]), "bytes"),
     ("manifest not JSON", lambda f: (f / "onnxgen.json").write_text("{"), "JSON"),
     ("manifest format", lambda f: _edit_json(f / "onnxgen.json", lambda m: m.__setitem__("format_version", 99)), "format version"),
 ]

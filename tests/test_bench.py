@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -21,6 +23,7 @@ def test_onnxgen_bench_json(exported: Path) -> None:
         assert 0 < c["decode_tokens_per_s"]["min"] <= c["decode_tokens_per_s"]["median"] <= c["decode_tokens_per_s"]["max"]
         assert c["time_to_first_token_ms"]["median"] > 0
     assert result["load_s"] > 0 and result["peak_rss_mb"] > 0
+    assert result["peak_rss_over_model_file"] == pytest.approx(result["peak_rss_mb"] / result["model_file_mb"]) and result["model_file_mb"] > 0
     r = subprocess.run([sys.executable, "-m", "onnxgen", "bench", "--model", str(exported), "--prompt-tokens", "200"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "context window" in r.stderr

@@ -16,7 +16,7 @@ from onnxgen import manifest as manifest_mod
 from onnxgen.errors import ExportError, OnnxgenError
 from onnxgen.export import ExportOptions, export
 
-EXPECTED_FILES = {"model.onnx", "config.json", "generation_config.json", "tokenizer.json", "onnxgen.json"}
+EXPECTED_FILES = {"model.onnx", "model.onnx.data", "config.json", "generation_config.json", "tokenizer.json", "onnxgen.json"}
 
 
 def test_folder_holds_what_the_runtime_needs_and_nothing_else(exported: Path) -> None:
@@ -85,13 +85,14 @@ def test_onnx_logits_match_pytorch_on_every_position(exported: Path, torch_model
     assert last.shape == (1, 1, 400) and np.allclose(last[0, 0], logits[0, -1], atol=1e-5)
 
 
-def test_external_data_and_unoptimized_export(checkpoint: Path, tmp_path: Path, model) -> None:  # type: ignore[no-untyped-def]
+def test_external_data_and_unoptimized_export(checkpoint: Path, exported: Path, tmp_path: Path, model) -> None:  # type: ignore[no-untyped-def]
     import onnxgen
 
-    out = tmp_path / "ext"
-    m = export(str(checkpoint), out, ExportOptions(external_data_threshold=0, optimize=False), quiet=True)
-    assert (out / "model.onnx.data").stat().st_size > (out / "model.onnx").stat().st_size
-    assert m["graph"]["external_data"] and "model.onnx.data" in m["files"] and m["validation"]["passed"]
+    assert (exported / "model.onnx.data").stat().st_size > (exported / "model.onnx").stat().st_size
+    out = tmp_path / "one-file"
+    m = export(str(checkpoint), out, ExportOptions(external_data_threshold=1 << 40, optimize=False), quiet=True)
+    assert not (out / "model.onnx.data").exists()
+    assert not m["graph"]["external_data"] and "model.onnx.data" not in m["files"] and m["validation"]["passed"]
     ext = onnxgen.load(out, threads=1)
     prompt = [5, 17, 33, 2]
     assert ext.generate(prompt, max_new_tokens=8)[0].token_ids == model.generate(prompt, max_new_tokens=8)[0].token_ids
