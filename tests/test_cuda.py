@@ -83,3 +83,16 @@ def test_cli_generates_on_cuda(folders: dict[str, Path]) -> None:
     gpu, cpu = cli("cuda"), cli("cpu")
     assert gpu.returncode == 0 and cpu.returncode == 0, gpu.stderr + cpu.stderr
     assert gpu.stdout == cpu.stdout and "tok/s" in gpu.stderr
+
+
+def test_one_cuda_model_serves_many_threads(folders: dict[str, Path]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    gpu = onnxgen.load(folders["fp16"], provider="cuda")
+
+    def call(i: int) -> list[list[int]]:
+        return _tokens(gpu, PROMPTS[i % 3 :], do_sample=i % 2 == 0, seed=i, num_beams=1 if i % 2 == 0 else 2, logprobs=2)
+
+    serial = [call(i) for i in range(24)]
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(call, range(24))) == serial
