@@ -207,6 +207,35 @@ def bench(
 
 
 @app.command()
+def serve(
+    model: ModelOption = None,
+    host: Annotated[str, typer.Option(help="address to listen on (127.0.0.1: this machine only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
+    max_batch: Annotated[int, typer.Option(help="rows that share one batch")] = 8,
+    max_tokens: Annotated[int, typer.Option(help="the largest max_tokens a request may ask for")] = 1024,
+    api_key: Annotated[str | None, typer.Option(envvar="ONNXGEN_API_KEY", help="require Authorization: Bearer KEY")] = None,
+    name: Annotated[str | None, typer.Option(help="model name in the API (default: the folder's name)")] = None,
+) -> None:
+    """Serve OpenAI's completions API (POST /v1/completions, GET /v1/models, GET /health) over HTTP."""
+    try:
+        import uvicorn
+
+        from .serve import Limits, create_app
+    except ImportError:
+        fail("serve needs the serve extra: pip install 'onnxgen[serve,cpu]' (or [serve,gpu])")
+    from . import load
+    from .model import BUNDLED
+
+    folder = model or BUNDLED
+    loaded = run(lambda: load(folder, provider=provider, threads=threads))  # type: ignore[arg-type]
+    app_ = create_app(loaded, name or folder.name, api_key, Limits(max_tokens=max_tokens, max_batch=max_batch))
+    print(f"serving {folder} as {name or folder.name!r} on http://{host}:{port}/v1", file=sys.stderr)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@app.command()
 def verify(model: ModelOption = None) -> None:
     """Check a model folder against its manifest: files, sizes, sha256, dims, graph and tokenizer."""
     from . import load

@@ -74,8 +74,8 @@ class Model:
         """The folder's defaults, then `options`, then keyword overrides; validated."""
         return (options or self.defaults).with_overrides(**overrides)
 
-    def _prompt_ids(self, prompts: Prompt | Sequence[Prompt], opts: GenerationOptions) -> list[list[int]]:
-        """One list of token ids per prompt, checked: text (str, or bytes in UTF-8), or token ids (a sequence
+    def prompt_ids(self, prompts: Prompt | Sequence[Prompt], opts: GenerationOptions) -> list[list[int]]:
+        """The prompts as checked token ids, as generate() takes them: one list of token ids per prompt, checked: text (str, or bytes in UTF-8), or token ids (a sequence
         or 1-D array of integers); several prompts as a list of those or a 2-D integer array."""
         budget = self.context_length - opts.max_new_tokens
         if budget < 1:
@@ -133,7 +133,7 @@ class Model:
         """The decode loop for these prompts, for the caller to drive (see generator.py); options and
         prompts are checked now. Rows go prompt by prompt, num_return_sequences rows each."""
         opts = self.options(options, **overrides)
-        ids = self._prompt_ids(prompts, opts)
+        ids = self.prompt_ids(prompts, opts)
         self._check_special_ids(opts)
         if opts.num_beams > 1:
             return BeamSearch(self.runtime, self.tokenizer, ids, opts, self._pad_id(opts))

@@ -20,6 +20,7 @@ ROOT = Path(__file__).parents[1]
     ("cpu", {"onnxruntime"}), ("gpu", {"onnxruntime-gpu"}),
     ("cpu,export", {"onnxruntime"}), ("gpu,export", {"onnxruntime-gpu"}),
     ("export", set()),  # export needs cpu or gpu beside it; the CLI says so
+    ("gpu,export,bench,serve,ray,test", {"onnxruntime-gpu"}),  # the README's GPU install line
 ])
 def test_extras_resolve_to_one_onnxruntime(extras: str, expected: set[str], tmp_path: Path) -> None:
     """pip's resolver on the real index (as a user's `pip install ".[gpu,export]"`), nothing installed."""

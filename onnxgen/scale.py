@@ -1,0 +1,69 @@
+"""Past one machine, on Ray (the `ray` extra): the HTTP app of `onnxgen serve` as a Ray Serve deployment,
+and batch generation over a Ray Data dataset with one loaded model per worker.
+
+    serve run onnxgen.scale:app model_dir=/models/gpt2-int8 num_replicas=4     # Ray Serve's CLI
+    ray.data.read_json("prompts.jsonl").map_batches(...)                        # see generate_dataset()
+
+Ray schedules the replicas and workers across the cluster's machines; onnxgen adds nothing of its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .model import load
+from .runtime import Provider
+from .serve import Limits, create_app
+
+
+def _build_app(model_dir: str, name: str | None, provider: Provider, threads: int | None, api_key: str | None,
+               limits: Limits | None) -> Any:
+    """Runs on each replica: load the model there and build the same app `onnxgen serve` runs."""
+    return create_app(load(model_dir, provider=provider, threads=threads), name or Path(model_dir).name, api_key, limits)
+
+
+def deployment(model_dir: str, name: str | None = None, provider: Provider = "cpu", threads: int | None = None,
+               num_replicas: int = 1, api_key: str | None = None, limits: Limits | None = None) -> Any:
+    """A Ray Serve application: `num_replicas` copies of the app, each with its model, behind Ray's proxy.
+    Run it with `serve.run(deployment(...))`; the routes are onnxgen serve's."""
+    from ray import serve
+
+    def build() -> Any:  # a function, not a partial: Ray tells a builder from an ASGI app that way
+        return _build_app(model_dir, name, provider, threads, api_key, limits)
+
+    ingress = serve.deployment(serve.ingress(build)(), name="onnxgen", num_replicas=num_replicas,
+                               ray_actor_options={"num_cpus": threads or 1})
+    return ingress.bind()
+
+
+def app(args: dict[str, str]) -> Any:
+    """The builder `serve run onnxgen.scale:app model_dir=DIR [num_replicas=N] [threads=T] [provider=cuda]` calls."""
+    return deployment(args["model_dir"], args.get("name"), args.get("provider", "cpu"),  # type: ignore[arg-type]
+                      int(args["threads"]) if "threads" in args else None, int(args.get("num_replicas", 1)), args.get("api_key"))
+
+
+class Generate:
+    """A Ray Data `map_batches` callable: loads the model once per worker, then completes each batch of rows'
+    `prompt` column into `generated_text` and `finish_reason` (one completion a prompt)."""
+
+    def __init__(self, model_dir: str, provider: Provider = "cpu", threads: int | None = 1, **options: Any) -> None:
+        self.model = load(model_dir, provider=provider, threads=threads)
+        self.options = self.model.options(**options)  # checked once, on the worker, before any row
+        if self.options.num_return_sequences != 1:
+            raise ValueError("generate_dataset makes one completion a prompt: num_return_sequences must be 1")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        completions = self.model.generate([str(p) for p in batch["prompt"]], self.options)
+        return {**batch, "generated_text": np.array([c.text for c in completions], dtype=object),
+                "finish_reason": np.array([c.finish_reason for c in completions], dtype=object)}
+
+
+def generate_dataset(dataset: Any, model_dir: str, *, concurrency: int = 1, batch_size: int = 8, provider: Provider = "cpu",
+                     threads: int | None = 1, **options: Any) -> Any:
+    """`dataset` (a ray.data.Dataset with a `prompt` column) with `generated_text` and `finish_reason` added,
+    by `concurrency` workers, each holding one model. Lazy, as Ray Data is: consume it to run it."""
+    return dataset.map_batches(Generate, fn_constructor_kwargs={"model_dir": str(model_dir), "provider": provider, "threads": threads, **options},
+                               batch_size=batch_size, concurrency=concurrency, num_cpus=threads or 1)

@@ -1,0 +1,227 @@
+"""`onnxgen serve`: OpenAI's completions API over one loaded model (FastAPI; needs the `serve` extra).
+
+    POST /v1/completions   prompt (text, texts, token ids or lists of them), max_tokens, temperature, top_p,
+                           n, stop, seed, logprobs, echo, stream (server-sent events), and onnxgen's other
+                           options as extra fields (top_k, repetition_penalty, num_beams, ...)
+    GET  /v1/models        the one model served
+    GET  /health           200 once the model is loaded
+
+Requests run through batcher.py (requests that arrive within a few milliseconds share one batch). Errors
+use OpenAI's JSON shape with a 4xx code; no traceback ever reaches a client. A client that disconnects
+while streaming ends its rows. Safe defaults: localhost, limits on body size, prompt, max_tokens and n,
+and a bounded queue that answers 429 when full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .batcher import Batcher, Full, Job
+from .errors import OnnxgenError
+from .generator import Completion, Event
+from .model import Model
+from .tokenizer import TextStream
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 1 << 20
+    max_tokens: int = 1024  # per completion; the context window caps it further
+    max_n: int = 16
+    max_prompts: int = 64
+    max_batch: int = 8  # rows that share one batch
+    window_s: float = 0.005  # how long a batch waits for requests to join it
+    max_queue: int = 64  # waiting requests before 429
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's fields with OpenAI's defaults; onnxgen's other options pass through as extra fields."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None
+
+
+UNSUPPORTED = {"suffix": None, "best_of": None, "presence_penalty": 0, "frequency_penalty": 0}  # refused unless default
+
+
+def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+
+
+def create_app(model: Model, name: str, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
+    limits = limits or Limits()
+    batcher = Batcher(model, limits.max_batch, limits.window_s, limits.max_queue)
+    app = FastAPI(title="onnxgen", docs_url=None, redoc_url=None)
+    app.state.batcher = batcher
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        if api_key and request.url.path.startswith("/v1/") and request.headers.get("authorization") != f"Bearer {api_key}":
+            return error(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error")
+        if int(request.headers.get("content-length") or 0) > limits.max_body_bytes:
+            return error(413, f"request body over {limits.max_body_bytes} bytes")
+        try:
+            return await call_next(request)
+        except Exception as e:  # a bug: one line to the client, never a traceback
+            return error(500, f"internal error ({type(e).__name__})", kind="server_error")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return error(400, f"{where or 'body'}: {first.get('msg')}", where)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "onnxgen"}]}
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        try:
+            prompts, options = _job_input(model, body, limits)
+        except (OnnxgenError, ValueError) as e:
+            return error(400, str(e))
+        channel: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        job = Job(prompts, options, lambda kind, value: loop.call_soon_threadsafe(channel.put_nowait, (kind, value)))
+        try:
+            batcher.submit(job)
+        except Full as e:
+            return error(429, f"server busy: {e}; retry shortly", kind="rate_limit_error")
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
+        if body.stream:
+            return StreamingResponse(_stream(model, body, prompts, job, channel, request, meta), media_type="text/event-stream")
+        kind, value = await channel.get()
+        while kind == "event":
+            kind, value = await channel.get()
+        if kind == "error":
+            return error(400, str(value)) if isinstance(value, OnnxgenError) else error(500, "internal error", kind="server_error")
+        done, _ = value
+        choices = [_choice(model, body, prompts, c, i) for i, c in enumerate(done)]
+        return {**meta, "object": "text_completion", "choices": choices, "usage": _usage(prompts, done)}
+
+    return app
+
+
+def _job_input(model: Model, body: CompletionRequest, limits: Limits) -> tuple[list[list[int]], Any]:
+    """The request as token ids and onnxgen options: OpenAI's names mapped, onnxgen's extras passed on."""
+    extra = dict(body.model_extra or {})
+    for field, default in UNSUPPORTED.items():
+        if extra.pop(field, default) not in (default, None):
+            raise ValueError(f"{field} is not supported")
+    if body.logprobs is not None and body.echo:
+        raise ValueError("echo with logprobs is not supported (log-probabilities of prompt tokens)")
+    if body.max_tokens > limits.max_tokens:
+        raise ValueError(f"max_tokens is at most {limits.max_tokens}, got {body.max_tokens}")
+    if body.n > limits.max_n:
+        raise ValueError(f"n is at most {limits.max_n}, got {body.n}")
+    prompt = body.prompt
+    batch = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+    if len(batch) > limits.max_prompts:
+        raise ValueError(f"at most {limits.max_prompts} prompts a request, got {len(batch)}")
+    sampling = body.temperature > 0 and int(extra.get("num_beams", 1)) == 1  # OpenAI: temperature 0 is greedy
+    overrides: dict[str, Any] = {"max_new_tokens": body.max_tokens, "num_return_sequences": body.n, "do_sample": sampling,
+                                 "top_k": 0, "top_p": body.top_p, "stop": body.stop, "seed": body.seed, "logprobs": body.logprobs,
+                                 **({"temperature": body.temperature} if sampling else {}), **extra}
+    options = model.options(**overrides)
+    return model.prompt_ids(batch, options), options  # the same checks as generate()
+
+
+def _finish(reason: str | None) -> str | None:
+    return None if reason is None else "length" if reason == "length" else "stop"
+
+
+def _logprobs(model: Model, c: Completion, offset: int) -> dict[str, Any] | None:
+    if c.logprobs is None:
+        return None
+    tokens, offsets, stream = [], [], TextStream(model.tokenizer)
+    for token in c.token_ids:
+        offsets.append(offset + len(stream.text))
+        tokens.append(model.tokenizer.decode([token]))
+        stream.push(token)
+    return {"tokens": tokens, "token_logprobs": c.logprobs, "text_offset": offsets,
+            "top_logprobs": [{model.tokenizer.decode([t]): lp for t, lp in alts.items()} for alts in c.top_logprobs or []]}
+
+
+def _choice(model: Model, body: CompletionRequest, prompts: list[list[int]], c: Completion, index: int) -> dict[str, Any]:
+    prefix = model.tokenizer.decode(prompts[c.prompt_index]) if body.echo else ""
+    return {"text": prefix + c.text, "index": index, "logprobs": _logprobs(model, c, len(prefix)), "finish_reason": _finish(c.finish_reason)}
+
+
+def _usage(prompts: list[list[int]], done: list[Completion]) -> dict[str, int]:
+    prompt_tokens, completion_tokens = sum(len(p) for p in prompts), sum(len(c.token_ids) for c in done)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _stream(model: Model, body: CompletionRequest, prompts: list[list[int]], job: Job, channel: asyncio.Queue[tuple[str, Any]],
+                  request: Request, meta: dict[str, Any]) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per new piece of text, a last chunk per choice, then [DONE]."""
+    def chunk(index: int, text: str, logprobs: dict[str, Any] | None, reason: str | None) -> str:
+        return "data: " + json.dumps({**meta, "object": "text_completion",
+                                      "choices": [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}]}) + "\n\n"
+
+    per_prompt = body.n
+    if body.echo:
+        for i in range(len(prompts) * per_prompt):
+            yield chunk(i, model.tokenizer.decode(prompts[i // per_prompt]), None, None)
+    try:
+        while True:
+            try:
+                kind, value = await asyncio.wait_for(channel.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancelled.set()
+                    return
+                continue
+            if kind == "event":
+                row, event = value
+                yield chunk(row, event.text, _event_logprobs(model, event), _finish(event.finish_reason))
+            elif kind == "error":
+                message = str(value) if isinstance(value, OnnxgenError) else "internal error"
+                yield "data: " + json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}) + "\n\n"
+                return
+            else:
+                done, _ = value
+                if job.options.num_beams > 1:  # beam search streams nothing until it ends: each choice whole
+                    for i, c in enumerate(done):
+                        yield chunk(i, c.text, _logprobs(model, c, 0), _finish(c.finish_reason))
+                if (body.stream_options or {}).get("include_usage"):
+                    yield "data: " + json.dumps({**meta, "object": "text_completion", "choices": [], "usage": _usage(prompts, done)}) + "\n\n"
+                yield "data: [DONE]\n\n"
+                return
+    finally:
+        job.cancelled.set()  # a client gone mid-stream ends its rows; a finished job is unaffected
+
+
+def _event_logprobs(model: Model, event: Event) -> dict[str, Any] | None:
+    if event.logprob is None:
+        return None
+    return {"tokens": [model.tokenizer.decode([event.token_id])], "token_logprobs": [event.logprob],
+            "top_logprobs": [{model.tokenizer.decode([t]): lp for t, lp in (event.top_logprobs or {}).items()}], "text_offset": []}

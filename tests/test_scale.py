@@ -1,0 +1,47 @@
+"""Scale-out on a local single-node Ray cluster: the serve app as a Ray Serve deployment, and Ray Data batch
+generation; both give what the model gives in-process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+
+import onnxgen
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def test_ray_data_generates_like_the_model(local_ray: None, exported: Path, model: onnxgen.Model) -> None:
+    from onnxgen.scale import generate_dataset
+
+    prompts = ["It is a truth", "Call me", "The", "Once upon", "A"]
+    ds = generate_dataset(ray.data.from_items([{"prompt": p} for p in prompts]), str(exported), batch_size=2,
+                          max_new_tokens=6, do_sample=False)
+    rows = sorted(ds.take_all(), key=lambda r: prompts.index(r["prompt"]))
+    assert [r["generated_text"] for r in rows] == [c.text for c in model.generate(prompts, max_new_tokens=6, do_sample=False)]
+
+
+def test_ray_serve_deployment_answers_like_onnxgen_serve(local_ray: None, exported: Path, model: onnxgen.Model) -> None:
+    from ray import serve
+
+    from onnxgen.scale import app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": 8765})
+    try:  # the builder `serve run onnxgen.scale:app model_dir=... num_replicas=2 name=tiny` calls
+        serve.run(app({"model_dir": str(exported), "num_replicas": "2", "name": "tiny"}), name="onnxgen", route_prefix="/")
+        r = httpx.post("http://127.0.0.1:8765/v1/completions", timeout=60,
+                       json={"model": "tiny", "prompt": "It is a truth", "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == model.generate("It is a truth", max_new_tokens=8, do_sample=False)[0].text
+        assert httpx.get("http://127.0.0.1:8765/health", timeout=30).json() == {"status": "ok"}
+    finally:
+        serve.shutdown()

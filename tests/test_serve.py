@@ -1,0 +1,214 @@
+"""`onnxgen serve` through the official `openai` client against a live server: blocking and streaming
+completions equal model.generate with the same options and seed; errors in OpenAI's shape."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+import onnxgen
+from onnxgen.serve import Limits, create_app
+
+KEY = "test-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Served(str):
+    """The server's base URL, with its app (for what only the server can tell)."""
+
+    app: object
+
+
+@pytest.fixture(scope="module")
+def server(exported: Path) -> Iterator[Served]:
+    model = onnxgen.load(exported, threads=1)
+    app = create_app(model, "tiny", api_key=KEY, limits=Limits(max_tokens=64, max_n=4, max_queue=4, max_body_bytes=4096))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    served = Served(f"http://127.0.0.1:{port}")
+    served.app = app
+    yield served
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+
+
+def test_blocking_completions_equal_generate(client: openai.OpenAI, model: onnxgen.Model) -> None:
+    prompts = ["It is a truth", "Call me"]
+    out = client.completions.create(model="tiny", prompt=prompts, max_tokens=12, temperature=0.8, top_p=0.9, n=2, seed=4, logprobs=2)
+    expected = model.generate(prompts, max_new_tokens=12, do_sample=True, temperature=0.8, top_p=0.9, top_k=0,
+                              num_return_sequences=2, seed=4, logprobs=2)
+    assert [c.text for c in out.choices] == [c.text for c in expected] and [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert out.usage.completion_tokens == sum(len(c.token_ids) for c in expected)
+    assert out.usage.prompt_tokens == sum(len(model.tokenizer.encode(p)) for p in prompts)
+    first = out.choices[0].logprobs
+    assert first.token_logprobs == pytest.approx(expected[0].logprobs)
+    assert all(1 <= len(t) <= 2 for t in first.top_logprobs)  # keyed by token text: two byte tokens can share one
+    assert "".join(first.tokens) == expected[0].text or expected[0].finish_reason == "stop"
+
+
+def test_greedy_stop_and_echo(client: openai.OpenAI, model: onnxgen.Model) -> None:
+    full = model.generate("It is a truth", max_new_tokens=20, do_sample=False)[0]
+    stop = full.text[5:7]
+    out = client.completions.create(model="tiny", prompt="It is a truth", max_tokens=20, temperature=0, stop=stop, echo=True)
+    expected = model.generate("It is a truth", max_new_tokens=20, do_sample=False, stop=[stop])[0]
+    assert out.choices[0].text == "It is a truth" + expected.text and out.choices[0].finish_reason == "stop"
+    ids = client.completions.create(model="tiny", prompt=[12, 40, 7], max_tokens=5, temperature=0)
+    assert ids.choices[0].text == model.generate([[12, 40, 7]], max_new_tokens=5, do_sample=False)[0].text
+
+
+def test_streaming_equals_blocking(client: openai.OpenAI) -> None:
+    options = dict(model="tiny", prompt=["It is a truth", "Call me"], max_tokens=15, temperature=0.7, n=2, seed=11)
+    blocking = client.completions.create(**options)
+    texts = {i: "" for i in range(4)}
+    reasons = {}
+    for chunk in client.completions.create(stream=True, stream_options={"include_usage": True}, **options):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason:
+                reasons[choice.index] = choice.finish_reason
+        if chunk.usage:
+            assert chunk.usage.completion_tokens == blocking.usage.completion_tokens
+    assert [texts[i] for i in range(4)] == [c.text for c in blocking.choices]
+    assert [reasons[i] for i in range(4)] == [c.finish_reason for c in blocking.choices]
+
+
+def test_beam_search_as_an_extra_field(client: openai.OpenAI, model: onnxgen.Model) -> None:
+    out = client.completions.create(model="tiny", prompt="Call me", max_tokens=8, temperature=0, n=2, extra_body={"num_beams": 3})
+    assert [c.text for c in out.choices] == [c.text for c in model.generate("Call me", max_new_tokens=8, num_beams=3, num_return_sequences=2)]
+
+
+def test_models_and_health(client: openai.OpenAI, server: str) -> None:
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    assert httpx.get(server + "/health").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"max_tokens": 1000}, "max_tokens"),
+    ({"n": 9}, "n is at most"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"temperature": -1}, "temperature"),
+    ({"prompt": [10**9]}, "token ids"),
+    ({"prompt": [[1.5]]}, "prompt"),
+    ({"n": 2, "temperature": 0}, "greedy"),
+    ({"extra_body": {"top_k": 2.5}}, "top_k"),
+    ({"extra_body": {"nonsense": 1}}, "unknown"),
+    ({"presence_penalty": 1.0}, "presence_penalty"),
+    ({"logprobs": 2, "echo": True}, "echo"),
+])
+def test_bad_requests_are_400_in_openais_shape(client: openai.OpenAI, options: dict[str, object], message: str) -> None:
+    request = {"model": "tiny", "prompt": "Hello", "max_tokens": 5, **options}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(**request)  # type: ignore[call-overload]
+    assert caught.value.status_code == 400 and message in caught.value.body["message"]  # type: ignore[index]
+
+
+def test_auth_size_and_queue_limits(server: str) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).completions.create(model="tiny", prompt="x")
+    r = httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, json={"prompt": "x" * 10000})
+    assert r.status_code == 413 and "error" in r.json()
+    r = httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, content=b"{not json")
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    # More requests at once than the queue holds: the surplus is answered 429 at once, the rest complete.
+    def call(i: int) -> int:
+        return httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                          json={"prompt": "It is", "max_tokens": 60, "temperature": 0.5, "seed": i}).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(call, range(16)))
+    assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
+
+
+def test_a_client_that_goes_away_ends_its_rows(model: onnxgen.Model) -> None:
+    """What the server does when a stream's client disconnects (it sets the job's cancelled flag): the
+    batcher ends that job's rows at the next step, and the rows of the other job in the batch run on."""
+    import queue
+
+    from onnxgen.batcher import Batcher, Job
+
+    batcher = Batcher(model, max_batch=8, window_s=0.2)
+    options = model.options(max_new_tokens=100, do_sample=True, eos_token_id=None, num_return_sequences=2)
+    news: dict[str, queue.Queue[tuple[str, object]]] = {"gone": queue.Queue(), "stays": queue.Queue()}
+    jobs = {name: Job([[12, 40, 7]], options, lambda kind, value, name=name: news[name].put((kind, value))) for name in news}
+    batcher.submit(jobs["gone"])
+    batcher.submit(jobs["stays"])
+    assert news["gone"].get(timeout=30)[0] == "event"
+    jobs["gone"].cancelled.set()  # the client hung up after its first piece
+    results = {}
+    for name, inbox in news.items():
+        kind, value = inbox.get(timeout=30)
+        while kind == "event":
+            kind, value = inbox.get(timeout=30)
+        results[name] = value[0]  # type: ignore[index]
+    assert batcher.batches == 1 and batcher.cancelled_rows >= 2
+    assert {c.finish_reason for c in results["gone"]} == {"cancelled"} and all(len(c.token_ids) < 100 for c in results["gone"])
+    assert [len(c.token_ids) for c in results["stays"]] == [100, 100]
+
+
+def test_requests_arriving_together_share_a_batch(exported: Path, model: onnxgen.Model) -> None:
+    """Unseeded greedy requests sent at once run as fewer batches than requests, with each answer what the
+    prompt gives alone."""
+    app = create_app(onnxgen.load(exported, threads=1), "tiny", limits=Limits(window_s=0.2, max_batch=8))
+    transport = httpx.ASGITransport(app=app)
+    prompts = ["It is a truth", "Call me", "The", "Once upon"]
+
+    async def run() -> list[str]:
+        import asyncio
+
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as http:
+            replies = await asyncio.gather(*(http.post("/v1/completions", json={"prompt": p, "max_tokens": 6, "temperature": 0})
+                                             for p in prompts))
+        return [r.json()["choices"][0]["text"] for r in replies]
+
+    import asyncio
+
+    texts = asyncio.run(run())
+    assert texts == [model.generate(p, max_new_tokens=6, do_sample=False)[0].text for p in prompts]
+    assert app.state.batcher.jobs == 4 and app.state.batcher.batches < 4
+
+
+def test_the_serve_command(exported: Path, model: onnxgen.Model) -> None:
+    import subprocess
+    import sys
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "onnxgen", "serve", "--model", str(exported), "--port", str(port), "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        out = client.completions.create(model=exported.name, prompt="Call me", max_tokens=6, temperature=0)
+        assert out.choices[0].text == model.generate("Call me", max_new_tokens=6, do_sample=False)[0].text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
