@@ -8,8 +8,8 @@
 
 Requests run through batcher.py (requests that arrive within a few milliseconds share one batch). Errors
 use OpenAI's JSON shape with a 4xx code; no traceback ever reaches a client. A client that disconnects
-while streaming ends its rows. Safe defaults: localhost, limits on body size, prompt, max_tokens and n,
-and a bounded queue that answers 429 when full.
+while streaming ends its rows. Safe defaults: localhost, limits on body size, prompt, max_tokens and n
+(each a 400), and a bounded queue that answers 429 when full.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         if api_key and request.url.path.startswith("/v1/") and request.headers.get("authorization") != f"Bearer {api_key}":
             return error(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error")
         if int(request.headers.get("content-length") or 0) > limits.max_body_bytes:
-            return error(413, f"request body over {limits.max_body_bytes} bytes")
+            return error(400, f"request body over {limits.max_body_bytes} bytes")
         try:
             return await call_next(request)
         except Exception as e:  # a bug: one line to the client, never a traceback
