@@ -12,6 +12,8 @@ import ray
 
 import onnxgen
 
+from .test_serve import _free_port
+
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
@@ -35,13 +37,14 @@ def test_ray_serve_deployment_answers_like_onnxgen_serve(local_ray: None, export
 
     from onnxgen.scale import app
 
-    serve.start(http_options={"host": "127.0.0.1", "port": 8765})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:  # the builder `serve run onnxgen.scale:app model_dir=... num_replicas=2 name=tiny` calls
         serve.run(app({"model_dir": str(exported), "num_replicas": "2", "name": "tiny"}), name="onnxgen", route_prefix="/")
-        r = httpx.post("http://127.0.0.1:8765/v1/completions", timeout=60,
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                        json={"model": "tiny", "prompt": "It is a truth", "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == model.generate("It is a truth", max_new_tokens=8, do_sample=False)[0].text
-        assert httpx.get("http://127.0.0.1:8765/health", timeout=30).json() == {"status": "ok"}
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json() == {"status": "ok"}
     finally:
         serve.shutdown()
