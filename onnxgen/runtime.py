@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import io
 import os
-from importlib.metadata import distributions
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,15 +32,22 @@ _ELEMENT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.d
 
 
 def onnxruntime_conflict(path: list[str] | None = None) -> str | None:
-    """A message if onnxruntime and onnxruntime-gpu are installed into the same folder of `path` (sys.path by
-    default): both unpack into `onnxruntime/`, so whichever was installed last has overwritten the other's
-    files. The same two in different folders (one shadowing the other on the path) are left alone."""
-    where = {"path": path} if path is not None else {}
-    cpu, gpu = ({str(d.locate_file("")) for d in distributions(name=name, **where)} for name in ONNXRUNTIME_PACKAGES)
-    if not cpu & gpu:
-        return None
-    return (f"onnxruntime and onnxruntime-gpu are both installed in {min(cpu & gpu)} and overwrite each other: "
-            "pip uninstall -y onnxruntime onnxruntime-gpu, then pip install 'onnxgen[gpu]' (or 'onnxgen[cpu]')")
+    """A message if onnxruntime and onnxruntime-gpu are installed into one folder: the folder `onnxruntime` is
+    imported from (or any folder of `path`). Both unpack into `onnxruntime/`, so whichever was installed last
+    has overwritten the other's files. The two in different folders (one shadowing the other) work."""
+    if path is None:
+        spec = importlib.util.find_spec("onnxruntime")  # finds the package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = [str(Path(next(iter(spec.submodule_search_locations))).parent)]
+    for folder in path:
+        if not os.path.isdir(folder):
+            continue
+        installed = {entry.name.split("-")[0].lower().replace("_", "-") for entry in os.scandir(folder) if entry.name.endswith(".dist-info")}
+        if set(ONNXRUNTIME_PACKAGES) <= installed:
+            return (f"onnxruntime and onnxruntime-gpu are both installed in {folder} and overwrite each other: "
+                    "pip uninstall -y onnxruntime onnxruntime-gpu, then pip install 'onnxgen[gpu]' (or 'onnxgen[cpu]')")
+    return None
 
 
 def _onnxruntime() -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,12 @@ def test_both_onnxruntimes_in_one_folder_are_refused(tmp_path: Path) -> None:
     _dist_info(tmp_path / "cpu", "onnxruntime", "1.32.0")
     assert onnxruntime_conflict([str(tmp_path / "gpu"), str(tmp_path / "cpu")]) is None
     assert onnxruntime_conflict(None) is None  # this environment: one onnxruntime
+    # By default the folder onnxruntime is imported from is the one looked at: a broken one first on the path.
+    (tmp_path / "site" / "onnxruntime").mkdir()
+    (tmp_path / "site" / "onnxruntime" / "__init__.py").write_text("")
+    code = "from onnxgen.runtime import onnxruntime_conflict; print(onnxruntime_conflict())"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert "overwrite each other" in r.stdout, r.stderr
 
 
 def test_missing_onnxruntime_names_the_fix(exported: Path) -> None:
