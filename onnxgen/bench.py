@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 
 from .errors import OptionsError
-from .folder import DATA_FILE, MODEL_FILE, ModelFolder
 from .model import load
 from .options import STRATEGIES
 from .progress import stderr
@@ -49,10 +48,10 @@ def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = No
     bad = [c for c in cases if min(c.batch, c.prompt_tokens, c.new_tokens) < 1]
     if bad:
         raise OptionsError(f"batch, prompt tokens and new tokens must be at least 1, got {bad[0]}")
-    ModelFolder.read(Path(folder)).verify()  # timing a corrupted folder helps nobody; outside the load time
     start = time.perf_counter()
     model = load(folder, provider=provider, threads=threads)
     load_s = time.perf_counter() - start
+    model.folder.verify()  # timing a corrupted folder helps nobody (hashed outside the load time)
     rng = np.random.default_rng(0)
     results = []
     with Progress(console=stderr, disable=quiet, transient=True) as progress:
@@ -72,7 +71,7 @@ def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = No
                     ttft.append(model.last_stats.time_to_first_token_s * 1000)
                     tps.append(model.last_stats.decode_tokens_per_s)
             results.append({**asdict(case), "time_to_first_token_ms": spread(ttft), "decode_tokens_per_s": spread(tps)})
-    weights_mb = sum(model.manifest["files"][name]["bytes"] for name in (MODEL_FILE, DATA_FILE) if name in model.manifest["files"]) / 2**20
+    weights_mb = model.folder.weight_bytes / 2**20
     peak = peak_rss_mb()
     return {"model": str(folder), "provider": provider, "threads": threads, "runs": runs, "load_s": load_s,
             "peak_rss_mb": peak, "model_file_mb": weights_mb, "peak_rss_over_model_file": peak / weights_mb, "cases": results}

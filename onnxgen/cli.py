@@ -39,13 +39,10 @@ def run(action: Any) -> Any:
 
 
 def _export_stack() -> None:
-    from .runtime import onnxruntime_conflict
+    from .runtime import import_onnxruntime
 
-    conflict = onnxruntime_conflict()
-    if conflict:
-        fail(conflict)
+    run(import_onnxruntime)
     try:
-        import onnxruntime  # noqa: F401
         import optimum.exporters.onnx  # noqa: F401
         import transformers  # noqa: F401
     except ImportError:

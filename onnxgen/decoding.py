@@ -46,7 +46,7 @@ class Rows:
         self.runtime = runtime
         self._prompts, self.mask, positions = left_pad(prompts, pad_id)
         self._new = np.full((len(prompts), max_new_tokens), pad_id, dtype=np.int64)  # a column a step
-        self._steps = 0
+        self.steps = 0  # tokens appended to every row
         self._tokens = [list(p) for p in prompts]  # the same without padding, as lists: what processors read
         self._pending = (self._prompts, positions)  # what the next forward runs: the prompts, then one token a row
         self._cache: Cache = runtime.empty_cache(len(prompts))
@@ -66,8 +66,8 @@ class Rows:
             self._tokens = [list(self._tokens[s]) for s in source.tolist()]
             self._cache = self.runtime.reorder(self._cache, source, self._reorder_buffers)
         column = tokens.reshape(-1, 1).astype(np.int64)
-        self._new[:, self._steps] = column[:, 0]
-        self._steps += 1
+        self._new[:, self.steps] = column[:, 0]
+        self.steps += 1
         for row, token in zip(self._tokens, column[:, 0].tolist()):
             row.append(token)
         self.mask = np.concatenate([self.mask, np.ones_like(column)], axis=1)
@@ -76,7 +76,7 @@ class Rows:
     @property
     def input_ids(self) -> np.ndarray:
         """Every row's tokens so far, left-padded: what transformers hands processors and stopping criteria."""
-        return np.concatenate([self._prompts, self._new[:, : self._steps]], axis=1)
+        return np.concatenate([self._prompts, self._new[:, : self.steps]], axis=1)
 
     def history(self, row: int) -> list[int]:
         """The row's tokens so far without padding: its prompt, then what was generated (do not modify)."""

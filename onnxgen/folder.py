@@ -92,5 +92,10 @@ class ModelFolder:
         return self.path / MODEL_FILE
 
     @property
+    def weight_bytes(self) -> int:
+        """The graph and its weights, as the manifest records them."""
+        return sum(self.manifest["files"][name]["bytes"] for name in (MODEL_FILE, DATA_FILE) if name in self.manifest["files"])
+
+    @property
     def tokenizer_file(self) -> Path:
         return self.path / TOKENIZER

@@ -103,7 +103,6 @@ class Generator:
         self.top_logprobs: list[list[dict[int, float]]] = [[] for _ in prompts]
         self.finish_reasons: list[str | None] = [None] * len(prompts)
         self.texts: list[str | None] = [None] * len(prompts)  # each row's whole text, once it has finished
-        self.steps = 0
         self.step_ends: list[float] = []  # perf_counter() after each forward
         self._streams = [TextStream(tokenizer) for _ in prompts]
         self._emitted = [0] * len(prompts)  # characters of each row's text already in events
@@ -128,10 +127,9 @@ class Generator:
             return []
         raw = self.rows.forward()
         self.step_ends.append(time.perf_counter())
-        scores = self.scoring(raw, self.rows, self.steps)
+        scores = self.scoring(raw, self.rows, self.rows.steps)
         tokens = sample(scores, self.rng) if self.opts.do_sample else scores.argmax(axis=-1)
         chosen, best = token_logprobs(scores, tokens, self.opts.logprobs) if self.opts.logprobs is not None else (None, None)
-        self.steps += 1
         running = [row for row, reason in enumerate(self.finish_reasons) if reason is None]
         reasons: dict[int, str | None] = {}
         for row in running:

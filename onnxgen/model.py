@@ -75,8 +75,10 @@ class Model:
         return (options or self.defaults).with_overrides(**overrides)
 
     def prompt_ids(self, prompts: Prompt | Sequence[Prompt], opts: GenerationOptions) -> list[list[int]]:
-        """The prompts as checked token ids, as generate() takes them: one list of token ids per prompt, checked: text (str, or bytes in UTF-8), or token ids (a sequence
-        or 1-D array of integers); several prompts as a list of those or a 2-D integer array."""
+        """The prompts as token ids, one list per prompt, checked as generate() checks them (with the token ids
+        the options name). A prompt is text (str, or bytes in UTF-8) or token ids (a sequence or 1-D array of
+        integers); several prompts are a list of those or a 2-D integer array."""
+        self._check_special_ids(opts)
         budget = self.context_length - opts.max_new_tokens
         if budget < 1:
             raise ContextLengthError(f"max_new_tokens ({opts.max_new_tokens}) must be below the context window ({self.context_length})")
@@ -134,7 +136,6 @@ class Model:
         prompts are checked now. Rows go prompt by prompt, num_return_sequences rows each."""
         opts = self.options(options, **overrides)
         ids = self.prompt_ids(prompts, opts)
-        self._check_special_ids(opts)
         if opts.num_beams > 1:
             return BeamSearch(self.runtime, self.tokenizer, ids, opts, self._pad_id(opts))
         n = opts.num_return_sequences

@@ -50,7 +50,8 @@ def onnxruntime_conflict(path: list[str] | None = None) -> str | None:
     return None
 
 
-def _onnxruntime() -> Any:
+def import_onnxruntime() -> Any:
+    """onnxruntime, or a ProviderError naming the fix when it is missing or broken by its GPU twin."""
     conflict = onnxruntime_conflict()
     if conflict:
         raise ProviderError(conflict)
@@ -89,7 +90,7 @@ Cache = list[Any]  # past_key_values for every layer, as OrtValues in the order 
 
 class Runtime:
     def __init__(self, folder: ModelFolder, provider: Provider = "cpu", threads: int | None = None) -> None:
-        ort = _onnxruntime()
+        ort = import_onnxruntime()
         self.ort = ort
         self.n_head, self.head_dim, self.n_positions = folder.dims.n_head, folder.dims.head_dim, folder.dims.n_positions
         model_path = folder.model_file
@@ -115,8 +116,7 @@ class Runtime:
             raise ProviderError("CUDA was requested but onnxruntime could not start it (CUDA/cuDNN libraries missing? "
                                 f"onnxgen[gpu] installs them){library_notes}")
         self.device = provider
-        self._check_graph(folder)
-        self.cache_dtype = self._cache_dtype(model_path)
+        self.cache_dtype = self._check_graph(folder)
         # Beam search's reorder on CUDA, on the device (see reorder); a few milliseconds to load.
         self._select_rows = ort.InferenceSession(str(GRAPHS / SELECT_ROWS[self.cache_dtype]), options, providers=providers)
         self.past_names, self.present_names = past_names(folder.dims.n_layer), present_names(folder.dims.n_layer)
@@ -124,11 +124,12 @@ class Runtime:
         # default only as an OrtValue.
         self._keep_last = ort.OrtValue.ortvalue_from_numpy(np.array([1], dtype=np.int64))
 
-    def _check_graph(self, folder: ModelFolder) -> None:
+    def _check_graph(self, folder: ModelFolder) -> np.dtype:
         """The graph's inputs and outputs against the manifest's dims, so a mismatch is a clear error at load
-        and not onnxruntime's shape error at the first step."""
+        and not onnxruntime's shape error at the first step; returns the cache's element type."""
         dims, model_path = folder.dims, folder.model_file
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        types = {i.name: i.type for i in self.session.get_inputs()}
         outputs = {o.name: o.shape for o in self.session.get_outputs()}
         past = [name for name in inputs if name.startswith("past_key_values.")]
         missing = [n for n in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS) if n not in inputs] + [n for n in [LOGITS] if n not in outputs]
@@ -142,13 +143,10 @@ class Runtime:
                                    f"of {dims.head_dim} (n_embd {dims.n_embd})")
         if isinstance(outputs[LOGITS][-1], int) and outputs[LOGITS][-1] != dims.vocab_size:
             raise ModelFolderError(f"{model_path} scores {outputs[LOGITS][-1]} tokens, the manifest says vocab_size {dims.vocab_size}")
-
-    def _cache_dtype(self, model_path: Path) -> np.dtype:
-        types = {i.name: i.type for i in self.session.get_inputs()}
-        first = types.get(past_names(1)[0])
-        if first not in _ELEMENT_TYPES:
-            raise ModelFolderError(f"{model_path}: {past_names(1)[0]} is {first}, expected tensor(float) or tensor(float16)")
-        return _ELEMENT_TYPES[first]
+        cache_type = types[past_names(1)[0]]
+        if cache_type not in _ELEMENT_TYPES:
+            raise ModelFolderError(f"{model_path}: {past_names(1)[0]} is {cache_type}, expected tensor(float) or tensor(float16)")
+        return _ELEMENT_TYPES[cache_type]
 
     def empty_cache(self, batch: int) -> Cache:
         empty = np.zeros((batch, self.n_head, 0, self.head_dim), dtype=self.cache_dtype)

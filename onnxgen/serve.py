@@ -167,7 +167,12 @@ def _logprobs(model: Model, c: Completion, offset: int) -> dict[str, Any] | None
         tokens.append(model.tokenizer.decode([token]))
         stream.push(token)
     return {"tokens": tokens, "token_logprobs": c.logprobs, "text_offset": offsets,
-            "top_logprobs": [{model.tokenizer.decode([t]): lp for t, lp in alts.items()} for alts in c.top_logprobs or []]}
+            "top_logprobs": [_by_text(model, alts) for alts in c.top_logprobs or []]}
+
+
+def _by_text(model: Model, alternatives: dict[int, float]) -> dict[str, float]:
+    """OpenAI keys alternatives by token text (two byte-level tokens can share one)."""
+    return {model.tokenizer.decode([t]): lp for t, lp in alternatives.items()}
 
 
 def _choice(model: Model, body: CompletionRequest, prompts: list[list[int]], c: Completion, index: int) -> dict[str, Any]:
@@ -224,4 +229,4 @@ def _event_logprobs(model: Model, event: Event) -> dict[str, Any] | None:
     if event.logprob is None:
         return None
     return {"tokens": [model.tokenizer.decode([event.token_id])], "token_logprobs": [event.logprob],
-            "top_logprobs": [{model.tokenizer.decode([t]): lp for t, lp in (event.top_logprobs or {}).items()}], "text_offset": []}
+            "top_logprobs": [_by_text(model, event.top_logprobs or {})], "text_offset": []}
