@@ -3,9 +3,10 @@
     python benchmarks/gpu.py --tokenizer ../shared/data/gpt2-tokenizer --out benchmarks/results/gpu
 
 Makes a random-weight checkpoint of the gpt2-large shape (speed does not depend on weight values), exports
-it, quantizes it to fp16 and int4 (accuracy checked on the GPU), and times each competitor one at a time:
-PyTorch eager (no compile; transformers' default attention) in fp16 and fp32, onnxgen fp32, fp16 and int4,
-at batch 1 and 8, 32- and 512-token prompts, greedy and 4 beams. Decode tok/s is
+it, quantizes it (accuracy checked on the GPU), and times each competitor one at a time: PyTorch eager (no
+compile; transformers' default attention) in fp16 and fp32; onnxgen fp16 with the cache in place, with and
+without CUDA graphs (`onnxgen-fp16+graph`); onnxgen fp32 and int4 with the growing cache (GroupQueryAttention
+runs on CUDA in fp16 only); at batch 1 and 8, 32- and 512-token prompts, greedy and 4 beams. Decode tok/s is
 batch x (N - 1) / (T(N) - T(1)), where T(n) is the fastest of --runs wall times of a whole generate call
 making n tokens per prompt (no eos): the prompt pass cancels out. The first-token time is T(1). The fastest
 run, not the median: on the H200 one run in two of a PyTorch case now and then took 3-4x the other.
@@ -68,8 +69,8 @@ def pytorch(checkpoint: Path, dtype: str, device: str) -> Generate:
     return generate
 
 
-def onnxgen_runner(folder: Path, device: str) -> Generate:
-    model = onnxgen.load(folder, provider=device)  # type: ignore[arg-type]
+def onnxgen_runner(folder: Path, device: str, cuda_graph: bool) -> Generate:
+    model = onnxgen.load(folder, provider=device, cuda_graph=cuda_graph)  # type: ignore[arg-type]
 
     def generate(prompts: np.ndarray, new: int, strategy: str) -> None:
         model.generate(prompts.tolist(), max_new_tokens=new, min_new_tokens=0, eos_token_id=None, **STRATEGIES[strategy])
@@ -99,15 +100,23 @@ def figures(raw: dict[str, Any]) -> tuple[float, float]:
     return raw["batch"] * (raw["new_tokens"] - 1) / (tn - t1), t1 * 1000
 
 
-def build(checkpoint: Path, folders: Path, variant: str, device: str) -> None:
-    """The fp32 export, or a quantized variant of it, by the `onnxgen` command in a process of its own."""
-    if variant == "fp32":
-        command = ["export", str(checkpoint), "-o", str(folders / "fp32")]
-    else:
-        if not (folders / "fp32" / "onnxgen.json").is_file():
-            build(checkpoint, folders, "fp32", device)
-        command = ["quantize", "-m", str(folders / "fp32"), "-o", str(folders / variant), "--mode", variant, "--provider", device]
-    subprocess.run([sys.executable, "-m", "onnxgen", *command], check=True)
+# Each variant's folder and how it is made: (onnxgen command, the folder it starts from).
+BUILDS = {
+    "in-place-fp32": (["export", "{checkpoint}", "-o", "{out}"], None),
+    "growing-fp32": (["export", "{checkpoint}", "-o", "{out}", "--growing-cache"], None),
+    "fp16": (["quantize", "-m", "{parent}", "-o", "{out}", "--mode", "fp16", "--provider", "{device}"], "in-place-fp32"),
+    "int4": (["quantize", "-m", "{parent}", "-o", "{out}", "--mode", "int4", "--provider", "{device}"], "growing-fp32"),
+}
+FOLDERS = {"fp32": "growing-fp32", "fp16": "fp16", "int4": "int4"}  # a competitor's variant -> its folder
+
+
+def build(checkpoint: Path, folders: Path, name: str, device: str) -> None:
+    """A folder of BUILDS (its parent first), by the `onnxgen` command in a process of its own."""
+    command, parent = BUILDS[name]
+    if parent and not (folders / parent / "onnxgen.json").is_file():
+        build(checkpoint, folders, parent, device)
+    values = {"checkpoint": checkpoint, "out": folders / name, "parent": folders / (parent or name), "device": device}
+    subprocess.run([sys.executable, "-m", "onnxgen", *(part.format(**values) for part in command)], check=True)
 
 
 def device_name() -> str:
@@ -144,8 +153,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu"))
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--cases", nargs="+", help="only these cases, as b1-p32-greedy (default: all eight)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of this script")
-    ap.add_argument("--competitors", nargs="+", default=["pytorch-fp16", "pytorch-fp32", "onnxgen-fp32", "onnxgen-fp16", "onnxgen-int4"])
+    ap.add_argument("--competitors", nargs="+",
+                    default=["pytorch-fp16", "pytorch-fp32", "onnxgen-fp32", "onnxgen-fp16", "onnxgen-fp16+graph", "onnxgen-int4"])
     ap.add_argument("--report", type=Path, help="only render the Markdown of a saved JSON result")
     args = ap.parse_args()
     if args.report:
@@ -166,14 +177,15 @@ def main() -> None:
         if runtime == "pytorch":
             generate = pytorch(checkpoint, {"fp16": "float16", "fp32": "float32"}[variant], args.device)
         else:
-            folder = args.work / "onnx" / variant
+            variant, _, graph = variant.partition("+")
+            folder = args.work / "onnx" / FOLDERS[variant]
             if not (folder / "onnxgen.json").is_file():
-                build(checkpoint, args.work / "onnx", variant, args.device)
+                build(checkpoint, args.work / "onnx", FOLDERS[variant], args.device)
             if variant != "fp32":
                 report["accuracy"][variant] = json.loads((folder / "onnxgen.json").read_text())["quantization"]["accuracy"]
-            generate = onnxgen_runner(folder, args.device)
+            generate = onnxgen_runner(folder, args.device, cuda_graph=graph == "graph")
         report["competitors"][name] = []
-        for case in CASES:
+        for case in [c for c in CASES if not args.cases or f"b{c.batch}-p{c.prompt_tokens}-{c.strategy}" in args.cases]:
             report["competitors"][name].append(measure(generate, case, args.new_tokens, args.runs, vocab))
             print(name, case, "{:.1f} tok/s".format(figures(report["competitors"][name][-1])[0]), flush=True)
             (args.out / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")

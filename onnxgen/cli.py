@@ -23,6 +23,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 
 ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="model folder (default: the bundled small model)")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
+CudaGraphOption = Annotated[bool, typer.Option("--cuda-graph", help="CUDA: replay the decode step as one captured CUDA graph (a folder with the cache in place)")]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -60,6 +61,8 @@ def export(
     force: Annotated[bool, typer.Option(help="replace OUTPUT if it exists")] = False,
     optimize: Annotated[bool, typer.Option(help="fuse LayerNorm/Gelu with onnxruntime's GPT-2 optimizer")] = True,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: optimum's)")] = None,
+    growing_cache: Annotated[bool, typer.Option(help="MultiHeadAttention with a cache copied one position longer each step, "
+                                                "instead of GroupQueryAttention writing in place: for fp32/int4 on CUDA, and optimum's runtime")] = False,
     external_data_threshold: Annotated[int, typer.Option(help="weights above this many bytes go to model.onnx.data (default: always; onnxruntime maps that file instead of copying it)")] = 0,
     as_json: JsonOption = False,
 ) -> None:
@@ -67,7 +70,7 @@ def export(
     _export_stack()
     from .export import ExportOptions, export as do_export
 
-    options = ExportOptions(optimize=optimize, opset=opset, external_data_threshold=external_data_threshold, force=force)
+    options = ExportOptions(optimize=optimize, opset=opset, cache_in_place=not growing_cache, external_data_threshold=external_data_threshold, force=force)
     result = run(lambda: do_export(model, output, options))
     if as_json:
         print(json.dumps(result, indent=2))
@@ -137,6 +140,7 @@ def generate(
     truncate_prompt: Annotated[bool | None, typer.Option("--truncate-prompt", help="drop the oldest prompt tokens if too long")] = None,
     provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
+    cuda_graph: CudaGraphOption = False,
     stats: Annotated[bool, typer.Option("--stats", help="print tokens, time to first token and tok/s on stderr")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -149,7 +153,7 @@ def generate(
                  logprobs=logprobs, truncate_prompt=truncate_prompt)
 
     def body() -> None:
-        m = load(model, provider=provider, threads=threads)  # type: ignore[arg-type]
+        m = load(model, provider=provider, threads=threads, cuda_graph=cuda_graph)  # type: ignore[arg-type]
         opts = m.options(**strategy_options(strategy, given))
         if as_json:
             completions = m.generate(prompt, opts)
@@ -187,6 +191,7 @@ def bench(
     runs: Annotated[int, typer.Option(help="timed runs per case (after one warm-up)")] = 3,
     provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
+    cuda_graph: CudaGraphOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Time a model folder: decode tok/s, time to first token, load time, peak memory."""
@@ -196,7 +201,7 @@ def bench(
     from .model import BUNDLED
 
     cases = [b.Case(n, p, new_tokens, s) for n in batch or [1] for p in prompt_tokens or [32] for s in strategy or ["greedy"]]
-    result = run(lambda: b.run(model or BUNDLED, cases, runs, threads, provider))  # type: ignore[arg-type]
+    result = run(lambda: b.run(model or BUNDLED, cases, runs, threads, provider, cuda_graph=cuda_graph))  # type: ignore[arg-type]
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -210,6 +215,7 @@ def serve(
     port: Annotated[int, typer.Option()] = 8000,
     provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
+    cuda_graph: CudaGraphOption = False,
     max_batch: Annotated[int, typer.Option(help="rows that share one batch")] = 8,
     max_tokens: Annotated[int, typer.Option(help="the largest max_tokens a request may ask for")] = 1024,
     api_key: Annotated[str | None, typer.Option(envvar="ONNXGEN_API_KEY", help="require Authorization: Bearer KEY")] = None,
@@ -226,7 +232,7 @@ def serve(
     from .model import BUNDLED
 
     folder = model or BUNDLED
-    loaded = run(lambda: load(folder, provider=provider, threads=threads))  # type: ignore[arg-type]
+    loaded = run(lambda: load(folder, provider=provider, threads=threads, cuda_graph=cuda_graph))  # type: ignore[arg-type]
     app_ = create_app(loaded, name or folder.name, api_key, Limits(max_tokens=max_tokens, max_batch=max_batch))
     print(f"serving {folder} as {name or folder.name!r} on http://{host}:{port}/v1", file=sys.stderr)
     uvicorn.run(app_, host=host, port=port, log_level="warning")

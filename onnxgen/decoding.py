@@ -1,7 +1,6 @@
 """The rows being decoded and what one step does to them, shared by sampling/greedy and beam search.
 
-`Rows` holds each row's tokens (its left-padded prompt, then what was generated), the attention mask,
-positions and key/value cache. A step is `scores = rows.forward()`, a choice of one token per row, then
+`Rows` holds each row's tokens (its prompt, then what was generated) and its key/value cache (cache.py). A step is `scores = rows.forward()`, a choice of one token per row, then
 `rows.advance(tokens)`; beam search also says which row each new row continues (`source`).
 """
 
@@ -11,21 +10,8 @@ import numpy as np
 
 from . import logits
 from .options import GenerationOptions
-from .runtime import Cache, Runtime
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Token ids, attention mask and position ids of a left-padded batch.
-
-    Position ids count real tokens only, so a padded prompt sees the same positions as it would alone."""
-    width = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(prompts), width), dtype=np.int64)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = prompt
-        mask[row, width - len(prompt) :] = 1
-    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-    return ids, mask, positions
+from .cache import left_pad
+from .runtime import Runtime
 
 
 def sample(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -43,35 +29,38 @@ def sample(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 class Rows:
     def __init__(self, runtime: Runtime, prompts: list[list[int]], pad_id: int, max_new_tokens: int) -> None:
-        self.runtime = runtime
-        self._prompts, self.mask, positions = left_pad(prompts, pad_id)
+        self._prompts = left_pad(prompts, pad_id)[0]
         self._new = np.full((len(prompts), max_new_tokens), pad_id, dtype=np.int64)  # a column a step
         self.steps = 0  # tokens appended to every row
         self._tokens = [list(p) for p in prompts]  # the same without padding, as lists: what processors read
-        self._pending = (self._prompts, positions)  # what the next forward runs: the prompts, then one token a row
-        self._cache: Cache = runtime.empty_cache(len(prompts))
-        self._reorder_buffers: list[np.ndarray] = []  # kept across steps (see Runtime.reorder)
+        self._cache = runtime.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens, pad_id)
+        self._pending: np.ndarray | None = None  # the tokens the next forward runs (None: the prompts)
+        self._runtime: Runtime | None = runtime  # until the cache is released
+
+    def release(self) -> None:
+        """The call is over: the runtime may hand the cache to a later call (CUDA graphs keep theirs)."""
+        if self._runtime is not None:
+            self._runtime.release(self._cache)
+            self._runtime = None
 
     def forward(self) -> np.ndarray:
         """Run the pending tokens; the last position's scores, (rows, vocab) float32."""
-        ids, positions = self._pending
-        scores, self._cache = self.runtime.forward(ids, self.mask, positions, self._cache)
-        return scores
+        if self._pending is None:
+            return self._cache.prefill(self._tokens)
+        return self._cache.decode(self._pending)
 
     def advance(self, tokens: np.ndarray, source: np.ndarray | None = None) -> None:
         """Append one token to every row; with `source`, row i first becomes a copy of row source[i]."""
-        positions = self._pending[1][:, -1:] + 1
         if source is not None:
-            self._prompts, self._new, self.mask, positions = self._prompts[source], self._new[source], self.mask[source], positions[source]
+            self._prompts, self._new = self._prompts[source], self._new[source]
             self._tokens = [list(self._tokens[s]) for s in source.tolist()]
-            self._cache = self.runtime.reorder(self._cache, source, self._reorder_buffers)
-        column = tokens.reshape(-1, 1).astype(np.int64)
-        self._new[:, self.steps] = column[:, 0]
+            self._cache.reorder(source)
+        tokens = tokens.reshape(-1).astype(np.int64)
+        self._new[:, self.steps] = tokens
         self.steps += 1
-        for row, token in zip(self._tokens, column[:, 0].tolist()):
+        for row, token in zip(self._tokens, tokens.tolist()):
             row.append(token)
-        self.mask = np.concatenate([self.mask, np.ones_like(column)], axis=1)
-        self._pending = (column, positions)
+        self._pending = tokens
 
     @property
     def input_ids(self) -> np.ndarray:

@@ -26,14 +26,17 @@ import numpy as np
 
 from . import __version__, atomic, manifest
 from .errors import ExportError
-from .folder import (ATTENTION_MASK, CONFIG, DATA_FILE, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, MODEL_FILE, POSITION_IDS, TOKENIZER,
-                     past_names, present_names)
+from .folder import CONFIG, DATA_FILE, MODEL_FILE, TOKENIZER, Dims, ModelFolder
 from .progress import steps
 
 
 @dataclass
 class ExportOptions:
     optimize: bool = True  # fusions: onnxruntime's (SkipLayerNorm, FastGelu) and ours (MultiHeadAttention)
+    # GroupQueryAttention on a buffer per layer written in place (graph.cache_in_place). False keeps
+    # MultiHeadAttention's growing cache: what fp32 and int4 folders need on CUDA, where onnxruntime runs
+    # GroupQueryAttention in fp16 only, and what optimum's ORTModelForCausalLM can run.
+    cache_in_place: bool = True
     opset: int | None = None  # None: optimum's default for GPT-2
     # Bytes of weights above which they go to model.onnx.data. Always, by default: onnxruntime maps that file
     # instead of copying the weights out of the protobuf it parsed (gpt2 int8: peak memory 336 -> 255 MiB).
@@ -73,16 +76,16 @@ def _load(source: str) -> tuple[Any, Any]:
 
 @dataclass
 class Reference:
-    """PyTorch's outputs on a left-padded batch of two prompts and one cached step, kept so that the
-    PyTorch model can be freed before the ONNX graph is loaded (gpt2-large would hold both at once)."""
+    """PyTorch's logits for two prompts of different lengths (every position), then for one cached step."""
 
-    feeds: list[dict[str, np.ndarray]]  # onnxruntime inputs, past_key_values of the step filled at check time
-    logits: list[np.ndarray]
-    valid: np.ndarray  # positions whose logits mean something (not padding)
-    n_layer: int
+    prompts: list[list[int]]
+    prompt_logits: list[np.ndarray]  # per prompt, (length, vocab)
+    next_tokens: np.ndarray  # (2,): each prompt's greedy next token
+    step_logits: np.ndarray  # (2, vocab): the scores after it
 
 
 def _reference(model: Any) -> Reference:
+    """Run as a left-padded batch, the way transformers' generate runs it."""
     import torch
 
     cfg = model.config
@@ -97,27 +100,22 @@ def _reference(model: Any) -> Reference:
         mask2 = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
         second = model(input_ids=nxt, attention_mask=torch.from_numpy(mask2), position_ids=torch.from_numpy(pos[:, -1:] + 1),
                        past_key_values=first.past_key_values, use_cache=True)
-    head_dim = cfg.n_embd // cfg.n_head
-    empty = np.zeros((2, cfg.n_head, 0, head_dim), np.float32)
-    prompt = {INPUT_IDS: ids, ATTENTION_MASK: mask, POSITION_IDS: pos, LOGITS_TO_KEEP: np.array([0])}
-    prompt.update({name: empty for name in past_names(cfg.n_layer)})
-    step = {INPUT_IDS: nxt.numpy(), ATTENTION_MASK: mask2, POSITION_IDS: pos[:, -1:] + 1, LOGITS_TO_KEEP: np.array([1])}
-    return Reference([prompt, step], [first.logits.numpy(), second.logits.numpy()], mask.astype(bool), cfg.n_layer)
+    logits = first.logits.numpy()
+    valid = mask.astype(bool)
+    return Reference([ids[r][valid[r]].tolist() for r in range(2)], [logits[r][valid[r]] for r in range(2)],
+                     nxt.numpy()[:, 0], second.logits.numpy()[:, -1])
 
 
-def _validate(folder: Path, ref: Reference, atol: float) -> dict[str, Any]:
-    """onnxruntime on the reference inputs; the cached step runs on onnxruntime's own cache."""
-    import onnxruntime as ort
+def _validate(folder: Path, dims: Dims, ref: Reference, atol: float) -> dict[str, Any]:
+    """onnxgen's runtime on the reference's prompts: every position's logits, then a cached step of both rows
+    together (for a graph with the cache in place, rows of different lengths in one buffer)."""
+    from .runtime import Runtime
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # its notice that logits_to_keep has a default is by design
-    session = ort.InferenceSession(str(folder / MODEL_FILE), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    out = dict(zip(names, session.run(None, ref.feeds[0])))
-    prompt_diff = float(np.abs(out[LOGITS] - ref.logits[0])[ref.valid].max())
-    step_feed = dict(ref.feeds[1])
-    step_feed.update({past: out[present] for past, present in zip(past_names(ref.n_layer), present_names(ref.n_layer))})
-    step_diff = float(np.abs(session.run([LOGITS], step_feed)[0] - ref.logits[1]).max())
+    runtime = Runtime(ModelFolder(folder, {}, dims, None), threads=1)
+    prompt_diff = max(float(np.abs(runtime.all_logits(np.asarray([p]))[0] - want).max()) for p, want in zip(ref.prompts, ref.prompt_logits))
+    cache = runtime.new_cache(2, 13)
+    cache.prefill(ref.prompts)
+    step_diff = float(np.abs(cache.decode(ref.next_tokens) - ref.step_logits).max())
     result = {"max_abs_diff_prompt": prompt_diff, "max_abs_diff_cached_step": step_diff, "atol": atol,
               "passed": max(prompt_diff, step_diff) <= atol}
     if not result["passed"]:
@@ -197,12 +195,14 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
                 attention = graph.fuse_attention(onnx_model, cfg.n_head) if options.optimize else 0
                 biases = graph.fold_attention_biases(onnx_model) if attention else 0
                 graph.add_logits_to_keep(onnx_model)
+                in_place = graph.cache_in_place(onnx_model) if attention and options.cache_in_place else 0
                 opset = next(o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx"))
                 save_model(onnx_model, work, options.external_data_threshold)
                 del onnx_model
                 tokenizer.backend_tokenizer.save(str(work / TOKENIZER))
             with progress.step("Validating against PyTorch"):
-                validation = _validate(work, reference, options.atol)
+                dims = Dims(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cfg.n_positions)
+                validation = _validate(work, dims, reference, options.atol)
             with progress.step("Writing manifest"):
                 inputs, outputs = io_names(work / MODEL_FILE)
                 result = manifest.write(work, {
@@ -213,9 +213,9 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
                     "quantization": None,
                     "graph": {"optimized": options.optimize, "tied_head_deduplicated": tied, "gemm_rewritten": gemms,
                               "attention_fused": attention, "attention_biases_folded": biases,
+                              "cache_in_place": bool(in_place),
                               "external_data": (work / DATA_FILE).exists()},
-                    "dims": {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
-                             "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions},
+                    "dims": asdict(dims),
                     "inputs": inputs,
                     "outputs": outputs,
                     "validation": validation,

@@ -23,6 +23,9 @@ SHARED_FILES = (CONFIG, GENERATION_CONFIG, TOKENIZER)  # a quantized folder copi
 
 # The graph's inputs and outputs (optimum's names, plus transformers' logits_to_keep).
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS_TO_KEEP, LOGITS = "input_ids", "attention_mask", "position_ids", "logits_to_keep", "logits"
+# A graph with the cache in place (graph.cache_in_place) has no attention mask: each row's length is given by
+# GroupQueryAttention's inputs, named as onnxruntime names them.
+SEQLENS_K, TOTAL_SEQUENCE_LENGTH = "seqlens_k", "total_sequence_length"
 
 
 def past_names(n_layer: int) -> list[str]:

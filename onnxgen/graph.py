@@ -11,6 +11,9 @@
   becomes one MultiHeadAttention node; it pays most where the cache is large (long prompts, batches).
 - Around that node, the fused ops add the projections' biases and c_proj reads its 3-D output
   directly: 16 fewer kernels a layer, which the small and quantized models feel most.
+- The cache in place (the default): each MultiHeadAttention becomes a GroupQueryAttention that reads and
+  writes a buffer the runtime allocates once per call, each row at its own length, instead of returning a
+  new, longer copy of the whole cache at every step.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .folder import LOGITS_TO_KEEP
+from .folder import ATTENTION_MASK, LOGITS_TO_KEEP, SEQLENS_K, TOTAL_SEQUENCE_LENGTH
 
 
 def _head(model: onnx.ModelProto) -> onnx.NodeProto:
@@ -213,6 +216,61 @@ def _projection(g: onnx.GraphProto, attention_output: str, inits: set[str]) -> t
     return matmul, bias, norm
 
 
+def cache_in_place(model: onnx.ModelProto) -> int:
+    """Turn each MultiHeadAttention (after fold_attention_biases) into a GroupQueryAttention whose past and
+    present the runtime binds to one buffer per layer: onnxruntime then writes each new position where it
+    goes instead of copying the cache into a longer one (onnxruntime-genai runs its models this way).
+
+    GroupQueryAttention takes c_attn's packed output (the bias added first: it has no bias input) and no
+    mask: `seqlens_k` (per row, its length after this step, minus one) and `total_sequence_length` say
+    which positions are real, so rows need no padding. The graph loses `attention_mask`, and
+    logits_to_keep becomes the positions to keep (_keep_by_index). All layers or none: returns how many it
+    converted.
+    """
+    g = model.graph
+    producers = {out: node for node in g.node for out in node.output}
+    layers = [n for n in g.node if n.op_type == "MultiHeadAttention"]
+    splits = [producers.get(n.input[0]) for n in layers]
+    if not layers or any(s is None or s.op_type != "Split" for s in splits):
+        return 0
+    for attention, split in zip(layers, splits):
+        heads = next(helper.get_attribute_value(a) for a in attention.attribute if a.name == "num_heads")
+        packed, bias = split.input[0], attention.input[3]
+        at = list(g.node).index(attention)
+        g.node.remove(attention)
+        if bias:
+            g.node.insert(at, helper.make_node("Add", [packed, bias], [f"{attention.name}/qkv"], name=f"{attention.name}/QkvBias"))
+            packed = f"{attention.name}/qkv"
+        g.node.insert(at + bool(bias), helper.make_node(
+            "GroupQueryAttention", [packed, "", "", attention.input[6], attention.input[7], SEQLENS_K, TOTAL_SEQUENCE_LENGTH],
+            list(attention.output), name=attention.name, domain="com.microsoft", num_heads=heads, kv_num_heads=heads))
+    g.input.remove(next(i for i in g.input if i.name == ATTENTION_MASK))
+    g.input.extend([helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["batch_size"]),
+                    helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [])])
+    _keep_by_index(g)
+    for value in [*g.input, *g.output]:  # the buffer's length, not a past or total length
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.shape.dim[2].dim_param = "capacity"
+    _remove_dead_nodes(g)  # the Splits, and the mask's Cast
+    return len(layers)
+
+
+def _keep_by_index(g: onnx.GraphProto) -> None:
+    """logits_to_keep as transformers' tensor form, the positions to keep ([-1]: the last; 0..n-1: all), read
+    by a Gather. add_logits_to_keep's count needs a Neg whose result the Slice reads on the host: on CUDA that
+    is a copy to the host inside the step, which rules out capturing it as a CUDA graph."""
+    keep = next(n for n in g.node if n.name == "/lm_head/Keep")
+    start = next(n for n in g.node if n.name == "/lm_head/KeepStart")
+    at = list(g.node).index(keep)
+    g.node.remove(keep)
+    g.node.remove(start)
+    g.node.insert(at, helper.make_node("Gather", [keep.input[0], LOGITS_TO_KEEP], [keep.output[0]], name="/lm_head/Keep", axis=1))
+    for default in [t for t in g.initializer if t.name == LOGITS_TO_KEEP]:  # no default: the caller says (a quantizer may have dropped it)
+        g.initializer.remove(default)
+    index = next(i for i in g.input if i.name == LOGITS_TO_KEEP)
+    index.type.tensor_type.shape.dim[0].dim_param = "kept_positions"
+
+
 def _remove_dead_nodes(g: onnx.GraphProto) -> None:
     """Drop the nodes whose outputs nothing reads (until none is left), then the unread initializers."""
     while True:
@@ -234,4 +292,14 @@ def select_rows_model(elem_type: int) -> onnx.ModelProto:
     g = helper.make_graph([node], "select_rows",
                           [helper.make_tensor_value_info("cache", elem_type, dims), helper.make_tensor_value_info("rows", TensorProto.INT64, ["rows"])],
                           [helper.make_tensor_value_info("selected", elem_type, ["rows", *dims[1:]])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8, producer_name="onnxgen")
+
+
+def copy_model(elem_type: int) -> onnx.ModelProto:
+    """Identity(source) -> target: with `target` bound to an existing buffer, a copy into it on the device
+    (beam search's reorder of an in-place CUDA cache; shipped in onnxgen/graphs like select_rows)."""
+    dims = ["batch", "heads", "positions", "head_size"]
+    node = helper.make_node("Identity", ["source"], ["target"], name="Copy")
+    g = helper.make_graph([node], "copy", [helper.make_tensor_value_info("source", elem_type, dims)],
+                          [helper.make_tensor_value_info("target", elem_type, dims)])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8, producer_name="onnxgen")

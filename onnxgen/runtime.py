@@ -1,32 +1,34 @@
-"""One onnxruntime session over an exported GPT-2 graph, and its key/value cache.
+"""One onnxruntime session over an exported GPT-2 graph: the provider, the graph's checks, how a run is made.
 
-Every run goes through IO binding: the `present.*` outputs stay where onnxruntime put them (host memory
-on CPU, device memory on CUDA) and are bound as the next step's `past_key_values.*` inputs as they are,
-so the cache is never copied between steps. Only the last position's logits come back to numpy. The
-cache's element type is the graph's own (float32, or float16 in an fp16 folder).
+Every run goes through IO binding (cache.py binds the cache where it lives: host memory on CPU, device
+memory on CUDA) and only the last position's logits come back to numpy. The cache's layout (in place or
+growing) and element type (float32, or float16 in an fp16 folder) are read from the graph.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import io
+import itertools
 import os
+import threading
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from .cache import Cache, GrowingCache, InPlaceCache
 from .errors import ModelFolderError, OptionsError, ProviderError
-from .folder import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS, ModelFolder, past_names, present_names
+from .folder import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, ModelFolder, past_names, present_names
 
 Provider = Literal["cpu", "cuda"]
 
 ONNXRUNTIME_PACKAGES = ("onnxruntime", "onnxruntime-gpu")
-# Gather(cache, rows) on axis 0, one graph per cache type (made by graph.select_rows_model): beam search
-# reorders a CUDA cache with it, on the device.
+# Gather(cache, rows) on axis 0 and Identity, one graph per cache type (made by graph.select_rows_model and
+# graph.copy_model): beam search moves the rows of a CUDA cache with them, on the device.
 SELECT_ROWS = {np.dtype(np.float32): "select_rows_float32.onnx", np.dtype(np.float16): "select_rows_float16.onnx"}
+COPY = {np.dtype(np.float32): "copy_float32.onnx", np.dtype(np.float16): "copy_float16.onnx"}
 GRAPHS = Path(__file__).parent / "graphs"
 _ELEMENT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
 
@@ -85,23 +87,27 @@ def _load_cuda_libraries(ort: Any) -> str:
     return f": {notes.getvalue().strip().splitlines()[0]}" if notes.getvalue().strip() else ""
 
 
-Cache = list[Any]  # past_key_values for every layer, as OrtValues in the order the graph names them
-
-
 class Runtime:
-    def __init__(self, folder: ModelFolder, provider: Provider = "cpu", threads: int | None = None) -> None:
+    """The session over a folder's graph, and what every call's cache shares: names, dims, the small graphs
+    that move cache rows on the device. Everything a call changes lives in its cache (cache.py)."""
+
+    def __init__(self, folder: ModelFolder, provider: Provider = "cpu", threads: int | None = None, cuda_graph: bool = False) -> None:
         ort = import_onnxruntime()
         self.ort = ort
-        self.n_head, self.head_dim, self.n_positions = folder.dims.n_head, folder.dims.head_dim, folder.dims.n_positions
+        dims = folder.dims
+        self.n_head, self.head_dim, self.n_positions, self.vocab_size = dims.n_head, dims.head_dim, dims.n_positions, dims.vocab_size
         model_path = folder.model_file
         options = ort.SessionOptions()
         options.intra_op_num_threads = _threads(threads)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # onnxruntime's warnings about unused initializers are noise here
+        if cuda_graph and provider != "cuda":
+            raise OptionsError("cuda_graph (--cuda-graph) needs the CUDA provider (provider='cuda', --provider cuda)")
         if provider == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise ProviderError("CUDA was requested but this onnxruntime has no CUDA provider: pip install 'onnxgen[gpu]' (and uninstall onnxruntime)")
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            cuda_options = {"enable_cuda_graph": "1"} if cuda_graph else {}
+            providers: list[Any] = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
             library_notes = _load_cuda_libraries(ort)
         elif provider == "cpu":
             providers = ["CPUExecutionProvider"]
@@ -116,23 +122,41 @@ class Runtime:
             raise ProviderError("CUDA was requested but onnxruntime could not start it (CUDA/cuDNN libraries missing? "
                                 f"onnxgen[gpu] installs them){library_notes}")
         self.device = provider
-        self.cache_dtype = self._check_graph(folder)
-        # Beam search's reorder on CUDA, on the device (see reorder); a few milliseconds to load.
+        self.in_place, self.cache_dtype, self.logits_dtype = self._check_graph(folder)
+        if provider == "cuda" and self.in_place and self.cache_dtype != np.float16:
+            # onnxruntime would run those nodes on the CPU, copying every layer's activations across each step.
+            raise ProviderError(f"{model_path} keeps its cache in place (GroupQueryAttention), which onnxruntime runs on CUDA in "
+                                "float16 only: make an fp16 folder (onnxgen quantize --mode fp16), or export with --growing-cache")
+        if cuda_graph and not self.in_place:
+            raise OptionsError(f"cuda_graph needs a folder with the cache in place; {model_path} was exported with --growing-cache")
+        self.cuda_graph = cuda_graph
+        self._graph_ids = itertools.count(1)
+        # With CUDA graphs, all device work goes one call at a time: while onnxruntime captures a step, any other
+        # thread's copy or allocation on the device breaks the capture.
+        self._lock = threading.RLock()
+        self._idle: dict[tuple[int, int], list[InPlaceCache]] = {}  # CUDA-graph caches of finished calls, by (rows, capacity)
+        # Beam search on CUDA moves cache rows on the device (select_rows, copy); a few milliseconds to load.
         self._select_rows = ort.InferenceSession(str(GRAPHS / SELECT_ROWS[self.cache_dtype]), options, providers=providers)
-        self.past_names, self.present_names = past_names(folder.dims.n_layer), present_names(folder.dims.n_layer)
-        # logits_to_keep has a default (graph.add_logits_to_keep), and IO binding takes an input with a
-        # default only as an OrtValue.
-        self._keep_last = ort.OrtValue.ortvalue_from_numpy(np.array([1], dtype=np.int64))
+        self._copy = ort.InferenceSession(str(GRAPHS / COPY[self.cache_dtype]), options, providers=providers)
+        self.past_names, self.present_names = past_names(dims.n_layer), present_names(dims.n_layer)
+        # logits_to_keep: the last position. A growing graph counts positions (1), and IO binding takes that
+        # input, which has a default (graph.add_logits_to_keep), only as an OrtValue; an in-place graph takes
+        # their indices ([-1], on the device: a CUDA graph reads nothing from the host).
+        last = np.array([-1 if self.in_place else 1], dtype=np.int64)
+        self.keep_last = ort.OrtValue.ortvalue_from_numpy(last, provider if self.in_place else "cpu", 0)
 
-    def _check_graph(self, folder: ModelFolder) -> np.dtype:
+    def _check_graph(self, folder: ModelFolder) -> tuple[bool, np.dtype, np.dtype]:
         """The graph's inputs and outputs against the manifest's dims, so a mismatch is a clear error at load
-        and not onnxruntime's shape error at the first step; returns the cache's element type."""
+        and not onnxruntime's shape error at the first step; returns whether the cache is in place, the
+        cache's element type and the logits'."""
         dims, model_path = folder.dims, folder.model_file
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         types = {i.name: i.type for i in self.session.get_inputs()}
         outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        in_place = SEQLENS_K in inputs
+        layout = (SEQLENS_K, TOTAL_SEQUENCE_LENGTH) if in_place else (ATTENTION_MASK,)
         past = [name for name in inputs if name.startswith("past_key_values.")]
-        missing = [n for n in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS) if n not in inputs] + [n for n in [LOGITS] if n not in outputs]
+        missing = [n for n in (INPUT_IDS, POSITION_IDS, *layout) if n not in inputs] + [n for n in [LOGITS] if n not in outputs]
         if missing:
             raise ModelFolderError(f"{model_path} lacks {', '.join(missing)}: not a graph onnxgen made")
         if sorted(past) != sorted(past_names(dims.n_layer)):
@@ -146,71 +170,67 @@ class Runtime:
         cache_type = types[past_names(1)[0]]
         if cache_type not in _ELEMENT_TYPES:
             raise ModelFolderError(f"{model_path}: {past_names(1)[0]} is {cache_type}, expected tensor(float) or tensor(float16)")
-        return _ELEMENT_TYPES[cache_type]
+        logits_type = next(o.type for o in self.session.get_outputs() if o.name == LOGITS)
+        return in_place, _ELEMENT_TYPES[cache_type], _ELEMENT_TYPES.get(logits_type, np.dtype(np.float32))
 
-    def empty_cache(self, batch: int) -> Cache:
-        empty = np.zeros((batch, self.n_head, 0, self.head_dim), dtype=self.cache_dtype)
-        value = self.ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0)
-        return [value] * len(self.past_names)
+    def new_cache(self, rows: int, capacity: int, pad_id: int = 0) -> Cache:
+        """An empty cache for `rows` rows of up to `capacity` positions (pad_id: a growing cache's padding).
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: Cache) -> tuple[np.ndarray, Cache]:
-        """Run new tokens (batch, n) after `cache`; return the last position's logits (batch, vocab) and the new cache."""
-        io = self.session.io_binding()
-        io.bind_cpu_input(INPUT_IDS, input_ids)
-        io.bind_cpu_input(ATTENTION_MASK, attention_mask)
-        io.bind_cpu_input(POSITION_IDS, position_ids)
-        io.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep_last)
-        for name, value in zip(self.past_names, cache):
-            io.bind_ortvalue_input(name, value)
-        io.bind_output(LOGITS, "cpu")
-        for name in self.present_names:
-            io.bind_output(name, self.device)
-        self.session.run_with_iobinding(io)
-        outputs = io.get_outputs()
-        logits = outputs[0].numpy()[:, -1, :].astype(np.float32, copy=False)  # an fp16 graph's logits are fp16
-        return logits, outputs[1:]
+        With CUDA graphs, capacities round up to a multiple of 64 and finished calls hand their caches back
+        (release): a later call of the same shape replays the graph captured on those buffers instead of
+        capturing another one (onnxruntime keeps every graph it has captured)."""
+        if not self.in_place:
+            return GrowingCache(self, rows, capacity, pad_id)
+        if not self.cuda_graph:
+            return InPlaceCache(self, rows, min(capacity, self.n_positions))
+        key = (rows, min(-(-capacity // 64) * 64, self.n_positions))
+        with self._lock:
+            idle = self._idle.get(key)
+            if idle:
+                cache = idle.pop()
+                cache.lengths[:] = 0
+                return cache
+        return InPlaceCache(self, *key)
+
+    def release(self, cache: Cache) -> None:
+        if self.cuda_graph and isinstance(cache, InPlaceCache):
+            with self._lock:
+                self._idle.setdefault((cache.rows, cache.capacity), []).append(cache)
+
+    def exclusive(self) -> contextlib.AbstractContextManager[Any]:
+        """Held around a cache's device work when CUDA graphs are on (see _lock); otherwise nothing."""
+        return self._lock if self.cuda_graph else contextlib.nullcontext()
+
+    def run(self, io: Any, graph_id: int | None = None) -> None:
+        """One run of the model graph; with cuda_graph, `graph_id` names the captured step to replay
+        (None: a run that is not captured, such as a prompt pass)."""
+        if not self.cuda_graph:
+            self.session.run_with_iobinding(io)
+            return
+        with self._lock:
+            self.session.run_with_iobinding(io, self.run_options(graph_id))
+
+    def run_options(self, graph_id: int | None = None) -> Any:
+        options = self.ort.RunOptions()
+        if self.cuda_graph:
+            options.add_run_config_entry("gpu_graph_id", str(graph_id if graph_id is not None else -1))
+        return options
+
+    def new_graph_id(self) -> int:
+        """A CUDA graph per cache: a capture is tied to the addresses of the buffers it was captured with."""
+        return next(self._graph_ids)
 
     def all_logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits at every position of `input_ids` (batch, n) with no cache: for scoring text, not generating."""
-        feed = {INPUT_IDS: input_ids, ATTENTION_MASK: np.ones_like(input_ids),
-                POSITION_IDS: np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape).copy(),
-                LOGITS_TO_KEEP: np.array([0], dtype=np.int64)}
-        empty = np.zeros((input_ids.shape[0], self.n_head, 0, self.head_dim), dtype=self.cache_dtype)
-        feed.update({name: empty for name in self.past_names})
-        return self.session.run([LOGITS], feed)[0].astype(np.float32, copy=False)
+        cache = self.new_cache(input_ids.shape[0], input_ids.shape[1])
+        return cache.all_logits(np.ascontiguousarray(input_ids, dtype=np.int64)).astype(np.float32, copy=False)
 
-    def reorder(self, cache: Cache, rows: np.ndarray, buffers: list[np.ndarray]) -> Cache:
-        """Select cache rows (beam search keeps the beams it continues), copying the cache once.
-
-        On CUDA a Gather runs on the device (`select_rows`). On CPU numpy gathers straight from
-        onnxruntime's memory (no `OrtValue.numpy()` copy) into `buffers`, which the caller keeps from step
-        to step (start with []): fresh arrays cost a page fault per 4 KB, which for gpt2-large's four beams
-        took four times longer than the copy itself. The returned cache lives in them, so it is valid until
-        the next reorder into the same buffers.
-        """
-        if self.device != "cpu":
-            return self.select_rows(cache, rows)
-        selected = []
-        for i, value in enumerate(cache):
-            shape = value.shape()
-            size = int(np.prod(shape))
-            raw = (ctypes.c_byte * (size * self.cache_dtype.itemsize)).from_address(value.data_ptr())
-            source = np.frombuffer(raw, dtype=self.cache_dtype).reshape(shape)
-            if i == len(buffers):
-                buffers.append(np.empty(0, self.cache_dtype))
-            if buffers[i].size < size:  # grow ahead, up to the context window: the cache gains a position per step
-                buffers[i] = np.empty(min(2 * size, size // max(1, shape[2]) * self.n_positions), self.cache_dtype)
-            target = buffers[i][:size].reshape(shape)
-            np.take(source, rows, axis=0, out=target, mode="clip")  # mode="clip": "raise" would buffer the output
-            selected.append(self.ort.OrtValue.ortvalue_from_numpy(target))
-        return selected
-
-    def select_rows(self, cache: Cache, rows: np.ndarray) -> Cache:
+    def select_rows(self, values: list[Any], rows: np.ndarray) -> list[Any]:
         """Select cache rows where the cache lives, through the `select_rows` graph: one small run per
-        layer's key and value, the row indices copied to the device once."""
+        layer's key and value, the row indices copied to the device once. Returns new tensors."""
         index = self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(rows, dtype=np.int64), self.device, 0)
         selected = []
-        for value in cache:
+        for value in values:
             io = self._select_rows.io_binding()
             io.bind_ortvalue_input("cache", value)
             io.bind_ortvalue_input("rows", index)
@@ -218,3 +238,12 @@ class Runtime:
             self._select_rows.run_with_iobinding(io)
             selected.append(io.get_outputs()[0])
         return selected
+
+    def move_rows(self, values: list[Any], rows: np.ndarray) -> None:
+        """Row i of each tensor becomes its row rows[i], in place on the device: gathered into a new tensor,
+        then copied back (a Gather cannot write over what it reads), so the buffers keep their addresses."""
+        for value, selected in zip(values, self.select_rows(values, rows)):
+            io = self._copy.io_binding()
+            io.bind_ortvalue_input("source", selected)
+            io.bind_ortvalue_output("target", value)
+            self._copy.run_with_iobinding(io)

@@ -60,6 +60,16 @@ def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @pytest.fixture(scope="session")
+def exported_growing(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same checkpoint with MultiHeadAttention's growing cache (`--growing-cache`)."""
+    from onnxgen.export import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-growing"
+    export(str(checkpoint), out, ExportOptions(cache_in_place=False), quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def model(exported: Path):  # type: ignore[no-untyped-def]
     import onnxgen
 

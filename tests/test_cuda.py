@@ -27,19 +27,26 @@ def _needs_cuda() -> None:
 
 
 @pytest.fixture(scope="module")
-def folders(exported: Path, quantized_folder) -> dict[str, Path]:  # type: ignore[no-untyped-def]
+def folders(exported_growing: Path, quantized_folder, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # type: ignore[no-untyped-def]
+    """fp16 with the cache in place (GroupQueryAttention runs on CUDA in fp16 only); fp32 and int4 with the
+    growing cache, as a CUDA user exports them (--growing-cache)."""
+    from onnxgen.quantize import QuantizeOptions, quantize
+
+    int4 = tmp_path_factory.mktemp("cuda") / "int4-growing"
     # int4 with fp32 compute (accuracy level 1): the CPU's default int8 compute would differ from CUDA's by design.
-    return {"fp32": exported, "fp16": quantized_folder("fp16"), "int4": quantized_folder("int4", accuracy_level=1)}
+    quantize(exported_growing, int4, QuantizeOptions(mode="int4", accuracy_level=1, max_ppl_increase=0.5), quiet=True)
+    return {"fp32": exported_growing, "fp16": quantized_folder("fp16"), "int4": int4}
 
 
 def _tokens(model: onnxgen.Model, prompts: list[list[int]], **options: object) -> list[list[int]]:
     return [c.token_ids for c in model.generate(prompts, max_new_tokens=20, **options)]
 
 
-@pytest.mark.parametrize("variant", ["fp32", "fp16", "int4"])
+@pytest.mark.parametrize("variant", ["fp32", "fp16", "int4", "fp16 cuda graph"])
 def test_cuda_generates_the_cpu_tokens(folders: dict[str, Path], variant: str) -> None:
-    """Greedy and beam search on a left-padded batch: the same tokens as the same folder on CPU."""
-    cpu, gpu = onnxgen.load(folders[variant], threads=1), onnxgen.load(folders[variant], provider="cuda")
+    """Greedy and beam search on prompts of different lengths: the same tokens as the same folder on CPU."""
+    folder = folders[variant.split()[0]]
+    cpu, gpu = onnxgen.load(folder, threads=1), onnxgen.load(folder, provider="cuda", cuda_graph="graph" in variant)
     assert gpu.runtime.session.get_providers()[0] == "CUDAExecutionProvider"
     for options in ({"do_sample": False}, {"do_sample": False, "num_beams": 3, "num_return_sequences": 2}):
         assert _tokens(gpu, PROMPTS, **options) == _tokens(cpu, PROMPTS, **options)
@@ -55,22 +62,72 @@ def test_fp16_on_cuda_is_close_to_fp32(folders: dict[str, Path]) -> None:
 
 
 def test_beam_reorder_stays_on_the_device(folders: dict[str, Path]) -> None:
+    """In place: rows move within the same device buffers (CUDA graphs replay on those addresses)."""
     rt = onnxgen.load(folders["fp16"], provider="cuda").runtime
-    _, cache = rt.forward(np.array([[5, 6, 7], [8, 9, 10]]), np.ones((2, 3), np.int64), np.array([[0, 1, 2]] * 2), rt.empty_cache(2))
-    moved = rt.reorder(cache, np.array([1, 1]), [])
-    assert {v.device_name().lower() for v in moved} == {"cuda"}
-    assert all(np.array_equal(m.numpy(), c.numpy()[[1, 1]]) for m, c in zip(moved, cache))
+    cache = rt.new_cache(2, 8)
+    cache.prefill([[5, 6, 7], [8, 9, 10]])
+    before = [v.numpy() for v in cache.values]
+    addresses = [v.data_ptr() for v in cache.values]
+    cache.reorder(np.array([1, 1]))
+    assert {v.device_name().lower() for v in cache.values} == {"cuda"}
+    assert [v.data_ptr() for v in cache.values] == addresses
+    assert all(np.array_equal(v.numpy()[:, :, :3], old[[1, 1], :, :3]) for v, old in zip(cache.values, before))
 
 
-def test_seeded_sampling_on_cuda_repeats(folders: dict[str, Path]) -> None:
-    gpu = onnxgen.load(folders["fp32"], provider="cuda")
+def test_every_decode_node_runs_on_cuda(folders: dict[str, Path], tmp_path: Path) -> None:
+    """A CUDA graph needs every compute node on the GPU and no copies to the host: onnxruntime's profile of a
+    call says where each node ran."""
+    import json
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    session = ort.InferenceSession(str(folders["fp16"] / "model.onnx"), options, providers=["CUDAExecutionProvider"])
+    model = onnxgen.load(folders["fp16"], provider="cuda")
+    model.runtime.session = session
+    model.generate([[5, 6, 7]], max_new_tokens=3, do_sample=False)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    placed = {(e["args"]["op_name"], e["args"]["provider"]) for e in events if e.get("cat") == "Node" and "provider" in e.get("args", {})}
+    assert ("GroupQueryAttention", "CUDAExecutionProvider") in placed
+    assert {op for op, provider in placed if provider != "CUDAExecutionProvider"} == set()
+    assert not {op for op, _ in placed if op.startswith("Memcpy")}
+
+
+def test_cuda_graph_calls_reuse_their_capture(folders: dict[str, Path]) -> None:
+    """A finished call hands its buffers (and the graph captured on them) to the next call of its shape."""
+    gpu = onnxgen.load(folders["fp16"], provider="cuda", cuda_graph=True)
+    plain = onnxgen.load(folders["fp16"], provider="cuda")
+    first = _tokens(gpu, PROMPTS)
+    ids = set(id(c) for caches in gpu.runtime._idle.values() for c in caches)
+    assert _tokens(gpu, PROMPTS) == first == _tokens(plain, PROMPTS)
+    assert set(id(c) for caches in gpu.runtime._idle.values() for c in caches) == ids
+
+
+def test_decode_on_cuda_reads_each_row_only_to_its_length(folders: dict[str, Path]) -> None:
+    from .test_generate import decode_at_totals
+
+    longest, capacity = decode_at_totals(onnxgen.load(folders["fp16"], provider="cuda").runtime)
+    assert np.abs(longest - capacity).max() < 1e-2
+
+
+def test_fp32_in_place_on_cuda_is_refused(exported: Path) -> None:
+    with pytest.raises(onnxgen.ProviderError, match="fp16"):
+        onnxgen.load(exported, provider="cuda")
+
+
+@pytest.mark.parametrize("variant", ["fp32", "fp16"])
+def test_seeded_sampling_on_cuda_repeats(folders: dict[str, Path], variant: str) -> None:
+    gpu = onnxgen.load(folders[variant], provider="cuda")
     options = {"do_sample": True, "top_k": 20, "top_p": 0.9, "seed": 7, "num_return_sequences": 2}
     first = _tokens(gpu, PROMPTS, **options)
     assert first == _tokens(gpu, PROMPTS, **options) != _tokens(gpu, PROMPTS, **{**options, "seed": 8})
 
 
-def test_a_padded_batch_on_cuda_equals_each_prompt_alone(folders: dict[str, Path]) -> None:
-    gpu = onnxgen.load(folders["fp32"], provider="cuda")
+@pytest.mark.parametrize("variant", ["fp32", "fp16"])
+def test_a_batch_on_cuda_equals_each_prompt_alone(folders: dict[str, Path], variant: str) -> None:
+    gpu = onnxgen.load(folders[variant], provider="cuda")
     assert _tokens(gpu, PROMPTS) == [_tokens(gpu, [p])[0] for p in PROMPTS]
 
 
@@ -85,10 +142,11 @@ def test_cli_generates_on_cuda(folders: dict[str, Path]) -> None:
     assert gpu.stdout == cpu.stdout and "tok/s" in gpu.stderr
 
 
-def test_one_cuda_model_serves_many_threads(folders: dict[str, Path]) -> None:
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_one_cuda_model_serves_many_threads(folders: dict[str, Path], cuda_graph: bool) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    gpu = onnxgen.load(folders["fp16"], provider="cuda")
+    gpu = onnxgen.load(folders["fp16"], provider="cuda", cuda_graph=cuda_graph)
 
     def call(i: int) -> list[list[int]]:
         return _tokens(gpu, PROMPTS[i % 3 :], do_sample=i % 2 == 0, seed=i, num_beams=1 if i % 2 == 0 else 2, logprobs=2)

@@ -29,7 +29,8 @@ def test_manifest_describes_the_folder(exported: Path, checkpoint: Path) -> None
     assert m["dtype"] == "float32" and m["opset"] >= 14
     assert m["dims"] == {"n_layer": 2, "n_head": 4, "n_embd": 64, "vocab_size": 400, "n_positions": 128}
     assert m["inputs"][:1] == ["input_ids"]
-    assert {"attention_mask", "position_ids", "past_key_values.0.key", "past_key_values.1.value"} <= set(m["inputs"])
+    assert {"position_ids", "seqlens_k", "total_sequence_length", "past_key_values.0.key", "past_key_values.1.value"} <= set(m["inputs"])
+    assert "attention_mask" not in m["inputs"]  # each row's length is in seqlens_k
     assert m["outputs"][0] == "logits" and "present.1.value" in m["outputs"]
     for name, info in m["files"].items():
         assert info["bytes"] == (exported / name).stat().st_size
@@ -37,25 +38,31 @@ def test_manifest_describes_the_folder(exported: Path, checkpoint: Path) -> None
     assert m["validation"]["passed"] and m["validation"]["max_abs_diff_prompt"] <= 1e-4
     assert {"torch", "transformers", "onnxruntime", "onnx"} <= set(m["versions"])
     assert m["graph"]["tied_head_deduplicated"] is True
-    assert m["graph"]["attention_fused"] == 2 and m["graph"]["attention_biases_folded"] == 2
+    assert m["graph"]["attention_fused"] == 2 and m["graph"]["attention_biases_folded"] == 2 and m["graph"]["cache_in_place"]
 
 
-def test_attention_is_one_node_per_layer(exported: Path) -> None:
+def test_attention_is_one_node_per_layer(exported: Path, exported_growing: Path) -> None:
     from onnxgen import graph as graph_mod
 
-    model = onnx.load(str(exported / "model.onnx"))
-    ops = [n.op_type for n in model.graph.node]
-    assert ops.count("MultiHeadAttention") == 2
-    # The step no longer transposes the key cache, nor builds a 4-D causal mask.
-    assert not any(n.op_type == "Transpose" and n.input[0].startswith("present.") for n in model.graph.node)
-    assert "Expand" not in ops and "IsNaN" not in ops
-    # A layer is nine kernels: MatMul, Split, attention (with c_attn's bias), MatMul, SkipLayerNorm (with
-    # c_proj's bias), MatMul, FastGelu, MatMul, SkipLayerNorm; none of the Conv1D reshapes is left.
-    assert ops.count("MatMul") == 4 * 2 + 1 and "Reshape" not in ops and "Shape" not in ops
-    assert all(len(n.input) == 5 and n.input[4] for n in model.graph.node if n.op_type == "SkipLayerNormalization")
-    assert graph_mod.fuse_attention(model, 4) == 0  # a graph it does not recognise is left as it is
-    assert graph_mod.fold_attention_biases(model) == 0
-    assert [n.op_type for n in model.graph.node] == ops
+    for folder, attention in ((exported, "GroupQueryAttention"), (exported_growing, "MultiHeadAttention")):
+        model = onnx.load(str(folder / "model.onnx"))
+        ops = [n.op_type for n in model.graph.node]
+        assert ops.count(attention) == 2 and ops.count("GroupQueryAttention") + ops.count("MultiHeadAttention") == 2
+        # The step no longer transposes the key cache, nor builds a 4-D causal mask.
+        assert not any(n.op_type == "Transpose" and n.input[0].startswith("present.") for n in model.graph.node)
+        assert "Expand" not in ops and "IsNaN" not in ops
+        # A layer is nine kernels: MatMul, Split (MultiHeadAttention adds c_attn's bias) or Add of that bias
+        # (GroupQueryAttention has no bias input), attention, MatMul, SkipLayerNorm (with c_proj's bias),
+        # MatMul, FastGelu, MatMul, SkipLayerNorm; none of the Conv1D reshapes is left.
+        assert ops.count("MatMul") == 4 * 2 + 1 and "Reshape" not in ops and "Shape" not in ops
+        biases = [n for n in model.graph.node if n.op_type == "Add" and n.name.endswith("/QkvBias")]
+        assert (ops.count("Split"), len(biases)) == ((2, 0) if attention == "MultiHeadAttention" else (0, 2))
+        assert all(len(n.input) == 5 and n.input[4] for n in model.graph.node if n.op_type == "SkipLayerNormalization")
+        assert graph_mod.fuse_attention(model, 4) == 0  # a graph it does not recognise is left as it is
+        assert graph_mod.fold_attention_biases(model) == 0
+        if attention == "GroupQueryAttention":
+            assert graph_mod.cache_in_place(model) == 0
+        assert [n.op_type for n in model.graph.node] == ops
 
 
 def test_tied_head_is_stored_once(exported: Path, torch_model: torch.nn.Module) -> None:
@@ -66,23 +73,19 @@ def test_tied_head_is_stored_once(exported: Path, torch_model: torch.nn.Module) 
     assert not any(n.op_type == "Gemm" for n in graph.node)  # every weight is in a quantizable MatMul
 
 
-def test_onnx_logits_match_pytorch_on_every_position(exported: Path, torch_model: torch.nn.Module) -> None:
-    import onnxruntime as ort
+@pytest.mark.parametrize("layout", ["in place", "growing"])
+def test_onnx_logits_match_pytorch_on_every_position(exported: Path, exported_growing: Path, torch_model: torch.nn.Module, layout: str) -> None:
+    import onnxgen
 
-    session = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
+    runtime = onnxgen.load(exported if layout == "in place" else exported_growing, threads=1).runtime
     ids = np.random.default_rng(1).integers(0, 400, size=(1, 20))
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(20)[None],
-            "logits_to_keep": np.array([0])}
-    for i in range(2):
-        feed[f"past_key_values.{i}.key"] = feed[f"past_key_values.{i}.value"] = np.zeros((1, 4, 0, 16), np.float32)
-    logits = session.run(["logits"], feed)[0]
+    logits = runtime.all_logits(ids)
     with torch.no_grad():
         ref = torch_model(torch.from_numpy(ids)).logits.numpy()
     assert logits.shape == ref.shape
     assert np.abs(logits - ref).max() <= 1e-4
-    feed["logits_to_keep"] = np.array([1])
-    last = session.run(["logits"], feed)[0]
-    assert last.shape == (1, 1, 400) and np.allclose(last[0, 0], logits[0, -1], atol=1e-5)
+    last = runtime.new_cache(1, 20).prefill([ids[0].tolist()])  # logits_to_keep=1: the head at the last position only
+    assert last.shape == (1, 400) and np.allclose(last[0], logits[0, -1], atol=1e-5)
 
 
 def test_external_data_and_unoptimized_export(checkpoint: Path, exported: Path, tmp_path: Path, model) -> None:  # type: ignore[no-untyped-def]
@@ -182,9 +185,11 @@ def test_a_killed_build_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "model.onnx").read_text() == "whole"
 
 
-def test_optimum_runs_the_exported_folder(exported: Path, model, torch_model: torch.nn.Module) -> None:  # type: ignore[no-untyped-def]
-    """Users switching either way: optimum's ORTModelForCausalLM generates from an onnxgen fp32 folder (it
-    feeds the inputs it knows; logits_to_keep defaults to every position), the same tokens as PyTorch and onnxgen."""
+def test_optimum_runs_the_exported_folder(exported_growing: Path, model, torch_model: torch.nn.Module) -> None:  # type: ignore[no-untyped-def]
+    """Users switching either way: optimum's ORTModelForCausalLM generates from an onnxgen fp32 folder exported
+    with --growing-cache (it feeds the inputs it knows; logits_to_keep defaults to every position), the same
+    tokens as PyTorch and onnxgen (whose default folder keeps the cache in place, which optimum cannot run)."""
+    exported = exported_growing
     from optimum.onnxruntime import ORTModelForCausalLM
 
     ids = torch.tensor([[12, 40, 7, 99, 150]])

@@ -13,7 +13,7 @@ import torch
 
 import onnxgen
 from onnxgen import logits
-from onnxgen.decoding import left_pad, sample
+from onnxgen.decoding import sample
 from onnxgen.errors import ContextLengthError, ModelFolderError, OptionsError, ProviderError
 from onnxgen.options import GenerationOptions
 from onnxgen.tokenizer import TextStream, Tokenizer
@@ -275,25 +275,86 @@ def test_cli_generate(exported: Path, model: onnxgen.Model) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_shipped_select_rows_graphs_are_what_graph_py_makes(dtype: str) -> None:
+def test_shipped_row_graphs_are_what_graph_py_makes(dtype: str) -> None:
     import onnx
 
-    from onnxgen.graph import select_rows_model
-    from onnxgen.runtime import GRAPHS, SELECT_ROWS
+    from onnxgen.graph import copy_model, select_rows_model
+    from onnxgen.runtime import COPY, GRAPHS, SELECT_ROWS
 
-    shipped = onnx.load(str(GRAPHS / SELECT_ROWS[np.dtype(dtype)]))
-    made = select_rows_model(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
-    assert shipped.graph == made.graph and shipped.opset_import == made.opset_import
+    for shipped, make in ((SELECT_ROWS, select_rows_model), (COPY, copy_model)):
+        on_disk = onnx.load(str(GRAPHS / shipped[np.dtype(dtype)]))
+        made = make(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+        assert on_disk.graph == made.graph and on_disk.opset_import == made.opset_import
 
 
-def test_device_reorder_selects_the_same_rows_as_the_host_one(model: onnxgen.Model) -> None:
-    """Beam search's reorder on CUDA (select_rows, a Gather run where the cache lives) against the CPU one."""
-    rt = model.runtime
-    ids, mask, positions = left_pad(PROMPTS, 0)
-    _, cache = rt.forward(ids, mask, positions, rt.empty_cache(len(PROMPTS)))
+@pytest.mark.parametrize("layout", ["in place", "growing"])
+def test_device_reorder_moves_the_same_rows_as_the_host_one(exported: Path, exported_growing: Path, layout: str) -> None:
+    """Beam search's reorder on CUDA (Gather where the cache lives; in place, copied back into the same buffers)
+    against the CPU one (numpy), both run here on the CPU provider."""
+    rt = onnxgen.load(exported if layout == "in place" else exported_growing, threads=1).runtime
+    host, device = rt.new_cache(len(PROMPTS), 16), rt.new_cache(len(PROMPTS), 16)
+    host.prefill(PROMPTS), device.prefill(PROMPTS)
+    before = [value.numpy().copy() for value in host.values]  # on CPU, numpy() may share the memory
     rows = np.array([2, 0, 0])
-    expected = [value.numpy()[rows] for value in cache]
-    buffers: list[np.ndarray] = []
-    for reordered in (rt.select_rows(cache, rows), rt.reorder(cache, rows, buffers)):
-        assert len(reordered) == len(expected)
-        assert all(np.array_equal(got.numpy(), want) for got, want in zip(reordered, expected))
+    host.reorder(rows)
+    addresses = [value.data_ptr() for value in device.values]
+    if layout == "in place":
+        rt.move_rows(device.values, rows)
+        assert [value.data_ptr() for value in device.values] == addresses  # the buffers stay put (CUDA graphs need that)
+        written = [slice(None, len(PROMPTS[r])) for r in rows]  # positions each row has written
+    else:
+        device.values = rt.select_rows(device.values, rows)
+        written = [slice(None)] * len(rows)
+    for got_host, got_device, old in zip(host.values, device.values, before):
+        for row, source in enumerate(rows):
+            want = old[source][:, written[row]]
+            assert np.array_equal(got_host.numpy()[row][:, written[row]], want)
+            assert np.array_equal(got_device.numpy()[row][:, written[row]], want)
+
+
+def test_rows_of_different_lengths_need_no_padding(exported: Path, exported_growing: Path, torch_model: torch.nn.Module) -> None:
+    """The in-place cache runs each prompt at its own length (no padding anywhere): the same tokens as the
+    growing cache's left-padded batch and as each prompt alone, for greedy, sampling and beams."""
+    inplace, growing = onnxgen.load(exported, threads=1), onnxgen.load(exported_growing, threads=1)
+    for options in ({"do_sample": False}, {"do_sample": True, "seed": 5, "top_k": 30, "num_return_sequences": 2},
+                    {"num_beams": 3, "num_return_sequences": 2, "do_sample": False}):
+        got = [c.token_ids for c in inplace.generate(PROMPTS, max_new_tokens=15, **options)]
+        assert got == [c.token_ids for c in growing.generate(PROMPTS, max_new_tokens=15, **options)]
+        if not options.get("do_sample"):
+            alone = [c.token_ids for p in PROMPTS for c in inplace.generate([p], max_new_tokens=15, **options)]
+            assert got == alone
+
+
+def test_the_cache_is_as_long_as_the_call_needs(model: onnxgen.Model) -> None:
+    """One buffer per layer's key and value, allocated once at the longest prompt + max_new_tokens (never the
+    whole context window), and still the same memory at the end of the call."""
+    generator = model.generator(PROMPTS, max_new_tokens=9, do_sample=False)
+    cache = generator.rows._cache
+    assert cache.values[0].shape() == [len(PROMPTS), model.dims.n_head, max(map(len, PROMPTS)) + 9, model.dims.head_dim]
+    addresses = [v.data_ptr() for v in cache.values]
+    while not generator.done:
+        generator.step()
+    assert [v.data_ptr() for v in cache.values] == addresses
+    assert cache.lengths.tolist() == [len(p) + 8 for p in PROMPTS]  # the last token is chosen, not run
+
+
+def test_cuda_graph_needs_cuda(exported: Path) -> None:
+    with pytest.raises(OptionsError, match="CUDA provider"):
+        onnxgen.load(exported, cuda_graph=True)
+
+
+def decode_at_totals(runtime: object) -> list[np.ndarray]:
+    """One decode step of PROMPTS with total_sequence_length at the longest row's length, then at the buffer's
+    capacity (what a CUDA graph binds, for every step): each row's length is in seqlens_k either way."""
+    scores = []
+    for at_capacity in (False, True):
+        cache = runtime.new_cache(len(PROMPTS), 32)  # type: ignore[attr-defined]
+        cache.prefill(PROMPTS)
+        total = cache.capacity if at_capacity else int(cache.lengths.max()) + 1
+        scores.append(cache._step.run(np.array([[1], [2], [3]]), cache.lengths[:, None], cache.lengths.astype(np.int32), total))
+    return scores
+
+
+def test_decode_reads_each_row_only_to_its_length(model: onnxgen.Model) -> None:
+    longest, capacity = decode_at_totals(model.runtime)
+    assert np.abs(longest - capacity).max() < 1e-5

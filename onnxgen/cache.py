@@ -1,0 +1,246 @@
+"""The key/value cache of one call's rows, in the layout its graph has, and the runs that fill it.
+
+- `InPlaceCache` (graphs exported with the cache in place, the default): one buffer per layer's key and
+  value, (rows, heads, capacity, head size), allocated once per call at the length the call needs (its
+  longest prompt + max_new_tokens: never the whole context window). GroupQueryAttention writes each new
+  position into it where it goes; each row has its own length, so no row is ever padded. The prompt pass
+  runs once per run of neighbouring rows of equal length, on their slice of the buffers.
+- `GrowingCache` (graphs with MultiHeadAttention or optimum's own attention: `--growing-cache`, or
+  `--no-optimize`): every step returns a new cache one position longer; rows are left-padded to one
+  width and an attention mask says which positions are real.
+
+Both answer `prefill(prompts)` and `decode(tokens)` with the last position's scores, (rows, vocab)
+float32, and `reorder(source)` (row i becomes a copy of row source[i]: beam search).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .folder import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token ids, attention mask and position ids of a left-padded batch.
+
+    Position ids count real tokens only, so a padded prompt sees the same positions as it would alone."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    return ids, mask, positions
+
+
+class InPlaceCache:
+    def __init__(self, runtime: Runtime, rows: int, capacity: int) -> None:
+        self.runtime, self.rows, self.capacity = runtime, rows, capacity
+        with runtime.exclusive():
+            self._allocate()
+
+    def _allocate(self) -> None:
+        rt, rows, capacity = self.runtime, self.rows, self.capacity
+        self.shape = (rows, rt.n_head, capacity, rt.head_dim)
+        self.row_bytes = rt.n_head * capacity * rt.head_dim * rt.cache_dtype.itemsize
+        if rt.device == "cpu":
+            # Zeroed (calloc: pages appear as they are written): GroupQueryAttention weighs the positions past a
+            # row's length by zero, and zero times garbage that happens to be NaN is NaN. numpy views of the
+            # same memory let beam search move rows in place.
+            self.arrays = [np.zeros(self.shape, rt.cache_dtype) for _ in rt.past_names]
+            self.values = [rt.ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
+        else:  # the CUDA kernels read each row only up to its length
+            self.values = [rt.ort.OrtValue.ortvalue_from_shape_and_type(self.shape, rt.cache_dtype, rt.device, 0) for _ in rt.past_names]
+        self.lengths = np.zeros(rows, dtype=np.int64)  # positions written, per row
+        self._step = DecodeStep(self)
+
+    def prefill(self, prompts: list[list[int]]) -> np.ndarray:
+        with self.runtime.exclusive():
+            return self._prefill(prompts)
+
+    def _prefill(self, prompts: list[list[int]]) -> np.ndarray:
+        scores = np.empty((self.rows, self.runtime.vocab_size), np.float32)
+        start = 0
+        for n, group in itertools.groupby(len(p) for p in prompts):
+            stop = start + len(list(group))
+            ids = np.asarray(prompts[start:stop], dtype=np.int64)
+            positions = np.broadcast_to(np.arange(n), ids.shape)
+            seqlens = np.full(stop - start, n - 1, dtype=np.int32)
+            scores[start:stop] = self._run(ids, positions, start, stop, seqlens, n)
+            start = stop
+        self.lengths[:] = [len(p) for p in prompts]
+        return scores
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """One token per row, each written at its row's own length."""
+        ids, positions = tokens.reshape(-1, 1).astype(np.int64), self.lengths.reshape(-1, 1)
+        with self.runtime.exclusive():
+            scores = self._step.run(ids, positions, self.lengths.astype(np.int32), int(self.lengths.max()) + 1)
+        self.lengths += 1
+        return scores
+
+    def _run(self, ids: np.ndarray, positions: np.ndarray, start: int, stop: int, seqlens: np.ndarray, total: int,
+             keep: Any = None) -> np.ndarray:
+        """Rows start:stop (their slice of every buffer, bound as past and as present: the same memory)."""
+        rt = self.runtime
+        io = rt.session.io_binding()
+        io.bind_cpu_input(INPUT_IDS, ids)
+        io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(positions))
+        io.bind_cpu_input(SEQLENS_K, seqlens)
+        io.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(total, dtype=np.int32))
+        io.bind_ortvalue_input(LOGITS_TO_KEEP, keep if keep is not None else rt.keep_last)
+        shape = [stop - start, *self.shape[1:]]
+        for past, present, value in zip(rt.past_names, rt.present_names, self.values):
+            pointer = value.data_ptr() + start * self.row_bytes
+            io.bind_input(past, rt.device, 0, rt.cache_dtype, shape, pointer)
+            io.bind_output(present, rt.device, 0, rt.cache_dtype, shape, pointer)
+        io.bind_output(LOGITS, "cpu")
+        rt.run(io)
+        logits = io.get_outputs()[-1].numpy()
+        return logits if keep is not None else logits[:, -1, :].astype(np.float32, copy=False)
+
+    def all_logits(self, ids: np.ndarray) -> np.ndarray:
+        """Every position's logits of a prompt pass over equal-length rows (scoring text, not generating)."""
+        n = ids.shape[1]
+        seqlens = np.full(len(ids), n - 1, dtype=np.int32)
+        every = self.runtime.ort.OrtValue.ortvalue_from_numpy(np.arange(n, dtype=np.int64))
+        return self._run(ids, np.broadcast_to(np.arange(n), ids.shape), 0, len(ids), seqlens, n, every)
+
+    def reorder(self, source: np.ndarray) -> None:
+        """Copy only the rows that change, and only their written positions, within the buffers."""
+        moved = np.flatnonzero(source != np.arange(self.rows))
+        if moved.size:
+            n = int(self.lengths.max())
+            if self.runtime.device == "cpu":
+                for array in self.arrays:  # the right side is gathered into a temporary first: safe when rows swap
+                    array[moved, :, :n] = array[source[moved], :, :n]
+            else:
+                with self.runtime.exclusive():
+                    self.runtime.move_rows(self.values, source)
+            self.lengths = self.lengths[source]
+
+
+class DecodeStep:
+    """The decode step's IO binding, made once per cache: the inputs live in small buffers that each step
+    overwrites, and the cache buffers and the logits stay bound where they are. That saves binding every
+    layer's key and value at every step, and it is what a CUDA graph needs (`cuda_graph=True`): onnxruntime
+    captures the step once and then replays it as one launch, which requires every input and output at a
+    fixed address with fixed shapes; total_sequence_length is then the capacity (each row's length is in
+    seqlens_k), where otherwise it is the longest row's."""
+
+    def __init__(self, cache: InPlaceCache) -> None:
+        rt = self.runtime = cache.runtime
+        rows, ort = cache.rows, rt.ort
+        self.ids = ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, 1), np.int64), rt.device, 0)
+        self.positions = ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, 1), np.int64), rt.device, 0)
+        self.seqlens = ort.OrtValue.ortvalue_from_numpy(np.zeros(rows, np.int32), rt.device, 0)
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type((rows, 1, rt.vocab_size), rt.logits_dtype, rt.device, 0)
+        self.io = io = rt.session.io_binding()
+        io.bind_ortvalue_input(INPUT_IDS, self.ids)
+        io.bind_ortvalue_input(POSITION_IDS, self.positions)
+        io.bind_ortvalue_input(SEQLENS_K, self.seqlens)
+        io.bind_ortvalue_input(LOGITS_TO_KEEP, rt.keep_last)
+        for past, present, value in zip(rt.past_names, rt.present_names, cache.values):
+            io.bind_ortvalue_input(past, value)
+            io.bind_ortvalue_output(present, value)
+        io.bind_ortvalue_output(LOGITS, self.logits)
+        self.graph_id = rt.new_graph_id() if rt.cuda_graph else None
+        if self.graph_id is not None:
+            io.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(cache.capacity, dtype=np.int32))
+
+    def run(self, ids: np.ndarray, positions: np.ndarray, seqlens: np.ndarray, total: int) -> np.ndarray:
+        self.ids.update_inplace(ids)
+        self.positions.update_inplace(np.ascontiguousarray(positions))
+        self.seqlens.update_inplace(seqlens)
+        if self.graph_id is None:
+            self.io.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(total, dtype=np.int32))
+        else:
+            # The copies above go through CUDA's default stream and may still be in flight when they return; a
+            # captured step replays on onnxruntime's own stream, which does not wait for it. Reading a value
+            # back waits for them.
+            self.seqlens.numpy()
+        self.runtime.run(self.io, self.graph_id)
+        # A copy: on the CPU numpy() may share the buffer that the next step overwrites.
+        return np.array(self.logits.numpy()[:, -1, :], dtype=np.float32)
+
+
+class GrowingCache:
+    def __init__(self, runtime: Runtime, rows: int, capacity: int, pad_id: int) -> None:
+        self.runtime, self.rows, self.pad_id = runtime, rows, pad_id
+        empty = np.zeros((rows, runtime.n_head, 0, runtime.head_dim), dtype=runtime.cache_dtype)
+        self.values: list[Any] = [runtime.ort.OrtValue.ortvalue_from_numpy(empty, runtime.device, 0)] * len(runtime.past_names)
+        self.mask = np.zeros((rows, 0), dtype=np.int64)
+        self.positions = np.zeros((rows, 1), dtype=np.int64)  # of the last token run
+        self._buffers: list[np.ndarray] = []  # reorder's targets, kept across steps (see reorder)
+
+    def prefill(self, prompts: list[list[int]]) -> np.ndarray:
+        ids, self.mask, positions = left_pad(prompts, self.pad_id)
+        return self._run(ids, positions)
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        column = tokens.reshape(-1, 1).astype(np.int64)
+        self.mask = np.concatenate([self.mask, np.ones_like(column)], axis=1)
+        return self._run(column, self.positions + 1)
+
+    def _run(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        rt = self.runtime
+        io = rt.session.io_binding()
+        io.bind_cpu_input(INPUT_IDS, ids)
+        io.bind_cpu_input(ATTENTION_MASK, self.mask)
+        io.bind_cpu_input(POSITION_IDS, positions)
+        io.bind_ortvalue_input(LOGITS_TO_KEEP, rt.keep_last)
+        for name, value in zip(rt.past_names, self.values):
+            io.bind_ortvalue_input(name, value)
+        io.bind_output(LOGITS, "cpu")
+        for name in rt.present_names:
+            io.bind_output(name, rt.device)
+        rt.run(io)
+        outputs = io.get_outputs()
+        self.values, self.positions = outputs[1:], positions[:, -1:]
+        return outputs[0].numpy()[:, -1, :].astype(np.float32, copy=False)  # an fp16 graph's logits are fp16
+
+    def reorder(self, source: np.ndarray) -> None:
+        """Select rows, copying the cache once.
+
+        On CUDA a Gather runs on the device (`Runtime.select_rows`). On CPU numpy gathers straight from
+        onnxruntime's memory (no `OrtValue.numpy()` copy) into buffers kept from step to step: fresh arrays
+        cost a page fault per 4 KB, which for gpt2-large's four beams took four times longer than the copy.
+        """
+        self.mask, self.positions = self.mask[source], self.positions[source]
+        rt = self.runtime
+        if rt.device != "cpu":
+            self.values = rt.select_rows(self.values, source)
+            return
+        selected = []
+        for i, value in enumerate(self.values):
+            shape = value.shape()
+            size = int(np.prod(shape))
+            raw = (ctypes.c_byte * (size * rt.cache_dtype.itemsize)).from_address(value.data_ptr())
+            origin = np.frombuffer(raw, dtype=rt.cache_dtype).reshape(shape)
+            if i == len(self._buffers):
+                self._buffers.append(np.empty(0, rt.cache_dtype))
+            if self._buffers[i].size < size:  # grow ahead, up to the context window: the cache gains a position per step
+                self._buffers[i] = np.empty(min(2 * size, size // max(1, shape[2]) * rt.n_positions), rt.cache_dtype)
+            target = self._buffers[i][:size].reshape(shape)
+            np.take(origin, source, axis=0, out=target, mode="clip")  # mode="clip": "raise" would buffer the output
+            selected.append(rt.ort.OrtValue.ortvalue_from_numpy(target))
+        self.values = selected
+
+    def all_logits(self, ids: np.ndarray) -> np.ndarray:
+        rt = self.runtime
+        feed = {INPUT_IDS: ids, ATTENTION_MASK: np.ones_like(ids), POSITION_IDS: np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy(),
+                LOGITS_TO_KEEP: np.array([0], dtype=np.int64)}
+        empty = np.zeros((ids.shape[0], rt.n_head, 0, rt.head_dim), dtype=rt.cache_dtype)
+        feed.update({name: empty for name in rt.past_names})
+        return rt.session.run([LOGITS], feed, rt.run_options())[0]
+
+
+Cache = InPlaceCache | GrowingCache
