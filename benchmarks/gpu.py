@@ -4,9 +4,9 @@
 
 Makes a random-weight checkpoint of the gpt2-large shape (speed does not depend on weight values), exports
 it, quantizes it (accuracy checked on the GPU), and times each competitor one at a time: PyTorch eager (no
-compile; transformers' default attention) in fp16 and fp32; onnxgen fp16 with the cache in place, with and
-without CUDA graphs (`onnxgen-fp16+graph`); onnxgen fp32 and int4 with the growing cache (GroupQueryAttention
-runs on CUDA in fp16 only); at batch 1 and 8, 32- and 512-token prompts, greedy and 4 beams. Decode tok/s is
+compile; transformers' default attention) in fp16 and fp32; onnxgen fp16 with the cache in place, and fp32
+and int4 with the growing cache (GroupQueryAttention runs on CUDA in fp16 only); at batch 1 and 8, 32- and
+512-token prompts, greedy and 4 beams. Decode tok/s is
 batch x (N - 1) / (T(N) - T(1)), where T(n) is the fastest of --runs wall times of a whole generate call
 making n tokens per prompt (no eos): the prompt pass cancels out. The first-token time is T(1). The fastest
 run, not the median: on the H200 one run in two of a PyTorch case now and then took 3-4x the other.
@@ -69,8 +69,8 @@ def pytorch(checkpoint: Path, dtype: str, device: str) -> Generate:
     return generate
 
 
-def onnxgen_runner(folder: Path, device: str, cuda_graph: bool) -> Generate:
-    model = onnxgen.load(folder, provider=device, cuda_graph=cuda_graph)  # type: ignore[arg-type]
+def onnxgen_runner(folder: Path, device: str) -> Generate:
+    model = onnxgen.load(folder, provider=device)  # type: ignore[arg-type]
 
     def generate(prompts: np.ndarray, new: int, strategy: str) -> None:
         model.generate(prompts.tolist(), max_new_tokens=new, min_new_tokens=0, eos_token_id=None, **STRATEGIES[strategy])
@@ -156,7 +156,7 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", help="only these cases, as b1-p32-greedy (default: all eight)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of this script")
     ap.add_argument("--competitors", nargs="+",
-                    default=["pytorch-fp16", "pytorch-fp32", "onnxgen-fp32", "onnxgen-fp16", "onnxgen-fp16+graph", "onnxgen-int4"])
+                    default=["pytorch-fp16", "pytorch-fp32", "onnxgen-fp32", "onnxgen-fp16", "onnxgen-int4"])
     ap.add_argument("--report", type=Path, help="only render the Markdown of a saved JSON result")
     args = ap.parse_args()
     if args.report:
@@ -177,13 +177,12 @@ def main() -> None:
         if runtime == "pytorch":
             generate = pytorch(checkpoint, {"fp16": "float16", "fp32": "float32"}[variant], args.device)
         else:
-            variant, _, graph = variant.partition("+")
             folder = args.work / "onnx" / FOLDERS[variant]
             if not (folder / "onnxgen.json").is_file():
                 build(checkpoint, args.work / "onnx", FOLDERS[variant], args.device)
             if variant != "fp32":
                 report["accuracy"][variant] = json.loads((folder / "onnxgen.json").read_text())["quantization"]["accuracy"]
-            generate = onnxgen_runner(folder, args.device, cuda_graph=graph == "graph")
+            generate = onnxgen_runner(folder, args.device)
         report["competitors"][name] = []
         for case in [c for c in CASES if not args.cases or f"b{c.batch}-p{c.prompt_tokens}-{c.strategy}" in args.cases]:
             report["competitors"][name].append(measure(generate, case, args.new_tokens, args.runs, vocab))

@@ -3,7 +3,7 @@
 # with an NVIDIA GPU, after ../shared/tools/gpu-carry.sh's part calls, with .gpu5 and .gpuenv carried:
 #     bash benchmarks/gpu_session.sh
 # Writes to $OUT (default benchmarks/results/gpu): the device, the `pytest -m cuda` log and benchmarks/gpu.py's
-# tables for the gpt2-large shape (fp16 with the cache in place, with and without CUDA graphs, against PyTorch).
+# tables for the gpt2-large shape (fp16 with the cache in place against PyTorch fp16).
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -12,4 +12,4 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 timeout 200 python3 -m pytest -m cuda -q -p no:cacheprovider --tb=line -rf tests/test_cuda.py 2>&1 | tail -40 > "$OUT/pytest-cuda.log"
 tail -3 "$OUT/pytest-cuda.log"
 timeout "${BENCH_TIMEOUT:-330}" python3 benchmarks/gpu.py --tokenizer .gpuenv/gpt2-tokenizer --out "$OUT" --new-tokens 64 --runs 2 \
-    --competitors onnxgen-fp16+graph onnxgen-fp16 pytorch-fp16 2>&1 | grep -v Warning | tail -30
+    --competitors onnxgen-fp16 pytorch-fp16 2>&1 | grep -v Warning | tail -30

@@ -39,7 +39,7 @@ def peak_rss_mb() -> float:
 
 
 def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = None, provider: Provider = "cpu",
-        quiet: bool = False, cuda_graph: bool = False) -> dict[str, Any]:
+        quiet: bool = False) -> dict[str, Any]:
     """Every figure is the median (with min and max) of `runs` timed runs after one warm-up."""
     from rich.progress import Progress
 
@@ -49,7 +49,7 @@ def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = No
     if bad:
         raise OptionsError(f"batch, prompt tokens and new tokens must be at least 1, got {bad[0]}")
     start = time.perf_counter()
-    model = load(folder, provider=provider, threads=threads, cuda_graph=cuda_graph)
+    model = load(folder, provider=provider, threads=threads)
     load_s = time.perf_counter() - start
     model.folder.verify()  # timing a corrupted folder helps nobody (hashed outside the load time)
     rng = np.random.default_rng(0)

@@ -44,11 +44,7 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 class InPlaceCache:
     def __init__(self, runtime: Runtime, rows: int, capacity: int) -> None:
         self.runtime, self.rows, self.capacity = runtime, rows, capacity
-        with runtime.exclusive():
-            self._allocate()
-
-    def _allocate(self) -> None:
-        rt, rows, capacity = self.runtime, self.rows, self.capacity
+        rt = runtime
         self.shape = (rows, rt.n_head, capacity, rt.head_dim)
         self.row_bytes = rt.n_head * capacity * rt.head_dim * rt.cache_dtype.itemsize
         if rt.device == "cpu":
@@ -63,10 +59,6 @@ class InPlaceCache:
         self._step = DecodeStep(self)
 
     def prefill(self, prompts: list[list[int]]) -> np.ndarray:
-        with self.runtime.exclusive():
-            return self._prefill(prompts)
-
-    def _prefill(self, prompts: list[list[int]]) -> np.ndarray:
         scores = np.empty((self.rows, self.runtime.vocab_size), np.float32)
         start = 0
         for n, group in itertools.groupby(len(p) for p in prompts):
@@ -82,8 +74,7 @@ class InPlaceCache:
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """One token per row, each written at its row's own length."""
         ids, positions = tokens.reshape(-1, 1).astype(np.int64), self.lengths.reshape(-1, 1)
-        with self.runtime.exclusive():
-            scores = self._step.run(ids, positions, self.lengths.astype(np.int32), int(self.lengths.max()) + 1)
+        scores = self._step.run(ids, positions, self.lengths.astype(np.int32), int(self.lengths.max()) + 1)
         self.lengths += 1
         return scores
 
@@ -122,19 +113,16 @@ class InPlaceCache:
             if self.runtime.device == "cpu":
                 for array in self.arrays:  # the right side is gathered into a temporary first: safe when rows swap
                     array[moved, :, :n] = array[source[moved], :, :n]
-            else:
-                with self.runtime.exclusive():
-                    self.runtime.move_rows(self.values, source)
+            else:  # the buffers keep their addresses: the decode step has them bound
+                self.runtime.move_rows(self.values, source)
             self.lengths = self.lengths[source]
 
 
 class DecodeStep:
     """The decode step's IO binding, made once per cache: the inputs live in small buffers that each step
-    overwrites, and the cache buffers and the logits stay bound where they are. That saves binding every
-    layer's key and value at every step, and it is what a CUDA graph needs (`cuda_graph=True`): onnxruntime
-    captures the step once and then replays it as one launch, which requires every input and output at a
-    fixed address with fixed shapes; total_sequence_length is then the capacity (each row's length is in
-    seqlens_k), where otherwise it is the longest row's."""
+    overwrites, and the cache buffers and the logits stay bound where they are, which saves binding every
+    layer's key and value at every step. (Fixed addresses are also what replaying the step as a CUDA graph
+    needs; that path is on branch cuda-graph-wip, not yet correct.)"""
 
     def __init__(self, cache: InPlaceCache) -> None:
         rt = self.runtime = cache.runtime
@@ -152,22 +140,13 @@ class DecodeStep:
             io.bind_ortvalue_input(past, value)
             io.bind_ortvalue_output(present, value)
         io.bind_ortvalue_output(LOGITS, self.logits)
-        self.graph_id = rt.new_graph_id() if rt.cuda_graph else None
-        if self.graph_id is not None:
-            io.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(cache.capacity, dtype=np.int32))
 
     def run(self, ids: np.ndarray, positions: np.ndarray, seqlens: np.ndarray, total: int) -> np.ndarray:
         self.ids.update_inplace(ids)
         self.positions.update_inplace(np.ascontiguousarray(positions))
         self.seqlens.update_inplace(seqlens)
-        if self.graph_id is None:
-            self.io.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(total, dtype=np.int32))
-        else:
-            # The copies above go through CUDA's default stream and may still be in flight when they return; a
-            # captured step replays on onnxruntime's own stream, which does not wait for it. Reading a value
-            # back waits for them.
-            self.seqlens.numpy()
-        self.runtime.run(self.io, self.graph_id)
+        self.io.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(total, dtype=np.int32))
+        self.runtime.run(self.io)
         # A copy: on the CPU numpy() may share the buffer that the next step overwrites.
         return np.array(self.logits.numpy()[:, -1, :], dtype=np.float32)
 
@@ -240,7 +219,7 @@ class GrowingCache:
                 LOGITS_TO_KEEP: np.array([0], dtype=np.int64)}
         empty = np.zeros((ids.shape[0], rt.n_head, 0, rt.head_dim), dtype=rt.cache_dtype)
         feed.update({name: empty for name in rt.past_names})
-        return rt.session.run([LOGITS], feed, rt.run_options())[0]
+        return rt.session.run([LOGITS], feed)[0]
 
 
 Cache = InPlaceCache | GrowingCache

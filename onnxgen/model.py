@@ -50,8 +50,7 @@ def _short(value: Any) -> str:
 
 
 class Model:
-    def __init__(self, path: Path, provider: Provider = "cpu", threads: int | None = None, verify: bool = False,
-                 cuda_graph: bool = False) -> None:
+    def __init__(self, path: Path, provider: Provider = "cpu", threads: int | None = None, verify: bool = False) -> None:
         self.folder = ModelFolder.read(path)
         if verify:
             self.folder.verify()
@@ -62,7 +61,7 @@ class Model:
             raise ModelFolderError(f"{self.folder.tokenizer_file} has {self.tokenizer.vocab_size} tokens, more than the model's "
                                    f"vocabulary of {self.dims.vocab_size}")
         self.defaults = GenerationOptions.from_folder(path)
-        self.runtime = Runtime(self.folder, provider, threads, cuda_graph)
+        self.runtime = Runtime(self.folder, provider, threads)
         self._calls = threading.local()  # each thread's latest finished call, for last_stats
 
     @property
@@ -165,15 +164,13 @@ class Model:
         self._calls.stats = generator.stats
 
 
-def load(path: str | Path | None = None, provider: Provider = "cpu", threads: int | None = None, verify: bool = False,
-         cuda_graph: bool = False) -> Model:
+def load(path: str | Path | None = None, provider: Provider = "cpu", threads: int | None = None, verify: bool = False) -> Model:
     """Load an onnxgen model folder; with no path, the small model that ships with onnxgen. `verify` also
-    checks every file's sha256 against the manifest (a few seconds a GB). `cuda_graph` (CUDA, a folder with
-    the cache in place) replays each call's decode step as one captured CUDA graph."""
+    checks every file's sha256 against the manifest (a few seconds a GB)."""
     folder = Path(path) if path is not None else BUNDLED
     if path is None and not (folder / MANIFEST).is_file():
         raise ModelFolderError("this onnxgen install has no bundled model: pass a model folder")
-    return Model(folder, provider, threads, verify, cuda_graph)
+    return Model(folder, provider, threads, verify)
 
 
 class TextGenerationPipeline:

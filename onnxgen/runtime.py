@@ -10,9 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import itertools
 import os
-import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,7 +89,7 @@ class Runtime:
     """The session over a folder's graph, and what every call's cache shares: names, dims, the small graphs
     that move cache rows on the device. Everything a call changes lives in its cache (cache.py)."""
 
-    def __init__(self, folder: ModelFolder, provider: Provider = "cpu", threads: int | None = None, cuda_graph: bool = False) -> None:
+    def __init__(self, folder: ModelFolder, provider: Provider = "cpu", threads: int | None = None) -> None:
         ort = import_onnxruntime()
         self.ort = ort
         dims = folder.dims
@@ -101,13 +99,10 @@ class Runtime:
         options.intra_op_num_threads = _threads(threads)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # onnxruntime's warnings about unused initializers are noise here
-        if cuda_graph and provider != "cuda":
-            raise OptionsError("cuda_graph (--cuda-graph) needs the CUDA provider (provider='cuda', --provider cuda)")
         if provider == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise ProviderError("CUDA was requested but this onnxruntime has no CUDA provider: pip install 'onnxgen[gpu]' (and uninstall onnxruntime)")
-            cuda_options = {"enable_cuda_graph": "1"} if cuda_graph else {}
-            providers: list[Any] = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
             library_notes = _load_cuda_libraries(ort)
         elif provider == "cpu":
             providers = ["CPUExecutionProvider"]
@@ -127,21 +122,13 @@ class Runtime:
             # onnxruntime would run those nodes on the CPU, copying every layer's activations across each step.
             raise ProviderError(f"{model_path} keeps its cache in place (GroupQueryAttention), which onnxruntime runs on CUDA in "
                                 "float16 only: make an fp16 folder (onnxgen quantize --mode fp16), or export with --growing-cache")
-        if cuda_graph and not self.in_place:
-            raise OptionsError(f"cuda_graph needs a folder with the cache in place; {model_path} was exported with --growing-cache")
-        self.cuda_graph = cuda_graph
-        self._graph_ids = itertools.count(1)
-        # With CUDA graphs, all device work goes one call at a time: while onnxruntime captures a step, any other
-        # thread's copy or allocation on the device breaks the capture.
-        self._lock = threading.RLock()
-        self._idle: dict[tuple[int, int], list[InPlaceCache]] = {}  # CUDA-graph caches of finished calls, by (rows, capacity)
         # Beam search on CUDA moves cache rows on the device (select_rows, copy); a few milliseconds to load.
         self._select_rows = ort.InferenceSession(str(GRAPHS / SELECT_ROWS[self.cache_dtype]), options, providers=providers)
         self._copy = ort.InferenceSession(str(GRAPHS / COPY[self.cache_dtype]), options, providers=providers)
         self.past_names, self.present_names = past_names(dims.n_layer), present_names(dims.n_layer)
         # logits_to_keep: the last position. A growing graph counts positions (1), and IO binding takes that
         # input, which has a default (graph.add_logits_to_keep), only as an OrtValue; an in-place graph takes
-        # their indices ([-1], on the device: a CUDA graph reads nothing from the host).
+        # their indices ([-1], kept on the device: no node of a decode step then runs on the host).
         last = np.array([-1 if self.in_place else 1], dtype=np.int64)
         self.keep_last = ort.OrtValue.ortvalue_from_numpy(last, provider if self.in_place else "cpu", 0)
 
@@ -174,51 +161,13 @@ class Runtime:
         return in_place, _ELEMENT_TYPES[cache_type], _ELEMENT_TYPES.get(logits_type, np.dtype(np.float32))
 
     def new_cache(self, rows: int, capacity: int, pad_id: int = 0) -> Cache:
-        """An empty cache for `rows` rows of up to `capacity` positions (pad_id: a growing cache's padding).
-
-        With CUDA graphs, capacities round up to a multiple of 64 and finished calls hand their caches back
-        (release): a later call of the same shape replays the graph captured on those buffers instead of
-        capturing another one (onnxruntime keeps every graph it has captured)."""
-        if not self.in_place:
-            return GrowingCache(self, rows, capacity, pad_id)
-        if not self.cuda_graph:
+        """An empty cache for `rows` rows of up to `capacity` positions (pad_id: a growing cache's padding)."""
+        if self.in_place:
             return InPlaceCache(self, rows, min(capacity, self.n_positions))
-        key = (rows, min(-(-capacity // 64) * 64, self.n_positions))
-        with self._lock:
-            idle = self._idle.get(key)
-            if idle:
-                cache = idle.pop()
-                cache.lengths[:] = 0
-                return cache
-        return InPlaceCache(self, *key)
+        return GrowingCache(self, rows, capacity, pad_id)
 
-    def release(self, cache: Cache) -> None:
-        if self.cuda_graph and isinstance(cache, InPlaceCache):
-            with self._lock:
-                self._idle.setdefault((cache.rows, cache.capacity), []).append(cache)
-
-    def exclusive(self) -> contextlib.AbstractContextManager[Any]:
-        """Held around a cache's device work when CUDA graphs are on (see _lock); otherwise nothing."""
-        return self._lock if self.cuda_graph else contextlib.nullcontext()
-
-    def run(self, io: Any, graph_id: int | None = None) -> None:
-        """One run of the model graph; with cuda_graph, `graph_id` names the captured step to replay
-        (None: a run that is not captured, such as a prompt pass)."""
-        if not self.cuda_graph:
-            self.session.run_with_iobinding(io)
-            return
-        with self._lock:
-            self.session.run_with_iobinding(io, self.run_options(graph_id))
-
-    def run_options(self, graph_id: int | None = None) -> Any:
-        options = self.ort.RunOptions()
-        if self.cuda_graph:
-            options.add_run_config_entry("gpu_graph_id", str(graph_id if graph_id is not None else -1))
-        return options
-
-    def new_graph_id(self) -> int:
-        """A CUDA graph per cache: a capture is tied to the addresses of the buffers it was captured with."""
-        return next(self._graph_ids)
+    def run(self, io: Any) -> None:
+        self.session.run_with_iobinding(io)
 
     def all_logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits at every position of `input_ids` (batch, n) with no cache: for scoring text, not generating."""
