@@ -4,13 +4,16 @@
     python benchmarks/cache.py --models gpt2 gpt2-large --threads 2
 
 For each model shape (random weights, make_models.py) and variant (fp32, int8, int4) it makes both folders
-once (kept in benchmarks/exports/<model>/<layout>-<variant>), then, each in a process of its own:
-- decode tok/s at batch 1 after a 32- and a 512-token prompt (64 new tokens; decode = (N-1) / (T(N) - T(1)),
-  best of --runs), and the ratio of the two;
+once (kept in benchmarks/exports/<model>/<layout>-<variant>), then:
+- decode tok/s at batch 1 after a 32- and a 512-token prompt (64 new tokens): both layouts loaded in one
+  process and run in turns (--runs rounds, the order alternating), each call's figure the median time
+  between its decode steps (the generator's step_ends), the result the median over rounds. This host's memory
+  bandwidth drifts by up to a third within minutes, so folders timed one after the other (the first version
+  of this script) could rank either way; taken in turns they cannot drift apart;
 - the ceiling those figures are held to: a decode step reads the weights and, once, the cache, so at the
   read bandwidth measured in the same run it can make at most bandwidth / (weight bytes + cache bytes)
   steps a second (the cache's size at the middle of the 64 new tokens);
-- peak RSS of a batch 8 x 512-token call (64 new tokens), the process's own high-water mark.
+- peak RSS of a batch 8 x 512-token call (64 new tokens), in a process of its own per folder.
 Results: benchmarks/results/cache.{json,md}. Run it on a quiet machine.
 """
 
@@ -20,7 +23,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -55,35 +57,41 @@ def prepare(name: str, checkpoint: Path, work: Path) -> dict[tuple[str, str], Pa
     return folders
 
 
-def measure(folder: str, threads: int, runs: int, batch: int, prompts: list[int]) -> dict[str, Any]:
-    """In this process: decode tok/s per prompt length (batch rows), and the peak RSS."""
+def decode_speeds(folders: list[str], threads: int, runs: int, prompts: list[int]) -> dict[str, dict[str, float]]:
+    """In this process: per folder and prompt length, decode tok/s at batch 1 (see the module's docstring)."""
+    import onnxgen
+
+    models = [onnxgen.load(folder, threads=threads) for folder in folders]
+    rng = np.random.default_rng(0)
+    steps: dict[tuple[int, int], list[float]] = {}
+    for prompt in prompts:
+        ids = rng.integers(0, models[0].dims.vocab_size, size=(1, prompt)).tolist()
+        for model in models:  # warm-up
+            model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None, min_new_tokens=0)
+        for round_ in range(runs):
+            for i in range(len(models)) if round_ % 2 == 0 else reversed(range(len(models))):
+                generator = models[i].generator(ids, max_new_tokens=NEW, do_sample=False, eos_token_id=None, min_new_tokens=0,
+                                                repetition_penalty=1.0)
+                while not generator.done:
+                    generator.step()
+                steps.setdefault((i, prompt), []).append(float(np.median(np.diff(generator.step_ends))))
+    return {folder: {str(p): 1 / float(np.median(steps[i, p])) for p in prompts} for i, folder in enumerate(folders)}
+
+
+def peak_rss(folder: str, threads: int, batch: int, prompt: int) -> dict[str, float]:
+    """In this process: one batch x prompt call of NEW tokens; the process's high-water mark."""
     import resource
 
     import onnxgen
 
     model = onnxgen.load(folder, threads=threads)
-    rng = np.random.default_rng(0)
-    result: dict[str, Any] = {}
-    for prompt in prompts:
-        ids = rng.integers(0, model.dims.vocab_size, size=(batch, prompt)).tolist()
-
-        def seconds(new: int) -> float:
-            start = time.perf_counter()
-            model.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=None, min_new_tokens=0, repetition_penalty=1.0)
-            return time.perf_counter() - start
-
-        seconds(2)  # warm-up
-        best = 0.0
-        for _ in range(runs):
-            first, full = seconds(1), seconds(NEW)
-            best = max(best, batch * (NEW - 1) / (full - first))
-        result[str(prompt)] = best
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return result
+    ids = np.random.default_rng(0).integers(0, model.dims.vocab_size, size=(batch, prompt)).tolist()
+    model.generate(ids, max_new_tokens=NEW, do_sample=False, eos_token_id=None, min_new_tokens=0)
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def in_subprocess(folder: Path, threads: int, runs: int, batch: int, prompts: list[int]) -> dict[str, Any]:
-    job = json.dumps([str(folder), threads, runs, batch, prompts])
+def in_subprocess(job_name: str, *arguments: Any) -> dict[str, Any]:
+    job = json.dumps([job_name, *arguments])
     out = subprocess.run([sys.executable, __file__, "--job", job], capture_output=True, text=True, check=True).stdout
     return json.loads(out)
 
@@ -96,8 +104,9 @@ def cache_bytes(folder: Path, positions: int) -> int:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# The key/value cache in place against the growing cache (CPU)", "",
-             f"{result['environment']}; {result['threads']} threads, batch 1, {NEW} new tokens, best of {result['runs']} runs; "
-             "the ceiling is the read bandwidth over weights + one read of the cache at the middle of the new tokens.", ""]
+             f"{result['environment']}; {result['threads']} threads, batch 1, {NEW} new tokens; decode tok/s = 1 / the median time "
+             f"between decode steps, median of {result['runs']} calls taken in turns with the other layout; the ceiling is the "
+             "read bandwidth (measured before the model's rows) over weights + one read of the cache at the middle of the new tokens.", ""]
     for model in result["models"]:
         lines += [f"## {model['name']} (read bandwidth {model['bandwidth_gbs']:.1f} GB/s)", "",
                   "| variant | layout | tok/s @32 | tok/s @512 | @512 / @32 | ceiling @512 | of ceiling | peak RSS b8x512 (MiB) |",
@@ -120,7 +129,8 @@ def main() -> None:
     ap.add_argument("--job", help=argparse.SUPPRESS)  # internal: one measurement, in a process of its own
     args = ap.parse_args()
     if args.job:
-        print(json.dumps(measure(*json.loads(args.job))))
+        name, *arguments = json.loads(args.job)
+        print(json.dumps({"speeds": decode_speeds, "memory": peak_rss}[name](*arguments)))
         return
     import platform
 
@@ -131,13 +141,13 @@ def main() -> None:
         bandwidth = bandwidth_gbs(args.threads)["read"]
         rows = []
         for variant in args.variants:
-            for layout in LAYOUTS:
-                folder = folders[layout, variant]
-                print(f"[{name}] {layout} {variant} ...", file=sys.stderr, flush=True)
-                speed = in_subprocess(folder, args.threads, args.runs, 1, [32, 512])
-                memory = in_subprocess(folder, args.threads, 1, 8, [512])
-                step_bytes = weight_bytes("onnxgen", folder) + cache_bytes(folder, 512 + NEW // 2)
-                rows.append({"variant": variant, "layout": layout, "32": speed["32"], "512": speed["512"],
+            print(f"[{name}] {variant} ...", file=sys.stderr, flush=True)
+            pair = [str(folders[layout, variant]) for layout in LAYOUTS]
+            speeds = in_subprocess("speeds", pair, args.threads, args.runs, [32, 512])
+            for layout, folder in zip(LAYOUTS, pair):
+                memory = in_subprocess("memory", folder, args.threads, 8, 512)
+                step_bytes = weight_bytes("onnxgen", Path(folder)) + cache_bytes(Path(folder), 512 + NEW // 2)
+                rows.append({"variant": variant, "layout": layout, **speeds[folder],
                              "ceiling_512": bandwidth * 1e9 / step_bytes, "peak_rss_b8_mb": memory["peak_rss_mb"]})
         result["models"].append({"name": name, "bandwidth_gbs": bandwidth, "rows": rows})
     args.out.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 100.0
+MAX_LENGTH_PENALTY = 10.0
 INTS = {"max_new_tokens", "min_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size"}
 OPTIONAL_INTS = {"pad_token_id", "seed", "logprobs"}
 FLOATS = {"temperature", "top_p", "length_penalty", "repetition_penalty"}
@@ -86,6 +87,9 @@ class GenerationOptions:
             raise OptionsError(f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams})")
         if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
             raise OptionsError("greedy decoding returns one sequence per prompt: set do_sample=True or num_beams >= num_return_sequences")
+        if not -MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:
+            # Beam scores are divided by length ** length_penalty: past 10, a float overflows (transformers raises OverflowError).
+            raise OptionsError(f"length_penalty must be in [-{MAX_LENGTH_PENALTY}, {MAX_LENGTH_PENALTY}], got {self.length_penalty}")
         if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
             raise OptionsError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], got {self.repetition_penalty}")
         if self.no_repeat_ngram_size < 0:
