@@ -152,7 +152,7 @@ class DecodeStep:
 
 
 class GrowingCache:
-    def __init__(self, runtime: Runtime, rows: int, capacity: int, pad_id: int) -> None:
+    def __init__(self, runtime: Runtime, rows: int, pad_id: int) -> None:
         self.runtime, self.rows, self.pad_id = runtime, rows, pad_id
         empty = np.zeros((rows, runtime.n_head, 0, runtime.head_dim), dtype=runtime.cache_dtype)
         self.values: list[Any] = [runtime.ort.OrtValue.ortvalue_from_numpy(empty, runtime.device, 0)] * len(runtime.past_names)

@@ -164,7 +164,7 @@ class Runtime:
         """An empty cache for `rows` rows of up to `capacity` positions (pad_id: a growing cache's padding)."""
         if self.in_place:
             return InPlaceCache(self, rows, min(capacity, self.n_positions))
-        return GrowingCache(self, rows, capacity, pad_id)
+        return GrowingCache(self, rows, pad_id)  # it grows a position a step: no capacity to allocate
 
     def run(self, io: Any) -> None:
         self.session.run_with_iobinding(io)
