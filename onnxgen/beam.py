@@ -30,13 +30,6 @@ def _take(array: np.ndarray, index: np.ndarray) -> np.ndarray:
     return np.take_along_axis(array, index.reshape(index.shape + (1,) * (array.ndim - 2)), axis=1)
 
 
-def _top(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest per row, best first."""
-    part = np.argpartition(-scores, k - 1, axis=-1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, part, axis=-1), axis=-1, kind="stable")
-    return np.take_along_axis(part, order, axis=-1)
-
-
 class BeamSearch:
     def __init__(self, runtime: Runtime, tokenizer: Tokenizer, prompts: list[list[int]], opts: GenerationOptions, pad_id: int) -> None:
         self.start = time.perf_counter()
@@ -48,6 +41,7 @@ class BeamSearch:
         self.eos = np.asarray(sorted(self.rules.eos), dtype=np.int64)
         self.keep = max(2, 1 + len(self.eos)) * k  # candidates looked at per step
         self.scoring = Scoring(opts)
+        self.top = runtime.top_k
         self.rows = Rows(runtime, [p for p in prompts for _ in range(k)], pad_id, opts.max_new_tokens)
         self.top_n = opts.logprobs or 0
         new = opts.max_new_tokens
@@ -86,21 +80,21 @@ class BeamSearch:
         scores = (processed.reshape(b, k, -1) + self.running_scores[:, :, None]).reshape(b, -1)
 
         # The best `keep` continuations over all beams of each prompt, and what each one carries.
-        top = _top(scores, self.keep)
+        top = self.top(scores, self.keep)
         top_scores = np.take_along_axis(scores, top, axis=-1)
         top_beams, top_tokens = top // vocab, top % vocab
         top_seqs, top_lp, top_alt = _take(self.running, top_beams), _take(self.running_lp, top_beams), _take(self.running_alt, top_beams)
         top_seqs[:, :, cur] = top_tokens
         top_lp[:, :, cur] = np.take_along_axis(processed.reshape(b, -1), top, axis=-1)
         if self.top_n:
-            alt_ids = _top(processed, self.top_n)
+            alt_ids = self.top(processed, self.top_n)
             alt = np.stack([alt_ids, np.take_along_axis(processed, alt_ids, -1)], axis=-1).reshape(b, k, self.top_n, 2)
             top_alt[:, :, cur] = _take(alt, top_beams)
         ends = np.isin(top_tokens, self.eos) | (cur + 1 >= opts.max_new_tokens)
 
         # Running beams for the next step: the best candidates that did not end.
         live_scores = top_scores + ends.astype(np.float32) * NEG
-        chosen = _top(live_scores, k)
+        chosen = self.top(live_scores, k)
         self.running, self.running_lp, self.running_alt = _take(top_seqs, chosen), _take(top_lp, chosen), _take(top_alt, chosen)
         self.running_scores = np.take_along_axis(live_scores, chosen, -1)
         source = (np.take_along_axis(top_beams, chosen, -1) + np.arange(b)[:, None] * k).reshape(-1)
@@ -111,7 +105,7 @@ class BeamSearch:
         just_ended = ends & (np.arange(self.keep) < k)[None, :]
         penalised = penalised + full * NEG + (~self.improvable) * NEG + (~just_ended) * NEG
         merged = np.concatenate([self.finished_scores, penalised], axis=1)
-        best = _top(merged, k)
+        best = self.top(merged, k)
         self.finished_scores = np.take_along_axis(merged, best, -1)
         self.finished = _take(np.concatenate([self.finished, top_seqs], axis=1), best)
         self.finished_lp = _take(np.concatenate([self.finished_lp, top_lp], axis=1), best)

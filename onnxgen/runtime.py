@@ -27,6 +27,7 @@ ONNXRUNTIME_PACKAGES = ("onnxruntime", "onnxruntime-gpu")
 # graph.copy_model): beam search moves the rows of a CUDA cache with them, on the device.
 SELECT_ROWS = {np.dtype(np.float32): "select_rows_float32.onnx", np.dtype(np.float16): "select_rows_float16.onnx"}
 COPY = {np.dtype(np.float32): "copy_float32.onnx", np.dtype(np.float16): "copy_float16.onnx"}
+TOP_K = "top_k.onnx"  # beam search's selections, on the host (graph.top_k_model)
 GRAPHS = Path(__file__).parent / "graphs"
 _ELEMENT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
 
@@ -125,6 +126,7 @@ class Runtime:
         # Beam search on CUDA moves cache rows on the device (select_rows, copy); a few milliseconds to load.
         self._select_rows = ort.InferenceSession(str(GRAPHS / SELECT_ROWS[self.cache_dtype]), options, providers=providers)
         self._copy = ort.InferenceSession(str(GRAPHS / COPY[self.cache_dtype]), options, providers=providers)
+        self._top_k = ort.InferenceSession(str(GRAPHS / TOP_K), options, providers=["CPUExecutionProvider"])
         self.past_names, self.present_names = past_names(dims.n_layer), present_names(dims.n_layer)
         # logits_to_keep: the last position. A growing graph counts positions (1), and IO binding takes that
         # input, which has a default (graph.add_logits_to_keep), only as an OrtValue; an in-place graph takes
@@ -173,6 +175,11 @@ class Runtime:
         """Logits at every position of `input_ids` (batch, n) with no cache: for scoring text, not generating."""
         cache = self.new_cache(input_ids.shape[0], input_ids.shape[1])
         return cache.all_logits(np.ascontiguousarray(input_ids, dtype=np.int64)).astype(np.float32, copy=False)
+
+    def top_k(self, scores: np.ndarray, k: int) -> np.ndarray:
+        """Indices of the k largest scores of each row, best first (equal scores: the lower index first)."""
+        return self._top_k.run(["indices"], {"scores": np.ascontiguousarray(scores, dtype=np.float32),
+                                             "k": np.array([k], dtype=np.int64)})[0]
 
     def select_rows(self, values: list[Any], rows: np.ndarray) -> list[Any]:
         """Select cache rows where the cache lives, through the `select_rows` graph: one small run per

@@ -354,3 +354,19 @@ def decode_at_totals(runtime: object) -> list[np.ndarray]:
 def test_decode_reads_each_row_only_to_its_length(model: onnxgen.Model) -> None:
     longest, capacity = decode_at_totals(model.runtime)
     assert np.abs(longest - capacity).max() < 1e-5
+
+
+def test_top_k_graph_selects_what_numpy_sorts(model: onnxgen.Model) -> None:
+    """Beam search's selections (graph.top_k_model, shipped in onnxgen/graphs): the k largest per row, best
+    first, equal scores by lower index, as a stable sort of the negated scores orders them."""
+    import onnx
+
+    from onnxgen.graph import top_k_model
+    from onnxgen.runtime import GRAPHS, TOP_K
+
+    on_disk = onnx.load(str(GRAPHS / TOP_K))
+    assert on_disk.graph == top_k_model().graph
+    scores = np.random.default_rng(3).standard_normal((5, 3000)).astype(np.float32)
+    scores[:, 100:110] = 9.0  # ties at the top
+    want = np.argsort(-scores, axis=-1, kind="stable")[:, :12]
+    assert np.array_equal(model.runtime.top_k(scores, 12), want)
