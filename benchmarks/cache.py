@@ -97,9 +97,9 @@ def in_subprocess(job_name: str, *arguments: Any) -> dict[str, Any]:
 
 
 def cache_bytes(folder: Path, positions: int) -> int:
-    dims = json.loads((folder / "onnxgen.json").read_text())["dims"]
-    dtype = 2 if json.loads((folder / "onnxgen.json").read_text())["dtype"] == "float16" else 4
-    return 2 * dims["n_layer"] * dims["n_embd"] * positions * dtype
+    record = json.loads((folder / "onnxgen.json").read_text())
+    dims, itemsize = record["dims"], 2 if record["dtype"] == "float16" else 4
+    return 2 * dims["n_layer"] * dims["n_embd"] * positions * itemsize
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -94,7 +94,7 @@ class InPlaceCache:
             io.bind_input(past, rt.device, 0, rt.cache_dtype, shape, pointer)
             io.bind_output(present, rt.device, 0, rt.cache_dtype, shape, pointer)
         io.bind_output(LOGITS, "cpu")
-        rt.run(io)
+        rt.session.run_with_iobinding(io)
         logits = io.get_outputs()[-1].numpy()
         return logits if keep is not None else logits[:, -1, :].astype(np.float32, copy=False)
 
@@ -146,7 +146,7 @@ class DecodeStep:
         self.positions.update_inplace(np.ascontiguousarray(positions))
         self.seqlens.update_inplace(seqlens)
         self.io.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(total, dtype=np.int32))
-        self.runtime.run(self.io)
+        self.runtime.session.run_with_iobinding(self.io)
         # A copy: on the CPU numpy() may share the buffer that the next step overwrites.
         return np.array(self.logits.numpy()[:, -1, :], dtype=np.float32)
 
@@ -181,7 +181,7 @@ class GrowingCache:
         io.bind_output(LOGITS, "cpu")
         for name in rt.present_names:
             io.bind_output(name, rt.device)
-        rt.run(io)
+        rt.session.run_with_iobinding(io)
         outputs = io.get_outputs()
         self.values, self.positions = outputs[1:], positions[:, -1:]
         return outputs[0].numpy()[:, -1, :].astype(np.float32, copy=False)  # an fp16 graph's logits are fp16

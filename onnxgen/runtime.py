@@ -8,6 +8,7 @@ growing) and element type (float32, or float16 in an fp16 folder) are read from 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import io
 import os
@@ -123,10 +124,7 @@ class Runtime:
             # onnxruntime would run those nodes on the CPU, copying every layer's activations across each step.
             raise ProviderError(f"{model_path} keeps its cache in place (GroupQueryAttention), which onnxruntime runs on CUDA in "
                                 "float16 only: make an fp16 folder (onnxgen quantize --mode fp16), or export with --growing-cache")
-        # Beam search on CUDA moves cache rows on the device (select_rows, copy); a few milliseconds to load.
-        self._select_rows = ort.InferenceSession(str(GRAPHS / SELECT_ROWS[self.cache_dtype]), options, providers=providers)
-        self._copy = ort.InferenceSession(str(GRAPHS / COPY[self.cache_dtype]), options, providers=providers)
-        self._top_k = ort.InferenceSession(str(GRAPHS / TOP_K), options, providers=["CPUExecutionProvider"])
+        self._options, self._providers = options, providers  # for the small graphs below, loaded when first used
         self.past_names, self.present_names = past_names(dims.n_layer), present_names(dims.n_layer)
         # logits_to_keep: the last position. A growing graph counts positions (1), and IO binding takes that
         # input, which has a default (graph.add_logits_to_keep), only as an OrtValue; an in-place graph takes
@@ -168,13 +166,23 @@ class Runtime:
             return InPlaceCache(self, rows, min(capacity, self.n_positions))
         return GrowingCache(self, rows, pad_id)  # it grows a position a step: no capacity to allocate
 
-    def run(self, io: Any) -> None:
-        self.session.run_with_iobinding(io)
-
     def all_logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits at every position of `input_ids` (batch, n) with no cache: for scoring text, not generating."""
         cache = self.new_cache(input_ids.shape[0], input_ids.shape[1])
         return cache.all_logits(np.ascontiguousarray(input_ids, dtype=np.int64)).astype(np.float32, copy=False)
+
+    # Beam search's helpers, each a small graph of onnxgen/graphs: 7-13 ms to load, so not at every load of a model.
+    @functools.cached_property
+    def _top_k(self) -> Any:
+        return self.ort.InferenceSession(str(GRAPHS / TOP_K), self._options, providers=["CPUExecutionProvider"])  # scores are on the host
+
+    @functools.cached_property
+    def _select_rows(self) -> Any:
+        return self.ort.InferenceSession(str(GRAPHS / SELECT_ROWS[self.cache_dtype]), self._options, providers=self._providers)
+
+    @functools.cached_property
+    def _copy(self) -> Any:
+        return self.ort.InferenceSession(str(GRAPHS / COPY[self.cache_dtype]), self._options, providers=self._providers)
 
     def top_k(self, scores: np.ndarray, k: int) -> np.ndarray:
         """Indices of the k largest scores of each row, best first (equal scores: the lower index first)."""
