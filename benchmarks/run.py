@@ -105,13 +105,17 @@ def decode_tps(case: dict[str, Any], timing: dict[str, float]) -> float:
 
 def worker(competitor: str, folder: str, threads: int, cases: list[dict[str, Any]]) -> dict[str, Any]:
     """One round: load, then each case once. Returns raw seconds; main() aggregates."""
-    from onnxgen.bench import peak_rss_mb
+    from onnxgen.bench import peak_rss_mb, reset_peak_rss
 
     start = time.perf_counter()
     generate, vocab = load(competitor, folder, threads)
     load_s = time.perf_counter() - start
-    timings = [time_case(generate, vocab, case) for case in cases]
-    return {"load_s": load_s, "peak_rss_mb": peak_rss_mb(), "timings": timings}
+    load_peak = peak_rss_mb()
+    timings = []
+    for case in cases:
+        reset_peak_rss()  # each case's own peak (Linux; elsewhere the peak so far)
+        timings.append({**time_case(generate, vocab, case), "peak_rss_mb": peak_rss_mb()})
+    return {"load_s": load_s, "load_peak_rss_mb": load_peak, "timings": timings}
 
 
 def serve(competitor: str, folder: str, threads: int) -> None:
@@ -160,9 +164,11 @@ def aggregate(competitor: str, cases: list[dict[str, Any]], rounds: list[dict[st
         first = [r["timings"][i]["first_s"] for r in rounds]
         tps = [decode_tps(case, r["timings"][i]) for r in rounds]
         results.append({**case, "key": f"b{case['batch']} p{case['prompt']} {case['strategy']}",
-                        "ttft_ms": spread([x * 1000 for x in first]), "decode_tps": spread(tps)})
-    return {"competitor": competitor, "load_s": statistics.median(r["load_s"] for r in rounds),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds), "cases": results}
+                        "ttft_ms": spread([x * 1000 for x in first]), "decode_tps": spread(tps),
+                        "peak_rss_mb": max(r["timings"][i]["peak_rss_mb"] for r in rounds)})
+    load_peak = max(r["load_peak_rss_mb"] for r in rounds)
+    return {"competitor": competitor, "load_s": statistics.median(r["load_s"] for r in rounds), "load_peak_rss_mb": load_peak,
+            "peak_rss_mb": max([load_peak, *(c["peak_rss_mb"] for c in results)]), "cases": results}
 
 
 # -- preparation ----------------------------------------------------------------------------------------
@@ -267,22 +273,23 @@ def markdown(result: dict[str, Any]) -> str:
         read, copy = model["bandwidth_gbs"]["read"], model["bandwidth_gbs"]["copy"]
         lines += [f"### {model['name']}", "", f"Bandwidth: read {read['median']:.1f} GB/s ({read['min']:.1f}-{read['max']:.1f}), "
                   f"copy {copy['median']:.1f} ({copy['min']:.1f}-{copy['max']:.1f}).", "",
-                  "| competitor | weights MB | load s | peak RSS MB | case | decode tok/s | x PyTorch | first token ms | fraction of bound |",
-                  "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+                  "| competitor | weights MB | load s (peak RSS MiB) | case | decode tok/s | x PyTorch | first token ms | fraction of bound | peak RSS MiB (x weights) |",
+                  "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
         base = {c["key"]: c["decode_tps"]["median"] for c in model["competitors"][0]["cases"]}  # the first competitor: PyTorch
         for comp in model["competitors"]:
             for c in comp["cases"]:
                 d, f = c["decode_tps"], c["ttft_ms"]
                 bound = comp.get("bound_tps")
                 frac = f"{d['median'] / bound:.2f}" if bound and c["key"] == "b1 p32 greedy" else ""
-                lines.append(f"| {comp['competitor']} | {comp['weights_mb']:.0f} | {comp['load_s']:.2f} | {comp['peak_rss_mb']:.0f} | {c['key']} | "
+                lines.append(f"| {comp['competitor']} | {comp['weights_mb']:.0f} | {comp['load_s']:.2f} ({comp['load_peak_rss_mb']:.0f}) | {c['key']} | "
                              f"{d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | {d['median'] / base[c['key']]:.2f} | "
-                             f"{f['median']:.0f} ({f['min']:.0f}-{f['max']:.0f}) | {frac} |")
+                             f"{f['median']:.0f} ({f['min']:.0f}-{f['max']:.0f}) | {frac} | "
+                             f"{c['peak_rss_mb']:.0f} ({c['peak_rss_mb'] * 2**20 / (comp['weights_mb'] * 1e6):.2f}x) |")
         lines.append("")
     imp = result["import_s"]
     lines.append("Import time: " + ", ".join(f"`{k}` {v:.2f} s" for k, v in imp.items()))
     if result.get("install_mb"):
-        lines.append("Installed size: " + ", ".join(f"{k} {v:.0f} MB" for k, v in result["install_mb"].items()))
+        lines.append("Installed size: " + ", ".join(f"{k} {v:.0f} MB" for k, v in result["install_mb"].items() if isinstance(v, (int, float))))
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,7 @@ from .options import STRATEGIES
 from .progress import stderr
 from .runtime import Provider
 
+
 @dataclass(frozen=True)
 class Case:
     batch: int = 1
@@ -27,6 +28,18 @@ class Case:
 
 def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's peak resident memory afresh (Linux: VmHWM := VmRSS), so that the next
+    peak_rss_mb() is the peak of what runs in between. False where that cannot be done: peaks then
+    carry over, and each is the peak so far."""
+    clear_refs = Path("/proc/self/clear_refs")
+    try:
+        clear_refs.write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def peak_rss_mb() -> float:
@@ -51,7 +64,9 @@ def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = No
     start = time.perf_counter()
     model = load(folder, provider=provider, threads=threads)
     load_s = time.perf_counter() - start
+    load_peak = peak_rss_mb()
     model.folder.verify()  # timing a corrupted folder helps nobody (hashed outside the load time)
+    model_mb = model.folder.weight_bytes / 2**20
     rng = np.random.default_rng(0)
     results = []
     with Progress(console=stderr, disable=quiet, transient=True) as progress:
@@ -64,28 +79,33 @@ def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = No
             prompts = rng.integers(0, model.dims.vocab_size, size=(case.batch, case.prompt_tokens)).tolist()
             opts = model.options(max_new_tokens=case.new_tokens, eos_token_id=None, min_new_tokens=0, **STRATEGIES[case.strategy])
             ttft, tps = [], []
+            reset_peak_rss()  # this case's own peak (the load's is reported apart)
             for i in range(runs + 1):
                 model.generate(prompts, opts)
                 progress.advance(task)
                 if i and model.last_stats:  # run 0 warms up
                     ttft.append(model.last_stats.time_to_first_token_s * 1000)
                     tps.append(model.last_stats.decode_tokens_per_s)
-            results.append({**asdict(case), "time_to_first_token_ms": spread(ttft), "decode_tokens_per_s": spread(tps)})
-    weights_mb = model.folder.weight_bytes / 2**20
-    peak = peak_rss_mb()
+            peak = peak_rss_mb()
+            results.append({**asdict(case), "time_to_first_token_ms": spread(ttft), "decode_tokens_per_s": spread(tps),
+                            "peak_rss_mb": peak, "peak_rss_over_model_file": peak / model_mb})
+    peak = max([load_peak, *(c["peak_rss_mb"] for c in results)])
     return {"model": str(folder), "provider": provider, "threads": threads, "runs": runs, "load_s": load_s,
-            "peak_rss_mb": peak, "model_file_mb": weights_mb, "peak_rss_over_model_file": peak / weights_mb, "cases": results}
+            "load_peak_rss_mb": load_peak, "peak_rss_mb": peak, "model_file_mb": model_mb,
+            "peak_rss_over_model_file": peak / model_mb, "cases": results}
 
 
 def table(result: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    t = Table(title=f"{result['model']} ({result['provider']}, load {result['load_s']:.2f} s, peak RSS {result['peak_rss_mb']:.0f} MiB, "
-                    f"{result['peak_rss_over_model_file']:.2f}x the {result['model_file_mb']:.0f} MiB model file)")
-    for column in ("batch", "prompt", "new", "strategy", "decode tok/s (min-max)", "first token ms (min-max)"):
+    t = Table(title=f"{result['model']} ({result['provider']}, load {result['load_s']:.2f} s, peak RSS while loading "
+                    f"{result['load_peak_rss_mb']:.0f} MiB, {result['load_peak_rss_mb'] / result['model_file_mb']:.2f}x the "
+                    f"{result['model_file_mb']:.0f} MiB model file)")
+    for column in ("batch", "prompt", "new", "strategy", "decode tok/s (min-max)", "first token ms (min-max)", "peak RSS MiB (x file)"):
         t.add_column(column, justify="right")
     for c in result["cases"]:
         d, f = c["decode_tokens_per_s"], c["time_to_first_token_ms"]
         t.add_row(str(c["batch"]), str(c["prompt_tokens"]), str(c["new_tokens"]), c["strategy"],
-                  f"{d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f})", f"{f['median']:.1f} ({f['min']:.1f}-{f['max']:.1f})")
+                  f"{d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f})", f"{f['median']:.1f} ({f['min']:.1f}-{f['max']:.1f})",
+                  f"{c['peak_rss_mb']:.0f} ({c['peak_rss_over_model_file']:.2f}x)")
     return t

@@ -13,7 +13,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
-import typer
+try:
+    import typer
+except ImportError:  # the embedding install (`pip install onnxgen onnxruntime`) has the API, not the command line
+    sys.exit("onnxgen: error: the command line needs typer and rich: pip install 'onnxgen[cpu]' (or 'onnxgen[gpu]', or 'onnxgen[cli]')")
 
 from .errors import OnnxgenError
 from .options import STRATEGIES

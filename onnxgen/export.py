@@ -200,6 +200,7 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
                 opset = next(o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx"))
                 save_model(onnx_model, work, options.external_data_threshold)
                 del onnx_model
+                head_parts = graph.split_tied_head(work / MODEL_FILE)
                 tokenizer.backend_tokenizer.save(str(work / TOKENIZER))
             with progress.step("Validating against PyTorch"):
                 dims = Dims(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cfg.n_positions)
@@ -214,7 +215,7 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
                     "quantization": None,
                     "graph": {"optimized": options.optimize, "tied_head_deduplicated": tied, "gemm_rewritten": gemms,
                               "attention_fused": attention, "attention_biases_folded": biases,
-                              "cache_in_place": bool(in_place),
+                              "cache_in_place": bool(in_place), "head_parts": head_parts,
                               "external_data": (work / DATA_FILE).exists()},
                     "dims": asdict(dims),
                     "inputs": inputs,

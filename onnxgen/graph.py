@@ -14,15 +14,32 @@
 - The cache in place (the default): each MultiHeadAttention becomes a GroupQueryAttention that reads and
   writes a buffer the runtime allocates once per call, each row at its own length, instead of returning a
   new, longer copy of the whole cache at every step.
+- The head in parts of at most 16 MiB (a Concat of their logits): onnxruntime packs every weight for its
+  kernels at load and frees the original after, so the load's peak is one weight's original above what the
+  model holds running; the head is the largest weight (a third of gpt2's). An fp32 folder's parts read row
+  ranges of the embedding's own bytes in model.onnx.data (FusedMatMul with transB), so nothing is stored
+  twice and nothing is transposed at load.
 """
 
 from __future__ import annotations
+
+from itertools import pairwise
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .folder import ATTENTION_MASK, LOGITS_TO_KEEP, SEQLENS_K, TOTAL_SEQUENCE_LENGTH
+from .folder import (
+    ATTENTION_MASK,
+    LOGITS,
+    LOGITS_TO_KEEP,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
+)
+
+HEAD_PART_BYTES = 16 << 20  # the most of the head onnxruntime holds twice while it packs it at load
+TIED = "/lm_head/TiedTranspose"
 
 
 def _head(model: onnx.ModelProto) -> onnx.NodeProto:
@@ -46,7 +63,7 @@ def untie_lm_head(model: onnx.ModelProto) -> bool:
         emb = inits[gather.input[0]]
         if tuple(emb.dims) == tuple(w.shape[::-1]) and np.array_equal(numpy_helper.to_array(emb).T, w):
             g.initializer.remove(weight)
-            g.node.insert(list(g.node).index(head), helper.make_node("Transpose", [emb.name], [weight.name], name="/lm_head/TiedTranspose", perm=[1, 0]))
+            g.node.insert(list(g.node).index(head), helper.make_node("Transpose", [emb.name], [weight.name], name=TIED, perm=[1, 0]))
             return True
     return False
 
@@ -261,9 +278,9 @@ def _keep_by_index(g: onnx.GraphProto) -> None:
     is a copy to the host inside the step, which rules out capturing it as a CUDA graph."""
     keep = next(n for n in g.node if n.name == "/lm_head/Keep")
     start = next(n for n in g.node if n.name == "/lm_head/KeepStart")
+    g.node.remove(start)  # before it: the Gather goes where the Slice was, before the head that reads it
     at = list(g.node).index(keep)
     g.node.remove(keep)
-    g.node.remove(start)
     g.node.insert(at, helper.make_node("Gather", [keep.input[0], LOGITS_TO_KEEP], [keep.output[0]], name="/lm_head/Keep", axis=1))
     for default in [t for t in g.initializer if t.name == LOGITS_TO_KEEP]:  # no default: the caller says (a quantizer may have dropped it)
         g.initializer.remove(default)
@@ -282,6 +299,111 @@ def _remove_dead_nodes(g: onnx.GraphProto) -> None:
         g.node.extend(live)
     for t in [t for t in g.initializer if t.name not in read]:
         g.initializer.remove(t)
+
+
+def _bounds(total: int, parts: int) -> list[int]:
+    return [round(total * k / parts) for k in range(parts + 1)]
+
+
+def _concat_parts(g: onnx.GraphProto, head: onnx.NodeProto, nodes: list[onnx.NodeProto]) -> None:
+    """Put `nodes` (the parts, each writing {logits}.k) and their Concat where `head` was."""
+    at = list(g.node).index(head)
+    g.node.remove(head)
+    concat = helper.make_node("Concat", [n.output[0] for n in nodes], [head.output[0]], name="/lm_head/Concat", axis=-1)
+    for offset, node in enumerate([*nodes, concat]):
+        g.node.insert(at + offset, node)
+
+
+def _stored_at(tensor: onnx.TensorProto) -> tuple[str, int]:
+    """The data file and offset of a tensor kept in external data."""
+    where = {e.key: e.value for e in tensor.external_data}
+    return where.get("location", ""), int(where.get("offset", 0))
+
+
+def split_tied_head(path: Path) -> int:
+    """Rewrite the saved model.onnx at `path`: the head MatMul(x, Transpose(embedding)) becomes one
+    FusedMatMul(x, rows, transB=1) per range of the embedding's rows, each `rows` an initializer that points
+    at that range of the embedding's bytes in the data file. Returns the number of parts (1: left as it was,
+    because the embedding is small or not in a data file, where nothing can point into it)."""
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    tie = next((n for n in g.node if n.name == TIED), None)
+    emb = next((t for t in g.initializer if tie is not None and t.name == tie.input[0]), None)
+    if emb is None or not onnx.external_data_helper.uses_external_data(emb):
+        return 1
+    rows, cols = emb.dims
+    itemsize = helper.tensor_dtype_to_np_dtype(emb.data_type).itemsize
+    parts = -(-rows * cols * itemsize // HEAD_PART_BYTES)
+    if parts <= 1:
+        return 1
+    location, offset = _stored_at(emb)
+    head = next(n for n in g.node if n.op_type == "MatMul" and n.input[1] == tie.output[0])
+    nodes = []
+    for k, (start, end) in enumerate(pairwise(_bounds(rows, parts))):
+        part = TensorProto(name=f"/lm_head/rows.{k}", data_type=emb.data_type, dims=[end - start, cols], data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", location), ("offset", offset + start * cols * itemsize), ("length", (end - start) * cols * itemsize)):
+            part.external_data.add(key=key, value=str(value))
+        g.initializer.append(part)
+        nodes.append(helper.make_node("FusedMatMul", [head.input[0], part.name], [f"{LOGITS}.{k}"], name=f"/lm_head/Part.{k}",
+                                      domain="com.microsoft", transB=1))
+    _concat_parts(g, head, nodes)
+    g.node.remove(tie)
+    onnx.save_model(model, str(path))  # the proto alone: every weight stays where it is in the data file
+    return parts
+
+
+def join_tied_head(model: onnx.ModelProto) -> bool:
+    """Undo split_tied_head on a model loaded without its external data (which says where each part points):
+    one MatMul(x, Transpose(embedding)) again, which the quantizers understand. Returns whether there was
+    anything to join."""
+    g = model.graph
+    parts = [n for n in g.node if n.name.startswith("/lm_head/Part.")]
+    if not parts:
+        return False
+    concat = next(n for n in g.node if n.name == "/lm_head/Concat")
+    first = next(t for t in g.initializer if t.name == parts[0].input[1])
+    emb = next(t for t in g.initializer if not t.name.startswith("/lm_head/rows.") and _stored_at(t) == _stored_at(first))
+    weight = "/lm_head/weight"
+    head = helper.make_node("MatMul", [parts[0].input[0], weight], [LOGITS], name="/lm_head/MatMul")
+    at = list(g.node).index(parts[0])
+    for node in [*parts, concat]:
+        g.node.remove(node)
+    g.node.insert(at, head)
+    g.node.insert(at, helper.make_node("Transpose", [emb.name], [weight], name=TIED, perm=[1, 0]))
+    for t in [t for t in g.initializer if t.name.startswith("/lm_head/rows.")]:
+        g.initializer.remove(t)
+    return True
+
+
+def materialize_tied_head(model: onnx.ModelProto) -> None:
+    """Turn the head's Transpose(embedding) back into a weight of its own, so that it can be quantized."""
+    g = model.graph
+    tie = next((n for n in g.node if n.name == TIED), None)
+    if tie is None:
+        return
+    emb = next(t for t in g.initializer if t.name == tie.input[0])
+    g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(emb).T.copy(), tie.output[0]))
+    g.node.remove(tie)
+
+
+def split_head(model: onnx.ModelProto, bytes_per_weight: float) -> int:
+    """Split the head MatMul(x, W) of a loaded model (W a weight, as quantize makes it before quantizing) into
+    MatMuls over ranges of W's columns, so that each part is at most HEAD_PART_BYTES once quantized to
+    `bytes_per_weight`. Returns the number of parts."""
+    g = model.graph
+    head = _head(model)
+    weight = next(t for t in g.initializer if t.name == head.input[1])
+    w = numpy_helper.to_array(weight)
+    parts = max(1, -(-int(w.size * bytes_per_weight) // HEAD_PART_BYTES))
+    if parts == 1:
+        return 1
+    g.initializer.remove(weight)
+    nodes = []
+    for k, (start, end) in enumerate(pairwise(_bounds(w.shape[1], parts))):
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w[:, start:end]), f"/lm_head/columns.{k}"))
+        nodes.append(helper.make_node("MatMul", [head.input[0], f"/lm_head/columns.{k}"], [f"{LOGITS}.{k}"], name=f"/lm_head/Part.{k}"))
+    _concat_parts(g, head, nodes)
+    return parts
 
 
 def select_rows_model(elem_type: int) -> onnx.ModelProto:

@@ -10,8 +10,10 @@
   GPU step at batch 1. On CPU the folder still loads and runs (onnxruntime computes most of its ops in
   fp32 behind Casts it inserts itself), slower than fp32.
 
-Before quantizing, the head's Transpose(embedding) (graph.py) is materialized as its own weight, or the
-largest matrix of the model would stay float. After quantizing, the quantized nodes are counted against
+Before quantizing, the head's Transpose(embedding) (graph.py; its parts joined first) is materialized as
+its own weight, or the largest matrix of the model would stay float, and split into parts of at most 16 MiB
+once quantized (graph.split_head: what onnxruntime holds twice while it packs it at load). fp16 keeps the
+tied head in one piece: it is for CUDA, where nothing packs it. After quantizing, the quantized nodes are counted against
 the weight MatMuls there were: a mode that did not take is an error, never a silent fp32 model.
 """
 
@@ -48,17 +50,9 @@ class QuantizeOptions:
     force: bool = False
 
 
-def _materialize_head(model: Any) -> None:
-    """Turn the head's Transpose(embedding) node back into a weight, so that it can be quantized."""
-    from onnx import numpy_helper
-
-    g = model.graph
-    tied = [n for n in g.node if n.name == "/lm_head/TiedTranspose"]
-    if not tied:
-        return
-    emb = next(t for t in g.initializer if t.name == tied[0].input[0])
-    g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(emb).T.copy(), tied[0].output[0]))
-    g.node.remove(tied[0])
+def _bytes_per_weight(options: QuantizeOptions) -> float:
+    """What a weight takes once quantized (int4: half a byte and its share of the block's fp32 scale)."""
+    return 1.0 if options.mode == "int8" else 0.5 + 4 / options.block_size
 
 
 def _weight_matmuls(model: Any) -> int:
@@ -123,6 +117,8 @@ def quantize(source: Path, out: Path, options: QuantizeOptions | None = None, qu
     """Quantize the fp32 folder `source` into `out`; returns the new manifest. Raises QuantizeError."""
     import onnx
 
+    from . import graph  # needs onnx, like everything here
+
     options = options or QuantizeOptions()
     parent = manifest.read(source)
     if parent.get("quantization"):
@@ -136,9 +132,13 @@ def quantize(source: Path, out: Path, options: QuantizeOptions | None = None, qu
     with steps(4, quiet=quiet) as progress, atomic.building(out, options.force) as work:
         with progress.step(f"Quantizing to {options.mode}"), _quiet_quantizers(), \
                 tempfile.TemporaryDirectory(dir=work.parent, prefix=atomic.scratch_prefix(out, "prep")) as tmp:
-            model = onnx.load(str(source / MODEL_FILE))
+            model = onnx.load(str(source / MODEL_FILE), load_external_data=False)
+            graph.join_tied_head(model)  # before the weights load: the head's parts would each load a copy
+            onnx.load_external_data_for_model(model, str(source))
+            head_parts = 1
             if options.mode != "fp16":  # fp16 keeps the tied head: Transpose of an fp16 embedding
-                _materialize_head(model)
+                graph.materialize_tied_head(model)
+                head_parts = graph.split_head(model, _bytes_per_weight(options))
             expected = _weight_matmuls(model)
             if options.mode == "int8":
                 prepared = Path(tmp) / MODEL_FILE
@@ -163,6 +163,7 @@ def quantize(source: Path, out: Path, options: QuantizeOptions | None = None, qu
             record = {
                 **{k: v for k, v in parent.items() if k not in ("files", "format_version")},
                 "dtype": "float16" if options.mode == "fp16" else "float32",
+                "graph": {**parent.get("graph", {}), "head_parts": head_parts},
                 "quantization": {"mode": options.mode, "parent": str(source), "parent_sha256": parent["files"][MODEL_FILE]["sha256"],
                                  "quantized_matrices": done, "weight_matrices": expected,
                                  "options": {k: v for k, v in asdict(options).items() if k != "force"}},

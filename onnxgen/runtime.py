@@ -19,7 +19,19 @@ import numpy as np
 
 from .cache import Cache, GrowingCache, InPlaceCache
 from .errors import ModelFolderError, OptionsError, ProviderError
-from .folder import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, ModelFolder, past_names, present_names
+from .folder import (
+    ATTENTION_MASK,
+    DATA_FILE,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_IDS,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
+    ModelFolder,
+    past_names,
+    present_names,
+)
+from .pages import page_on_demand
 
 Provider = Literal["cpu", "cuda"]
 
@@ -114,6 +126,7 @@ class Runtime:
             self.session = ort.InferenceSession(str(model_path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own untyped errors for unreadable models
             raise ModelFolderError(f"cannot load {model_path}: {str(e).splitlines()[0]}") from None
+        page_on_demand(model_path.parent / DATA_FILE)  # the file's pages that stay mapped: read a page at a time (pages.py)
         # onnxruntime falls back to CPU silently when CUDA libraries are missing: refuse instead.
         if provider == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise ProviderError("CUDA was requested but onnxruntime could not start it (CUDA/cuDNN libraries missing? "

@@ -69,6 +69,24 @@ def exported_growing(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
+HEAD_PART_BYTES = 20_000  # the tiny model's head (400 x 64 fp32, 102,400 bytes) in 6 parts
+
+
+@pytest.fixture(scope="session")
+def exported_parts(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same checkpoint with its head in parts (graph.split_tied_head), as gpt2's 154 MB head is exported."""
+    from onnxgen import graph
+    from onnxgen.export import export
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-parts"
+    saved, graph.HEAD_PART_BYTES = graph.HEAD_PART_BYTES, HEAD_PART_BYTES
+    try:
+        export(str(checkpoint), out, quiet=True)
+    finally:
+        graph.HEAD_PART_BYTES = saved
+    return out
+
+
 @pytest.fixture(scope="session")
 def model(exported: Path):  # type: ignore[no-untyped-def]
     import onnxgen

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -71,6 +72,41 @@ def test_tied_head_is_stored_once(exported: Path, torch_model: torch.nn.Module) 
     torch_bytes = sum(p.numel() * 4 for p in torch_model.parameters())  # parameters() counts the tied tensor once
     assert weight_bytes < torch_bytes * 1.05
     assert not any(n.op_type == "Gemm" for n in graph.node)  # every weight is in a quantizable MatMul
+
+
+def test_head_in_parts_reads_the_embeddings_own_bytes(exported_parts: Path, exported: Path, torch_model: torch.nn.Module) -> None:
+    import onnxgen
+
+    from .conftest import HEAD_PART_BYTES
+
+    g = onnx.load(str(exported_parts / "model.onnx"), load_external_data=False).graph
+    inits = {t.name: t for t in g.initializer}
+    parts = [n for n in g.node if n.name.startswith("/lm_head/Part.")]
+    assert len(parts) == -(-400 * 64 * 4 // HEAD_PART_BYTES) == json.loads((exported_parts / "onnxgen.json").read_text())["graph"]["head_parts"]
+    assert all(n.op_type == "FusedMatMul" and n.attribute[0].name == "transB" and n.attribute[0].i == 1 for n in parts)
+    assert not any(n.name == "/lm_head/TiedTranspose" for n in g.node)
+    # The parts point, row range after row range, into the embedding's bytes: nothing is stored twice.
+    emb = {e.key: e.value for e in inits["transformer.wte.weight"].external_data}
+    ranges = [{e.key: e.value for e in inits[n.input[1]].external_data} for n in parts]
+    assert all(r["location"] == emb["location"] for r in ranges)
+    assert int(ranges[0]["offset"]) == int(emb.get("offset", 0))
+    assert all(int(a["offset"]) + int(a["length"]) == int(b["offset"]) for a, b in itertools.pairwise(ranges))
+    assert int(ranges[-1]["offset"]) + int(ranges[-1]["length"]) == int(emb.get("offset", 0)) + int(emb["length"])
+    assert (exported_parts / "model.onnx.data").stat().st_size == (exported / "model.onnx.data").stat().st_size
+    # logits as PyTorch's at every position, and at the last one alone
+    runtime = onnxgen.load(exported_parts, threads=1).runtime
+    ids = np.random.default_rng(1).integers(0, 400, size=(1, 20))
+    logits = runtime.all_logits(ids)
+    with torch.no_grad():
+        ref = torch_model(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(logits - ref).max() <= 1e-4
+    last = runtime.new_cache(1, 20).prefill([ids[0].tolist()])
+    assert np.allclose(last[0], logits[0, -1], atol=1e-5)
+
+
+def test_exported_graphs_pass_onnx_checker(exported: Path, exported_growing: Path, exported_parts: Path) -> None:
+    for folder in exported, exported_growing, exported_parts:  # nodes in topological order, data where it says
+        onnx.checker.check_model(str(folder / "model.onnx"))
 
 
 @pytest.mark.parametrize("layout", ["in place", "growing"])

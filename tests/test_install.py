@@ -69,3 +69,34 @@ def test_missing_onnxruntime_names_the_fix(exported: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and "pip install 'onnxgen[cpu]'" in r.stdout, r.stderr
     assert issubclass(ProviderError, onnxgen.OnnxgenError)
+
+
+def test_the_embedding_install_has_no_command_line_stack(tmp_path: Path) -> None:
+    """`pip install onnxgen onnxruntime` (pip's resolver on the real index): the runtime without typer, rich and
+    what they bring; the cpu extra adds them."""
+    def resolve(*requirements: str) -> set[str]:
+        report = tmp_path / "report.json"
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                            "--report", str(report), *requirements], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
+
+    cli = {"typer", "rich", "pydantic", "pygments"}  # (click comes anyway: huggingface_hub, which tokenizers needs, has a CLI)
+    assert not resolve(str(ROOT), "onnxruntime>=1.31,<1.33") & cli
+    assert cli <= resolve(f"{ROOT}[cpu]")
+
+
+def test_api_runs_without_typer_and_rich_and_the_cli_names_the_fix() -> None:
+    """What the embedding install can do: load and generate; the `onnxgen` command says what to install."""
+    block = ("import sys, importlib.abc\n"
+             "class Block(importlib.abc.MetaPathFinder):\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name.split('.')[0] in ('typer', 'rich'): raise ImportError(name)\n"
+             "sys.meta_path.insert(0, Block())\n")
+    api = block + "import onnxgen; print(onnxgen.load(threads=1).generate('It is', max_new_tokens=3)[0].token_ids)"
+    r = subprocess.run([sys.executable, "-c", api], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("["), r.stderr[-2000:]
+    cli = block + "import runpy; sys.argv = ['onnxgen', 'generate', 'Hi']; runpy.run_module('onnxgen', run_name='__main__')"
+    r = subprocess.run([sys.executable, "-c", cli], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "onnxgen: error: the command line needs typer and rich: pip install 'onnxgen[cpu]' (or 'onnxgen[gpu]', or 'onnxgen[cli]')"]

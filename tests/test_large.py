@@ -21,6 +21,7 @@ def test_gpt2_large_shape_exports_and_generates(tmp_path: Path) -> None:
     out = tmp_path / "large"
     m = export(str(ckpt), out, quiet=True)
     assert m["graph"]["external_data"] and m["validation"]["passed"]
+    assert m["graph"]["head_parts"] == 16  # 257 MB of embedding, 16 MiB a part, each pointing into it
     assert m["files"]["model.onnx.data"]["bytes"] > 3.0e9 and m["files"]["model.onnx"]["bytes"] < 5e6
     assert json.loads((out / "onnxgen.json").read_text())["dims"]["n_layer"] == 36
     model = onnxgen.load(out)

@@ -93,3 +93,30 @@ def test_fp16_generates_like_fp32_on_cpu(quantized_folder, model: onnxgen.Model)
     for kw in ({}, {"num_beams": 3}):
         assert [c.token_ids for c in half.generate(PROMPTS, max_new_tokens=12, **kw)] == \
                [c.token_ids for c in model.generate(PROMPTS, max_new_tokens=12, **kw)]
+
+
+def test_quantized_heads_come_in_parts(exported: Path, exported_parts: Path, quantized_folder, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """From an fp32 folder whose head is in parts: int8 and int4 heads in parts of at most HEAD_PART_BYTES once
+    quantized (their own, from the joined head); int4 (block-wise along each column) gives the whole head's logits; fp16 keeps one tied head."""
+    import onnx
+
+    from onnxgen import graph
+
+    part_bytes = 6_000  # the tiny head quantized: 25,600 bytes in int8, 16,000 in int4
+    monkeypatch.setattr(graph, "HEAD_PART_BYTES", part_bytes)
+    for mode, bytes_per_weight in (("int8", 1.0), ("int4", 0.5 + 4 / 32)):
+        out = tmp_path / mode
+        m = quantize(exported_parts, out, QuantizeOptions(mode=mode, max_ppl_increase=0.5), quiet=True)
+        nodes = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+        concat = next(n for n in nodes if n.name == "/lm_head/Concat")
+        expected = -(-int(400 * 64 * bytes_per_weight) // part_bytes)
+        assert expected > 1 and m["graph"]["head_parts"] == expected == len(concat.input)
+        assert m["quantization"]["quantized_matrices"] == m["quantization"]["weight_matrices"] == 4 * 2 + expected
+    whole, split = (onnxgen.load(f, threads=1).runtime for f in (quantized_folder("int4"), tmp_path / "int4"))
+    ids = np.random.default_rng(2).integers(0, 400, size=(1, 12))
+    assert np.allclose(whole.all_logits(ids), split.all_logits(ids), atol=1e-5)
+    out = tmp_path / "fp16"
+    quantize(exported_parts, out, QuantizeOptions(mode="fp16", max_ppl_increase=0.5), quiet=True)
+    names = [n.name for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
+    assert "/lm_head/TiedTranspose" in names and not any(n.startswith("/lm_head/Part.") for n in names)

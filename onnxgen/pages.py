@@ -1,0 +1,54 @@
+"""After a load, the model file's pages come into memory one at a time, as decoding reads them (Linux).
+
+onnxruntime maps model.onnx.data and, once it has packed a weight into its own layout, unmaps it; what stays
+mapped is what a kernel still reads from the file (the embeddings: a row per token) or what onnxruntime keeps
+without reading it again (MatMulNBits' scales, packed with the weights yet kept mapped: 17% of an int4
+file). For those mappings, two madvise(2) hints:
+- MADV_RANDOM: reading a row maps that page alone. Without it a fault maps the whole readahead window or
+  large folio around the page (about 0.5 MiB here, once the load has read the file through), and a few
+  hundred distinct tokens bring the whole embedding into the process.
+- MADV_DONTNEED: give back what the load read; what decoding reads again comes back from the page cache.
+  Only for a mapping that holds no page of its own (copy-on-write), so nothing can be lost.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterator
+from pathlib import Path
+
+MADV_RANDOM, MADV_DONTNEED = 1, 4
+SMAPS = Path("/proc/self/smaps")
+
+
+def _mappings(path: str) -> Iterator[tuple[int, int, int]]:
+    """(start, end, KiB of copied-on-write pages) of each mapping of `path` in this process."""
+    current: list[int] | None = None
+    for line in SMAPS.read_text().splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header: range perms offset dev inode [path]
+            if current:
+                yield current[0], current[1], current[2]
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            current = [start, end, 0] if len(fields) >= 6 and " ".join(fields[5:]) == path else None
+        elif current and fields[0] == "Anonymous:":
+            current[2] = int(fields[1])
+    if current:
+        yield current[0], current[1], current[2]
+
+
+def page_on_demand(data_file: Path) -> int:
+    """Advise every mapping of `data_file`; returns how many there were (0 off Linux, or with no data file)."""
+    if not SMAPS.exists() or not data_file.exists():
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    count = 0
+    for start, end, copied in _mappings(str(data_file.resolve())):
+        libc.madvise(start, end - start, MADV_RANDOM)
+        if copied == 0:
+            libc.madvise(start, end - start, MADV_DONTNEED)
+        count += 1
+    return count
