@@ -348,6 +348,8 @@ def split_tied_head(path: Path) -> int:
                                       domain="com.microsoft", transB=1))
     _concat_parts(g, head, nodes)
     g.node.remove(tie)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):  # an export without the fusions has none
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save_model(model, str(path))  # the proto alone: every weight stays where it is in the data file
     return parts
 

@@ -104,6 +104,19 @@ def test_head_in_parts_reads_the_embeddings_own_bytes(exported_parts: Path, expo
     assert np.allclose(last[0], logits[0, -1], atol=1e-5)
 
 
+def test_unoptimized_export_splits_its_head_too(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxgen
+    from onnxgen import graph
+
+    from .conftest import HEAD_PART_BYTES
+
+    monkeypatch.setattr(graph, "HEAD_PART_BYTES", HEAD_PART_BYTES)
+    m = export(str(checkpoint), tmp_path / "plain", ExportOptions(optimize=False), quiet=True)
+    assert m["graph"]["head_parts"] > 1 and m["validation"]["passed"]
+    onnx.checker.check_model(str(tmp_path / "plain" / "model.onnx"))  # FusedMatMul's domain is declared (no fusion did it)
+    assert len(onnxgen.load(tmp_path / "plain", threads=1).generate([5, 17, 33], max_new_tokens=4)[0].token_ids) == 4
+
+
 def test_exported_graphs_pass_onnx_checker(exported: Path, exported_growing: Path, exported_parts: Path) -> None:
     for folder in exported, exported_growing, exported_parts:  # nodes in topological order, data where it says
         onnx.checker.check_model(str(folder / "model.onnx"))
