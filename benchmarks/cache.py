@@ -80,14 +80,13 @@ def decode_speeds(folders: list[str], threads: int, runs: int, prompts: list[int
 
 def peak_rss(folder: str, threads: int, batch: int, prompt: int) -> dict[str, float]:
     """In this process: one batch x prompt call of NEW tokens; the process's high-water mark."""
-    import resource
-
     import onnxgen
+    from onnxgen.bench import peak_rss_mb
 
     model = onnxgen.load(folder, threads=threads)
     ids = np.random.default_rng(0).integers(0, model.dims.vocab_size, size=(batch, prompt)).tolist()
     model.generate(ids, max_new_tokens=NEW, do_sample=False, eos_token_id=None, min_new_tokens=0)
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"peak_rss_mb": peak_rss_mb()}
 
 
 def in_subprocess(job_name: str, *arguments: Any) -> dict[str, Any]:

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from . import manifest
 from .logits import log_softmax
-from .errors import ProviderError
 from .model import Model
-from .runtime import Provider
+from .runtime import Provider, runs_on_cuda
 
 EVAL_TEXT = Path(__file__).parent / "data" / "eval.txt"
 
@@ -25,13 +25,8 @@ def _windows(model: Model, max_tokens: int) -> list[np.ndarray]:
 def _outputs(folder: Path, provider: Provider, max_tokens: int, greedy_tokens: int) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
     """One model's evaluation windows, its logits on them and its greedy continuation of the first
     window's start. The models run one after the other: two gpt2-large sessions at once would add up."""
-    try:
-        model = Model(folder, provider)
-    except ProviderError:
-        if provider == "cpu":
-            raise
-        # An fp32 parent with the cache in place has no CUDA kernel for its attention: it is judged on the CPU.
-        model = Model(folder, "cpu")
+    # An fp32 parent with the cache in place has no CUDA kernel for its attention: it is judged on the CPU.
+    model = Model(folder, provider if runs_on_cuda(manifest.read(folder)) else "cpu")
     windows = _windows(model, max_tokens)
     logits = [model.runtime.all_logits(window)[0, :-1] for window in windows]
     prompt = windows[0][0, :32].tolist()

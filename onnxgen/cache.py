@@ -16,6 +16,7 @@ float32, and `reorder(source)` (row i becomes a copy of row source[i]: beam sear
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +57,10 @@ class InPlaceCache:
         else:  # the CUDA kernels read each row only up to its length
             self.values = [rt.ort.OrtValue.ortvalue_from_shape_and_type(self.shape, rt.cache_dtype, rt.device, 0) for _ in rt.past_names]
         self.lengths = np.zeros(rows, dtype=np.int64)  # positions written, per row
-        self._step = DecodeStep(self)
+
+    @functools.cached_property
+    def _step(self) -> DecodeStep:  # bound at the first decode: a prompt pass alone (all_logits, one token) needs none
+        return DecodeStep(self)
 
     def prefill(self, prompts: list[list[int]]) -> np.ndarray:
         scores = np.empty((self.rows, self.runtime.vocab_size), np.float32)

@@ -301,6 +301,11 @@ def _remove_dead_nodes(g: onnx.GraphProto) -> None:
         g.initializer.remove(t)
 
 
+def _part_count(nbytes: float) -> int:
+    """How many parts of at most HEAD_PART_BYTES a head of `nbytes` takes."""
+    return max(1, -(-int(nbytes) // HEAD_PART_BYTES))
+
+
 def _bounds(total: int, parts: int) -> list[int]:
     return [round(total * k / parts) for k in range(parts + 1)]
 
@@ -333,8 +338,8 @@ def split_tied_head(path: Path) -> int:
         return 1
     rows, cols = emb.dims
     itemsize = helper.tensor_dtype_to_np_dtype(emb.data_type).itemsize
-    parts = -(-rows * cols * itemsize // HEAD_PART_BYTES)
-    if parts <= 1:
+    parts = _part_count(rows * cols * itemsize)
+    if parts == 1:
         return 1
     location, offset = _stored_at(emb)
     head = next(n for n in g.node if n.op_type == "MatMul" and n.input[1] == tie.output[0])
@@ -396,7 +401,7 @@ def split_head(model: onnx.ModelProto, bytes_per_weight: float) -> int:
     head = _head(model)
     weight = next(t for t in g.initializer if t.name == head.input[1])
     w = numpy_helper.to_array(weight)
-    parts = max(1, -(-int(w.size * bytes_per_weight) // HEAD_PART_BYTES))
+    parts = _part_count(w.size * bytes_per_weight)
     if parts == 1:
         return 1
     g.initializer.remove(weight)

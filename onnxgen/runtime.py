@@ -89,6 +89,13 @@ def _threads(threads: int | None) -> int:
     return int(threads)
 
 
+def runs_on_cuda(record: dict[str, Any]) -> bool:
+    """Whether every node of a folder's graph (its manifest `record`) has a CUDA kernel: GroupQueryAttention, the
+    cache in place, has them in float16 only; onnxruntime would run an fp32 one on the CPU, copying every
+    layer's activations across each step."""
+    return not record.get("graph", {}).get("cache_in_place") or record.get("dtype") == "float16"
+
+
 def _load_cuda_libraries(ort: Any) -> str:
     """Load CUDA and cuDNN from the nvidia-* wheels that onnxgen[gpu] installs (onnxruntime finds a system
     CUDA on the library path by itself, and then this finds it too). onnxruntime prints what failed on
@@ -116,6 +123,9 @@ class Runtime:
         if provider == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise ProviderError("CUDA was requested but this onnxruntime has no CUDA provider: pip install 'onnxgen[gpu]' (and uninstall onnxruntime)")
+            if not runs_on_cuda(folder.manifest):
+                raise ProviderError(f"{model_path} keeps its cache in place (GroupQueryAttention), which onnxruntime runs on CUDA in "
+                                    "float16 only: make an fp16 folder (onnxgen quantize --mode fp16), or export with --growing-cache")
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
             library_notes = _load_cuda_libraries(ort)
         elif provider == "cpu":
@@ -133,10 +143,6 @@ class Runtime:
                                 f"onnxgen[gpu] installs them){library_notes}")
         self.device = provider
         self.in_place, self.cache_dtype, self.logits_dtype = self._check_graph(folder)
-        if provider == "cuda" and self.in_place and self.cache_dtype != np.float16:
-            # onnxruntime would run those nodes on the CPU, copying every layer's activations across each step.
-            raise ProviderError(f"{model_path} keeps its cache in place (GroupQueryAttention), which onnxruntime runs on CUDA in "
-                                "float16 only: make an fp16 folder (onnxgen quantize --mode fp16), or export with --growing-cache")
         self._options, self._providers = options, providers  # for the small graphs below, loaded when first used
         self.past_names, self.present_names = past_names(dims.n_layer), present_names(dims.n_layer)
         # logits_to_keep: the last position. A growing graph counts positions (1), and IO binding takes that
