@@ -1,24 +1,31 @@
 """Peak memory against the model file, with the speed each choice costs, on the CPU, in one run (issue 16).
 
-    python benchmarks/footprint.py --models gpt2 gpt2-large --threads 2 --runs 3
+    python benchmarks/footprint.py --models gpt2 gpt2-large --threads 2 --runs 3 --replicas 3
 
 For each model shape (random weights, make_models.py) and variant (fp32, int8, int4) it makes two folders once
 (kept in benchmarks/exports/<model>/memory-<head>-<variant>): the head in parts of at most 16 MiB (the export
-default, graph.split_tied_head / split_head) and the head whole (as exports were before). Then each case runs in
-a process of its own, the cases taken in turns for --runs rounds so that they see the same machine:
+default, graph.split_tied_head / split_head) and the head whole (as exports were before); and int4 quantized
+with --accuracy-level 1 (MatMulNBits' fp32 path, which packs no int8 block scales and sums: variant int4-level1).
+Then each case runs in a process of its own, the cases taken in turns for --runs rounds so that they see the
+same machine:
 - the two folders with onnxruntime's defaults;
 - the parts folder without onnxgen's paging advice (pages.py: the file's pages still mapped after the load
-  read on demand), and under onnxruntime's options that could lower memory: `session.disable_prepacking` (no
-  packed copy of any weight; not for int4, whose MatMulNBits then dequantizes every weight to fp32 at every
-  call) and `enable_cpu_mem_arena=False`.
+  read on demand), with `mapped_weights=True` (onnxgen.load's option: `session.disable_prepacking`, the weights
+  read in place from the mapped file; not for int4, whose MatMulNBits then dequantizes every weight at every
+  call), and with `enable_cpu_mem_arena=False`.
 - with --llama-cpp PYTHON (an interpreter with llama-cpp-python) and --llama-cpp-source DIR (llama.cpp's tree,
   for convert_hf_to_gguf.py and gguf-py): llama.cpp on the same checkpoint, f32 / Q8_0 / Q4_0 beside fp32 / int8 /
   int4 (GGUF files made once in benchmarks/exports/<model>/llama.cpp/; its context sized to the call, its batch
   to the prompt, the weights mapped as it does by default).
 Each process reports the model file (model.onnx + data), RSS before loading, the peak while loading (VmHWM),
-the peak while decoding (VmHWM reset after the load through /proc/self/clear_refs), the RSS after decoding,
-load seconds, and decode tok/s at batch 1 (32-token prompt, 128 greedy tokens, the median of 3 calls after a
-warm-up). Results: benchmarks/results/footprint.{json,md}. Run it on a quiet machine.
+the peak while decoding (VmHWM reset after the load through /proc/self/clear_refs), the RSS after decoding and
+how much of it is anonymous (private to the process: what neither another process can share nor the kernel
+drop without swap; the rest is mostly the model file's page cache), load seconds, and decode tok/s at batch 1
+(32-token prompt, 128 greedy tokens, the median of 3 calls after a warm-up).
+With --replicas N, N processes load the same int8 folder at once, as N workers or Ray replicas on one machine
+would, each decodes one call and holds; the sum of their PSS (each shared page divided among its sharers) is
+the machine's memory for the N of them, with and without mapped_weights.
+Results: benchmarks/results/footprint.{json,md}. Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -33,12 +40,12 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ["fp32", "int8", "int4"]
+VARIANTS = ["fp32", "int8", "int4", "int4-level1"]
 HEADS = ["parts", "whole"]
 OPTIONS = {  # name: what the child changes before loading
     "default": "as onnxgen loads a folder",
     "no-paging": "without pages.page_on_demand",
-    "no-prepacking": "session.disable_prepacking=1",
+    "mapped-weights": "onnxgen.load(mapped_weights=True)",
     "no-arena": "enable_cpu_mem_arena=False",
 }
 PROMPT, NEW, CALLS = 32, 128, 3
@@ -59,28 +66,29 @@ def prepare(name: str, checkpoint: Path, work: Path) -> dict[tuple[str, str], Pa
             if not fp32.exists():
                 export(str(checkpoint), fp32)
             folders[head, "fp32"] = fp32
-            for mode in ("int8", "int4"):
-                out = work / f"memory-{head}-{mode}"
+            for variant in VARIANTS[1:] if head == "parts" else ("int8", "int4"):
+                out = work / f"memory-{head}-{variant}"
                 if not out.exists():
+                    mode, level = (variant, 4) if variant != "int4-level1" else ("int4", 1)
                     # random weights: the accuracy budget means nothing here (the bundled model's report does)
-                    quantize(fp32, out, QuantizeOptions(mode=mode, max_ppl_increase=1e9))
-                folders[head, mode] = out
+                    quantize(fp32, out, QuantizeOptions(mode=mode, accuracy_level=level, max_ppl_increase=1e9))
+                folders[head, variant] = out
         finally:
             graph.HEAD_PART_BYTES = saved
     return folders
 
 
-def _status(*keys: str) -> dict[str, float]:
-    """Fields of /proc/self/status in MiB."""
+def _status(*keys: str, source: str = "status", pid: str = "self") -> dict[str, float]:
+    """Fields of /proc/PID/status (or smaps_rollup) in MiB."""
     values = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/{source}").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in keys:
             values[key] = int(value.split()[0]) / 1024
     return values
 
 
-def child(folder: Path, option: str, threads: int) -> dict[str, Any]:
+def child(folder: Path, option: str, threads: int, hold: bool = False) -> dict[str, Any]:
     import numpy as np
     import onnxruntime as ort
 
@@ -89,22 +97,19 @@ def child(folder: Path, option: str, threads: int) -> dict[str, Any]:
     from onnxgen.bench import reset_peak_rss
 
     before = _status("VmRSS")["VmRSS"]
-    if option in ("no-prepacking", "no-arena"):
+    if option == "no-arena":
         make = ort.SessionOptions
 
         def options() -> Any:  # the runtime makes its SessionOptions through this name
             o = make()
-            if option == "no-prepacking":
-                o.add_session_config_entry("session.disable_prepacking", "1")
-            else:
-                o.enable_cpu_mem_arena = False
+            o.enable_cpu_mem_arena = False
             return o
 
         ort.SessionOptions = options
     if option == "no-paging":
         onnxgen.runtime.page_on_demand = lambda path: 0
     start = time.perf_counter()
-    model = onnxgen.load(folder, threads=threads)
+    model = onnxgen.load(folder, threads=threads, mapped_weights=option == "mapped-weights")
     load_s = time.perf_counter() - start
     loaded = _status("VmRSS", "VmHWM")
     reset_peak_rss()  # the next peak is the decode's own
@@ -115,10 +120,15 @@ def child(folder: Path, option: str, threads: int) -> dict[str, Any]:
         model.generate(prompt, opts)
         if call:
             speeds.append(model.last_stats.decode_tokens_per_s)
-    after = _status("VmRSS", "VmHWM")
-    return {"model_file_mb": model.folder.weight_bytes / 2**20, "rss_before_load_mb": before, "load_peak_mb": loaded["VmHWM"],
-            "rss_loaded_mb": loaded["VmRSS"], "decode_peak_mb": after["VmHWM"], "rss_after_mb": after["VmRSS"],
-            "load_s": load_s, "decode_tokens_per_s": statistics.median(speeds)}
+    after = _status("VmRSS", "VmHWM") | _status("Anonymous", "Pss", source="smaps_rollup")
+    result = {"model_file_mb": model.folder.weight_bytes / 2**20, "rss_before_load_mb": before, "load_peak_mb": loaded["VmHWM"],
+              "rss_loaded_mb": loaded["VmRSS"], "decode_peak_mb": after["VmHWM"], "rss_after_mb": after["VmRSS"],
+              "anonymous_after_mb": after["Anonymous"], "pss_after_mb": after["Pss"],
+              "load_s": load_s, "decode_tokens_per_s": statistics.median(speeds)}
+    if hold:  # a replica: report, then keep the model loaded until the parent has measured every replica
+        print(json.dumps(result), flush=True)
+        sys.stdin.read()
+    return result
 
 
 GGUF = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}  # llama.cpp's counterpart of each variant
@@ -176,9 +186,10 @@ def child_llama(gguf: Path, threads: int) -> dict[str, Any]:
                 break
         if call:
             speeds.append((NEW - 1) / (stamps[-1] - stamps[0]))
-    after = _status("VmRSS", "VmHWM")
+    after = _status("VmRSS", "VmHWM") | _status("Anonymous", "Pss", source="smaps_rollup")
     return {"model_file_mb": gguf.stat().st_size / 2**20, "rss_before_load_mb": before, "load_peak_mb": loaded["VmHWM"],
             "rss_loaded_mb": loaded["VmRSS"], "decode_peak_mb": after["VmHWM"], "rss_after_mb": after["VmRSS"],
+            "anonymous_after_mb": after["Anonymous"], "pss_after_mb": after["Pss"],
             "load_s": load_s, "decode_tokens_per_s": statistics.median(speeds)}
 
 
@@ -205,22 +216,45 @@ def markdown(results: dict[str, Any]) -> str:
         f"{NEW} greedy tokens; each case in a process of its own, the cases in turns for {results['runs']} rounds "
         "(memory: the largest of the rounds; speed, load: the median). `python benchmarks/footprint.py --models "
         f"{' '.join(results['models'])} --threads {results['threads']} --runs {results['runs']}"
+        f"{' --replicas ' + str(results['replicas'][0]['replicas']) if results.get('replicas') else ''}"
         f"{' --llama-cpp PYTHON --llama-cpp-source DIR' if any(c['head'] == 'llama.cpp' for c in results['cases']) else ''}`", "",
         "Peak = the process's VmHWM over load and decode; decode peak = VmHWM reset after the load; x file = over "
         "model.onnx + model.onnx.data.", "",
-        "| model | head (or runtime) | option | file MiB | before load | load peak | decode peak | peak x file | after | load s | tok/s | tok/s vs onnxgen, head whole |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | head (or runtime) | option | file MiB | before load | load peak | decode peak | peak x file | after | of it anonymous | load s | tok/s | tok/s vs onnxgen, head whole |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for case in results["cases"]:
         r = case["result"]
-        base = next(c["result"] for c in results["cases"] if c["model"] == case["model"] and c["variant"] == case["variant"]
-                    and c["head"] == "whole" and c["option"] == "default")
+        base = next((c["result"] for c in results["cases"] if c["model"] == case["model"] and c["variant"] == case["variant"].split("-")[0]
+                     and c["head"] == "whole" and c["option"] == "default"), None)
+        ratio = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.3f}" if base else "-"
         peak = max(r["load_peak_mb"], r["decode_peak_mb"])
         lines.append(f"| {case['model']} {case['variant']} | {case['head']} | {case['option']} | {r['model_file_mb']:.0f} | "
                      f"{r['rss_before_load_mb']:.0f} | {r['load_peak_mb']:.0f} | {r['decode_peak_mb']:.0f} | "
-                     f"{peak / r['model_file_mb']:.2f} | {r['rss_after_mb']:.0f} | {r['load_s']:.2f} | "
-                     f"{r['decode_tokens_per_s']:.1f} | {r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.3f} |")
+                     f"{peak / r['model_file_mb']:.2f} | {r['rss_after_mb']:.0f} | {r['anonymous_after_mb']:.0f} | {r['load_s']:.2f} | "
+                     f"{r['decode_tokens_per_s']:.1f} | {ratio} |")
+    if results.get("replicas"):
+        lines += ["", f"{results['replicas'][0]['replicas']} processes loading one folder at once (each decodes one call, then all "
+                  "hold): the machine's memory for them is the sum of their PSS.", "",
+                  "| model | option | file MiB | sum of PSS MiB | per process | anonymous per process |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for r in results["replicas"]:
+            lines.append(f"| {r['model']} {r['variant']} | {r['option']} | {r['model_file_mb']:.0f} | {r['pss_sum_mb']:.0f} | "
+                         f"{r['pss_sum_mb'] / r['replicas']:.0f} | {r['anonymous_mean_mb']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def replicas(folder: Path, count: int, option: str, threads: int) -> dict[str, Any]:
+    """`count` processes load `folder` at once and decode one call each; measured once all of them hold."""
+    cmd = [sys.executable, __file__, "--child", str(folder), "--option", option, "--threads", str(threads), "--hold"]
+    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(count)]
+    try:
+        results = [json.loads(p.stdout.readline()) for p in procs]  # type: ignore[union-attr]  (each prints, then holds)
+        memory = [_status("Pss", "Anonymous", source="smaps_rollup", pid=str(p.pid)) for p in procs]
+    finally:
+        for p in procs:
+            p.communicate()  # closes its stdin: it exits
+    return {"replicas": count, "option": option, "model_file_mb": results[0]["model_file_mb"],
+            "pss_sum_mb": sum(m["Pss"] for m in memory), "anonymous_mean_mb": statistics.mean(m["Anonymous"] for m in memory)}
 
 
 def main() -> None:
@@ -237,9 +271,13 @@ def main() -> None:
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--child-llama", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--option", default="default", help=argparse.SUPPRESS)
+    ap.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--replicas", type=int, default=0, help="also load the int8 folder in this many processes at once")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.option, args.threads)))
+        result = child(args.child, args.option, args.threads, args.hold)
+        if not args.hold:
+            print(json.dumps(result))
         return
     if args.child_llama:
         print(json.dumps(child_llama(args.child_llama, args.threads)))
@@ -255,13 +293,15 @@ def main() -> None:
     for name in args.models:
         folders = prepare(name, args.checkpoints / name, HERE / "exports" / name)
         for variant in args.variants:
-            cases += [{"model": name, "variant": variant, "head": head, "option": "default", "folder": folders[head, variant]} for head in HEADS]
+            cases += [{"model": name, "variant": variant, "head": head, "option": "default", "folder": folders[head, variant]}
+                      for head in HEADS if (head, variant) in folders]
             cases += [{"model": name, "variant": variant, "head": "parts", "option": o, "folder": folders["parts", variant]}
-                      for o in args.options if o != "default" and (o, variant) != ("no-prepacking", "int4")]
+                      for o in args.options if o != "default" and variant != "int4-level1"  # level 1 itself is the option there
+                      and not (o == "mapped-weights" and variant == "int4")]
         if args.llama_cpp:
             ggufs = prepare_gguf(name, args.checkpoints / name, HERE / "exports" / name, args.llama_cpp, args.llama_cpp_source)
             cases += [{"model": name, "variant": variant, "head": "llama.cpp", "option": GGUF[variant], "folder": ggufs[variant]}
-                      for variant in args.variants]
+                      for variant in args.variants if variant in GGUF]
     if args.prepare_only:
         return
     samples: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(cases))}
@@ -271,9 +311,12 @@ def main() -> None:
             samples[i].append(run_case(cases[i], args.threads, args.llama_cpp))
             print(f"round {round_ + 1}/{args.runs} {cases[i]['model']} {cases[i]['variant']} {cases[i]['head']} {cases[i]['option']}: "
                   f"{samples[i][-1]}", file=sys.stderr)
+    shared = [{"model": name, "variant": "int8", **replicas(HERE / "exports" / name / "memory-parts-int8", args.replicas, option, args.threads)}
+              for name in args.models for option in ("default", "mapped-weights")] if args.replicas else []
     results = {"host": platform.processor() or platform.machine(), "onnxruntime": onnxruntime.__version__, "threads": args.threads,
                "runs": args.runs, "models": args.models,
-               "cases": [{**{k: v for k, v in c.items() if k != "folder"}, "result": summarize(samples[i])} for i, c in enumerate(cases)]}
+               "cases": [{**{k: v for k, v in c.items() if k != "folder"}, "result": summarize(samples[i])} for i, c in enumerate(cases)],
+               "replicas": shared}
     out = HERE / "results"
     (out / "footprint.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "footprint.md").write_text(markdown(results))

@@ -52,7 +52,7 @@ def peak_rss_mb() -> float:
 
 
 def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = None, provider: Provider = "cpu",
-        quiet: bool = False) -> dict[str, Any]:
+        quiet: bool = False, mapped_weights: bool = False) -> dict[str, Any]:
     """Every figure is the median (with min and max) of `runs` timed runs after one warm-up."""
     from rich.progress import Progress
 
@@ -62,7 +62,7 @@ def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = No
     if bad:
         raise OptionsError(f"batch, prompt tokens and new tokens must be at least 1, got {bad[0]}")
     start = time.perf_counter()
-    model = load(folder, provider=provider, threads=threads)
+    model = load(folder, provider=provider, threads=threads, mapped_weights=mapped_weights)
     load_s = time.perf_counter() - start
     load_peak = peak_rss_mb()
     model.folder.verify()  # timing a corrupted folder helps nobody (hashed outside the load time)
@@ -90,7 +90,7 @@ def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = No
             results.append({**asdict(case), "time_to_first_token_ms": spread(ttft), "decode_tokens_per_s": spread(tps),
                             "peak_rss_mb": peak, "peak_rss_over_model_file": peak / model_mb})
     peak = max([load_peak, *(c["peak_rss_mb"] for c in results)])
-    return {"model": str(folder), "provider": provider, "threads": threads, "runs": runs, "load_s": load_s,
+    return {"model": str(folder), "provider": provider, "threads": threads, "mapped_weights": mapped_weights, "runs": runs, "load_s": load_s,
             "load_peak_rss_mb": load_peak, "peak_rss_mb": peak, "model_file_mb": model_mb,
             "peak_rss_over_model_file": peak / model_mb, "cases": results}
 
@@ -98,7 +98,8 @@ def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = No
 def table(result: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    t = Table(title=f"{result['model']} ({result['provider']}, load {result['load_s']:.2f} s, peak RSS while loading "
+    t = Table(title=f"{result['model']} ({result['provider']}{', weights mapped' if result['mapped_weights'] else ''}, "
+                    f"load {result['load_s']:.2f} s, peak RSS while loading "
                     f"{result['load_peak_rss_mb']:.0f} MiB, {result['load_peak_rss_mb'] / result['model_file_mb']:.2f}x the "
                     f"{result['model_file_mb']:.0f} MiB model file)")
     for column in ("batch", "prompt", "new", "strategy", "decode tok/s (min-max)", "first token ms (min-max)", "peak RSS MiB (x file)"):

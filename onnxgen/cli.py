@@ -26,6 +26,9 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 
 ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="model folder (default: the bundled small model)")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
+MappedWeightsOption = Annotated[bool, typer.Option(
+    "--mapped-weights", help="CPU: read the weights from the mapped file, shared by every process that loads the folder, "
+                             "instead of packing a private copy (slower; not for int4)")]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -142,6 +145,7 @@ def generate(
     truncate_prompt: Annotated[bool | None, typer.Option("--truncate-prompt", help="drop the oldest prompt tokens if too long")] = None,
     provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
+    mapped_weights: MappedWeightsOption = False,
     stats: Annotated[bool, typer.Option("--stats", help="print tokens, time to first token and tok/s on stderr")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -154,7 +158,7 @@ def generate(
                  logprobs=logprobs, truncate_prompt=truncate_prompt)
 
     def body() -> None:
-        m = load(model, provider=provider, threads=threads)  # type: ignore[arg-type]
+        m = load(model, provider=provider, threads=threads, mapped_weights=mapped_weights)  # type: ignore[arg-type]
         opts = m.options(**strategy_options(strategy, given))
         if as_json:
             completions = m.generate(prompt, opts)
@@ -192,6 +196,7 @@ def bench(
     runs: Annotated[int, typer.Option(help="timed runs per case (after one warm-up)")] = 3,
     provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
+    mapped_weights: MappedWeightsOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Time a model folder: decode tok/s, time to first token, load time, peak memory."""
@@ -201,7 +206,7 @@ def bench(
     from .model import BUNDLED
 
     cases = [b.Case(n, p, new_tokens, s) for n in batch or [1] for p in prompt_tokens or [32] for s in strategy or ["greedy"]]
-    result = run(lambda: b.run(model or BUNDLED, cases, runs, threads, provider))  # type: ignore[arg-type]
+    result = run(lambda: b.run(model or BUNDLED, cases, runs, threads, provider, mapped_weights=mapped_weights))  # type: ignore[arg-type]
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -215,6 +220,7 @@ def serve(
     port: Annotated[int, typer.Option()] = 8000,
     provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
+    mapped_weights: MappedWeightsOption = False,
     max_batch: Annotated[int, typer.Option(help="rows that share one batch")] = 8,
     max_tokens: Annotated[int, typer.Option(help="the largest max_tokens a request may ask for")] = 1024,
     api_key: Annotated[str | None, typer.Option(envvar="ONNXGEN_API_KEY", help="require Authorization: Bearer KEY")] = None,
@@ -231,7 +237,7 @@ def serve(
     from .model import BUNDLED
 
     folder = model or BUNDLED
-    loaded = run(lambda: load(folder, provider=provider, threads=threads))  # type: ignore[arg-type]
+    loaded = run(lambda: load(folder, provider=provider, threads=threads, mapped_weights=mapped_weights))  # type: ignore[arg-type]
     app_ = create_app(loaded, name or folder.name, api_key, Limits(max_tokens=max_tokens, max_batch=max_batch))
     print(f"serving {folder} as {name or folder.name!r} on http://{host}:{port}/v1", file=sys.stderr)
     uvicorn.run(app_, host=host, port=port, log_level="warning")

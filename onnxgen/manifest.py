@@ -6,7 +6,6 @@ quantize write it last, so a folder without one is never mistaken for a finished
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ FORMAT_VERSION = 1
 
 
 def sha256(path: Path) -> str:
+    import hashlib  # here, not at import: hashlib maps OpenSSL's libcrypto (3 MiB resident), which only hashing needs
+
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -96,6 +96,20 @@ def runs_on_cuda(record: dict[str, Any]) -> bool:
     return not record.get("graph", {}).get("cache_in_place") or record.get("dtype") == "float16"
 
 
+def _check_mapped_weights(folder: ModelFolder, provider: Provider) -> None:
+    """Whether the weights can be read in place from the mapped file (session.disable_prepacking): then they are
+    page cache, which every process that loads the folder shares and the kernel can drop, not a packed copy
+    private to this process; fp32 and int8 kernels read them as they are, at a speed cost (README)."""
+    if provider != "cpu":
+        raise OptionsError("mapped_weights is a CPU option: on CUDA the weights live in GPU memory")
+    if (folder.manifest.get("quantization") or {}).get("mode") == "int4":
+        raise OptionsError("mapped_weights does not apply to an int4 folder: unpacked, MatMulNBits dequantizes every weight "
+                           "at every step (50x slower); int4's smallest footprint is a quantize choice, --accuracy-level 1")
+    if not (folder.model_file.parent / DATA_FILE).exists():
+        raise OptionsError(f"mapped_weights needs the weights in {DATA_FILE}, and {folder.model_file.parent} keeps them in "
+                           f"{folder.model_file.name} (exports write {DATA_FILE} unless --external-data-threshold says otherwise)")
+
+
 def _load_cuda_libraries(ort: Any) -> str:
     """Load CUDA and cuDNN from the nvidia-* wheels that onnxgen[gpu] installs (onnxruntime finds a system
     CUDA on the library path by itself, and then this finds it too). onnxruntime prints what failed on
@@ -110,7 +124,8 @@ class Runtime:
     """The session over a folder's graph, and what every call's cache shares: names, dims, the small graphs
     that move cache rows on the device. Everything a call changes lives in its cache (cache.py)."""
 
-    def __init__(self, folder: ModelFolder, provider: Provider = "cpu", threads: int | None = None) -> None:
+    def __init__(self, folder: ModelFolder, provider: Provider = "cpu", threads: int | None = None,
+                 mapped_weights: bool = False) -> None:
         ort = import_onnxruntime()
         self.ort = ort
         dims = folder.dims
@@ -120,6 +135,9 @@ class Runtime:
         options.intra_op_num_threads = _threads(threads)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # onnxruntime's warnings about unused initializers are noise here
+        if mapped_weights:
+            _check_mapped_weights(folder, provider)
+            options.add_session_config_entry("session.disable_prepacking", "1")
         if provider == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise ProviderError("CUDA was requested but this onnxruntime has no CUDA provider: pip install 'onnxgen[gpu]' (and uninstall onnxruntime)")

@@ -20,19 +20,22 @@ from .serve import Limits, create_app
 
 
 def _build_app(model_dir: str, name: str | None, provider: Provider, threads: int | None, api_key: str | None,
-               limits: Limits | None) -> Any:
+               limits: Limits | None, mapped_weights: bool) -> Any:
     """Runs on each replica: load the model there and build the same app `onnxgen serve` runs."""
-    return create_app(load(model_dir, provider=provider, threads=threads), name or Path(model_dir).name, api_key, limits)
+    model = load(model_dir, provider=provider, threads=threads, mapped_weights=mapped_weights)
+    return create_app(model, name or Path(model_dir).name, api_key, limits)
 
 
 def deployment(model_dir: str, name: str | None = None, provider: Provider = "cpu", threads: int | None = None,
-               num_replicas: int = 1, api_key: str | None = None, limits: Limits | None = None) -> Any:
+               num_replicas: int = 1, api_key: str | None = None, limits: Limits | None = None,
+               mapped_weights: bool = False) -> Any:
     """A Ray Serve application: `num_replicas` copies of the app, each with its model, behind Ray's proxy.
-    Run it with `serve.run(deployment(...))`; the routes are onnxgen serve's."""
+    Run it with `serve.run(deployment(...))`; the routes are onnxgen serve's. `mapped_weights`: the replicas
+    that Ray places on one machine share one copy of the weights (onnxgen.load)."""
     from ray import serve
 
     def build() -> Any:  # a function, not a partial: Ray tells a builder from an ASGI app that way
-        return _build_app(model_dir, name, provider, threads, api_key, limits)
+        return _build_app(model_dir, name, provider, threads, api_key, limits, mapped_weights)
 
     ingress = serve.deployment(serve.ingress(build)(), name="onnxgen", num_replicas=num_replicas,
                                ray_actor_options={"num_cpus": threads or 1})
@@ -40,17 +43,20 @@ def deployment(model_dir: str, name: str | None = None, provider: Provider = "cp
 
 
 def app(args: dict[str, str]) -> Any:
-    """The builder `serve run onnxgen.scale:app model_dir=DIR [num_replicas=N] [threads=T] [provider=cuda]` calls."""
+    """The builder `serve run onnxgen.scale:app model_dir=DIR [num_replicas=N] [threads=T] [provider=cuda]
+    [mapped_weights=1]` calls."""
     return deployment(args["model_dir"], args.get("name"), args.get("provider", "cpu"),  # type: ignore[arg-type]
-                      int(args["threads"]) if "threads" in args else None, int(args.get("num_replicas", 1)), args.get("api_key"))
+                      int(args["threads"]) if "threads" in args else None, int(args.get("num_replicas", 1)), args.get("api_key"),
+                      mapped_weights=args.get("mapped_weights", "0") not in ("0", "false", "False", ""))
 
 
 class Generate:
     """A Ray Data `map_batches` callable: loads the model once per worker, then completes each batch of rows'
     `prompt` column into `generated_text` and `finish_reason` (one completion a prompt)."""
 
-    def __init__(self, model_dir: str, provider: Provider = "cpu", threads: int | None = 1, **options: Any) -> None:
-        self.model = load(model_dir, provider=provider, threads=threads)
+    def __init__(self, model_dir: str, provider: Provider = "cpu", threads: int | None = 1, mapped_weights: bool = False,
+                 **options: Any) -> None:
+        self.model = load(model_dir, provider=provider, threads=threads, mapped_weights=mapped_weights)
         self.options = self.model.options(**options)  # checked once, on the worker, before any row
         if self.options.num_return_sequences != 1:
             raise ValueError("generate_dataset makes one completion a prompt: num_return_sequences must be 1")
@@ -62,8 +68,10 @@ class Generate:
 
 
 def generate_dataset(dataset: Any, model_dir: str, *, concurrency: int = 1, batch_size: int = 8, provider: Provider = "cpu",
-                     threads: int | None = 1, **options: Any) -> Any:
+                     threads: int | None = 1, mapped_weights: bool = False, **options: Any) -> Any:
     """`dataset` (a ray.data.Dataset with a `prompt` column) with `generated_text` and `finish_reason` added,
-    by `concurrency` workers, each holding one model. Lazy, as Ray Data is: consume it to run it."""
-    return dataset.map_batches(Generate, fn_constructor_kwargs={"model_dir": str(model_dir), "provider": provider, "threads": threads, **options},
+    by `concurrency` workers, each holding one model (`mapped_weights`: the workers of one machine share one
+    copy of the weights). Lazy, as Ray Data is: consume it to run it."""
+    return dataset.map_batches(Generate, fn_constructor_kwargs={"model_dir": str(model_dir), "provider": provider, "threads": threads,
+                                                                "mapped_weights": mapped_weights, **options},
                                batch_size=batch_size, concurrency=concurrency, num_cpus=threads or 1)

@@ -28,6 +28,11 @@ def test_onnxgen_bench_json(exported: Path) -> None:
         assert c["peak_rss_over_model_file"] == pytest.approx(c["peak_rss_mb"] / result["model_file_mb"]) and c["peak_rss_mb"] > 0
     assert result["peak_rss_mb"] == max(result["load_peak_rss_mb"], *(c["peak_rss_mb"] for c in result["cases"]))
     assert result["peak_rss_over_model_file"] == pytest.approx(result["peak_rss_mb"] / result["model_file_mb"])
+    assert result["mapped_weights"] is False
+    r = subprocess.run([sys.executable, "-m", "onnxgen", "bench", "--model", str(exported), "--new-tokens", "3", "--runs", "1",
+                        "--mapped-weights", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["mapped_weights"] is True
     r = subprocess.run([sys.executable, "-m", "onnxgen", "bench", "--model", str(exported), "--prompt-tokens", "200"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "context window" in r.stderr

@@ -39,8 +39,8 @@ def test_ray_serve_deployment_answers_like_onnxgen_serve(local_ray: None, export
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:  # the builder `serve run onnxgen.scale:app model_dir=... num_replicas=2 name=tiny` calls
-        serve.run(app({"model_dir": str(exported), "num_replicas": "2", "name": "tiny"}), name="onnxgen", route_prefix="/")
+    try:  # the builder `serve run onnxgen.scale:app model_dir=... num_replicas=2 name=tiny mapped_weights=1` calls
+        serve.run(app({"model_dir": str(exported), "num_replicas": "2", "name": "tiny", "mapped_weights": "1"}), name="onnxgen", route_prefix="/")
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                        json={"model": "tiny", "prompt": "It is a truth", "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200, r.text
