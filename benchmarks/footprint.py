@@ -214,10 +214,7 @@ def markdown(results: dict[str, Any]) -> str:
         "# Peak memory against the model file (issue 16)", "",
         f"{results['host']}; onnxruntime {results['onnxruntime']}; {results['threads']} threads, batch 1, {PROMPT}-token prompt, "
         f"{NEW} greedy tokens; each case in a process of its own, the cases in turns for {results['runs']} rounds "
-        "(memory: the largest of the rounds; speed, load: the median). `python benchmarks/footprint.py --models "
-        f"{' '.join(results['models'])} --threads {results['threads']} --runs {results['runs']}"
-        f"{' --replicas ' + str(results['replicas'][0]['replicas']) if results.get('replicas') else ''}"
-        f"{' --llama-cpp PYTHON --llama-cpp-source DIR' if any(c['head'] == 'llama.cpp' for c in results['cases']) else ''}`", "",
+        f"(memory: the largest of the rounds; speed, load: the median). `{results['command']}`", "",
         "Peak = the process's VmHWM over load and decode; decode peak = VmHWM reset after the load; x file = over "
         "model.onnx + model.onnx.data.", "",
         "| model | head (or runtime) | option | file MiB | before load | load peak | decode peak | peak x file | after | of it anonymous | load s | tok/s | tok/s vs onnxgen, head whole |",
@@ -273,6 +270,7 @@ def main() -> None:
     ap.add_argument("--option", default="default", help=argparse.SUPPRESS)
     ap.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--replicas", type=int, default=0, help="also load the int8 folder in this many processes at once")
+    ap.add_argument("--out", default="footprint", help="results/OUT.json and .md (a partial run: name it apart)")
     args = ap.parse_args()
     if args.child:
         result = child(args.child, args.option, args.threads, args.hold)
@@ -313,13 +311,14 @@ def main() -> None:
                   f"{samples[i][-1]}", file=sys.stderr)
     shared = [{"model": name, "variant": "int8", **replicas(HERE / "exports" / name / "memory-parts-int8", args.replicas, option, args.threads)}
               for name in args.models for option in ("default", "mapped-weights")] if args.replicas else []
-    results = {"host": platform.processor() or platform.machine(), "onnxruntime": onnxruntime.__version__, "threads": args.threads,
+    command = " ".join(["python benchmarks/footprint.py", *(a if not a.startswith("/") else Path(a).name.upper() for a in sys.argv[1:])])
+    results = {"command": command, "host": platform.processor() or platform.machine(), "onnxruntime": onnxruntime.__version__, "threads": args.threads,
                "runs": args.runs, "models": args.models,
                "cases": [{**{k: v for k, v in c.items() if k != "folder"}, "result": summarize(samples[i])} for i, c in enumerate(cases)],
                "replicas": shared}
     out = HERE / "results"
-    (out / "footprint.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "footprint.md").write_text(markdown(results))
+    (out / f"{args.out}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / f"{args.out}.md").write_text(markdown(results))
     print(markdown(results))
 
 

@@ -65,6 +65,16 @@ def test_mapped_weights_stay_in_the_file_and_decode_the_same(exported: Path, qua
     assert resident_kib(packed / "model.onnx.data") < 0.4 * weights_kib
 
 
+def test_mapped_weights_are_not_read_a_page_at_a_time(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every step reads mapped weights through: MADV_RANDOM would read a cold file in 4 KiB pieces (README).
+    advised: list[Path] = []
+    monkeypatch.setattr(runtime, "page_on_demand", lambda path: advised.append(path) or 0)
+    onnxgen.load(exported, threads=1, mapped_weights=True)
+    assert advised == []
+    onnxgen.load(exported, threads=1)
+    assert advised == [exported / "model.onnx.data"]
+
+
 def test_mapped_weights_are_refused_where_they_cannot_apply(quantized_folder) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(OptionsError, match="int4"):
         onnxgen.load(quantized_folder("int4"), mapped_weights=True)
