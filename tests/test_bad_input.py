@@ -236,8 +236,11 @@ def test_cli_ctrl_c_says_interrupted() -> None:
     text has arrived, so it lands inside the command (a fixed delay could land while Python was still
     importing onnxgen, or during an export in code of torch's that turns it into another error). That export
     leaves nothing behind when interrupted is test_export.py's test_force_replaces_and_interrupt_leaves_nothing."""
+    # A terminal's Ctrl-C: a suite started in the background (`cmd &` without job control) hands its children
+    # SIGINT ignored, and Python keeps an ignored SIGINT ignored.
     proc = subprocess.Popen([sys.executable, "-m", "onnxgen", "generate", "It was", "--strategy", "greedy",
-                             "--max-new-tokens", "240", "--min-new-tokens", "240"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--max-new-tokens", "240", "--min-new-tokens", "240"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout is not None and proc.stdout.read(1)  # the stream has begun
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
