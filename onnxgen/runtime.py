@@ -110,6 +110,15 @@ def _check_mapped_weights(folder: ModelFolder, provider: Provider) -> None:
                            f"{folder.model_file.name} (exports write {DATA_FILE} unless --external-data-threshold says otherwise)")
 
 
+def available_memory() -> int | None:
+    """Bytes that new allocations can take without swapping (Linux's MemAvailable); None where unknown."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")), None)
+
+
 def _load_cuda_libraries(ort: Any) -> str:
     """Load CUDA and cuDNN from the nvidia-* wheels that onnxgen[gpu] installs (onnxruntime finds a system
     CUDA on the library path by itself, and then this finds it too). onnxruntime prints what failed on
@@ -202,8 +211,15 @@ class Runtime:
 
     def new_cache(self, rows: int, capacity: int, pad_id: int = 0) -> Cache:
         """An empty cache for `rows` rows of up to `capacity` positions (pad_id: a growing cache's padding)."""
+        capacity = min(capacity, self.n_positions)
+        need = rows * capacity * len(self.past_names) * self.n_head * self.head_dim * self.cache_dtype.itemsize
+        free = available_memory() if self.device == "cpu" else None
+        if free is not None and need > free:  # else pages fill as the call runs, until the kernel kills the process
+            raise OptionsError(f"this call's key/value cache needs {need / 2**20:,.0f} MiB ({rows} rows x {capacity} positions), "
+                               f"more than the {free / 2**20:,.0f} MiB of memory available: ask for fewer prompts, beams or "
+                               "return sequences, or fewer new tokens")
         if self.in_place:
-            return InPlaceCache(self, rows, min(capacity, self.n_positions))
+            return InPlaceCache(self, rows, capacity)
         return GrowingCache(self, rows, pad_id)  # it grows a position a step: no capacity to allocate
 
     def all_logits(self, input_ids: np.ndarray) -> np.ndarray:

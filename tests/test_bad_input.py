@@ -275,3 +275,16 @@ def test_any_option_values_give_a_completion_or_an_onnxgen_error(model: onnxgen.
         assert completions and all(isinstance(c.text, str) and c.finish_reason in ("eos", "length", "stop") for c in completions)
         assert all(math.isfinite(lp) for c in completions for lp in c.logprobs or [])
     assert time.perf_counter() - start < 10
+
+
+def test_a_call_whose_cache_cannot_fit_in_memory_is_refused(model: onnxgen.Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused before anything is allocated: the cache's pages would otherwise fill as the call runs, until the
+    kernel killed the process."""
+    from onnxgen import runtime
+
+    monkeypatch.setattr(runtime, "available_memory", lambda: 1 << 20)  # the tiny model's cache: 1 KiB a row and position
+    with pytest.raises(OptionsError, match=r"key/value cache needs \d+ MiB \(64 rows x \d+ positions\), more than the 1 MiB"):
+        model.generate(["It is"] * 64, max_new_tokens=100)
+    with pytest.raises(OptionsError, match="key/value cache needs"):
+        model.generate("It is", max_new_tokens=100, num_beams=64)
+    assert model.generate("It is", max_new_tokens=2)  # a call that fits runs
