@@ -95,6 +95,11 @@ class ModelFolder:
         return self.path / MODEL_FILE
 
     @property
+    def data_file(self) -> Path:
+        """The weights, where the export put them apart from the graph (a folder may keep them in model.onnx)."""
+        return self.path / DATA_FILE
+
+    @property
     def weight_bytes(self) -> int:
         """The graph and its weights, as the manifest records them."""
         return sum(self.manifest["files"][name]["bytes"] for name in (MODEL_FILE, DATA_FILE) if name in self.manifest["files"])

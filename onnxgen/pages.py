@@ -21,22 +21,23 @@ MADV_RANDOM, MADV_DONTNEED = 1, 4
 SMAPS = Path("/proc/self/smaps")
 
 
-def _mappings(path: str) -> Iterator[tuple[int, int, int]]:
-    """(start, end, KiB of copied-on-write pages) of each mapping of `path` in this process."""
-    current: list[int] | None = None
+def mappings(path: Path) -> Iterator[tuple[int, int, dict[str, int]]]:
+    """(start, end, smaps' KiB fields such as Rss and Anonymous) of each mapping of `path` in this process."""
+    target = str(path.resolve())
+    current: tuple[int, int, dict[str, int]] | None = None
     for line in SMAPS.read_text().splitlines():
         fields = line.split()
         if not fields:
             continue
         if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header: range perms offset dev inode [path]
             if current:
-                yield current[0], current[1], current[2]
+                yield current
             start, end = (int(x, 16) for x in fields[0].split("-"))
-            current = [start, end, 0] if len(fields) >= 6 and " ".join(fields[5:]) == path else None
-        elif current and fields[0] == "Anonymous:":
-            current[2] = int(fields[1])
+            current = (start, end, {}) if len(fields) >= 6 and " ".join(fields[5:]) == target else None
+        elif current and fields[0].endswith(":") and len(fields) == 3 and fields[2] == "kB":
+            current[2][fields[0][:-1]] = int(fields[1])
     if current:
-        yield current[0], current[1], current[2]
+        yield current
 
 
 def page_on_demand(data_file: Path) -> int:
@@ -46,9 +47,9 @@ def page_on_demand(data_file: Path) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     count = 0
-    for start, end, copied in _mappings(str(data_file.resolve())):
+    for start, end, kib in mappings(data_file):
         libc.madvise(start, end - start, MADV_RANDOM)
-        if copied == 0:
+        if kib.get("Anonymous") == 0:  # no page copied on write
             libc.madvise(start, end - start, MADV_DONTNEED)
         count += 1
     return count

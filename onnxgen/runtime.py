@@ -21,7 +21,6 @@ from .cache import Cache, GrowingCache, InPlaceCache
 from .errors import ModelFolderError, OptionsError, ProviderError
 from .folder import (
     ATTENTION_MASK,
-    DATA_FILE,
     INPUT_IDS,
     LOGITS,
     POSITION_IDS,
@@ -105,9 +104,9 @@ def _check_mapped_weights(folder: ModelFolder, provider: Provider) -> None:
     if (folder.manifest.get("quantization") or {}).get("mode") == "int4":
         raise OptionsError("mapped_weights does not apply to an int4 folder: unpacked, MatMulNBits dequantizes every weight "
                            "at every step (50x slower); int4's smallest footprint is a quantize choice, --accuracy-level 1")
-    if not (folder.model_file.parent / DATA_FILE).exists():
-        raise OptionsError(f"mapped_weights needs the weights in {DATA_FILE}, and {folder.model_file.parent} keeps them in "
-                           f"{folder.model_file.name} (exports write {DATA_FILE} unless --external-data-threshold says otherwise)")
+    if not folder.data_file.exists():
+        raise OptionsError(f"mapped_weights needs the weights in {folder.data_file.name}, and {folder.path} keeps them in "
+                           f"{folder.model_file.name} (exports write {folder.data_file.name} unless --external-data-threshold says otherwise)")
 
 
 def available_memory() -> int | None:
@@ -166,7 +165,7 @@ class Runtime:
         if not mapped_weights:  # the file's pages that stay mapped: read a page at a time (pages.py)
             # Mapped weights are read through at every step: a page at a time would read a cold file in 4 KiB
             # pieces (gpt2-large int8's first token 11.8 s instead of 1.4 after the page cache was dropped).
-            page_on_demand(model_path.parent / DATA_FILE)
+            page_on_demand(folder.data_file)
         # onnxruntime falls back to CPU silently when CUDA libraries are missing: refuse instead.
         if provider == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise ProviderError("CUDA was requested but onnxruntime could not start it (CUDA/cuDNN libraries missing? "

@@ -12,20 +12,13 @@ from pathlib import Path
 import pytest
 
 import onnxgen
-from onnxgen import runtime
+from onnxgen import pages, runtime
 from onnxgen.errors import OptionsError
 
 
 def resident_kib(path: Path) -> int:
-    """Resident KiB of every mapping of `path` in this process (/proc/self/smaps)."""
-    total, current = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        fields = line.split()
-        if "-" in fields[0] and not fields[0].endswith(":"):
-            current = len(fields) >= 6 and fields[5] == str(path.resolve())
-        elif current and fields[0] == "Rss:":
-            total += int(fields[1])
-    return total
+    """Resident KiB of every mapping of `path` in this process."""
+    return sum(kib["Rss"] for _, _, kib in pages.mappings(path))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/smaps are Linux's")
