@@ -4,9 +4,9 @@
 
 Makes a random-weight checkpoint of the gpt2-large shape (speed does not depend on weight values), exports
 it, quantizes it (accuracy checked on the GPU), and times each competitor one at a time: PyTorch eager (no
-compile; transformers' default attention) in fp16 and fp32; onnxgen fp16 with the cache in place, and fp32
-and int4 with the growing cache (GroupQueryAttention runs on CUDA in fp16 only); at batch 1 and 8, 32- and
-512-token prompts, greedy and 4 beams. Decode tok/s is
+compile; transformers' default attention) in fp16 and fp32; onnxgen fp16 with the cache in place, with and
+without CUDA graphs (`onnxgen-fp16+graph`); onnxgen fp32 and int4 with the growing cache (GroupQueryAttention
+runs on CUDA in fp16 only); at batch 1 and 8, 32- and 512-token prompts, greedy and 4 beams. Decode tok/s is
 batch x (N - 1) / (T(N) - T(1)), where T(n) is the fastest of --runs wall times of a whole generate call
 making n tokens per prompt (no eos): the prompt pass cancels out. The first-token time is T(1). The fastest
 run, not the median: on the H200 one run in two of a PyTorch case now and then took 3-4x the other.
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,8 @@ def pytorch(checkpoint: Path, dtype: str, device: str) -> Generate:
     return generate
 
 
-def onnxgen_runner(folder: Path, device: str) -> Generate:
-    model = onnxgen.load(folder, provider=device)  # type: ignore[arg-type]
+def onnxgen_runner(folder: Path, device: str, cuda_graph: bool) -> Generate:
+    model = onnxgen.load(folder, provider=device, cuda_graph=cuda_graph)  # type: ignore[arg-type]
 
     def generate(prompts: np.ndarray, new: int, strategy: str) -> None:
         model.generate(prompts.tolist(), max_new_tokens=new, min_new_tokens=0, eos_token_id=None, **STRATEGIES[strategy])
@@ -111,9 +112,11 @@ FOLDERS = {"fp32": "growing-fp32", "fp16": "fp16", "int4": "int4"}  # a competit
 
 
 def build(checkpoint: Path, folders: Path, name: str, device: str) -> None:
-    """A folder of BUILDS (its parent first), by the `onnxgen` command in a process of its own."""
+    """A folder of BUILDS unless it is made (its parent first), by the `onnxgen` command in a process of its own."""
     command, parent = BUILDS[name]
-    if parent and not (folders / parent / "onnxgen.json").is_file():
+    if (folders / name / "onnxgen.json").is_file():
+        return
+    if parent:
         build(checkpoint, folders, parent, device)
     values = {"checkpoint": checkpoint, "out": folders / name, "parent": folders / (parent or name), "device": device}
     subprocess.run([sys.executable, "-m", "onnxgen", *(part.format(**values) for part in command)], check=True)
@@ -156,8 +159,10 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", help="only these cases, as b1-p32-greedy (default: all eight)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of this script")
     ap.add_argument("--competitors", nargs="+",
-                    default=["pytorch-fp16", "pytorch-fp32", "onnxgen-fp32", "onnxgen-fp16", "onnxgen-int4"])
+                    default=["pytorch-fp16", "pytorch-fp32", "onnxgen-fp32", "onnxgen-fp16", "onnxgen-fp16+graph", "onnxgen-int4"])
     ap.add_argument("--report", type=Path, help="only render the Markdown of a saved JSON result")
+    ap.add_argument("--prepare", action="store_true",
+                    help="only make the competitors' folders, side by side (on the CPU, while the GPU does something else)")
     args = ap.parse_args()
     if args.report:
         print(markdown(json.loads(args.report.read_text())), end="")
@@ -169,6 +174,11 @@ def main() -> None:
     checkpoint = args.work / "models" / args.shape
     if not (checkpoint / "config.json").is_file():
         make(args.shape, args.work / "models", args.tokenizer)
+    if args.prepare:
+        names = {FOLDERS[n.split("-")[1].partition("+")[0]] for n in args.competitors if n.startswith("onnxgen-")}
+        with ThreadPoolExecutor() as pool:  # each build is a process of its own
+            list(pool.map(lambda name: build(checkpoint, args.work / "onnx", name, args.device), names))
+        return
     vocab = 50257
     report: dict[str, Any] = {"shape": args.shape, "device": device_name() if args.device == "cuda" else "CPU", "new_tokens": args.new_tokens, "runs": args.runs,
                               "versions": package_versions(), "competitors": {}, "accuracy": {}}
@@ -177,12 +187,12 @@ def main() -> None:
         if runtime == "pytorch":
             generate = pytorch(checkpoint, {"fp16": "float16", "fp32": "float32"}[variant], args.device)
         else:
+            variant, _, graph = variant.partition("+")
             folder = args.work / "onnx" / FOLDERS[variant]
-            if not (folder / "onnxgen.json").is_file():
-                build(checkpoint, args.work / "onnx", FOLDERS[variant], args.device)
+            build(checkpoint, args.work / "onnx", FOLDERS[variant], args.device)
             if variant != "fp32":
                 report["accuracy"][variant] = json.loads((folder / "onnxgen.json").read_text())["quantization"]["accuracy"]
-            generate = onnxgen_runner(folder, args.device)
+            generate = onnxgen_runner(folder, args.device, cuda_graph=graph == "graph")
         report["competitors"][name] = []
         for case in [c for c in CASES if not args.cases or f"b{c.batch}-p{c.prompt_tokens}-{c.strategy}" in args.cases]:
             report["competitors"][name].append(measure(generate, case, args.new_tokens, args.runs, vocab))

@@ -2,16 +2,26 @@
 # The GPU checks as one device call (see the developers' guide): run from the project's root on a machine
 # with an NVIDIA GPU, after ../shared/tools/gpu-carry.sh's part calls, with .gpu5 and .gpuenv carried:
 #     bash benchmarks/gpu_session.sh
-# Writes to $OUT (default benchmarks/results/gpu): the device, the `pytest -m cuda` log and benchmarks/gpu.py's
-# tables for the gpt2-large shape (fp16 with the cache in place against PyTorch fp16, then fp32 with the growing
-# cache, which issue 12 asks fp16 to beat on the same GPU: last, as its export takes the longest, and the tables
-# are written after every case, so a run cut short keeps what it measured).
+# Writes to $OUT (default benchmarks/results/gpu): the device, the `pytest -m cuda` log, benchmarks/gpu.py's
+# tables for the gpt2-large shape: fp16 with the cache in place, with and without CUDA graphs, PyTorch fp16, and
+# fp32 with the growing cache (which issue 12 asks fp16 to beat on the same GPU; COMPETITORS="..." for fewer),
+# and benchmarks/overhead.py's split of a batch-1 step with CUDA graphs. The folders are made on the
+# CPU while the tests run; the tables are written after every case, so a run cut short keeps what it measured.
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 source .gpuenv/gpu-setup.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-timeout 200 python3 -m pytest -m cuda -q -p no:cacheprovider --tb=line -rf tests/test_cuda.py 2>&1 | tail -40 > "$OUT/pytest-cuda.log"
-tail -3 "$OUT/pytest-cuda.log"
-timeout "${BENCH_TIMEOUT:-330}" python3 benchmarks/gpu.py --tokenizer .gpuenv/gpt2-tokenizer --out "$OUT" --new-tokens 64 --runs 2 \
-    --competitors onnxgen-fp16 pytorch-fp16 onnxgen-fp32 2>&1 | grep -v Warning | tail -30
+read -r -a COMPETITORS <<< "${COMPETITORS:-onnxgen-fp16+graph onnxgen-fp16 pytorch-fp16 onnxgen-fp32}"
+python3 benchmarks/gpu.py --tokenizer .gpuenv/gpt2-tokenizer --prepare --competitors "${COMPETITORS[@]}" > "$OUT/prepare.log" 2>&1 &
+prepare=$!
+timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -m cuda -q -p no:cacheprovider --tb=short -rf tests/test_cuda.py > "$OUT/pytest-cuda.log" 2>&1
+tail -4 "$OUT/pytest-cuda.log"
+if grep -q "FAILED.*graph" "$OUT/pytest-cuda.log" && [ -f benchmarks/cuda_graph_probe.py ]; then
+  timeout 60 python3 benchmarks/cuda_graph_probe.py 2>&1 | grep -v Warning | tee "$OUT/probe.log"
+fi
+wait $prepare || tail -20 "$OUT/prepare.log"
+timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/gpu.py --tokenizer .gpuenv/gpt2-tokenizer --out "$OUT" --new-tokens 64 --runs 2 \
+    --competitors "${COMPETITORS[@]}" 2>&1 | grep -v Warning | tail -30
+# Where a batch-1 step's time goes with CUDA graphs: the replay against onnxgen's own work around it.
+timeout 60 python3 benchmarks/overhead.py /tmp/onnxgen-gpu/onnx/fp16 --provider cuda --cuda-graph --runs 3 --out "$OUT" 2>&1 | tail -6

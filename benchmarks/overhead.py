@@ -33,15 +33,15 @@ STRATEGIES: dict[str, dict[str, Any]] = {  # `onnxgen bench`'s, and the filters 
 }
 
 
-def measure(folder: Path, threads: int, new_tokens: int, runs: int) -> list[dict[str, Any]]:
-    model = onnxgen.load(folder, threads=threads)
+def measure(folder: Path, threads: int, new_tokens: int, runs: int, provider: str = "cpu", cuda_graph: bool = False) -> list[dict[str, Any]]:
+    model = onnxgen.load(folder, threads=threads, provider=provider, cuda_graph=cuda_graph)  # type: ignore[arg-type]
     session = model.runtime.session
     run = session.run_with_iobinding
     inside: list[float] = []
 
-    def timed(binding: Any) -> None:
+    def timed(*args: Any) -> None:  # (binding, run options with CUDA graphs)
         start = time.perf_counter()
-        run(binding)
+        run(*args)
         inside.append(time.perf_counter() - start)
 
     session.run_with_iobinding = timed  # the runtime calls it once per forward
@@ -65,7 +65,8 @@ def measure(folder: Path, threads: int, new_tokens: int, runs: int) -> list[dict
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [f"{result['threads']} threads, batch 1, 32-token prompt, {result['new_tokens']} new tokens; medians of "
+    where = "CUDA" + (" with CUDA graphs" if result.get("cuda_graph") else "") if result.get("provider") == "cuda" else f"{result['threads']} threads"
+    lines = [f"{where}, batch 1, 32-token prompt, {result['new_tokens']} new tokens; medians of "
              f"{result['runs']} runs.", "",
              "| model | strategy | step ms | session.run ms | outside ms | outside share | tok/s |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -83,11 +84,14 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--cuda-graph", action="store_true", help="CUDA: replay the decode step as a captured CUDA graph")
     args = ap.parse_args()
-    result: dict[str, Any] = {"threads": args.threads, "new_tokens": args.new_tokens, "runs": args.runs, "models": []}
+    result: dict[str, Any] = {"threads": args.threads, "new_tokens": args.new_tokens, "runs": args.runs, "provider": args.provider,
+                              "cuda_graph": args.cuda_graph, "models": []}
     for folder in args.folders:
         print(f"{folder} ...", file=sys.stderr, flush=True)
-        result["models"].append({"name": str(folder), "rows": measure(folder, args.threads, args.new_tokens, args.runs)})
+        result["models"].append({"name": str(folder), "rows": measure(folder, args.threads, args.new_tokens, args.runs, args.provider, args.cuda_graph)})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overhead.json").write_text(json.dumps(result, indent=2))
     (args.out / "overhead.md").write_text(markdown(result))

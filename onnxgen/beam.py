@@ -68,6 +68,7 @@ class BeamSearch:
     def cancel(self) -> None:
         """Stop the search: the finished beams found so far are the results."""
         self.cancelled = self._done = True
+        self.rows.release()
 
     def step(self) -> list[Event]:
         if self._done:
@@ -121,6 +122,7 @@ class BeamSearch:
         self.improvable &= (best_running > worst_finished).any(axis=-1, keepdims=True)
         if not self.improvable.any() or (self.is_finished.all() and opts.early_stopping is True) or ends.all():
             self._done = True
+            self.rows.release()
         else:
             self.rows.advance(self.running[:, :, cur - 1].reshape(-1), source)
         return []

@@ -52,7 +52,7 @@ def peak_rss_mb() -> float:
 
 
 def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = None, provider: Provider = "cpu",
-        quiet: bool = False, mapped_weights: bool = False) -> dict[str, Any]:
+        quiet: bool = False, mapped_weights: bool = False, cuda_graph: bool = False) -> dict[str, Any]:
     """Every figure is the median (with min and max) of `runs` timed runs after one warm-up."""
     from rich.progress import Progress
 
@@ -62,7 +62,7 @@ def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = No
     if bad:
         raise OptionsError(f"batch, prompt tokens and new tokens must be at least 1, got {bad[0]}")
     start = time.perf_counter()
-    model = load(folder, provider=provider, threads=threads, mapped_weights=mapped_weights)
+    model = load(folder, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph)
     load_s = time.perf_counter() - start
     load_peak = peak_rss_mb()
     model.folder.verify()  # timing a corrupted folder helps nobody (hashed outside the load time)

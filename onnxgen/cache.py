@@ -1,10 +1,10 @@
 """The key/value cache of one call's rows, in the layout its graph has, and the runs that fill it.
 
-- `InPlaceCache` (graphs exported with the cache in place, the default): one buffer per layer's key and
-  value, (rows, heads, capacity, head size), allocated once per call at the length the call needs (its
-  longest prompt + max_new_tokens: never the whole context window). GroupQueryAttention writes each new
-  position into it where it goes; each row has its own length, so no row is ever padded. The prompt pass
-  runs once per run of neighbouring rows of equal length, on their slice of the buffers.
+- `InPlaceCache` (graphs exported with the cache in place, the default): one buffer for every layer's key
+  and value, each a (rows, heads, capacity, head size) slice of it, allocated once per call at the length
+  the call needs (its longest prompt + max_new_tokens: never the whole context window). GroupQueryAttention
+  writes each new position into it where it goes; each row has its own length, so no row is ever padded.
+  The prompt pass runs once per run of neighbouring rows of equal length, on their slice of the buffer.
 - `GrowingCache` (graphs with MultiHeadAttention or optimum's own attention: `--growing-cache`, or
   `--no-optimize`): every step returns a new cache one position longer; rows are left-padded to one
   width and an attention mask says which positions are real.
@@ -45,24 +45,39 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 class InPlaceCache:
     def __init__(self, runtime: Runtime, rows: int, capacity: int) -> None:
         self.runtime, self.rows, self.capacity = runtime, rows, capacity
-        rt = runtime
-        self.shape = (rows, rt.n_head, capacity, rt.head_dim)
+        with runtime.exclusive():
+            self._allocate()
+
+    def _allocate(self) -> None:
+        rt, rows, capacity = self.runtime, self.rows, self.capacity
+        self.shape = (rows, rt.n_head, capacity, rt.head_dim)  # of each layer's key or value
         self.row_bytes = rt.n_head * capacity * rt.head_dim * rt.cache_dtype.itemsize
+        # One buffer, layer after layer (past_names' order), so that beam search moves every layer's rows in one
+        # run on CUDA (144 small runs a step for gpt2-large otherwise).
+        shape = (len(rt.past_names) * rows, *self.shape[1:])
         if rt.device == "cpu":
             # Zeroed (calloc: pages appear as they are written): GroupQueryAttention weighs the positions past a
-            # row's length by zero, and zero times garbage that happens to be NaN is NaN. numpy views of the
-            # same memory let beam search move rows in place.
-            self.arrays = [np.zeros(self.shape, rt.cache_dtype) for _ in rt.past_names]
-            self.values = [rt.ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
+            # row's length by zero, and zero times garbage that happens to be NaN is NaN. A numpy view of the
+            # same memory lets beam search move rows in place.
+            self.array = np.zeros(shape, rt.cache_dtype)
+            self.buffer = rt.ort.OrtValue.ortvalue_from_numpy(self.array)
         else:  # the CUDA kernels read each row only up to its length
-            self.values = [rt.ort.OrtValue.ortvalue_from_shape_and_type(self.shape, rt.cache_dtype, rt.device, 0) for _ in rt.past_names]
+            self.buffer = rt.ort.OrtValue.ortvalue_from_shape_and_type(shape, rt.cache_dtype, rt.device, 0)
         self.lengths = np.zeros(rows, dtype=np.int64)  # positions written, per row
+
+    def address(self, layer: int, row: int = 0) -> int:
+        """Where row `row` of past_names[layer] starts in the buffer."""
+        return self.buffer.data_ptr() + (layer * self.rows + row) * self.row_bytes
 
     @functools.cached_property
     def _step(self) -> DecodeStep:  # bound at the first decode: a prompt pass alone (all_logits, one token) needs none
         return DecodeStep(self)
 
     def prefill(self, prompts: list[list[int]]) -> np.ndarray:
+        with self.runtime.exclusive():
+            return self._prefill(prompts)
+
+    def _prefill(self, prompts: list[list[int]]) -> np.ndarray:
         scores = np.empty((self.rows, self.runtime.vocab_size), np.float32)
         start = 0
         for n, group in itertools.groupby(len(p) for p in prompts):
@@ -78,7 +93,8 @@ class InPlaceCache:
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """One token per row, each written at its row's own length."""
         ids, positions = tokens.reshape(-1, 1).astype(np.int64), self.lengths.reshape(-1, 1)
-        scores = self._step.run(ids, positions, self.lengths.astype(np.int32), int(self.lengths.max()) + 1)
+        with self.runtime.exclusive():
+            scores = self._step.run(ids, positions, self.lengths.astype(np.int32), int(self.lengths.max()) + 1)
         self.lengths += 1
         return scores
 
@@ -93,12 +109,12 @@ class InPlaceCache:
         io.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(total, dtype=np.int32))
         io.bind_ortvalue_input(LOGITS_TO_KEEP, keep if keep is not None else rt.keep_last)
         shape = [stop - start, *self.shape[1:]]
-        for past, present, value in zip(rt.past_names, rt.present_names, self.values):
-            pointer = value.data_ptr() + start * self.row_bytes
+        for layer, (past, present) in enumerate(zip(rt.past_names, rt.present_names)):
+            pointer = self.address(layer, start)
             io.bind_input(past, rt.device, 0, rt.cache_dtype, shape, pointer)
             io.bind_output(present, rt.device, 0, rt.cache_dtype, shape, pointer)
         io.bind_output(LOGITS, "cpu")
-        rt.session.run_with_iobinding(io)
+        rt.run(io)
         logits = io.get_outputs()[-1].numpy()
         return logits if keep is not None else logits[:, -1, :].astype(np.float32, copy=False)
 
@@ -115,18 +131,22 @@ class InPlaceCache:
         if moved.size:
             n = int(self.lengths.max())
             if self.runtime.device == "cpu":
-                for array in self.arrays:  # the right side is gathered into a temporary first: safe when rows swap
-                    array[moved, :, :n] = array[source[moved], :, :n]
-            else:  # the buffers keep their addresses: the decode step has them bound
-                self.runtime.move_rows(self.values, source)
+                layers = self.array.reshape(-1, *self.shape)  # the right side is gathered first: safe when rows swap
+                layers[:, moved, :, :n] = layers[:, source[moved], :, :n]
+            else:  # row r of layer l is row l x rows + r of the buffer
+                every = (np.arange(len(self.runtime.past_names))[:, None] * self.rows + source).reshape(-1)
+                with self.runtime.exclusive():
+                    self.runtime.move_rows(self.buffer, every)
             self.lengths = self.lengths[source]
 
 
 class DecodeStep:
     """The decode step's IO binding, made once per cache: the inputs live in small buffers that each step
-    overwrites, and the cache buffers and the logits stay bound where they are, which saves binding every
-    layer's key and value at every step. (Fixed addresses are also what replaying the step as a CUDA graph
-    needs; that path is on branch cuda-graph-wip, not yet correct.)"""
+    overwrites, and the cache buffers and the logits stay bound where they are. That saves binding every
+    layer's key and value at every step, and it is what a CUDA graph needs (`cuda_graph=True`): onnxruntime
+    captures the step once and then replays it as one launch, which requires every input and output at a
+    fixed address with fixed shapes; total_sequence_length is then the capacity (each row's length is in
+    seqlens_k), where otherwise it is the longest row's."""
 
     def __init__(self, cache: InPlaceCache) -> None:
         rt = self.runtime = cache.runtime
@@ -140,19 +160,28 @@ class DecodeStep:
         io.bind_ortvalue_input(POSITION_IDS, self.positions)
         io.bind_ortvalue_input(SEQLENS_K, self.seqlens)
         io.bind_ortvalue_input(LOGITS_TO_KEEP, rt.keep_last)
-        for past, present, value in zip(rt.past_names, rt.present_names, cache.values):
-            io.bind_ortvalue_input(past, value)
-            io.bind_ortvalue_output(present, value)
+        for layer, (past, present) in enumerate(zip(rt.past_names, rt.present_names)):
+            io.bind_input(past, rt.device, 0, rt.cache_dtype, cache.shape, cache.address(layer))
+            io.bind_output(present, rt.device, 0, rt.cache_dtype, cache.shape, cache.address(layer))
         io.bind_ortvalue_output(LOGITS, self.logits)
+        self.graph_id = rt.new_graph_id() if rt.cuda_graph else None
+        if self.graph_id is not None:
+            io.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(cache.capacity, dtype=np.int32))
 
     def run(self, ids: np.ndarray, positions: np.ndarray, seqlens: np.ndarray, total: int) -> np.ndarray:
         self.ids.update_inplace(ids)
         self.positions.update_inplace(np.ascontiguousarray(positions))
         self.seqlens.update_inplace(seqlens)
-        self.io.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(total, dtype=np.int32))
-        self.runtime.session.run_with_iobinding(self.io)
-        # A copy: on the CPU numpy() may share the buffer that the next step overwrites.
-        return np.array(self.logits.numpy()[:, -1, :], dtype=np.float32)
+        if self.graph_id is None:
+            self.io.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(total, dtype=np.int32))
+        else:
+            # The copies above go through CUDA's default stream and may still be in flight when they return; a
+            # captured step replays on onnxruntime's own stream, which does not wait for it. Reading a value
+            # back waits for them.
+            self.seqlens.numpy()
+        self.runtime.run(self.io, self.graph_id)
+        scores = self.logits.numpy()[:, -1, :]  # from CUDA, a copy; on the CPU, the buffer the next step overwrites
+        return np.array(scores, dtype=np.float32) if self.runtime.device == "cpu" else scores.astype(np.float32, copy=False)
 
 
 class GrowingCache:
@@ -185,7 +214,7 @@ class GrowingCache:
         io.bind_output(LOGITS, "cpu")
         for name in rt.present_names:
             io.bind_output(name, rt.device)
-        rt.session.run_with_iobinding(io)
+        rt.run(io)
         outputs = io.get_outputs()
         self.values, self.positions = outputs[1:], positions[:, -1:]
         return outputs[0].numpy()[:, -1, :].astype(np.float32, copy=False)  # an fp16 graph's logits are fp16

@@ -29,6 +29,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="print machine-readable
 MappedWeightsOption = Annotated[bool, typer.Option(
     "--mapped-weights", help="CPU: read the weights from the mapped file, shared by every process that loads the folder, "
                              "instead of packing a private copy (slower; not for int4)")]
+CudaGraphOption = Annotated[bool, typer.Option("--cuda-graph", help="CUDA: replay the decode step as one captured CUDA graph (a folder with the cache in place)")]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -146,6 +147,7 @@ def generate(
     provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
     mapped_weights: MappedWeightsOption = False,
+    cuda_graph: CudaGraphOption = False,
     stats: Annotated[bool, typer.Option("--stats", help="print tokens, time to first token and tok/s on stderr")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -158,7 +160,7 @@ def generate(
                  logprobs=logprobs, truncate_prompt=truncate_prompt)
 
     def body() -> None:
-        m = load(model, provider=provider, threads=threads, mapped_weights=mapped_weights)  # type: ignore[arg-type]
+        m = load(model, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph)  # type: ignore[arg-type]
         opts = m.options(**strategy_options(strategy, given))
         if as_json:
             completions = m.generate(prompt, opts)
@@ -197,6 +199,7 @@ def bench(
     provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
     mapped_weights: MappedWeightsOption = False,
+    cuda_graph: CudaGraphOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Time a model folder: decode tok/s, time to first token, load time, peak memory."""
@@ -206,7 +209,7 @@ def bench(
     from .model import BUNDLED
 
     cases = [b.Case(n, p, new_tokens, s) for n in batch or [1] for p in prompt_tokens or [32] for s in strategy or ["greedy"]]
-    result = run(lambda: b.run(model or BUNDLED, cases, runs, threads, provider, mapped_weights=mapped_weights))  # type: ignore[arg-type]
+    result = run(lambda: b.run(model or BUNDLED, cases, runs, threads, provider, mapped_weights=mapped_weights, cuda_graph=cuda_graph))  # type: ignore[arg-type]
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -221,6 +224,7 @@ def serve(
     provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
     mapped_weights: MappedWeightsOption = False,
+    cuda_graph: CudaGraphOption = False,
     max_batch: Annotated[int, typer.Option(help="rows that share one batch")] = 8,
     max_tokens: Annotated[int, typer.Option(help="the largest max_tokens a request may ask for")] = 1024,
     api_key: Annotated[str | None, typer.Option(envvar="ONNXGEN_API_KEY", help="require Authorization: Bearer KEY")] = None,
@@ -237,7 +241,7 @@ def serve(
     from .model import BUNDLED
 
     folder = model or BUNDLED
-    loaded = run(lambda: load(folder, provider=provider, threads=threads, mapped_weights=mapped_weights))  # type: ignore[arg-type]
+    loaded = run(lambda: load(folder, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph))  # type: ignore[arg-type]
     app_ = create_app(loaded, name or folder.name, api_key, Limits(max_tokens=max_tokens, max_batch=max_batch))
     print(f"serving {folder} as {name or folder.name!r} on http://{host}:{port}/v1", file=sys.stderr)
     uvicorn.run(app_, host=host, port=port, log_level="warning")

@@ -35,6 +35,13 @@ class Rows:
         self._tokens = [list(p) for p in prompts]  # the same without padding, as lists: what processors read
         self._cache = runtime.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens, pad_id)
         self._pending: np.ndarray | None = None  # the tokens the next forward runs (None: the prompts)
+        self._runtime: Runtime | None = runtime  # until the cache is released
+
+    def release(self) -> None:
+        """The call is over: the runtime may hand the cache to a later call (CUDA graphs keep theirs)."""
+        if self._runtime is not None:
+            self._runtime.release(self._cache)
+            self._runtime = None
 
     def forward(self) -> np.ndarray:
         """Run the pending tokens; the last position's scores, (rows, vocab) float32."""

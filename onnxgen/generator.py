@@ -116,6 +116,8 @@ class Generator:
         if self.finish_reasons[row] is None:
             self.finish_reasons[row] = "cancelled"
             self.texts[row] = self.tokenizer.decode(self.generated[row])
+            if self.done:
+                self.rows.release()
 
     def cancel(self) -> None:
         for row in range(len(self.generated)):
@@ -146,7 +148,10 @@ class Generator:
             for row in np.flatnonzero(self.rules.criteria_met(self.rows.input_ids, scores)).tolist():
                 if row in reasons and reasons[row] is None:
                     reasons[row] = "stop"
-        return [self._event(row, reason) for row, reason in reasons.items()]
+        events = [self._event(row, reason) for row, reason in reasons.items()]
+        if self.done:
+            self.rows.release()
+        return events
 
     def _event(self, row: int, reason: str | None) -> Event:
         stream, emitted = self._streams[row], self._emitted[row]

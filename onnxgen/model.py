@@ -51,7 +51,7 @@ def _short(value: Any) -> str:
 
 class Model:
     def __init__(self, path: Path, provider: Provider = "cpu", threads: int | None = None, verify: bool = False,
-                 mapped_weights: bool = False) -> None:
+                 mapped_weights: bool = False, cuda_graph: bool = False) -> None:
         self.folder = ModelFolder.read(path)
         if verify:
             self.folder.verify()
@@ -62,7 +62,7 @@ class Model:
             raise ModelFolderError(f"{self.folder.tokenizer_file} has {self.tokenizer.vocab_size} tokens, more than the model's "
                                    f"vocabulary of {self.dims.vocab_size}")
         self.defaults = GenerationOptions.from_folder(path)
-        self.runtime = Runtime(self.folder, provider, threads, mapped_weights)
+        self.runtime = Runtime(self.folder, provider, threads, mapped_weights, cuda_graph)
         self._calls = threading.local()  # each thread's latest finished call, for last_stats
 
     @property
@@ -166,16 +166,17 @@ class Model:
 
 
 def load(path: str | Path | None = None, provider: Provider = "cpu", threads: int | None = None, verify: bool = False,
-         mapped_weights: bool = False) -> Model:
+         mapped_weights: bool = False, cuda_graph: bool = False) -> Model:
     """Load an onnxgen model folder; with no path, the small model that ships with onnxgen. `verify` also
     checks every file's sha256 against the manifest (a few seconds a GB). `mapped_weights` (CPU; fp32, int8
     and fp16 folders) reads the weights from the mapped model.onnx.data instead of packing a private copy:
     processes that load the same folder then share one copy, which the kernel can also reclaim, at a speed
-    cost measured in the README."""
+    cost measured in the README. `cuda_graph` (CUDA, a folder with the cache in place) replays each call's
+    decode step as one captured CUDA graph."""
     folder = Path(path) if path is not None else BUNDLED
     if path is None and not (folder / MANIFEST).is_file():
         raise ModelFolderError("this onnxgen install has no bundled model: pass a model folder")
-    return Model(folder, provider, threads, verify, mapped_weights)
+    return Model(folder, provider, threads, verify, mapped_weights, cuda_graph)
 
 
 class TextGenerationPipeline:

@@ -11,7 +11,9 @@ import contextlib
 import functools
 import importlib.util
 import io
+import itertools
 import os
+import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -133,7 +135,7 @@ class Runtime:
     that move cache rows on the device. Everything a call changes lives in its cache (cache.py)."""
 
     def __init__(self, folder: ModelFolder, provider: Provider = "cpu", threads: int | None = None,
-                 mapped_weights: bool = False) -> None:
+                 mapped_weights: bool = False, cuda_graph: bool = False) -> None:
         ort = import_onnxruntime()
         self.ort = ort
         dims = folder.dims
@@ -146,20 +148,24 @@ class Runtime:
         if mapped_weights:
             _check_mapped_weights(folder, provider)
             options.add_session_config_entry("session.disable_prepacking", "1")
+        if cuda_graph and provider != "cuda":
+            raise OptionsError("cuda_graph (--cuda-graph) needs the CUDA provider (provider='cuda', --provider cuda)")
         if provider == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise ProviderError("CUDA was requested but this onnxruntime has no CUDA provider: pip install 'onnxgen[gpu]' (and uninstall onnxruntime)")
             if not runs_on_cuda(folder.manifest):
                 raise ProviderError(f"{model_path} keeps its cache in place (GroupQueryAttention), which onnxruntime runs on CUDA in "
                                     "float16 only: make an fp16 folder (onnxgen quantize --mode fp16), or export with --growing-cache")
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            providers: list[Any] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
             library_notes = _load_cuda_libraries(ort)
         elif provider == "cpu":
             providers = ["CPUExecutionProvider"]
         else:
             raise ProviderError(f"unknown provider {provider!r}: use 'cpu' or 'cuda'")
         try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=providers)
+            # The model's session alone captures CUDA graphs (enable_cuda_graph).
+            graph_providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"]
+            self.session = ort.InferenceSession(str(model_path), options, providers=graph_providers if cuda_graph else providers)
         except Exception as e:  # onnxruntime raises its own untyped errors for unreadable models
             raise ModelFolderError(f"cannot load {model_path}: {str(e).splitlines()[0]}") from None
         if not mapped_weights:  # the file's pages that stay mapped: read a page at a time (pages.py)
@@ -172,11 +178,21 @@ class Runtime:
                                 f"onnxgen[gpu] installs them){library_notes}")
         self.device = provider
         self.in_place, self.cache_dtype, self.logits_dtype = self._check_graph(folder)
+        # The small graphs below never capture: a capture replays the addresses it was made with, and they are
+        # run on a new pair of tensors every time.
         self._options, self._providers = options, providers  # for the small graphs below, loaded when first used
+        if cuda_graph and not self.in_place:
+            raise OptionsError(f"cuda_graph needs a folder with the cache in place; {model_path} was exported with --growing-cache")
+        self.cuda_graph = cuda_graph
+        self._graph_ids = itertools.count(1)
+        # With CUDA graphs, all device work goes one call at a time: while onnxruntime captures a step, any other
+        # thread's copy or allocation on the device breaks the capture.
+        self._lock = threading.RLock()
+        self._idle: dict[tuple[int, int], list[InPlaceCache]] = {}  # CUDA-graph caches of finished calls, by (rows, capacity)
         self.past_names, self.present_names = past_names(dims.n_layer), present_names(dims.n_layer)
         # logits_to_keep: the last position. A growing graph counts positions (1), and IO binding takes that
         # input, which has a default (graph.add_logits_to_keep), only as an OrtValue; an in-place graph takes
-        # their indices ([-1], kept on the device: no node of a decode step then runs on the host).
+        # their indices ([-1], on the device: a CUDA graph reads nothing from the host).
         last = np.array([-1 if self.in_place else 1], dtype=np.int64)
         self.keep_last = ort.OrtValue.ortvalue_from_numpy(last, provider if self.in_place else "cpu", 0)
 
@@ -209,17 +225,57 @@ class Runtime:
         return in_place, _ELEMENT_TYPES[cache_type], _ELEMENT_TYPES.get(logits_type, np.dtype(np.float32))
 
     def new_cache(self, rows: int, capacity: int, pad_id: int = 0) -> Cache:
-        """An empty cache for `rows` rows of up to `capacity` positions (pad_id: a growing cache's padding)."""
-        capacity = min(capacity, self.n_positions)
+        """An empty cache for `rows` rows of up to `capacity` positions (pad_id: a growing cache's padding).
+
+        With CUDA graphs, capacities round up to a multiple of 64 and finished calls hand their caches back
+        (release): a later call of the same shape replays the graph captured on those buffers instead of
+        capturing another one (onnxruntime keeps every graph it has captured)."""
+        capacity = min(-(-capacity // 64) * 64 if self.cuda_graph else capacity, self.n_positions)
         need = rows * capacity * len(self.past_names) * self.n_head * self.head_dim * self.cache_dtype.itemsize
         free = available_memory() if self.device == "cpu" else None
         if free is not None and need > free:  # else pages fill as the call runs, until the kernel kills the process
             raise OptionsError(f"this call's key/value cache needs {need / 2**20:,.0f} MiB ({rows} rows x {capacity} positions), "
                                f"more than the {free / 2**20:,.0f} MiB of memory available: ask for fewer prompts, beams or "
                                "return sequences, or fewer new tokens")
-        if self.in_place:
+        if not self.in_place:
+            return GrowingCache(self, rows, pad_id)  # it grows a position a step: no capacity to allocate
+        if not self.cuda_graph:
             return InPlaceCache(self, rows, capacity)
-        return GrowingCache(self, rows, pad_id)  # it grows a position a step: no capacity to allocate
+        with self._lock:
+            idle = self._idle.get((rows, capacity))
+            if idle:
+                cache = idle.pop()
+                cache.lengths[:] = 0
+                return cache
+        return InPlaceCache(self, rows, capacity)
+
+    def release(self, cache: Cache) -> None:
+        if self.cuda_graph and isinstance(cache, InPlaceCache):
+            with self._lock:
+                self._idle.setdefault((cache.rows, cache.capacity), []).append(cache)
+
+    def exclusive(self) -> contextlib.AbstractContextManager[Any]:
+        """Held around a cache's device work when CUDA graphs are on (see _lock); otherwise nothing."""
+        return self._lock if self.cuda_graph else contextlib.nullcontext()
+
+    def run(self, io: Any, graph_id: int | None = None) -> None:
+        """One run of the model graph; with cuda_graph, `graph_id` names the captured step to replay
+        (None: a run that is not captured, such as a prompt pass)."""
+        if not self.cuda_graph:
+            self.session.run_with_iobinding(io)
+            return
+        with self._lock:
+            self.session.run_with_iobinding(io, self.run_options(graph_id))
+
+    def run_options(self, graph_id: int | None = None) -> Any:
+        options = self.ort.RunOptions()
+        if self.cuda_graph:
+            options.add_run_config_entry("gpu_graph_id", str(graph_id if graph_id is not None else -1))
+        return options
+
+    def new_graph_id(self) -> int:
+        """A CUDA graph per cache: a capture is tied to the addresses of the buffers it was captured with."""
+        return next(self._graph_ids)
 
     def all_logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits at every position of `input_ids` (batch, n) with no cache: for scoring text, not generating."""
@@ -258,11 +314,10 @@ class Runtime:
             selected.append(io.get_outputs()[0])
         return selected
 
-    def move_rows(self, values: list[Any], rows: np.ndarray) -> None:
-        """Row i of each tensor becomes its row rows[i], in place on the device: gathered into a new tensor,
-        then copied back (a Gather cannot write over what it reads), so the buffers keep their addresses."""
-        for value, selected in zip(values, self.select_rows(values, rows)):
-            io = self._copy.io_binding()
-            io.bind_ortvalue_input("source", selected)
-            io.bind_ortvalue_output("target", value)
-            self._copy.run_with_iobinding(io)
+    def move_rows(self, value: Any, rows: np.ndarray) -> None:
+        """Row i of the tensor becomes its row rows[i], in place on the device: gathered into a new tensor,
+        then copied back (a Gather cannot write over what it reads), so the buffer keeps its address."""
+        io = self._copy.io_binding()
+        io.bind_ortvalue_input("source", self.select_rows([value], rows)[0])
+        io.bind_ortvalue_output("target", value)
+        self._copy.run_with_iobinding(io)

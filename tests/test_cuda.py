@@ -42,10 +42,11 @@ def _tokens(model: onnxgen.Model, prompts: list[list[int]], **options: object) -
     return [c.token_ids for c in model.generate(prompts, max_new_tokens=20, **options)]
 
 
-@pytest.mark.parametrize("variant", ["fp32", "fp16", "int4"])
+@pytest.mark.parametrize("variant", ["fp32", "fp16", "int4", "fp16 cuda graph"])
 def test_cuda_generates_the_cpu_tokens(folders: dict[str, Path], variant: str) -> None:
     """Greedy and beam search on prompts of different lengths: the same tokens as the same folder on CPU."""
-    cpu, gpu = onnxgen.load(folders[variant], threads=1), onnxgen.load(folders[variant], provider="cuda")
+    folder = folders[variant.split()[0]]
+    cpu, gpu = onnxgen.load(folder, threads=1), onnxgen.load(folder, provider="cuda", cuda_graph="graph" in variant)
     assert gpu.runtime.session.get_providers()[0] == "CUDAExecutionProvider"
     for options in ({"do_sample": False}, {"do_sample": False, "num_beams": 3, "num_return_sequences": 2}):
         assert _tokens(gpu, PROMPTS, **options) == _tokens(cpu, PROMPTS, **options)
@@ -61,21 +62,20 @@ def test_fp16_on_cuda_is_close_to_fp32(folders: dict[str, Path]) -> None:
 
 
 def test_beam_reorder_stays_on_the_device(folders: dict[str, Path]) -> None:
-    """In place: rows move within the same device buffers (the decode step has them bound)."""
+    """In place: rows move within the same device buffers (CUDA graphs replay on those addresses)."""
     rt = onnxgen.load(folders["fp16"], provider="cuda").runtime
     cache = rt.new_cache(2, 8)
     cache.prefill([[5, 6, 7], [8, 9, 10]])
-    before = [v.numpy() for v in cache.values]
-    addresses = [v.data_ptr() for v in cache.values]
+    before = cache.buffer.numpy().reshape(-1, *cache.shape)
+    address = cache.buffer.data_ptr()
     cache.reorder(np.array([1, 1]))
-    assert {v.device_name().lower() for v in cache.values} == {"cuda"}
-    assert [v.data_ptr() for v in cache.values] == addresses
-    assert all(np.array_equal(v.numpy()[:, :, :3], old[[1, 1], :, :3]) for v, old in zip(cache.values, before))
+    assert cache.buffer.device_name().lower() == "cuda" and cache.buffer.data_ptr() == address
+    assert np.array_equal(cache.buffer.numpy().reshape(-1, *cache.shape)[:, :, :, :3], before[:, [1, 1], :, :3])
 
 
 def test_every_decode_node_runs_on_cuda(folders: dict[str, Path], tmp_path: Path) -> None:
-    """Every node of the in-place fp16 graph runs on the GPU, with no copy to the host inside a step (what
-    replaying the step as a CUDA graph needs): onnxruntime's profile of a call says where each node ran."""
+    """A CUDA graph needs every compute node on the GPU and no copies to the host: onnxruntime's profile of a
+    call says where each node ran."""
     import json
 
     import onnxruntime as ort
@@ -92,6 +92,16 @@ def test_every_decode_node_runs_on_cuda(folders: dict[str, Path], tmp_path: Path
     assert ("GroupQueryAttention", "CUDAExecutionProvider") in placed
     assert {op for op, provider in placed if provider != "CUDAExecutionProvider"} == set()
     assert not {op for op, _ in placed if op.startswith("Memcpy")}
+
+
+def test_cuda_graph_calls_reuse_their_capture(folders: dict[str, Path]) -> None:
+    """A finished call hands its buffers (and the graph captured on them) to the next call of its shape."""
+    gpu = onnxgen.load(folders["fp16"], provider="cuda", cuda_graph=True)
+    plain = onnxgen.load(folders["fp16"], provider="cuda")
+    first = _tokens(gpu, PROMPTS)
+    ids = {id(c) for caches in gpu.runtime._idle.values() for c in caches}
+    assert _tokens(gpu, PROMPTS) == first == _tokens(plain, PROMPTS)
+    assert {id(c) for caches in gpu.runtime._idle.values() for c in caches} == ids
 
 
 def test_decode_on_cuda_reads_each_row_only_to_its_length(folders: dict[str, Path]) -> None:
@@ -131,10 +141,11 @@ def test_cli_generates_on_cuda(folders: dict[str, Path]) -> None:
     assert gpu.stdout == cpu.stdout and "tok/s" in gpu.stderr
 
 
-def test_one_cuda_model_serves_many_threads(folders: dict[str, Path]) -> None:
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_one_cuda_model_serves_many_threads(folders: dict[str, Path], cuda_graph: bool) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    gpu = onnxgen.load(folders["fp16"], provider="cuda")
+    gpu = onnxgen.load(folders["fp16"], provider="cuda", cuda_graph=cuda_graph)
 
     def call(i: int) -> list[list[int]]:
         return _tokens(gpu, PROMPTS[i % 3 :], do_sample=i % 2 == 0, seed=i, num_beams=1 if i % 2 == 0 else 2, logprobs=2)

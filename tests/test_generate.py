@@ -13,6 +13,7 @@ import torch
 
 import onnxgen
 from onnxgen import logits
+from onnxgen.cache import InPlaceCache
 from onnxgen.decoding import sample
 from onnxgen.errors import ContextLengthError, ModelFolderError, OptionsError, ProviderError
 from onnxgen.options import GenerationOptions
@@ -289,27 +290,36 @@ def test_shipped_row_graphs_are_what_graph_py_makes(dtype: str) -> None:
 
 @pytest.mark.parametrize("layout", ["in place", "growing"])
 def test_device_reorder_moves_the_same_rows_as_the_host_one(exported: Path, exported_growing: Path, layout: str) -> None:
-    """Beam search's reorder on CUDA (Gather where the cache lives; in place, copied back into the same buffers)
-    against the CPU one (numpy), both run here on the CPU provider."""
+    """Beam search's reorder on CUDA (Gather where the cache lives; in place, every layer's rows in one run,
+    copied back into the same buffer) against the CPU one (numpy), both run here on the CPU provider."""
     rt = onnxgen.load(exported if layout == "in place" else exported_growing, threads=1).runtime
     host, device = rt.new_cache(len(PROMPTS), 16), rt.new_cache(len(PROMPTS), 16)
     host.prefill(PROMPTS), device.prefill(PROMPTS)
-    before = [value.numpy().copy() for value in host.values]  # on CPU, numpy() may share the memory
     rows = np.array([2, 0, 0])
-    host.reorder(rows)
-    addresses = [value.data_ptr() for value in device.values]
     if layout == "in place":
-        rt.move_rows(device.values, rows)
-        assert [value.data_ptr() for value in device.values] == addresses  # the buffers stay put (CUDA graphs need that)
-        written = [slice(None, len(PROMPTS[r])) for r in rows]  # positions each row has written
-    else:
-        device.values = rt.select_rows(device.values, rows)
-        written = [slice(None)] * len(rows)
+        def layers(cache: InPlaceCache) -> np.ndarray:  # (layer, row, head, position, head size)
+            return cache.buffer.numpy().reshape(-1, *cache.shape)
+
+        before = layers(host).copy()  # on CPU, numpy() shares the memory
+        host.reorder(rows)
+        address = device.buffer.data_ptr()
+        n = len(rt.past_names)
+        rt.move_rows(device.buffer, (np.arange(n)[:, None] * len(rows) + rows).reshape(-1))
+        assert device.buffer.data_ptr() == address  # the buffer stays put (the decode step has it bound)
+        got_host, got_device = layers(host), layers(device)
+        for row, source in enumerate(rows):
+            written = slice(None, len(PROMPTS[source]))  # the positions the source row has written
+            want = before[:, source, :, written]
+            assert np.array_equal(got_host[:, row, :, written], want)
+            assert np.array_equal(got_device[:, row, :, written], want)
+        return
+    before = [value.numpy().copy() for value in host.values]
+    host.reorder(rows)
+    device.values = rt.select_rows(device.values, rows)
     for got_host, got_device, old in zip(host.values, device.values, before):
         for row, source in enumerate(rows):
-            want = old[source][:, written[row]]
-            assert np.array_equal(got_host.numpy()[row][:, written[row]], want)
-            assert np.array_equal(got_device.numpy()[row][:, written[row]], want)
+            assert np.array_equal(got_host.numpy()[row], old[source])
+            assert np.array_equal(got_device.numpy()[row], old[source])
 
 
 def test_rows_of_different_lengths_need_no_padding(exported: Path, exported_growing: Path, torch_model: torch.nn.Module) -> None:
@@ -326,22 +336,27 @@ def test_rows_of_different_lengths_need_no_padding(exported: Path, exported_grow
 
 
 def test_the_cache_is_as_long_as_the_call_needs(model: onnxgen.Model) -> None:
-    """One buffer per layer's key and value, allocated once at the longest prompt + max_new_tokens (never the
-    whole context window), and still the same memory at the end of the call."""
+    """One buffer for every layer's key and value, allocated once at the longest prompt + max_new_tokens (never
+    the whole context window), and still the same memory at the end of the call."""
     generator = model.generator(PROMPTS, max_new_tokens=9, do_sample=False)
     cache = generator.rows._cache
-    assert cache.values[0].shape() == [len(PROMPTS), model.dims.n_head, max(map(len, PROMPTS)) + 9, model.dims.head_dim]
-    addresses = [v.data_ptr() for v in cache.values]
+    rows = 2 * model.dims.n_layer * len(PROMPTS)
+    assert cache.buffer.shape() == [rows, model.dims.n_head, max(map(len, PROMPTS)) + 9, model.dims.head_dim]
+    address = cache.buffer.data_ptr()
     while not generator.done:
         generator.step()
-    assert [v.data_ptr() for v in cache.values] == addresses
+    assert cache.buffer.data_ptr() == address
     assert cache.lengths.tolist() == [len(p) + 8 for p in PROMPTS]  # the last token is chosen, not run
+
+
+def test_cuda_graph_needs_cuda(exported: Path) -> None:
+    with pytest.raises(OptionsError, match="CUDA provider"):
+        onnxgen.load(exported, cuda_graph=True)
 
 
 def decode_at_totals(runtime: object) -> list[np.ndarray]:
     """One decode step of PROMPTS with total_sequence_length at the longest row's length, then at the buffer's
-    capacity: each row's own length is in seqlens_k, and nothing past it is read either way (replaying the step
-    as a CUDA graph would fix total_sequence_length at the capacity)."""
+    capacity (what a CUDA graph binds, for every step): each row's length is in seqlens_k either way."""
     scores = []
     for at_capacity in (False, True):
         cache = runtime.new_cache(len(PROMPTS), 32)  # type: ignore[attr-defined]
