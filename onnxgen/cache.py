@@ -45,11 +45,7 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 class InPlaceCache:
     def __init__(self, runtime: Runtime, rows: int, capacity: int) -> None:
         self.runtime, self.rows, self.capacity = runtime, rows, capacity
-        with runtime.exclusive():
-            self._allocate()
-
-    def _allocate(self) -> None:
-        rt, rows, capacity = self.runtime, self.rows, self.capacity
+        rt = runtime
         self.shape = (rows, rt.n_head, capacity, rt.head_dim)  # of each layer's key or value
         self.row_bytes = rt.n_head * capacity * rt.head_dim * rt.cache_dtype.itemsize
         # One buffer, layer after layer (past_names' order), so that beam search moves every layer's rows in one
@@ -62,7 +58,8 @@ class InPlaceCache:
             self.array = np.zeros(shape, rt.cache_dtype)
             self.buffer = rt.ort.OrtValue.ortvalue_from_numpy(self.array)
         else:  # the CUDA kernels read each row only up to its length
-            self.buffer = rt.ort.OrtValue.ortvalue_from_shape_and_type(shape, rt.cache_dtype, rt.device, 0)
+            with rt.exclusive():  # with CUDA graphs, no allocation while another thread captures
+                self.buffer = rt.ort.OrtValue.ortvalue_from_shape_and_type(shape, rt.cache_dtype, rt.device, 0)
         self.lengths = np.zeros(rows, dtype=np.int64)  # positions written, per row
 
     def address(self, layer: int, row: int = 0) -> int:
@@ -74,10 +71,6 @@ class InPlaceCache:
         return DecodeStep(self)
 
     def prefill(self, prompts: list[list[int]]) -> np.ndarray:
-        with self.runtime.exclusive():
-            return self._prefill(prompts)
-
-    def _prefill(self, prompts: list[list[int]]) -> np.ndarray:
         scores = np.empty((self.rows, self.runtime.vocab_size), np.float32)
         start = 0
         for n, group in itertools.groupby(len(p) for p in prompts):
@@ -85,7 +78,8 @@ class InPlaceCache:
             ids = np.asarray(prompts[start:stop], dtype=np.int64)
             positions = np.broadcast_to(np.arange(n), ids.shape)
             seqlens = np.full(stop - start, n - 1, dtype=np.int32)
-            scores[start:stop] = self._run(ids, positions, start, stop, seqlens, n)
+            with self.runtime.exclusive():
+                scores[start:stop] = self._run(ids, positions, start, stop, seqlens, n)
             start = stop
         self.lengths[:] = [len(p) for p in prompts]
         return scores
@@ -100,7 +94,8 @@ class InPlaceCache:
 
     def _run(self, ids: np.ndarray, positions: np.ndarray, start: int, stop: int, seqlens: np.ndarray, total: int,
              keep: Any = None) -> np.ndarray:
-        """Rows start:stop (their slice of every buffer, bound as past and as present: the same memory)."""
+        """Rows start:stop (their slice of every buffer, bound as past and as present: the same memory). With
+        CUDA graphs, under runtime.exclusive(): binding copies the inputs to the device."""
         rt = self.runtime
         io = rt.session.io_binding()
         io.bind_cpu_input(INPUT_IDS, ids)
@@ -123,7 +118,8 @@ class InPlaceCache:
         n = ids.shape[1]
         seqlens = np.full(len(ids), n - 1, dtype=np.int32)
         every = self.runtime.ort.OrtValue.ortvalue_from_numpy(np.arange(n, dtype=np.int64))
-        return self._run(ids, np.broadcast_to(np.arange(n), ids.shape), 0, len(ids), seqlens, n, every)
+        with self.runtime.exclusive():
+            return self._run(ids, np.broadcast_to(np.arange(n), ids.shape), 0, len(ids), seqlens, n, every)
 
     def reorder(self, source: np.ndarray) -> None:
         """Copy only the rows that change, and only their written positions, within the buffers."""
@@ -164,22 +160,22 @@ class DecodeStep:
             io.bind_input(past, rt.device, 0, rt.cache_dtype, cache.shape, cache.address(layer))
             io.bind_output(present, rt.device, 0, rt.cache_dtype, cache.shape, cache.address(layer))
         io.bind_ortvalue_output(LOGITS, self.logits)
-        self.graph_id = rt.new_graph_id() if rt.cuda_graph else None
-        if self.graph_id is not None:
+        self.graph = rt.graph_options() if rt.cuda_graph else None
+        if self.graph is not None:
             io.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(cache.capacity, dtype=np.int32))
 
     def run(self, ids: np.ndarray, positions: np.ndarray, seqlens: np.ndarray, total: int) -> np.ndarray:
         self.ids.update_inplace(ids)
         self.positions.update_inplace(np.ascontiguousarray(positions))
         self.seqlens.update_inplace(seqlens)
-        if self.graph_id is None:
+        if self.graph is None:
             self.io.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(total, dtype=np.int32))
         else:
             # The copies above go through CUDA's default stream and may still be in flight when they return; a
             # captured step replays on onnxruntime's own stream, which does not wait for it. Reading a value
             # back waits for them.
             self.seqlens.numpy()
-        self.runtime.run(self.io, self.graph_id)
+        self.runtime.run(self.io, self.graph)
         scores = self.logits.numpy()[:, -1, :]  # from CUDA, a copy; on the CPU, the buffer the next step overwrites
         return np.array(scores, dtype=np.float32) if self.runtime.device == "cpu" else scores.astype(np.float32, copy=False)
 
@@ -217,7 +213,7 @@ class GrowingCache:
         rt.run(io)
         outputs = io.get_outputs()
         self.values, self.positions = outputs[1:], positions[:, -1:]
-        return outputs[0].numpy()[:, -1, :].astype(np.float32, copy=False)  # an fp16 graph's logits are fp16
+        return outputs[0].numpy()[:, -1, :].astype(np.float32, copy=False)  # fp16 folders made before their Cast give fp16
 
     def reorder(self, source: np.ndarray) -> None:
         """Select rows, copying the cache once.

@@ -4,8 +4,9 @@
   MatMul and of the embedding Gather.
 - int4: weight-only block quantization into onnxruntime's MatMulNBits (block size, accuracy level).
 - fp16: a native half-precision graph for the CUDA provider: weights, activations and the key/value cache
-  are fp16, and the one Cast is the logits' to fp32 at the graph's edge (for the host's numpy). onnxruntime's fused CUDA kernels (LayerNorm,
-  SkipLayerNorm, MultiHeadAttention, Gelu) accumulate in fp32 inside, so nothing needs to stay fp32;
+  are fp16, and the one Cast is the logits' to fp32 at the graph's edge (for the host's numpy).
+  onnxruntime's fused CUDA kernels (LayerNorm, SkipLayerNorm, MultiHeadAttention, Gelu) accumulate in
+  fp32 inside, so nothing needs to stay fp32;
   a Cast around each of them would double the kernels a decode step launches, which is what bounds a
   GPU step at batch 1. On CPU the folder still loads and runs (onnxruntime computes most of its ops in
   fp32 behind Casts it inserts itself), slower than fp32.
@@ -13,8 +14,9 @@
 Before quantizing, the head's Transpose(embedding) (graph.py; its parts joined first) is materialized as
 its own weight, or the largest matrix of the model would stay float, and split into parts of at most 16 MiB
 once quantized (graph.split_head: what onnxruntime holds twice while it packs it at load). fp16 keeps the
-tied head in one piece: it is for CUDA, where nothing packs it. After quantizing, the quantized nodes are counted against
-the weight MatMuls there were: a mode that did not take is an error, never a silent fp32 model.
+tied head in one piece: it is for CUDA, where nothing packs it. After quantizing, the quantized nodes are
+counted against the weight MatMuls there were: a mode that did not take is an error, never a silent fp32
+model.
 """
 
 from __future__ import annotations

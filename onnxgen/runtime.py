@@ -156,16 +156,19 @@ class Runtime:
             if not runs_on_cuda(folder.manifest):
                 raise ProviderError(f"{model_path} keeps its cache in place (GroupQueryAttention), which onnxruntime runs on CUDA in "
                                     "float16 only: make an fp16 folder (onnxgen quantize --mode fp16), or export with --growing-cache")
+            if cuda_graph and not folder.manifest.get("graph", {}).get("cache_in_place"):  # refused before a load of GBs
+                raise OptionsError(f"cuda_graph needs a folder with the cache in place; {model_path} was exported with --growing-cache")
             providers: list[Any] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
             library_notes = _load_cuda_libraries(ort)
         elif provider == "cpu":
             providers = ["CPUExecutionProvider"]
         else:
             raise ProviderError(f"unknown provider {provider!r}: use 'cpu' or 'cuda'")
+        # The model's session alone captures CUDA graphs. The small graphs below never do: a capture replays the
+        # addresses it was made with, and they run on new tensors every time.
+        model_providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), *providers[1:]] if cuda_graph else providers
         try:
-            # The model's session alone captures CUDA graphs (enable_cuda_graph).
-            graph_providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"]
-            self.session = ort.InferenceSession(str(model_path), options, providers=graph_providers if cuda_graph else providers)
+            self.session = ort.InferenceSession(str(model_path), options, providers=model_providers)
         except Exception as e:  # onnxruntime raises its own untyped errors for unreadable models
             raise ModelFolderError(f"cannot load {model_path}: {str(e).splitlines()[0]}") from None
         if not mapped_weights:  # the file's pages that stay mapped: read a page at a time (pages.py)
@@ -178,13 +181,10 @@ class Runtime:
                                 f"onnxgen[gpu] installs them){library_notes}")
         self.device = provider
         self.in_place, self.cache_dtype, self.logits_dtype = self._check_graph(folder)
-        # The small graphs below never capture: a capture replays the addresses it was made with, and they are
-        # run on a new pair of tensors every time.
         self._options, self._providers = options, providers  # for the small graphs below, loaded when first used
-        if cuda_graph and not self.in_place:
-            raise OptionsError(f"cuda_graph needs a folder with the cache in place; {model_path} was exported with --growing-cache")
         self.cuda_graph = cuda_graph
         self._graph_ids = itertools.count(1)
+        self._uncaptured = self._run_options(-1) if cuda_graph else None  # prompt passes: never captured
         # With CUDA graphs, all device work goes one call at a time: while onnxruntime captures a step, any other
         # thread's copy or allocation on the device breaks the capture.
         self._lock = threading.RLock()
@@ -244,9 +244,7 @@ class Runtime:
         with self._lock:
             idle = self._idle.get((rows, capacity))
             if idle:
-                cache = idle.pop()
-                cache.lengths[:] = 0
-                return cache
+                return idle.pop()  # its lengths are the prompts' once prefill runs
         return InPlaceCache(self, rows, capacity)
 
     def release(self, cache: Cache) -> None:
@@ -258,24 +256,20 @@ class Runtime:
         """Held around a cache's device work when CUDA graphs are on (see _lock); otherwise nothing."""
         return self._lock if self.cuda_graph else contextlib.nullcontext()
 
-    def run(self, io: Any, graph_id: int | None = None) -> None:
-        """One run of the model graph; with cuda_graph, `graph_id` names the captured step to replay
-        (None: a run that is not captured, such as a prompt pass)."""
-        if not self.cuda_graph:
-            self.session.run_with_iobinding(io)
-            return
-        with self._lock:
-            self.session.run_with_iobinding(io, self.run_options(graph_id))
+    def run(self, io: Any, graph: Any = None) -> None:
+        """One run of the model graph (with CUDA graphs, under exclusive()); `graph`: a decode step's
+        graph_options(), which captures the step and then replays it; any other run is not captured."""
+        self.session.run_with_iobinding(io, graph or self._uncaptured)
 
-    def run_options(self, graph_id: int | None = None) -> Any:
+    def graph_options(self) -> Any:
+        """Run options naming a new CUDA graph: one per cache, as a capture is tied to the addresses of the
+        buffers it was captured with."""
+        return self._run_options(next(self._graph_ids))
+
+    def _run_options(self, graph_id: int) -> Any:
         options = self.ort.RunOptions()
-        if self.cuda_graph:
-            options.add_run_config_entry("gpu_graph_id", str(graph_id if graph_id is not None else -1))
+        options.add_run_config_entry("gpu_graph_id", str(graph_id))
         return options
-
-    def new_graph_id(self) -> int:
-        """A CUDA graph per cache: a capture is tied to the addresses of the buffers it was captured with."""
-        return next(self._graph_ids)
 
     def all_logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits at every position of `input_ids` (batch, n) with no cache: for scoring text, not generating."""
