@@ -1,11 +1,12 @@
 """The key/value cache in place (GroupQueryAttention, the export default) against the growing cache
-(MultiHeadAttention, `--growing-cache`), on the CPU, in one run.
+(MultiHeadAttention, `--growing-cache`), and against the cache in place kept in int8 (`quantize --kv-cache
+int8`, the int8 and int4 variants), on the CPU, in one run.
 
     python benchmarks/cache.py --models gpt2 gpt2-large --threads 2
 
 For each model shape (random weights, make_models.py) and variant (fp32, int8, int4) it makes both folders
 once (kept in benchmarks/exports/<model>/<layout>-<variant>), then:
-- decode tok/s at batch 1 after a 32- and a 512-token prompt (64 new tokens): both layouts loaded in one
+- decode tok/s at batch 1 after a 32- and a 512-token prompt (64 new tokens): the layouts loaded in one
   process and run in turns (--runs rounds, the order alternating), each call's figure the median time
   between its decode steps (the generator's step_ends), the result the median over rounds. This host's memory
   bandwidth drifts by up to a third within minutes, so folders timed one after the other (the first version
@@ -32,9 +33,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from run import bandwidth_gbs, weight_bytes  # noqa: E402  (the suite's own measures)
 
-LAYOUTS = {"growing": ["--growing-cache"], "in-place": []}
+LAYOUTS = {"growing": ["--growing-cache"], "in-place": [], "in-place-kv8": []}  # kv8: quantize --kv-cache int8
 VARIANTS = ["fp32", "int8", "int4"]
 NEW = 64
+
+
+def layouts(variant: str) -> list[str]:
+    return [layout for layout in LAYOUTS if variant != "fp32" or layout != "in-place-kv8"]  # an int8 cache comes with quantize
 
 
 def prepare(name: str, checkpoint: Path, work: Path) -> dict[tuple[str, str], Path]:
@@ -44,16 +49,17 @@ def prepare(name: str, checkpoint: Path, work: Path) -> dict[tuple[str, str], Pa
         make(name, checkpoint.parent)
     cli = [sys.executable, "-m", "onnxgen"]
     folders = {}
-    for layout, flags in LAYOUTS.items():
-        for variant in VARIANTS:
+    for variant in VARIANTS:
+        for layout in layouts(variant):
             folder = folders[layout, variant] = work / f"{layout}-{variant}"
             if (folder / "onnxgen.json").exists():
                 continue
             if variant == "fp32":
-                subprocess.run([*cli, "export", str(checkpoint), "-o", str(folder), "--force", *flags], check=True)
+                subprocess.run([*cli, "export", str(checkpoint), "-o", str(folder), "--force", *LAYOUTS[layout]], check=True)
             else:  # random weights make perplexity meaningless: the accuracy budget is opened
-                subprocess.run([*cli, "quantize", "--model", str(work / f"{layout}-fp32"), "-o", str(folder), "--mode", variant,
-                                "--force", "--max-ppl-increase", "100"], check=True)
+                parent, cache = ("in-place", ["--kv-cache", "int8"]) if layout == "in-place-kv8" else (layout, [])
+                subprocess.run([*cli, "quantize", "--model", str(work / f"{parent}-fp32"), "-o", str(folder), "--mode", variant,
+                                *cache, "--force", "--max-ppl-increase", "100"], check=True)
     return folders
 
 
@@ -97,14 +103,15 @@ def in_subprocess(job_name: str, *arguments: Any) -> dict[str, Any]:
 
 def cache_bytes(folder: Path, positions: int) -> int:
     record = json.loads((folder / "onnxgen.json").read_text())
-    dims, itemsize = record["dims"], 2 if record["dtype"] == "float16" else 4
+    int8 = (record.get("quantization") or {}).get("options", {}).get("kv_cache") == "int8"
+    dims, itemsize = record["dims"], 1 if int8 else 2 if record["dtype"] == "float16" else 4
     return 2 * dims["n_layer"] * dims["n_embd"] * positions * itemsize
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["# The key/value cache in place against the growing cache (CPU)", "",
+    lines = ["# The key/value cache in place against the growing cache, and in int8 (CPU)", "",
              f"{result['environment']}; {result['threads']} threads, batch 1, {NEW} new tokens; decode tok/s = 1 / the median time "
-             f"between decode steps, median of {result['runs']} calls taken in turns with the other layout; the ceiling is the "
+             f"between decode steps, median of {result['runs']} calls taken in turns with the other layouts; the ceiling is the "
              "read bandwidth (measured before the model's rows) over weights + one read of the cache at the middle of the new tokens.", ""]
     for model in result["models"]:
         lines += [f"## {model['name']} (read bandwidth {model['bandwidth_gbs']:.1f} GB/s)", "",
@@ -141,9 +148,9 @@ def main() -> None:
         rows = []
         for variant in args.variants:
             print(f"[{name}] {variant} ...", file=sys.stderr, flush=True)
-            pair = [str(folders[layout, variant]) for layout in LAYOUTS]
-            speeds = in_subprocess("speeds", pair, args.threads, args.runs, [32, 512])
-            for layout, folder in zip(LAYOUTS, pair):
+            compared = [str(folders[layout, variant]) for layout in layouts(variant)]
+            speeds = in_subprocess("speeds", compared, args.threads, args.runs, [32, 512])
+            for layout, folder in zip(layouts(variant), compared):
                 memory = in_subprocess("memory", folder, args.threads, 8, 512)
                 step_bytes = weight_bytes("onnxgen", Path(folder)) + cache_bytes(Path(folder), 512 + NEW // 2)
                 rows.append({"variant": variant, "layout": layout, **speeds[folder],

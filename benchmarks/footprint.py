@@ -5,9 +5,10 @@
 For each model shape (random weights, make_models.py) and variant (fp32, int8, int4) it makes two folders once
 (kept in benchmarks/exports/<model>/memory-<head>-<variant>): the head in parts of at most 16 MiB (the export
 default, graph.split_tied_head / split_head) and the head whole (as exports were before); and int4 quantized
-with --accuracy-level 1 (MatMulNBits' fp32 path, which packs no int8 block scales and sums: variant int4-level1).
-Then each case runs in a process of its own, the cases taken in turns for --runs rounds so that they see the
-same machine:
+with --accuracy-level 1 (MatMulNBits' fp32 path, which packs no int8 block scales and sums: variant int4-level1),
+and int8 and int4 with the key/value cache in int8 (quantize --kv-cache int8: variants int8-kv8, int4-kv8).
+Then each case runs in a process of its own (its files first dropped from the page cache: evict), the cases
+taken in turns for --runs rounds so that they see the same machine:
 - the two folders with onnxruntime's defaults;
 - the parts folder without onnxgen's paging advice (pages.py: the file's pages still mapped after the load
   read on demand), with `mapped_weights=True` (onnxgen.load's option: `session.disable_prepacking`, the weights
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -40,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ["fp32", "int8", "int4", "int4-level1"]
+VARIANTS = ["fp32", "int8", "int4", "int4-level1", "int8-kv8", "int4-kv8"]
+BASE = VARIANTS[:3]  # the others are one option each, made and run with the head in parts and defaults only
 HEADS = ["parts", "whole"]
 OPTIONS = {  # name: what the child changes before loading
     "default": "as onnxgen loads a folder",
@@ -49,6 +52,19 @@ OPTIONS = {  # name: what the child changes before loading
     "no-arena": "enable_cpu_mem_arena=False",
 }
 PROMPT, NEW, CALLS = 32, 128, 3
+
+
+def evict(folder: Path) -> None:
+    """Drop a folder's files from the page cache, so that every case's first load reads them the same way. A
+    file quantize has just written sits in the page cache as the write left it, in large folios that a page
+    fault maps whole: decoding gpt2-large int8 then brought 37 MiB of its embedding into the process in four
+    tokens (a row's page alone once the file had been read back), 40 MiB over the same folder read afresh."""
+    for path in [folder] if folder.is_file() else folder.glob("model.onnx*"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def prepare(name: str, checkpoint: Path, work: Path) -> dict[tuple[str, str], Path]:
@@ -69,9 +85,10 @@ def prepare(name: str, checkpoint: Path, work: Path) -> dict[tuple[str, str], Pa
             for variant in VARIANTS[1:] if head == "parts" else ("int8", "int4"):
                 out = work / f"memory-{head}-{variant}"
                 if not out.exists():
-                    mode, level = (variant, 4) if variant != "int4-level1" else ("int4", 1)
+                    mode, level = variant.split("-")[0], 1 if variant == "int4-level1" else 4
+                    kv_cache = "int8" if variant.endswith("-kv8") else "float"
                     # random weights: the accuracy budget means nothing here (the bundled model's report does)
-                    quantize(fp32, out, QuantizeOptions(mode=mode, accuracy_level=level, max_ppl_increase=1e9))
+                    quantize(fp32, out, QuantizeOptions(mode=mode, accuracy_level=level, kv_cache=kv_cache, max_ppl_increase=1e9))
                 folders[head, variant] = out
         finally:
             graph.HEAD_PART_BYTES = saved
@@ -294,7 +311,7 @@ def main() -> None:
             cases += [{"model": name, "variant": variant, "head": head, "option": "default", "folder": folders[head, variant]}
                       for head in HEADS if (head, variant) in folders]
             cases += [{"model": name, "variant": variant, "head": "parts", "option": o, "folder": folders["parts", variant]}
-                      for o in args.options if o != "default" and variant != "int4-level1"  # level 1 itself is the option there
+                      for o in args.options if o != "default" and variant in BASE  # the other variants are an option each
                       and not (o == "mapped-weights" and variant == "int4")]
         if args.llama_cpp:
             ggufs = prepare_gguf(name, args.checkpoints / name, HERE / "exports" / name, args.llama_cpp, args.llama_cpp_source)
@@ -302,6 +319,8 @@ def main() -> None:
                       for variant in args.variants if variant in GGUF]
     if args.prepare_only:
         return
+    for case in cases:
+        evict(Path(case["folder"]))
     samples: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(cases))}
     for round_ in range(args.runs):
         order = list(range(len(cases)))

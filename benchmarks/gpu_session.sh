@@ -5,7 +5,8 @@
 # Writes to $OUT (default benchmarks/results/gpu): the device, the `pytest -m cuda` log, benchmarks/gpu.py's
 # tables for the gpt2-large shape: fp16 with the cache in place, with and without CUDA graphs, PyTorch fp16, and
 # fp32 with the growing cache (which issue 12 asks fp16 to beat on the same GPU; COMPETITORS="..." for fewer),
-# and benchmarks/overhead.py's split of a batch-1 step with CUDA graphs. The folders are made on the
+# benchmarks/overhead.py's split of a batch-1 step with CUDA graphs and benchmarks/gpu_kernels.py's list of
+# the kernels in it. The folders are made on the
 # CPU while the tests run; the tables are written after every case, so a run cut short keeps what it measured.
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
@@ -17,11 +18,10 @@ python3 benchmarks/gpu.py --tokenizer .gpuenv/gpt2-tokenizer --prepare --competi
 prepare=$!
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -m cuda -q -p no:cacheprovider --tb=short -rf tests/test_cuda.py > "$OUT/pytest-cuda.log" 2>&1
 tail -4 "$OUT/pytest-cuda.log"
-if grep -q "FAILED.*graph" "$OUT/pytest-cuda.log" && [ -f benchmarks/cuda_graph_probe.py ]; then
-  timeout 60 python3 benchmarks/cuda_graph_probe.py 2>&1 | grep -v Warning | tee "$OUT/probe.log"
-fi
 wait $prepare || tail -20 "$OUT/prepare.log"
 timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/gpu.py --tokenizer .gpuenv/gpt2-tokenizer --out "$OUT" --new-tokens 64 --runs 2 \
     --competitors "${COMPETITORS[@]}" 2>&1 | grep -v Warning | tail -30
 # Where a batch-1 step's time goes with CUDA graphs: the replay against onnxgen's own work around it.
 timeout 60 python3 benchmarks/overhead.py /tmp/onnxgen-gpu/onnx/fp16 --provider cuda --cuda-graph --runs 3 --out "$OUT" 2>&1 | tail -6
+# And which kernels that GPU time is (the way to 600 tok/s at batch 1).
+timeout 90 python3 benchmarks/gpu_kernels.py /tmp/onnxgen-gpu/onnx/fp16 --out "$OUT" 2>&1 | grep -v Warning | tail -40

@@ -48,6 +48,7 @@ class InPlaceCache:
         rt = runtime
         self.shape = (rows, rt.n_head, capacity, rt.head_dim)  # of each layer's key or value
         self.row_bytes = rt.n_head * capacity * rt.head_dim * rt.cache_dtype.itemsize
+        self.nbytes = len(rt.past_names) * rows * self.row_bytes
         # One buffer, layer after layer (past_names' order), so that beam search moves every layer's rows in one
         # run on CUDA (144 small runs a step for gpt2-large otherwise).
         shape = (len(rt.past_names) * rows, *self.shape[1:])

@@ -92,6 +92,11 @@ class Mode(str, Enum):
     fp16 = "fp16"
 
 
+class KvCache(str, Enum):
+    float = "float"
+    int8 = "int8"
+
+
 @app.command()
 def quantize(
     model: Annotated[Path, typer.Option("--model", "-m", help="fp32 folder made by `onnxgen export`")],
@@ -102,6 +107,7 @@ def quantize(
     accuracy_level: Annotated[int, typer.Option(help="int4: compute type, 4 = int8 (fastest on CPU), 1 = fp32")] = 4,
     max_ppl_increase: Annotated[float, typer.Option(help="refuse if perplexity on the evaluation text grows by more than this fraction")] = 0.10,
     provider: Annotated[str, typer.Option(help="where the accuracy check runs: cpu or cuda")] = "cpu",
+    kv_cache: Annotated[KvCache, typer.Option(help="int8: keep the key/value cache in int8 (CPU; a quarter of the memory)")] = KvCache.float,
     force: Annotated[bool, typer.Option(help="replace OUTPUT if it exists")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -111,7 +117,7 @@ def quantize(
 
     options = QuantizeOptions(mode=mode.value, per_channel=per_channel, block_size=block_size,
                               accuracy_level=accuracy_level, max_ppl_increase=max_ppl_increase,
-                              provider=provider, force=force)  # type: ignore[arg-type]
+                              provider=provider, kv_cache=kv_cache.value, force=force)  # type: ignore[arg-type]
     result = run(lambda: do_quantize(model, output, options))
     print(json.dumps(result, indent=2) if as_json else summary(result))
 

@@ -43,6 +43,10 @@ class Rows:
             self._runtime.release(self._cache)
             self._runtime = None
 
+    def __del__(self) -> None:  # a call its caller let go of mid-way (a dropped generator) hands its cache back too
+        if getattr(self, "_runtime", None) is not None:  # not if __init__ failed before there was a cache
+            self.release()
+
     def forward(self) -> np.ndarray:
         """Run the pending tokens; the last position's scores, (rows, vocab) float32."""
         if self._pending is None:

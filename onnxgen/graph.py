@@ -14,6 +14,8 @@
 - The cache in place (the default): each MultiHeadAttention becomes a GroupQueryAttention that reads and
   writes a buffer the runtime allocates once per call, each row at its own length, instead of returning a
   new, longer copy of the whole cache at every step.
+- An int8 cache (quantize --kv-cache int8): GroupQueryAttention stores keys and values in int8 with a
+  calibrated scale per channel and reads them back through it.
 - The head in parts of at most 16 MiB (a Concat of their logits): onnxruntime packs every weight for its
   kernels at load and frees the original after, so the load's peak is one weight's original above what the
   model holds running; the head is the largest weight (a third of gpt2's). An fp32 folder's parts read row
@@ -270,6 +272,23 @@ def cache_in_place(model: onnx.ModelProto) -> int:
             value.type.tensor_type.shape.dim[2].dim_param = "capacity"
     _remove_dead_nodes(g)  # the Splits, and the mask's Cast
     return len(layers)
+
+
+def quantize_cache(model: onnx.ModelProto, scales: dict[str, np.ndarray]) -> None:
+    """Keep the in-place cache in int8: each GroupQueryAttention quantizes the keys and values it writes with
+    a fixed scale per channel (`scales`: past name -> (n_head * head_dim,) float32, calibrated by
+    quantize.py) and reads them back through it. A quarter of fp32's bytes for the cache, so a quarter of the
+    memory a long call holds and of what attention reads a step."""
+    g = model.graph
+    for node in [n for n in g.node if n.op_type == "GroupQueryAttention"]:
+        names = [f"{node.name}/k_scale", f"{node.name}/v_scale"]
+        g.initializer.extend(numpy_helper.from_array(scales[past].astype(np.float32), name) for past, name in zip(node.input[3:5], names))
+        node.input.extend([""] * (12 - len(node.input)) + names)  # k_scale and v_scale are inputs 12 and 13
+        node.attribute.extend([helper.make_attribute("k_quant_type", "PER_CHANNEL"), helper.make_attribute("v_quant_type", "PER_CHANNEL"),
+                               helper.make_attribute("kv_cache_bit_width", 8)])
+    for value in [*g.input, *g.output]:
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.elem_type = TensorProto.INT8
 
 
 def _keep_by_index(g: onnx.GraphProto) -> None:

@@ -43,7 +43,9 @@ SELECT_ROWS = {np.dtype(np.float32): "select_rows_float32.onnx", np.dtype(np.flo
 COPY = {np.dtype(np.float32): "copy_float32.onnx", np.dtype(np.float16): "copy_float16.onnx"}
 TOP_K = "top_k.onnx"  # beam search's selections, on the host (graph.top_k_model)
 GRAPHS = Path(__file__).parent / "graphs"
-_ELEMENT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
+IDLE_CACHE_BYTES = 2 << 30  # CUDA graphs: finished calls' caches kept for later calls of their shape
+# The cache's and the logits' element types; an int8 cache is quantize --kv-cache int8's (CPU).
+_ELEMENT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16), "tensor(int8)": np.dtype(np.int8)}
 
 
 def onnxruntime_conflict(path: list[str] | None = None) -> str | None:
@@ -188,7 +190,7 @@ class Runtime:
         # With CUDA graphs, all device work goes one call at a time: while onnxruntime captures a step, any other
         # thread's copy or allocation on the device breaks the capture.
         self._lock = threading.RLock()
-        self._idle: dict[tuple[int, int], list[InPlaceCache]] = {}  # CUDA-graph caches of finished calls, by (rows, capacity)
+        self._idle: list[InPlaceCache] = []  # CUDA-graph caches of finished calls, the most recently finished last
         self.past_names, self.present_names = past_names(dims.n_layer), present_names(dims.n_layer)
         # logits_to_keep: the last position. A growing graph counts positions (1), and IO binding takes that
         # input, which has a default (graph.add_logits_to_keep), only as an OrtValue; an in-place graph takes
@@ -220,7 +222,7 @@ class Runtime:
             raise ModelFolderError(f"{model_path} scores {outputs[LOGITS][-1]} tokens, the manifest says vocab_size {dims.vocab_size}")
         cache_type = types[past_names(1)[0]]
         if cache_type not in _ELEMENT_TYPES:
-            raise ModelFolderError(f"{model_path}: {past_names(1)[0]} is {cache_type}, expected tensor(float) or tensor(float16)")
+            raise ModelFolderError(f"{model_path}: {past_names(1)[0]} is {cache_type}, expected tensor(float), tensor(float16) or tensor(int8)")
         logits_type = next(o.type for o in self.session.get_outputs() if o.name == LOGITS)
         return in_place, _ELEMENT_TYPES[cache_type], _ELEMENT_TYPES.get(logits_type, np.dtype(np.float32))
 
@@ -242,15 +244,20 @@ class Runtime:
         if not self.cuda_graph:
             return InPlaceCache(self, rows, capacity)
         with self._lock:
-            idle = self._idle.get((rows, capacity))
-            if idle:
-                return idle.pop()  # its lengths are the prompts' once prefill runs
+            for i in reversed(range(len(self._idle))):
+                if (self._idle[i].rows, self._idle[i].capacity) == (rows, capacity):
+                    return self._idle.pop(i)  # its lengths are the prompts' once prefill runs
         return InPlaceCache(self, rows, capacity)
 
     def release(self, cache: Cache) -> None:
+        """A call is over. With CUDA graphs its cache waits for the next call of its shape, the least recently
+        finished going first past IDLE_CACHE_BYTES (a server sees many shapes). onnxruntime keeps the graph of
+        a cache let go (it has no way to drop one): only its buffer's memory comes back."""
         if self.cuda_graph and isinstance(cache, InPlaceCache):
             with self._lock:
-                self._idle.setdefault((cache.rows, cache.capacity), []).append(cache)
+                self._idle.append(cache)
+                while sum(c.nbytes for c in self._idle) > IDLE_CACHE_BYTES:
+                    self._idle.pop(0)
 
     def exclusive(self) -> contextlib.AbstractContextManager[Any]:
         """Held around a cache's device work when CUDA graphs are on (see _lock); otherwise nothing."""

@@ -19,35 +19,46 @@ from .runtime import Provider
 from .serve import Limits, create_app
 
 
+def resources(provider: Provider, threads: int | None) -> dict[str, int]:
+    """What each replica or worker asks Ray for: its threads' CPUs, and on CUDA a GPU of its own (Ray then
+    places it on a machine with one free and shows it that GPU alone)."""
+    return {"num_cpus": threads or 1, "num_gpus": 1 if provider == "cuda" else 0}
+
+
 def _build_app(model_dir: str, name: str | None, provider: Provider, threads: int | None, api_key: str | None,
-               limits: Limits | None, mapped_weights: bool) -> Any:
+               limits: Limits | None, mapped_weights: bool, cuda_graph: bool) -> Any:
     """Runs on each replica: load the model there and build the same app `onnxgen serve` runs."""
-    model = load(model_dir, provider=provider, threads=threads, mapped_weights=mapped_weights)
+    model = load(model_dir, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph)
     return create_app(model, name or Path(model_dir).name, api_key, limits)
 
 
 def deployment(model_dir: str, name: str | None = None, provider: Provider = "cpu", threads: int | None = None,
                num_replicas: int = 1, api_key: str | None = None, limits: Limits | None = None,
-               mapped_weights: bool = False) -> Any:
+               mapped_weights: bool = False, cuda_graph: bool = False) -> Any:
     """A Ray Serve application: `num_replicas` copies of the app, each with its model, behind Ray's proxy.
     Run it with `serve.run(deployment(...))`; the routes are onnxgen serve's. `mapped_weights`: the replicas
-    that Ray places on one machine share one copy of the weights (onnxgen.load)."""
+    that Ray places on one machine share one copy of the weights; `cuda_graph`: on CUDA, each replica
+    replays its decode steps as CUDA graphs (both onnxgen.load's)."""
     from ray import serve
 
     def build() -> Any:  # a function, not a partial: Ray tells a builder from an ASGI app that way
-        return _build_app(model_dir, name, provider, threads, api_key, limits, mapped_weights)
+        return _build_app(model_dir, name, provider, threads, api_key, limits, mapped_weights, cuda_graph)
 
     ingress = serve.deployment(serve.ingress(build)(), name="onnxgen", num_replicas=num_replicas,
-                               ray_actor_options={"num_cpus": threads or 1})
+                               ray_actor_options=resources(provider, threads))
     return ingress.bind()
+
+
+def _flag(args: dict[str, str], name: str) -> bool:
+    return args.get(name, "0") not in ("0", "false", "False", "")
 
 
 def app(args: dict[str, str]) -> Any:
     """The builder `serve run onnxgen.scale:app model_dir=DIR [num_replicas=N] [threads=T] [provider=cuda]
-    [mapped_weights=1]` calls."""
+    [mapped_weights=1] [cuda_graph=1]` calls."""
     return deployment(args["model_dir"], args.get("name"), args.get("provider", "cpu"),  # type: ignore[arg-type]
                       int(args["threads"]) if "threads" in args else None, int(args.get("num_replicas", 1)), args.get("api_key"),
-                      mapped_weights=args.get("mapped_weights", "0") not in ("0", "false", "False", ""))
+                      mapped_weights=_flag(args, "mapped_weights"), cuda_graph=_flag(args, "cuda_graph"))
 
 
 class Generate:
@@ -55,8 +66,8 @@ class Generate:
     `prompt` column into `generated_text` and `finish_reason` (one completion a prompt)."""
 
     def __init__(self, model_dir: str, provider: Provider = "cpu", threads: int | None = 1, mapped_weights: bool = False,
-                 **options: Any) -> None:
-        self.model = load(model_dir, provider=provider, threads=threads, mapped_weights=mapped_weights)
+                 cuda_graph: bool = False, **options: Any) -> None:
+        self.model = load(model_dir, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph)
         self.options = self.model.options(**options)  # checked once, on the worker, before any row
         if self.options.num_return_sequences != 1:
             raise ValueError("generate_dataset makes one completion a prompt: num_return_sequences must be 1")
@@ -68,10 +79,10 @@ class Generate:
 
 
 def generate_dataset(dataset: Any, model_dir: str, *, concurrency: int = 1, batch_size: int = 8, provider: Provider = "cpu",
-                     threads: int | None = 1, mapped_weights: bool = False, **options: Any) -> Any:
+                     threads: int | None = 1, mapped_weights: bool = False, cuda_graph: bool = False, **options: Any) -> Any:
     """`dataset` (a ray.data.Dataset with a `prompt` column) with `generated_text` and `finish_reason` added,
-    by `concurrency` workers, each holding one model (`mapped_weights`: the workers of one machine share one
-    copy of the weights). Lazy, as Ray Data is: consume it to run it."""
+    by `concurrency` workers, each holding one model (`mapped_weights`, `cuda_graph`: onnxgen.load's). Lazy,
+    as Ray Data is: consume it to run it."""
     return dataset.map_batches(Generate, fn_constructor_kwargs={"model_dir": str(model_dir), "provider": provider, "threads": threads,
-                                                                "mapped_weights": mapped_weights, **options},
-                               batch_size=batch_size, concurrency=concurrency, num_cpus=threads or 1)
+                                                                "mapped_weights": mapped_weights, "cuda_graph": cuda_graph, **options},
+                               batch_size=batch_size, concurrency=concurrency, **resources(provider, threads))

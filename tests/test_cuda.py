@@ -99,9 +99,9 @@ def test_cuda_graph_calls_reuse_their_capture(folders: dict[str, Path]) -> None:
     gpu = onnxgen.load(folders["fp16"], provider="cuda", cuda_graph=True)
     plain = onnxgen.load(folders["fp16"], provider="cuda")
     first = _tokens(gpu, PROMPTS)
-    ids = {id(c) for caches in gpu.runtime._idle.values() for c in caches}
+    ids = {id(c) for c in gpu.runtime._idle}
     assert _tokens(gpu, PROMPTS) == first == _tokens(plain, PROMPTS)
-    assert {id(c) for caches in gpu.runtime._idle.values() for c in caches} == ids
+    assert {id(c) for c in gpu.runtime._idle} == ids
 
 
 def test_decode_on_cuda_reads_each_row_only_to_its_length(folders: dict[str, Path]) -> None:

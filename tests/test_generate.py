@@ -354,6 +354,39 @@ def test_cuda_graph_needs_cuda(exported: Path) -> None:
         onnxgen.load(exported, cuda_graph=True)
 
 
+def test_cuda_graph_cache_pool_keeps_recent_shapes_within_its_bound(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA-graph cache pool's bookkeeping, on the CPU (tests/test_cuda.py replays real graphs on a GPU):
+    a finished call's cache goes to the next call of its shape, a call dropped mid-way hands its cache back
+    too, and past IDLE_CACHE_BYTES the least recently finished caches go first. The CPU runtime is told it
+    captures graphs, which makes its decode steps bind what a captured step binds (total = capacity)."""
+    import gc
+
+    from onnxgen import runtime as runtime_module
+
+    model, plain = onnxgen.load(exported, threads=1), onnxgen.load(exported, threads=1)
+    model.runtime.cuda_graph = True
+    greedy = {"max_new_tokens": 6, "do_sample": False}
+    first = [c.token_ids for c in model.generate(PROMPTS, **greedy)]
+    assert first == [c.token_ids for c in plain.generate(PROMPTS, **greedy)]
+    pooled = model.runtime._idle[-1]
+    assert len(model.runtime._idle) == 1 and pooled.capacity % 64 == 0
+    assert [c.token_ids for c in model.generate(PROMPTS, **greedy)] == first and model.runtime._idle == [pooled]
+
+    dropped = model.generator(PROMPTS, **greedy)
+    dropped.step()
+    assert model.runtime._idle == []  # the only cache of this shape is in use
+    del dropped
+    gc.collect()
+    assert model.runtime._idle == [pooled]
+
+    monkeypatch.setattr(runtime_module, "IDLE_CACHE_BYTES", pooled.nbytes)  # room for rows adding up to 3
+    for rows in (1, 2):
+        model.generate(PROMPTS[:rows], **greedy)
+    assert [c.rows for c in model.runtime._idle] == [1, 2]  # the 3-row cache went when the 1-row one came
+    model.generate(PROMPTS, **greedy)
+    assert [c.rows for c in model.runtime._idle] == [3]
+
+
 def decode_at_totals(runtime: object) -> list[np.ndarray]:
     """One decode step of PROMPTS with total_sequence_length at the longest row's length, then at the buffer's
     capacity (what a CUDA graph binds, for every step): each row's length is in seqlens_k either way."""

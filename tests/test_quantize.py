@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +67,12 @@ def test_cli_quantize(exported: Path, tmp_path: Path) -> None:
     assert "perplexity" in r.stdout and "weight matrices quantized" in r.stdout
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.startswith("onnxgen: error: ") and "already exists" in r.stderr
+    r = subprocess.run([*cmd[:6], "-o", str(tmp_path / "kv"), "--mode", "int4", "--kv-cache", "int8", "--max-ppl-increase", "0.5", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["quantization"]["options"]["kv_cache"] == "int8"
+    r = subprocess.run([*cmd[:6], "-o", str(tmp_path / "half"), "--mode", "fp16", "--kv-cache", "int8"], capture_output=True, text=True)
+    assert r.returncode == 1 and "for the CPU" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "onnxgen", "quantize", "-m", str(tmp_path), "-o", str(tmp_path / "z")], capture_output=True, text=True)
     assert r.returncode == 1 and "no onnxgen.json" in r.stderr and "Traceback" not in r.stderr
 
@@ -122,3 +130,51 @@ def test_quantized_heads_come_in_parts(exported: Path, exported_parts: Path, qua
     quantize(exported_parts, out, QuantizeOptions(mode="fp16", max_ppl_increase=0.5), quiet=True)
     names = [n.name for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
     assert "/lm_head/TiedTranspose" in names and not any(n.startswith("/lm_head/Part.") for n in names)
+
+
+def test_int8_cache_holds_a_quarter_and_decode_reads_what_the_prompt_wrote(quantized_folder, exported: Path) -> None:  # type: ignore[no-untyped-def]
+    """--kv-cache int8: every layer's key and value gets a calibrated scale per channel, the call's buffer is
+    int8 (a quarter of the float cache's bytes), decode steps score exactly as a prompt pass over the same
+    tokens (both read the int8 cache through the same scales), and beam search moves int8 rows."""
+    import onnx
+    from onnx import numpy_helper
+
+    plain, folder = quantized_folder("int4"), quantized_folder("int4", kv_cache="int8")
+    a, b = (onnxgen.load(f, threads=1) for f in (plain, folder))
+    record = json.loads((folder / "onnxgen.json").read_text())["quantization"]
+    assert record["options"]["kv_cache"] == "int8" and record["kv_cache_calibration"]["tokens"] > 0
+    assert b.runtime.cache_dtype == np.int8 and a.runtime.cache_dtype == np.float32
+    assert b.runtime.new_cache(2, 40).array.nbytes * 4 == a.runtime.new_cache(2, 40).array.nbytes  # type: ignore[union-attr]
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    scales = [numpy_helper.to_array(t) for t in graph.initializer if t.name.endswith(("/k_scale", "/v_scale"))]
+    assert len(scales) == 2 * b.dims.n_layer and all(s.shape == (b.dims.n_embd,) and (s > 0).all() for s in scales)
+
+    ids = np.asarray([b.tokenizer.encode(EVAL_TEXT.read_text())[:24]])
+    whole = b.runtime.all_logits(ids)[0]
+    cache = b.runtime.new_cache(1, 24)
+    steps = [cache.prefill([ids[0, :16].tolist()])[0]] + [cache.decode(ids[0, 16 + i : 17 + i])[0] for i in range(7)]
+    assert all(np.array_equal(step, whole[15 + i]) for i, step in enumerate(steps))
+    # The int8 cache stays near the float one: well within what int4 weights cost (random weights; the
+    # shipped model's report is the figure that means something).
+    reference = onnxgen.load(exported, threads=1).runtime.all_logits(ids)[0]
+    assert np.abs(whole - a.runtime.all_logits(ids)[0]).mean() < 0.5 * np.abs(a.runtime.all_logits(ids)[0] - reference).mean()
+    beams = b.generate(PROMPTS, max_new_tokens=8, num_beams=3, num_return_sequences=2)
+    assert len(beams) == 2 * len(PROMPTS) and all(len(c.token_ids) >= 1 for c in beams)
+
+
+def test_int8_cache_is_refused_where_it_cannot_run(exported: Path, exported_growing: Path, tmp_path: Path) -> None:
+    with pytest.raises(QuantizeError, match="cache in place"):
+        quantize(exported_growing, tmp_path / "growing", QuantizeOptions(mode="int8", kv_cache="int8"), quiet=True)
+    with pytest.raises(QuantizeError, match="for the CPU"):
+        quantize(exported, tmp_path / "half", QuantizeOptions(mode="fp16", kv_cache="int8"), quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_hard_linked_parent_is_refused_before_any_work(exported: Path, tmp_path: Path) -> None:
+    """onnx will not read external data from a file with several hard links; say so, and how to get round it."""
+    linked = tmp_path / "linked"
+    shutil.copytree(exported, linked)
+    os.link(linked / "model.onnx.data", tmp_path / "elsewhere.data")
+    with pytest.raises(QuantizeError, match="hard links.*cp -r"):
+        quantize(linked, tmp_path / "out", QuantizeOptions(mode="int8"), quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.data", "linked"]

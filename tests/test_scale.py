@@ -48,3 +48,10 @@ def test_ray_serve_deployment_answers_like_onnxgen_serve(local_ray: None, export
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json() == {"status": "ok"}
     finally:
         serve.shutdown()
+
+
+def test_replicas_on_cuda_ask_for_a_gpu_each() -> None:
+    from onnxgen.scale import resources
+
+    assert resources("cuda", 2) == {"num_cpus": 2, "num_gpus": 1}
+    assert resources("cpu", None) == {"num_cpus": 1, "num_gpus": 0}
