@@ -6,8 +6,8 @@
 # tables for the gpt2-large shape: fp16 with the cache in place, with and without CUDA graphs, PyTorch fp16, and
 # fp32 with the growing cache (which issue 12 asks fp16 to beat on the same GPU; COMPETITORS="..." for fewer),
 # benchmarks/overhead.py's split of a batch-1 step with CUDA graphs and benchmarks/gpu_kernels.py's list of
-# the kernels in it. The folders are made on the
-# CPU while the tests run; the tables are written after every case, so a run cut short keeps what it measured.
+# the kernels in it. The folders are made on the CPU while the tests run; the tables are written after every
+# case, so a run cut short keeps what it measured.
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
