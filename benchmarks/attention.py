@@ -22,42 +22,46 @@ from typing import Any
 
 import numpy as np
 
+from onnxgen.folder import past_names, present_names
+
 HERE = Path(__file__).resolve().parent
 SHAPES = {"gpt2": (12, 12, 64), "gpt2-large": (36, 20, 64)}  # layers, heads, head size
 CACHES = ["fp32", "fp16", "int8"]
 
 
+PAST, PRESENT = past_names(1), present_names(1)  # one layer's names, as the model's graph has them
+SCALE = 0.02  # the int8 cache's scale for every channel: values of about +-2, as the float caches get
+
+
 def attention_session(cache: str, heads: int, head_dim: int, threads: int) -> Any:
-    """One GroupQueryAttention over GPT-2's packed QKV (fp32, as the model gives it), its cache in `cache`."""
+    """One GroupQueryAttention over GPT-2's packed QKV (fp32, as the model gives it), its cache in `cache`: the
+    int8 one made by graph.quantize_cache, the edit `quantize --kv-cache int8` makes."""
     import onnxruntime as ort
     from onnx import TensorProto as T
     from onnx import helper
 
-    hidden, nodes, attrs = heads * head_dim, [], {"num_heads": heads, "kv_num_heads": heads}
-    inputs = ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total"]
-    element, query, out = {"fp32": T.FLOAT, "fp16": T.FLOAT16, "int8": T.INT8}[cache], "qkv", "out"
-    scales = []
+    from onnxgen.graph import quantize_cache
+
+    hidden, query, out = heads * head_dim, "qkv", "out"
+    element = T.FLOAT16 if cache == "fp16" else T.FLOAT
+    nodes = []
     if cache == "fp16":  # the kernel's inputs and cache share one type: the query converts on the way in and out
-        nodes.append(helper.make_node("Cast", ["qkv"], ["qkv16"], to=T.FLOAT16))
-        inputs[0], query, out = "qkv16", "qkv16", "out16"
-        nodes.append(helper.make_node("Cast", ["out16"], ["out"], to=T.FLOAT))
-    if cache == "int8":
-        attrs.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
-        inputs += [""] * 5 + ["k_scale", "v_scale"]
-        scales = [helper.make_tensor_value_info(n, T.FLOAT, [hidden]) for n in ("k_scale", "v_scale")]
+        query, out = "qkv16", "out16"
+        nodes += [helper.make_node("Cast", ["qkv"], [query], to=T.FLOAT16), helper.make_node("Cast", [out], ["out"], to=T.FLOAT)]
     nodes.insert(1 if cache == "fp16" else 0, helper.make_node(
-        "GroupQueryAttention", inputs, [out, "present_key", "present_value"], domain="com.microsoft", **attrs))
+        "GroupQueryAttention", [query, "", "", *PAST, "seqlens_k", "total"], [out, *PRESENT], name="attention",
+        domain="com.microsoft", num_heads=heads, kv_num_heads=heads))
     cache_shape = [1, heads, "capacity", head_dim]
     graph = helper.make_graph(nodes, "attention", [
         helper.make_tensor_value_info("qkv", T.FLOAT, [1, 1, 3 * hidden]),
-        helper.make_tensor_value_info("past_key", element, cache_shape),
-        helper.make_tensor_value_info("past_value", element, cache_shape),
+        *(helper.make_tensor_value_info(name, element, cache_shape) for name in PAST),
         helper.make_tensor_value_info("seqlens_k", T.INT32, [1]),
-        helper.make_tensor_value_info("total", T.INT32, []), *scales,
+        helper.make_tensor_value_info("total", T.INT32, []),
     ], [helper.make_tensor_value_info("out", T.FLOAT, [1, 1, hidden]),
-        helper.make_tensor_value_info("present_key", element, cache_shape),
-        helper.make_tensor_value_info("present_value", element, cache_shape)])
+        *(helper.make_tensor_value_info(name, element, cache_shape) for name in PRESENT)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    if cache == "int8":
+        quantize_cache(model, {name: np.full(hidden, SCALE, np.float32) for name in PAST})
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -73,14 +77,13 @@ def step_ms(shape: tuple[int, int, int], positions: list[int], threads: int, run
     rng = np.random.default_rng(0)
     capacity = max(positions) + 64
     qkv = rng.standard_normal((1, 1, 3 * heads * head_dim)).astype(np.float32)
-    scale = np.full(heads * head_dim, 0.02, np.float32)
     values = {}
     for cache in CACHES:
-        # Values of one size in every type (int8 ones through the 0.02 scale): a float cache of large values would
+        # Values of one size in every type (int8 ones through SCALE): a float cache of large values would
         # time softmax's underflow into subnormals instead of the attention.
         size = (1, heads, capacity, head_dim)
         make = (lambda: rng.integers(-100, 100, size, dtype=np.int8)) if cache == "int8" else \
-            (lambda: (rng.integers(-100, 100, size) * 0.02).astype(np.float16 if cache == "fp16" else np.float32))
+            (lambda: (rng.integers(-100, 100, size) * SCALE).astype(np.float16 if cache == "fp16" else np.float32))
         values[cache] = [[ort.OrtValue.ortvalue_from_numpy(make()) for _ in range(2)] for _ in range(layers)]
     times: dict[tuple[str, int], list[float]] = {}
     for n in positions:
@@ -88,13 +91,13 @@ def step_ms(shape: tuple[int, int, int], positions: list[int], threads: int, run
             for cache in CACHES:
                 # One session at a time, as a model runs: with all three alive these times doubled (their pools compete).
                 session = attention_session(cache, heads, head_dim, threads)
-                _pass(session, values[cache], qkv, scale, n, cache == "int8")  # warm-up
-                times.setdefault((cache, n), []).append(_pass(session, values[cache], qkv, scale, n, cache == "int8"))
+                _pass(session, values[cache], qkv, n)  # warm-up
+                times.setdefault((cache, n), []).append(_pass(session, values[cache], qkv, n))
                 del session
     return {cache: {n: float(np.median(times[cache, n])) * 1e3 for n in positions} for cache in CACHES}
 
 
-def _pass(session: Any, values: list[list[Any]], qkv: np.ndarray, scale: np.ndarray, n: int, scaled: bool) -> float:
+def _pass(session: Any, values: list[list[Any]], qkv: np.ndarray, n: int) -> float:
     """Seconds for one decode step through every layer's attention, after n positions."""
     start = time.perf_counter()
     for key, value in values:
@@ -102,14 +105,10 @@ def _pass(session: Any, values: list[list[Any]], qkv: np.ndarray, scale: np.ndar
         io.bind_cpu_input("qkv", qkv)
         io.bind_cpu_input("seqlens_k", np.array([n], np.int32))
         io.bind_cpu_input("total", np.array(n + 1, np.int32))
-        if scaled:
-            io.bind_cpu_input("k_scale", scale)
-            io.bind_cpu_input("v_scale", scale)
-        io.bind_ortvalue_input("past_key", key)
-        io.bind_ortvalue_input("past_value", value)
+        for past, present, buffer in zip(PAST, PRESENT, (key, value)):
+            io.bind_ortvalue_input(past, buffer)
+            io.bind_ortvalue_output(present, buffer)
         io.bind_output("out")
-        io.bind_ortvalue_output("present_key", key)
-        io.bind_ortvalue_output("present_value", value)
         session.run_with_iobinding(io)
     return time.perf_counter() - start
 

@@ -47,8 +47,8 @@ class InPlaceCache:
         self.runtime, self.rows, self.capacity = runtime, rows, capacity
         rt = runtime
         self.shape = (rows, rt.n_head, capacity, rt.head_dim)  # of each layer's key or value
-        self.row_bytes = rt.n_head * capacity * rt.head_dim * rt.cache_dtype.itemsize
-        self.nbytes = len(rt.past_names) * rows * self.row_bytes
+        self.nbytes = rt.cache_bytes(rows, capacity)
+        self.row_bytes = rt.cache_bytes(1, capacity) // len(rt.past_names)  # one row of one layer's key or value
         # One buffer, layer after layer (past_names' order), so that beam search moves every layer's rows in one
         # run on CUDA (144 small runs a step for gpt2-large otherwise).
         shape = (len(rt.past_names) * rows, *self.shape[1:])
@@ -62,6 +62,10 @@ class InPlaceCache:
             with rt.exclusive():  # with CUDA graphs, no allocation while another thread captures
                 self.buffer = rt.ort.OrtValue.ortvalue_from_shape_and_type(shape, rt.cache_dtype, rt.device, 0)
         self.lengths = np.zeros(rows, dtype=np.int64)  # positions written, per row
+
+    def layers(self) -> np.ndarray:
+        """The CPU buffer as (layer's key or value in past_names' order, row, head, position, head size)."""
+        return self.array.reshape(-1, *self.shape)
 
     def address(self, layer: int, row: int = 0) -> int:
         """Where row `row` of past_names[layer] starts in the buffer."""
@@ -128,7 +132,7 @@ class InPlaceCache:
         if moved.size:
             n = int(self.lengths.max())
             if self.runtime.device == "cpu":
-                layers = self.array.reshape(-1, *self.shape)  # the right side is gathered first: safe when rows swap
+                layers = self.layers()  # the right side is gathered first: safe when rows swap
                 layers[:, moved, :, :n] = layers[:, source[moved], :, :n]
             else:  # row r of layer l is row l x rows + r of the buffer
                 every = (np.arange(len(self.runtime.past_names))[:, None] * self.rows + source).reshape(-1)

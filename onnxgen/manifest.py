@@ -26,6 +26,12 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def cache_in_place(record: dict[str, Any]) -> bool:
+    """Whether a folder's graph (its manifest `record`) keeps the key/value cache in place (export's default)
+    rather than growing it a position a step (`--growing-cache`)."""
+    return bool(record.get("graph", {}).get("cache_in_place"))
+
+
 def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
     return {
         p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)}

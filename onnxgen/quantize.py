@@ -89,9 +89,8 @@ def cache_scales(source: Path) -> dict[str, np.ndarray]:
     cache = model.runtime.new_cache(len(prompts), max(len(p) for p in prompts))
     assert isinstance(cache, InPlaceCache)  # quantize() refused any other folder from its manifest
     cache.prefill(prompts)
-    rt = model.runtime
-    peaks = np.abs(cache.array).reshape(len(rt.past_names), -1, rt.n_head, cache.capacity, rt.head_dim).max(axis=(1, 3))
-    return {name: np.maximum(peak.reshape(-1), 1e-6) * CALIBRATION.margin / 127 for name, peak in zip(rt.past_names, peaks)}
+    peaks = np.abs(cache.layers()).max(axis=(1, 3))  # over rows and positions: (layer's key or value, head, head size)
+    return {name: np.maximum(peak.reshape(-1), 1e-6) * CALIBRATION.margin / 127 for name, peak in zip(model.runtime.past_names, peaks)}
 
 
 def _bytes_per_weight(options: QuantizeOptions) -> float:
@@ -184,7 +183,7 @@ def quantize(source: Path, out: Path, options: QuantizeOptions | None = None, qu
     int8_cache = options.kv_cache == "int8"
     if int8_cache and options.mode == "fp16":
         raise QuantizeError("an int8 key/value cache is for the CPU (int8 or int4 modes); fp16 folders keep an fp16 cache on CUDA")
-    if int8_cache and not parent.get("graph", {}).get("cache_in_place"):
+    if int8_cache and not manifest.cache_in_place(parent):
         raise QuantizeError(f"an int8 key/value cache needs the cache in place; {source} was exported with --growing-cache")
     if (source / DATA_FILE).is_file() and (source / DATA_FILE).stat().st_nlink > 1:  # onnx would refuse it mid-way
         raise QuantizeError(f"{source / DATA_FILE} has several hard links, and onnx refuses to read weights from such a file "

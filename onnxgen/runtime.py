@@ -32,6 +32,7 @@ from .folder import (
     past_names,
     present_names,
 )
+from .manifest import cache_in_place
 from .pages import page_on_demand
 
 Provider = Literal["cpu", "cuda"]
@@ -96,7 +97,7 @@ def runs_on_cuda(record: dict[str, Any]) -> bool:
     """Whether every node of a folder's graph (its manifest `record`) has a CUDA kernel: GroupQueryAttention, the
     cache in place, has them in float16 only; onnxruntime would run an fp32 one on the CPU, copying every
     layer's activations across each step."""
-    return not record.get("graph", {}).get("cache_in_place") or record.get("dtype") == "float16"
+    return not cache_in_place(record) or record.get("dtype") == "float16"
 
 
 def _check_mapped_weights(folder: ModelFolder, provider: Provider) -> None:
@@ -158,7 +159,7 @@ class Runtime:
             if not runs_on_cuda(folder.manifest):
                 raise ProviderError(f"{model_path} keeps its cache in place (GroupQueryAttention), which onnxruntime runs on CUDA in "
                                     "float16 only: make an fp16 folder (onnxgen quantize --mode fp16), or export with --growing-cache")
-            if cuda_graph and not folder.manifest.get("graph", {}).get("cache_in_place"):  # refused before a load of GBs
+            if cuda_graph and not cache_in_place(folder.manifest):  # refused before a load of GBs
                 raise OptionsError(f"cuda_graph needs a folder with the cache in place; {model_path} was exported with --growing-cache")
             providers: list[Any] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
             library_notes = _load_cuda_libraries(ort)
@@ -233,7 +234,7 @@ class Runtime:
         (release): a later call of the same shape replays the graph captured on those buffers instead of
         capturing another one (onnxruntime keeps every graph it has captured)."""
         capacity = min(-(-capacity // 64) * 64 if self.cuda_graph else capacity, self.n_positions)
-        need = rows * capacity * len(self.past_names) * self.n_head * self.head_dim * self.cache_dtype.itemsize
+        need = self.cache_bytes(rows, capacity)
         free = available_memory() if self.device == "cpu" else None
         if free is not None and need > free:  # else pages fill as the call runs, until the kernel kills the process
             raise OptionsError(f"this call's key/value cache needs {need / 2**20:,.0f} MiB ({rows} rows x {capacity} positions), "
@@ -248,6 +249,10 @@ class Runtime:
                 if (self._idle[i].rows, self._idle[i].capacity) == (rows, capacity):
                     return self._idle.pop(i)  # its lengths are the prompts' once prefill runs
         return InPlaceCache(self, rows, capacity)
+
+    def cache_bytes(self, rows: int, capacity: int) -> int:
+        """What every layer's key and value take for `rows` rows of `capacity` positions."""
+        return len(self.past_names) * rows * self.n_head * capacity * self.head_dim * self.cache_dtype.itemsize
 
     def release(self, cache: Cache) -> None:
         """A call is over. With CUDA graphs its cache waits for the next call of its shape, the least recently
