@@ -11,9 +11,9 @@ Then each case runs in a process of its own (its files first dropped from the pa
 taken in turns for --runs rounds so that they see the same machine:
 - the two folders with onnxruntime's defaults;
 - the parts folder without onnxgen's paging advice (pages.py: the file's pages still mapped after the load
-  read on demand), with `mapped_weights=True` (onnxgen.load's option: `session.disable_prepacking`, the weights
-  read in place from the mapped file; not for int4, whose MatMulNBits then dequantizes every weight at every
-  call), and with `enable_cpu_mem_arena=False`.
+  read on demand), with `mapped_weights=True` (onnxgen.load's option: the weights packed once for this machine into
+  a cached file that the process maps, prepacked.py; the copy is made before the runs), and with
+  `enable_cpu_mem_arena=False`.
 - with --llama-cpp PYTHON (an interpreter with llama-cpp-python) and --llama-cpp-source DIR (llama.cpp's tree,
   for convert_hf_to_gguf.py and gguf-py): llama.cpp on the same checkpoint, f32 / Q8_0 / Q4_0 beside fp32 / int8 /
   int4 (GGUF files made once in benchmarks/exports/<model>/llama.cpp/; its context sized to the call, its batch
@@ -23,7 +23,7 @@ the peak while decoding (VmHWM reset after the load through /proc/self/clear_ref
 how much of it is anonymous (private to the process: what neither another process can share nor the kernel
 drop without swap; the rest is mostly the model file's page cache), load seconds, and decode tok/s at batch 1
 (32-token prompt, 128 greedy tokens, the median of 3 calls after a warm-up).
-With --replicas N, N processes load the same int8 folder at once, as N workers or Ray replicas on one machine
+With --replicas N, N processes load the same int8 (then int4) folder at once, as N workers or Ray replicas on one machine
 would, each decodes one call and holds; the sum of their PSS (each shared page divided among its sharers) is
 the machine's memory for the N of them, with and without mapped_weights.
 Results: benchmarks/results/footprint.{json,md}. Run it on a quiet machine.
@@ -124,7 +124,7 @@ def child(folder: Path, option: str, threads: int, hold: bool = False) -> dict[s
 
         ort.SessionOptions = options
     if option == "no-paging":
-        onnxgen.runtime.page_on_demand = lambda path: 0
+        onnxgen.runtime.page_on_demand = lambda path, random: 0
     start = time.perf_counter()
     model = onnxgen.load(folder, threads=threads, mapped_weights=option == "mapped-weights")
     load_s = time.perf_counter() - start
@@ -286,7 +286,7 @@ def main() -> None:
     ap.add_argument("--child-llama", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--option", default="default", help=argparse.SUPPRESS)
     ap.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--replicas", type=int, default=0, help="also load the int8 folder in this many processes at once")
+    ap.add_argument("--replicas", type=int, default=0, help="also load the int8 and int4 folders in this many processes at once")
     ap.add_argument("--out", default="footprint", help="results/OUT.json and .md (a partial run: name it apart)")
     args = ap.parse_args()
     if args.child:
@@ -304,6 +304,9 @@ def main() -> None:
 
     import onnxruntime
 
+    from onnxgen import prepacked
+    from onnxgen.folder import ModelFolder
+
     cases = []
     for name in args.models:
         folders = prepare(name, args.checkpoints / name, HERE / "exports" / name)
@@ -311,8 +314,7 @@ def main() -> None:
             cases += [{"model": name, "variant": variant, "head": head, "option": "default", "folder": folders[head, variant]}
                       for head in HEADS if (head, variant) in folders]
             cases += [{"model": name, "variant": variant, "head": "parts", "option": o, "folder": folders["parts", variant]}
-                      for o in args.options if o != "default" and variant in BASE  # the other variants are an option each
-                      and not (o == "mapped-weights" and variant == "int4")]
+                      for o in args.options if o != "default" and variant in BASE]  # the other variants are an option each
         if args.llama_cpp:
             ggufs = prepare_gguf(name, args.checkpoints / name, HERE / "exports" / name, args.llama_cpp, args.llama_cpp_source)
             cases += [{"model": name, "variant": variant, "head": "llama.cpp", "option": GGUF[variant], "folder": ggufs[variant]}
@@ -320,6 +322,9 @@ def main() -> None:
     if args.prepare_only:
         return
     for case in cases:
+        if case["option"] == "mapped-weights":  # its copy packed for this machine, made once before the runs
+            subprocess.run([sys.executable, "-c", "import onnxgen, sys; onnxgen.load(sys.argv[1], mapped_weights=True)", str(case["folder"])], check=True)
+            evict(prepacked.location(ModelFolder.read(Path(case["folder"])), onnxruntime))
         evict(Path(case["folder"]))
     samples: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(cases))}
     for round_ in range(args.runs):
@@ -328,8 +333,8 @@ def main() -> None:
             samples[i].append(run_case(cases[i], args.threads, args.llama_cpp))
             print(f"round {round_ + 1}/{args.runs} {cases[i]['model']} {cases[i]['variant']} {cases[i]['head']} {cases[i]['option']}: "
                   f"{samples[i][-1]}", file=sys.stderr)
-    shared = [{"model": name, "variant": "int8", **replicas(HERE / "exports" / name / "memory-parts-int8", args.replicas, option, args.threads)}
-              for name in args.models for option in ("default", "mapped-weights")] if args.replicas else []
+    shared = [{"model": name, "variant": variant, **replicas(HERE / "exports" / name / f"memory-parts-{variant}", args.replicas, option, args.threads)}
+              for name in args.models for variant in ("int8", "int4") for option in ("default", "mapped-weights")] if args.replicas else []
     command = " ".join(["python benchmarks/footprint.py", *(a if not a.startswith("/") else Path(a).name.upper() for a in sys.argv[1:])])
     results = {"command": command, "host": platform.processor() or platform.machine(), "onnxruntime": onnxruntime.__version__, "threads": args.threads,
                "runs": args.runs, "models": args.models,

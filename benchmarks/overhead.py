@@ -33,7 +33,8 @@ STRATEGIES: dict[str, dict[str, Any]] = {  # `onnxgen bench`'s, and the filters 
 }
 
 
-def measure(folder: Path, threads: int, new_tokens: int, runs: int, provider: str = "cpu", cuda_graph: bool = False) -> list[dict[str, Any]]:
+def measure(folder: Path, threads: int, new_tokens: int, runs: int, provider: str = "cpu", cuda_graph: bool = False,
+            strategies: dict[str, dict[str, Any]] = STRATEGIES) -> list[dict[str, Any]]:
     model = onnxgen.load(folder, threads=threads, provider=provider, cuda_graph=cuda_graph)  # type: ignore[arg-type]
     session = model.runtime.session
     run = session.run_with_iobinding
@@ -47,7 +48,7 @@ def measure(folder: Path, threads: int, new_tokens: int, runs: int, provider: st
     session.run_with_iobinding = timed  # the runtime calls it once per forward
     prompt = list(range(100, 132))
     rows = []
-    for name, options in STRATEGIES.items():
+    for name, options in strategies.items():
         steps, forwards = [], []
         for i in range(runs + 1):
             inside.clear()

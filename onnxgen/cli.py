@@ -27,8 +27,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="model folder (default: the bundled small model)")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
 MappedWeightsOption = Annotated[bool, typer.Option(
-    "--mapped-weights", help="CPU: read the weights from the mapped file, shared by every process that loads the folder, "
-                             "instead of packing a private copy (slower; not for int4)")]
+    "--mapped-weights", help="CPU: map the weights, packed once for this machine into a cached file ($ONNXGEN_CACHE), "
+                             "instead of packing a private copy: every process that loads the folder shares one")]
 CudaGraphOption = Annotated[bool, typer.Option("--cuda-graph", help="CUDA: replay the decode step as one captured CUDA graph (a folder with the cache in place)")]
 
 

@@ -168,11 +168,11 @@ class Model:
 def load(path: str | Path | None = None, provider: Provider = "cpu", threads: int | None = None, verify: bool = False,
          mapped_weights: bool = False, cuda_graph: bool = False) -> Model:
     """Load an onnxgen model folder; with no path, the small model that ships with onnxgen. `verify` also
-    checks every file's sha256 against the manifest (a few seconds a GB). `mapped_weights` (CPU; fp32, int8
-    and fp16 folders) reads the weights from the mapped model.onnx.data instead of packing a private copy:
-    processes that load the same folder then share one copy, which the kernel can also reclaim, at a speed
-    cost measured in the README. `cuda_graph` (CUDA, a folder with the cache in place) replays each call's
-    decode step as one captured CUDA graph."""
+    checks every file's sha256 against the manifest (a few seconds a GB). `mapped_weights` (CPU) maps the
+    weights packed for this machine from a file (made at the first such load; prepacked.py) instead of packing
+    a private copy: processes that load the same folder then share one copy, which the kernel can also
+    reclaim. `cuda_graph` (CUDA, a folder with the cache in place) replays each call's decode step as one
+    captured CUDA graph."""
     folder = Path(path) if path is not None else BUNDLED
     if path is None and not (folder / MANIFEST).is_file():
         raise ModelFolderError("this onnxgen install has no bundled model: pass a model folder")

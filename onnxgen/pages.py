@@ -40,15 +40,18 @@ def mappings(path: Path) -> Iterator[tuple[int, int, dict[str, int]]]:
         yield current
 
 
-def page_on_demand(data_file: Path) -> int:
-    """Advise every mapping of `data_file`; returns how many there were (0 off Linux, or with no data file)."""
+def page_on_demand(data_file: Path, random: bool = True) -> int:
+    """Advise every mapping of `data_file`; returns how many there were (0 off Linux, or with no data file).
+    random=False gives back what the load read and no more: for weights that every step reads through (load's
+    mapped_weights), which MADV_RANDOM would read from a cold file in 4 KiB pieces."""
     if not SMAPS.exists() or not data_file.exists():
         return 0
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     count = 0
     for start, end, kib in mappings(data_file):
-        libc.madvise(start, end - start, MADV_RANDOM)
+        if random:
+            libc.madvise(start, end - start, MADV_RANDOM)
         if kib.get("Anonymous") == 0:  # no page copied on write
             libc.madvise(start, end - start, MADV_DONTNEED)
         count += 1

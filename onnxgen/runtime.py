@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from . import prepacked
 from .cache import Cache, GrowingCache, InPlaceCache
 from .errors import ModelFolderError, OptionsError, ProviderError
 from .folder import (
@@ -100,18 +101,10 @@ def runs_on_cuda(record: dict[str, Any]) -> bool:
     return not cache_in_place(record) or record.get("dtype") == "float16"
 
 
-def _check_mapped_weights(folder: ModelFolder, provider: Provider) -> None:
-    """Whether the weights can be read in place from the mapped file (session.disable_prepacking): then they are
-    page cache, which every process that loads the folder shares and the kernel can drop, not a packed copy
-    private to this process; fp32 and int8 kernels read them as they are, at a speed cost (README)."""
+def _check_mapped_weights(provider: Provider) -> None:
+    """mapped_weights: the weights packed for this CPU once, in a file every process maps (prepacked.py)."""
     if provider != "cpu":
         raise OptionsError("mapped_weights is a CPU option: on CUDA the weights live in GPU memory")
-    if (folder.manifest.get("quantization") or {}).get("mode") == "int4":
-        raise OptionsError("mapped_weights does not apply to an int4 folder: unpacked, MatMulNBits dequantizes every weight "
-                           "at every step (50x slower); int4's smallest footprint is a quantize choice, --accuracy-level 1")
-    if not folder.data_file.exists():
-        raise OptionsError(f"mapped_weights needs the weights in {folder.data_file.name}, and {folder.path} keeps them in "
-                           f"{folder.model_file.name} (exports write {folder.data_file.name} unless --external-data-threshold says otherwise)")
 
 
 def available_memory() -> int | None:
@@ -149,8 +142,8 @@ class Runtime:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # onnxruntime's warnings about unused initializers are noise here
         if mapped_weights:
-            _check_mapped_weights(folder, provider)
-            options.add_session_config_entry("session.disable_prepacking", "1")
+            _check_mapped_weights(provider)
+            model_path = prepacked.packed_model(folder, ort, options)
         if cuda_graph and provider != "cuda":
             raise OptionsError("cuda_graph (--cuda-graph) needs the CUDA provider (provider='cuda', --provider cuda)")
         if provider == "cuda":
@@ -174,10 +167,11 @@ class Runtime:
             self.session = ort.InferenceSession(str(model_path), options, providers=model_providers)
         except Exception as e:  # onnxruntime raises its own untyped errors for unreadable models
             raise ModelFolderError(f"cannot load {model_path}: {str(e).splitlines()[0]}") from None
-        if not mapped_weights:  # the file's pages that stay mapped: read a page at a time (pages.py)
-            # Mapped weights are read through at every step: a page at a time would read a cold file in 4 KiB
-            # pieces (gpt2-large int8's first token 11.8 s instead of 1.4 after the page cache was dropped).
-            page_on_demand(folder.data_file)
+        # The file's pages that stay mapped: read a page at a time (pages.py). Mapped weights are read through
+        # at every step, and a page at a time would read a cold file in 4 KiB pieces (gpt2-large int8's first
+        # token 11.8 s instead of 1.4 after the page cache was dropped, when they were the unpacked weights):
+        # for them only what the load read and decoding does not goes back (gpt2-large int4's peak 820 -> 726 MiB).
+        page_on_demand(model_path.with_name(folder.data_file.name), random=not mapped_weights)
         # onnxruntime falls back to CPU silently when CUDA libraries are missing: refuse instead.
         if provider == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise ProviderError("CUDA was requested but onnxruntime could not start it (CUDA/cuDNN libraries missing? "

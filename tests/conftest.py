@@ -3,6 +3,7 @@ and its onnxgen export. Nothing is downloaded and nothing outside the repository
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,16 @@ def make_checkpoint(folder: Path, n_layer: int = 2, n_embd: int = 64, n_head: in
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS).save_pretrained(folder)
     GenerationConfig(bos_token_id=eos, eos_token_id=eos).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnxgen_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Where mapped_weights keeps its packed copies (prepacked.py): a folder of the test run, never the user's
+    cache; subprocesses inherit it."""
+    with pytest.MonkeyPatch.context() as m:
+        folder = tmp_path_factory.mktemp("onnxgen-cache")
+        m.setenv("ONNXGEN_CACHE", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")
