@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import check_disk
-from .errors import OnnxgenError
+from .errors import OnnxgenError, OptionsError
 from .folder import (
     ATTENTION_MASK,
     DATA_FILE,
@@ -69,19 +69,35 @@ def location(folder: ModelFolder, ort: Any) -> Path:
 
 
 def packed_model(folder: ModelFolder, ort: Any, options: Any) -> Path:
-    """The model file of the folder's packed copy, made first if this machine has none. `options`: the session's,
-    whose graph optimizations the copy is saved with (its graph is the one the session would run)."""
+    """The model file of the folder's packed copy, made first if this machine has none.
+    `options`: the session's, whose graph optimizations the copy is saved with (its graph is the one the
+    session would run)."""
     out = location(folder, ort)
     if (out / MODEL_FILE).is_file() and (out / DATA_FILE).is_file():
         return out / MODEL_FILE
-    data = folder.data_file.stat().st_size if folder.data_file.exists() else folder.model_file.stat().st_size
+    try:
+        import fcntl  # here: `import onnxgen` works where there is none
+    except ImportError:
+        raise OptionsError("mapped_weights needs POSIX file locks (Linux, macOS)") from None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        check_disk(out, 2 * data + (64 << 20))  # the weights as they are, and packed (about their size again)
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        lock = (out.parent / f".{out.name}.lock").open("w")
     except OSError as e:
         raise OnnxgenError(f"cannot make the packed copy of {folder.path} in {out.parent} ({e.strerror or e}): "
                            "set ONNXGEN_CACHE to a writable folder") from None
+    with lock:
+        # Replicas that start together on a new machine: one packs, the others wait for its copy and map it
+        # (each packing at once would take each its own memory and disk). The lock goes with its process.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / MODEL_FILE).is_file():
+            _make(folder, ort, options, out)
+    return out / MODEL_FILE
+
+
+def _make(folder: ModelFolder, ort: Any, options: Any, out: Path) -> None:
+    data = folder.data_file.stat().st_size if folder.data_file.exists() else folder.model_file.stat().st_size
+    check_disk(out, 2 * data + (64 << 20))  # the weights as they are, and packed (about their size again)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         build = ort.SessionOptions()
         build.graph_optimization_level = options.graph_optimization_level
@@ -104,14 +120,9 @@ def packed_model(folder: ModelFolder, ort: Any, options: Any) -> Path:
             raise OnnxgenError(f"onnxruntime {ort.__version__} packs {folder.path} into a copy that does not reproduce its "
                                "outputs (a known fault of onnxruntime 1.31 with int4 folders): mapped_weights cannot be used "
                                "with it here; load without it, or use onnxruntime 1.32")
-        try:
-            work.rename(out)
-        except OSError:  # another process made it meanwhile: theirs is the same
-            if not (out / MODEL_FILE).is_file():
-                raise
+        work.rename(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return out / MODEL_FILE
 
 
 def _probe(session: Any, folder: ModelFolder) -> dict[str, np.ndarray]:
