@@ -126,20 +126,33 @@ def test_bad_requests_are_400_in_openais_shape(client: openai.OpenAI, options: d
     assert caught.value.status_code == 400 and message in caught.value.body["message"]  # type: ignore[index]
 
 
-def test_auth_size_and_queue_limits(server: str) -> None:
+def test_auth_size_and_queue_limits(server: Served) -> None:
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).completions.create(model="tiny", prompt="x")
     r = httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, json={"prompt": "x" * 10000})
     assert r.status_code == 400 and "request body over" in r.json()["error"]["message"]
     r = httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, content=b"{not json")
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
-    # More requests at once than the queue holds: the surplus is answered 429 at once, the rest complete.
+    # More requests at once than the queue holds: the surplus is answered 429 at once, the rest complete. The
+    # model is held at its first forward until a 429 has come back, so that the queue is full whatever the
+    # machine's speed (without it, a fast server drained the queue as the requests came in).
     def call(i: int) -> int:
         return httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
                           json={"prompt": "It is", "max_tokens": 60, "temperature": 0.5, "seed": i}).status_code
 
-    with ThreadPoolExecutor(16) as pool:
-        codes = list(pool.map(call, range(16)))
+    session = server.app.state.batcher.model.runtime.session  # type: ignore[attr-defined]
+    run, gate = session.run_with_iobinding, threading.Event()
+    session.run_with_iobinding = lambda *args: gate.wait(30) and run(*args)
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            calls = [pool.submit(call, i) for i in range(16)]
+            deadline = time.time() + 30
+            while not any(c.done() and c.result() == 429 for c in calls) and time.time() < deadline:
+                time.sleep(0.01)
+            gate.set()
+            codes = [c.result() for c in calls]
+    finally:
+        session.run_with_iobinding = run
     assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
 
 
