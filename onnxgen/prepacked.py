@@ -95,8 +95,7 @@ def packed_model(folder: ModelFolder, ort: Any, options: Any) -> Path:
 
 
 def _make(folder: ModelFolder, ort: Any, options: Any, out: Path) -> None:
-    data = folder.data_file.stat().st_size if folder.data_file.exists() else folder.model_file.stat().st_size
-    check_disk(out, 2 * data + (64 << 20))  # the weights as they are, and packed (about their size again)
+    check_disk(out, 2 * folder.weight_bytes + (64 << 20))  # the weights as they are, and packed (about their size again)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         build = ort.SessionOptions()

@@ -101,12 +101,6 @@ def runs_on_cuda(record: dict[str, Any]) -> bool:
     return not cache_in_place(record) or record.get("dtype") == "float16"
 
 
-def _check_mapped_weights(provider: Provider) -> None:
-    """mapped_weights: the weights packed for this CPU once, in a file every process maps (prepacked.py)."""
-    if provider != "cpu":
-        raise OptionsError("mapped_weights is a CPU option: on CUDA the weights live in GPU memory")
-
-
 def available_memory() -> int | None:
     """Bytes that new allocations can take without swapping (Linux's MemAvailable); None where unknown."""
     try:
@@ -141,8 +135,9 @@ class Runtime:
         options.intra_op_num_threads = _threads(threads)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # onnxruntime's warnings about unused initializers are noise here
-        if mapped_weights:
-            _check_mapped_weights(provider)
+        if mapped_weights:  # the weights packed for this CPU once, in a file every process maps (prepacked.py)
+            if provider != "cpu":
+                raise OptionsError("mapped_weights is a CPU option: on CUDA the weights live in GPU memory")
             model_path = prepacked.packed_model(folder, ort, options)
         if cuda_graph and provider != "cuda":
             raise OptionsError("cuda_graph (--cuda-graph) needs the CUDA provider (provider='cuda', --provider cuda)")
