@@ -1,15 +1,22 @@
 """Load on `onnxgen serve`: concurrent streaming clients against one server process.
 
     python benchmarks/serve_load.py onnxgen/bundled/prose-mini benchmarks/exports/gpt2/int8 --clients 1 4 16
+    python benchmarks/serve_load.py FOLDER --baseline /tmp/w/base --max-tokens 8 32 128   # against another checkout
 
 Starts `onnxgen serve` for each folder, then for each client count runs that many asyncio + httpx clients,
-each sending its share of --requests streaming completions one after another (sampled, 32 tokens, an
-eos-free length so every request does the same work). Reports throughput (completion tokens per second
-over the run), time to first token p50/p99 (request sent to the first text chunk), errors (must be 0),
-and the server's RSS after the warm-up and after each run; the largest client count runs twice, so that
-growth from the first large batches (onnxruntime's arena) is told apart from a leak: the last two must match. Also times --clients' largest count of
-requests sent one after another against the same count sent at once: the speed-up that batching buys.
-Results: benchmarks/results/serve.{json,md}.
+each sending its share of --requests streaming completions one after another (sampled, eos-free so that
+every request makes its max_tokens; request i asks for the i-th of --max-tokens, cycling). Reports
+throughput (completion tokens per second over the run), time to first token p50/p99 (request sent to the
+first text chunk), errors (must be 0), and the server's RSS after the warm-up and after each run; the
+largest client count runs twice, so that growth from the first large batches (onnxruntime's arena) is told
+apart from a leak: the last two must match. Also times --clients' largest count of requests sent one after
+another against the same count sent at once: the speed-up that batching buys. --rates: open-loop runs, requests
+arriving at random (exponential gaps, one seeded schedule) at that many a second whatever the server does, as
+a service's users send them: closed-loop clients fall into step with a server's batches, which hides what a
+request that arrives mid-batch waits.
+--baseline DIR: a second server from another onnxgen checkout (a git worktree of an earlier commit) runs
+beside this one, the two taking the same runs in turns, so that the ratio is measured on the same machine
+state. Results: benchmarks/results/serve.{json,md} (--out, --name).
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import random
 import socket
 import statistics
 import subprocess
@@ -59,32 +68,61 @@ async def one(http: httpx.AsyncClient, i: int, max_tokens: int) -> tuple[float, 
     return (first if first is not None else time.perf_counter() - start), tokens
 
 
-async def load(base: str, clients: int, requests: int, max_tokens: int) -> dict[str, Any]:
+async def load(base: str, clients: int, requests: int, max_tokens: list[int], rate: float | None = None) -> dict[str, Any]:
+    """`clients` clients sending requests one after another (closed loop), or with `rate`, requests arriving
+    at that many a second on average (open loop: exponential gaps, the same seeded schedule for every server)."""
     ttft: list[float] = []
+    latency: list[float] = []
     errors, tokens = 0, 0
 
-    async def client(c: int) -> None:
+    async def request(http: httpx.AsyncClient, i: int) -> None:
         nonlocal errors, tokens
+        sent = time.perf_counter()
+        try:
+            first, n = await one(http, i, max_tokens[i % len(max_tokens)])
+            ttft.append(first)
+            latency.append(time.perf_counter() - sent)
+            tokens += n
+        except Exception:  # counted, and the run goes on: errors must be 0
+            errors += 1
+
+    async def client(c: int) -> None:
         async with httpx.AsyncClient(base_url=base, timeout=300) as http:
             for i in range(c, requests, clients):
-                try:
-                    first, n = await one(http, i, max_tokens)
-                    ttft.append(first)
-                    tokens += n
-                except Exception:  # counted, and the run goes on: errors must be 0
-                    errors += 1
+                await request(http, i)
+
+    async def arrivals(rate: float) -> None:
+        gaps = random.Random(0)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as http:
+            tasks = []
+            for i in range(requests):
+                tasks.append(asyncio.create_task(request(http, i)))
+                await asyncio.sleep(gaps.expovariate(rate))
+            await asyncio.gather(*tasks)
 
     start = time.perf_counter()
-    await asyncio.gather(*(client(c) for c in range(clients)))
+    if rate is None:
+        await asyncio.gather(*(client(c) for c in range(clients)))
+    else:
+        await arrivals(rate)
     elapsed = time.perf_counter() - start
-    q = statistics.quantiles(ttft, n=100) if len(ttft) > 1 else ttft * 99
-    return {"clients": clients, "requests": requests, "errors": errors, "tokens_per_s": tokens / elapsed,
-            "ttft_p50_ms": statistics.median(ttft) * 1000, "ttft_p99_ms": q[98] * 1000, "seconds": elapsed}
+
+    def q(values: list[float], at: int) -> float:
+        return (statistics.quantiles(values, n=100)[at - 1] if len(values) > 1 else values[0]) * 1000
+
+    return {"clients": clients if rate is None else None, "rate": rate, "requests": requests, "errors": errors,
+            "tokens_per_s": tokens / elapsed, "ttft_p50_ms": q(ttft, 50), "ttft_p99_ms": q(ttft, 99),
+            "latency_p50_ms": q(latency, 50), "latency_p99_ms": q(latency, 99), "seconds": elapsed}
 
 
-def serve(folder: Path, port: int, threads: int, max_batch: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "onnxgen", "serve", "--model", str(folder), "--port", str(port),
-                             "--threads", str(threads), "--max-batch", str(max_batch)], stderr=subprocess.DEVNULL)
+def serve(folder: Path, port: int, threads: int, max_batch: int, source: Path | None) -> subprocess.Popen[bytes]:
+    """`onnxgen serve` from this checkout, or from `source` (another checkout's onnxgen: run from there, since
+    `python -m` puts the working directory ahead of PYTHONPATH)."""
+    env = {**os.environ, "PYTHONPATH": str(source)} if source else None
+    proc = subprocess.Popen([sys.executable, "-m", "onnxgen", "serve", "--model", str(folder.resolve()), "--port", str(port),
+                             "--threads", str(threads), "--max-batch", str(max_batch)], stderr=subprocess.DEVNULL, env=env,
+                            cwd=source or HERE.parent)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -96,57 +134,94 @@ def serve(folder: Path, port: int, threads: int, max_batch: int) -> subprocess.P
     raise SystemExit(f"onnxgen serve did not start for {folder}")
 
 
+def load_name(run: dict[str, Any]) -> str:
+    return f"{run['rate']:g} requests/s" if run.get("rate") else f"{run['clients']} clients"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="+", type=Path)
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=1000, help="requests per client count, for the RSS check")
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--rates", nargs="*", type=float, default=[], help="also: open-loop runs at these requests per second")
+    ap.add_argument("--max-tokens", nargs="+", type=int, default=[32], help="request i asks for the i-th, cycling")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--baseline", type=Path, help="another onnxgen checkout, served beside this one, in turns")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--name", default="serve", help="results file stem")
     args = ap.parse_args()
+    servers = {"this": None, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
     results = []
     for folder in args.folders:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = serve(folder, port, args.threads, args.max_batch)
-        base = f"http://127.0.0.1:{port}"
+        procs, bases = {}, {}
         try:
-            asyncio.run(load(base, 1, 8, args.max_tokens))  # warm-up
-            rss = [rss_mb(proc.pid)]
-            runs = []
+            for label, source in servers.items():
+                port = free_port()
+                procs[label] = serve(folder, port, args.threads, args.max_batch, source)
+                bases[label] = f"http://127.0.0.1:{port}"
+            rss: dict[str, list[float]] = {label: [] for label in servers}
+            runs: dict[str, list[dict[str, Any]]] = {label: [] for label in servers}
+            for label in servers:
+                asyncio.run(load(bases[label], 1, 8, args.max_tokens))  # warm-up
+                rss[label].append(rss_mb(procs[label].pid))
             for clients in [*args.clients, max(args.clients)]:
-                runs.append(asyncio.run(load(base, clients, args.requests, args.max_tokens)))
-                rss.append(rss_mb(proc.pid))
+                for label in servers:  # in turns: the servers see the same machine state
+                    runs[label].append(asyncio.run(load(bases[label], clients, args.requests, args.max_tokens)))
+                    rss[label].append(rss_mb(procs[label].pid))
+            for rate in args.rates:
+                for label in servers:
+                    runs[label].append(asyncio.run(load(bases[label], 0, args.requests, args.max_tokens, rate)))
             n = max(args.clients)
-            sequential = asyncio.run(load(base, 1, n, args.max_tokens))
-            together = asyncio.run(load(base, n, n, args.max_tokens))
+            speedup = {}
+            for label in servers:
+                sequential = asyncio.run(load(bases[label], 1, n, args.max_tokens))
+                together = asyncio.run(load(bases[label], n, n, args.max_tokens))
+                speedup[label] = {"requests": n, "sequential_s": sequential["seconds"], "concurrent_s": together["seconds"],
+                                  "ratio": sequential["seconds"] / together["seconds"]}
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-        results.append({"folder": str(folder), "runs": runs, "rss_mb": rss,
-                        "speedup": {"requests": n, "sequential_s": sequential["seconds"], "concurrent_s": together["seconds"],
-                                    "ratio": sequential["seconds"] / together["seconds"]}})
-        print(json.dumps(results[-1]), flush=True)
+            for proc in procs.values():
+                proc.terminate()
+                proc.wait(timeout=30)
+        for label in servers:
+            results.append({"folder": str(folder), "server": label, "source": str(servers[label] or "."), "runs": runs[label],
+                            "rss_mb": rss[label], "speedup": speedup[label]})
+            print(json.dumps(results[-1]), flush=True)
     report = {"max_tokens": args.max_tokens, "threads": args.threads, "max_batch": args.max_batch, "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    lengths = ", ".join(map(str, args.max_tokens))
     lines = [f"`onnxgen serve`, {args.threads} onnxruntime threads, max batch {args.max_batch}; streaming, sampled, "
-             f"{args.max_tokens} tokens a request; {args.requests} requests per row.", "",
-             "| model | clients | tok/s | TTFT p50 ms | TTFT p99 ms | errors |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             f"max_tokens {lengths} (request by request, cycling); {args.requests} requests per row.", "",
+             "| model | server | load | tok/s | TTFT p50 ms | TTFT p99 ms | latency p50 ms | latency p99 ms | errors |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         for run in r["runs"]:
-            lines.append(f"| {Path(r['folder']).name} | {run['clients']} | {run['tokens_per_s']:,.0f} | {run['ttft_p50_ms']:.0f} | "
-                         f"{run['ttft_p99_ms']:.0f} | {run['errors']} |")
+            lines.append(f"| {Path(r['folder']).name} | {r['server']} | {load_name(run)} | {run['tokens_per_s']:,.0f} | "
+                         f"{run['ttft_p50_ms']:.0f} | {run['ttft_p99_ms']:.0f} | {run['latency_p50_ms']:,.0f} | "
+                         f"{run['latency_p99_ms']:,.0f} | {run['errors']} |")
     lines.append("")
     for r in results:
         s = r["speedup"]
-        lines.append(f"- {Path(r['folder']).name}: server RSS (MiB) after the warm-up and after each run: "
+        lines.append(f"- {Path(r['folder']).name}, {r['server']} ({r['source']}): server RSS (MiB) after the warm-up and after each run: "
                      f"{', '.join(f'{m:.0f}' for m in r['rss_mb'])} ({len(r['runs']) * args.requests} requests); {s['requests']} requests "
                      f"at once {s['ratio']:.2f}x faster than one after another ({s['sequential_s']:.2f} s -> {s['concurrent_s']:.2f} s)")
-    (args.out / "serve.md").write_text("\n".join(lines) + "\n")
+    if args.baseline:
+        lines.append("")
+        for folder in args.folders:
+            pair = {r["server"]: r for r in results if r["folder"] == str(folder)}
+            ratios = [f"{load_name(this)} {this['tokens_per_s'] / base['tokens_per_s']:.2f}x tok/s, TTFT p50 "
+                      f"{base['ttft_p50_ms']:.0f} -> {this['ttft_p50_ms']:.0f} ms, latency p99 {base['latency_p99_ms']:,.0f} -> "
+                      f"{this['latency_p99_ms']:,.0f} ms"
+                      for this, base in zip(pair["this"]["runs"], pair["baseline"]["runs"])]
+            lines.append(f"- {folder.name}, this against the baseline: " + "; ".join(ratios))
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -5,6 +5,8 @@
   the call needs (its longest prompt + max_new_tokens: never the whole context window). GroupQueryAttention
   writes each new position into it where it goes; each row has its own length, so no row is ever padded.
   The prompt pass runs once per run of neighbouring rows of equal length, on their slice of the buffer.
+  A server keeps one for all its requests instead (batcher.py): rows at the whole context, each written by
+  its request's prompt pass when it joins and cleared when it ends, while the others go on decoding.
 - `GrowingCache` (graphs with MultiHeadAttention or optimum's own attention: `--growing-cache`, or
   `--no-optimize`): every step returns a new cache one position longer; rows are left-padded to one
   width and an attention mask says which positions are real.
@@ -16,13 +18,20 @@ float32, and `reorder(source)` (row i becomes a copy of row source[i]: beam sear
 from __future__ import annotations
 
 import ctypes
-import functools
-import itertools
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .folder import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH
+from .folder import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    LOGITS_TO_KEEP,
+    POSITION_IDS,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
+)
+from .pages import give_back
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -62,6 +71,7 @@ class InPlaceCache:
             with rt.exclusive():  # with CUDA graphs, no allocation while another thread captures
                 self.buffer = rt.ort.OrtValue.ortvalue_from_shape_and_type(shape, rt.cache_dtype, rt.device, 0)
         self.lengths = np.zeros(rows, dtype=np.int64)  # positions written, per row
+        self._step: DecodeStep | None = None  # bound at the first decode, and again when its row count changes
 
     def layers(self) -> np.ndarray:
         """The CPU buffer as (layer's key or value in past_names' order, row, head, position, head size)."""
@@ -71,31 +81,46 @@ class InPlaceCache:
         """Where row `row` of past_names[layer] starts in the buffer."""
         return self.buffer.data_ptr() + (layer * self.rows + row) * self.row_bytes
 
-    @functools.cached_property
-    def _step(self) -> DecodeStep:  # bound at the first decode: a prompt pass alone (all_logits, one token) needs none
-        return DecodeStep(self)
-
-    def prefill(self, prompts: list[list[int]]) -> np.ndarray:
-        scores = np.empty((self.rows, self.runtime.vocab_size), np.float32)
+    def prefill(self, prompts: list[list[int]], rows: list[int] | None = None) -> np.ndarray:
+        """Write prompt i into row rows[i] (by default row i); the last position's scores of each prompt. One pass
+        per run of prompts of equal length in neighbouring rows."""
+        rows = list(range(len(prompts))) if rows is None else rows
+        scores = np.empty((len(prompts), self.runtime.vocab_size), np.float32)
         start = 0
-        for n, group in itertools.groupby(len(p) for p in prompts):
-            stop = start + len(list(group))
+        while start < len(prompts):
+            n, stop = len(prompts[start]), start + 1
+            while stop < len(prompts) and len(prompts[stop]) == n and rows[stop] == rows[stop - 1] + 1:
+                stop += 1
             ids = np.asarray(prompts[start:stop], dtype=np.int64)
             positions = np.broadcast_to(np.arange(n), ids.shape)
             seqlens = np.full(stop - start, n - 1, dtype=np.int32)
             with self.runtime.exclusive():
-                scores[start:stop] = self._run(ids, positions, start, stop, seqlens, n)
+                scores[start:stop] = self._run(ids, positions, rows[start], rows[start] + stop - start, seqlens, n)
             start = stop
-        self.lengths[:] = [len(p) for p in prompts]
+        self.lengths[rows] = [len(p) for p in prompts]
         return scores
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
-        """One token per row, each written at its row's own length."""
-        ids, positions = tokens.reshape(-1, 1).astype(np.int64), self.lengths.reshape(-1, 1)
+        """One token for each of the first len(tokens) rows, written at the row's own length. A row of length 0
+        holds nothing (a batcher's free row): its token goes to position 0 and it stays empty."""
+        n = len(tokens)
+        lengths = self.lengths[:n]  # a view: the increment below lands in self.lengths
+        if self._step is None or self._step.rows != n:  # a batcher's rows come and go; with CUDA graphs n never changes
+            self._step = DecodeStep(self, n)
         with self.runtime.exclusive():
-            scores = self._step.run(ids, positions, self.lengths.astype(np.int32), int(self.lengths.max()) + 1)
-        self.lengths += 1
+            scores = self._step.run(tokens.reshape(-1, 1).astype(np.int64), lengths.reshape(-1, 1),
+                                        lengths.astype(np.int32), int(lengths.max()) + 1)
+        lengths[lengths > 0] += 1
         return scores
+
+    def clear(self, rows: list[int]) -> None:
+        """Rows that no call uses any more: empty again, and on the CPU their memory goes back to the system (it
+        reads as zeros after, as a new buffer's does), so that a long call's positions are not held after it."""
+        self.lengths[rows] = 0
+        if self.runtime.device == "cpu":
+            for layer in range(len(self.runtime.past_names)):
+                for row in rows:
+                    give_back(self.address(layer, row), self.row_bytes)
 
     def _run(self, ids: np.ndarray, positions: np.ndarray, start: int, stop: int, seqlens: np.ndarray, total: int,
              keep: Any = None) -> np.ndarray:
@@ -142,16 +167,18 @@ class InPlaceCache:
 
 
 class DecodeStep:
-    """The decode step's IO binding, made once per cache: the inputs live in small buffers that each step
+    """The decode step's IO binding over a cache's first `rows` rows, made once per cache (and row count): the inputs live in small buffers that each step
     overwrites, and the cache buffers and the logits stay bound where they are. That saves binding every
     layer's key and value at every step, and it is what a CUDA graph needs (`cuda_graph=True`): onnxruntime
     captures the step once and then replays it as one launch, which requires every input and output at a
     fixed address with fixed shapes; total_sequence_length is then the capacity (each row's length is in
     seqlens_k), where otherwise it is the longest row's."""
 
-    def __init__(self, cache: InPlaceCache) -> None:
+    def __init__(self, cache: InPlaceCache, rows: int) -> None:
         rt = self.runtime = cache.runtime
-        rows, ort = cache.rows, rt.ort
+        self.rows = rows
+        ort = rt.ort
+        shape = (rows, *cache.shape[1:])
         self.ids = ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, 1), np.int64), rt.device, 0)
         self.positions = ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, 1), np.int64), rt.device, 0)
         self.seqlens = ort.OrtValue.ortvalue_from_numpy(np.zeros(rows, np.int32), rt.device, 0)
@@ -162,8 +189,8 @@ class DecodeStep:
         io.bind_ortvalue_input(SEQLENS_K, self.seqlens)
         io.bind_ortvalue_input(LOGITS_TO_KEEP, rt.keep_last)
         for layer, (past, present) in enumerate(zip(rt.past_names, rt.present_names)):
-            io.bind_input(past, rt.device, 0, rt.cache_dtype, cache.shape, cache.address(layer))
-            io.bind_output(present, rt.device, 0, rt.cache_dtype, cache.shape, cache.address(layer))
+            io.bind_input(past, rt.device, 0, rt.cache_dtype, shape, cache.address(layer))
+            io.bind_output(present, rt.device, 0, rt.cache_dtype, shape, cache.address(layer))
         io.bind_ortvalue_output(LOGITS, self.logits)
         self.graph = rt.graph_options() if rt.cuda_graph else None
         if self.graph is not None:

@@ -231,7 +231,7 @@ def serve(
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
     mapped_weights: MappedWeightsOption = False,
     cuda_graph: CudaGraphOption = False,
-    max_batch: Annotated[int, typer.Option(help="rows that share one batch")] = 8,
+    max_batch: Annotated[int, typer.Option(min=1, help="rows decoded together; a request joins them at the next step")] = 8,
     max_tokens: Annotated[int, typer.Option(help="the largest max_tokens a request may ask for")] = 1024,
     api_key: Annotated[str | None, typer.Option(envvar="ONNXGEN_API_KEY", help="require Authorization: Bearer KEY")] = None,
     name: Annotated[str | None, typer.Option(help="model name in the API (default: the folder's name)")] = None,
@@ -248,7 +248,7 @@ def serve(
 
     folder = model or BUNDLED
     loaded = run(lambda: load(folder, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph))  # type: ignore[arg-type]
-    app_ = create_app(loaded, name or folder.name, api_key, Limits(max_tokens=max_tokens, max_batch=max_batch))
+    app_ = run(lambda: create_app(loaded, name or folder.name, api_key, Limits(max_tokens=max_tokens, max_batch=max_batch)))
     print(f"serving {folder} as {name or folder.name!r} on http://{host}:{port}/v1", file=sys.stderr)
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 

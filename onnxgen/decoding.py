@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import logits
+from .cache import Cache, left_pad
 from .options import GenerationOptions
-from .cache import left_pad
 from .runtime import Runtime
 
 
@@ -33,14 +33,18 @@ class Rows:
         self._new = np.full((len(prompts), max_new_tokens), pad_id, dtype=np.int64)  # a column a step
         self.steps = 0  # tokens appended to every row
         self._tokens = [list(p) for p in prompts]  # the same without padding, as lists: what processors read
-        self._cache = runtime.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens, pad_id)
-        self._pending: np.ndarray | None = None  # the tokens the next forward runs (None: the prompts)
+        self._shape = (len(prompts), max(len(p) for p in prompts) + max_new_tokens, pad_id)  # of the cache
+        runtime.check_cache(*self._shape[:2])  # a call too large is refused now, not at its first step
+        # Made at the first forward: a batcher runs the rows of several calls in a cache of its own (batcher.py).
+        self._cache: Cache | None = None
+        self.pending: np.ndarray | None = None  # the tokens the next forward runs (None: the prompts)
         self._runtime: Runtime | None = runtime  # until the cache is released
 
     def release(self) -> None:
         """The call is over: the runtime may hand the cache to a later call (CUDA graphs keep theirs)."""
         if self._runtime is not None:
-            self._runtime.release(self._cache)
+            if self._cache is not None:
+                self._runtime.release(self._cache)
             self._runtime = None
 
     def __del__(self) -> None:  # a call its caller let go of mid-way (a dropped generator) hands its cache back too
@@ -49,22 +53,26 @@ class Rows:
 
     def forward(self) -> np.ndarray:
         """Run the pending tokens; the last position's scores, (rows, vocab) float32."""
-        if self._pending is None:
+        if self._cache is None:
+            assert self._runtime is not None, "forward after release"
+            self._cache = self._runtime.new_cache(*self._shape)
+        if self.pending is None:
             return self._cache.prefill(self._tokens)
-        return self._cache.decode(self._pending)
+        return self._cache.decode(self.pending)
 
     def advance(self, tokens: np.ndarray, source: np.ndarray | None = None) -> None:
         """Append one token to every row; with `source`, row i first becomes a copy of row source[i]."""
         if source is not None:
             self._prompts, self._new = self._prompts[source], self._new[source]
             self._tokens = [list(self._tokens[s]) for s in source.tolist()]
+            assert self._cache is not None, "beam search reorders the rows of its own cache"
             self._cache.reorder(source)
         tokens = tokens.reshape(-1).astype(np.int64)
         self._new[:, self.steps] = tokens
         self.steps += 1
         for row, token in zip(self._tokens, tokens.tolist()):
             row.append(token)
-        self._pending = tokens
+        self.pending = tokens
 
     @property
     def input_ids(self) -> np.ndarray:

@@ -127,7 +127,11 @@ class Generator:
         """Run the model once and add one token to every running row; returns their events."""
         if self.done:
             return []
-        raw = self.rows.forward()
+        return self.take(self.rows.forward())
+
+    def take(self, raw: np.ndarray) -> list[Event]:
+        """A step after its forward: choose each row's token from `raw`, the scores the forward gave (rows,
+        vocab). step() runs the forward itself; a batcher runs one for the rows of several generators."""
         self.step_ends.append(time.perf_counter())
         scores = self.scoring(raw, self.rows, self.rows.steps)
         tokens = sample(scores, self.rng) if self.opts.do_sample else scores.argmax(axis=-1)

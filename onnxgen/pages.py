@@ -9,16 +9,29 @@ file). For those mappings, two madvise(2) hints:
   hundred distinct tokens bring the whole embedding into the process.
 - MADV_DONTNEED: give back what the load read; what decoding reads again comes back from the page cache.
   Only for a mapping that holds no page of its own (copy-on-write), so nothing can be lost.
+`give_back` gives back the process's own memory the same way: the rows of a server's cache once their
+request has ended (cache.py); `small_pages` keeps that cache out of transparent huge pages.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
+import mmap
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-MADV_RANDOM, MADV_DONTNEED = 1, 4
+MADV_RANDOM, MADV_DONTNEED, MADV_NOHUGEPAGE = 1, 4, 15
 SMAPS = Path("/proc/self/smaps")
+
+
+@functools.cache
+def _libc() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def mappings(path: Path) -> Iterator[tuple[int, int, dict[str, int]]]:
@@ -46,8 +59,7 @@ def page_on_demand(data_file: Path, random: bool = True) -> int:
     mapped_weights), which MADV_RANDOM would read from a cold file in 4 KiB pieces."""
     if not SMAPS.exists() or not data_file.exists():
         return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc = _libc()
     count = 0
     for start, end, kib in mappings(data_file):
         if random:
@@ -56,3 +68,24 @@ def page_on_demand(data_file: Path, random: bool = True) -> int:
             libc.madvise(start, end - start, MADV_DONTNEED)
         count += 1
     return count
+
+
+def give_back(address: int, size: int) -> None:
+    """Hand the whole pages in [address, address + size) of this process's own (anonymous, private) memory back
+    to the system; they read as zeros when next touched (Linux's MADV_DONTNEED; elsewhere nothing happens)."""
+    _advise(address, size, MADV_DONTNEED)
+
+
+def small_pages(address: int, size: int) -> None:
+    """Keep [address, address + size) in 4 KiB pages (Linux's MADV_NOHUGEPAGE): memory written sparsely, such as
+    a server's cache rows (a few positions of each head of each row), where transparent huge pages would bring
+    in 2 MiB around every position written."""
+    _advise(address, size, MADV_NOHUGEPAGE)
+
+
+def _advise(address: int, size: int, advice: int) -> None:
+    if sys.platform != "linux":
+        return
+    start, end = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE, (address + size) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        _libc().madvise(start, end - start, advice)

@@ -222,13 +222,7 @@ class Runtime:
         With CUDA graphs, capacities round up to a multiple of 64 and finished calls hand their caches back
         (release): a later call of the same shape replays the graph captured on those buffers instead of
         capturing another one (onnxruntime keeps every graph it has captured)."""
-        capacity = min(-(-capacity // 64) * 64 if self.cuda_graph else capacity, self.n_positions)
-        need = self.cache_bytes(rows, capacity)
-        free = available_memory() if self.device == "cpu" else None
-        if free is not None and need > free:  # else pages fill as the call runs, until the kernel kills the process
-            raise OptionsError(f"this call's key/value cache needs {need / 2**20:,.0f} MiB ({rows} rows x {capacity} positions), "
-                               f"more than the {free / 2**20:,.0f} MiB of memory available: ask for fewer prompts, beams or "
-                               "return sequences, or fewer new tokens")
+        capacity = self.check_cache(rows, capacity)
         if not self.in_place:
             return GrowingCache(self, rows, pad_id)  # it grows a position a step: no capacity to allocate
         if not self.cuda_graph:
@@ -238,6 +232,18 @@ class Runtime:
                 if (self._idle[i].rows, self._idle[i].capacity) == (rows, capacity):
                     return self._idle.pop(i)  # its lengths are the prompts' once prefill runs
         return InPlaceCache(self, rows, capacity)
+
+    def check_cache(self, rows: int, capacity: int) -> int:
+        """The capacity a new cache gets (with CUDA graphs, a multiple of 64); raises OptionsError where its
+        memory is not available (on the CPU: else pages fill as the call runs, until the kernel kills the process)."""
+        capacity = min(-(-capacity // 64) * 64 if self.cuda_graph else capacity, self.n_positions)
+        need = self.cache_bytes(rows, capacity)
+        free = available_memory() if self.device == "cpu" else None
+        if free is not None and need > free:
+            raise OptionsError(f"this call's key/value cache needs {need / 2**20:,.0f} MiB ({rows} rows x {capacity} positions), "
+                               f"more than the {free / 2**20:,.0f} MiB of memory available: ask for fewer prompts, beams or "
+                               "return sequences, or fewer new tokens")
+        return capacity
 
     def cache_bytes(self, rows: int, capacity: int) -> int:
         """What every layer's key and value take for `rows` rows of `capacity` positions."""

@@ -6,7 +6,8 @@
     GET  /v1/models        the one model served
     GET  /health           200 once the model is loaded
 
-Requests run through batcher.py (requests that arrive within a few milliseconds share one batch). Errors
+Requests run through batcher.py (continuous batching: a request's rows join the rows already decoding at
+the next step, and leave when they end). Errors
 use OpenAI's JSON shape with a 4xx code; no traceback ever reaches a client. A client that disconnects
 while streaming ends its rows. Safe defaults: localhost, limits on body size, prompt, max_tokens and n
 (each a 400), and a bounded queue that answers 429 when full.
@@ -40,8 +41,7 @@ class Limits:
     max_tokens: int = 1024  # per completion; the context window caps it further
     max_n: int = 16
     max_prompts: int = 64
-    max_batch: int = 8  # rows that share one batch
-    window_s: float = 0.005  # how long a batch waits for requests to join it
+    max_batch: int = 8  # rows decoded together (the shared key/value cache's rows)
     max_queue: int = 64  # waiting requests before 429
 
 
@@ -73,7 +73,7 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
 
 def create_app(model: Model, name: str, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
-    batcher = Batcher(model, limits.max_batch, limits.window_s, limits.max_queue)
+    batcher = Batcher(model, limits.max_batch, limits.max_queue)
     app = FastAPI(title="onnxgen", docs_url=None, redoc_url=None)
     app.state.batcher = batcher
 

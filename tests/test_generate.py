@@ -13,6 +13,7 @@ import torch
 
 import onnxgen
 from onnxgen import logits
+from onnxgen.cache import DecodeStep
 from onnxgen.cache import InPlaceCache
 from onnxgen.decoding import sample
 from onnxgen.errors import ContextLengthError, ModelFolderError, OptionsError, ProviderError
@@ -339,6 +340,7 @@ def test_the_cache_is_as_long_as_the_call_needs(model: onnxgen.Model) -> None:
     """One buffer for every layer's key and value, allocated once at the longest prompt + max_new_tokens (never
     the whole context window), and still the same memory at the end of the call."""
     generator = model.generator(PROMPTS, max_new_tokens=9, do_sample=False)
+    generator.step()  # the prompt pass makes it
     cache = generator.rows._cache
     rows = 2 * model.dims.n_layer * len(PROMPTS)
     assert cache.buffer.shape() == [rows, model.dims.n_head, max(map(len, PROMPTS)) + 9, model.dims.head_dim]
@@ -395,7 +397,7 @@ def decode_at_totals(runtime: object) -> list[np.ndarray]:
         cache = runtime.new_cache(len(PROMPTS), 32)  # type: ignore[attr-defined]
         cache.prefill(PROMPTS)
         total = cache.capacity if at_capacity else int(cache.lengths.max()) + 1
-        scores.append(cache._step.run(np.array([[1], [2], [3]]), cache.lengths[:, None], cache.lengths.astype(np.int32), total))
+        scores.append(DecodeStep(cache, len(PROMPTS)).run(np.array([[1], [2], [3]]), cache.lengths[:, None], cache.lengths.astype(np.int32), total))
     return scores
 
 

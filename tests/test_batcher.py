@@ -1,0 +1,200 @@
+"""Continuous batching (onnxgen/batcher.py): requests join rows already decoding, with answers equal to what
+each gives alone through model.generate."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import onnxgen
+from onnxgen.batcher import Batcher, Job
+from onnxgen.errors import OptionsError
+
+Inbox = queue.Queue[tuple[str, Any]]
+
+
+def submit(batcher: Batcher, model: onnxgen.Model, prompts: list[str], on_event: Any = None, **options: Any) -> Inbox:
+    """Submit a job; its news arrive in the returned queue (on_event, if given, runs in the worker first)."""
+    inbox: Inbox = queue.Queue()
+
+    def deliver(kind: str, value: Any) -> None:
+        if kind == "event" and on_event is not None:
+            on_event(value)
+        inbox.put((kind, value))
+
+    opts = model.options(**options)
+    batcher.submit(Job(model.prompt_ids(prompts, opts), opts, deliver))
+    return inbox
+
+
+def result(inbox: Inbox) -> list[onnxgen.Completion]:
+    kind, value = inbox.get(timeout=60)
+    while kind == "event":
+        kind, value = inbox.get(timeout=60)
+    assert kind == "done", value
+    return value[0]
+
+
+def alone(model: onnxgen.Model, prompts: list[str], **options: Any) -> list[list[int]]:
+    return [c.token_ids for c in model.generate(prompts, **options)]
+
+
+GREEDY = {"do_sample": False, "eos_token_id": None}
+
+
+def test_a_request_joins_rows_already_decoding(model: onnxgen.Model) -> None:
+    """A short request sent while a long one decodes starts at the long one's next step and ends before it:
+    every step of the short one is a step the long one makes anyway."""
+    batcher = Batcher(model, max_batch=4)
+    second: list[Inbox] = []
+
+    def send_the_short_one(_: object) -> None:  # from the worker, at the long job's first token: it is decoding
+        if not second:
+            second.append(submit(batcher, model, ["Call me"], max_new_tokens=5, **GREEDY))
+
+    first = submit(batcher, model, ["It is a truth"], on_event=send_the_short_one, max_new_tokens=60, **GREEDY)
+    short = result(_wait_for(second))
+    assert first.get(timeout=60)[0] == "event"  # the long job was still running when the short one ended
+    long = result(first)
+    assert [c.token_ids for c in short] == alone(model, ["Call me"], max_new_tokens=5, **GREEDY)
+    assert [c.token_ids for c in long] == alone(model, ["It is a truth"], max_new_tokens=60, **GREEDY)
+    assert batcher.jobs == 2 and batcher.joined == 1
+    assert batcher.steps == 59  # the long job's steps (its first token comes from the prompt pass), no more
+
+
+def _wait_for(boxes: list[Inbox]) -> Inbox:
+    for _ in range(600):
+        if boxes:
+            return boxes[0]
+        threading.Event().wait(0.05)
+    raise AssertionError("the long job never made a token")
+
+
+def test_requests_with_different_options_share_steps(model: onnxgen.Model) -> None:
+    """Each request keeps its own options, processors and stop rules in a shared step."""
+    batcher = Batcher(model, max_batch=8)
+    stop = model.generate("Once upon", max_new_tokens=12, **GREEDY)[0].text[3:5]
+    cases: list[tuple[list[str], dict[str, Any]]] = [
+        (["It is a truth", "Call me"], {"max_new_tokens": 20, "do_sample": True, "temperature": 0.7, "top_k": 5}),
+        (["The"], {"max_new_tokens": 15, "repetition_penalty": 1.3, "no_repeat_ngram_size": 2, **GREEDY}),
+        (["Once upon"], {"max_new_tokens": 12, "stop": [stop], **GREEDY}),
+        (["It is"], {"max_new_tokens": 9, "logprobs": 2, **GREEDY}),
+    ]
+    inboxes = [submit(batcher, model, prompts, **options) for prompts, options in cases]
+    results = [result(inbox) for inbox in inboxes]
+    assert [len(c.token_ids) for c in results[0]] == [20, 20]
+    for (prompts, options), got in list(zip(cases, results))[1:]:
+        expected = model.generate(prompts, **options)
+        assert [(c.text, c.token_ids, c.finish_reason) for c in got] == [(c.text, c.token_ids, c.finish_reason) for c in expected]
+    assert results[2][0].finish_reason == "stop"
+    assert results[3][0].logprobs == pytest.approx(model.generate(["It is"], max_new_tokens=9, logprobs=2, **GREEDY)[0].logprobs, abs=1e-4)
+    assert batcher.steps < 20 + 15 + 12 + 9 - 4  # fewer than one after another
+
+
+def test_rows_that_end_make_room_for_waiting_requests(model: onnxgen.Model) -> None:
+    """Two rows: a request whose rows do not fit waits (holding back those behind it) until rows end, and
+    a row is reused after a longer one (what the longer one wrote past the new prompt is never read)."""
+    batcher = Batcher(model, max_batch=2)
+    long_prompt = ["It is a truth universally acknowledged that a single man in possession of a good fortune"]
+    jobs: list[tuple[list[str], int]] = [(long_prompt, 30), (["Call me"], 3), (["The", "Once upon"], 6), (["It"], 4)]
+    inboxes = [submit(batcher, model, prompts, max_new_tokens=n, **GREEDY) for prompts, n in jobs]
+    for (prompts, n), inbox in zip(jobs, inboxes):
+        assert [c.token_ids for c in result(inbox)] == alone(model, prompts, max_new_tokens=n, **GREEDY)
+    assert batcher.jobs == 4
+    assert batcher.cache is not None and batcher.cache.lengths.tolist() == [0, 0]  # every row free again
+
+
+def test_rows_move_down_into_rows_that_ended(model: onnxgen.Model) -> None:
+    """When a row ends below busy ones, the last busy row moves into it (its cache positions copied), so that
+    a step decodes no free row; the moved rows go on as if nothing happened."""
+    batcher = Batcher(model, max_batch=4)
+    gate = threading.Event()
+    held = submit(batcher, model, ["Once upon"], on_event=lambda _: gate.wait(30), max_new_tokens=50, **GREEDY)
+    jobs: list[tuple[str, int]] = [("It is a truth universally acknowledged that a single man", 40), ("Call me", 3), ("The city of", 30)]
+    inboxes = [submit(batcher, model, [prompt], max_new_tokens=n, **GREEDY) for prompt, n in jobs]
+    gate.set()  # the three start together, in rows 1-3 by prompt length: the 3-token one ends first, below another
+    for (prompt, n), inbox in zip(jobs, inboxes):
+        assert [c.token_ids for c in result(inbox)] == alone(model, [prompt], max_new_tokens=n, **GREEDY)
+    assert [c.token_ids for c in result(held)] == alone(model, ["Once upon"], max_new_tokens=50, **GREEDY)
+    assert batcher.moved >= 1
+
+
+def test_an_ended_rows_memory_goes_back(model: onnxgen.Model) -> None:
+    """What a request wrote into the shared cache is handed back when it ends: its rows read as zeros again."""
+    batcher = Batcher(model, max_batch=2)
+    result(submit(batcher, model, ["It is a truth"], max_new_tokens=90, **GREEDY))
+    cache = batcher.cache
+    assert cache is not None
+    page, interior = mmap.PAGESIZE, 0
+    for layer in range(2 * model.dims.n_layer):  # each row's whole pages: the ones a row can give back alone
+        for row in range(cache.rows):
+            start, end = cache.address(layer, row), cache.address(layer, row) + cache.row_bytes
+            start, end = -(-start // page) * page, end // page * page
+            interior += end - start
+            assert not np.frombuffer((ctypes.c_byte * (end - start)).from_address(start), dtype=np.uint8).any()
+    assert interior >= cache.nbytes // 2  # the test's model makes rows of several pages
+
+
+def test_seeded_and_beam_requests_run_apart_beside_shared_rows(model: onnxgen.Model) -> None:
+    """A seed gives what model.generate gives with it, and beam search what it gives alone, while unseeded
+    rows decode in the shared cache at the same time."""
+    batcher = Batcher(model, max_batch=4)
+    shared = submit(batcher, model, ["It is a truth"], max_new_tokens=40, **GREEDY)
+    seeded = submit(batcher, model, ["Call me"], max_new_tokens=15, do_sample=True, seed=3, num_return_sequences=2)
+    beams = submit(batcher, model, ["The"], max_new_tokens=8, num_beams=3, num_return_sequences=2)
+    assert [c.text for c in result(seeded)] == [c.text for c in model.generate("Call me", max_new_tokens=15, do_sample=True, seed=3,
+                                                                                num_return_sequences=2)]
+    assert [c.text for c in result(beams)] == [c.text for c in model.generate("The", max_new_tokens=8, num_beams=3,
+                                                                               num_return_sequences=2)]
+    assert [c.token_ids for c in result(shared)] == alone(model, ["It is a truth"], max_new_tokens=40, **GREEDY)
+    assert batcher.jobs == 3
+
+
+def test_a_client_that_goes_away_ends_its_rows(model: onnxgen.Model) -> None:
+    """What the server does when a stream's client disconnects (it sets the job's cancelled flag): the
+    batcher ends that job's rows at the next step, and the other job's rows run on."""
+    batcher = Batcher(model, max_batch=8)
+    options = model.options(max_new_tokens=100, do_sample=True, eos_token_id=None, num_return_sequences=2)
+    news: dict[str, Inbox] = {"gone": queue.Queue(), "stays": queue.Queue()}
+    jobs = {name: Job([[12, 40, 7]], options, lambda kind, value, name=name: news[name].put((kind, value))) for name in news}
+    batcher.submit(jobs["gone"])
+    batcher.submit(jobs["stays"])
+    assert news["gone"].get(timeout=30)[0] == "event"
+    jobs["gone"].cancelled.set()  # the client hung up after its first piece
+    results = {name: result(inbox) for name, inbox in news.items()}
+    assert batcher.cancelled_rows == 2
+    assert {c.finish_reason for c in results["gone"]} == {"cancelled"} and all(len(c.token_ids) < 100 for c in results["gone"])
+    assert [len(c.token_ids) for c in results["stays"]] == [100, 100]
+
+
+def test_a_growing_cache_runs_each_request_apart(exported_growing: Path, model: onnxgen.Model) -> None:
+    """A folder exported with --growing-cache has no rows to share: requests run one at a time, correctly."""
+    growing = onnxgen.load(exported_growing, threads=1)
+    batcher = Batcher(growing, max_batch=4)
+    assert batcher.cache is None
+    inboxes = [submit(batcher, growing, [p], max_new_tokens=6, **GREEDY) for p in ("It is", "Call me")]
+    assert [result(inbox)[0].token_ids for inbox in inboxes] == alone(growing, ["It is"], max_new_tokens=6, **GREEDY) + alone(
+        growing, ["Call me"], max_new_tokens=6, **GREEDY)
+
+
+def test_a_cache_too_large_to_reserve_is_a_clear_error(model: onnxgen.Model) -> None:
+    with pytest.raises(OptionsError, match="max_batch 1000000000: a key/value cache of 1000000000 rows"):
+        Batcher(model, max_batch=10**9)
+
+
+def test_a_request_the_model_refuses_gets_its_error_and_the_rest_run(model: onnxgen.Model) -> None:
+    batcher = Batcher(model, max_batch=4)
+    good = submit(batcher, model, ["It is"], max_new_tokens=4, **GREEDY)
+    inbox: Inbox = queue.Queue()
+    opts = model.options(max_new_tokens=4, **GREEDY)
+    batcher.submit(Job([[10**9]], opts, lambda kind, value: inbox.put((kind, value))))  # an id outside the vocabulary
+    kind, value = inbox.get(timeout=60)
+    assert kind == "error" and isinstance(value, Exception)
+    assert [c.token_ids for c in result(good)] == alone(model, ["It is"], max_new_tokens=4, **GREEDY)
