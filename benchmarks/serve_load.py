@@ -14,9 +14,14 @@ another against the same count sent at once: the speed-up that batching buys. --
 arriving at random (exponential gaps, one seeded schedule) at that many a second whatever the server does, as
 a service's users send them: closed-loop clients fall into step with a server's batches, which hides what a
 request that arrives mid-batch waits.
---baseline DIR: a second server from another onnxgen checkout (a git worktree of an earlier commit) runs
-beside this one, the two taking the same runs in turns, so that the ratio is measured on the same machine
-state. Results: benchmarks/results/serve.{json,md} (--out, --name).
+Stall: the gap between one piece of a stream's text and its next, p99 and largest (what a running stream
+waits while another request's prompt is written; --long-prompt N makes every --long-every-th prompt N
+tokens long).
+--baseline DIR / --baseline-args "...": a second server, from another onnxgen checkout (a git worktree of an
+earlier commit) or from this one with other `onnxgen serve` options, runs beside this one, the two taking
+the same runs in turns, so that the ratio is measured on the same machine state.
+    python benchmarks/serve_load.py FOLDER --baseline-args "--prefill-chunk 100000" --long-prompt 600 --rates 2
+Results: benchmarks/results/serve.{json,md} (--out, --name).
 """
 
 from __future__ import annotations
@@ -47,11 +52,20 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def one(http: httpx.AsyncClient, i: int, max_tokens: int) -> tuple[float, int]:
-    """(time to first token, completion tokens) of one streaming request; raises on any error."""
-    body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.8, "stream": True,
+def prompt(i: int, long_tokens: int, long_every: int) -> str | list[int]:
+    """Request i's prompt: one of PROMPTS, or every long_every-th request long_tokens token ids (below 5,100:
+    inside every vocabulary here)."""
+    if long_every and i % long_every == long_every - 1:
+        return [100 + (i * 7919 + k * 104729) % 5000 for k in range(long_tokens)]
+    return PROMPTS[i % len(PROMPTS)]
+
+
+async def one(http: httpx.AsyncClient, i: int, max_tokens: int, text: str | list[int]) -> tuple[float, int, list[float]]:
+    """(time to first token, completion tokens, the gaps between its pieces of text) of one streaming request;
+    raises on any error."""
+    body = {"prompt": text, "max_tokens": max_tokens, "temperature": 0.8, "stream": True,
             "stream_options": {"include_usage": True}, "eos_token_id": None}
-    start, first, tokens = time.perf_counter(), None, 0
+    start, first, tokens, gaps, last = time.perf_counter(), None, 0, [], 0.0
     async with http.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
@@ -63,24 +77,32 @@ async def one(http: httpx.AsyncClient, i: int, max_tokens: int) -> tuple[float, 
                 raise RuntimeError(chunk["error"]["message"])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            if first is None and any(c["text"] for c in chunk["choices"]):
-                first = time.perf_counter() - start
-    return (first if first is not None else time.perf_counter() - start), tokens
+            if any(c["text"] for c in chunk["choices"]):
+                now = time.perf_counter()
+                if first is None:
+                    first = now - start
+                else:
+                    gaps.append(now - last)
+                last = now
+    return (first if first is not None else time.perf_counter() - start), tokens, gaps
 
 
-async def load(base: str, clients: int, requests: int, max_tokens: list[int], rate: float | None = None) -> dict[str, Any]:
+async def load(base: str, clients: int, requests: int, max_tokens: list[int], rate: float | None = None,
+               long_tokens: int = 0, long_every: int = 0) -> dict[str, Any]:
     """`clients` clients sending requests one after another (closed loop), or with `rate`, requests arriving
     at that many a second on average (open loop: exponential gaps, the same seeded schedule for every server)."""
     ttft: list[float] = []
     latency: list[float] = []
+    gaps: list[float] = []  # between one piece of a stream's text and the next: how long a running stream stalls
     errors, tokens = 0, 0
 
     async def request(http: httpx.AsyncClient, i: int) -> None:
         nonlocal errors, tokens
         sent = time.perf_counter()
         try:
-            first, n = await one(http, i, max_tokens[i % len(max_tokens)])
+            first, n, pauses = await one(http, i, max_tokens[i % len(max_tokens)], prompt(i, long_tokens, long_every))
             ttft.append(first)
+            gaps.extend(pauses)
             latency.append(time.perf_counter() - sent)
             tokens += n
         except Exception:  # counted, and the run goes on: errors must be 0
@@ -113,15 +135,16 @@ async def load(base: str, clients: int, requests: int, max_tokens: list[int], ra
 
     return {"clients": clients if rate is None else None, "rate": rate, "requests": requests, "errors": errors,
             "tokens_per_s": tokens / elapsed, "ttft_p50_ms": q(ttft, 50), "ttft_p99_ms": q(ttft, 99),
-            "latency_p50_ms": q(latency, 50), "latency_p99_ms": q(latency, 99), "seconds": elapsed}
+            "latency_p50_ms": q(latency, 50), "latency_p99_ms": q(latency, 99), "gap_p99_ms": q(gaps, 99),
+            "gap_max_ms": max(gaps, default=0.0) * 1000, "seconds": elapsed}
 
 
-def serve(folder: Path, port: int, threads: int, max_batch: int, source: Path | None) -> subprocess.Popen[bytes]:
+def serve(folder: Path, port: int, threads: int, max_batch: int, source: Path | None, extra: list[str]) -> subprocess.Popen[bytes]:
     """`onnxgen serve` from this checkout, or from `source` (another checkout's onnxgen: run from there, since
     `python -m` puts the working directory ahead of PYTHONPATH)."""
     env = {**os.environ, "PYTHONPATH": str(source)} if source else None
     proc = subprocess.Popen([sys.executable, "-m", "onnxgen", "serve", "--model", str(folder.resolve()), "--port", str(port),
-                             "--threads", str(threads), "--max-batch", str(max_batch)], stderr=subprocess.DEVNULL, env=env,
+                             "--threads", str(threads), "--max-batch", str(max_batch), *extra], stderr=subprocess.DEVNULL, env=env,
                             cwd=source or HERE.parent)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -153,18 +176,25 @@ def main() -> None:
     ap.add_argument("--max-tokens", nargs="+", type=int, default=[32], help="request i asks for the i-th, cycling")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--long-prompt", type=int, default=0, help="every --long-every-th request sends this many tokens")
+    ap.add_argument("--long-every", type=int, default=4)
+    ap.add_argument("--server-args", default="", help="more `onnxgen serve` options for this checkout's server")
     ap.add_argument("--baseline", type=Path, help="another onnxgen checkout, served beside this one, in turns")
+    ap.add_argument("--baseline-args", help="`onnxgen serve` options of a baseline server (from this checkout unless --baseline)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--name", default="serve", help="results file stem")
     args = ap.parse_args()
-    servers = {"this": None, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+    servers: dict[str, tuple[Path | None, list[str]]] = {"this": (None, args.server_args.split())}
+    if args.baseline or args.baseline_args is not None:
+        servers["baseline"] = (args.baseline.resolve() if args.baseline else None, (args.baseline_args or "").split())
+    long = {"long_tokens": args.long_prompt, "long_every": args.long_every if args.long_prompt else 0}
     results = []
     for folder in args.folders:
         procs, bases = {}, {}
         try:
-            for label, source in servers.items():
+            for label, (source, extra) in servers.items():
                 port = free_port()
-                procs[label] = serve(folder, port, args.threads, args.max_batch, source)
+                procs[label] = serve(folder, port, args.threads, args.max_batch, source, extra)
                 bases[label] = f"http://127.0.0.1:{port}"
             rss: dict[str, list[float]] = {label: [] for label in servers}
             runs: dict[str, list[dict[str, Any]]] = {label: [] for label in servers}
@@ -173,11 +203,11 @@ def main() -> None:
                 rss[label].append(rss_mb(procs[label].pid))
             for clients in [*args.clients, max(args.clients)]:
                 for label in servers:  # in turns: the servers see the same machine state
-                    runs[label].append(asyncio.run(load(bases[label], clients, args.requests, args.max_tokens)))
+                    runs[label].append(asyncio.run(load(bases[label], clients, args.requests, args.max_tokens, **long)))
                     rss[label].append(rss_mb(procs[label].pid))
             for rate in args.rates:
                 for label in servers:
-                    runs[label].append(asyncio.run(load(bases[label], 0, args.requests, args.max_tokens, rate)))
+                    runs[label].append(asyncio.run(load(bases[label], 0, args.requests, args.max_tokens, rate, **long)))
             n = max(args.clients)
             speedup = {}
             for label in servers:
@@ -190,7 +220,8 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(timeout=30)
         for label in servers:
-            results.append({"folder": str(folder), "server": label, "source": str(servers[label] or "."), "runs": runs[label],
+            source, extra = servers[label]
+            results.append({"folder": str(folder), "server": label, "source": str(source or "."), "args": " ".join(extra), "runs": runs[label],
                             "rss_mb": rss[label], "speedup": speedup[label]})
             print(json.dumps(results[-1]), flush=True)
     report = {"max_tokens": args.max_tokens, "threads": args.threads, "max_batch": args.max_batch, "results": results}
@@ -198,21 +229,22 @@ def main() -> None:
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     lengths = ", ".join(map(str, args.max_tokens))
     lines = [f"`onnxgen serve`, {args.threads} onnxruntime threads, max batch {args.max_batch}; streaming, sampled, "
-             f"max_tokens {lengths} (request by request, cycling); {args.requests} requests per row.", "",
-             "| model | server | load | tok/s | TTFT p50 ms | TTFT p99 ms | latency p50 ms | latency p99 ms | errors |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"max_tokens {lengths} (request by request, cycling); {args.requests} requests per row"
+             + (f"; every {args.long_every}th request a {args.long_prompt}-token prompt." if args.long_prompt else "."), "",
+             "| model | server | load | tok/s | TTFT p50 ms | TTFT p99 ms | latency p50 ms | latency p99 ms | stall p99 ms | stall max ms | errors |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         for run in r["runs"]:
             lines.append(f"| {Path(r['folder']).name} | {r['server']} | {load_name(run)} | {run['tokens_per_s']:,.0f} | "
                          f"{run['ttft_p50_ms']:.0f} | {run['ttft_p99_ms']:.0f} | {run['latency_p50_ms']:,.0f} | "
-                         f"{run['latency_p99_ms']:,.0f} | {run['errors']} |")
+                         f"{run['latency_p99_ms']:,.0f} | {run['gap_p99_ms']:,.0f} | {run['gap_max_ms']:,.0f} | {run['errors']} |")
     lines.append("")
     for r in results:
         s = r["speedup"]
-        lines.append(f"- {Path(r['folder']).name}, {r['server']} ({r['source']}): server RSS (MiB) after the warm-up and after each run: "
+        lines.append(f"- {Path(r['folder']).name}, {r['server']} ({r['source']} {r['args']}): server RSS (MiB) after the warm-up and after each run: "
                      f"{', '.join(f'{m:.0f}' for m in r['rss_mb'])} ({len(r['runs']) * args.requests} requests); {s['requests']} requests "
                      f"at once {s['ratio']:.2f}x faster than one after another ({s['sequential_s']:.2f} s -> {s['concurrent_s']:.2f} s)")
-    if args.baseline:
+    if "baseline" in servers:
         lines.append("")
         for folder in args.folders:
             pair = {r["server"]: r for r in results if r["folder"] == str(folder)}

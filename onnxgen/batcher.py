@@ -4,8 +4,9 @@ The rows of the running requests share one key/value cache of `max_batch` rows (
 at the model's whole context: on the CPU its memory comes as positions are written and goes back when a
 row ends), and one forward a step decodes them all, each row at its own length. A request joins at the
 next step: its prompt pass writes its rows into free rows of that cache (the others wait for that one
-pass; requests that arrive together share passes, one per prompt length), and a row that ends frees its
-place at once; the last busy row then moves down into it, so that a step computes no free row. Each request
+pass; requests that arrive together share passes, one per prompt length; a prompt longer than
+`prefill_chunk` tokens is written that many positions a step, so that the others wait for a part and not
+for the whole prompt), and a row that ends frees its place at once; the last busy row then moves down into it, so that a step computes no free row. Each request
 keeps a generator of its own (generator.py), so its options, random numbers, stop rules and events are its
 own: requests with different options share a step.
 
@@ -55,6 +56,10 @@ class Running:
     job: Job
     generator: Generator | BeamSearch
     slots: list[int | None]  # the shared cache's row of each generator row while it runs; empty when apart
+    # While a long prompt is written a part a step: each row's positions written so far, and the scores of
+    # each row's last written position (its first token's, once the whole prompt is in). None after.
+    written: list[int] | None = None
+    first: np.ndarray | None = None
 
 
 class Full(Exception):
@@ -62,12 +67,13 @@ class Full(Exception):
 
 
 class Batcher:
-    def __init__(self, model: Model, max_batch: int = 8, max_queue: int = 64) -> None:
-        self.model, self.max_batch = model, max_batch
+    def __init__(self, model: Model, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 128) -> None:
+        self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
         runtime = model.runtime
         self.cache = self._shared_cache() if runtime.in_place else None
         self._slots: list[Running | None] = [None] * max_batch  # who holds each row of the shared cache
-        self._shared: list[Running] = []  # jobs whose rows are in the shared cache
+        self._shared: list[Running] = []  # jobs whose rows decode in the shared cache
+        self._prefilling: list[Running] = []  # jobs whose long prompts are being written into it, oldest first
         self._apart: Running | None = None  # the job running with a cache of its own
         self._waiting: queue.Queue[Job] = queue.Queue(max_queue)
         self._held: Job | None = None  # taken from the queue, waiting for room: it goes first
@@ -75,6 +81,7 @@ class Batcher:
         self.joined = 0  # of them, those that joined rows already decoding
         self.steps = 0  # forwards of the shared rows
         self.moved = 0  # rows moved down into rows that ended (_compact)
+        self.parts = 0  # parts of long prompts written
         self.cancelled_rows = 0  # rows ended because their client went away
         threading.Thread(target=self._work, name="onnxgen-batcher", daemon=True).start()
 
@@ -105,6 +112,8 @@ class Batcher:
             self._start_waiting()
             if self._apart is not None:
                 self._step_apart(self._apart)
+            if self._prefilling:
+                self._prefill_part(self._prefilling[0])
             if self._shared:
                 self._step_shared()
 
@@ -119,7 +128,7 @@ class Batcher:
         while True:
             if self._held is None:
                 try:
-                    self._held = self._waiting.get(block=not (self._shared or joining) and self._apart is None)
+                    self._held = self._waiting.get(block=not (self._shared or self._prefilling or joining) and self._apart is None)
                 except queue.Empty:
                     break
             job = self._held
@@ -163,16 +172,50 @@ class Batcher:
             running.slots[row], self._slots[slot] = slot, running
         self.jobs += len(started)
         self.joined += len(started) if self._shared else 0
+        for running in started:  # long prompts: a part a step (_prefill_part)
+            if max(len(running.generator.rows.history(row)) for row in range(running.job.rows)) > self.prefill_chunk:
+                running.written, running.first = [0] * running.job.rows, np.empty((running.job.rows, self.model.dims.vocab_size), np.float32)
+                self._prefilling.append(running)
+        rows = [r for r in rows if r[0].written is None]
         try:
             raw = self.cache.prefill([prompt for _, _, prompt in rows], [running.slots[row] for running, row, _ in rows])  # type: ignore[misc]
         except Exception as e:  # a bug, or memory: these jobs' error, the others run on
             for running in started:
-                self._end(running, error=e)
+                if running.written is None:
+                    self._end(running, error=e)
             return
         order = {(id(running), row): i for i, (running, row, _) in enumerate(rows)}
         for running in started:
+            if running.written is None:
+                self._shared.append(running)
+                self._take(running, raw[[order[id(running), row] for row in range(running.job.rows)]])
+
+    def _prefill_part(self, running: Running) -> None:
+        """Write the next prefill_chunk positions of the oldest long prompts' rows; once a job's prompts are
+        whole, it decodes with the others."""
+        assert self.cache is not None and running.written is not None and running.first is not None
+        self._check_cancelled(running)
+        if running not in self._prefilling:
+            return
+        budget = self.prefill_chunk
+        for row, slot in enumerate(running.slots):
+            prompt, done = running.generator.rows.history(row), running.written[row]
+            if done == len(prompt) or budget == 0 or slot is None:
+                continue
+            part = prompt[done : done + budget]
+            try:
+                running.first[row] = self.cache.prefill([part], [slot], start=done)[0]
+            except Exception as e:  # a bug, or memory: this job's error, the others run on
+                self._end(running, error=e)
+                return
+            running.written[row] += len(part)
+            budget -= len(part)
+            self.parts += 1
+        if all(running.written[row] == len(running.generator.rows.history(row)) for row in range(running.job.rows)):
+            first, running.written, running.first = running.first, None, None
+            self._prefilling.remove(running)
             self._shared.append(running)
-            self._take(running, raw[[order[id(running), row] for row in range(running.job.rows)]])
+            self._take(running, first)
 
     def _step_shared(self) -> None:
         """One forward for every shared row; each job's generator takes its rows' scores."""
@@ -181,18 +224,18 @@ class Batcher:
             self._check_cancelled(running)
         if not self._shared:
             return
-        # Free rows decode too (a pad token at position 0, staying empty): with CUDA graphs all of them, one captured
-        # shape; otherwise only those below the last busy row, and _compact leaves none there.
+        # Rows that do not decode run too (a placeholder token, their length kept): with CUDA graphs all of them, one
+        # captured shape; otherwise only those below the last busy row, and _compact leaves no free one there.
         busy = [row for row, holder in enumerate(self._slots) if holder is not None]
         count = self.max_batch if self.model.runtime.cuda_graph else busy[-1] + 1
-        tokens = np.zeros(count, dtype=np.int64)
+        tokens, decoding = np.zeros(count, dtype=np.int64), np.zeros(count, dtype=bool)
         for running in self._shared:
             assert running.generator.rows.pending is not None
             for row, slot in enumerate(running.slots):
                 if slot is not None:
-                    tokens[slot] = running.generator.rows.pending[row]
+                    tokens[slot], decoding[slot] = running.generator.rows.pending[row], True
         try:
-            raw = self.cache.decode(tokens)
+            raw = self.cache.decode(tokens, hold=np.flatnonzero(~decoding).tolist())  # free rows, and prompts being written
         except Exception as e:  # a bug: every job of the step gets it, the worker lives on
             for running in list(self._shared):
                 self._end(running, error=e)
@@ -263,8 +306,9 @@ class Batcher:
     def _end(self, running: Running, error: Exception | None = None) -> None:
         """The job is over: its completions, or the error, go to it; whatever it held is freed."""
         self._free(running, list(range(len(running.slots))))
-        if running in self._shared:
-            self._shared.remove(running)
+        for running_jobs in (self._shared, self._prefilling):
+            if running in running_jobs:
+                running_jobs.remove(running)
         if running is self._apart:
             self._apart = None
         if error is not None:

@@ -81,36 +81,40 @@ class InPlaceCache:
         """Where row `row` of past_names[layer] starts in the buffer."""
         return self.buffer.data_ptr() + (layer * self.rows + row) * self.row_bytes
 
-    def prefill(self, prompts: list[list[int]], rows: list[int] | None = None) -> np.ndarray:
-        """Write prompt i into row rows[i] (by default row i); the last position's scores of each prompt. One pass
-        per run of prompts of equal length in neighbouring rows."""
+    def prefill(self, prompts: list[list[int]], rows: list[int] | None = None, start: int = 0) -> np.ndarray:
+        """Write prompt i into row rows[i] (by default row i) from position `start` (a batcher writes a long prompt
+        in parts, after what the row holds); the last position's scores of each prompt. One pass per run of
+        prompts of equal length in neighbouring rows."""
         rows = list(range(len(prompts))) if rows is None else rows
         scores = np.empty((len(prompts), self.runtime.vocab_size), np.float32)
-        start = 0
-        while start < len(prompts):
-            n, stop = len(prompts[start]), start + 1
+        first = 0
+        while first < len(prompts):
+            n, stop = len(prompts[first]), first + 1
             while stop < len(prompts) and len(prompts[stop]) == n and rows[stop] == rows[stop - 1] + 1:
                 stop += 1
-            ids = np.asarray(prompts[start:stop], dtype=np.int64)
-            positions = np.broadcast_to(np.arange(n), ids.shape)
-            seqlens = np.full(stop - start, n - 1, dtype=np.int32)
+            ids = np.asarray(prompts[first:stop], dtype=np.int64)
+            positions = np.broadcast_to(np.arange(start, start + n), ids.shape)
+            seqlens = np.full(stop - first, start + n - 1, dtype=np.int32)
             with self.runtime.exclusive():
-                scores[start:stop] = self._run(ids, positions, rows[start], rows[start] + stop - start, seqlens, n)
-            start = stop
-        self.lengths[rows] = [len(p) for p in prompts]
+                scores[first:stop] = self._run(ids, positions, rows[first], rows[first] + stop - first, seqlens, start + n)
+            first = stop
+        self.lengths[rows] = [start + len(p) for p in prompts]
         return scores
 
-    def decode(self, tokens: np.ndarray) -> np.ndarray:
-        """One token for each of the first len(tokens) rows, written at the row's own length. A row of length 0
-        holds nothing (a batcher's free row): its token goes to position 0 and it stays empty."""
+    def decode(self, tokens: np.ndarray, hold: list[int] | None = None) -> np.ndarray:
+        """One token for each of the first len(tokens) rows, written at the row's own length. Rows in `hold` (a
+        batcher's free rows, and rows whose prompt is still being written) keep their length: what their token
+        wrote there is overwritten by their next write."""
         n = len(tokens)
         lengths = self.lengths[:n]  # a view: the increment below lands in self.lengths
         if self._step is None or self._step.rows != n:  # a batcher's rows come and go; with CUDA graphs n never changes
             self._step = DecodeStep(self, n)
         with self.runtime.exclusive():
             scores = self._step.run(tokens.reshape(-1, 1).astype(np.int64), lengths.reshape(-1, 1),
-                                        lengths.astype(np.int32), int(lengths.max()) + 1)
-        lengths[lengths > 0] += 1
+                                    lengths.astype(np.int32), int(lengths.max()) + 1)
+        advance = np.ones(n, dtype=bool)
+        advance[[row for row in hold or [] if row < n]] = False
+        lengths[advance] += 1
         return scores
 
     def clear(self, rows: list[int]) -> None:

@@ -232,6 +232,8 @@ def serve(
     mapped_weights: MappedWeightsOption = False,
     cuda_graph: CudaGraphOption = False,
     max_batch: Annotated[int, typer.Option(min=1, help="rows decoded together; a request joins them at the next step")] = 8,
+    prefill_chunk: Annotated[int, typer.Option(min=1, help="a longer prompt is written this many tokens a step, "
+                                               "so that running requests wait for a part of it, not the whole (on a GPU: 512 or more)")] = 128,
     max_tokens: Annotated[int, typer.Option(help="the largest max_tokens a request may ask for")] = 1024,
     api_key: Annotated[str | None, typer.Option(envvar="ONNXGEN_API_KEY", help="require Authorization: Bearer KEY")] = None,
     name: Annotated[str | None, typer.Option(help="model name in the API (default: the folder's name)")] = None,
@@ -248,7 +250,7 @@ def serve(
 
     folder = model or BUNDLED
     loaded = run(lambda: load(folder, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph))  # type: ignore[arg-type]
-    app_ = run(lambda: create_app(loaded, name or folder.name, api_key, Limits(max_tokens=max_tokens, max_batch=max_batch)))
+    app_ = run(lambda: create_app(loaded, name or folder.name, api_key, Limits(max_tokens=max_tokens, max_batch=max_batch, prefill_chunk=prefill_chunk)))
     print(f"serving {folder} as {name or folder.name!r} on http://{host}:{port}/v1", file=sys.stderr)
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 

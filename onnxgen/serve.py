@@ -42,6 +42,7 @@ class Limits:
     max_n: int = 16
     max_prompts: int = 64
     max_batch: int = 8  # rows decoded together (the shared key/value cache's rows)
+    prefill_chunk: int = 128  # a longer prompt is written that many positions a step (batcher.py)
     max_queue: int = 64  # waiting requests before 429
 
 
@@ -73,7 +74,7 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
 
 def create_app(model: Model, name: str, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
-    batcher = Batcher(model, limits.max_batch, limits.max_queue)
+    batcher = Batcher(model, limits.max_batch, limits.max_queue, limits.prefill_chunk)
     app = FastAPI(title="onnxgen", docs_url=None, redoc_url=None)
     app.state.batcher = batcher
 

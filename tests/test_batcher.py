@@ -77,6 +77,32 @@ def _wait_for(boxes: list[Inbox]) -> Inbox:
     raise AssertionError("the long job never made a token")
 
 
+def test_a_long_prompt_is_written_a_part_a_step(model: onnxgen.Model) -> None:
+    """A prompt longer than prefill_chunk is written that many positions a step, with the rows already
+    decoding making a token between its parts; its answer is what it gives alone."""
+    batcher = Batcher(model, max_batch=4, prefill_chunk=4)
+    assert batcher.cache is not None
+    log: list[str] = []
+    write = batcher.cache.prefill
+    batcher.cache.prefill = lambda *args, **kw: (log.append("part"), write(*args, **kw))[1]  # type: ignore[method-assign]
+    long_prompt = "It is a truth universally acknowledged that a single man in possession of a good fortune"
+    second: list[Inbox] = []
+
+    def send_the_long_one(_: object) -> None:
+        log.append("token")
+        if not second:
+            second.append(submit(batcher, model, [long_prompt], max_new_tokens=6, **GREEDY))
+
+    first = submit(batcher, model, ["It"], on_event=send_the_long_one, max_new_tokens=40, **GREEDY)
+    long = result(_wait_for(second))
+    assert [c.token_ids for c in long] == alone(model, [long_prompt], max_new_tokens=6, **GREEDY)
+    assert [c.token_ids for c in result(first)] == alone(model, ["It"], max_new_tokens=40, **GREEDY)
+    parts = -(-len(model.tokenizer.encode(long_prompt)) // 4)
+    assert batcher.parts == parts >= 4
+    written = [i for i, entry in enumerate(log) if entry == "part"][-parts:]  # the long prompt's parts
+    assert all("token" in log[a:b] for a, b in zip(written, written[1:]))  # a token of the other job between each two
+
+
 def test_requests_with_different_options_share_steps(model: onnxgen.Model) -> None:
     """Each request keeps its own options, processors and stop rules in a shared step."""
     batcher = Batcher(model, max_batch=8)
