@@ -3,12 +3,12 @@
 The rows of the running requests share one key/value cache of `max_batch` rows (cache.py's InPlaceCache,
 at the model's whole context: on the CPU its memory comes as positions are written and goes back when a
 row ends), and one forward a step decodes them all, each row at its own length. A request joins at the
-next step: its prompt pass writes its rows into free rows of that cache (the others wait for that one
-pass; requests that arrive together share passes, one per prompt length; a prompt longer than
+next step: its prompt pass writes its rows into free rows of that cache, while the others wait for that
+one pass (requests that arrive together share passes, one per prompt length; a prompt longer than
 `prefill_chunk` tokens is written that many positions a step, so that the others wait for a part and not
-for the whole prompt), and a row that ends frees its place at once; the last busy row then moves down into it, so that a step computes no free row. Each request
-keeps a generator of its own (generator.py), so its options, random numbers, stop rules and events are its
-own: requests with different options share a step.
+for the whole prompt). A row that ends frees its place at once, and the last busy row moves down into it,
+so that a step computes no free row. Each request keeps a generator of its own (generator.py), so its
+options, random numbers, stop rules and events are its own: requests with different options share a step.
 
 Some requests run apart, each with a cache of its own, one at a time, a step of it in turn with a step of
 the shared rows: beam search (it reorders its rows), a seed (so that it gives exactly what `model.generate`

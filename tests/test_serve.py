@@ -183,8 +183,8 @@ def test_the_serve_command(exported: Path, model: onnxgen.Model) -> None:
     import sys
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "onnxgen", "serve", "--model", str(exported), "--port", str(port), "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "onnxgen", "serve", "--model", str(exported), "--port", str(port), "--threads", "1",
+                             "--max-batch", "4", "--prefill-chunk", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -196,6 +196,19 @@ def test_the_serve_command(exported: Path, model: onnxgen.Model) -> None:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         out = client.completions.create(model=exported.name, prompt="Call me", max_tokens=6, temperature=0)
         assert out.choices[0].text == model.generate("Call me", max_new_tokens=6, do_sample=False)[0].text
+        long = "It is a truth universally acknowledged"  # written 2 tokens a step
+        out = client.completions.create(model=exported.name, prompt=long, max_tokens=6, temperature=0)
+        assert out.choices[0].text == model.generate(long, max_new_tokens=6, do_sample=False)[0].text
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_serve_command_refuses_a_cache_it_cannot_reserve(exported: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "onnxgen", "serve", "--model", str(exported), "--max-batch", "1000000000000"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("onnxgen: error: max_batch 1000000000000: a key/value cache")
