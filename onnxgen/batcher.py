@@ -224,10 +224,9 @@ class Batcher:
             self._check_cancelled(running)
         if not self._shared:
             return
-        # Rows that do not decode run too (a placeholder token, their length kept): with CUDA graphs all of them, one
-        # captured shape; otherwise only those below the last busy row, and _compact leaves no free one there.
-        busy = [row for row, holder in enumerate(self._slots) if holder is not None]
-        count = self.max_batch if self.model.runtime.cuda_graph else busy[-1] + 1
+        # The rows up to the last busy one (_compact leaves no free row below it; with CUDA graphs a graph is captured
+        # for each count, at most max_batch of them); rows that do not decode run a placeholder and keep their length.
+        count = 1 + max(row for row, holder in enumerate(self._slots) if holder is not None)
         tokens, decoding = np.zeros(count, dtype=np.int64), np.zeros(count, dtype=bool)
         for running in self._shared:
             assert running.generator.rows.pending is not None
@@ -248,10 +247,9 @@ class Batcher:
 
     def _compact(self) -> None:
         """Move the last busy rows into the free rows below them, so that a step decodes no free row: on the CPU a
-        step's cost grows with its rows (with CUDA graphs every step runs all of them anyway)."""
+        step's cost grows with its rows, and on a GPU too (gpt2-large with CUDA graphs on an H200: 1.6 ms a step
+        at batch 1, 2.1 at batch 8)."""
         assert self.cache is not None
-        if self.model.runtime.cuda_graph:
-            return
         source, moved = np.arange(self.max_batch), []
         while True:
             busy = [slot for slot, holder in enumerate(self._slots) if holder is not None]

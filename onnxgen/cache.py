@@ -71,7 +71,7 @@ class InPlaceCache:
             with rt.exclusive():  # with CUDA graphs, no allocation while another thread captures
                 self.buffer = rt.ort.OrtValue.ortvalue_from_shape_and_type(shape, rt.cache_dtype, rt.device, 0)
         self.lengths = np.zeros(rows, dtype=np.int64)  # positions written, per row
-        self._step: DecodeStep | None = None  # bound at the first decode, and again when its row count changes
+        self._steps: dict[int, DecodeStep] = {}  # by how many leading rows a decode runs (a batcher's rows come and go)
 
     def layers(self) -> np.ndarray:
         """The CPU buffer as (layer's key or value in past_names' order, row, head, position, head size)."""
@@ -107,10 +107,13 @@ class InPlaceCache:
         wrote there is overwritten by their next write."""
         n = len(tokens)
         lengths = self.lengths[:n]  # a view: the increment below lands in self.lengths
-        if self._step is None or self._step.rows != n:  # a batcher's rows come and go; with CUDA graphs n never changes
-            self._step = DecodeStep(self, n)
+        step = self._steps.get(n)
+        if step is None:
+            if not self.runtime.cuda_graph:  # binding again is cheap; a captured graph is not, and onnxruntime keeps it anyway
+                self._steps.clear()
+            step = self._steps[n] = DecodeStep(self, n)
         with self.runtime.exclusive():
-            scores = self._step.run(tokens.reshape(-1, 1).astype(np.int64), lengths.reshape(-1, 1),
+            scores = step.run(tokens.reshape(-1, 1).astype(np.int64), lengths.reshape(-1, 1),
                                     lengths.astype(np.int32), int(lengths.max()) + 1)
         advance = np.ones(n, dtype=bool)
         advance[[row for row in hold or [] if row < n]] = False
@@ -180,7 +183,6 @@ class DecodeStep:
 
     def __init__(self, cache: InPlaceCache, rows: int) -> None:
         rt = self.runtime = cache.runtime
-        self.rows = rows
         ort = rt.ort
         shape = (rows, *cache.shape[1:])
         self.ids = ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, 1), np.int64), rt.device, 0)

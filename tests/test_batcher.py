@@ -224,3 +224,29 @@ def test_a_request_the_model_refuses_gets_its_error_and_the_rest_run(model: onnx
     kind, value = inbox.get(timeout=60)
     assert kind == "error" and isinstance(value, Exception)
     assert [c.token_ids for c in result(good)] == alone(model, ["It is"], max_new_tokens=4, **GREEDY)
+
+
+def test_with_cuda_graphs_each_count_of_rows_is_bound_once(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With CUDA graphs a decode step is captured once per binding, and onnxruntime keeps every capture: the
+    batcher's cache keeps one binding per count of rows and never makes one again. On the CPU, with the
+    runtime told it captures (tests/test_cuda.py replays real graphs on a GPU)."""
+    from onnxgen import cache as cache_module
+
+    made: list[tuple[cache_module.InPlaceCache, int]] = []
+
+    class Counted(cache_module.DecodeStep):
+        def __init__(self, cache: cache_module.InPlaceCache, rows: int) -> None:
+            made.append((cache, rows))
+            super().__init__(cache, rows)
+
+    monkeypatch.setattr(cache_module, "DecodeStep", Counted)
+    model = onnxgen.load(exported, threads=1)
+    model.runtime.cuda_graph = True
+    batcher = Batcher(model, max_batch=3)
+    jobs = [(["It is a truth universally acknowledged"], 20), (["Call me"], 3), (["The"], 12), (["Once upon"], 5), (["It"], 9)]
+    for _ in range(2):
+        inboxes = [submit(batcher, model, prompts, max_new_tokens=n, **GREEDY) for prompts, n in jobs]
+        for (prompts, n), inbox in zip(jobs, inboxes):
+            assert [c.token_ids for c in result(inbox)] == alone(model, prompts, max_new_tokens=n, **GREEDY)
+    counts = [rows for cache, rows in made if cache is batcher.cache]
+    assert batcher.cache is not None and sorted(counts) == sorted(batcher.cache._steps) and len(counts) >= 2

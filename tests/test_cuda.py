@@ -158,9 +158,8 @@ def test_one_cuda_model_serves_many_threads(folders: dict[str, Path], cuda_graph
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_continuous_batching_on_cuda(folders: dict[str, Path], cuda_graph: bool) -> None:
     """The server's batcher on the device: requests joining rows already decoding, a long prompt written a
-    part a step (GroupQueryAttention with a past and several new positions), rows ending below busy ones
-    (moved down without CUDA graphs; with them every step runs all rows, one captured shape), each answer
-    what its prompt gives alone."""
+    part a step (GroupQueryAttention with a past and several new positions), rows ending below busy ones and
+    moved down (with CUDA graphs, a graph for each count of rows), each answer what its prompt gives alone."""
     import threading
 
     from onnxgen.batcher import Batcher
@@ -177,4 +176,4 @@ def test_continuous_batching_on_cuda(folders: dict[str, Path], cuda_graph: bool)
     for (prompt, n), inbox in zip(jobs, inboxes):
         assert [c.token_ids for c in result(inbox)] == alone(gpu, [prompt], max_new_tokens=n, **GREEDY)
     assert [c.token_ids for c in result(held)] == alone(gpu, ["Once upon"], max_new_tokens=40, **GREEDY)
-    assert batcher.jobs == 4 and batcher.parts >= 3 and (batcher.moved == 0) == cuda_graph
+    assert batcher.jobs == 4 and batcher.parts >= 3 and batcher.moved >= 1
