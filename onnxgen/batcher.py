@@ -10,11 +10,12 @@ for the whole prompt). A row that ends frees its place at once, and the last bus
 so that a step computes no free row. Each request keeps a generator of its own (generator.py), so its
 options, random numbers, stop rules and events are its own: requests with different options share a step.
 
-Some requests run apart, each with a cache of its own, one at a time, a step of it in turn with a step of
-the shared rows: beam search (it reorders its rows), a seed (so that it gives exactly what `model.generate`
-gives with that seed: int8 models quantize each step's activations with one scale for all rows, so a row's
-numbers move with the rows beside it), more rows than `max_batch`, and every request on a folder whose cache
-grows (`--growing-cache`: its rows share one left-padded width, so none can join). Requests start oldest
+Beam search shares steps too: its rows move among the rows it holds (cache.py's SharedRows). Some requests
+run apart, each with a cache of its own, one at a time, a step of it in turn with a step of the shared
+rows: a seed (so that it gives exactly what `model.generate` gives with that seed: int8 models quantize
+each step's activations with one scale for all rows, so a row's numbers move with the rows beside it),
+more rows than `max_batch`, and every request on a folder whose cache grows (`--growing-cache`: its rows
+share one left-padded width, so none can join). Requests start oldest
 first: one that waits for room holds back those behind it.
 """
 
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .beam import BeamSearch
-from .cache import InPlaceCache
+from .cache import InPlaceCache, SharedRows
 from .errors import OptionsError
 from .generator import Generator
 from .model import Model
@@ -47,8 +48,9 @@ class Job:
 
     @property
     def rows(self) -> int:
-        """Its completions: num_return_sequences a prompt (also a sampling generator's rows)."""
-        return len(self.prompts) * self.options.num_return_sequences
+        """Its generator's rows: num_beams a prompt for beam search, else num_return_sequences."""
+        o = self.options
+        return len(self.prompts) * (o.num_beams if o.num_beams > 1 else o.num_return_sequences)
 
 
 @dataclass
@@ -118,8 +120,7 @@ class Batcher:
                 self._step_shared()
 
     def _shares(self, job: Job) -> bool:
-        o = job.options
-        return self.cache is not None and o.num_beams == 1 and o.seed is None and job.rows <= self.max_batch
+        return self.cache is not None and job.options.seed is None and job.rows <= self.max_batch
 
     def _start_waiting(self) -> None:
         """Start waiting jobs, oldest first, while there is room; wait for one when nothing runs."""
@@ -162,8 +163,8 @@ class Batcher:
         for job in jobs:
             generator = self._generator(job)
             if generator is not None:
-                assert isinstance(generator, Generator)
                 started.append(Running(job, generator, [None] * job.rows))
+                generator.rows.share(SharedRows(self.cache, started[-1].slots))
         # (job, its row, the row's prompt): nothing is generated yet, so a row's history is its prompt
         rows = sorted(((running, row, running.generator.rows.history(row)) for running in started for row in range(running.job.rows)),
                       key=lambda r: len(r[2]))
@@ -270,7 +271,6 @@ class Batcher:
 
     def _take(self, running: Running, raw: np.ndarray) -> None:
         generator = running.generator
-        assert isinstance(generator, Generator)
         try:
             events = generator.take(raw)
         except Exception as e:  # a caller's processor or criterion that raised: this job's error
@@ -278,10 +278,10 @@ class Batcher:
             return
         for event in events:
             _send(running.job, "event", (event.row, event))
-        ended = [row for row, slot in enumerate(running.slots) if slot is not None and generator.finish_reasons[row] is not None]
-        self._free(running, ended)
         if generator.done:
             self._end(running)
+        elif isinstance(generator, Generator):  # a beam search's rows run until it ends
+            self._free(running, [row for row, slot in enumerate(running.slots) if slot is not None and generator.finish_reasons[row] is not None])
 
     def _check_cancelled(self, running: Running) -> None:
         """A job whose client went away: its running rows end (finish reason "cancelled")."""

@@ -73,8 +73,12 @@ class BeamSearch:
     def step(self) -> list[Event]:
         if self._done:
             return []
+        return self.take(self.rows.forward())
+
+    def take(self, raw: np.ndarray) -> list[Event]:
+        """A step after its forward, from `raw`, the scores it gave (a batcher runs one forward for several
+        generators; generator.py)."""
         b, k, opts, cur = self.b, self.k, self.opts, self.steps
-        raw = self.rows.forward()
         self.step_ends.append(time.perf_counter())
         processed = self.scoring(logits.log_softmax(raw), self.rows, cur)  # (b * k, vocab)
         vocab = processed.shape[-1]

@@ -289,4 +289,20 @@ class GrowingCache:
         return rt.session.run([LOGITS], feed)[0]
 
 
+class SharedRows:
+    """Rows of an InPlaceCache that a server's batcher runs for one call (batcher.py): what the call's Rows asks
+    of its cache between the batcher's forwards, which is beam search's reorder, done where the rows sit.
+    `slots` is the batcher's own list (the cache row of each of the call's rows), which it updates when it moves
+    rows."""
+
+    def __init__(self, cache: InPlaceCache, slots: list[int | None]) -> None:
+        self.cache, self.slots = cache, slots
+
+    def reorder(self, source: np.ndarray) -> None:
+        where = np.asarray(self.slots, dtype=np.int64)  # a beam search's rows all run until it ends: no None
+        every = np.arange(self.cache.rows)
+        every[where] = where[source]
+        self.cache.reorder(every)
+
+
 Cache = InPlaceCache | GrowingCache

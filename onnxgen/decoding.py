@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import logits
-from .cache import Cache, left_pad
+from .cache import Cache, GrowingCache, InPlaceCache, SharedRows, left_pad
 from .options import GenerationOptions
 from .runtime import Runtime
 
@@ -36,14 +36,19 @@ class Rows:
         self._shape = (len(prompts), max(len(p) for p in prompts) + max_new_tokens, pad_id)  # of the cache
         runtime.check_cache(*self._shape[:2])  # a call too large is refused now, not at its first step
         # Made at the first forward: a batcher runs the rows of several calls in a cache of its own (batcher.py).
-        self._cache: Cache | None = None
+        self._cache: Cache | SharedRows | None = None
         self.pending: np.ndarray | None = None  # the tokens the next forward runs (None: the prompts)
         self._runtime: Runtime | None = runtime  # until the cache is released
+
+    def share(self, rows: SharedRows) -> None:
+        """Live in rows of a cache that a batcher runs: its forwards write them, and beam search's reorders move
+        them where they sit (batcher.py)."""
+        self._cache, self._runtime = rows, None
 
     def release(self) -> None:
         """The call is over: the runtime may hand the cache to a later call (CUDA graphs keep theirs)."""
         if self._runtime is not None:
-            if self._cache is not None:
+            if isinstance(self._cache, (InPlaceCache, GrowingCache)):
                 self._runtime.release(self._cache)
             self._runtime = None
 
@@ -56,6 +61,7 @@ class Rows:
         if self._cache is None:
             assert self._runtime is not None, "forward after release"
             self._cache = self._runtime.new_cache(*self._shape)
+        assert not isinstance(self._cache, SharedRows), "a batcher runs the forwards of shared rows"
         if self.pending is None:
             return self._cache.prefill(self._tokens)
         return self._cache.decode(self.pending)

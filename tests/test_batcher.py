@@ -108,7 +108,7 @@ def test_requests_with_different_options_share_steps(model: onnxgen.Model) -> No
     batcher = Batcher(model, max_batch=8)
     stop = model.generate("Once upon", max_new_tokens=12, **GREEDY)[0].text[3:5]
     cases: list[tuple[list[str], dict[str, Any]]] = [
-        (["It is a truth", "Call me"], {"max_new_tokens": 20, "do_sample": True, "temperature": 0.7, "top_k": 5}),
+        (["It is a truth", "Call me"], {"max_new_tokens": 20, "do_sample": True, "temperature": 0.7, "top_k": 5, "eos_token_id": None}),
         (["The"], {"max_new_tokens": 15, "repetition_penalty": 1.3, "no_repeat_ngram_size": 2, **GREEDY}),
         (["Once upon"], {"max_new_tokens": 12, "stop": [stop], **GREEDY}),
         (["It is"], {"max_new_tokens": 9, "logprobs": 2, **GREEDY}),
@@ -168,19 +168,36 @@ def test_an_ended_rows_memory_goes_back(model: onnxgen.Model) -> None:
     assert interior >= cache.nbytes // 2  # the test's model makes rows of several pages
 
 
-def test_seeded_and_beam_requests_run_apart_beside_shared_rows(model: onnxgen.Model) -> None:
-    """A seed gives what model.generate gives with it, and beam search what it gives alone, while unseeded
-    rows decode in the shared cache at the same time."""
-    batcher = Batcher(model, max_batch=4)
+def test_seeded_requests_run_apart_and_beams_share_steps(model: onnxgen.Model) -> None:
+    """A seed gives what model.generate gives with it (its own cache, apart), and beam search what it gives
+    alone while its beams move among the shared rows it holds, beside other rows decoding."""
+    batcher = Batcher(model, max_batch=8)
     shared = submit(batcher, model, ["It is a truth"], max_new_tokens=40, **GREEDY)
     seeded = submit(batcher, model, ["Call me"], max_new_tokens=15, do_sample=True, seed=3, num_return_sequences=2)
-    beams = submit(batcher, model, ["The"], max_new_tokens=8, num_beams=3, num_return_sequences=2)
+    beams = submit(batcher, model, ["The", "Once upon a"], max_new_tokens=8, num_beams=3, num_return_sequences=2)
     assert [c.text for c in result(seeded)] == [c.text for c in model.generate("Call me", max_new_tokens=15, do_sample=True, seed=3,
                                                                                 num_return_sequences=2)]
-    assert [c.text for c in result(beams)] == [c.text for c in model.generate("The", max_new_tokens=8, num_beams=3,
-                                                                               num_return_sequences=2)]
+    expected = model.generate(["The", "Once upon a"], max_new_tokens=8, num_beams=3, num_return_sequences=2)
+    assert [(c.text, c.score) for c in result(beams)] == [(c.text, pytest.approx(c.score, abs=1e-4)) for c in expected]
     assert [c.token_ids for c in result(shared)] == alone(model, ["It is a truth"], max_new_tokens=40, **GREEDY)
-    assert batcher.jobs == 3
+    assert batcher.jobs == 3 and batcher.steps < 39 + 7  # fewer than the two shared jobs' steps one after the other
+
+
+def test_beams_moved_down_keep_their_search(model: onnxgen.Model) -> None:
+    """Rows of a beam search moved into a row that ended (and reordered by the search after) give what the
+    search gives alone."""
+    batcher = Batcher(model, max_batch=5)
+    gate = threading.Event()
+    held = submit(batcher, model, ["Once upon"], on_event=lambda _: gate.wait(30), max_new_tokens=30, **GREEDY)
+    short = submit(batcher, model, ["It"], max_new_tokens=2, **GREEDY)
+    prompt = "It is a truth universally acknowledged"
+    beams = submit(batcher, model, [prompt], max_new_tokens=12, num_beams=3, length_penalty=0.5)
+    gate.set()  # rows go by prompt length: "It" sits below the beams' rows and ends first, and a beam's row moves down
+    expected = model.generate(prompt, max_new_tokens=12, num_beams=3, length_penalty=0.5)
+    assert [c.token_ids for c in result(beams)] == [c.token_ids for c in expected]
+    assert [c.token_ids for c in result(short)] == alone(model, ["It"], max_new_tokens=2, **GREEDY)
+    result(held)
+    assert batcher.moved >= 1
 
 
 def test_a_client_that_goes_away_ends_its_rows(model: onnxgen.Model) -> None:

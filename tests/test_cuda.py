@@ -177,3 +177,9 @@ def test_continuous_batching_on_cuda(folders: dict[str, Path], cuda_graph: bool)
         assert [c.token_ids for c in result(inbox)] == alone(gpu, [prompt], max_new_tokens=n, **GREEDY)
     assert [c.token_ids for c in result(held)] == alone(gpu, ["Once upon"], max_new_tokens=40, **GREEDY)
     assert batcher.jobs == 4 and batcher.parts >= 3 and batcher.moved >= 1
+    # beam search in the shared rows: its reorders move rows within the device buffer
+    running = submit(batcher, gpu, ["It"], max_new_tokens=30, **GREEDY)
+    beams = submit(batcher, gpu, ["The city of"], max_new_tokens=10, num_beams=3, num_return_sequences=2)
+    expected = gpu.generate("The city of", max_new_tokens=10, num_beams=3, num_return_sequences=2)
+    assert [c.token_ids for c in result(beams)] == [c.token_ids for c in expected]
+    assert [c.token_ids for c in result(running)] == alone(gpu, ["It"], max_new_tokens=30, **GREEDY)
