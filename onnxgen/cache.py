@@ -113,8 +113,8 @@ class InPlaceCache:
                 self._steps.clear()
             step = self._steps[n] = DecodeStep(self, n)
         with self.runtime.exclusive():
-            scores = step.run(tokens.reshape(-1, 1).astype(np.int64), lengths.reshape(-1, 1),
-                                    lengths.astype(np.int32), int(lengths.max()) + 1)
+            scores = step.run(tokens.reshape(-1, 1).astype(np.int64), lengths.reshape(-1, 1), lengths.astype(np.int32),
+                              int(lengths.max()) + 1)
         advance = np.ones(n, dtype=bool)
         advance[[row for row in hold or [] if row < n]] = False
         lengths[advance] += 1
@@ -174,12 +174,12 @@ class InPlaceCache:
 
 
 class DecodeStep:
-    """The decode step's IO binding over a cache's first `rows` rows, made once per cache (and row count): the inputs live in small buffers that each step
-    overwrites, and the cache buffers and the logits stay bound where they are. That saves binding every
-    layer's key and value at every step, and it is what a CUDA graph needs (`cuda_graph=True`): onnxruntime
-    captures the step once and then replays it as one launch, which requires every input and output at a
-    fixed address with fixed shapes; total_sequence_length is then the capacity (each row's length is in
-    seqlens_k), where otherwise it is the longest row's."""
+    """The decode step's IO binding over a cache's first `rows` rows, made once per cache and row count: the
+    inputs live in small buffers that each step overwrites, and the cache buffers and the logits stay bound
+    where they are. That saves binding every layer's key and value at every step, and it is what a CUDA graph
+    needs (`cuda_graph=True`): onnxruntime captures the step once and then replays it as one launch, which
+    requires every input and output at a fixed address with fixed shapes; total_sequence_length is then the
+    capacity (each row's length is in seqlens_k), where otherwise it is the longest row's."""
 
     def __init__(self, cache: InPlaceCache, rows: int) -> None:
         rt = self.runtime = cache.runtime

@@ -7,9 +7,8 @@
     GET  /health           200 once the model is loaded
 
 Requests run through batcher.py (continuous batching: a request's rows join the rows already decoding at
-the next step, and leave when they end). Errors
-use OpenAI's JSON shape with a 4xx code; no traceback ever reaches a client. A client that disconnects
-while streaming ends its rows. Safe defaults: localhost, limits on body size, prompt, max_tokens and n
+the next step, and leave when they end). Errors use OpenAI's JSON shape with a 4xx code; no traceback ever
+reaches a client. A client that disconnects while streaming ends its rows. Safe defaults: localhost, limits on body size, prompt, max_tokens and n
 (each a 400), and a bounded queue that answers 429 when full.
 """
 
