@@ -232,8 +232,8 @@ def serve(
     mapped_weights: MappedWeightsOption = False,
     cuda_graph: CudaGraphOption = False,
     max_batch: Annotated[int, typer.Option(min=1, help="rows decoded together; a request joins them at the next step")] = 8,
-    prefill_chunk: Annotated[int, typer.Option(min=1, help="a longer prompt is written this many tokens a step, "
-                                               "so that running requests wait for a part of it, not the whole (on a GPU: 512 or more)")] = 128,
+    prefill_chunk: Annotated[int | None, typer.Option(min=1, help="a longer prompt is written this many tokens a step, so that "
+                                                      "running requests wait for a part of it (default: 128 on the CPU, 512 on CUDA)")] = None,
     max_tokens: Annotated[int, typer.Option(help="the largest max_tokens a request may ask for")] = 1024,
     api_key: Annotated[str | None, typer.Option(envvar="ONNXGEN_API_KEY", help="require Authorization: Bearer KEY")] = None,
     name: Annotated[str | None, typer.Option(help="model name in the API (default: the folder's name)")] = None,

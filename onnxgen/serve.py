@@ -41,7 +41,7 @@ class Limits:
     max_n: int = 16
     max_prompts: int = 64
     max_batch: int = 8  # rows decoded together (the shared key/value cache's rows)
-    prefill_chunk: int = 128  # a longer prompt is written that many positions a step (batcher.py)
+    prefill_chunk: int | None = None  # a longer prompt is written that many positions a step (batcher.py: 128 on the CPU, 512 on CUDA)
     max_queue: int = 64  # waiting requests before 429
 
 
