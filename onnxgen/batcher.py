@@ -181,6 +181,8 @@ class Batcher:
                 running.written, running.first = [0] * running.job.rows, np.empty((running.job.rows, self.model.dims.vocab_size), np.float32)
                 self._prefilling.append(running)
         rows = [r for r in rows if r[0].written is None]
+        if not rows:
+            return
         try:
             raw = self.cache.prefill([prompt for _, _, prompt in rows], [running.slots[row] for running, row, _ in rows])  # type: ignore[misc]
         except Exception as e:  # a bug, or memory: these jobs' error, the others run on

@@ -267,3 +267,45 @@ def test_with_cuda_graphs_each_count_of_rows_is_bound_once(exported: Path, monke
             assert [c.token_ids for c in result(inbox)] == alone(model, prompts, max_new_tokens=n, **GREEDY)
     counts = [rows for cache, rows in made if cache is batcher.cache]
     assert batcher.cache is not None and sorted(counts) == sorted(batcher.cache._steps) and len(counts) >= 2
+
+
+def test_a_client_gone_while_its_prompt_is_written_frees_its_rows(model: onnxgen.Model) -> None:
+    batcher = Batcher(model, max_batch=2, prefill_chunk=2)
+    assert batcher.cache is not None
+    inbox: Inbox = queue.Queue()
+    opts = model.options(max_new_tokens=5, **GREEDY)
+    long_prompt = "It is a truth universally acknowledged that a single man in possession of a good fortune"
+    job = Job(model.prompt_ids([long_prompt], opts), opts, lambda kind, value: inbox.put((kind, value)))
+    write = batcher.cache.prefill
+
+    def part_then_hang_up(*args: Any, **kw: Any) -> np.ndarray:
+        job.cancelled.set()  # the client goes away while its first part is written
+        return write(*args, **kw)
+
+    batcher.cache.prefill = part_then_hang_up  # type: ignore[method-assign]
+    batcher.submit(job)
+    completions = result(inbox)
+    assert [c.finish_reason for c in completions] == ["cancelled"] and completions[0].token_ids == []
+    assert batcher.parts == 1 and batcher.cache.lengths.tolist() == [0, 0]
+    batcher.cache.prefill = write  # type: ignore[method-assign]
+    assert [c.token_ids for c in result(submit(batcher, model, ["Call me"], max_new_tokens=4, **GREEDY))] == alone(
+        model, ["Call me"], max_new_tokens=4, **GREEDY)
+
+
+def test_a_processor_that_raises_ends_its_own_request_only(model: onnxgen.Model) -> None:
+    """A caller's logits processor (Python API) that raises: that request gets the error, the rows beside it
+    run on."""
+    batcher = Batcher(model, max_batch=4)
+
+    def broken(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        if input_ids.shape[1] > 6:
+            raise ValueError("broken processor")
+        return scores
+
+    good = submit(batcher, model, ["It is a truth"], max_new_tokens=20, **GREEDY)
+    bad = submit(batcher, model, ["Call me"], max_new_tokens=20, logits_processors=[broken], **GREEDY)
+    kind, value = bad.get(timeout=60)
+    while kind == "event":
+        kind, value = bad.get(timeout=60)
+    assert kind == "error" and "broken processor" in str(value)
+    assert [c.token_ids for c in result(good)] == alone(model, ["It is a truth"], max_new_tokens=20, **GREEDY)
