@@ -219,8 +219,7 @@ def main() -> None:
             for proc in procs.values():
                 proc.terminate()
                 proc.wait(timeout=30)
-        for label in servers:
-            source, extra = servers[label]
+        for label, (source, extra) in servers.items():
             results.append({"folder": str(folder), "server": label, "source": str(source or "."), "args": " ".join(extra), "runs": runs[label],
                             "rss_mb": rss[label], "speedup": speedup[label]})
             print(json.dumps(results[-1]), flush=True)

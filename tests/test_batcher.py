@@ -4,6 +4,7 @@ each gives alone through model.generate."""
 from __future__ import annotations
 
 import ctypes
+import itertools
 import mmap
 import queue
 import threading
@@ -100,7 +101,7 @@ def test_a_long_prompt_is_written_a_part_a_step(model: onnxgen.Model) -> None:
     parts = -(-len(model.tokenizer.encode(long_prompt)) // 4)
     assert batcher.parts == parts >= 4
     written = [i for i, entry in enumerate(log) if entry == "part"][-parts:]  # the long prompt's parts
-    assert all("token" in log[a:b] for a, b in zip(written, written[1:]))  # a token of the other job between each two
+    assert all("token" in log[a:b] for a, b in itertools.pairwise(written))  # a token of the other job between each two
 
 
 def test_requests_with_different_options_share_steps(model: onnxgen.Model) -> None:
