@@ -96,10 +96,10 @@ class Batcher:
             cache = InPlaceCache(runtime, self.max_batch, runtime.n_positions)
         except Exception as e:  # MemoryError on the CPU (only address space: pages come as rows are written); onnxruntime's on CUDA
             need = runtime.cache_bytes(self.max_batch, runtime.n_positions)
+            reason = (str(e).strip().splitlines() or ["no details"])[0]
             raise OptionsError(f"max_batch {self.max_batch}: a key/value cache of {self.max_batch} rows at the model's context of "
                                f"{runtime.n_positions} positions ({need / 2**30:,.1f} GiB) cannot be allocated "
-                               f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no details'}): "
-                               "serve fewer rows at once") from None
+                               f"({type(e).__name__}: {reason}): serve fewer rows at once") from None
         if runtime.device == "cpu":
             # Measured with transparent huge pages on (gpt2 int8, 16 rows): an 8-token prompt pass brought its row's
             # whole context into memory (72 MiB, 65-128 ms) instead of 1 MiB in 8 ms.
@@ -240,7 +240,7 @@ class Batcher:
                 if slot is not None:
                     tokens[slot], decoding[slot] = running.generator.rows.pending[row], True
         try:
-            raw = self.cache.decode(tokens, hold=np.flatnonzero(~decoding).tolist())  # free rows, and prompts being written
+            raw = self.cache.decode(tokens, advance=decoding)  # not free rows, nor prompts being written
         except Exception as e:  # a bug: every job of the step gets it, the worker lives on
             for running in list(self._shared):
                 self._end(running, error=e)
@@ -294,7 +294,6 @@ class Batcher:
             if isinstance(running.generator, Generator):
                 self.cancelled_rows += sum(reason is None for reason in running.generator.finish_reasons)
             running.generator.cancel()
-            self._free(running, list(range(len(running.slots))))
             self._end(running)
 
     def _free(self, running: Running, rows: list[int]) -> None:

@@ -101,10 +101,10 @@ class InPlaceCache:
         self.lengths[rows] = [start + len(p) for p in prompts]
         return scores
 
-    def decode(self, tokens: np.ndarray, hold: list[int] | None = None) -> np.ndarray:
-        """One token for each of the first len(tokens) rows, written at the row's own length. Rows in `hold` (a
-        batcher's free rows, and rows whose prompt is still being written) keep their length: what their token
-        wrote there is overwritten by their next write."""
+    def decode(self, tokens: np.ndarray, advance: np.ndarray | None = None) -> np.ndarray:
+        """One token for each of the first len(tokens) rows, written at the row's own length. Rows where `advance`
+        is False (a batcher's free rows, and rows whose prompt is still being written) keep their length: what
+        their token wrote there is overwritten by their next write."""
         n = len(tokens)
         lengths = self.lengths[:n]  # a view: the increment below lands in self.lengths
         step = self._steps.get(n)
@@ -115,9 +115,7 @@ class InPlaceCache:
         with self.runtime.exclusive():
             scores = step.run(tokens.reshape(-1, 1).astype(np.int64), lengths.reshape(-1, 1), lengths.astype(np.int32),
                               int(lengths.max()) + 1)
-        advance = np.ones(n, dtype=bool)
-        advance[[row for row in hold or [] if row < n]] = False
-        lengths[advance] += 1
+        lengths[advance if advance is not None else slice(None)] += 1
         return scores
 
     def clear(self, rows: list[int]) -> None:

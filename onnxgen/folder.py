@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import manifest
 from .errors import ModelFolderError
 
@@ -26,6 +28,8 @@ INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS_TO_KEEP, LOGITS = "input_ids", "
 # A graph with the cache in place (graph.cache_in_place) has no attention mask: each row's length is given by
 # GroupQueryAttention's inputs, named as onnxruntime names them.
 SEQLENS_K, TOTAL_SEQUENCE_LENGTH = "seqlens_k", "total_sequence_length"
+# The cache's and the logits' element types, as onnxruntime names them; an int8 cache is quantize --kv-cache int8's (CPU).
+ELEMENT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16), "tensor(int8)": np.dtype(np.int8)}
 
 
 def past_names(n_layer: int) -> list[str]:

@@ -59,13 +59,12 @@ def page_on_demand(data_file: Path, random: bool = True) -> int:
     mapped_weights), which MADV_RANDOM would read from a cold file in 4 KiB pieces."""
     if not SMAPS.exists() or not data_file.exists():
         return 0
-    libc = _libc()
     count = 0
     for start, end, kib in mappings(data_file):
         if random:
-            libc.madvise(start, end - start, MADV_RANDOM)
+            _advise(start, end - start, MADV_RANDOM)
         if kib.get("Anonymous") == 0:  # no page copied on write
-            libc.madvise(start, end - start, MADV_DONTNEED)
+            _advise(start, end - start, MADV_DONTNEED)
         count += 1
     return count
 

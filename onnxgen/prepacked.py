@@ -31,6 +31,7 @@ from .errors import OnnxgenError, OptionsError
 from .folder import (
     ATTENTION_MASK,
     DATA_FILE,
+    ELEMENT_TYPES,
     INPUT_IDS,
     LOGITS,
     LOGITS_TO_KEEP,
@@ -40,8 +41,6 @@ from .folder import (
     TOTAL_SEQUENCE_LENGTH,
     ModelFolder,
 )
-
-_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}  # of a cache input
 
 
 def cache_root() -> Path:
@@ -143,5 +142,5 @@ def _probe(session: Any, folder: ModelFolder) -> dict[str, np.ndarray]:
         elif value.name == LOGITS_TO_KEEP:  # the first position or every one, by the graph's kind: both sessions alike
             feed[value.name] = np.array([0], np.int64)
         else:  # a layer's past: empty for a growing cache, a buffer of n positions for one in place
-            feed[value.name] = np.zeros((1, dims.n_head, n if SEQLENS_K in names else 0, dims.head_dim), _TYPES[value.type])
+            feed[value.name] = np.zeros((1, dims.n_head, n if SEQLENS_K in names else 0, dims.head_dim), ELEMENT_TYPES[value.type])
     return feed

@@ -24,6 +24,7 @@ from .cache import Cache, GrowingCache, InPlaceCache
 from .errors import ModelFolderError, OptionsError, ProviderError
 from .folder import (
     ATTENTION_MASK,
+    ELEMENT_TYPES,
     INPUT_IDS,
     LOGITS,
     POSITION_IDS,
@@ -46,8 +47,6 @@ COPY = {np.dtype(np.float32): "copy_float32.onnx", np.dtype(np.float16): "copy_f
 TOP_K = "top_k.onnx"  # beam search's selections, on the host (graph.top_k_model)
 GRAPHS = Path(__file__).parent / "graphs"
 IDLE_CACHE_BYTES = 2 << 30  # CUDA graphs: finished calls' caches kept for later calls of their shape
-# The cache's and the logits' element types; an int8 cache is quantize --kv-cache int8's (CPU).
-_ELEMENT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16), "tensor(int8)": np.dtype(np.int8)}
 
 
 def onnxruntime_conflict(path: list[str] | None = None) -> str | None:
@@ -211,10 +210,10 @@ class Runtime:
         if isinstance(outputs[LOGITS][-1], int) and outputs[LOGITS][-1] != dims.vocab_size:
             raise ModelFolderError(f"{model_path} scores {outputs[LOGITS][-1]} tokens, the manifest says vocab_size {dims.vocab_size}")
         cache_type = types[past_names(1)[0]]
-        if cache_type not in _ELEMENT_TYPES:
+        if cache_type not in ELEMENT_TYPES:
             raise ModelFolderError(f"{model_path}: {past_names(1)[0]} is {cache_type}, expected tensor(float), tensor(float16) or tensor(int8)")
         logits_type = next(o.type for o in self.session.get_outputs() if o.name == LOGITS)
-        return in_place, _ELEMENT_TYPES[cache_type], _ELEMENT_TYPES.get(logits_type, np.dtype(np.float32))
+        return in_place, ELEMENT_TYPES[cache_type], ELEMENT_TYPES.get(logits_type, np.dtype(np.float32))
 
     def new_cache(self, rows: int, capacity: int, pad_id: int = 0) -> Cache:
         """An empty cache for `rows` rows of up to `capacity` positions (pad_id: a growing cache's padding).
