@@ -119,10 +119,11 @@ def test_filters_match_transformers(make, random_scores: np.ndarray) -> None:  #
 
 
 @pytest.mark.parametrize("p", [0.3, 0.9, 0.99])
-@pytest.mark.parametrize("spread", [1.0, 8.0])  # near-flat rows keep thousands of tokens, peaked rows a few
+@pytest.mark.parametrize("spread", [1.0, 3.0, 4.0, 8.0])  # near-flat rows keep thousands of tokens, peaked rows a few
 def test_top_p_matches_transformers_at_gpt2_vocabulary(p: float, spread: float) -> None:
-    """top_p finds its cut without sorting indices: hold it to transformers where that matters, on GPT-2's
-    50,257 scores, alone and after top-k (where only k scores are finite)."""
+    """top_p finds its cut without sorting indices, and in peaked rows without sorting the unlikely tokens at
+    all: hold it to transformers where that matters, on GPT-2's 50,257 scores, alone and after top-k (where
+    only k scores are finite)."""
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
     scores = np.random.default_rng(3).normal(size=(4, 50257)).astype(np.float32) * spread
