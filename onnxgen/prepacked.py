@@ -89,6 +89,9 @@ def packed_model(folder: ModelFolder, ort: Any, options: Any) -> Path:
         # (each packing at once would take each its own memory and disk). The lock goes with its process.
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / MODEL_FILE).is_file():
+            # Holding the lock, no one else is making this copy: a partial one is what a killed process left.
+            for partial in out.parent.glob(f".{out.name}.partial-*"):
+                shutil.rmtree(partial, ignore_errors=True)
             _make(folder, ort, options, out)
     return out / MODEL_FILE
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -79,6 +80,13 @@ def test_the_packed_copy_is_made_once_per_machine_and_onnxruntime(exported: Path
         first, second = pool.map(lambda _: prepacked.packed_model(folder, ort, ort.SessionOptions()), range(2))
     assert first == second and first.parent.is_dir()
     assert len(made) == 2 and made[0] == str(exported / "model.onnx")
+    assert [p.name for p in first.parent.parent.iterdir() if ".partial-" in p.name] == []
+    shutil.rmtree(first.parent)  # then a process killed while it packed leaves its partial copy: the next one removes it
+    killed = first.parent.parent / f".{first.parent.name}.partial-killed"
+    (killed / "model.onnx.data").parent.mkdir()
+    (killed / "model.onnx.data").write_bytes(b"half")
+    made.clear()
+    assert prepacked.packed_model(folder, ort, ort.SessionOptions()) == first and not killed.exists()
     assert [p.name for p in first.parent.parent.iterdir() if ".partial-" in p.name] == []
     packs = len(made)
     assert prepacked.packed_model(folder, ort, ort.SessionOptions()) == first and len(made) == packs  # the next load maps it
