@@ -134,6 +134,19 @@ def test_top_p_matches_transformers_at_gpt2_vocabulary(p: float, spread: float) 
         np.testing.assert_array_equal(ours, ref)
 
 
+@pytest.mark.parametrize("k", [1, 50, 2000])
+@pytest.mark.parametrize("spread", [1.0, 4.0, 8.0])
+def test_top_k_matches_transformers_at_gpt2_vocabulary(k: int, spread: float) -> None:
+    """top_k partitions only the scores near the top when they hold the k largest (peaked rows): the same cut as
+    transformers' over the whole row, ties at it included (integer scores tie by the thousand)."""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    scores = np.random.default_rng(5).normal(size=(4, 50257)).astype(np.float32) * spread
+    tied = np.round(scores)
+    for rows in (scores, tied):
+        np.testing.assert_array_equal(logits.top_k(k)(rows, HISTORY, 5), _hf(TopKLogitsWarper(k), HISTORY, rows))
+
+
 def test_top_p_keeps_as_many_tied_scores_as_transformers() -> None:
     """With ties at the cut, the same number of them stays (which ones is torch's sort's choice, not stable)."""
     from transformers.generation.logits_process import TopPLogitsWarper
