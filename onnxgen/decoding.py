@@ -10,7 +10,8 @@ import numpy as np
 
 from . import logits
 from .cache import Cache, GrowingCache, InPlaceCache, SharedRows, left_pad
-from .options import GenerationOptions
+from .errors import OptionsError
+from .options import GenerationOptions, returned
 from .runtime import Runtime
 
 
@@ -103,6 +104,23 @@ class Scoring:
             return raw
         history = [rows.history(r) for r in range(len(raw))] if self.processors else []
         scores = logits.apply(self.processors, raw, history, step)
-        for processor in self.user:
-            scores = np.asarray(processor(rows.input_ids, scores), dtype=np.float32)
+        for i, processor in enumerate(self.user):
+            scores = _checked(processor(rows.input_ids, scores), scores.shape, f"logits_processors[{i}]")
         return logits.apply(self.warpers, scores, history, step)
+
+
+def _checked(result: object, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """A caller's processor's scores: a number per row and token, none NaN or +inf, and a token left in every row
+    (-inf bans one). Anything else would fail later in numpy, or worse, choose a token from it."""
+    try:
+        scores = np.asarray(result, dtype=np.float32)
+    except (TypeError, ValueError):
+        scores = None
+    if scores is None or scores.shape != shape:
+        raise OptionsError(f"{name} returned {returned(result)}: expected scores of shape {shape}")
+    if np.isnan(scores).any() or np.isposinf(scores).any():
+        raise OptionsError(f"{name} returned NaN or +inf scores")
+    banned = np.flatnonzero(np.isneginf(scores).all(axis=-1))
+    if banned.size:
+        raise OptionsError(f"{name} banned every token of row {int(banned[0])}: nothing is left to choose from")
+    return scores

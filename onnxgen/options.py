@@ -96,6 +96,8 @@ class GenerationOptions:
             raise OptionsError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
         if self.num_beams > 1 and self.stop:
             raise OptionsError("stop strings are not supported with beam search")
+        if self.num_beams > 1 and self.stopping_criteria:
+            raise OptionsError("stopping_criteria are not supported with beam search")
         if any(not s for s in self.stop):
             raise OptionsError("stop strings must not be empty")
         if self.seed is not None and not 0 <= self.seed < 2**64:
@@ -130,6 +132,12 @@ class GenerationOptions:
         saved = json.loads(path.read_text()) if path.is_file() else {}
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in saved.items() if k in names and v is not None}).validate()
+
+
+def returned(value: Any) -> str:
+    """What a caller's processor or criterion returned, for an error that says so: its type, and its shape."""
+    shape = getattr(value, "shape", None)
+    return type(value).__name__ + (f" of shape {tuple(shape)}" if shape is not None else "")
 
 
 def _is_int(value: Any) -> bool:

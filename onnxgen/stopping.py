@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .options import GenerationOptions
+from .errors import OptionsError
+from .options import GenerationOptions, returned
 
 # (input_ids (rows, length), scores (rows, vocab)) -> one bool per row, or one bool for all rows
 StoppingCriterion = Callable[[np.ndarray, np.ndarray], "np.ndarray | bool"]
@@ -40,8 +41,12 @@ class StopRules:
     def criteria_met(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """Rows that one of the caller's criteria ends, given every row's tokens so far (the new one included)."""
         met = np.zeros(len(input_ids), dtype=bool)
-        for criterion in self.criteria:
-            met |= np.broadcast_to(np.asarray(criterion(input_ids, scores), dtype=bool), met.shape)
+        for i, criterion in enumerate(self.criteria):
+            result = criterion(input_ids, scores)
+            verdict = np.asarray(result)
+            if verdict.dtype != np.bool_ or verdict.shape not in ((), met.shape):
+                raise OptionsError(f"stopping_criteria[{i}] returned {returned(result)}: expected a bool, or one per row ({len(met)})")
+            met |= verdict
         return met
 
     @property

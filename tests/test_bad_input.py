@@ -50,6 +50,22 @@ BAD_OPTIONS: list[tuple[dict[str, Any], str]] = [
     ({"num_return_sequences": 0}, "num_return_sequences"), ({"num_beams": 2, "num_return_sequences": 5}, "num_return_sequences"),
     ({"num_return_sequences": 2}, "greedy"), ({"do_sample": True, "num_beams": 2}, "beam search with sampling"),
     ({"num_beams": 2, "stop": ["x"]}, "stop strings"), ({"max_new_tokens": 10**6}, "context window"), ({"foo": 1}, "unknown"),
+    ({"num_beams": 2, "stopping_criteria": [lambda ids, scores: True]}, "stopping_criteria are not supported with beam search"),
+]
+
+# a caller's processor or criterion that breaks transformers' contract: (options, the error's message must contain this)
+BAD_CALLABLES: list[tuple[dict[str, Any], str]] = [
+    ({"logits_processors": [lambda ids, scores: None]}, r"logits_processors\[0\] returned NoneType: expected scores of shape"),
+    ({"logits_processors": [lambda ids, scores: scores[0]]}, r"returned ndarray of shape \(\d+,\)"),
+    ({"logits_processors": [lambda ids, scores: scores[:, :10]]}, r"returned ndarray of shape \(\d+, 10\)"),  # was taken: tokens from 10
+    ({"logits_processors": [lambda ids, scores: np.full(scores.shape, "a")]}, "returned ndarray"),
+    ({"logits_processors": [lambda ids, scores: scores, lambda ids, scores: scores * np.nan]}, r"logits_processors\[1\] returned NaN"),
+    ({"logits_processors": [lambda ids, scores: np.full_like(scores, np.inf)]}, r"NaN or \+inf"),
+    ({"logits_processors": [lambda ids, scores: np.full_like(scores, -np.inf)]}, "banned every token of row 0"),
+    ({"stopping_criteria": [lambda ids, scores: None]}, r"stopping_criteria\[0\] returned NoneType: expected a bool, or one per row \(2\)"),
+    ({"stopping_criteria": [lambda ids, scores: "yes"]}, "returned str"),  # was taken as True
+    ({"stopping_criteria": [lambda ids, scores: np.zeros(5, bool)]}, r"returned ndarray of shape \(5,\)"),
+    ({"stopping_criteria": [lambda ids, scores: ids[:, -1]]}, "returned ndarray"),  # token ids, not bools
 ]
 
 # prompts that are neither text nor token ids, or ids the model does not have
@@ -66,6 +82,17 @@ BAD_PROMPTS: list[tuple[Any, type[Exception], str]] = [
 def test_bad_options_are_refused_by_name(model: onnxgen.Model, options: dict[str, Any], message: str) -> None:
     with pytest.raises(OptionsError, match=message):
         model.generate("Hello", max_new_tokens=options.pop("max_new_tokens", 5), **options)
+
+
+# beam search refuses stopping_criteria before any step (BAD_OPTIONS)
+CALLABLE_CASES = [(strategy, options, message) for options, message in BAD_CALLABLES for strategy in ("greedy", "sample", "beam")
+                  if not (strategy == "beam" and "stopping_criteria" in options)]
+
+
+@pytest.mark.parametrize(("strategy", "options", "message"), CALLABLE_CASES, ids=[f"{s}-{m[:30]}" for s, _, m in CALLABLE_CASES])
+def test_bad_processors_and_criteria_are_refused_by_name(model: onnxgen.Model, strategy: str, options: dict[str, Any], message: str) -> None:
+    with pytest.raises(OptionsError, match=message):
+        model.generate(["Hello", "Once upon a time"], max_new_tokens=3, **onnxgen.STRATEGIES[strategy], **options)
 
 
 @pytest.mark.parametrize(("prompt", "error", "message"), BAD_PROMPTS, ids=[repr(p)[:30] for p, _, _ in BAD_PROMPTS])
