@@ -60,7 +60,9 @@ def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = No
         raise OptionsError(f"runs must be at least 1, got {runs}")
     bad = [c for c in cases if min(c.batch, c.prompt_tokens, c.new_tokens) < 1]
     if bad:
-        raise OptionsError(f"batch, prompt tokens and new tokens must be at least 1, got {bad[0]}")
+        case = bad[0]
+        raise OptionsError(f"batch, prompt tokens and new tokens must be at least 1, got batch {case.batch}, "
+                           f"{case.prompt_tokens} prompt tokens, {case.new_tokens} new tokens")
     start = time.perf_counter()
     model = load(folder, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph)
     load_s = time.perf_counter() - start

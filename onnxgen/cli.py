@@ -226,7 +226,7 @@ def bench(
 def serve(
     model: ModelOption = None,
     host: Annotated[str, typer.Option(help="address to listen on (127.0.0.1: this machine only)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
     mapped_weights: MappedWeightsOption = False,
@@ -234,7 +234,7 @@ def serve(
     max_batch: Annotated[int, typer.Option(min=1, help="rows decoded together; a request joins them at the next step")] = 8,
     prefill_chunk: Annotated[int | None, typer.Option(min=1, help="a longer prompt is written this many tokens a step, so that "
                                                       "running requests wait for a part of it (default: 128 on the CPU, 512 on CUDA)")] = None,
-    max_tokens: Annotated[int, typer.Option(help="the largest max_tokens a request may ask for")] = 1024,
+    max_tokens: Annotated[int, typer.Option(min=1, help="the largest max_tokens a request may ask for")] = 1024,
     api_key: Annotated[str | None, typer.Option(envvar="ONNXGEN_API_KEY", help="require Authorization: Bearer KEY")] = None,
     name: Annotated[str | None, typer.Option(help="model name in the API (default: the folder's name)")] = None,
 ) -> None:

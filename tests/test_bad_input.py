@@ -225,7 +225,10 @@ CLI_CASES: list[tuple[list[str], int, str]] = [
     (["nosuch"], 2, "nosuch"),
     (["generate"], 2, "prompt"),
     (["bench", "--runs", "0"], 1, "runs"),
-    (["bench", "--batch", "0"], 1, "batch"),
+    (["bench", "--batch", "0"], 1, "got batch 0, 32 prompt tokens"),
+    (["serve", "--port", "70000"], 2, "--port"),  # was taken: "serving ... on :70000"
+    (["serve", "--port", "0"], 2, "--port"),
+    (["serve", "--max-tokens", "0"], 2, "--max-tokens"),
     (["export", "/nope", "-o", "/tmp/onnxgen-never"], 1, "no such folder"),
     (["generate", "x", "--threads", "1000000"], 1, "threads"),
     (["generate", "x", "--threads", "-1"], 1, "threads"),
