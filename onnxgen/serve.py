@@ -104,6 +104,10 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
+        if body.model is not None and body.model != name:  # answering with another model would be a wrong answer
+            return JSONResponse({"error": {"message": f"the model {body.model!r} does not exist: this server has {name!r}",
+                                           "type": "invalid_request_error", "param": "model", "code": "model_not_found"}},
+                                status_code=404)
         try:
             prompts, options = _job_input(model, body, limits)
         except (OnnxgenError, ValueError) as e:

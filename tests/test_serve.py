@@ -126,6 +126,15 @@ def test_bad_requests_are_400_in_openais_shape(client: openai.OpenAI, options: d
     assert caught.value.status_code == 400 and message in caught.value.body["message"]  # type: ignore[index]
 
 
+def test_a_request_for_another_model_is_404(client: openai.OpenAI, server: Served) -> None:
+    """OpenAI's answer (and vLLM's) to a model the server does not have; a request that names none gets this one."""
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.completions.create(model="gpt-4", prompt="Hello", max_tokens=3)
+    assert caught.value.body["code"] == "model_not_found" and "'tiny'" in caught.value.body["message"]  # type: ignore[index]
+    r = httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, json={"prompt": "Hello", "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["model"] == "tiny"
+
+
 def test_auth_size_and_queue_limits(server: Served) -> None:
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).completions.create(model="tiny", prompt="x")
