@@ -146,6 +146,8 @@ def generate(
     num_return_sequences: Annotated[int | None, typer.Option()] = None,
     repetition_penalty: Annotated[float | None, typer.Option()] = None,
     no_repeat_ngram_size: Annotated[int | None, typer.Option()] = None,
+    presence_penalty: Annotated[float | None, typer.Option(help="OpenAI's: lowers every token generated so far")] = None,
+    frequency_penalty: Annotated[float | None, typer.Option(help="OpenAI's: lowers each token by how often it was generated")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     logprobs: Annotated[int | None, typer.Option(help="with --json: each token's log-probability and this many alternatives")] = None,
@@ -162,8 +164,8 @@ def generate(
 
     given = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k,
                  top_p=top_p, num_beams=num_beams, length_penalty=length_penalty, num_return_sequences=num_return_sequences,
-                 repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, stop=stop, seed=seed,
-                 logprobs=logprobs, truncate_prompt=truncate_prompt)
+                 repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, presence_penalty=presence_penalty,
+                 frequency_penalty=frequency_penalty, stop=stop, seed=seed, logprobs=logprobs, truncate_prompt=truncate_prompt)
 
     def body() -> None:
         m = load(model, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph)  # type: ignore[arg-type]

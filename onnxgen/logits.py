@@ -46,6 +46,21 @@ def no_repeat_ngram(n: int) -> Filter:
     return apply
 
 
+def presence_frequency(presence: float, frequency: float) -> Filter:
+    """OpenAI's penalties on the tokens generated so far (the row's last `generated` tokens; not the prompt's):
+    each token's score goes down by `presence` if it appeared, and by `frequency` for each time it did."""
+
+    def apply(scores: np.ndarray, history: History, generated: int) -> np.ndarray:
+        scores = scores.copy()
+        for row, seen in enumerate(history):
+            if generated:
+                ids, counts = np.unique(np.asarray(seen[len(seen) - generated :], dtype=np.int64), return_counts=True)
+                scores[row, ids] -= np.float32(presence) + np.float32(frequency) * counts.astype(np.float32)
+        return scores
+
+    return apply
+
+
 def min_new_tokens(count: int, eos_ids: list[int]) -> Filter:
     def apply(scores: np.ndarray, _: History, generated: int) -> np.ndarray:
         if generated < count:
@@ -176,6 +191,8 @@ def processors_for(opts: GenerationOptions) -> list[Filter]:
     chain: list[Filter] = []
     if opts.repetition_penalty != 1.0:
         chain.append(repetition_penalty(opts.repetition_penalty))
+    if opts.presence_penalty or opts.frequency_penalty:
+        chain.append(presence_frequency(opts.presence_penalty, opts.frequency_penalty))
     if opts.no_repeat_ngram_size > 0:
         chain.append(no_repeat_ngram(opts.no_repeat_ngram_size))
     if opts.min_new_tokens > 0 and opts.eos_ids:

@@ -27,9 +27,10 @@ MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 100.0
 MAX_LENGTH_PENALTY = 10.0
+MAX_OPENAI_PENALTY = 2.0  # presence_penalty and frequency_penalty
 INTS = {"max_new_tokens", "min_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size"}
 OPTIONAL_INTS = {"pad_token_id", "seed", "logprobs"}
-FLOATS = {"temperature", "top_p", "length_penalty", "repetition_penalty"}
+FLOATS = {"temperature", "top_p", "length_penalty", "repetition_penalty", "presence_penalty", "frequency_penalty"}
 BOOLS = {"do_sample", "truncate_prompt"}
 
 
@@ -54,6 +55,10 @@ class GenerationOptions:
     truncate_prompt: bool = False  # drop the prompt's oldest tokens instead of refusing a too-long prompt
     logprobs: int | None = None  # per new token its log-probability, and this many most likely alternatives
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' scores (OpenAI's option)
+    # OpenAI's: subtracted from the score of every token already generated (not the prompt's), once (presence) and
+    # once per time it was (frequency); [-2, 2], negative values encourage repeats.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     # transformers' conventions on numpy arrays: processor(input_ids, scores) -> scores, after the built-in
     # processors and before temperature/top-k/top-p; criterion(input_ids, scores) -> bool per row (or one bool).
     logits_processors: list[Callable[[Any, Any], Any]] = field(default_factory=list)
@@ -92,6 +97,9 @@ class GenerationOptions:
             raise OptionsError(f"length_penalty must be in [-{MAX_LENGTH_PENALTY}, {MAX_LENGTH_PENALTY}], got {self.length_penalty}")
         if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
             raise OptionsError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_OPENAI_PENALTY <= getattr(self, name) <= MAX_OPENAI_PENALTY:
+                raise OptionsError(f"{name} must be in [-{MAX_OPENAI_PENALTY}, {MAX_OPENAI_PENALTY}] (OpenAI's range), got {getattr(self, name)}")
         if self.no_repeat_ngram_size < 0:
             raise OptionsError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
         if self.num_beams > 1 and self.stop:

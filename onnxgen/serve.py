@@ -1,7 +1,8 @@
 """`onnxgen serve`: OpenAI's completions API over one loaded model (FastAPI; needs the `serve` extra).
 
     POST /v1/completions   prompt (text, texts, token ids or lists of them), max_tokens, temperature, top_p,
-                           n, stop, seed, logprobs, echo, stream (server-sent events), and onnxgen's other
+                           n, stop, seed, presence_penalty, frequency_penalty, logprobs, echo, stream
+                           (server-sent events), and onnxgen's other
                            options as extra fields (top_k, repetition_penalty, num_beams, ...)
     GET  /v1/models        the one model served
     GET  /health           200 once the model is loaded
@@ -57,6 +58,8 @@ class CompletionRequest(BaseModel):
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     stream: bool = False
@@ -64,7 +67,7 @@ class CompletionRequest(BaseModel):
     user: str | None = None
 
 
-UNSUPPORTED = {"suffix": None, "best_of": None, "presence_penalty": 0, "frequency_penalty": 0}  # refused unless default
+UNSUPPORTED = {"suffix": None, "best_of": None}  # refused unless default
 
 
 def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
@@ -153,6 +156,7 @@ def _job_input(model: Model, body: CompletionRequest, limits: Limits) -> tuple[l
     sampling = body.temperature > 0 and int(extra.get("num_beams", 1)) == 1  # OpenAI: temperature 0 is greedy
     overrides: dict[str, Any] = {"max_new_tokens": body.max_tokens, "num_return_sequences": body.n, "do_sample": sampling,
                                  "top_k": 0, "top_p": body.top_p, "stop": body.stop, "seed": body.seed, "logprobs": body.logprobs,
+                                 "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
                                  **({"temperature": body.temperature} if sampling else {}), **extra}
     options = model.options(**overrides)
     return model.prompt_ids(batch, options), options  # the same checks as generate()

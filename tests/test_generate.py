@@ -147,6 +147,22 @@ def test_top_k_matches_transformers_at_gpt2_vocabulary(k: int, spread: float) ->
         np.testing.assert_array_equal(logits.top_k(k)(rows, HISTORY, 5), _hf(TopKLogitsWarper(k), HISTORY, rows))
 
 
+def test_presence_and_frequency_penalties_follow_openais_formula(random_scores: np.ndarray) -> None:
+    """OpenAI's definition: mu[j] - c[j] * frequency_penalty - float(c[j] > 0) * presence_penalty, c[j] counting
+    token j in the text generated so far; the prompt's tokens are left alone."""
+    generated = 3
+    ours = logits.presence_frequency(0.7, 0.25)(random_scores, HISTORY, generated)
+    expected = random_scores.copy()
+    for row, seen in enumerate(HISTORY):
+        new = seen[-generated:]
+        for token in set(new):
+            expected[row, token] -= 0.25 * new.count(token) + 0.7
+    np.testing.assert_allclose(ours, expected, rtol=1e-6)
+    assert ours[3, 10] == random_scores[3, 10]  # in row 3's prompt only ([10, 11] | [12, 13, 14])
+    assert ours[2, 5] == pytest.approx(random_scores[2, 5] - 0.7 - 2 * 0.25)  # generated twice ([5, 6] | [5, 6, 5])
+    np.testing.assert_array_equal(logits.presence_frequency(0.7, 0.25)(random_scores, HISTORY, 0), random_scores)
+
+
 def test_top_p_keeps_as_many_tied_scores_as_transformers() -> None:
     """With ties at the cut, the same number of them stays (which ones is torch's sort's choice, not stable)."""
     from transformers.generation.logits_process import TopPLogitsWarper

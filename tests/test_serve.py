@@ -70,6 +70,14 @@ def test_blocking_completions_equal_generate(client: openai.OpenAI, model: onnxg
     assert "".join(first.tokens) == expected[0].text or expected[0].finish_reason == "stop"
 
 
+def test_presence_and_frequency_penalties(client: openai.OpenAI, model: onnxgen.Model) -> None:
+    """OpenAI's penalties reach the model: the same text as generate() with them, not the text without them."""
+    penalties = {"presence_penalty": 1.5, "frequency_penalty": 2.0}
+    out = client.completions.create(model="tiny", prompt="It is a truth", max_tokens=24, temperature=0, **penalties)
+    expected = model.generate("It is a truth", max_new_tokens=24, do_sample=False, **penalties)[0].text
+    assert out.choices[0].text == expected != model.generate("It is a truth", max_new_tokens=24, do_sample=False)[0].text
+
+
 def test_greedy_stop_and_echo(client: openai.OpenAI, model: onnxgen.Model) -> None:
     full = model.generate("It is a truth", max_new_tokens=20, do_sample=False)[0]
     stop = full.text[5:7]
@@ -116,7 +124,8 @@ def test_models_and_health(client: openai.OpenAI, server: str) -> None:
     ({"n": 2, "temperature": 0}, "greedy"),
     ({"extra_body": {"top_k": 2.5}}, "top_k"),
     ({"extra_body": {"nonsense": 1}}, "unknown"),
-    ({"presence_penalty": 1.0}, "presence_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"best_of": 2}, "best_of"),
     ({"logprobs": 2, "echo": True}, "echo"),
 ])
 def test_bad_requests_are_400_in_openais_shape(client: openai.OpenAI, options: dict[str, object], message: str) -> None:
