@@ -106,6 +106,17 @@ def top_p(p: float) -> Filter:
     return apply
 
 
+def min_p(fraction: float) -> Filter:
+    """Keep the tokens at least `fraction` as likely as the row's most likely one (transformers' MinPLogitsWarper,
+    llama.cpp's min-p): a cut that follows the model's confidence, where top-k's is fixed."""
+
+    def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
+        probs = softmax(scores)
+        return np.where(probs < np.float32(fraction) * probs.max(axis=-1, keepdims=True), -np.inf, scores).astype(scores.dtype)
+
+    return apply
+
+
 def nucleus(scores: np.ndarray, p: float) -> np.ndarray:
     """The indices top_p keeps in one row, by transformers' rule: with the scores in ascending order, a token
     goes when the probability of it and of everything below it is <= 1 - p. Ties at the cut go in index
@@ -203,7 +214,7 @@ def processors_for(opts: GenerationOptions) -> list[Filter]:
 
 
 def warpers_for(opts: GenerationOptions) -> list[Filter]:
-    """Sampling's reshaping of the distribution: temperature, top-k, top-p (none without do_sample)."""
+    """Sampling's reshaping of the distribution: temperature, top-k, top-p, min-p (none without do_sample)."""
     chain: list[Filter] = []
     if opts.do_sample:
         if opts.temperature != 1.0:
@@ -212,6 +223,8 @@ def warpers_for(opts: GenerationOptions) -> list[Filter]:
             chain.append(top_k(opts.top_k))
         if opts.top_p < 1.0:
             chain.append(top_p(opts.top_p))
+        if opts.min_p > 0.0:
+            chain.append(min_p(opts.min_p))
     return chain
 
 

@@ -30,7 +30,7 @@ MAX_LENGTH_PENALTY = 10.0
 MAX_OPENAI_PENALTY = 2.0  # presence_penalty and frequency_penalty
 INTS = {"max_new_tokens", "min_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size"}
 OPTIONAL_INTS = {"pad_token_id", "seed", "logprobs"}
-FLOATS = {"temperature", "top_p", "length_penalty", "repetition_penalty", "presence_penalty", "frequency_penalty"}
+FLOATS = {"temperature", "top_p", "min_p", "length_penalty", "repetition_penalty", "presence_penalty", "frequency_penalty"}
 BOOLS = {"do_sample", "truncate_prompt"}
 
 
@@ -42,6 +42,7 @@ class GenerationOptions:
     temperature: float = 1.0
     top_k: int = 50  # sampling only, as in transformers; 0 disables
     top_p: float = 1.0  # sampling only; 1.0 disables
+    min_p: float = 0.0  # sampling only: drop tokens less likely than min_p x the most likely one; 0.0 disables
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
@@ -80,6 +81,8 @@ class GenerationOptions:
             raise OptionsError(f"temperature must be in (0, {MAX_TEMPERATURE}] when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise OptionsError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise OptionsError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.top_k < 0:
             raise OptionsError(f"top_k must be >= 0, got {self.top_k}")
         if self.num_beams < 1:

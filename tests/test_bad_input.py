@@ -48,6 +48,7 @@ BAD_OPTIONS: list[tuple[dict[str, Any], str]] = [
     ({"logit_bias": "x"}, "logit_bias"), ({"logit_bias": {"one": 1}}, "logit_bias"),
     ({"logits_processors": ["x"]}, "logits_processors"), ({"stopping_criteria": [1]}, "stopping_criteria"),
     ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": NAN}, "frequency_penalty"),
+    ({"min_p": 1.5}, "min_p"), ({"min_p": -0.1}, "min_p"), ({"min_p": NAN}, "min_p"),
     ({"frequency_penalty": "high"}, "frequency_penalty"),
     ({"num_return_sequences": 0}, "num_return_sequences"), ({"num_beams": 2, "num_return_sequences": 5}, "num_return_sequences"),
     ({"num_return_sequences": 2}, "greedy"), ({"do_sample": True, "num_beams": 2}, "beam search with sampling"),
@@ -286,7 +287,8 @@ ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**6), st.floa
                       st.text(max_size=3), st.lists(st.integers(-5, 500), max_size=3))
 OPTION_NAMES = ["max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "num_beams", "length_penalty",
                 "early_stopping", "num_return_sequences", "repetition_penalty", "no_repeat_ngram_size", "eos_token_id",
-                "pad_token_id", "stop", "seed", "truncate_prompt", "logprobs", "presence_penalty", "frequency_penalty"]
+                "pad_token_id", "stop", "seed", "truncate_prompt", "logprobs", "presence_penalty", "frequency_penalty",
+                "min_p"]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

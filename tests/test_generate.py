@@ -104,6 +104,8 @@ HISTORY = [[1, 2, 3, 1, 2], [7, 7, 7, 8, 9], [5, 6, 5, 6, 5], [10, 11, 12, 13, 1
     lambda: (logits.top_k(1), "TopKLogitsWarper", (1,)),
     lambda: (logits.top_p(0.9), "TopPLogitsWarper", (0.9,)),
     lambda: (logits.top_p(0.05), "TopPLogitsWarper", (0.05,)),
+    lambda: (logits.min_p(0.1), "MinPLogitsWarper", (0.1,)),
+    lambda: (logits.min_p(0.9), "MinPLogitsWarper", (0.9,)),
     lambda: (logits.repetition_penalty(1.5), "RepetitionPenaltyLogitsProcessor", (1.5,)),
     lambda: (logits.no_repeat_ngram(2), "NoRepeatNGramLogitsProcessor", (2,)),
     lambda: (logits.no_repeat_ngram(3), "NoRepeatNGramLogitsProcessor", (3,)),
@@ -161,6 +163,20 @@ def test_presence_and_frequency_penalties_follow_openais_formula(random_scores: 
     assert ours[3, 10] == random_scores[3, 10]  # in row 3's prompt only ([10, 11] | [12, 13, 14])
     assert ours[2, 5] == pytest.approx(random_scores[2, 5] - 0.7 - 2 * 0.25)  # generated twice ([5, 6] | [5, 6, 5])
     np.testing.assert_array_equal(logits.presence_frequency(0.7, 0.25)(random_scores, HISTORY, 0), random_scores)
+
+
+def test_the_warpers_chain_in_transformers_order(random_scores: np.ndarray) -> None:
+    """temperature, top-k, top-p, then min-p (after temperature, as transformers and llama.cpp apply it)."""
+    import transformers.generation.logits_process as lp
+
+    options = GenerationOptions(do_sample=True, temperature=0.7, top_k=40, top_p=0.95, min_p=0.05)
+    ours = logits.apply(logits.warpers_for(options), random_scores, HISTORY, 5)
+    ref = random_scores
+    for warper in (lp.TemperatureLogitsWarper(0.7), lp.TopKLogitsWarper(40), lp.TopPLogitsWarper(0.95), lp.MinPLogitsWarper(0.05)):
+        ref = _hf(warper, HISTORY, ref)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6)
+    assert np.isneginf(ours).sum() == np.isneginf(ref).sum() > np.isneginf(logits.apply(
+        logits.warpers_for(GenerationOptions(do_sample=True, temperature=0.7, top_k=40, top_p=0.95)), random_scores, HISTORY, 5)).sum()
 
 
 def test_top_p_keeps_as_many_tied_scores_as_transformers() -> None:
