@@ -25,6 +25,7 @@ model.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -47,6 +48,7 @@ from .runtime import Provider
 Mode = Literal["int8", "int4", "fp16"]
 KvCache = Literal["float", "int8"]
 QUANTIZED_OP = {"int8": "MatMulInteger", "int4": "MatMulNBits"}
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 @dataclass
@@ -180,6 +182,15 @@ def quantize(source: Path, out: Path, options: QuantizeOptions | None = None, qu
         raise QuantizeError(f"unknown mode {options.mode!r}: use int8, int4 or fp16")
     if options.kv_cache not in ("float", "int8"):
         raise QuantizeError(f"unknown kv_cache {options.kv_cache!r}: use float or int8")
+    if options.mode == "int4" and options.block_size not in INT4_BLOCK_SIZES:
+        raise QuantizeError(f"block_size must be one of {', '.join(map(str, INT4_BLOCK_SIZES))} (what onnxruntime quantizes and "
+                            f"MatMulNBits runs), got {options.block_size}")
+    if options.mode == "int4" and options.accuracy_level not in range(5):
+        raise QuantizeError(f"accuracy_level must be 0 to 4 (unset, fp32, fp16, bf16, int8), got {options.accuracy_level}")
+    if not math.isfinite(options.max_ppl_increase):  # NaN compares False: it would refuse nothing
+        raise QuantizeError(f"max_ppl_increase must be a finite fraction, got {options.max_ppl_increase}")
+    if options.provider not in ("cpu", "cuda"):
+        raise QuantizeError(f"unknown provider {options.provider!r} for the accuracy check: use cpu or cuda")
     int8_cache = options.kv_cache == "int8"
     if int8_cache and options.mode == "fp16":
         raise QuantizeError("an int8 key/value cache is for the CPU (int8 or int4 modes); fp16 folders keep an fp16 cache on CUDA")

@@ -55,6 +55,20 @@ def test_accuracy_budget_refuses_and_leaves_nothing(exported: Path, tmp_path: Pa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ({"mode": "int4", "block_size": 48}, "block_size must be one of 16, 32, 64, 128, 256"),  # was an AssertionError
+    ({"mode": "int4", "block_size": 0}, "block_size"),  # was a ZeroDivisionError
+    ({"mode": "int4", "block_size": 1024}, "block_size"),  # was an error from inside onnxruntime
+    ({"mode": "int4", "accuracy_level": 9}, "accuracy_level must be 0 to 4"),  # was taken
+    ({"mode": "int8", "max_ppl_increase": float("nan")}, "max_ppl_increase"),  # was taken: it refused nothing
+    ({"mode": "int8", "provider": "tpu"}, "unknown provider 'tpu'"),  # was taken
+])
+def test_bad_quantize_options_are_refused_before_any_work(exported: Path, tmp_path: Path, options: dict[str, object], message: str) -> None:
+    with pytest.raises(QuantizeError, match=message):
+        quantize(exported, tmp_path / "q", QuantizeOptions(**options), quiet=True)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_quantizing_a_quantized_folder_is_refused(quantized: tuple[str, Path], tmp_path: Path) -> None:
     with pytest.raises(QuantizeError, match="already quantized"):
         quantize(quantized[1], tmp_path / "again", quiet=True)
