@@ -21,6 +21,7 @@ import numpy as np
 
 from . import logits
 from .decoding import Rows, Scoring, sample
+from .errors import OptionsError
 from .options import GenerationOptions
 from .runtime import Runtime
 from .stopping import StopRules
@@ -113,6 +114,8 @@ class Generator:
 
     def finish(self, row: int) -> None:
         """End a row now (finish reason "cancelled"); its completion keeps what it generated."""
+        if not (isinstance(row, (int, np.integer)) and not isinstance(row, bool) and 0 <= row < len(self.finish_reasons)):
+            raise OptionsError(f"row must be one of this generator's rows, 0 to {len(self.finish_reasons) - 1}, got {row!r}")
         if self.finish_reasons[row] is None:
             self.finish_reasons[row] = "cancelled"
             self.texts[row] = self.tokenizer.decode(self.generated[row])

@@ -73,6 +73,9 @@ class Model:
     # -- options and prompts ---------------------------------------------------------------------
     def options(self, options: GenerationOptions | None = None, **overrides: Any) -> GenerationOptions:
         """The folder's defaults, then `options`, then keyword overrides; validated."""
+        if options is not None and not isinstance(options, GenerationOptions):
+            raise OptionsError(f"options must be a GenerationOptions, got {type(options).__name__}: pass the options "
+                               "themselves as keywords (generate(prompt, max_new_tokens=20, ...))")
         return (options or self.defaults).with_overrides(**overrides)
 
     def prompt_ids(self, prompts: Prompt | Sequence[Prompt], opts: GenerationOptions) -> list[list[int]]:
@@ -173,6 +176,8 @@ def load(path: str | Path | None = None, provider: Provider = "cpu", threads: in
     a private copy: processes that load the same folder then share one copy, which the kernel can also
     reclaim. `cuda_graph` (CUDA, a folder with the cache in place) replays each call's decode step as one
     captured CUDA graph."""
+    if path is not None and not isinstance(path, (str, Path)):
+        raise ModelFolderError(f"a model folder is a path (str or Path), got {type(path).__name__}")
     folder = Path(path) if path is not None else BUNDLED
     if path is None and not (folder / MANIFEST).is_file():
         raise ModelFolderError("this onnxgen install has no bundled model: pass a model folder")

@@ -104,6 +104,22 @@ def test_bad_prompts_are_refused(model: onnxgen.Model, prompt: Any, error: type[
         model.generate(prompt, max_new_tokens=3)
 
 
+def test_api_misuse_gets_onnxgen_errors(model: onnxgen.Model) -> None:
+    """Calls shaped wrong: a row the generator does not have (-1 used to end the last row, 2 an IndexError), options
+    as a dict (an AttributeError), a folder that is not a path (a TypeError)."""
+    generator = model.generator(["Hello", "Hi"], max_new_tokens=3)
+    for row in (2, -1, "0", 1.0, True):
+        with pytest.raises(OptionsError, match="row must be one of this generator's rows, 0 to 1"):
+            generator.finish(row)  # type: ignore[arg-type]
+    assert generator.finish_reasons == [None, None]
+    generator.finish(np.int64(1))
+    assert generator.finish_reasons == [None, "cancelled"]
+    with pytest.raises(OptionsError, match="options must be a GenerationOptions, got dict"):
+        model.generate("Hello", {"max_new_tokens": 3})  # type: ignore[arg-type]
+    with pytest.raises(ModelFolderError, match="a model folder is a path"):
+        onnxgen.load(5)  # type: ignore[arg-type]
+
+
 def test_what_is_accepted_is_what_it_looks_like(model: onnxgen.Model) -> None:
     """numpy ids and arrays, bytes and None for stop are taken as what they plainly mean."""
     ids = [12, 40, 7]
