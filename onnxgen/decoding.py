@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from . import logits
@@ -23,8 +25,9 @@ def sample(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         finite = scores[row, live]
         # Unnormalised weights: float32 exp is 4x cheaper than float64's and a draw needs no more; the
         # float64 running sum keeps every token's share exact to float32's precision over 50,257 tokens.
-        cdf = np.cumsum(np.exp(finite - finite.max()), dtype=np.float64)
-        tokens[row] = live[min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(live) - 1)]
+        weights = np.exp(finite - finite.max())
+        target = u * float(weights.sum(dtype=np.float64))
+        tokens[row] = live[min(logits.leading(weights, partial(np.greater_equal, target)), len(live) - 1)]  # running <= target
     return tokens
 
 
