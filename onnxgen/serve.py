@@ -26,7 +26,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .batcher import Batcher, Full, Job
 from .errors import OnnxgenError
@@ -65,6 +65,13 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """OpenAI reads null as "not given" (some clients send every field): its default, not a 400. Only for
+        OpenAI's fields: an extra field's null means what it means to onnxgen (eos_token_id null: no end token)."""
+        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields} if isinstance(data, dict) else data
 
 
 UNSUPPORTED = {"suffix": None, "best_of": None}  # refused unless default

@@ -135,6 +135,18 @@ def test_bad_requests_are_400_in_openais_shape(client: openai.OpenAI, options: d
     assert caught.value.status_code == 400 and message in caught.value.body["message"]  # type: ignore[index]
 
 
+def test_null_fields_mean_openais_defaults(server: Served) -> None:
+    """Clients that send every field send null for those they do not set; an extra field's null keeps its meaning."""
+    nulls = {k: None for k in ("max_tokens", "temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "stop", "seed",
+                               "logprobs", "echo", "stream", "stream_options", "user", "model")}
+    r = httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, json={"prompt": "Hello", **nulls})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 16  # max_tokens: OpenAI's default
+    from onnxgen.serve import CompletionRequest
+
+    request = CompletionRequest.model_validate({"prompt": "Hello", "temperature": None, "eos_token_id": None})
+    assert request.temperature == 1.0 and request.model_extra == {"eos_token_id": None}
+
+
 def test_a_request_for_another_model_is_404(client: openai.OpenAI, server: Served) -> None:
     """OpenAI's answer (and vLLM's) to a model the server does not have; a request that names none gets this one."""
     with pytest.raises(openai.NotFoundError) as caught:
