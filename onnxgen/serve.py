@@ -1,9 +1,9 @@
 """`onnxgen serve`: OpenAI's completions API over one loaded model (FastAPI; needs the `serve` extra).
 
     POST /v1/completions   prompt (text, texts, token ids or lists of them), max_tokens, temperature, top_p,
-                           n, stop, seed, presence_penalty, frequency_penalty, logprobs, echo, stream
-                           (server-sent events), and onnxgen's other
-                           options as extra fields (top_k, repetition_penalty, num_beams, ...)
+                           n, stop, seed, presence_penalty, frequency_penalty, logprobs, echo (with logprobs:
+                           the prompt's too; max_tokens 0 scores the prompt alone), stream (server-sent
+                           events), and onnxgen's other options as extra fields (top_k, repetition_penalty, ...)
     GET  /v1/models        the one model served
     GET  /health           200 once the model is loaded
 
@@ -23,11 +23,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from . import logits
 from .batcher import Batcher, Full, Job
 from .errors import OnnxgenError
 from .generator import Completion, Event
@@ -52,7 +54,7 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=0)  # 0 with echo: the prompt scored, nothing generated (OpenAI's legacy use)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
@@ -84,6 +86,7 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
 def create_app(model: Model, name: str, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
     batcher = Batcher(model, limits.max_batch, limits.max_queue, limits.prefill_chunk)
+    scoring = asyncio.Semaphore(1)  # prompts scored for echo with logprobs, one request at a time (_prompt_logprobs)
     app = FastAPI(title="onnxgen", docs_url=None, redoc_url=None)
     app.state.batcher = batcher
 
@@ -122,6 +125,16 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
             prompts, options = _job_input(model, body, limits)
         except (OnnxgenError, ValueError) as e:
             return error(400, str(e))
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
+        echoed = None
+        if body.echo and body.logprobs is not None:
+            async with scoring:
+                echoed = await asyncio.to_thread(_prompt_logprobs, model, prompts, body.logprobs)
+        if body.max_tokens == 0:
+            asked = [] if body.logprobs is not None else None
+            done = [Completion("", [], "length", i, asked, asked) for i in range(len(prompts)) for _ in range(body.n)]
+            return {**meta, "object": "text_completion", "choices": [_choice(model, body, prompts, c, i, echoed) for i, c in enumerate(done)],
+                    "usage": _usage(prompts, done)}
         channel: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         job = Job(prompts, options, lambda kind, value: loop.call_soon_threadsafe(channel.put_nowait, (kind, value)))
@@ -129,16 +142,15 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
             batcher.submit(job)
         except Full as e:
             return error(429, f"server busy: {e}; retry shortly", kind="rate_limit_error")
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if body.stream:
-            return StreamingResponse(_stream(model, body, prompts, job, channel, request, meta), media_type="text/event-stream")
+            return StreamingResponse(_stream(model, body, prompts, echoed, job, channel, request, meta), media_type="text/event-stream")
         kind, value = await channel.get()
         while kind == "event":
             kind, value = await channel.get()
         if kind == "error":
             return error(400, str(value)) if isinstance(value, OnnxgenError) else error(500, "internal error", kind="server_error")
         done, _ = value
-        choices = [_choice(model, body, prompts, c, i) for i, c in enumerate(done)]
+        choices = [_choice(model, body, prompts, c, i, echoed) for i, c in enumerate(done)]
         return {**meta, "object": "text_completion", "choices": choices, "usage": _usage(prompts, done)}
 
     return app
@@ -150,8 +162,8 @@ def _job_input(model: Model, body: CompletionRequest, limits: Limits) -> tuple[l
     for field, default in UNSUPPORTED.items():
         if extra.pop(field, default) not in (default, None):
             raise ValueError(f"{field} is not supported")
-    if body.logprobs is not None and body.echo:
-        raise ValueError("echo with logprobs is not supported (log-probabilities of prompt tokens)")
+    if body.max_tokens == 0 and body.stream:
+        raise ValueError("max_tokens 0 (the prompt scored, nothing generated) is not streamed")
     if body.max_tokens > limits.max_tokens:
         raise ValueError(f"max_tokens is at most {limits.max_tokens}, got {body.max_tokens}")
     if body.n > limits.max_n:
@@ -161,7 +173,8 @@ def _job_input(model: Model, body: CompletionRequest, limits: Limits) -> tuple[l
     if len(batch) > limits.max_prompts:
         raise ValueError(f"at most {limits.max_prompts} prompts a request, got {len(batch)}")
     sampling = body.temperature > 0 and int(extra.get("num_beams", 1)) == 1  # OpenAI: temperature 0 is greedy
-    overrides: dict[str, Any] = {"max_new_tokens": body.max_tokens, "num_return_sequences": body.n, "do_sample": sampling,
+    # max_tokens 0 generates nothing: its options are checked as for 1
+    overrides: dict[str, Any] = {"max_new_tokens": max(body.max_tokens, 1), "num_return_sequences": body.n, "do_sample": sampling,
                                  "top_k": 0, "top_p": body.top_p, "stop": body.stop, "seed": body.seed, "logprobs": body.logprobs,
                                  "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
                                  **({"temperature": body.temperature} if sampling else {}), **extra}
@@ -190,9 +203,33 @@ def _by_text(model: Model, alternatives: dict[int, float]) -> dict[str, float]:
     return {model.tokenizer.decode([t]): lp for t, lp in alternatives.items()}
 
 
-def _choice(model: Model, body: CompletionRequest, prompts: list[list[int]], c: Completion, index: int) -> dict[str, Any]:
+def _prompt_logprobs(model: Model, prompts: list[list[int]], top: int) -> list[dict[str, Any]]:
+    """echo with logprobs: each prompt token's log-probability under the model given the tokens before it (the
+    first has none), and the `top` most likely tokens there, as OpenAI's logprobs object. A pass that keeps every
+    position's scores (up to the context times the vocabulary: 200 MB for GPT-2 at 1,024 tokens), one at a time."""
+    scored = []
+    for ids in prompts:
+        lp = logits.log_softmax(model.runtime.all_logits(np.asarray([ids]))[0, :-1])  # position i scores token i + 1
+        chosen = lp[np.arange(len(ids) - 1), ids[1:]]
+        best = np.argpartition(lp, -top, axis=-1)[:, -top:] if top else np.zeros((len(ids) - 1, 0), np.int64)
+        best = np.take_along_axis(best, np.argsort(-np.take_along_axis(lp, best, axis=-1), axis=-1), axis=-1)  # most likely first
+        tokens, offsets, stream = [], [], TextStream(model.tokenizer)
+        for token in ids:
+            offsets.append(len(stream.text))
+            tokens.append(model.tokenizer.decode([token]))
+            stream.push(token)
+        scored.append({"tokens": tokens, "token_logprobs": [None, *map(float, chosen)], "text_offset": offsets,
+                       "top_logprobs": [None, *(_by_text(model, {int(t): float(row[t]) for t in picks}) for row, picks in zip(lp, best))]})
+    return scored
+
+
+def _choice(model: Model, body: CompletionRequest, prompts: list[list[int]], c: Completion, index: int,
+            echoed: list[dict[str, Any]] | None) -> dict[str, Any]:
     prefix = model.tokenizer.decode(prompts[c.prompt_index]) if body.echo else ""
-    return {"text": prefix + c.text, "index": index, "logprobs": _logprobs(model, c, len(prefix)), "finish_reason": _finish(c.finish_reason)}
+    logprobs = _logprobs(model, c, len(prefix))
+    if echoed is not None and logprobs is not None:  # the prompt's entries, then the completion's
+        logprobs = {key: echoed[c.prompt_index][key] + logprobs[key] for key in logprobs}
+    return {"text": prefix + c.text, "index": index, "logprobs": logprobs, "finish_reason": _finish(c.finish_reason)}
 
 
 def _usage(prompts: list[list[int]], done: list[Completion]) -> dict[str, int]:
@@ -200,8 +237,8 @@ def _usage(prompts: list[list[int]], done: list[Completion]) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def _stream(model: Model, body: CompletionRequest, prompts: list[list[int]], job: Job, channel: asyncio.Queue[tuple[str, Any]],
-                  request: Request, meta: dict[str, Any]) -> AsyncIterator[str]:
+async def _stream(model: Model, body: CompletionRequest, prompts: list[list[int]], echoed: list[dict[str, Any]] | None, job: Job,
+                  channel: asyncio.Queue[tuple[str, Any]], request: Request, meta: dict[str, Any]) -> AsyncIterator[str]:
     """Server-sent events: a chunk per new piece of text, a last chunk per choice, then [DONE]."""
     def chunk(index: int, text: str, logprobs: dict[str, Any] | None, reason: str | None) -> str:
         return "data: " + json.dumps({**meta, "object": "text_completion",
@@ -210,7 +247,7 @@ async def _stream(model: Model, body: CompletionRequest, prompts: list[list[int]
     per_prompt = body.n
     if body.echo:
         for i in range(len(prompts) * per_prompt):
-            yield chunk(i, model.tokenizer.decode(prompts[i // per_prompt]), None, None)
+            yield chunk(i, model.tokenizer.decode(prompts[i // per_prompt]), echoed[i // per_prompt] if echoed else None, None)
     try:
         while True:
             try:

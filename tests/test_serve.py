@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 import onnxgen
@@ -78,6 +79,26 @@ def test_presence_and_frequency_penalties(client: openai.OpenAI, model: onnxgen.
     assert out.choices[0].text == expected != model.generate("It is a truth", max_new_tokens=24, do_sample=False)[0].text
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_pytorch_does(client: openai.OpenAI, torch_model: torch.nn.Module, model: onnxgen.Model) -> None:
+    """OpenAI's legacy scoring (lm-evaluation-harness's loglikelihood): echo with logprobs gives each prompt token's
+    log-probability given those before it (the first has none), max_tokens 0 the prompt alone, 1 one more token."""
+    ids = model.tokenizer.encode("It is a truth universally acknowledged")
+    scored = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=3, temperature=0)
+    lp = scored.choices[0].logprobs
+    with torch.no_grad():
+        reference = torch.log_softmax(torch_model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == len(ids)
+    assert lp.token_logprobs[1:] == pytest.approx(reference[torch.arange(len(ids) - 1), ids[1:]].tolist(), abs=1e-4)
+    best = reference[2].topk(3)
+    assert list(lp.top_logprobs[3].values()) == pytest.approx(best.values.tolist(), abs=1e-4)  # most likely first
+    assert "".join(lp.tokens) == scored.choices[0].text == model.tokenizer.decode(ids) and scored.usage.completion_tokens == 0
+    assert lp.text_offset == [len(model.tokenizer.decode(ids[:i])) for i in range(len(ids))]
+    one = client.completions.create(model="tiny", prompt=ids, max_tokens=1, echo=True, logprobs=3, temperature=0).choices[0].logprobs
+    assert one.token_logprobs[: len(ids)] == lp.token_logprobs and len(one.token_logprobs) == len(ids) + 1
+    expected = model.generate([ids], max_new_tokens=1, do_sample=False, logprobs=3)[0]
+    assert one.token_logprobs[-1] == pytest.approx(expected.logprobs[0])
+
+
 def test_greedy_stop_and_echo(client: openai.OpenAI, model: onnxgen.Model) -> None:
     full = model.generate("It is a truth", max_new_tokens=20, do_sample=False)[0]
     stop = full.text[5:7]
@@ -126,7 +147,7 @@ def test_models_and_health(client: openai.OpenAI, server: str) -> None:
     ({"extra_body": {"nonsense": 1}}, "unknown"),
     ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"best_of": 2}, "best_of"),
-    ({"logprobs": 2, "echo": True}, "echo"),
+    ({"max_tokens": 0, "echo": True, "stream": True}, "not streamed"),
 ])
 def test_bad_requests_are_400_in_openais_shape(client: openai.OpenAI, options: dict[str, object], message: str) -> None:
     request = {"model": "tiny", "prompt": "Hello", "max_tokens": 5, **options}
