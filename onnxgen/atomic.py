@@ -11,7 +11,14 @@ from pathlib import Path
 from .errors import OnnxgenError
 
 
-def check_destination(out: Path, force: bool) -> None:
+def check_destination(out: Path, force: bool, source: str | Path | None = None) -> None:
+    """`out` can be made: it does not exist (or force), its parent is a writable folder, and it is neither the
+    folder it is made from (with force, that would be replaced while read) nor inside or around it."""
+    if source is not None and Path(source).is_dir():
+        made, read = out.resolve(), Path(source).resolve()
+        if made == read or read in made.parents or made in read.parents:
+            where = "is" if made == read else "would be inside, or hold,"
+            raise OnnxgenError(f"{out} {where} the folder it is made from ({source}): write it to a folder of its own")
     if out.exists() and not force:
         raise OnnxgenError(f"{out} already exists (use --force to replace it)")
     parent = out.resolve().parent

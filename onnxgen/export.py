@@ -166,7 +166,7 @@ def save_model(model: Any, folder: Path, threshold: int) -> None:
 def export(source: str, out: Path, options: ExportOptions | None = None, quiet: bool = False) -> dict[str, Any]:
     """Export `source` (hub id or folder) to `out`; returns the manifest. Raises ExportError."""
     options = options or ExportOptions()
-    atomic.check_destination(out, options.force)
+    atomic.check_destination(out, options.force, source)
     with steps(6, quiet=quiet) as progress:
         with progress.step(f"Loading {source}"):
             model, tokenizer = _load(source)

@@ -199,7 +199,7 @@ def quantize(source: Path, out: Path, options: QuantizeOptions | None = None, qu
     if (source / DATA_FILE).is_file() and (source / DATA_FILE).stat().st_nlink > 1:  # onnx would refuse it mid-way
         raise QuantizeError(f"{source / DATA_FILE} has several hard links, and onnx refuses to read weights from such a file "
                             "(a guard against hard-link attacks): quantize a copy of the folder (cp -r)")
-    atomic.check_destination(out, options.force)
+    atomic.check_destination(out, options.force, source)
     size = sum(f["bytes"] for f in parent["files"].values())
     atomic.check_disk(out, size * 3)
     large = size > (1 << 30)

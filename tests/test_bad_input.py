@@ -120,6 +120,26 @@ def test_api_misuse_gets_onnxgen_errors(model: onnxgen.Model) -> None:
         onnxgen.load(5)  # type: ignore[arg-type]
 
 
+def test_an_output_that_is_or_nests_in_its_source_is_refused(exported: Path, checkpoint: Path, tmp_path: Path) -> None:
+    """With --force, quantize or export onto the folder it reads replaced that folder (the fp32 parent, the
+    checkpoint); an output inside it made a model folder within a model folder. Refused before any work."""
+    from onnxgen.export import ExportOptions, export
+    from onnxgen.quantize import QuantizeOptions, quantize
+
+    before = {p: p.stat().st_mtime_ns for p in (*exported.iterdir(), *checkpoint.iterdir())}
+    with pytest.raises(OnnxgenError, match="is the folder it is made from"):
+        quantize(exported, exported, QuantizeOptions(force=True), quiet=True)
+    with pytest.raises(OnnxgenError, match="would be inside, or hold, the folder it is made from"):
+        quantize(exported, exported / "int8", QuantizeOptions(), quiet=True)
+    held = shutil.copytree(exported, tmp_path / "holder" / "model")  # a copy: were the check to fail, force would replace its folder
+    with pytest.raises(OnnxgenError, match="would be inside, or hold, the folder it is made from"):
+        quantize(held, tmp_path / "holder", QuantizeOptions(force=True), quiet=True)
+    assert (held / "onnxgen.json").is_file()
+    with pytest.raises(OnnxgenError, match="is the folder it is made from"):
+        export(str(checkpoint), checkpoint, ExportOptions(force=True), quiet=True)
+    assert {p: p.stat().st_mtime_ns for p in (*exported.iterdir(), *checkpoint.iterdir())} == before
+
+
 def test_what_is_accepted_is_what_it_looks_like(model: onnxgen.Model) -> None:
     """numpy ids and arrays, bytes and None for stop are taken as what they plainly mean."""
     ids = [12, 40, 7]
