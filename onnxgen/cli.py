@@ -142,6 +142,7 @@ def generate(
     top_k: Annotated[int | None, typer.Option()] = None,
     top_p: Annotated[float | None, typer.Option()] = None,
     min_p: Annotated[float | None, typer.Option(help="sampling: drop tokens less likely than this x the most likely one")] = None,
+    typical_p: Annotated[float | None, typer.Option(help="sampling: locally typical sampling's mass")] = None,
     num_beams: Annotated[int | None, typer.Option()] = None,
     length_penalty: Annotated[float | None, typer.Option()] = None,
     num_return_sequences: Annotated[int | None, typer.Option()] = None,
@@ -164,7 +165,7 @@ def generate(
     from . import load
 
     given = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k,
-                 top_p=top_p, min_p=min_p, num_beams=num_beams, length_penalty=length_penalty, num_return_sequences=num_return_sequences,
+                 top_p=top_p, min_p=min_p, typical_p=typical_p, num_beams=num_beams, length_penalty=length_penalty, num_return_sequences=num_return_sequences,
                  repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, presence_penalty=presence_penalty,
                  frequency_penalty=frequency_penalty, stop=stop, seed=seed, logprobs=logprobs, truncate_prompt=truncate_prompt)
 

@@ -61,6 +61,32 @@ def presence_frequency(presence: float, frequency: float) -> Filter:
     return apply
 
 
+def bad_words(sequences: list[list[int]], eos_ids: list[int]) -> Filter:
+    """Never complete a banned sequence: its last token goes wherever the row ends with the rest of it (a
+    one-token sequence always). transformers' NoBadWordsLogitsProcessor, which leaves the end token alone."""
+    sequences = [s for s in sequences if s not in [[e] for e in eos_ids]]
+
+    def apply(scores: np.ndarray, history: History, _: int) -> np.ndarray:
+        scores = scores.copy()
+        for row, seen in enumerate(history):
+            banned = [s[-1] for s in sequences if len(s) == 1 or (len(seen) >= len(s) - 1 and seen[len(seen) - len(s) + 1 :] == s[:-1])]
+            scores[row, banned] = -np.inf
+        return scores
+
+    return apply
+
+
+def suppress(tokens: list[int]) -> Filter:
+    ids = np.asarray(tokens, dtype=np.int64)
+
+    def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
+        scores = scores.copy()
+        scores[:, ids] = -np.inf
+        return scores
+
+    return apply
+
+
 def min_new_tokens(count: int, eos_ids: list[int]) -> Filter:
     def apply(scores: np.ndarray, _: History, generated: int) -> np.ndarray:
         if generated < count:
@@ -113,6 +139,24 @@ def min_p(fraction: float) -> Filter:
     def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
         probs = softmax(scores)
         return np.where(probs < np.float32(fraction) * probs.max(axis=-1, keepdims=True), -np.inf, scores).astype(scores.dtype)
+
+    return apply
+
+
+def typical_p(mass: float) -> Filter:
+    """Locally typical sampling (transformers' TypicalLogitsWarper): keep the tokens whose information content
+    is closest to the row's entropy, in that order, until they hold `mass` of the probability."""
+
+    def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
+        logp = log_softmax(scores)
+        with np.errstate(invalid="ignore"):  # -inf x 0 for banned tokens: NaN, left out of the sum
+            entropy = -np.nansum(logp * np.exp(logp), axis=-1, keepdims=True)
+        distance = np.abs(-logp - entropy)
+        order = np.argsort(distance, axis=-1, kind="stable")
+        cumulative = np.cumsum(softmax(np.take_along_axis(scores, order, axis=-1)), axis=-1, dtype=np.float64).astype(np.float32)
+        last = np.minimum(np.count_nonzero(cumulative < np.float32(mass), axis=-1), scores.shape[-1] - 1)
+        cut = np.take_along_axis(np.take_along_axis(distance, order, axis=-1), last[:, None], axis=-1)
+        return np.where(distance > cut, -np.inf, scores).astype(scores.dtype)
 
     return apply
 
@@ -221,15 +265,19 @@ def processors_for(opts: GenerationOptions) -> list[Filter]:
         chain.append(presence_frequency(opts.presence_penalty, opts.frequency_penalty))
     if opts.no_repeat_ngram_size > 0:
         chain.append(no_repeat_ngram(opts.no_repeat_ngram_size))
+    if opts.bad_words_ids:
+        chain.append(bad_words(opts.bad_words_ids, opts.eos_ids))
     if opts.min_new_tokens > 0 and opts.eos_ids:
         chain.append(min_new_tokens(opts.min_new_tokens, opts.eos_ids))
+    if opts.suppress_tokens:
+        chain.append(suppress(opts.suppress_tokens))
     if opts.logit_bias:
         chain.append(bias(opts.logit_bias))
     return chain
 
 
 def warpers_for(opts: GenerationOptions) -> list[Filter]:
-    """Sampling's reshaping of the distribution: temperature, top-k, top-p, min-p (none without do_sample)."""
+    """Sampling's reshaping of the distribution: temperature, top-k, top-p, min-p, typical-p (none without do_sample)."""
     chain: list[Filter] = []
     if opts.do_sample:
         if opts.temperature != 1.0:
@@ -240,6 +288,8 @@ def warpers_for(opts: GenerationOptions) -> list[Filter]:
             chain.append(top_p(opts.top_p))
         if opts.min_p > 0.0:
             chain.append(min_p(opts.min_p))
+        if opts.typical_p < 1.0:
+            chain.append(typical_p(opts.typical_p))
     return chain
 
 

@@ -123,10 +123,13 @@ class Model:
     def _check_special_ids(self, opts: GenerationOptions) -> None:
         vocab = self.dims.vocab_size
         for name, ids in (("eos_token_id", opts.eos_ids), ("pad_token_id", [] if opts.pad_token_id is None else [opts.pad_token_id]),
-                          ("logit_bias", list(opts.logit_bias))):
+                          ("logit_bias", list(opts.logit_bias)), ("suppress_tokens", opts.suppress_tokens),
+                          ("bad_words_ids", [t for words in opts.bad_words_ids for t in words])):
             outside = [t for t in ids if not 0 <= t < vocab]
             if outside:
                 raise OptionsError(f"{name} token ids must be in [0, {vocab}), got {outside[0]}")
+        if len(set(opts.suppress_tokens)) >= vocab:
+            raise OptionsError(f"suppress_tokens holds every one of the {vocab} tokens: nothing is left to generate")
 
     def _pad_id(self, opts: GenerationOptions) -> int:
         if opts.pad_token_id is not None:

@@ -30,7 +30,7 @@ MAX_LENGTH_PENALTY = 10.0
 MAX_OPENAI_PENALTY = 2.0  # presence_penalty and frequency_penalty
 INTS = {"max_new_tokens", "min_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size"}
 OPTIONAL_INTS = {"pad_token_id", "seed", "logprobs"}
-FLOATS = {"temperature", "top_p", "min_p", "length_penalty", "repetition_penalty", "presence_penalty", "frequency_penalty"}
+FLOATS = {"temperature", "top_p", "min_p", "typical_p", "length_penalty", "repetition_penalty", "presence_penalty", "frequency_penalty"}
 BOOLS = {"do_sample", "truncate_prompt"}
 
 
@@ -43,12 +43,15 @@ class GenerationOptions:
     top_k: int = 50  # sampling only, as in transformers; 0 disables
     top_p: float = 1.0  # sampling only; 1.0 disables
     min_p: float = 0.0  # sampling only: drop tokens less likely than min_p x the most likely one; 0.0 disables
+    typical_p: float = 1.0  # sampling only: locally typical sampling's mass (transformers'); 1.0 disables
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
     num_return_sequences: int = 1
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # token sequences never to generate (transformers')
+    suppress_tokens: list[int] = field(default_factory=list)  # tokens never to generate (transformers')
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     stop: list[str] = field(default_factory=list)  # stop strings: generation ends when the text contains one
@@ -83,6 +86,10 @@ class GenerationOptions:
             raise OptionsError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
             raise OptionsError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 < self.typical_p <= 1:
+            raise OptionsError(f"typical_p must be in (0, 1], got {self.typical_p}")
+        if any(not words for words in self.bad_words_ids):
+            raise OptionsError("bad_words_ids must not hold an empty sequence")
         if self.top_k < 0:
             raise OptionsError(f"top_k must be >= 0, got {self.top_k}")
         if self.num_beams < 1:
@@ -196,6 +203,14 @@ def _typed(name: str, value: Any) -> Any:
         if None in keys or len(numbers) != len(keys):
             raise refuse("a dict of token id to bias")
         return {k: float(v) for k, v in zip(keys, numbers)}
+    if name == "suppress_tokens":
+        if not isinstance(value, (list, tuple, np.ndarray)) or not all(_is_int(t) for t in value):
+            raise refuse("a list of token ids")
+        return [int(t) for t in value]
+    if name == "bad_words_ids":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(w, (list, tuple)) and all(_is_int(t) for t in w) for w in value):
+            raise refuse("a list of token id lists")
+        return [[int(t) for t in words] for words in value]
     if name in ("logits_processors", "stopping_criteria"):
         if not isinstance(value, (list, tuple)) or not all(callable(f) for f in value):
             raise refuse("a list of callables")

@@ -49,6 +49,9 @@ BAD_OPTIONS: list[tuple[dict[str, Any], str]] = [
     ({"logits_processors": ["x"]}, "logits_processors"), ({"stopping_criteria": [1]}, "stopping_criteria"),
     ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": NAN}, "frequency_penalty"),
     ({"min_p": 1.5}, "min_p"), ({"min_p": -0.1}, "min_p"), ({"min_p": NAN}, "min_p"),
+    ({"typical_p": 0.0}, "typical_p"), ({"typical_p": 1.5}, "typical_p"), ({"bad_words_ids": [[]]}, "bad_words_ids"),
+    ({"bad_words_ids": [1, 2]}, "bad_words_ids"), ({"bad_words_ids": [[10**9]]}, "bad_words_ids"), ({"suppress_tokens": "x"}, "suppress_tokens"),
+    ({"suppress_tokens": [-1]}, "suppress_tokens"), ({"suppress_tokens": list(range(400))}, "nothing is left"),
     ({"frequency_penalty": "high"}, "frequency_penalty"),
     ({"num_return_sequences": 0}, "num_return_sequences"), ({"num_beams": 2, "num_return_sequences": 5}, "num_return_sequences"),
     ({"num_return_sequences": 2}, "greedy"), ({"do_sample": True, "num_beams": 2}, "beam search with sampling"),
@@ -324,7 +327,7 @@ ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**6), st.floa
 OPTION_NAMES = ["max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "num_beams", "length_penalty",
                 "early_stopping", "num_return_sequences", "repetition_penalty", "no_repeat_ngram_size", "eos_token_id",
                 "pad_token_id", "stop", "seed", "truncate_prompt", "logprobs", "presence_penalty", "frequency_penalty",
-                "min_p"]
+                "min_p", "typical_p"]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

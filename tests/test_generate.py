@@ -106,6 +106,11 @@ HISTORY = [[1, 2, 3, 1, 2], [7, 7, 7, 8, 9], [5, 6, 5, 6, 5], [10, 11, 12, 13, 1
     lambda: (logits.top_p(0.05), "TopPLogitsWarper", (0.05,)),
     lambda: (logits.min_p(0.1), "MinPLogitsWarper", (0.1,)),
     lambda: (logits.min_p(0.9), "MinPLogitsWarper", (0.9,)),
+    lambda: (logits.typical_p(0.9), "TypicalLogitsWarper", (0.9,)),
+    lambda: (logits.typical_p(0.2), "TypicalLogitsWarper", (0.2,)),
+    lambda: (logits.suppress([3, 10, 399]), "SuppressTokensLogitsProcessor", ([3, 10, 399],)),
+    # [2, 3]: row 0 ends with 2; [6, 5, 4]: row 2 ends with 6, 5; [7] always; [9] is the end token, left alone
+    lambda: (logits.bad_words([[2, 3], [7], [6, 5, 4], [9], [1, 1]], [9]), "NoBadWordsLogitsProcessor", ([[2, 3], [7], [6, 5, 4], [9], [1, 1]], 9)),
     lambda: (logits.repetition_penalty(1.5), "RepetitionPenaltyLogitsProcessor", (1.5,)),
     lambda: (logits.no_repeat_ngram(2), "NoRepeatNGramLogitsProcessor", (2,)),
     lambda: (logits.no_repeat_ngram(3), "NoRepeatNGramLogitsProcessor", (3,)),
@@ -166,13 +171,14 @@ def test_presence_and_frequency_penalties_follow_openais_formula(random_scores: 
 
 
 def test_the_warpers_chain_in_transformers_order(random_scores: np.ndarray) -> None:
-    """temperature, top-k, top-p, then min-p (after temperature, as transformers and llama.cpp apply it)."""
+    """temperature, top-k, top-p, min-p (after temperature, as transformers and llama.cpp apply it), typical-p."""
     import transformers.generation.logits_process as lp
 
-    options = GenerationOptions(do_sample=True, temperature=0.7, top_k=40, top_p=0.95, min_p=0.05)
+    options = GenerationOptions(do_sample=True, temperature=0.7, top_k=40, top_p=0.95, min_p=0.05, typical_p=0.9)
     ours = logits.apply(logits.warpers_for(options), random_scores, HISTORY, 5)
     ref = random_scores
-    for warper in (lp.TemperatureLogitsWarper(0.7), lp.TopKLogitsWarper(40), lp.TopPLogitsWarper(0.95), lp.MinPLogitsWarper(0.05)):
+    for warper in (lp.TemperatureLogitsWarper(0.7), lp.TopKLogitsWarper(40), lp.TopPLogitsWarper(0.95), lp.MinPLogitsWarper(0.05),
+                   lp.TypicalLogitsWarper(0.9)):
         ref = _hf(warper, HISTORY, ref)
     np.testing.assert_allclose(ours, ref, rtol=1e-6)
     assert np.isneginf(ours).sum() == np.isneginf(ref).sum() > np.isneginf(logits.apply(
