@@ -22,7 +22,7 @@ import numpy as np
 from . import logits
 from .decoding import Rows, Scoring, sample
 from .errors import OptionsError
-from .options import GenerationOptions
+from .options import GenerationOptions, is_int
 from .runtime import Runtime
 from .stopping import StopRules
 from .tokenizer import TextStream, Tokenizer
@@ -114,7 +114,7 @@ class Generator:
 
     def finish(self, row: int) -> None:
         """End a row now (finish reason "cancelled"); its completion keeps what it generated."""
-        if not (isinstance(row, (int, np.integer)) and not isinstance(row, bool) and 0 <= row < len(self.finish_reasons)):
+        if not (is_int(row) and 0 <= row < len(self.finish_reasons)):
             raise OptionsError(f"row must be one of this generator's rows, 0 to {len(self.finish_reasons) - 1}, got {row!r}")
         if self.finish_reasons[row] is None:
             self.finish_reasons[row] = "cancelled"

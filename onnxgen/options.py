@@ -133,7 +133,7 @@ class GenerationOptions:
             raise OptionsError(f"unknown generation option(s): {', '.join(unknown)}")
         # Asking for beams asks for beam search: a sampling default (the bundled model's) gives way, unless
         # sampling is asked for in the same call too (then the conflict is reported).
-        if _is_int(overrides.get("num_beams")) and overrides["num_beams"] > 1 and "do_sample" not in overrides:
+        if is_int(overrides.get("num_beams")) and overrides["num_beams"] > 1 and "do_sample" not in overrides:
             overrides["do_sample"] = False
         return replace(self, **overrides).validate()
 
@@ -158,7 +158,7 @@ def returned(value: Any) -> str:
     return type(value).__name__ + (f" of shape {tuple(shape)}" if shape is not None else "")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
@@ -168,11 +168,11 @@ def _typed(name: str, value: Any) -> Any:
         return OptionsError(f"{name} must be {expected}, got {value!r}")
 
     if name in INTS or (name in OPTIONAL_INTS and value is not None):
-        if not _is_int(value):
+        if not is_int(value):
             raise refuse("an integer")
         return int(value)
     if name in FLOATS:
-        if not (_is_int(value) or isinstance(value, (float, np.floating))) or not math.isfinite(value):
+        if not (is_int(value) or isinstance(value, (float, np.floating))) or not math.isfinite(value):
             raise refuse("a finite number")
         return float(value)
     if name in BOOLS:
@@ -186,10 +186,10 @@ def _typed(name: str, value: Any) -> Any:
     if name == "eos_token_id":
         if value is None:
             return None
-        ids = [value] if _is_int(value) else value
-        if not isinstance(ids, (list, tuple, np.ndarray)) or not all(_is_int(i) for i in ids):
+        ids = [value] if is_int(value) else value
+        if not isinstance(ids, (list, tuple, np.ndarray)) or not all(is_int(i) for i in ids):
             raise refuse("a token id, a list of token ids, or None")
-        return int(ids[0]) if _is_int(value) else [int(i) for i in ids]
+        return int(ids[0]) if is_int(value) else [int(i) for i in ids]
     if name == "stop":
         stops = [] if value is None else [value] if isinstance(value, str) else value
         if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
@@ -198,17 +198,17 @@ def _typed(name: str, value: Any) -> Any:
     if name == "logit_bias":
         items = value.items() if isinstance(value, dict) else [(None, None)]
         # JSON gives the keys as strings of digits
-        keys = [int(k) if _is_int(k) or (isinstance(k, str) and k.isdigit()) else None for k, _ in items]
-        numbers = [v for _, v in items if _is_int(v) or (isinstance(v, (float, np.floating)) and not math.isnan(v))]
+        keys = [int(k) if is_int(k) or (isinstance(k, str) and k.isdigit()) else None for k, _ in items]
+        numbers = [v for _, v in items if is_int(v) or (isinstance(v, (float, np.floating)) and not math.isnan(v))]
         if None in keys or len(numbers) != len(keys):
             raise refuse("a dict of token id to bias")
         return {k: float(v) for k, v in zip(keys, numbers)}
     if name == "suppress_tokens":
-        if not isinstance(value, (list, tuple, np.ndarray)) or not all(_is_int(t) for t in value):
+        if not isinstance(value, (list, tuple, np.ndarray)) or not all(is_int(t) for t in value):
             raise refuse("a list of token ids")
         return [int(t) for t in value]
     if name == "bad_words_ids":
-        if not isinstance(value, (list, tuple)) or not all(isinstance(w, (list, tuple)) and all(_is_int(t) for t in w) for w in value):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(w, (list, tuple)) and all(is_int(t) for t in w) for w in value):
             raise refuse("a list of token id lists")
         return [[int(t) for t in words] for words in value]
     if name in ("logits_processors", "stopping_criteria"):

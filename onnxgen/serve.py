@@ -79,8 +79,8 @@ class CompletionRequest(BaseModel):
 UNSUPPORTED = {"suffix": None, "best_of": None}  # refused unless default
 
 
-def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
 def create_app(model: Model, name: str, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
@@ -118,9 +118,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         if body.model is not None and body.model != name:  # answering with another model would be a wrong answer
-            return JSONResponse({"error": {"message": f"the model {body.model!r} does not exist: this server has {name!r}",
-                                           "type": "invalid_request_error", "param": "model", "code": "model_not_found"}},
-                                status_code=404)
+            return error(404, f"the model {body.model!r} does not exist: this server has {name!r}", "model", code="model_not_found")
         try:
             prompts, options = _job_input(model, body, limits)
         except (OnnxgenError, ValueError) as e:
@@ -189,13 +187,18 @@ def _finish(reason: str | None) -> str | None:
 def _logprobs(model: Model, c: Completion, offset: int) -> dict[str, Any] | None:
     if c.logprobs is None:
         return None
+    return {**_tokens(model, c.token_ids, offset), "token_logprobs": c.logprobs,
+            "top_logprobs": [_by_text(model, alts) for alts in c.top_logprobs or []]}
+
+
+def _tokens(model: Model, ids: list[int], offset: int) -> dict[str, list[Any]]:
+    """OpenAI's logprobs "tokens" (each token's text) and "text_offset" (where each starts in the choice's text)."""
     tokens, offsets, stream = [], [], TextStream(model.tokenizer)
-    for token in c.token_ids:
+    for token in ids:
         offsets.append(offset + len(stream.text))
         tokens.append(model.tokenizer.decode([token]))
         stream.push(token)
-    return {"tokens": tokens, "token_logprobs": c.logprobs, "text_offset": offsets,
-            "top_logprobs": [_by_text(model, alts) for alts in c.top_logprobs or []]}
+    return {"tokens": tokens, "text_offset": offsets}
 
 
 def _by_text(model: Model, alternatives: dict[int, float]) -> dict[str, float]:
@@ -213,12 +216,7 @@ def _prompt_logprobs(model: Model, prompts: list[list[int]], top: int) -> list[d
         chosen = lp[np.arange(len(ids) - 1), ids[1:]]
         best = np.argpartition(lp, -top, axis=-1)[:, -top:] if top else np.zeros((len(ids) - 1, 0), np.int64)
         best = np.take_along_axis(best, np.argsort(-np.take_along_axis(lp, best, axis=-1), axis=-1), axis=-1)  # most likely first
-        tokens, offsets, stream = [], [], TextStream(model.tokenizer)
-        for token in ids:
-            offsets.append(len(stream.text))
-            tokens.append(model.tokenizer.decode([token]))
-            stream.push(token)
-        scored.append({"tokens": tokens, "token_logprobs": [None, *map(float, chosen)], "text_offset": offsets,
+        scored.append({**_tokens(model, ids, 0), "token_logprobs": [None, *map(float, chosen)],
                        "top_logprobs": [None, *(_by_text(model, {int(t): float(row[t]) for t in picks}) for row, picks in zip(lp, best))]})
     return scored
 
