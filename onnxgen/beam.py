@@ -37,7 +37,7 @@ class BeamSearch:
         b, k = len(prompts), opts.num_beams
         self.b, self.k = b, k
         self.prompt_tokens = sum(len(p) for p in prompts)
-        self.rules = StopRules.of(opts)
+        self.rules = StopRules.of(opts, self.start)
         self.eos = np.asarray(sorted(self.rules.eos), dtype=np.int64)
         self.keep = max(2, 1 + len(self.eos)) * k  # candidates looked at per step
         self.scoring = Scoring(opts)

@@ -143,6 +143,8 @@ def generate(
     top_p: Annotated[float | None, typer.Option()] = None,
     min_p: Annotated[float | None, typer.Option(help="sampling: drop tokens less likely than this x the most likely one")] = None,
     typical_p: Annotated[float | None, typer.Option(help="sampling: locally typical sampling's mass")] = None,
+    epsilon_cutoff: Annotated[float | None, typer.Option(help="sampling: drop tokens less likely than this")] = None,
+    eta_cutoff: Annotated[float | None, typer.Option(help="sampling: eta-sampling's epsilon (a cut that follows the row's entropy)")] = None,
     num_beams: Annotated[int | None, typer.Option()] = None,
     length_penalty: Annotated[float | None, typer.Option()] = None,
     num_return_sequences: Annotated[int | None, typer.Option()] = None,
@@ -152,6 +154,7 @@ def generate(
     frequency_penalty: Annotated[float | None, typer.Option(help="OpenAI's: lowers each token by how often it was generated")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
+    max_time: Annotated[float | None, typer.Option(help="seconds: end the text after this long (finish reason time)")] = None,
     logprobs: Annotated[int | None, typer.Option(help="with --json: each token's log-probability and this many alternatives")] = None,
     truncate_prompt: Annotated[bool | None, typer.Option("--truncate-prompt", help="drop the oldest prompt tokens if too long")] = None,
     provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
@@ -165,9 +168,9 @@ def generate(
     from . import load
 
     given = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k,
-                 top_p=top_p, min_p=min_p, typical_p=typical_p, num_beams=num_beams, length_penalty=length_penalty, num_return_sequences=num_return_sequences,
+                 top_p=top_p, min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, num_beams=num_beams, length_penalty=length_penalty, num_return_sequences=num_return_sequences,
                  repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, presence_penalty=presence_penalty,
-                 frequency_penalty=frequency_penalty, stop=stop, seed=seed, logprobs=logprobs, truncate_prompt=truncate_prompt)
+                 frequency_penalty=frequency_penalty, stop=stop, seed=seed, max_time=max_time, logprobs=logprobs, truncate_prompt=truncate_prompt)
 
     def body() -> None:
         m = load(model, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph)  # type: ignore[arg-type]

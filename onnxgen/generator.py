@@ -95,7 +95,7 @@ class Generator:
         self.opts, self.pad_id, self.tokenizer = opts, pad_id, tokenizer
         self.prompt_index = prompt_index
         self.prompt_tokens = sum(len(p) for p in prompts)
-        self.rules = StopRules.of(opts)
+        self.rules = StopRules.of(opts, self.start)
         self.scoring = Scoring(opts)
         self.rng = np.random.default_rng(opts.seed)
         self.rows = Rows(runtime, prompts, pad_id, opts.max_new_tokens)

@@ -16,6 +16,25 @@ History = list[list[int]]  # per row: the tokens seen so far (prompt without pad
 Filter = Callable[[np.ndarray, History, int], np.ndarray]  # (scores, history, new-token count) -> scores
 
 
+def sequence_bias(biases: list[tuple[tuple[int, ...], float]]) -> Filter:
+    """Add each bias to its sequence's last token wherever the row ends with the rest of the sequence (a sequence
+    of one token: always): transformers' SequenceBiasLogitsProcessor, and OpenAI's logit_bias as one-token sequences."""
+    singles, single_biases = np.unique([s[0] for s, _ in biases if len(s) == 1], return_inverse=True)
+    summed = np.bincount(single_biases, weights=[b for s, b in biases if len(s) == 1], minlength=len(singles)).astype(np.float32)
+    longer = [(list(s[:-1]), s[-1], np.float32(b)) for s, b in biases if len(s) > 1]
+
+    def apply(scores: np.ndarray, history: History, _: int) -> np.ndarray:
+        bias = np.zeros_like(scores)  # summed first, then added once, as transformers does
+        bias[:, singles.astype(np.int64)] = summed
+        for row, seen in enumerate(history):
+            for prefix, last, value in longer:
+                if len(seen) >= len(prefix) and seen[len(seen) - len(prefix) :] == prefix:
+                    bias[row, last] += value
+        return scores + bias
+
+    return apply
+
+
 def repetition_penalty(penalty: float) -> Filter:
     """Divide positive (multiply negative) scores of every token already in the row (CTRL paper)."""
 
@@ -97,6 +116,46 @@ def min_new_tokens(count: int, eos_ids: list[int]) -> Filter:
     return apply
 
 
+def begin_suppress(tokens: list[int]) -> Filter:
+    """Ban these tokens as a row's first new token (transformers' SuppressTokensAtBeginLogitsProcessor)."""
+    banned = suppress(tokens)
+    return lambda scores, history, generated: banned(scores, history, generated) if generated == 0 else scores
+
+
+def forced_eos(eos_ids: list[int], max_new_tokens: int) -> Filter:
+    """The last token a row can generate is the end token (transformers' ForcedEOSTokenLogitsProcessor)."""
+
+    def apply(scores: np.ndarray, _: History, generated: int) -> np.ndarray:
+        if generated != max_new_tokens - 1:
+            return scores
+        forced = np.full_like(scores, -np.inf)
+        forced[:, eos_ids] = 0
+        return forced
+
+    return apply
+
+
+def exponential_decay(start: int, factor: float, eos_ids: list[int]) -> Filter:
+    """After `start` new tokens, raise the end token's score by |score| x (factor ** (new tokens - start) - 1)
+    (transformers' ExponentialDecayLengthPenalty). An end token already banned stays banned: transformers' gives
+    -inf + inf = NaN there (min_new_tokens not reached yet), which its greedy search then picks."""
+
+    def apply(scores: np.ndarray, _: History, generated: int) -> np.ndarray:
+        if generated <= start:
+            return scores
+        penalty = np.zeros_like(scores)
+        eos = scores[:, eos_ids]
+        penalty[:, eos_ids] = np.where(np.isfinite(eos), np.abs(eos) * np.float32(factor ** (generated - start) - 1), 0)
+        return scores + penalty
+
+    return apply
+
+
+def remove_invalid(scores: np.ndarray, _: History, __: int) -> np.ndarray:
+    """NaN becomes 0 and +-inf float32's largest and smallest (transformers' InfNanRemoveLogitsProcessor)."""
+    return np.nan_to_num(scores, nan=0.0, posinf=np.finfo(scores.dtype).max, neginf=np.finfo(scores.dtype).min)
+
+
 def temperature(t: float) -> Filter:
     return lambda scores, _h, _g: scores / np.float32(t)
 
@@ -159,6 +218,36 @@ def typical_p(mass: float) -> Filter:
         return np.where(distance > cut, -np.inf, scores).astype(scores.dtype)
 
     return apply
+
+
+def epsilon_cutoff(epsilon: float) -> Filter:
+    """Drop the tokens less likely than `epsilon`, the most likely one always kept (transformers' EpsilonLogitsWarper)."""
+
+    def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
+        return _below(scores, softmax(scores), np.float32(epsilon))
+
+    return apply
+
+
+def eta_cutoff(epsilon: float) -> Filter:
+    """Drop the tokens less likely than min(epsilon, sqrt(epsilon) x exp(-entropy)): a cut that loosens where the row
+    is flat (transformers' EtaLogitsWarper)."""
+
+    def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
+        logp = log_softmax(scores)
+        probs = np.exp(logp)
+        with np.errstate(invalid="ignore"):  # -inf x 0 for banned tokens: NaN, left out of the sum
+            entropy = -np.nansum(logp * probs, axis=-1, keepdims=True)
+        eps = np.float32(epsilon)
+        return _below(scores, probs, np.minimum(eps, np.sqrt(eps) * np.exp(-entropy)).astype(np.float32))
+
+    return apply
+
+
+def _below(scores: np.ndarray, probs: np.ndarray, cut: np.floating | np.ndarray) -> np.ndarray:
+    """-inf for every token less likely than `cut`, except the row's most likely."""
+    drop = (probs < cut) & (scores < scores.max(axis=-1, keepdims=True))
+    return np.where(drop, -np.inf, scores).astype(scores.dtype)
 
 
 def nucleus(scores: np.ndarray, p: float) -> np.ndarray:
@@ -243,22 +332,13 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def bias(by_token: dict[int, float]) -> Filter:
-    ids = np.fromiter(by_token, dtype=np.int64, count=len(by_token))
-    values = np.fromiter(by_token.values(), dtype=np.float32, count=len(by_token))
-
-    def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
-        scores = scores.copy()
-        scores[:, ids] += values
-        return scores
-
-    return apply
-
-
 def processors_for(opts: GenerationOptions) -> list[Filter]:
     """The processors the options call for, in the order transformers applies them (the caller's own
     processors run after these, then the warpers)."""
     chain: list[Filter] = []
+    biases = [((token,), b) for token, b in opts.logit_bias.items()] + list(opts.sequence_bias.items())
+    if biases:
+        chain.append(sequence_bias(biases))
     if opts.repetition_penalty != 1.0:
         chain.append(repetition_penalty(opts.repetition_penalty))
     if opts.presence_penalty or opts.frequency_penalty:
@@ -269,15 +349,22 @@ def processors_for(opts: GenerationOptions) -> list[Filter]:
         chain.append(bad_words(opts.bad_words_ids, opts.eos_ids))
     if opts.min_new_tokens > 0 and opts.eos_ids:
         chain.append(min_new_tokens(opts.min_new_tokens, opts.eos_ids))
+    if opts.forced_eos_ids:
+        chain.append(forced_eos(opts.forced_eos_ids, opts.max_new_tokens))
+    if opts.remove_invalid_values:
+        chain.append(remove_invalid)
+    if opts.exponential_decay_length_penalty is not None and opts.eos_ids:
+        chain.append(exponential_decay(*opts.exponential_decay_length_penalty, opts.eos_ids))
     if opts.suppress_tokens:
         chain.append(suppress(opts.suppress_tokens))
-    if opts.logit_bias:
-        chain.append(bias(opts.logit_bias))
+    if opts.begin_suppress_tokens:
+        chain.append(begin_suppress(opts.begin_suppress_tokens))
     return chain
 
 
 def warpers_for(opts: GenerationOptions) -> list[Filter]:
-    """Sampling's reshaping of the distribution: temperature, top-k, top-p, min-p, typical-p (none without do_sample)."""
+    """Sampling's reshaping of the distribution: temperature, top-k, top-p, min-p, typical-p, epsilon, eta (none
+    without do_sample); then the renormalisation, if asked, for every strategy."""
     chain: list[Filter] = []
     if opts.do_sample:
         if opts.temperature != 1.0:
@@ -290,6 +377,12 @@ def warpers_for(opts: GenerationOptions) -> list[Filter]:
             chain.append(min_p(opts.min_p))
         if opts.typical_p < 1.0:
             chain.append(typical_p(opts.typical_p))
+        if opts.epsilon_cutoff > 0.0:
+            chain.append(epsilon_cutoff(opts.epsilon_cutoff))
+        if opts.eta_cutoff > 0.0:
+            chain.append(eta_cutoff(opts.eta_cutoff))
+    if opts.renormalize_logits:
+        chain.append(lambda scores, _h, _g: log_softmax(scores))
     return chain
 
 

@@ -124,12 +124,17 @@ class Model:
         vocab = self.dims.vocab_size
         for name, ids in (("eos_token_id", opts.eos_ids), ("pad_token_id", [] if opts.pad_token_id is None else [opts.pad_token_id]),
                           ("logit_bias", list(opts.logit_bias)), ("suppress_tokens", opts.suppress_tokens),
+                          ("begin_suppress_tokens", opts.begin_suppress_tokens),
+                          ("forced_eos_token_id", opts.forced_eos_ids),
+                          ("sequence_bias", [t for sequence in opts.sequence_bias for t in sequence]),
                           ("bad_words_ids", [t for words in opts.bad_words_ids for t in words])):
             outside = [t for t in ids if not 0 <= t < vocab]
             if outside:
                 raise OptionsError(f"{name} token ids must be in [0, {vocab}), got {outside[0]}")
-        if len(set(opts.suppress_tokens)) >= vocab:
-            raise OptionsError(f"suppress_tokens holds every one of the {vocab} tokens: nothing is left to generate")
+        if len(set(opts.suppress_tokens)) >= vocab or len(set(opts.suppress_tokens) | set(opts.begin_suppress_tokens)) >= vocab:
+            raise OptionsError(f"suppress_tokens (with begin_suppress_tokens) hold every one of the {vocab} tokens: nothing is left to generate")
+        if opts.forced_eos_ids and set(opts.forced_eos_ids) <= set(opts.suppress_tokens):
+            raise OptionsError("forced_eos_token_id is in suppress_tokens: nothing is left to generate as the last token")
 
     def _pad_id(self, opts: GenerationOptions) -> int:
         if opts.pad_token_id is not None:

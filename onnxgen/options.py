@@ -28,10 +28,15 @@ MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 100.0
 MAX_LENGTH_PENALTY = 10.0
 MAX_OPENAI_PENALTY = 2.0  # presence_penalty and frequency_penalty
+MAX_DECAY_FACTOR = 100.0  # exponential_decay_length_penalty's: 100 ** 30 already overflows float32
 INTS = {"max_new_tokens", "min_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size"}
 OPTIONAL_INTS = {"pad_token_id", "seed", "logprobs"}
-FLOATS = {"temperature", "top_p", "min_p", "typical_p", "length_penalty", "repetition_penalty", "presence_penalty", "frequency_penalty"}
-BOOLS = {"do_sample", "truncate_prompt"}
+OPTIONAL_FLOATS = {"max_time"}
+FLOATS = {"temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "length_penalty", "repetition_penalty",
+          "presence_penalty", "frequency_penalty"}
+BOOLS = {"do_sample", "truncate_prompt", "remove_invalid_values", "renormalize_logits"}
+TOKEN_LISTS = {"suppress_tokens", "begin_suppress_tokens"}
+SequenceBias = dict[tuple[int, ...], float]
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,10 @@ class GenerationOptions:
     top_p: float = 1.0  # sampling only; 1.0 disables
     min_p: float = 0.0  # sampling only: drop tokens less likely than min_p x the most likely one; 0.0 disables
     typical_p: float = 1.0  # sampling only: locally typical sampling's mass (transformers'); 1.0 disables
+    # Sampling only, truncation sampling (Hewitt et al. 2022; transformers' warpers); 0.0 disables. epsilon: drop tokens
+    # less likely than this; eta: than min(eta, sqrt(eta) x exp(-entropy)), a cut that loosens where the row is flat.
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
@@ -52,6 +61,19 @@ class GenerationOptions:
     no_repeat_ngram_size: int = 0
     bad_words_ids: list[list[int]] = field(default_factory=list)  # token sequences never to generate (transformers')
     suppress_tokens: list[int] = field(default_factory=list)  # tokens never to generate (transformers')
+    begin_suppress_tokens: list[int] = field(default_factory=list)  # tokens never to generate first (transformers')
+    # transformers': added to a token's score where the row's last tokens are the rest of the sequence (a sequence of
+    # one token: always). A dict of token-id tuples, or generation_config.json's list of [token ids, bias] pairs.
+    sequence_bias: SequenceBias = field(default_factory=dict)
+    # transformers': (start, factor): after `start` new tokens, the end token's score grows by factor ** (n - start)
+    # (n new tokens so far), so that text tends to end soon after `start` without a hard cut.
+    exponential_decay_length_penalty: tuple[int, float] | None = None
+    forced_eos_token_id: int | list[int] | None = None  # the token(s) forced as the last one at max_new_tokens
+    remove_invalid_values: bool = False  # NaN scores become 0 and infinite ones float32's limits (fp16 overflow)
+    # Log-softmax the scores after every processor and warper: beam search then ranks continuations by probabilities
+    # that sum to 1 again (transformers' advice where processors change scores); a token's choice is unchanged.
+    renormalize_logits: bool = False
+    max_time: float | None = None  # seconds: rows still running after this long since the call began end ("time")
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     stop: list[str] = field(default_factory=list)  # stop strings: generation ends when the text contains one
@@ -88,6 +110,16 @@ class GenerationOptions:
             raise OptionsError(f"min_p must be in [0, 1], got {self.min_p}")
         if not 0 < self.typical_p <= 1:
             raise OptionsError(f"typical_p must be in (0, 1], got {self.typical_p}")
+        for name in ("epsilon_cutoff", "eta_cutoff"):
+            if not 0 <= getattr(self, name) < 1:
+                raise OptionsError(f"{name} must be in [0, 1) (0 disables it), got {getattr(self, name)}")
+        if self.exponential_decay_length_penalty is not None:
+            start, factor = self.exponential_decay_length_penalty
+            if start < 0 or not 0 < factor <= MAX_DECAY_FACTOR:
+                raise OptionsError(f"exponential_decay_length_penalty must be (start >= 0, factor in (0, {MAX_DECAY_FACTOR}]), "
+                                   f"got {self.exponential_decay_length_penalty}")
+        if self.max_time is not None and not self.max_time > 0:
+            raise OptionsError(f"max_time must be a number of seconds > 0, got {self.max_time}")
         if any(not words for words in self.bad_words_ids):
             raise OptionsError("bad_words_ids must not hold an empty sequence")
         if self.top_k < 0:
@@ -116,6 +148,8 @@ class GenerationOptions:
             raise OptionsError("stop strings are not supported with beam search")
         if self.num_beams > 1 and self.stopping_criteria:
             raise OptionsError("stopping_criteria are not supported with beam search")
+        if self.num_beams > 1 and self.max_time is not None:
+            raise OptionsError("max_time is not supported with beam search")
         if any(not s for s in self.stop):
             raise OptionsError("stop strings must not be empty")
         if self.seed is not None and not 0 <= self.seed < 2**64:
@@ -139,9 +173,11 @@ class GenerationOptions:
 
     @property
     def eos_ids(self) -> list[int]:
-        if self.eos_token_id is None:
-            return []
-        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+        return _ids(self.eos_token_id)
+
+    @property
+    def forced_eos_ids(self) -> list[int]:
+        return _ids(self.forced_eos_token_id)
 
     @classmethod
     def from_folder(cls, folder: Path) -> GenerationOptions:
@@ -150,6 +186,10 @@ class GenerationOptions:
         saved = json.loads(path.read_text()) if path.is_file() else {}
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in saved.items() if k in names and v is not None}).validate()
+
+
+def _ids(value: int | list[int] | None) -> list[int]:
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
 
 
 def returned(value: Any) -> str:
@@ -162,6 +202,11 @@ def is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return (is_int(value) or isinstance(value, (float, np.floating))) and math.isfinite(value)
+
+
 def _typed(name: str, value: Any) -> Any:
     """`value` as option `name` takes it (numpy numbers become Python ones), or an OptionsError naming both."""
     def refuse(expected: str) -> OptionsError:
@@ -171,8 +216,8 @@ def _typed(name: str, value: Any) -> Any:
         if not is_int(value):
             raise refuse("an integer")
         return int(value)
-    if name in FLOATS:
-        if not (is_int(value) or isinstance(value, (float, np.floating))) or not math.isfinite(value):
+    if name in FLOATS or (name in OPTIONAL_FLOATS and value is not None):
+        if not is_number(value):
             raise refuse("a finite number")
         return float(value)
     if name in BOOLS:
@@ -183,7 +228,7 @@ def _typed(name: str, value: Any) -> Any:
         if value not in (True, False, "never") or not isinstance(value, (bool, np.bool_, str)):
             raise refuse("True, False or 'never'")
         return value if value == "never" else bool(value)
-    if name == "eos_token_id":
+    if name in ("eos_token_id", "forced_eos_token_id"):
         if value is None:
             return None
         ids = [value] if is_int(value) else value
@@ -203,10 +248,22 @@ def _typed(name: str, value: Any) -> Any:
         if None in keys or len(numbers) != len(keys):
             raise refuse("a dict of token id to bias")
         return {k: float(v) for k, v in zip(keys, numbers)}
-    if name == "suppress_tokens":
+    if name in TOKEN_LISTS:
         if not isinstance(value, (list, tuple, np.ndarray)) or not all(is_int(t) for t in value):
             raise refuse("a list of token ids")
         return [int(t) for t in value]
+    if name == "sequence_bias":
+        pairs = list(value.items()) if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else None
+        if pairs is None or not all(isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], (list, tuple))
+                                    and pair[0] and all(is_int(t) for t in pair[0]) and is_number(pair[1]) for pair in pairs):
+            raise refuse("a dict of token id tuples to a bias, or a list of [token ids, bias] pairs")
+        return {tuple(int(t) for t in ids): float(bias) for ids, bias in pairs}
+    if name == "exponential_decay_length_penalty":
+        if value is None:
+            return None
+        if not (isinstance(value, (list, tuple)) and len(value) == 2 and is_int(value[0]) and is_number(value[1])):
+            raise refuse("a pair (start, factor): a number of new tokens and a number")
+        return int(value[0]), float(value[1])
     if name == "bad_words_ids":
         if not isinstance(value, (list, tuple)) or not all(isinstance(w, (list, tuple)) and all(is_int(t) for t in w) for w in value):
             raise refuse("a list of token id lists")

@@ -181,7 +181,7 @@ def _job_input(model: Model, body: CompletionRequest, limits: Limits) -> tuple[l
 
 
 def _finish(reason: str | None) -> str | None:
-    return None if reason is None else "length" if reason == "length" else "stop"
+    return None if reason is None else "length" if reason in ("length", "time") else "stop"  # OpenAI's two
 
 
 def _logprobs(model: Model, c: Completion, offset: int) -> dict[str, Any] | None:

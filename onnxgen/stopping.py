@@ -1,12 +1,13 @@
-"""Every rule that ends a row, in one place: the end-of-sequence token, the length limit, stop strings and
-the caller's own stopping criteria (transformers' calling convention, on numpy arrays).
+"""Every rule that ends a row, in one place: the end-of-sequence token, the length limit, the time limit,
+stop strings and the caller's own stopping criteria (transformers' calling convention, on numpy arrays).
 
-A row's finish reason says which rule ended it: "eos", "length", "stop" (a stop string or a criterion of
-the caller's) or "cancelled" (the caller's `finish`/`cancel`).
+A row's finish reason says which rule ended it: "eos", "length", "time" (max_time), "stop" (a stop string or
+a criterion of the caller's) or "cancelled" (the caller's `finish`/`cancel`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,10 +26,12 @@ class StopRules:
     max_new_tokens: int
     stop: tuple[str, ...]
     criteria: tuple[StoppingCriterion, ...]
+    deadline: float | None  # time.perf_counter() past which rows end (max_time after the call's start)
 
     @classmethod
-    def of(cls, opts: GenerationOptions) -> StopRules:
-        return cls(frozenset(opts.eos_ids), opts.max_new_tokens, tuple(opts.stop), tuple(opts.stopping_criteria))
+    def of(cls, opts: GenerationOptions, start: float) -> StopRules:
+        deadline = None if opts.max_time is None else start + opts.max_time
+        return cls(frozenset(opts.eos_ids), opts.max_new_tokens, tuple(opts.stop), tuple(opts.stopping_criteria), deadline)
 
     def after_token(self, token: int, generated: int) -> str | None:
         """The reason a row ends with `token`, its `generated`-th new token, if it does."""
@@ -36,6 +39,8 @@ class StopRules:
             return "eos"
         if generated >= self.max_new_tokens:
             return "length"
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            return "time"
         return None
 
     def criteria_met(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:

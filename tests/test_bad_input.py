@@ -57,6 +57,22 @@ BAD_OPTIONS: list[tuple[dict[str, Any], str]] = [
     ({"num_return_sequences": 2}, "greedy"), ({"do_sample": True, "num_beams": 2}, "beam search with sampling"),
     ({"num_beams": 2, "stop": ["x"]}, "stop strings"), ({"max_new_tokens": 10**6}, "context window"), ({"foo": 1}, "unknown"),
     ({"num_beams": 2, "stopping_criteria": [lambda ids, scores: True]}, "stopping_criteria are not supported with beam search"),
+    ({"epsilon_cutoff": 1.0}, "epsilon_cutoff"), ({"epsilon_cutoff": -0.1}, "epsilon_cutoff"), ({"eta_cutoff": NAN}, "eta_cutoff"),
+    ({"eta_cutoff": "x"}, "eta_cutoff"), ({"begin_suppress_tokens": [10**9]}, "begin_suppress_tokens"),
+    ({"begin_suppress_tokens": 3}, "begin_suppress_tokens"), ({"begin_suppress_tokens": list(range(400))}, "nothing is left"),
+    ({"sequence_bias": {(1, 2): NAN}}, "sequence_bias"), ({"sequence_bias": {(): 1.0}}, "sequence_bias"),
+    ({"sequence_bias": {1: 1.0}}, "sequence_bias"), ({"sequence_bias": [[[1, 10**9], 1.0]]}, "sequence_bias"),
+    ({"sequence_bias": [[1, 2]]}, "sequence_bias"), ({"sequence_bias": "x"}, "sequence_bias"),
+    ({"exponential_decay_length_penalty": (2, 0.0)}, "exponential_decay_length_penalty"),
+    ({"exponential_decay_length_penalty": (-1, 1.5)}, "exponential_decay_length_penalty"),
+    ({"exponential_decay_length_penalty": (2.5, 1.5)}, "exponential_decay_length_penalty"),
+    ({"exponential_decay_length_penalty": (2, 1e6)}, "exponential_decay_length_penalty"),
+    ({"exponential_decay_length_penalty": 2}, "exponential_decay_length_penalty"),
+    ({"forced_eos_token_id": 10**9}, "forced_eos_token_id"), ({"forced_eos_token_id": "x"}, "forced_eos_token_id"),
+    ({"forced_eos_token_id": 5, "suppress_tokens": [5]}, "forced_eos_token_id is in suppress_tokens"),
+    ({"remove_invalid_values": 1}, "remove_invalid_values"), ({"renormalize_logits": "yes"}, "renormalize_logits"),
+    ({"max_time": 0}, "max_time"), ({"max_time": INF}, "max_time"), ({"max_time": "1s"}, "max_time"),
+    ({"max_time": 1.0, "num_beams": 2}, "max_time is not supported with beam search"),
 ]
 
 # a caller's processor or criterion that breaks transformers' contract: (options, the error's message must contain this)

@@ -50,6 +50,24 @@ def test_greedy_with_filters_matches_transformers(model: onnxgen.Model, torch_mo
     assert ours == hf_generate(torch_model, PROMPTS[:1], eos, do_sample=False, **kw)
 
 
+@pytest.mark.parametrize("case", ["sequence_bias", "begin_suppress_and_forced_eos", "exponential_decay", "beams_renormalized"])
+def test_more_generation_config_options_match_transformers(model: onnxgen.Model, torch_model: torch.nn.Module, case: str) -> None:
+    """GenerationConfig's sequence_bias, begin_suppress_tokens, forced_eos_token_id, exponential_decay_length_penalty,
+    remove_invalid_values and renormalize_logits, each aimed at the tokens plain greedy search picks so that it must act."""
+    plain = model.generate(PROMPTS[:1], max_new_tokens=12)[0].token_ids
+    eos = max(plain, key=plain.index)  # as the end token, the one plain search first picks last: the decay makes it come sooner
+    kw: dict = {
+        "sequence_bias": dict(sequence_bias={(plain[1],): -30.0, tuple(plain[4:6]): -30.0}),
+        "begin_suppress_and_forced_eos": dict(begin_suppress_tokens=[plain[0]], forced_eos_token_id=plain[0]),
+        "exponential_decay": dict(exponential_decay_length_penalty=(2, 4.0)),
+        "beams_renormalized": dict(num_beams=3, repetition_penalty=1.5, exponential_decay_length_penalty=(3, 2.0),
+                                   remove_invalid_values=True, renormalize_logits=True),
+    }[case]
+    ours = [c.token_ids for c in model.generate(PROMPTS[:1], max_new_tokens=12, eos_token_id=eos, pad_token_id=eos, **kw)]
+    assert ours != [plain[: plain.index(eos) + 1]]  # the options changed the text
+    assert ours == hf_generate(torch_model, PROMPTS[:1], eos, max_new_tokens=12, do_sample=False, **kw)
+
+
 @pytest.mark.parametrize(("num_beams", "returns", "length_penalty", "early_stopping"),
                          [(3, 1, 1.0, False), (4, 2, 1.0, True), (3, 3, 0.5, "never"), (2, 2, 2.0, False)])
 def test_beam_search_matches_transformers(model: onnxgen.Model, torch_model: torch.nn.Module, num_beams: int, returns: int,
@@ -114,6 +132,14 @@ HISTORY = [[1, 2, 3, 1, 2], [7, 7, 7, 8, 9], [5, 6, 5, 6, 5], [10, 11, 12, 13, 1
     lambda: (logits.repetition_penalty(1.5), "RepetitionPenaltyLogitsProcessor", (1.5,)),
     lambda: (logits.no_repeat_ngram(2), "NoRepeatNGramLogitsProcessor", (2,)),
     lambda: (logits.no_repeat_ngram(3), "NoRepeatNGramLogitsProcessor", (3,)),
+    lambda: (logits.epsilon_cutoff(3e-3), "EpsilonLogitsWarper", (3e-3,)),
+    lambda: (logits.epsilon_cutoff(0.5), "EpsilonLogitsWarper", (0.5,)),  # no token that likely: the top one stays
+    lambda: (logits.eta_cutoff(3e-3), "EtaLogitsWarper", (3e-3,)),
+    lambda: (logits.eta_cutoff(0.2), "EtaLogitsWarper", (0.2,)),
+    # (2,): always; (2, 3): row 0 ends with 2; (6, 5, 4): row 2 ends with 6, 5; (8, 9, 7) nowhere; (3,) twice over
+    lambda: (logits.sequence_bias([((2,), 1.5), ((2, 3), -4.0), ((6, 5, 4), 2.5), ((8, 9, 7), 9.0), ((3,), 0.5), ((3,), 0.25)]),
+             "SequenceBiasLogitsProcessor", ({(2,): 1.5, (2, 3): -4.0, (6, 5, 4): 2.5, (8, 9, 7): 9.0, (3,): 0.75},)),
+    lambda: (lambda scores, _h, _g: np.log(logits.softmax(scores)), "LogitNormalization", ()),
 ])
 def test_filters_match_transformers(make, random_scores: np.ndarray) -> None:  # type: ignore[no-untyped-def]
     import transformers.generation.logits_process as lp
@@ -171,14 +197,15 @@ def test_presence_and_frequency_penalties_follow_openais_formula(random_scores: 
 
 
 def test_the_warpers_chain_in_transformers_order(random_scores: np.ndarray) -> None:
-    """temperature, top-k, top-p, min-p (after temperature, as transformers and llama.cpp apply it), typical-p."""
+    """temperature, top-k, top-p, min-p (after temperature, as transformers and llama.cpp apply it), typical-p, epsilon, eta."""
     import transformers.generation.logits_process as lp
 
-    options = GenerationOptions(do_sample=True, temperature=0.7, top_k=40, top_p=0.95, min_p=0.05, typical_p=0.9)
+    options = GenerationOptions(do_sample=True, temperature=0.7, top_k=40, top_p=0.95, min_p=0.05, typical_p=0.9,
+                                epsilon_cutoff=1e-3, eta_cutoff=1e-3)
     ours = logits.apply(logits.warpers_for(options), random_scores, HISTORY, 5)
     ref = random_scores
     for warper in (lp.TemperatureLogitsWarper(0.7), lp.TopKLogitsWarper(40), lp.TopPLogitsWarper(0.95), lp.MinPLogitsWarper(0.05),
-                   lp.TypicalLogitsWarper(0.9)):
+                   lp.TypicalLogitsWarper(0.9), lp.EpsilonLogitsWarper(1e-3), lp.EtaLogitsWarper(1e-3)):
         ref = _hf(warper, HISTORY, ref)
     np.testing.assert_allclose(ours, ref, rtol=1e-6)
     assert np.isneginf(ours).sum() == np.isneginf(ref).sum() > np.isneginf(logits.apply(
@@ -197,6 +224,57 @@ def test_top_p_keeps_as_many_tied_scores_as_transformers() -> None:
     floor = np.where(kept, scores, np.inf).min(axis=1, keepdims=True)  # each row's smallest kept score
     assert kept[scores > floor].all()  # everything above it stays
     assert (~kept & (scores == floor)).any()  # and the cut does fall inside a group of ties
+
+
+@pytest.mark.parametrize("generated", [0, 1, 2, 3, 4])
+def test_length_dependent_processors_match_transformers(random_scores: np.ndarray, generated: int) -> None:
+    """The processors that act at a given new-token count, with HISTORY read as a prompt of 5 - generated tokens
+    and `generated` new ones (transformers counts from the padded prompt's length: the same count here)."""
+    import transformers.generation.logits_process as lp
+
+    prompt = 5 - generated
+    cases = [(logits.exponential_decay(start, 1.7, [9, 3]), lp.ExponentialDecayLengthPenalty((start, 1.7), [9, 3], prompt)) for start in (0, 1, 3)]
+    cases += [(logits.forced_eos([9, 3], new), lp.ForcedEOSTokenLogitsProcessor(prompt + new, [9, 3])) for new in (generated + 1, generated + 2)]
+    cases += [(logits.begin_suppress([3, 10]), lp.SuppressTokensAtBeginLogitsProcessor([3, 10], prompt))]
+    for ours, theirs in cases:
+        np.testing.assert_allclose(ours(random_scores, HISTORY, generated), _hf(theirs, HISTORY, random_scores), rtol=1e-6)
+
+
+def test_invalid_scores_are_removed_as_transformers_does(random_scores: np.ndarray) -> None:
+    from transformers.generation.logits_process import InfNanRemoveLogitsProcessor
+
+    scores = random_scores.copy()
+    scores[0, :3], scores[1, 5], scores[2, 7] = np.nan, np.inf, -np.inf
+    np.testing.assert_array_equal(logits.remove_invalid(scores, HISTORY, 0), _hf(InfNanRemoveLogitsProcessor(), HISTORY, scores))
+
+
+def test_the_processor_chain_in_transformers_order(random_scores: np.ndarray) -> None:
+    """Every built-in processor at once, in transformers' order: the sequence bias (with OpenAI's logit_bias) first,
+    the length-dependent ones after the n-gram and word bans, the suppressions last."""
+    import transformers.generation.logits_process as lp
+
+    options = GenerationOptions(logit_bias={7: 3.0}, sequence_bias={(1, 2, 4): -2.0, (9,): 1.0}, repetition_penalty=1.3,
+                                no_repeat_ngram_size=2, bad_words_ids=[[6, 5, 5]], min_new_tokens=2, eos_token_id=9,
+                                exponential_decay_length_penalty=(1, 1.5), suppress_tokens=[11], begin_suppress_tokens=[12],
+                                forced_eos_token_id=8, max_new_tokens=10, renormalize_logits=True)
+    ours = logits.apply(logits.processors_for(options) + logits.warpers_for(options), random_scores, HISTORY, 2)
+    ref = random_scores
+    for processor in (lp.SequenceBiasLogitsProcessor({(7,): 3.0, (1, 2, 4): -2.0, (9,): 1.0}), lp.RepetitionPenaltyLogitsProcessor(1.3),
+                      lp.NoRepeatNGramLogitsProcessor(2), lp.NoBadWordsLogitsProcessor([[6, 5, 5]], 9),
+                      lp.MinNewTokensLengthLogitsProcessor(3, 2, 9), lp.ForcedEOSTokenLogitsProcessor(13, 8),
+                      lp.ExponentialDecayLengthPenalty((1, 1.5), 9, 3), lp.SuppressTokensLogitsProcessor([11]),
+                      lp.SuppressTokensAtBeginLogitsProcessor([12], 3), lp.LogitNormalization()):
+        ref = _hf(processor, HISTORY, ref)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5)
+    assert np.isneginf(ours).sum() == np.isneginf(ref).sum() and not np.isnan(ours).any()
+
+
+def test_the_length_penalty_leaves_a_banned_end_token_banned(random_scores: np.ndarray) -> None:
+    """min_new_tokens not reached yet and the decay already on: transformers' scores the end token NaN (-inf + inf),
+    and its greedy search picks NaN; here it stays -inf."""
+    options = GenerationOptions(min_new_tokens=4, eos_token_id=9, exponential_decay_length_penalty=(1, 1.5))
+    ours = logits.apply(logits.processors_for(options), random_scores, HISTORY, 2)
+    assert np.isneginf(ours[:, 9]).all() and np.isfinite(np.delete(ours, 9, axis=1)).all()
 
 
 def test_min_new_tokens_matches_transformers(random_scores: np.ndarray) -> None:

@@ -90,11 +90,15 @@ def test_sampled_logprobs_equal_transformers_warpers(model: onnxgen.Model, torch
     assert ours.top_logprobs == [{}] * len(ours.token_ids)
 
 
-def test_beam_scores_equal_transformers(model: onnxgen.Model, torch_model: torch.nn.Module) -> None:
+@pytest.mark.parametrize("processed", [{}, {"repetition_penalty": 1.5, "renormalize_logits": True}])
+def test_beam_scores_equal_transformers(model: onnxgen.Model, torch_model: torch.nn.Module, processed: dict) -> None:
+    """Also with a processor that moves the scores, renormalised (the log-probabilities sum to 1 again); on the
+    longest prompt alone there, since transformers' repetition penalty counts left padding as tokens seen."""
     eos = model.defaults.eos_ids[0]
-    options = dict(max_new_tokens=10, num_beams=3, num_return_sequences=2, length_penalty=0.8)
-    ours = model.generate(PROMPTS, logprobs=2, **options)
-    scores, out = _transition_scores(torch_model, PROMPTS, eos, do_sample=False, **options)
+    prompts = PROMPTS[:1] if processed else PROMPTS
+    options = dict(max_new_tokens=10, num_beams=3, num_return_sequences=2, length_penalty=0.8, **processed)
+    ours = model.generate(prompts, logprobs=2, **options)
+    scores, out = _transition_scores(torch_model, prompts, eos, do_sample=False, **options)
     for row, c in enumerate(ours):
         n = len(c.token_ids)
         np.testing.assert_allclose(c.logprobs, scores[row, :n].numpy(), atol=2e-4)
@@ -140,6 +144,15 @@ def test_stopping_criteria_end_rows(model: onnxgen.Model) -> None:
     assert [(len(c.token_ids), c.finish_reason) for c in out] == [(3, "stop")] * 3
     with pytest.raises(OptionsError, match="callables"):
         model.generate(PROMPTS, stopping_criteria=["not callable"])
+
+
+def test_max_time_ends_rows_when_the_time_is_up(model: onnxgen.Model) -> None:
+    """transformers' max_time: the rows still running when it is up end with the token they just got ("time")."""
+    out = model.generate(PROMPTS, max_new_tokens=30, eos_token_id=None, max_time=1e-6)
+    assert [(len(c.token_ids), c.finish_reason) for c in out] == [(1, "time")] * 3
+    events = [e for e in model.stream(PROMPTS[0], max_new_tokens=30, eos_token_id=None, max_time=1e-6)]
+    assert [e.finish_reason for e in events] == ["time"]
+    assert all(c.finish_reason == "length" for c in model.generate(PROMPTS, max_new_tokens=5, eos_token_id=None, max_time=600.0))
 
 
 def test_stream_of_several_prompts_tags_rows(model: onnxgen.Model) -> None:

@@ -130,6 +130,18 @@ def test_beam_search_as_an_extra_field(client: openai.OpenAI, model: onnxgen.Mod
     assert [c.text for c in out.choices] == [c.text for c in model.generate("Call me", max_new_tokens=8, num_beams=3, num_return_sequences=2)]
 
 
+def test_generation_config_options_as_extra_fields(client: openai.OpenAI, model: onnxgen.Model) -> None:
+    """sequence_bias in generation_config.json's JSON form (pairs of token ids and a bias); max_time's reason is
+    OpenAI's "length" (the budget ran out)."""
+    plain = model.generate("Call me", max_new_tokens=6)[0].token_ids
+    bias = [[plain[:2], -50.0]]
+    out = client.completions.create(model="tiny", prompt="Call me", max_tokens=6, temperature=0, extra_body={"sequence_bias": bias})
+    assert out.choices[0].text == model.generate("Call me", max_new_tokens=6, sequence_bias={tuple(plain[:2]): -50.0})[0].text
+    assert out.choices[0].text != model.tokenizer.decode(plain)
+    out = client.completions.create(model="tiny", prompt="Call me", max_tokens=50, extra_body={"max_time": 1e-6, "eos_token_id": None})
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 1
+
+
 def test_models_and_health(client: openai.OpenAI, server: str) -> None:
     assert [m.id for m in client.models.list()] == ["tiny"]
     assert httpx.get(server + "/health").json() == {"status": "ok"}
