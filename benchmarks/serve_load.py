@@ -21,6 +21,7 @@ tokens long).
 earlier commit) or from this one with other `onnxgen serve` options, runs beside this one, the two taking
 the same runs in turns, so that the ratio is measured on the same machine state.
     python benchmarks/serve_load.py FOLDER --baseline-args "--prefill-chunk 100000" --long-prompt 600 --rates 2
+--seeded: every request sends a seed (clients that want reproducible text), which decides whether it can share steps.
 Results: benchmarks/results/serve.{json,md} (--out, --name).
 """
 
@@ -60,11 +61,11 @@ def prompt(i: int, long_tokens: int, long_every: int) -> str | list[int]:
     return PROMPTS[i % len(PROMPTS)]
 
 
-async def one(http: httpx.AsyncClient, i: int, max_tokens: int, text: str | list[int]) -> tuple[float, int, list[float]]:
-    """(time to first token, completion tokens, the gaps between its pieces of text) of one streaming request;
-    raises on any error."""
+async def one(http: httpx.AsyncClient, i: int, max_tokens: int, text: str | list[int], seeded: bool = False) -> tuple[float, int, list[float]]:
+    """(time to first token, completion tokens, the gaps between its pieces of text) of one streaming request
+    (with `seeded`, seed i); raises on any error."""
     body = {"prompt": text, "max_tokens": max_tokens, "temperature": 0.8, "stream": True,
-            "stream_options": {"include_usage": True}, "eos_token_id": None}
+            "stream_options": {"include_usage": True}, "eos_token_id": None, **({"seed": i} if seeded else {})}
     start, first, tokens, gaps, last = time.perf_counter(), None, 0, [], 0.0
     async with http.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
@@ -88,7 +89,7 @@ async def one(http: httpx.AsyncClient, i: int, max_tokens: int, text: str | list
 
 
 async def load(base: str, clients: int, requests: int, max_tokens: list[int], rate: float | None = None,
-               long_tokens: int = 0, long_every: int = 0) -> dict[str, Any]:
+               long_tokens: int = 0, long_every: int = 0, seeded: bool = False) -> dict[str, Any]:
     """`clients` clients sending requests one after another (closed loop), or with `rate`, requests arriving
     at that many a second on average (open loop: exponential gaps, the same seeded schedule for every server)."""
     ttft: list[float] = []
@@ -100,7 +101,7 @@ async def load(base: str, clients: int, requests: int, max_tokens: list[int], ra
         nonlocal errors, tokens
         sent = time.perf_counter()
         try:
-            first, n, pauses = await one(http, i, max_tokens[i % len(max_tokens)], prompt(i, long_tokens, long_every))
+            first, n, pauses = await one(http, i, max_tokens[i % len(max_tokens)], prompt(i, long_tokens, long_every), seeded)
             ttft.append(first)
             gaps.extend(pauses)
             latency.append(time.perf_counter() - sent)
@@ -178,6 +179,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--long-prompt", type=int, default=0, help="every --long-every-th request sends this many tokens")
     ap.add_argument("--long-every", type=int, default=4)
+    ap.add_argument("--seeded", action="store_true", help="every request sends a seed (its index), as clients that want reproducible text do")
     ap.add_argument("--server-args", default="", help="more `onnxgen serve` options for this checkout's server")
     ap.add_argument("--baseline", type=Path, help="another onnxgen checkout, served beside this one, in turns")
     ap.add_argument("--baseline-args", help="`onnxgen serve` options of a baseline server (from this checkout unless --baseline)")
@@ -187,7 +189,7 @@ def main() -> None:
     servers: dict[str, tuple[Path | None, list[str]]] = {"this": (None, args.server_args.split())}
     if args.baseline or args.baseline_args is not None:
         servers["baseline"] = (args.baseline.resolve() if args.baseline else None, (args.baseline_args or "").split())
-    long = {"long_tokens": args.long_prompt, "long_every": args.long_every if args.long_prompt else 0}
+    long = {"long_tokens": args.long_prompt, "long_every": args.long_every if args.long_prompt else 0, "seeded": args.seeded}
     results = []
     for folder in args.folders:
         procs, bases = {}, {}
@@ -211,8 +213,8 @@ def main() -> None:
             n = max(args.clients)
             speedup = {}
             for label in servers:
-                sequential = asyncio.run(load(bases[label], 1, n, args.max_tokens))
-                together = asyncio.run(load(bases[label], n, n, args.max_tokens))
+                sequential = asyncio.run(load(bases[label], 1, n, args.max_tokens, seeded=args.seeded))
+                together = asyncio.run(load(bases[label], n, n, args.max_tokens, seeded=args.seeded))
                 speedup[label] = {"requests": n, "sequential_s": sequential["seconds"], "concurrent_s": together["seconds"],
                                   "ratio": sequential["seconds"] / together["seconds"]}
         finally:
@@ -228,7 +230,7 @@ def main() -> None:
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     lengths = ", ".join(map(str, args.max_tokens))
     lines = [f"`onnxgen serve`, {args.threads} onnxruntime threads, max batch {args.max_batch}; streaming, sampled, "
-             f"max_tokens {lengths} (request by request, cycling); {args.requests} requests per row"
+             f"max_tokens {lengths} (request by request, cycling); {args.requests} requests per row" + ("; every request seeded" if args.seeded else "")
              + (f"; every {args.long_every}th request a {args.long_prompt}-token prompt." if args.long_prompt else "."), "",
              "| model | server | load | tok/s | TTFT p50 ms | TTFT p99 ms | latency p50 ms | latency p99 ms | stall p99 ms | stall max ms | errors |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -12,10 +12,11 @@ options, random numbers, stop rules and events are its own: requests with differ
 
 Beam search shares steps too: its rows move among the rows it holds (cache.py's SharedRows). Some requests
 run apart, each with a cache of its own, one at a time, a step of it in turn with a step of the shared
-rows: a seed (so that it gives exactly what `model.generate` gives with that seed: int8 models quantize
-each step's activations with one scale for all rows, so a row's numbers move with the rows beside it),
-more rows than `max_batch`, and every request on a folder whose cache grows (`--growing-cache`: its rows
-share one left-padded width, so none can join). Requests start oldest
+rows: a seeded one where a row's numbers move with the rows beside it (int8 quantizes each step's
+activations with one scale for all rows; CUDA's kernels change with the row count), so that it gives
+exactly what `model.generate` gives with that seed (fp32 and int4 folders on the CPU batch it: their rows
+are computed alone, Runtime.rows_independent); more rows than `max_batch`; and every request on a folder
+whose cache grows (`--growing-cache`: its rows share one left-padded width, so none can join). Requests start oldest
 first: one that waits for room holds back those behind it.
 """
 
@@ -123,7 +124,8 @@ class Batcher:
                 self._step_shared()
 
     def _shares(self, job: Job) -> bool:
-        return self.cache is not None and job.options.seed is None and job.rows <= self.max_batch
+        seeded_apart = job.options.seed is not None and not self.model.runtime.rows_independent
+        return self.cache is not None and not seeded_apart and job.rows <= self.max_batch
 
     def _start_waiting(self) -> None:
         """Start waiting jobs, oldest first, while there is room; wait for one when nothing runs."""

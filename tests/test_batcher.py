@@ -169,9 +169,9 @@ def test_an_ended_rows_memory_goes_back(model: onnxgen.Model) -> None:
     assert interior >= cache.nbytes // 2  # the test's model makes rows of several pages
 
 
-def test_seeded_requests_run_apart_and_beams_share_steps(model: onnxgen.Model) -> None:
-    """A seed gives what model.generate gives with it (its own cache, apart), and beam search what it gives
-    alone while its beams move among the shared rows it holds, beside other rows decoding."""
+def test_seeded_requests_and_beams_share_steps(model: onnxgen.Model) -> None:
+    """A seed gives what model.generate gives with it, and beam search what it gives alone while its beams move
+    among the shared rows it holds, beside other rows decoding."""
     batcher = Batcher(model, max_batch=8)
     shared = submit(batcher, model, ["It is a truth"], max_new_tokens=40, **GREEDY)
     seeded = submit(batcher, model, ["Call me"], max_new_tokens=15, do_sample=True, seed=3, num_return_sequences=2)
@@ -182,6 +182,25 @@ def test_seeded_requests_run_apart_and_beams_share_steps(model: onnxgen.Model) -
     assert [(c.text, c.score) for c in result(beams)] == [(c.text, pytest.approx(c.score, abs=1e-4)) for c in expected]
     assert [c.token_ids for c in result(shared)] == alone(model, ["It is a truth"], max_new_tokens=40, **GREEDY)
     assert batcher.jobs == 3 and batcher.steps < 39 + 7  # fewer than the two shared jobs' steps one after the other
+
+
+@pytest.mark.parametrize("mode", ["fp32", "int4", "int8"])
+def test_seeded_requests_share_rows_where_a_row_is_computed_alone(model: onnxgen.Model, quantized_folder, mode: str) -> None:  # type: ignore[no-untyped-def]
+    """Seeded requests that arrive together, prompts written in parts among them, each give exactly what
+    model.generate gives with its seed: in shared rows for fp32 and int4 on the CPU (each row's numbers are its
+    own), one at a time apart for int8 (one activation scale for all rows; no shared step at all)."""
+    folder = model if mode == "fp32" else onnxgen.load(quantized_folder(mode))
+    assert folder.runtime.rows_independent == (mode != "int8")
+    batcher = Batcher(folder, max_batch=8, prefill_chunk=3)
+    prompts = ["It is a truth universally acknowledged", "Call me Ishmael", "The", "Once upon a time"]
+    options = dict(max_new_tokens=12, do_sample=True, top_p=0.9, eos_token_id=None)
+    inboxes = [submit(batcher, folder, [p], seed=i, **options) for i, p in enumerate(prompts)]
+    for i, (prompt, inbox) in enumerate(zip(prompts, inboxes)):
+        assert [c.token_ids for c in result(inbox)] == alone(folder, [prompt], seed=i, **options)
+    if mode == "int8":
+        assert (batcher.steps, batcher.parts) == (0, 0)
+    else:  # fewer shared steps than the four jobs' 11 decode steps one after the other
+        assert batcher.steps < 4 * 11 and batcher.parts > 0
 
 
 def test_beams_moved_down_keep_their_search(model: onnxgen.Model) -> None:
