@@ -137,16 +137,23 @@ def forced_eos(eos_ids: list[int], max_new_tokens: int) -> Filter:
 
 def exponential_decay(start: int, factor: float, eos_ids: list[int]) -> Filter:
     """After `start` new tokens, raise the end token's score by |score| x (factor ** (new tokens - start) - 1)
-    (transformers' ExponentialDecayLengthPenalty). An end token already banned stays banned: transformers' gives
-    -inf + inf = NaN there (min_new_tokens not reached yet), which its greedy search then picks."""
+    (transformers' ExponentialDecayLengthPenalty). Where transformers' overflows (a Python OverflowError, or
+    +inf scores, which make sampling's weights NaN), the score stops at float32's largest; an end token already
+    banned stays banned (transformers' gives -inf + inf = NaN, which its greedy search then picks)."""
+    largest = np.finfo(np.float32).max
 
     def apply(scores: np.ndarray, _: History, generated: int) -> np.ndarray:
         if generated <= start:
             return scores
-        penalty = np.zeros_like(scores)
         eos = scores[:, eos_ids]
-        penalty[:, eos_ids] = np.where(np.isfinite(eos), np.abs(eos) * np.float32(factor ** (generated - start) - 1), 0)
-        return scores + penalty
+        finite = np.isfinite(eos)
+        with np.errstate(over="ignore"):  # float64's power overflows to inf where Python's float raises
+            growth = np.float32(min(np.float64(factor) ** (generated - start) - 1, largest))
+            known = np.where(finite, eos, 0)
+            raised = np.minimum(known + np.abs(known) * growth, largest)
+        scores = scores.copy()
+        scores[:, eos_ids] = np.where(finite, raised, eos)
+        return scores
 
     return apply
 

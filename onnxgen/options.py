@@ -28,7 +28,6 @@ MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 100.0
 MAX_LENGTH_PENALTY = 10.0
 MAX_OPENAI_PENALTY = 2.0  # presence_penalty and frequency_penalty
-MAX_DECAY_FACTOR = 100.0  # exponential_decay_length_penalty's: 100 ** 30 already overflows float32
 INTS = {"max_new_tokens", "min_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size"}
 OPTIONAL_INTS = {"pad_token_id", "seed", "logprobs"}
 OPTIONAL_FLOATS = {"max_time"}
@@ -115,9 +114,8 @@ class GenerationOptions:
                 raise OptionsError(f"{name} must be in [0, 1) (0 disables it), got {getattr(self, name)}")
         if self.exponential_decay_length_penalty is not None:
             start, factor = self.exponential_decay_length_penalty
-            if start < 0 or not 0 < factor <= MAX_DECAY_FACTOR:
-                raise OptionsError(f"exponential_decay_length_penalty must be (start >= 0, factor in (0, {MAX_DECAY_FACTOR}]), "
-                                   f"got {self.exponential_decay_length_penalty}")
+            if start < 0 or not factor > 0:
+                raise OptionsError(f"exponential_decay_length_penalty must be (start >= 0, factor > 0), got {self.exponential_decay_length_penalty}")
         if self.max_time is not None and not self.max_time > 0:
             raise OptionsError(f"max_time must be a number of seconds > 0, got {self.max_time}")
         if any(not words for words in self.bad_words_ids):

@@ -66,7 +66,7 @@ BAD_OPTIONS: list[tuple[dict[str, Any], str]] = [
     ({"exponential_decay_length_penalty": (2, 0.0)}, "exponential_decay_length_penalty"),
     ({"exponential_decay_length_penalty": (-1, 1.5)}, "exponential_decay_length_penalty"),
     ({"exponential_decay_length_penalty": (2.5, 1.5)}, "exponential_decay_length_penalty"),
-    ({"exponential_decay_length_penalty": (2, 1e6)}, "exponential_decay_length_penalty"),
+    ({"exponential_decay_length_penalty": (2, INF)}, "exponential_decay_length_penalty"),
     ({"exponential_decay_length_penalty": 2}, "exponential_decay_length_penalty"),
     ({"forced_eos_token_id": 10**9}, "forced_eos_token_id"), ({"forced_eos_token_id": "x"}, "forced_eos_token_id"),
     ({"forced_eos_token_id": 5, "suppress_tokens": [5]}, "forced_eos_token_id is in suppress_tokens"),

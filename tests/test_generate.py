@@ -277,6 +277,17 @@ def test_the_length_penalty_leaves_a_banned_end_token_banned(random_scores: np.n
     assert np.isneginf(ours[:, 9]).all() and np.isfinite(np.delete(ours, 9, axis=1)).all()
 
 
+def test_the_length_penalty_stays_finite_where_it_overflows(model: onnxgen.Model, random_scores: np.ndarray) -> None:
+    """factor ** n past float32 (and past Python's float: transformers' raises OverflowError there): the end token's
+    score stops at float32's largest, so that sampling still has weights to draw from (inf made them NaN)."""
+    for generated in (40, 400):
+        scores = logits.exponential_decay(0, 1e6, [9])(random_scores, HISTORY, generated)
+        assert np.isfinite(scores).all() and (scores.argmax(axis=1) == 9).all()
+    with np.errstate(over="raise", invalid="raise"):  # no NaN nor overflow anywhere on the way
+        c = model.generate(PROMPTS[0], max_new_tokens=40, min_new_tokens=25, exponential_decay_length_penalty=(0, 1e6), do_sample=True, seed=0)[0]
+    assert (len(c.token_ids), c.finish_reason) == (26, "eos")
+
+
 def test_min_new_tokens_matches_transformers(random_scores: np.ndarray) -> None:
     from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
 
