@@ -10,7 +10,8 @@ The packing is specific to onnxruntime's version and to the CPU's instruction se
 a folder: it is made on the machine that uses it, at the first such load, into a cache folder named after the
 folder's files (their sha256 in the manifest), onnxruntime's version and the CPU. $ONNXGEN_CACHE, else
 $XDG_CACHE_HOME/onnxgen, else ~/.cache/onnxgen holds them, under prepacked/. A copy is kept only once its
-logits match the folder's for a short prompt.
+logits match the folder's for a short prompt; a new copy of a folder replaces the one made from its earlier
+files on the same machine and onnxruntime.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from .folder import (
     ModelFolder,
 )
 
+SOURCE = "source.json"  # in each copy: what it was packed from (the folder, its files, onnxruntime, the CPU)
+
 
 def cache_root() -> Path:
     if os.environ.get("ONNXGEN_CACHE"):
@@ -59,12 +62,16 @@ def cpu() -> str:
     return f"{platform.machine()} {' '.join(sorted(flags.split()))}"
 
 
+def _key(folder: ModelFolder, ort: Any) -> dict[str, Any]:
+    """What a packed copy depends on: the folder's files, onnxruntime's version and the CPU."""
+    files = folder.manifest.get("files", {})
+    return {"files": {name: files.get(name, {}).get("sha256") for name in (MODEL_FILE, DATA_FILE)},
+            "onnxruntime": ort.__version__, "cpu": cpu()}
+
+
 def location(folder: ModelFolder, ort: Any) -> Path:
     """Where this machine keeps the folder's packed copy."""
-    files = folder.manifest.get("files", {})
-    key = {"files": {name: files.get(name, {}).get("sha256") for name in (MODEL_FILE, DATA_FILE)},
-           "onnxruntime": ort.__version__, "cpu": cpu()}
-    return cache_root() / "prepacked" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    return cache_root() / "prepacked" / hashlib.sha256(json.dumps(_key(folder, ort), sort_keys=True).encode()).hexdigest()[:32]
 
 
 def packed_model(folder: ModelFolder, ort: Any, options: Any) -> Path:
@@ -93,7 +100,26 @@ def packed_model(folder: ModelFolder, ort: Any, options: Any) -> Path:
             for partial in out.parent.glob(f".{out.name}.partial-*"):
                 shutil.rmtree(partial, ignore_errors=True)
             _make(folder, ort, options, out)
+            _remove_outdated(folder, ort, out)
     return out / MODEL_FILE
+
+
+def _remove_outdated(folder: ModelFolder, ort: Any, new: Path) -> None:
+    """Copies packed earlier from the same folder, for this CPU and onnxruntime, from files it no longer holds (it was
+    exported or quantized again): none can be mapped again, and each is the size of the weights twice. Copies for
+    another CPU (a home folder shared across machines) or another onnxruntime (another environment) stay."""
+    mine = _record(folder, ort)
+    for entry in new.parent.iterdir():
+        try:
+            made = json.loads((entry / SOURCE).read_text())
+        except (OSError, ValueError):  # a lock file, a partial copy, or a copy made before copies said where they came from
+            continue
+        if entry != new and isinstance(made, dict) and all(made.get(k) == mine[k] for k in ("folder", "onnxruntime", "cpu")):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _record(folder: ModelFolder, ort: Any) -> dict[str, Any]:
+    return {**_key(folder, ort), "folder": str(folder.path.resolve())}
 
 
 def _make(folder: ModelFolder, ort: Any, options: Any, out: Path) -> None:
@@ -121,6 +147,7 @@ def _make(folder: ModelFolder, ort: Any, options: Any, out: Path) -> None:
             raise OnnxgenError(f"onnxruntime {ort.__version__} packs {folder.path} into a copy that does not reproduce its "
                                "outputs (a known fault of onnxruntime 1.31 with int4 folders): mapped_weights cannot be used "
                                "with it here; load without it, or use onnxruntime 1.32")
+        (work / SOURCE).write_text(json.dumps(_record(folder, ort), indent=1) + "\n")
         work.rename(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -94,6 +94,27 @@ def test_the_packed_copy_is_made_once_per_machine_and_onnxruntime(exported: Path
     assert prepacked.location(folder, ort) != first.parent  # packed for another CPU: a copy of its own
 
 
+def test_a_folder_packed_again_replaces_its_outdated_copy(exported: Path, quantized_folder, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder exported or quantized again at the same path: its new copy replaces the one made from its earlier
+    files (each copy is the weights twice over); the copies of other folders, CPUs and onnxruntimes stay."""
+    monkeypatch.setenv("ONNXGEN_CACHE", str(tmp_path / "cache"))
+    ort = runtime.import_onnxruntime()
+    folder = tmp_path / "model"
+    shutil.copytree(exported, folder)
+    first = prepacked.packed_model(ModelFolder.read(folder), ort, ort.SessionOptions()).parent
+    other = prepacked.packed_model(ModelFolder.read(quantized_folder("int8")), ort, ort.SessionOptions()).parent
+    elsewhere = first.with_name("packed-on-another-cpu")  # what another machine sharing this home folder made
+    shutil.copytree(first, elsewhere)
+    record = json.loads((elsewhere / prepacked.SOURCE).read_text())
+    (elsewhere / prepacked.SOURCE).write_text(json.dumps({**record, "cpu": "another instruction set"}))
+    shutil.rmtree(folder)
+    shutil.copytree(quantized_folder("int8", per_channel=True), folder)  # quantized again, into the same folder
+    second = prepacked.packed_model(ModelFolder.read(folder), ort, ort.SessionOptions()).parent
+    assert second not in (first, other) and not first.exists() and other.exists() and elsewhere.exists()
+    assert json.loads((second / prepacked.SOURCE).read_text())["folder"] == str(folder.resolve())
+
+
 def test_a_copy_that_does_not_reproduce_its_folder_is_refused_and_not_kept(exported: Path, tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ONNXGEN_CACHE", str(tmp_path))
