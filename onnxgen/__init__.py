@@ -11,10 +11,10 @@ __version__ = "0.1.0"
 from .errors import ContextLengthError, ModelFolderError, OnnxgenError, OptionsError, ProviderError
 from .beam import BeamSearch
 from .generator import Completion, Event, Generator, Stats
-from .model import Model, TextGenerationPipeline, load, pipeline
+from .model import Model, Score, TextGenerationPipeline, load, pipeline
 from .options import STRATEGIES, GenerationOptions
 
 __all__ = [
     "STRATEGIES", "BeamSearch", "Completion", "ContextLengthError", "Event", "GenerationOptions", "Generator", "Model",
-    "ModelFolderError", "OnnxgenError", "OptionsError", "ProviderError", "Stats", "TextGenerationPipeline", "load", "pipeline",
+    "ModelFolderError", "OnnxgenError", "OptionsError", "ProviderError", "Score", "Stats", "TextGenerationPipeline", "load", "pipeline",
 ]

@@ -23,13 +23,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from . import logits
 from .batcher import Batcher, Full, Job
 from .errors import OnnxgenError
 from .generator import Completion, Event
@@ -207,18 +205,11 @@ def _by_text(model: Model, alternatives: dict[int, float]) -> dict[str, float]:
 
 
 def _prompt_logprobs(model: Model, prompts: list[list[int]], top: int) -> list[dict[str, Any]]:
-    """echo with logprobs: each prompt token's log-probability under the model given the tokens before it (the
-    first has none), and the `top` most likely tokens there, as OpenAI's logprobs object. A pass that keeps every
-    position's scores (up to the context times the vocabulary: 200 MB for GPT-2 at 1,024 tokens), one at a time."""
-    scored = []
-    for ids in prompts:
-        lp = logits.log_softmax(model.runtime.all_logits(np.asarray([ids]))[0, :-1])  # position i scores token i + 1
-        chosen = lp[np.arange(len(ids) - 1), ids[1:]]
-        best = np.argpartition(lp, -top, axis=-1)[:, -top:] if top else np.zeros((len(ids) - 1, 0), np.int64)
-        best = np.take_along_axis(best, np.argsort(-np.take_along_axis(lp, best, axis=-1), axis=-1), axis=-1)  # most likely first
-        scored.append({**_tokens(model, ids, 0), "token_logprobs": [None, *map(float, chosen)],
-                       "top_logprobs": [None, *(_by_text(model, {int(t): float(row[t]) for t in picks}) for row, picks in zip(lp, best))]})
-    return scored
+    """echo with logprobs: each prompt token's log-probability given the tokens before it (the first has none),
+    and the `top` most likely tokens there, as OpenAI's logprobs object (Model.score: one pass at a time)."""
+    return [{**_tokens(model, s.token_ids, 0), "token_logprobs": s.logprobs,
+             "top_logprobs": [None if alts is None else _by_text(model, alts) for alts in s.top_logprobs]}
+            for s in model.score(prompts, top)]
 
 
 def _choice(model: Model, body: CompletionRequest, prompts: list[list[int]], c: Completion, index: int,

@@ -70,6 +70,27 @@ def test_greedy_logprobs_equal_transformers(model: onnxgen.Model, torch_model: t
         assert list(alternatives.values()) == sorted(alternatives.values(), reverse=True)
 
 
+def test_score_equals_transformers_log_likelihood(model: onnxgen.Model, torch_model: torch.nn.Module) -> None:
+    """Model.score: each token's log-probability given those before it, as PyTorch's log-softmax gives it, the
+    most likely tokens at each position best first, and the perplexity those make."""
+    scores = model.score([PROMPTS[0], np.asarray(PROMPTS[2]), [7]], top_logprobs=4)
+    for ids, score in zip([PROMPTS[0], PROMPTS[2]], scores):
+        with torch.no_grad():
+            lp = torch.log_softmax(torch_model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+        expected = lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
+        assert score.token_ids == ids and score.logprobs[0] is None and score.top_logprobs[0] is None
+        np.testing.assert_allclose(score.logprobs[1:], expected, atol=1e-4)
+        for position, alternatives in enumerate(score.top_logprobs[1:]):
+            assert list(alternatives) == lp[position].topk(4).indices.tolist()
+        assert score.total == pytest.approx(float(expected.sum()), abs=1e-3)
+        assert score.perplexity == pytest.approx(float(np.exp(-expected.mean())), rel=1e-4)
+    assert scores[2].logprobs == [None] and scores[2].total == 0.0 and np.isnan(scores[2].perplexity)
+    for bad, error, message in [(("Hello", 21), OptionsError, "top_logprobs"), (("", 0), OptionsError, "nothing to score"),
+                                (([10**9], 0), OptionsError, "token ids"), (([1] * 5000, 0), onnxgen.ContextLengthError, "context window")]:
+        with pytest.raises(error, match=message):
+            model.score(*bad)
+
+
 def test_sampled_logprobs_equal_transformers_warpers(model: onnxgen.Model, torch_model: torch.nn.Module) -> None:
     """Sampling draws differ from torch's RNG, so the reference scores our own draws: transformers' model and
     warpers on the same tokens, normalised as compute_transition_scores(normalize_logits=True) does."""
