@@ -244,23 +244,42 @@ class TextGenerationPipeline:
         self.model = model
 
     def __call__(self, text_inputs: str | list[str], max_length: int | None = None, return_full_text: bool = True,
-                 **options: Any) -> list[dict[str, str]] | list[list[dict[str, str]]]:
+                 return_tensors: bool = False, batch_size: int | None = None,
+                 **options: Any) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        """As transformers' pipeline: one list of results per prompt ("generated_text", or with return_tensors the
+        whole sequence's "generated_token_ids"); `batch_size` prompts go through one generate call (default 1, as
+        transformers': in a batch, int8 models' numbers move with the rows beside them)."""
         prompts = [text_inputs] if isinstance(text_inputs, str) else list(text_inputs)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise OptionsError("the pipeline takes a string or a list of strings")
-        results = []
+        if batch_size is not None and not (is_int(batch_size) and batch_size >= 1):
+            raise OptionsError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        batches: list[tuple[list[str], dict[str, Any]]] = []  # neighbouring prompts with the same options, batch_size at most
         for prompt in prompts:
-            overrides = dict(options)
-            # transformers' max_length counts the prompt; an explicit max_new_tokens wins, as in transformers
-            if max_length is not None and "max_new_tokens" not in overrides:
-                prompt_tokens = len(self.model._encode(prompt))
-                if not isinstance(max_length, int) or max_length <= prompt_tokens:
-                    raise OptionsError(f"max_length ({max_length!r}) counts the prompt, which is {prompt_tokens} tokens: "
-                                       "pass a larger max_length, or max_new_tokens")
-                overrides["max_new_tokens"] = max_length - prompt_tokens
-            prefix = prompt if return_full_text else ""
-            results.append([{"generated_text": prefix + c.text} for c in self.model.generate(prompt, **overrides)])
+            overrides = self._overrides(prompt, max_length, options)
+            if batches and batches[-1][1] == overrides and len(batches[-1][0]) < (batch_size or 1):
+                batches[-1][0].append(prompt)
+            else:
+                batches.append(([prompt], overrides))
+        results = []
+        for batch, overrides in batches:
+            completions = self.model.generate(batch, **overrides)
+            for i, prompt in enumerate(batch):
+                ids = self.model.prompt_ids([prompt], self.model.options(**overrides))[0] if return_tensors else []
+                results.append([{"generated_token_ids": ids + c.token_ids} if return_tensors else
+                                {"generated_text": (prompt if return_full_text else "") + c.text}
+                                for c in completions if c.prompt_index == i])
         return results[0] if isinstance(text_inputs, str) else results
+
+    def _overrides(self, prompt: str, max_length: int | None, options: dict[str, Any]) -> dict[str, Any]:
+        """transformers' max_length counts the prompt; an explicit max_new_tokens wins, as in transformers."""
+        if max_length is None or "max_new_tokens" in options:
+            return dict(options)
+        prompt_tokens = len(self.model._encode(prompt))
+        if not is_int(max_length) or max_length <= prompt_tokens:
+            raise OptionsError(f"max_length ({max_length!r}) counts the prompt, which is {prompt_tokens} tokens: "
+                               "pass a larger max_length, or max_new_tokens")
+        return {**options, "max_new_tokens": max_length - prompt_tokens}
 
 
 def pipeline(task: str = "text-generation", model: str | Path | Model | None = None, device: int | str | None = None,

@@ -388,6 +388,19 @@ def test_pipeline_call_shape(exported: Path, model: onnxgen.Model) -> None:
     assert out == [{"generated_text": prompt + model.generate(prompt, max_new_tokens=10)[0].text}]
     many = generator([prompt, "Call me"], max_new_tokens=5, do_sample=True, num_return_sequences=2, seed=1)
     assert [len(x) for x in many] == [2, 2] and all(d["generated_text"].startswith(prompt) for d in many[0])
+    texts = ["It is a truth", "Call me", "The", "Once upon a time"]
+    alone = generator(texts, max_new_tokens=6)
+    calls: list[int] = []
+    plain = generator.model.generate
+    generator.model.generate = lambda prompts, **kw: calls.append(len(prompts)) or plain(prompts, **kw)  # type: ignore[method-assign]
+    assert generator(texts, max_new_tokens=6, batch_size=3) == alone and calls == [3, 1]  # fp32: batches change no token
+    generator.model.generate = plain  # type: ignore[method-assign]
+    assert [x[0]["generated_text"] for x in alone] == [t + c.text for t, c in zip(texts, model.generate(texts, max_new_tokens=6))]
+    ids = generator(prompt, max_new_tokens=4, return_tensors=True)
+    assert ids == [{"generated_token_ids": model.tokenizer.encode(prompt) + model.generate(prompt, max_new_tokens=4)[0].token_ids}]
+    for bad in (0, 2.5, True):
+        with pytest.raises(OptionsError, match="batch_size"):
+            generator(prompt, batch_size=bad)
 
 
 def test_runtime_never_imports_the_export_stack(exported: Path) -> None:
