@@ -10,10 +10,11 @@ Ray schedules the replicas and workers across the cluster's machines; onnxgen ad
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from .errors import OptionsError
 from .model import load
 from .runtime import Provider
 from .serve import Limits, create_app
@@ -25,6 +26,24 @@ def resources(provider: Provider, threads: int | None) -> dict[str, int]:
     return {"num_cpus": threads or 1, "num_gpus": 1 if provider == "cuda" else 0}
 
 
+def replica_options(provider: Provider, threads: int | None, num_replicas: int | Literal["auto"], max_replicas: int,
+                    limits: Limits) -> dict[str, Any]:
+    """Ray Serve's options for the replicas. Each takes as many requests at once as its batcher decodes rows together
+    (limits.max_batch; Ray's default of 5 would leave rows idle), and the rest wait at Ray's router for the first
+    replica with room, not in one replica's queue. num_replicas="auto": Ray runs 1 to max_replicas replicas, adding
+    them while replicas average more requests than half their rows, and removing idle ones."""
+    if num_replicas == "auto":
+        if not (isinstance(max_replicas, int) and max_replicas >= 1):
+            raise OptionsError(f"max_replicas must be an integer >= 1, got {max_replicas!r}")
+        scaling: dict[str, Any] = {"autoscaling_config": {"min_replicas": 1, "max_replicas": max_replicas,
+                                                          "target_ongoing_requests": max(1, limits.max_batch // 2)}}
+    elif isinstance(num_replicas, int) and not isinstance(num_replicas, bool) and num_replicas >= 1:
+        scaling = {"num_replicas": num_replicas}
+    else:
+        raise OptionsError(f"num_replicas must be an integer >= 1 or 'auto', got {num_replicas!r}")
+    return {**scaling, "max_ongoing_requests": limits.max_batch, "ray_actor_options": resources(provider, threads)}
+
+
 def _build_app(model_dir: str, name: str | None, provider: Provider, threads: int | None, api_key: str | None,
                limits: Limits | None, mapped_weights: bool, cuda_graph: bool) -> Any:
     """Runs on each replica: load the model there and build the same app `onnxgen serve` runs."""
@@ -33,20 +52,21 @@ def _build_app(model_dir: str, name: str | None, provider: Provider, threads: in
 
 
 def deployment(model_dir: str, name: str | None = None, provider: Provider = "cpu", threads: int | None = None,
-               num_replicas: int = 1, api_key: str | None = None, limits: Limits | None = None,
-               mapped_weights: bool = False, cuda_graph: bool = False) -> Any:
-    """A Ray Serve application: `num_replicas` copies of the app, each with its model, behind Ray's proxy.
-    Run it with `serve.run(deployment(...))`; the routes are onnxgen serve's. `mapped_weights`: the replicas
-    that Ray places on one machine share one copy of the weights; `cuda_graph`: on CUDA, each replica
-    replays its decode steps as CUDA graphs (both onnxgen.load's)."""
+               num_replicas: int | Literal["auto"] = 1, api_key: str | None = None, limits: Limits | None = None,
+               mapped_weights: bool = False, cuda_graph: bool = False, max_replicas: int = 4) -> Any:
+    """A Ray Serve application: `num_replicas` copies of the app (or "auto": 1 to `max_replicas` by load;
+    replica_options), each with its model, behind Ray's proxy. Run it with `serve.run(deployment(...))`; the
+    routes are onnxgen serve's. `mapped_weights`: the replicas that Ray places on one machine share one copy of
+    the weights; `cuda_graph`: on CUDA, each replica replays its decode steps as CUDA graphs (both onnxgen.load's)."""
     from ray import serve
+
+    limits = limits or Limits()
+    options = replica_options(provider, threads, num_replicas, max_replicas, limits)  # checked before Ray sees them
 
     def build() -> Any:  # a function, not a partial: Ray tells a builder from an ASGI app that way
         return _build_app(model_dir, name, provider, threads, api_key, limits, mapped_weights, cuda_graph)
 
-    ingress = serve.deployment(serve.ingress(build)(), name="onnxgen", num_replicas=num_replicas,
-                               ray_actor_options=resources(provider, threads))
-    return ingress.bind()
+    return serve.deployment(serve.ingress(build)(), name="onnxgen", **options).bind()
 
 
 def _flag(args: dict[str, str], name: str) -> bool:
@@ -54,11 +74,22 @@ def _flag(args: dict[str, str], name: str) -> bool:
 
 
 def app(args: dict[str, str]) -> Any:
-    """The builder `serve run onnxgen.scale:app model_dir=DIR [num_replicas=N] [threads=T] [provider=cuda]
-    [mapped_weights=1] [cuda_graph=1]` calls."""
+    """The builder `serve run onnxgen.scale:app model_dir=DIR [num_replicas=N|auto] [max_replicas=M] [max_batch=B]
+    [threads=T] [provider=cuda] [mapped_weights=1] [cuda_graph=1]` calls."""
+    replicas = args.get("num_replicas", "1")
     return deployment(args["model_dir"], args.get("name"), args.get("provider", "cpu"),  # type: ignore[arg-type]
-                      int(args["threads"]) if "threads" in args else None, int(args.get("num_replicas", 1)), args.get("api_key"),
-                      mapped_weights=_flag(args, "mapped_weights"), cuda_graph=_flag(args, "cuda_graph"))
+                      _int(args, "threads", None), replicas if replicas == "auto" else _int(args, "num_replicas", 1), args.get("api_key"),
+                      Limits(max_batch=_int(args, "max_batch", Limits.max_batch)), mapped_weights=_flag(args, "mapped_weights"),
+                      cuda_graph=_flag(args, "cuda_graph"), max_replicas=_int(args, "max_replicas", 4))
+
+
+def _int(args: dict[str, str], name: str, default: Any) -> Any:
+    if name not in args:
+        return default
+    try:
+        return int(args[name])
+    except ValueError:
+        raise OptionsError(f"{name} must be an integer, got {args[name]!r}") from None
 
 
 class Generate:

@@ -39,8 +39,9 @@ def test_ray_serve_deployment_answers_like_onnxgen_serve(local_ray: None, export
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:  # the builder `serve run onnxgen.scale:app model_dir=... num_replicas=2 name=tiny mapped_weights=1` calls
-        serve.run(app({"model_dir": str(exported), "num_replicas": "2", "name": "tiny", "mapped_weights": "1"}), name="onnxgen", route_prefix="/")
+    try:  # the builder `serve run onnxgen.scale:app model_dir=... num_replicas=2 name=tiny mapped_weights=1 max_batch=4` calls
+        serve.run(app({"model_dir": str(exported), "num_replicas": "2", "name": "tiny", "mapped_weights": "1", "max_batch": "4"}),
+                  name="onnxgen", route_prefix="/")
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                        json={"model": "tiny", "prompt": "It is a truth", "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200, r.text
@@ -48,6 +49,27 @@ def test_ray_serve_deployment_answers_like_onnxgen_serve(local_ray: None, export
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json() == {"status": "ok"}
     finally:
         serve.shutdown()
+
+
+def test_replicas_take_as_many_requests_as_they_decode_rows(exported: Path) -> None:
+    """Ray's default of 5 requests a replica left batcher rows idle; "auto" scales by rows in use."""
+    from onnxgen.scale import app, deployment, replica_options
+    from onnxgen.serve import Limits
+
+    assert replica_options("cpu", 2, 3, 4, Limits(max_batch=12)) == {
+        "num_replicas": 3, "max_ongoing_requests": 12, "ray_actor_options": {"num_cpus": 2, "num_gpus": 0}}
+    auto = replica_options("cpu", None, "auto", 6, Limits())
+    assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 6, "target_ongoing_requests": 4} and "num_replicas" not in auto
+    from ray.serve.config import AutoscalingConfig  # Ray ignores keys it does not know: each must be one of its fields
+
+    assert set(auto["autoscaling_config"]) <= set(getattr(AutoscalingConfig, "model_fields", None) or AutoscalingConfig.__fields__)
+    deployment(str(exported), num_replicas="auto", max_replicas=6)  # and takes their values: it checks them when made
+    app({"model_dir": str(exported), "num_replicas": "auto", "max_replicas": "3", "max_batch": "6"})
+    for bad in ({"num_replicas": 0}, {"num_replicas": "many"}, {"num_replicas": True}, {"num_replicas": "auto", "max_replicas": 0}):
+        with pytest.raises(onnxgen.OptionsError, match="replicas"):
+            deployment(str(exported), **bad)  # type: ignore[arg-type]
+    with pytest.raises(onnxgen.OptionsError, match="max_batch must be an integer"):
+        app({"model_dir": str(exported), "max_batch": "lots"})
 
 
 def test_replicas_on_cuda_ask_for_a_gpu_each() -> None:
