@@ -82,8 +82,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ray_replica.json").write_text(json.dumps(report, indent=1) + "\n")
     lines = [f"# One Ray Serve replica, {args.clients} clients ({args.folder.name}, {args.threads} threads)", "",
-             f"`python benchmarks/ray_replica.py {args.folder} --clients {args.clients} --requests {args.requests} --rounds {args.rounds}`; "
-             f"sampled completions of {args.max_tokens} tokens; each round's runs in turns.", "",
+             (f"`python benchmarks/ray_replica.py {args.folder} --clients {args.clients} --requests {args.requests} --rounds {args.rounds}`; "
+              f"sampled completions of {args.max_tokens} tokens; each round's runs in turns."), "",
              "| requests a replica takes at once | tok/s (each round) | median vs Ray's default |", "| --- | --- | ---: |"]
     for name, runs in results.items():
         lines.append(f"| {name} | {', '.join(f'{r:.0f}' for r in runs)} | {statistics.median(runs) / base:.2f}x |")
