@@ -15,7 +15,7 @@ run apart, each with a cache of its own, one at a time, a step of it in turn wit
 rows: a seeded one where a row's numbers move with the rows beside it (int8 quantizes each step's
 activations with one scale for all rows; CUDA's kernels change with the row count), so that it gives
 exactly what `model.generate` gives with that seed (fp32 and int4 folders on the CPU batch it: their rows
-are computed alone, Runtime.rows_independent); more rows than `max_batch`; and every request on a folder
+are computed alone, which _rows_alone checks at start); more rows than `max_batch`; and every request on a folder
 whose cache grows (`--growing-cache`: its rows share one left-padded width, so none can join). Requests start oldest
 first: one that waits for room holds back those behind it.
 """
@@ -77,6 +77,7 @@ class Batcher:
         self.prefill_chunk = prefill_chunk or (512 if model.runtime.device == "cuda" else 128)
         runtime = model.runtime
         self.cache = self._shared_cache() if runtime.in_place else None
+        self.seeds_share = self.cache is not None and self._rows_alone()
         self._slots: list[Running | None] = [None] * max_batch  # who holds each row of the shared cache
         self._shared: list[Running] = []  # jobs whose rows decode in the shared cache
         self._prefilling: list[Running] = []  # jobs whose long prompts are being written into it, oldest first
@@ -107,6 +108,23 @@ class Batcher:
             small_pages(cache.array.ctypes.data, cache.array.nbytes)
         return cache
 
+    def _rows_alone(self) -> bool:
+        """Whether a row's scores are the same bits alone as beside other rows, so that a seeded request can share
+        steps and still give exactly what model.generate gives with its seed. int8 quantizes each step's activations
+        with one scale for all rows, and cuBLAS picks its kernels by the row count: never. fp32 and int4 on the CPU
+        compute each row alone (MatMulNBits quantizes activations per row and block) where the CPU's kernels are
+        the same for one row and for many: checked here, once, on a prompt pass and a step (one row, then
+        max_batch), since that depends on the CPU's instruction set."""
+        runtime = self.model.runtime
+        if runtime.device != "cpu" or (self.model.manifest.get("quantization") or {}).get("mode") not in (None, "int4"):
+            return False
+        prompts = [[(97 * row + 31 * i) % self.model.dims.vocab_size for i in range(5)] for row in range(self.max_batch)]
+        runs = []
+        for rows in (1, self.max_batch):
+            cache = runtime.new_cache(rows, 6)
+            runs.append((cache.prefill(prompts[:rows])[0], cache.decode(np.arange(rows, dtype=np.int64))[0]))
+        return all(np.array_equal(alone, together) for alone, together in zip(*runs))
+
     def submit(self, job: Job) -> None:
         try:
             self._waiting.put_nowait(job)
@@ -124,8 +142,7 @@ class Batcher:
                 self._step_shared()
 
     def _shares(self, job: Job) -> bool:
-        seeded_apart = job.options.seed is not None and not self.model.runtime.rows_independent
-        return self.cache is not None and not seeded_apart and job.rows <= self.max_batch
+        return self.cache is not None and (job.options.seed is None or self.seeds_share) and job.rows <= self.max_batch
 
     def _start_waiting(self) -> None:
         """Start waiting jobs, oldest first, while there is room; wait for one when nothing runs."""

@@ -172,12 +172,6 @@ class Runtime:
                                 f"onnxgen[gpu] installs them){library_notes}")
         self.device = provider
         self.in_place, self.cache_dtype, self.logits_dtype = self._check_graph(folder)
-        # Whether a row's numbers are the same whatever rows run beside it, bit for bit (so a server may batch a
-        # seeded request and still give what model.generate gives with that seed): on the CPU, fp32 and int4
-        # compute each row alone (MatMulNBits quantizes activations per row and block; tested, prompts written
-        # in parts included). int8 quantizes each step's activations with one scale for all rows, and on CUDA
-        # cuBLAS picks its kernels by the number of rows.
-        self.rows_independent = provider == "cpu" and (folder.manifest.get("quantization") or {}).get("mode") in (None, "int4")
         self._options, self._providers = options, providers  # for the small graphs below, loaded when first used
         self.cuda_graph = cuda_graph
         self._graph_ids = itertools.count(1)

@@ -190,8 +190,8 @@ def test_seeded_requests_share_rows_where_a_row_is_computed_alone(model: onnxgen
     model.generate gives with its seed: in shared rows for fp32 and int4 on the CPU (each row's numbers are its
     own), one at a time apart for int8 (one activation scale for all rows; no shared step at all)."""
     folder = model if mode == "fp32" else onnxgen.load(quantized_folder(mode))
-    assert folder.runtime.rows_independent == (mode != "int8")
     batcher = Batcher(folder, max_batch=8, prefill_chunk=3)
+    assert batcher.seeds_share == (mode != "int8")
     prompts = ["It is a truth universally acknowledged", "Call me Ishmael", "The", "Once upon a time"]
     options = dict(max_new_tokens=12, do_sample=True, top_p=0.9, eos_token_id=None)
     inboxes = [submit(batcher, folder, [p], seed=i, **options) for i, p in enumerate(prompts)]
@@ -201,6 +201,18 @@ def test_seeded_requests_share_rows_where_a_row_is_computed_alone(model: onnxgen
         assert (batcher.steps, batcher.parts) == (0, 0)
     else:  # fewer shared steps than the four jobs' 11 decode steps one after the other
         assert batcher.steps < 4 * 11 and batcher.parts > 0
+
+
+def test_seeds_run_apart_where_the_cpus_kernels_change_a_row_with_its_neighbours(model: onnxgen.Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start-up check: scores that move with the row count (as int8's, or another CPU's kernels might) keep
+    seeded requests apart."""
+    from onnxgen.cache import InPlaceCache
+
+    prefill = InPlaceCache.prefill
+    monkeypatch.setattr(InPlaceCache, "prefill", lambda self, prompts, *a, **k: prefill(self, prompts, *a, **k) + np.float32(1e-3 * len(prompts)))
+    assert not Batcher(model, max_batch=4).seeds_share
+    monkeypatch.setattr(InPlaceCache, "prefill", prefill)
+    assert Batcher(model, max_batch=4).seeds_share
 
 
 def test_beams_moved_down_keep_their_search(model: onnxgen.Model) -> None:
