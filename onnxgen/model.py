@@ -198,13 +198,17 @@ class Model:
         self._calls.stats = generator.stats
 
     # -- scoring ---------------------------------------------------------------------------------
-    def score(self, texts: Prompt | Sequence[Prompt], top_logprobs: int = 0) -> list[Score]:
+    def score(self, texts: Prompt | Sequence[Prompt], top_logprobs: int = 0, stride: int | None = None) -> list[Score]:
         """Each text's tokens' log-probabilities, each given the tokens before it (perplexity, reranking, the
         log-likelihoods of evaluation harnesses), with the `top_logprobs` (0-20) most likely tokens at every
-        position. One pass per text, which holds every position's scores: positions x vocabulary floats (200 MB
-        for GPT-2 at 1,024 tokens)."""
+        position. A text longer than the context window needs `stride`: it is scored in windows of the context's
+        length that start `stride` tokens apart, each token given the window's tokens before it (at least
+        context - stride of them: the usual way to measure perplexity past the window). One pass per window,
+        which holds every position's scores: positions x vocabulary floats (200 MB for GPT-2 at 1,024 tokens)."""
         if not (is_int(top_logprobs) and 0 <= top_logprobs <= MAX_LOGPROBS):
             raise OptionsError(f"top_logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {top_logprobs!r}")
+        if stride is not None and not (is_int(stride) and 1 <= stride < self.context_length):  # windows overlap: every token has one before it
+            raise OptionsError(f"stride must be an integer from 1 to {self.context_length - 1} (below the context window), got {stride!r}")
         scores = []
         for text in _prompt_list(texts):
             ids = self._encode(text)
@@ -213,11 +217,22 @@ class Model:
             outside = [t for t in ids if not 0 <= t < self.dims.vocab_size]
             if outside:
                 raise OptionsError(f"token ids must be in [0, {self.dims.vocab_size}), got {outside[0]}")
-            if len(ids) > self.context_length:
-                raise ContextLengthError(f"a text of {len(ids)} tokens exceeds the context window of {self.context_length}: score it in parts")
-            every = self.runtime.all_logits(np.asarray([ids]))[0, :-1]  # position i scores token i + 1
-            chosen, best = token_logprobs(every, np.asarray(ids[1:], dtype=np.int64), top_logprobs)
-            scores.append(Score(ids, [None, *map(float, chosen)], [None, *best]))
+            if len(ids) > self.context_length and stride is None:
+                raise ContextLengthError(f"a text of {len(ids)} tokens exceeds the context window of {self.context_length}: "
+                                         "pass stride to score it in windows")
+            logprobs: list[float | None] = [None]
+            top: list[dict[int, float] | None] = [None]
+            for begin in range(0, len(ids), stride or len(ids)):
+                end = min(begin + self.context_length, len(ids))
+                window = ids[begin:end]
+                every = self.runtime.all_logits(np.asarray([window]))[0, :-1]  # position i scores token i + 1
+                chosen, best = token_logprobs(every, np.asarray(window[1:], dtype=np.int64), top_logprobs)
+                new = len(logprobs) - begin - 1  # the window's tokens scored already, by earlier windows
+                logprobs += map(float, chosen[new:])
+                top += best[new:]
+                if end == len(ids):
+                    break
+            scores.append(Score(ids, logprobs, top))
         return scores
 
 

@@ -86,9 +86,30 @@ def test_score_equals_transformers_log_likelihood(model: onnxgen.Model, torch_mo
         assert score.perplexity == pytest.approx(float(np.exp(-expected.mean())), rel=1e-4)
     assert scores[2].logprobs == [None] and scores[2].total == 0.0 and np.isnan(scores[2].perplexity)
     for bad, error, message in [(("Hello", 21), OptionsError, "top_logprobs"), (("", 0), OptionsError, "nothing to score"),
-                                (([10**9], 0), OptionsError, "token ids"), (([1] * 5000, 0), onnxgen.ContextLengthError, "context window")]:
+                                (([10**9], 0), OptionsError, "token ids"), (([1] * 5000, 0), onnxgen.ContextLengthError, "pass stride"),
+                                (("Hello", 0, 0), OptionsError, "stride"), (("Hello", 0, model.context_length), OptionsError, "stride")]:
         with pytest.raises(error, match=message):
             model.score(*bad)
+
+
+def test_score_past_the_context_window_in_strided_windows(model: onnxgen.Model, torch_model: torch.nn.Module) -> None:
+    """A text longer than the context: windows of the context's length, `stride` apart, each token scored once,
+    given the tokens of the first window that holds it with some before it (PyTorch on the same windows)."""
+    ctx, stride = model.context_length, 50
+    ids = [int(t) for t in np.random.default_rng(0).integers(0, model.dims.vocab_size, size=ctx + 2 * stride + 7)]
+    score = model.score([ids], top_logprobs=2, stride=stride)[0]
+    expected = [None]
+    for begin in range(0, len(ids), stride):
+        window = ids[begin : begin + ctx]
+        with torch.no_grad():
+            lp = torch.log_softmax(torch_model(torch.tensor([window])).logits[0, :-1].float(), dim=-1)
+        targets = range(max(len(expected), begin + 1), begin + len(window))  # not scored by an earlier window
+        expected += [float(lp[t - begin - 1, ids[t]]) for t in targets]
+        if begin + len(window) == len(ids):
+            break
+    assert len(score.logprobs) == len(ids) == len(score.top_logprobs) and score.logprobs[0] is None
+    np.testing.assert_allclose(score.logprobs[1:], expected[1:], atol=1e-4)
+    assert score.logprobs[: ctx] == model.score([ids[:ctx]])[0].logprobs  # the first window alone is the short text's score
 
 
 def test_sampled_logprobs_equal_transformers_warpers(model: onnxgen.Model, torch_model: torch.nn.Module) -> None:
