@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
@@ -18,7 +19,7 @@ try:
 except ImportError:  # the embedding install (`pip install onnxgen onnxruntime`) has the API, not the command line
     sys.exit("onnxgen: error: the command line needs typer and rich: pip install 'onnxgen[cpu]' (or 'onnxgen[gpu]', or 'onnxgen[cli]')")
 
-from .errors import OnnxgenError
+from .errors import IgnoredOptionWarning, OnnxgenError
 from .options import STRATEGIES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -272,9 +273,21 @@ def verify(model: ModelOption = None) -> None:
     print(f"{model or BUNDLED}: every file matches the manifest")
 
 
+_python_format = warnings.formatwarning
+
+
+def _warning_line(message: Warning | str, category: type[Warning], *rest: Any) -> str:
+    """onnxgen's warnings as the command line prints them: one line, like its errors (Python's format adds the file
+    and source line); other libraries' as Python prints them."""
+    if issubclass(category, IgnoredOptionWarning):
+        return f"onnxgen: warning: {' '.join(str(message).split())}\n"
+    return _python_format(message, category, *rest)
+
+
 def main() -> None:
     """The console entry point: the one place where an error becomes a line and an exit code."""
     debug = os.environ.get("ONNXGEN_DEBUG") == "1"
+    warnings.formatwarning = _warning_line  # type: ignore[assignment]
     try:
         code = app(standalone_mode=False)  # typer turns Ctrl-C inside a command into exit code 130
     except (KeyboardInterrupt, typer.Abort):

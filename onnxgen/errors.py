@@ -27,3 +27,7 @@ class ExportError(OnnxgenError):
 
 class QuantizeError(OnnxgenError):
     """Quantization failed, did not take, or cost more accuracy than allowed."""
+
+
+class IgnoredOptionWarning(UserWarning):
+    """A model folder asks for something onnxgen does not do (a generation_config.json key it does not take)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import OptionsError
+from .errors import IgnoredOptionWarning, OptionsError
 from .folder import GENERATION_CONFIG
 
 # The decoding presets of the CLI's --strategy, `onnxgen bench` and the benchmark suite: one table.
@@ -23,6 +24,11 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "top-p": {"do_sample": True, "num_beams": 1, "top_k": 0, "top_p": 0.9},
     "top-k-top-p": {"do_sample": True, "num_beams": 1, "top_k": 50, "top_p": 0.9, "temperature": 0.8, "seed": 0},
 }
+# generation_config.json keys that change transformers' output and that onnxgen does not take, with transformers'
+# defaults: a folder that sets one to something else gets a warning, not a silent difference.
+NOT_TAKEN = {"max_length": 20, "min_length": 0, "stop_strings": None, "num_beam_groups": 1, "diversity_penalty": 0.0,
+             "penalty_alpha": None, "force_words_ids": None, "constraints": None, "forced_bos_token_id": None,
+             "guidance_scale": None, "token_healing": False, "dola_layers": None, "watermarking_config": None}
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 100.0
@@ -179,9 +185,15 @@ class GenerationOptions:
 
     @classmethod
     def from_folder(cls, folder: Path) -> GenerationOptions:
-        """Defaults from the folder's generation_config.json; keys onnxgen does not use are ignored."""
+        """Defaults from the folder's generation_config.json. Keys onnxgen does not use are ignored, with an
+        IgnoredOptionWarning for those that would change transformers' output (NOT_TAKEN)."""
         path = folder / GENERATION_CONFIG
         saved = json.loads(path.read_text()) if path.is_file() else {}
+        differs = {k: v for k, v in saved.items() if k in NOT_TAKEN and v != NOT_TAKEN[k]}
+        if differs:
+            warnings.warn(f"{path} sets {', '.join(f'{k}={v!r}' for k, v in differs.items())}, which onnxgen does not take: "
+                          "its generation may differ from transformers' (onnxgen counts new tokens: max_new_tokens, "
+                          "min_new_tokens; stop strings are `stop`)", IgnoredOptionWarning, stacklevel=2)
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in saved.items() if k in names and v is not None}).validate()
 

@@ -381,6 +381,27 @@ def test_folder_and_provider_errors(tmp_path: Path, exported: Path) -> None:
             onnxgen.load(exported, provider="cuda")
 
 
+def test_generation_config_keys_onnxgen_does_not_take_are_warned_of(tmp_path: Path) -> None:
+    """A folder whose generation_config.json asks for what onnxgen does not do (max_length counts the prompt) is
+    warned of, once, naming the keys; transformers' defaults for them are not; the CLI prints it as one line."""
+    import warnings
+
+    from onnxgen import cli
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_length": 200, "do_sample": True, "top_k": 7, "min_length": 0,
+                                                                 "stop_strings": ["x"]}))
+    with pytest.warns(onnxgen.IgnoredOptionWarning, match=r"sets max_length=200, stop_strings=\['x'\], which onnxgen does not take"):
+        options = GenerationOptions.from_folder(tmp_path)
+    assert options.do_sample and options.top_k == 7  # the keys it takes still count
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_length": 20, "num_beam_groups": 1, "eos_token_id": 3}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GenerationOptions.from_folder(tmp_path)
+    line = cli._warning_line(onnxgen.IgnoredOptionWarning("a\n  b"), onnxgen.IgnoredOptionWarning, "options.py", 1)
+    assert line == "onnxgen: warning: a b\n"
+    assert "UserWarning" in cli._warning_line(UserWarning("other"), UserWarning, "x.py", 1)  # other libraries': Python's
+
+
 def test_pipeline_call_shape(exported: Path, model: onnxgen.Model) -> None:
     generator = onnxgen.pipeline("text-generation", model=str(exported))
     prompt = "It is a truth"
