@@ -264,7 +264,7 @@ class TextGenerationPipeline:
         """As transformers' pipeline: one list of results per prompt ("generated_text", or with return_tensors the
         whole sequence's "generated_token_ids"); `batch_size` prompts go through one generate call (default 1, as
         transformers': in a batch, int8 models' numbers move with the rows beside them)."""
-        prompts = [text_inputs] if isinstance(text_inputs, str) else list(text_inputs)
+        prompts = [text_inputs] if isinstance(text_inputs, str) else list(text_inputs) if isinstance(text_inputs, (list, tuple)) else []
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise OptionsError("the pipeline takes a string or a list of strings")
         if batch_size is not None and not (is_int(batch_size) and batch_size >= 1):

@@ -422,6 +422,9 @@ def test_pipeline_call_shape(exported: Path, model: onnxgen.Model) -> None:
     for bad in (0, 2.5, True):
         with pytest.raises(OptionsError, match="batch_size"):
             generator(prompt, batch_size=bad)
+    for bad_input in (5, None, [], ["a", None]):  # 5 was a TypeError
+        with pytest.raises(OptionsError, match="a string or a list of strings"):
+            generator(bad_input)
 
 
 def test_runtime_never_imports_the_export_stack(exported: Path) -> None:
