@@ -153,7 +153,7 @@ class Model:
             outside = [t for t in ids if not 0 <= t < vocab]
             if outside:
                 raise OptionsError(f"{name} token ids must be in [0, {vocab}), got {outside[0]}")
-        if len(set(opts.suppress_tokens)) >= vocab or len(set(opts.suppress_tokens) | set(opts.begin_suppress_tokens)) >= vocab:
+        if len(set(opts.suppress_tokens) | set(opts.begin_suppress_tokens)) >= vocab:  # the first token has both
             raise OptionsError(f"suppress_tokens (with begin_suppress_tokens) hold every one of the {vocab} tokens: nothing is left to generate")
         if opts.forced_eos_ids and set(opts.forced_eos_ids) <= set(opts.suppress_tokens):
             raise OptionsError("forced_eos_token_id is in suppress_tokens: nothing is left to generate as the last token")
