@@ -20,15 +20,16 @@ def sequence_bias(biases: list[tuple[tuple[int, ...], float]]) -> Filter:
     """Add each bias to its sequence's last token wherever the row ends with the rest of the sequence (a sequence
     of one token: always): transformers' SequenceBiasLogitsProcessor, and OpenAI's logit_bias as one-token sequences."""
     singles, single_biases = np.unique([s[0] for s, _ in biases if len(s) == 1], return_inverse=True)
+    singles = singles.astype(np.int64)  # np.unique of no tokens is float
     summed = np.bincount(single_biases, weights=[b for s, b in biases if len(s) == 1], minlength=len(singles)).astype(np.float32)
     longer = [(list(s[:-1]), s[-1], np.float32(b)) for s, b in biases if len(s) > 1]
 
     def apply(scores: np.ndarray, history: History, _: int) -> np.ndarray:
         bias = np.zeros_like(scores)  # summed first, then added once, as transformers does
-        bias[:, singles.astype(np.int64)] = summed
+        bias[:, singles] = summed
         for row, seen in enumerate(history):
             for prefix, last, value in longer:
-                if len(seen) >= len(prefix) and seen[len(seen) - len(prefix) :] == prefix:
+                if _ends_with(seen, prefix):
                     bias[row, last] += value
         return scores + bias
 
@@ -88,11 +89,16 @@ def bad_words(sequences: list[list[int]], eos_ids: list[int]) -> Filter:
     def apply(scores: np.ndarray, history: History, _: int) -> np.ndarray:
         scores = scores.copy()
         for row, seen in enumerate(history):
-            banned = [s[-1] for s in sequences if len(s) == 1 or (len(seen) >= len(s) - 1 and seen[len(seen) - len(s) + 1 :] == s[:-1])]
+            banned = [s[-1] for s in sequences if _ends_with(seen, s[:-1])]
             scores[row, banned] = -np.inf
         return scores
 
     return apply
+
+
+def _ends_with(seen: list[int], prefix: list[int]) -> bool:
+    """Whether a row's tokens end with `prefix` (an empty one: always)."""
+    return len(seen) >= len(prefix) and seen[len(seen) - len(prefix) :] == prefix
 
 
 def suppress(tokens: list[int]) -> Filter:
@@ -178,7 +184,7 @@ def top_k(k: int) -> Filter:
 def kth_largest(row: np.ndarray, k: int) -> np.floating:
     """The k-th largest score of a row: that of any set holding the k largest, so in a peaked row, that of the few
     scores near the top (partitioning GPT-2's whole row takes 0.3 ms here)."""
-    for near in _near_top(row):
+    for near in _near_top(row, row.max()):
         count = int(np.count_nonzero(near))
         if count >= k:
             return np.partition(row[near], count - k)[count - k]
@@ -204,7 +210,7 @@ def min_p(fraction: float) -> Filter:
 
     def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
         probs = softmax(scores)
-        return np.where(probs < np.float32(fraction) * probs.max(axis=-1, keepdims=True), -np.inf, scores).astype(scores.dtype)
+        return _below(scores, probs, np.float32(fraction) * probs.max(axis=-1, keepdims=True))
 
     return apply
 
@@ -215,9 +221,7 @@ def typical_p(mass: float) -> Filter:
 
     def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
         logp = log_softmax(scores)
-        with np.errstate(invalid="ignore"):  # -inf x 0 for banned tokens: NaN, left out of the sum
-            entropy = -np.nansum(logp * np.exp(logp), axis=-1, keepdims=True)
-        distance = np.abs(-logp - entropy)
+        distance = np.abs(-logp - _entropy(logp))
         order = np.argsort(distance, axis=-1, kind="stable")
         cumulative = np.cumsum(softmax(np.take_along_axis(scores, order, axis=-1)), axis=-1, dtype=np.float64).astype(np.float32)
         last = np.minimum(np.count_nonzero(cumulative < np.float32(mass), axis=-1), scores.shape[-1] - 1)
@@ -242,13 +246,16 @@ def eta_cutoff(epsilon: float) -> Filter:
 
     def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
         logp = log_softmax(scores)
-        probs = np.exp(logp)
-        with np.errstate(invalid="ignore"):  # -inf x 0 for banned tokens: NaN, left out of the sum
-            entropy = -np.nansum(logp * probs, axis=-1, keepdims=True)
         eps = np.float32(epsilon)
-        return _below(scores, probs, np.minimum(eps, np.sqrt(eps) * np.exp(-entropy)).astype(np.float32))
+        return _below(scores, np.exp(logp), np.minimum(eps, np.sqrt(eps) * np.exp(-_entropy(logp))).astype(np.float32))
 
     return apply
+
+
+def _entropy(logp: np.ndarray) -> np.ndarray:
+    """Each row's entropy, from its log-probabilities (rows, 1)."""
+    with np.errstate(invalid="ignore"):  # -inf x 0 for banned tokens: NaN, left out of the sum
+        return -np.nansum(logp * np.exp(logp), axis=-1, keepdims=True)
 
 
 def _below(scores: np.ndarray, probs: np.ndarray, cut: np.floating | np.ndarray) -> np.ndarray:
@@ -307,7 +314,7 @@ def _likely(values: np.ndarray, top: np.floating, cut: np.float32) -> tuple[np.n
     """The scores near the top such that all the others together weigh at most `cut` (so they all go), that
     weight and the row's (unnormalised); or every score, 0 and 0 when no such set is small enough."""
     weights, total = None, 0.0
-    for near in _near_top(values):
+    for near in _near_top(values, top):
         if weights is None:
             weights = np.exp(values - top)
             total = float(weights.sum(dtype=np.float64))
@@ -317,11 +324,10 @@ def _likely(values: np.ndarray, top: np.floating, cut: np.float32) -> tuple[np.n
     return slice(None), 0.0, 0.0
 
 
-def _near_top(row: np.ndarray) -> Iterator[np.ndarray]:
-    """Masks of the scores within 4, 8, then 16 of the row's top score, while they are at most an eighth of it:
+def _near_top(row: np.ndarray, top: np.floating) -> Iterator[np.ndarray]:
+    """Masks of the scores within 4, 8, then 16 of the row's `top` score, while they are at most an eighth of it:
     in a peaked row (a trained model's), all that top-k and top-p need to look at closely; a flat row gets none.
     All scores of one value are on the same side: ties are never split."""
-    top = row.max()
     for depth in (4.0, 8.0, 16.0):
         near = row >= top - np.float32(depth)
         if np.count_nonzero(near) > len(row) // 8:

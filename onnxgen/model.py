@@ -115,8 +115,6 @@ class Model:
                 if self.folder.bos_token_id is None:
                     raise OptionsError("empty prompt and the model has no bos_token_id")
                 ids = [self.folder.bos_token_id]
-            if any(not 0 <= t < self.dims.vocab_size for t in ids):
-                raise OptionsError(f"token ids must be in [0, {self.dims.vocab_size}), got {next(t for t in ids if not 0 <= t < self.dims.vocab_size)}")
             if len(ids) > budget:
                 if not opts.truncate_prompt:
                     raise ContextLengthError(
@@ -139,7 +137,10 @@ class Model:
             except UnicodeEncodeError as e:  # a lone surrogate: bytes that were not UTF-8 (the command line's, say)
                 raise OptionsError(f"prompt is not valid text: {e.object[e.start:e.end]!r} at character {e.start} is not "
                                    "a character (input that was not UTF-8?)") from None
-            return self.tokenizer.encode(prompt)
+            return self.tokenizer.encode(prompt)  # within the model's vocabulary: checked at load
+        outside = [int(t) for t in prompt if not 0 <= t < self.dims.vocab_size]
+        if outside:
+            raise OptionsError(f"token ids must be in [0, {self.dims.vocab_size}), got {outside[0]}")
         return [int(t) for t in prompt]
 
     def _check_special_ids(self, opts: GenerationOptions) -> None:
@@ -214,9 +215,6 @@ class Model:
             ids = self._encode(text)
             if not ids:
                 raise OptionsError("nothing to score: an empty text has no tokens")
-            outside = [t for t in ids if not 0 <= t < self.dims.vocab_size]
-            if outside:
-                raise OptionsError(f"token ids must be in [0, {self.dims.vocab_size}), got {outside[0]}")
             if len(ids) > self.context_length and stride is None:
                 raise ContextLengthError(f"a text of {len(ids)} tokens exceeds the context window of {self.context_length}: "
                                          "pass stride to score it in windows")
@@ -279,9 +277,9 @@ class TextGenerationPipeline:
         results = []
         for batch, overrides in batches:
             completions = self.model.generate(batch, **overrides)
+            ids = self.model.prompt_ids(batch, self.model.options(**overrides)) if return_tensors else []
             for i, prompt in enumerate(batch):
-                ids = self.model.prompt_ids([prompt], self.model.options(**overrides))[0] if return_tensors else []
-                results.append([{"generated_token_ids": ids + c.token_ids} if return_tensors else
+                results.append([{"generated_token_ids": ids[i] + c.token_ids} if return_tensors else
                                 {"generated_text": (prompt if return_full_text else "") + c.text}
                                 for c in completions if c.prompt_index == i])
         return results[0] if isinstance(text_inputs, str) else results

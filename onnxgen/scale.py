@@ -16,6 +16,7 @@ import numpy as np
 
 from .errors import OptionsError
 from .model import load
+from .options import is_int
 from .runtime import Provider
 from .serve import Limits, create_app
 
@@ -33,11 +34,11 @@ def replica_options(provider: Provider, threads: int | None, num_replicas: int |
     replica with room, not in one replica's queue. num_replicas="auto": Ray runs 1 to max_replicas replicas, adding
     them while replicas average more requests than half their rows, and removing idle ones."""
     if num_replicas == "auto":
-        if not (isinstance(max_replicas, int) and max_replicas >= 1):
+        if not (is_int(max_replicas) and max_replicas >= 1):
             raise OptionsError(f"max_replicas must be an integer >= 1, got {max_replicas!r}")
         scaling: dict[str, Any] = {"autoscaling_config": {"min_replicas": 1, "max_replicas": max_replicas,
                                                           "target_ongoing_requests": max(1, limits.max_batch // 2)}}
-    elif isinstance(num_replicas, int) and not isinstance(num_replicas, bool) and num_replicas >= 1:
+    elif is_int(num_replicas) and num_replicas >= 1:
         scaling = {"num_replicas": num_replicas}
     else:
         raise OptionsError(f"num_replicas must be an integer >= 1 or 'auto', got {num_replicas!r}")
