@@ -118,6 +118,18 @@ class InPlaceCache:
         lengths[advance if advance is not None else slice(None)] += 1
         return scores
 
+    def append(self, tokens: list[int]) -> np.ndarray:
+        """Write `tokens` after what row 0 holds, in one pass; each one's scores, (len(tokens), vocab) float32.
+        Prompt lookup runs a step's token and its guesses this way, then sets `lengths` back past the guesses
+        that did not hold: what lies past a row's length is never read, and the next write overwrites it."""
+        start, n = int(self.lengths[0]), len(tokens)
+        every = self.runtime.ort.OrtValue.ortvalue_from_numpy(np.arange(n, dtype=np.int64))
+        with self.runtime.exclusive():
+            scores = self._run(np.asarray([tokens], dtype=np.int64), np.arange(start, start + n)[None], 0, 1,
+                               np.array([start + n - 1], dtype=np.int32), start + n, every)
+        self.lengths[0] = start + n
+        return scores[0].astype(np.float32, copy=False)
+
     def clear(self, rows: list[int]) -> None:
         """Rows that no call uses any more: empty again, and on the CPU their memory goes back to the system (it
         reads as zeros after, as a new buffer's does), so that a long call's positions are not held after it."""

@@ -157,6 +157,8 @@ def generate(
     seed: Annotated[int | None, typer.Option()] = None,
     max_time: Annotated[float | None, typer.Option(help="seconds: end the text after this long (finish reason time)")] = None,
     logprobs: Annotated[int | None, typer.Option(help="with --json: each token's log-probability and this many alternatives")] = None,
+    prompt_lookup_num_tokens: Annotated[int | None, typer.Option(help="prompt lookup decoding: guess this many tokens a step from "
+                                                                 "the text so far (same text, fewer steps where it repeats its input)")] = None,
     truncate_prompt: Annotated[bool | None, typer.Option("--truncate-prompt", help="drop the oldest prompt tokens if too long")] = None,
     provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
@@ -171,7 +173,8 @@ def generate(
     given = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k,
                  top_p=top_p, min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, num_beams=num_beams, length_penalty=length_penalty, num_return_sequences=num_return_sequences,
                  repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, presence_penalty=presence_penalty,
-                 frequency_penalty=frequency_penalty, stop=stop, seed=seed, max_time=max_time, logprobs=logprobs, truncate_prompt=truncate_prompt)
+                 frequency_penalty=frequency_penalty, stop=stop, seed=seed, max_time=max_time, logprobs=logprobs,
+                 prompt_lookup_num_tokens=prompt_lookup_num_tokens, truncate_prompt=truncate_prompt)
 
     def body() -> None:
         m = load(model, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph)  # type: ignore[arg-type]
@@ -196,7 +199,8 @@ def generate(
         if stats and m.last_stats:
             s = m.last_stats
             print(f"{s.prompt_tokens} prompt tokens, {s.new_tokens} new tokens; time to first token "
-                  f"{s.time_to_first_token_s * 1000:.1f} ms; decode {s.decode_tokens_per_s:.1f} tok/s; total {s.total_s:.2f} s",
+                  f"{s.time_to_first_token_s * 1000:.1f} ms; decode {s.decode_tokens_per_s:.1f} tok/s; total {s.total_s:.2f} s"
+                  + (f"; prompt lookup: {s.guesses_taken} of {s.guessed_tokens} guesses taken" if s.guessed_tokens else ""),
                   file=sys.stderr)
 
     run(body)

@@ -70,6 +70,16 @@ class Rows:
             return self._cache.prefill(self._tokens)
         return self._cache.decode(self.pending)
 
+    def forward_guessed(self, guesses: list[int]) -> np.ndarray:
+        """One row: run the pending token and `guesses` after it in one pass; each one's scores (prompt lookup)."""
+        assert isinstance(self._cache, InPlaceCache) and self.pending is not None, "guesses follow a step, in a cache of the call's own"
+        return self._cache.append([int(self.pending[0]), *guesses])
+
+    def take_back(self, positions: int) -> None:
+        """Forget the cache's last `positions` positions: guesses the model did not choose."""
+        assert isinstance(self._cache, InPlaceCache)
+        self._cache.lengths[0] -= positions
+
     def advance(self, tokens: np.ndarray, source: np.ndarray | None = None) -> None:
         """Append one token to every row; with `source`, row i first becomes a copy of row source[i]."""
         if source is not None:

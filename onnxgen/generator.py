@@ -1,4 +1,4 @@
-"""The decode loop as an object the caller drives, one token per row a step:
+"""The decode loop as an object the caller drives, one token per row a step (with prompt lookup, one or more):
 
     g = model.generator(["Hello", "Once upon a time"], max_new_tokens=40, do_sample=True, logprobs=3)
     while not g.done:
@@ -15,11 +15,11 @@ Beam search (beam.py) has the same nouns; its steps return no events, since a be
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from . import logits
+from . import logits, lookup
 from .decoding import Rows, Scoring, sample
 from .errors import OptionsError
 from .options import GenerationOptions, is_int
@@ -35,6 +35,8 @@ class Stats:
     time_to_first_token_s: float  # call start to the first token (the prompt pass)
     decode_tokens_per_s: float  # tokens after the first, per second, over all returned sequences
     total_s: float
+    guessed_tokens: int = 0  # prompt lookup: guesses run
+    guesses_taken: int = 0  # prompt lookup: guesses that were the model's own choice (each saved a step)
 
 
 @dataclass
@@ -105,6 +107,7 @@ class Generator:
         self.finish_reasons: list[str | None] = [None] * len(prompts)
         self.texts: list[str | None] = [None] * len(prompts)  # each row's whole text, once it has finished
         self.step_ends: list[float] = []  # perf_counter() after each forward
+        self.guessed_tokens = self.guesses_taken = 0  # prompt lookup's guesses run, and those chosen
         self._streams = [TextStream(tokenizer) for _ in prompts]
         self._emitted = [0] * len(prompts)  # characters of each row's text already in events
 
@@ -127,15 +130,43 @@ class Generator:
             self.finish(row)
 
     def step(self) -> list[Event]:
-        """Run the model once and add one token to every running row; returns their events."""
+        """Run the model once and add one token to every running row (with prompt lookup, one or more to the
+        call's one row); returns their events, in order."""
         if self.done:
             return []
-        return self.take(self.rows.forward())
+        guessed = self._guesses()
+        if not guessed:
+            return self.take(self.rows.forward())
+        scores = self.rows.forward_guessed(guessed)  # after the pending token, then after each guess
+        self.step_ends.append(time.perf_counter())
+        self.guessed_tokens += len(guessed)
+        events: list[Event] = []
+        for taken, raw in enumerate(scores):
+            events += self._choose(raw[None])
+            if self.done or taken == len(guessed) or self.generated[0][-1] != guessed[taken]:
+                break
+        # Kept: the pending token's position and the guesses chosen; the last token chosen is the new pending one.
+        self.guesses_taken += taken
+        self.rows.take_back(len(guessed) - taken)
+        return events
+
+    def _guesses(self) -> list[int]:
+        """Prompt lookup's guesses for this step: none before the first token (the prompt pass makes it), and
+        none past max_new_tokens (the step's own token comes on top)."""
+        count = self.opts.prompt_lookup_num_tokens
+        if count is None or self.rows.pending is None:
+            return []
+        count = min(count, self.opts.max_new_tokens - len(self.generated[0]) - 1)
+        ngram = self.opts.max_matching_ngram_size or 2  # transformers' default
+        return lookup.guesses(self.rows.history(0), count, ngram, self.opts.eos_ids) if count > 0 else []
 
     def take(self, raw: np.ndarray) -> list[Event]:
         """A step after its forward: choose each row's token from `raw`, the scores the forward gave (rows,
         vocab). step() runs the forward itself; a batcher runs one for the rows of several generators."""
         self.step_ends.append(time.perf_counter())
+        return self._choose(raw)
+
+    def _choose(self, raw: np.ndarray) -> list[Event]:
         scores = self.scoring(raw, self.rows, self.rows.steps)
         tokens = sample(scores, self.rng) if self.opts.do_sample else scores.argmax(axis=-1)
         chosen, best = token_logprobs(scores, tokens, self.opts.logprobs) if self.opts.logprobs is not None else (None, None)
@@ -199,7 +230,8 @@ class Generator:
 
     @property
     def stats(self) -> Stats:
-        return call_stats(self.start, self.step_ends, self.prompt_tokens, [len(ids) for ids in self.generated])
+        stats = call_stats(self.start, self.step_ends, self.prompt_tokens, [len(ids) for ids in self.generated])
+        return replace(stats, guessed_tokens=self.guessed_tokens, guesses_taken=self.guesses_taken)
 
 
 def call_stats(start: float, step_ends: list[float], prompt_tokens: int, lengths: list[int]) -> Stats:

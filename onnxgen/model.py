@@ -174,6 +174,13 @@ class Model:
         if opts.num_beams > 1:
             return BeamSearch(self.runtime, self.tokenizer, ids, opts, self._pad_id(opts))
         n = opts.num_return_sequences
+        if opts.prompt_lookup_num_tokens is not None:
+            if len(ids) * n != 1:
+                raise OptionsError("prompt_lookup_num_tokens decodes one sequence a call, as in transformers: pass one prompt "
+                                   "and num_return_sequences=1")
+            if not self.runtime.in_place:
+                raise OptionsError(f"prompt_lookup_num_tokens needs a folder with the cache in place (the export default); "
+                                   f"{self.folder.path} was exported with --growing-cache")
         return Generator(self.runtime, self.tokenizer, [p for p in ids for _ in range(n)],
                          [i for i in range(len(ids)) for _ in range(n)], opts, self._pad_id(opts))
 

@@ -35,7 +35,7 @@ MAX_REPETITION_PENALTY = 100.0
 MAX_LENGTH_PENALTY = 10.0
 MAX_OPENAI_PENALTY = 2.0  # presence_penalty and frequency_penalty
 INTS = {"max_new_tokens", "min_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size"}
-OPTIONAL_INTS = {"pad_token_id", "seed", "logprobs"}
+OPTIONAL_INTS = {"pad_token_id", "seed", "logprobs", "prompt_lookup_num_tokens", "max_matching_ngram_size"}
 OPTIONAL_FLOATS = {"max_time"}
 FLOATS = {"temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "length_penalty", "repetition_penalty",
           "presence_penalty", "frequency_penalty"}
@@ -79,6 +79,12 @@ class GenerationOptions:
     # that sum to 1 again (transformers' advice where processors change scores); a token's choice is unchanged.
     renormalize_logits: bool = False
     max_time: float | None = None  # seconds: rows still running after this long since the call began end ("time")
+    # Prompt lookup decoding (transformers'): each step also runs up to this many tokens guessed from the text so far
+    # (what followed the last max_matching_ngram_size tokens (default 2) where they occurred before) and keeps those
+    # the model would have chosen itself, so the text is the one plain decoding gives, in fewer steps where the
+    # output repeats its input (summaries, quotes, edits of code). One sequence a call, greedy or sampling.
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     stop: list[str] = field(default_factory=list)  # stop strings: generation ends when the text contains one
@@ -154,6 +160,11 @@ class GenerationOptions:
             raise OptionsError("stopping_criteria are not supported with beam search")
         if self.num_beams > 1 and self.max_time is not None:
             raise OptionsError("max_time is not supported with beam search")
+        for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise OptionsError(f"{name} must be at least 1 (or None), got {getattr(self, name)}")
+        if self.num_beams > 1 and self.prompt_lookup_num_tokens is not None:
+            raise OptionsError("prompt_lookup_num_tokens works with greedy decoding and sampling, not beam search")
         if any(not s for s in self.stop):
             raise OptionsError("stop strings must not be empty")
         if self.seed is not None and not 0 <= self.seed < 2**64:

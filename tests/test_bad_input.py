@@ -73,6 +73,10 @@ BAD_OPTIONS: list[tuple[dict[str, Any], str]] = [
     ({"remove_invalid_values": 1}, "remove_invalid_values"), ({"renormalize_logits": "yes"}, "renormalize_logits"),
     ({"max_time": 0}, "max_time"), ({"max_time": INF}, "max_time"), ({"max_time": "1s"}, "max_time"),
     ({"max_time": 1.0, "num_beams": 2}, "max_time is not supported with beam search"),
+    ({"prompt_lookup_num_tokens": 0}, "prompt_lookup_num_tokens"), ({"prompt_lookup_num_tokens": 2.5}, "prompt_lookup_num_tokens"),
+    ({"prompt_lookup_num_tokens": "5"}, "prompt_lookup_num_tokens"), ({"max_matching_ngram_size": -1}, "max_matching_ngram_size"),
+    ({"prompt_lookup_num_tokens": 3, "num_beams": 2}, "not beam search"),
+    ({"prompt_lookup_num_tokens": 3, "do_sample": True, "num_return_sequences": 2}, "one sequence a call"),
 ]
 
 # a caller's processor or criterion that breaks transformers' contract: (options, the error's message must contain this)

@@ -183,3 +183,16 @@ def test_continuous_batching_on_cuda(folders: dict[str, Path], cuda_graph: bool)
     expected = gpu.generate("The city of", max_new_tokens=10, num_beams=3, num_return_sequences=2)
     assert [c.token_ids for c in result(beams)] == [c.token_ids for c in expected]
     assert [c.token_ids for c in result(running)] == alone(gpu, ["It"], max_new_tokens=30, **GREEDY)
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_prompt_lookup_on_cuda_gives_plain_decodings_text(folders: dict[str, Path], cuda_graph: bool) -> None:
+    """Guessed positions written into the device cache in one pass (never captured), then steps (captured with
+    CUDA graphs) that read each row only to its length, the refused guesses' positions included."""
+    from .test_lookup import PROMPT, RepeatWithBreaks
+
+    gpu = onnxgen.load(folders["fp16"], provider="cuda", cuda_graph=cuda_graph)
+    options: dict = {"max_new_tokens": 40, "eos_token_id": None, "do_sample": False, "logits_processors": [RepeatWithBreaks()]}
+    plain = gpu.generate(PROMPT, **options)[0].token_ids
+    assert gpu.generate(PROMPT, prompt_lookup_num_tokens=4, **options)[0].token_ids == plain
+    assert gpu.last_stats is not None and 0 < gpu.last_stats.guesses_taken < gpu.last_stats.guessed_tokens

@@ -1,0 +1,30 @@
+"""Prompt lookup decoding's guesses: what came after the text's last few tokens where they occurred before.
+
+A step then runs the pending token and the guesses in one pass (about the cost of one token on a CPU, whose
+decode step is bound by reading the weights) and keeps each guess the model would have chosen itself, so
+that the text is the one plain decoding gives (generator.py). It pays where the output repeats its input.
+Saxena's prompt-lookup-decoding, as transformers' PromptLookupCandidateGenerator finds it: the longest
+n-gram first, its first occurrence, cut before an end token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+
+def guesses(history: list[int], count: int, ngram_size: int, eos_ids: Collection[int]) -> list[int]:
+    """Up to `count` tokens that followed the first earlier occurrence of `history`'s last n tokens, for the
+    largest n <= ngram_size that occurred before; cut before an end token (a guess past it would never be
+    taken); [] where no n-gram did."""
+    ids = np.asarray(history, dtype=np.int64)
+    for n in range(min(ngram_size, len(ids) - 1), 0, -1):
+        # Windows that end before the last token: each has at least one token after it.
+        hits = np.flatnonzero((sliding_window_view(ids[:-1], n) == ids[-n:]).all(axis=1))
+        if hits.size:
+            found = ids[hits[0] + n : hits[0] + n + count].tolist()
+            ends = [i for i, token in enumerate(found) if token in eos_ids]
+            return found[: ends[0]] if ends else found
+    return []

@@ -1,0 +1,152 @@
+"""Prompt lookup decoding (lookup.py, Generator.step): transformers' guesses, and the text plain decoding gives."""
+
+from __future__ import annotations
+
+import queue
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import onnxgen
+from onnxgen.batcher import Batcher, Job
+from onnxgen.errors import OptionsError
+from onnxgen.lookup import guesses
+
+PROMPT = [12, 40, 7, 99, 150, 3, 61, 12, 40]
+
+
+class RepeatWithBreaks:
+    """A logits processor (numpy or torch alike) that makes text repeat itself: the token five back gets +30,
+    except where the length is a multiple of 7, where the model's own choice stands. Guesses then hold mostly,
+    and fail at the breaks: both paths of a step."""
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        out = scores * 1  # a new array or tensor
+        if input_ids.shape[1] % 7:
+            for row in range(out.shape[0]):
+                out[row, int(input_ids[row, -5])] += 30.0
+        return out
+
+
+def hf_tokens(torch_model: torch.nn.Module, prompt: list[int], **kwargs: Any) -> list[int]:
+    with torch.no_grad():
+        out = torch_model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                   pad_token_id=0, **kwargs)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_guesses_are_transformers_candidates(seed: int) -> None:
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    rng = np.random.default_rng(seed)
+    for _ in range(50):
+        history = rng.integers(0, 6, size=int(rng.integers(1, 40))).tolist()  # 6 tokens: n-grams recur
+        count, ngram, eos = int(rng.integers(1, 8)), int(rng.integers(1, 4)), [int(rng.integers(0, 6))]
+        reference = PromptLookupCandidateGenerator(torch.tensor(eos), count, ngram, max_length=1000)
+        candidates, _ = reference.get_candidates(torch.tensor([history]))
+        assert guesses(history, count, ngram, eos) == candidates[0, len(history):].tolist(), (history, count, ngram, eos)
+
+
+@pytest.mark.parametrize("processed", [False, True])
+def test_greedy_with_prompt_lookup_is_transformers_greedy(model: onnxgen.Model, torch_model: torch.nn.Module, processed: bool) -> None:
+    """Token for token what transformers gives with and without prompt lookup, and what onnxgen gives without:
+    with guesses taken and guesses refused on the way (the repetition penalty and n-gram ban move the choices
+    at the guessed positions too)."""
+    options: dict[str, Any] = dict(max_new_tokens=40, eos_token_id=None, do_sample=False)
+    if processed:
+        options.update(repetition_penalty=1.2, no_repeat_ngram_size=9)
+    plain = model.generate(PROMPT, logits_processors=[RepeatWithBreaks()], **options)[0].token_ids
+    generator = model.generator(PROMPT, logits_processors=[RepeatWithBreaks()], prompt_lookup_num_tokens=4, **options)
+    steps = 0
+    while not generator.done:
+        generator.step()
+        steps += 1
+    stats = generator.stats
+    assert generator.completions()[0].token_ids == plain
+    assert 0 < stats.guesses_taken < stats.guessed_tokens  # both paths ran
+    assert steps == 1 + 39 - stats.guesses_taken  # the prompt pass, then a step per token not guessed
+    hf = {k: v for k, v in options.items() if k != "eos_token_id"}
+    assert plain == hf_tokens(torch_model, PROMPT, logits_processor=[RepeatWithBreaks()], **hf)
+    assert plain == hf_tokens(torch_model, PROMPT, logits_processor=[RepeatWithBreaks()], prompt_lookup_num_tokens=4, **hf)
+
+
+def test_sampling_with_prompt_lookup_gives_what_the_seed_gives_without(model: onnxgen.Model) -> None:
+    """One draw per token, in order, as without guesses: a seed gives the same text, and the same logprobs."""
+    options: dict[str, Any] = dict(max_new_tokens=40, eos_token_id=None, do_sample=True, seed=7, top_k=0, logprobs=2,
+                                   logits_processors=[RepeatWithBreaks()])
+    plain = model.generate(PROMPT, **options)[0]
+    guessed = model.generate(PROMPT, prompt_lookup_num_tokens=5, **options)[0]
+    assert model.last_stats is not None and model.last_stats.guesses_taken > 0
+    assert guessed.token_ids == plain.token_ids
+    assert guessed.logprobs == pytest.approx(plain.logprobs, abs=1e-4)
+    assert [list(t) for t in guessed.top_logprobs or []] == [list(t) for t in plain.top_logprobs or []]
+
+
+@pytest.mark.parametrize("end", ["max_new_tokens", "eos", "stop"])
+def test_a_text_ends_where_it_ends_without_guesses(model: onnxgen.Model, end: str) -> None:
+    """max_new_tokens is never passed (a step's guesses stop short of it), an end token among the taken tokens ends
+    the text there, and a stop string cuts it at the same place; the events add up to the completion."""
+    options: dict[str, Any] = dict(max_new_tokens=23, eos_token_id=None, do_sample=False, logits_processors=[RepeatWithBreaks()])
+    plain = model.generate(PROMPT, **options)[0]
+    if end == "eos":
+        options["eos_token_id"] = plain.token_ids[15]
+    elif end == "stop":
+        options["stop"] = [plain.text[len(plain.text) // 2 :][:3]]
+    expected = model.generate(PROMPT, **options)[0]
+    assert expected.finish_reason == {"max_new_tokens": "length", "eos": "eos", "stop": "stop"}[end]
+    generator = model.generator(PROMPT, prompt_lookup_num_tokens=6, **options)
+    pieces = []
+    while not generator.done:
+        pieces += generator.step()
+    completion = generator.completions()[0]
+    assert (completion.token_ids, completion.text, completion.finish_reason) == (expected.token_ids, expected.text, expected.finish_reason)
+    assert "".join(pieces) == completion.text and generator.stats.guesses_taken > 0
+
+
+def test_int4_with_prompt_lookup_takes_guesses(quantized_folder) -> None:  # type: ignore[no-untyped-def]
+    """Quantized folders run guesses too; the text is plain decoding's where a pass of several positions computes
+    each one as a step would (int4 quantizes each position's activations alone)."""
+    model = onnxgen.load(quantized_folder("int4"), threads=1)
+    options: dict[str, Any] = dict(max_new_tokens=30, eos_token_id=None, do_sample=False, logits_processors=[RepeatWithBreaks()])
+    guessed = model.generate(PROMPT, prompt_lookup_num_tokens=4, **options)[0].token_ids
+    assert model.last_stats is not None and model.last_stats.guesses_taken > 0
+    assert guessed == model.generate(PROMPT, **options)[0].token_ids
+
+
+def test_a_server_runs_a_prompt_lookup_request_apart(model: onnxgen.Model) -> None:
+    batcher = Batcher(model, max_batch=4)
+    inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+    opts = model.options(max_new_tokens=30, eos_token_id=None, do_sample=False, prompt_lookup_num_tokens=4,
+                         logits_processors=[RepeatWithBreaks()])
+    batcher.submit(Job(model.prompt_ids([PROMPT], opts), opts, lambda kind, value: inbox.put((kind, value))))
+    kind, value = inbox.get(timeout=60)
+    while kind == "event":
+        kind, value = inbox.get(timeout=60)
+    assert kind == "done", value
+    assert value[0][0].token_ids == model.generate(PROMPT, opts)[0].token_ids
+    assert batcher.steps == 0  # no shared step: it ran in a cache of its own
+
+
+def test_prompt_lookup_refuses_what_it_cannot_do(model: onnxgen.Model, exported_growing: Path) -> None:
+    """Several rows (the bad-input corpus has the rest: values, beams, return sequences), and a growing cache."""
+    with pytest.raises(OptionsError, match="one sequence a call"):
+        model.generate([PROMPT, PROMPT], prompt_lookup_num_tokens=3)
+    with pytest.raises(OptionsError, match="cache in place"):
+        onnxgen.load(exported_growing, threads=1).generate(PROMPT, prompt_lookup_num_tokens=3)
+
+
+def test_cli_prompt_lookup(exported: Path, model: onnxgen.Model) -> None:
+    prompt = "It is a truth. It is a truth. It is"
+    expected = model.generate(prompt, max_new_tokens=15, do_sample=False)[0].text
+    r = subprocess.run([sys.executable, "-m", "onnxgen", "generate", prompt, "--model", str(exported), "--max-new-tokens", "15",
+                        "--strategy", "greedy", "--prompt-lookup-num-tokens", "3", "--stats"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected + "\n"
+    assert re.search(r"prompt lookup: \d+ of [1-9]\d* guesses taken", r.stderr), r.stderr
