@@ -8,7 +8,10 @@ median), the prompt a passage of onnxgen/data/eval.txt:
   passage (what summaries, quotes and code edits do). The bundled model is trained and continues as it will;
   the gpt2-shaped folders (random weights, make_models.py) have no notion of text, so a logits processor makes
   them quote: the passage's next token gets +30, except at every 10th token, where the model's own choice stands;
-- "free": the passage alone, continued as the model will: guesses that mostly fail, the cost of trying.
+- "free": the passage alone, continued as the model will: the bundled model's prose; random weights fall into
+  loops, which guesses catch;
+- "backwards": a processor makes every model quote the passage backwards from its end, so that each step has a
+  guess (the last token occurred before) and the guess fails: what trying costs where it never pays.
 Reported: decode tok/s (the generator's own figure), guesses taken of those run, tokens a forward, and whether
 the text is plain decoding's (int8 quantizes a pass's activations with one scale for all its positions, so
 its near-ties can go the other way). Results: benchmarks/results/lookup.{json,md}. Run it on a quiet machine.
@@ -35,17 +38,18 @@ EVAL = HERE.parent / "onnxgen" / "data" / "eval.txt"
 
 
 class Quote:
-    """Random weights made to quote `passage` from where the prompt's last words are in it (see the docstring)."""
+    """A model made to quote `passage` from token `start` on, a token a step in `direction` (see the docstring);
+    every 10th token the model's own when `breaks`."""
 
-    def __init__(self, passage: list[int], prompt_length: int, start: int) -> None:
-        self.passage, self.prompt_length, self.start = passage, prompt_length, start
+    def __init__(self, passage: list[int], prompt_length: int, start: int, direction: int, breaks: bool) -> None:
+        self.passage, self.prompt_length, self.start, self.direction, self.breaks = passage, prompt_length, start, direction, breaks
 
     def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
         generated = input_ids.shape[1] - self.prompt_length
-        if generated % 10 == 9:
+        if self.breaks and generated % 10 == 9:
             return scores
         out = scores.copy()
-        out[:, self.passage[(self.start + generated) % len(self.passage)]] += 30.0
+        out[:, self.passage[(self.start + self.direction * generated) % len(self.passage)]] += 30.0
         return out
 
 
@@ -55,8 +59,9 @@ def texts(model: Any, passage_tokens: int, trained: bool) -> dict[str, tuple[lis
     passage = ids[:passage_tokens]
     echo = model.tokenizer.encode("\n\n")
     quote = passage + echo + passage[:12]
-    processors = [] if trained else [Quote(passage, len(quote), 12)]
-    return {"quote": (quote, processors), "free": (passage, [])}
+    processors = [] if trained else [Quote(passage, len(quote), 12, 1, breaks=True)]
+    return {"quote": (quote, processors), "free": (passage, []),
+            "backwards": (passage, [Quote(passage, len(passage), len(passage) - 2, -1, breaks=False)])}
 
 
 def measure(folder: str, threads: int, runs: int, count: int) -> list[dict[str, Any]]:

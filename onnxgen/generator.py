@@ -108,6 +108,7 @@ class Generator:
         self.texts: list[str | None] = [None] * len(prompts)  # each row's whole text, once it has finished
         self.step_ends: list[float] = []  # perf_counter() after each forward
         self.guessed_tokens = self.guesses_taken = 0  # prompt lookup's guesses run, and those chosen
+        self._backoff = lookup.Backoff()
         self._streams = [TextStream(tokenizer) for _ in prompts]
         self._emitted = [0] * len(prompts)  # characters of each row's text already in events
 
@@ -147,6 +148,7 @@ class Generator:
                 break
         # Kept: the pending token's position and the guesses chosen; the last token chosen is the new pending one.
         self.guesses_taken += taken
+        self._backoff.record(taken)
         self.rows.take_back(len(guessed) - taken)
         return events
 
@@ -154,7 +156,7 @@ class Generator:
         """Prompt lookup's guesses for this step: none before the first token (the prompt pass makes it), and
         none past max_new_tokens (the step's own token comes on top)."""
         count = self.opts.prompt_lookup_num_tokens
-        if count is None or self.rows.pending is None:
+        if count is None or self.rows.pending is None or not self._backoff.ready():
             return []
         count = min(count, self.opts.max_new_tokens - len(self.generated[0]) - 1)
         ngram = self.opts.max_matching_ngram_size or 2  # transformers' default

@@ -4,12 +4,15 @@ A step then runs the pending token and the guesses in one pass (about the cost o
 decode step is bound by reading the weights) and keeps each guess the model would have chosen itself, so
 that the text is the one plain decoding gives (generator.py). It pays where the output repeats its input.
 Saxena's prompt-lookup-decoding, as transformers' PromptLookupCandidateGenerator finds it: the longest
-n-gram first, its first occurrence, cut before an end token.
+n-gram first, its first occurrence, cut before an end token. Where guesses keep failing, a pass of several
+positions costs more than the step it replaces (gpt2 int4 at 2.4 steps for 6 positions): `Backoff` stops
+guessing for a while, longer after each failure in a row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -28,3 +31,28 @@ def guesses(history: list[int], count: int, ngram_size: int, eos_ids: Collection
             ends = [i for i, token in enumerate(found) if token in eos_ids]
             return found[: ends[0]] if ends else found
     return []
+
+
+MAX_WAIT = 16  # steps: where the text starts repeating its input after a long stretch, guesses resume within this
+
+
+@dataclass
+class Backoff:
+    """After a step whose guesses all failed: no guesses for the next 1 step, then 2, 4, ... MAX_WAIT after
+    failures in a row; back to guessing at every step once a guess is taken. The text is the same either way."""
+
+    wait: int = 0  # steps left without guesses
+    next_wait: int = 1  # after the next failure
+
+    def ready(self) -> bool:
+        """Whether this step guesses (a step without counts down the wait)."""
+        if self.wait:
+            self.wait -= 1
+            return False
+        return True
+
+    def record(self, taken: int) -> None:
+        if taken:
+            self.next_wait = 1
+        else:
+            self.wait, self.next_wait = self.next_wait, min(2 * self.next_wait, MAX_WAIT)

@@ -16,7 +16,7 @@ import torch
 import onnxgen
 from onnxgen.batcher import Batcher, Job
 from onnxgen.errors import OptionsError
-from onnxgen.lookup import guesses
+from onnxgen.lookup import MAX_WAIT, Backoff, guesses
 
 PROMPT = [12, 40, 7, 99, 150, 3, 61, 12, 40]
 
@@ -118,6 +118,39 @@ def test_int4_with_prompt_lookup_takes_guesses(quantized_folder) -> None:  # typ
     guessed = model.generate(PROMPT, prompt_lookup_num_tokens=4, **options)[0].token_ids
     assert model.last_stats is not None and model.last_stats.guesses_taken > 0
     assert guessed == model.generate(PROMPT, **options)[0].token_ids
+
+
+def test_backoff_waits_longer_after_each_failure_in_a_row() -> None:
+    backoff, pattern = Backoff(), []
+    for taken in [0, 0, 0, 0, 0, 0, 2, 0]:
+        while not backoff.ready():
+            pattern.append(".")
+        pattern.append(str(taken))
+        backoff.record(taken)
+    assert "".join(pattern) == "0.0..0....0........0" + "." * MAX_WAIT + "0" + "." * MAX_WAIT + "20"
+
+
+def test_guesses_that_always_fail_stop_being_run(model: onnxgen.Model) -> None:
+    """Text that goes backwards through its prompt: each step has a guess (its last token occurred before), and
+    each guess fails; after failures in a row, guessing pauses, so few passes carry guesses."""
+    prompt = list(range(100, 160))
+
+    def backwards(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        out = scores.copy()
+        out[:, prompt[len(prompt) - 2 - (input_ids.shape[1] - len(prompt))]] += 30.0
+        return out
+
+    options: dict[str, Any] = dict(max_new_tokens=50, eos_token_id=None, do_sample=False, logits_processors=[backwards])
+    plain = model.generate(prompt, **options)[0].token_ids
+    assert plain == prompt[-2::-1][:50]
+    generator = model.generator(prompt, prompt_lookup_num_tokens=3, **options)
+    passes = 0
+    while not generator.done:
+        guessed = generator.guessed_tokens
+        generator.step()
+        passes += generator.guessed_tokens > guessed
+    assert generator.completions()[0].token_ids == plain
+    assert generator.guesses_taken == 0 and 4 <= passes <= 7  # failures at steps 1, 3, 6, 11, 20, 37: waits 1, 2, 4, 8, 16
 
 
 def test_a_server_runs_a_prompt_lookup_request_apart(model: onnxgen.Model) -> None:
