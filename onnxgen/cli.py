@@ -207,6 +207,39 @@ def generate(
 
 
 @app.command()
+def score(
+    files: Annotated[list[str], typer.Argument(help="text files to score (- reads standard input)", show_default=False)],
+    model: ModelOption = None,
+    stride: Annotated[int | None, typer.Option(help="a text past the context window is scored in windows this many tokens "
+                                               "apart (default: half the window)")] = None,
+    provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Each text's perplexity under the model: its tokens' log-probabilities, each given the tokens before it."""
+    from . import load
+    from .progress import counter
+
+    def body() -> None:
+        m = load(model, provider=provider, threads=threads)  # type: ignore[arg-type]
+        results = []
+        for name in files:
+            try:
+                text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                fail(f"cannot read {name}: {e.strerror if isinstance(e, OSError) else 'not UTF-8 text'}")
+            with counter(f"Scoring {name}") as progress:
+                s = m.score(text, stride=max(1, m.context_length // 2) if stride is None else stride, progress=progress)[0]
+            results.append({"file": name, "tokens": len(s.token_ids), "total_logprob": s.total, "perplexity": s.perplexity})
+            if not as_json:
+                print(f"{name}: {len(s.token_ids)} tokens, perplexity {s.perplexity:.3f} (log-probability {s.total:.1f})")
+        if as_json:
+            print(json.dumps(results, indent=2))
+
+    run(body)
+
+
+@app.command()
 def bench(
     model: ModelOption = None,
     batch: Annotated[list[int] | None, typer.Option(help="batch size (repeatable)")] = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,13 +206,15 @@ class Model:
         self._calls.stats = generator.stats
 
     # -- scoring ---------------------------------------------------------------------------------
-    def score(self, texts: Prompt | Sequence[Prompt], top_logprobs: int = 0, stride: int | None = None) -> list[Score]:
+    def score(self, texts: Prompt | Sequence[Prompt], top_logprobs: int = 0, stride: int | None = None,
+              progress: Callable[[int, int], None] | None = None) -> list[Score]:
         """Each text's tokens' log-probabilities, each given the tokens before it (perplexity, reranking, the
         log-likelihoods of evaluation harnesses), with the `top_logprobs` (0-20) most likely tokens at every
         position. A text longer than the context window needs `stride`: it is scored in windows of the context's
         length that start `stride` tokens apart, each token given the window's tokens before it (at least
         context - stride of them: the usual way to measure perplexity past the window). One pass per window,
-        which holds every position's scores: positions x vocabulary floats (200 MB for GPT-2 at 1,024 tokens)."""
+        which holds every position's scores: positions x vocabulary floats (200 MB for GPT-2 at 1,024 tokens).
+        `progress(scored, tokens)` is called after each window: the text's tokens scored so far, and its tokens."""
         if not (is_int(top_logprobs) and 0 <= top_logprobs <= MAX_LOGPROBS):
             raise OptionsError(f"top_logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {top_logprobs!r}")
         if stride is not None and not (is_int(stride) and 1 <= stride < self.context_length):  # windows overlap: every token has one before it
@@ -235,6 +237,8 @@ class Model:
                 new = len(logprobs) - begin - 1  # the window's tokens scored already, by earlier windows
                 logprobs += map(float, chosen[new:])
                 top += best[new:]
+                if progress is not None:
+                    progress(end, len(ids))
                 if end == len(ids):
                     break
             scores.append(Score(ids, logprobs, top))

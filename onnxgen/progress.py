@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -31,3 +31,12 @@ def steps(total: int, quiet: bool = False) -> Iterator[Steps]:
     # Drawn on a terminal only: in a log or a pipe a bar is noise (and rich leaves blank lines there).
     with Progress(*columns, console=stderr, transient=True, disable=quiet or not stderr.is_terminal) as progress:
         yield Steps(progress, total)
+
+
+@contextmanager
+def counter(description: str, quiet: bool = False) -> Iterator[Callable[[int, int], None]]:
+    """A bar over a count that the work learns as it goes: the context gives `update(done, total)`."""
+    columns = (SpinnerColumn(), TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=True, disable=quiet or not stderr.is_terminal) as progress:
+        task = progress.add_task("", total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)

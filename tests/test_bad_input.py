@@ -299,6 +299,10 @@ CLI_CASES: list[tuple[list[str], int, str]] = [
     (["generate", "x", "--temperature", "nan", "--strategy", "sample"], 1, "temperature"),
     (["generate", "x", "--model", "/nope"], 1, "not found"),
     (["verify", "--model", "/nope"], 1, "not found"),
+    (["score"], 2, "Missing argument 'files'"),
+    (["score", "/nope.txt"], 1, "cannot read /nope.txt: No such file"),
+    (["score", str(Path(__file__).parent / "__init__.py")], 1, "nothing to score"),  # empty
+    (["score", str(Path(__file__)), "--stride", "0"], 1, "stride must be"),
 ]
 
 

@@ -3,6 +3,9 @@ streaming, per-call stats and one model shared by many threads."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import torch
 import onnxgen
 from onnxgen.errors import OptionsError
 
+from .conftest import EVAL_TEXT
 from .test_generate import PROMPTS, hf_generate
 
 
@@ -110,6 +114,27 @@ def test_score_past_the_context_window_in_strided_windows(model: onnxgen.Model, 
     assert len(score.logprobs) == len(ids) == len(score.top_logprobs) and score.logprobs[0] is None
     np.testing.assert_allclose(score.logprobs[1:], expected[1:], atol=1e-4)
     assert score.logprobs[: ctx] == model.score([ids[:ctx]])[0].logprobs  # the first window alone is the short text's score
+
+
+def test_cli_score_is_model_score(model: onnxgen.Model, exported: Path, tmp_path: Path) -> None:
+    """`onnxgen score`: each file's perplexity as Model.score gives it, a file past the context window in windows
+    half the window apart (the default stride), standard input as `-`; progress reported as windows end."""
+    text = EVAL_TEXT.read_text()
+    short, long = tmp_path / "short.txt", tmp_path / "long.txt"
+    short.write_text(text[:200])
+    long.write_text(text[:3000])
+    seen: list[tuple[int, int]] = []
+    expected = [model.score(text[:200])[0], model.score(text[:3000], stride=model.context_length // 2, progress=lambda *p: seen.append(p))[0],
+                model.score("Call me Ishmael.")[0]]
+    assert len(expected[1].token_ids) > model.context_length and len(seen) > 2 and seen[-1] == (len(expected[1].token_ids),) * 2
+    r = subprocess.run([sys.executable, "-m", "onnxgen", "score", str(short), str(long), "-", "--model", str(exported), "--json"],
+                       input="Call me Ishmael.", capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert [x["file"] for x in result] == [str(short), str(long), "-"]
+    for got, score in zip(result, expected):
+        assert got["tokens"] == len(score.token_ids)
+        assert got["perplexity"] == pytest.approx(score.perplexity, rel=1e-6) and got["total_logprob"] == pytest.approx(score.total, rel=1e-6)
 
 
 def test_sampled_logprobs_equal_transformers_warpers(model: onnxgen.Model, torch_model: torch.nn.Module) -> None:
