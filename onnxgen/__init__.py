@@ -8,7 +8,15 @@
 
 __version__ = "0.1.0"
 
-from .errors import ContextLengthError, IgnoredOptionWarning, ModelFolderError, OnnxgenError, OptionsError, ProviderError
+from .errors import (
+    ContextLengthError,
+    IgnoredOptionWarning,
+    ModelFolderError,
+    OnnxgenError,
+    OptionsError,
+    PerformanceWarning,
+    ProviderError,
+)
 from .beam import BeamSearch
 from .generator import Completion, Event, Generator, Stats
 from .model import Model, Score, TextGenerationPipeline, load, pipeline
@@ -16,5 +24,5 @@ from .options import STRATEGIES, GenerationOptions
 
 __all__ = [
     "STRATEGIES", "BeamSearch", "Completion", "ContextLengthError", "Event", "GenerationOptions", "Generator", "IgnoredOptionWarning", "Model",
-    "ModelFolderError", "OnnxgenError", "OptionsError", "ProviderError", "Score", "Stats", "TextGenerationPipeline", "load", "pipeline",
+    "ModelFolderError", "OnnxgenError", "OptionsError", "PerformanceWarning", "ProviderError", "Score", "Stats", "TextGenerationPipeline", "load", "pipeline",
 ]

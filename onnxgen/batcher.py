@@ -15,7 +15,7 @@ run apart, each with a cache of its own, one at a time, a step of it in turn wit
 rows: a seeded one where a row's numbers move with the rows beside it (int8 quantizes each step's
 activations with one scale for all rows; CUDA's kernels change with the row count), so that it gives
 exactly what `model.generate` gives with that seed (fp32 and int4 folders on the CPU batch it: their rows
-are computed alone, which _rows_alone checks at start); more rows than `max_batch`; one with prompt lookup (its steps run several tokens of its row); and every request on a folder
+are computed alone, which _rows_alone checks at start); more rows than `max_batch`; one with guesses (prompt lookup, a draft model: its steps run several tokens of its row); and every request on a folder
 whose cache grows (`--growing-cache`: its rows share one left-padded width, so none can join). Requests start oldest
 first: one that waits for room holds back those behind it.
 """
@@ -143,7 +143,7 @@ class Batcher:
 
     def _shares(self, job: Job) -> bool:
         return (self.cache is not None and (job.options.seed is None or self.seeds_share) and job.rows <= self.max_batch
-                and job.options.prompt_lookup_num_tokens is None)  # its steps write several positions of its one row
+                and job.options.prompt_lookup_num_tokens is None and job.options.assistant_model is None)  # guesses: see Generator.step
 
     def _start_waiting(self) -> None:
         """Start waiting jobs, oldest first, while there is room; wait for one when nothing runs."""

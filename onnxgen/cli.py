@@ -19,7 +19,7 @@ try:
 except ImportError:  # the embedding install (`pip install onnxgen onnxruntime`) has the API, not the command line
     sys.exit("onnxgen: error: the command line needs typer and rich: pip install 'onnxgen[cpu]' (or 'onnxgen[gpu]', or 'onnxgen[cli]')")
 
-from .errors import IgnoredOptionWarning, OnnxgenError
+from .errors import IgnoredOptionWarning, OnnxgenError, PerformanceWarning
 from .options import STRATEGIES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -159,6 +159,8 @@ def generate(
     logprobs: Annotated[int | None, typer.Option(help="with --json: each token's log-probability and this many alternatives")] = None,
     prompt_lookup_num_tokens: Annotated[int | None, typer.Option(help="prompt lookup decoding: guess this many tokens a step from "
                                                                  "the text so far (same text, fewer steps where it repeats its input)")] = None,
+    assistant_model: Annotated[Path | None, typer.Option(help="assisted generation: a smaller model folder with the same tokenizer "
+                                                         "drafts tokens (same text, fewer steps where it agrees)")] = None,
     truncate_prompt: Annotated[bool | None, typer.Option("--truncate-prompt", help="drop the oldest prompt tokens if too long")] = None,
     provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
@@ -177,8 +179,11 @@ def generate(
                  prompt_lookup_num_tokens=prompt_lookup_num_tokens, truncate_prompt=truncate_prompt)
 
     def body() -> None:
-        m = load(model, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph)  # type: ignore[arg-type]
-        opts = m.options(**strategy_options(strategy, given))
+        # A model and its draft take turns: neither's threads may spin on after its run (load's `spinning`).
+        spinning = assistant_model is None
+        m = load(model, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph, spinning=spinning)  # type: ignore[arg-type]
+        draft = None if spinning else load(assistant_model, provider=provider, threads=threads, spinning=False)  # type: ignore[arg-type]
+        opts = m.options(**strategy_options(strategy, given), **({"assistant_model": draft} if draft is not None else {}))
         if as_json:
             completions = m.generate(prompt, opts)
             print(json.dumps({"prompt": prompt, "completions": [asdict(c) for c in completions],
@@ -200,7 +205,7 @@ def generate(
             s = m.last_stats
             print(f"{s.prompt_tokens} prompt tokens, {s.new_tokens} new tokens; time to first token "
                   f"{s.time_to_first_token_s * 1000:.1f} ms; decode {s.decode_tokens_per_s:.1f} tok/s; total {s.total_s:.2f} s"
-                  + (f"; prompt lookup: {s.guesses_taken} of {s.guessed_tokens} guesses taken" if s.guessed_tokens else ""),
+                  + (f"; {s.guesses_taken} of {s.guessed_tokens} guesses taken" if s.guessed_tokens else ""),
                   file=sys.stderr)
 
     run(body)
@@ -316,7 +321,7 @@ _python_format = warnings.formatwarning
 def _warning_line(message: Warning | str, category: type[Warning], *rest: Any) -> str:
     """onnxgen's warnings as the command line prints them: one line, like its errors (Python's format adds the file
     and source line); other libraries' as Python prints them."""
-    if issubclass(category, IgnoredOptionWarning):
+    if issubclass(category, (IgnoredOptionWarning, PerformanceWarning)):
         return f"onnxgen: warning: {' '.join(str(message).split())}\n"
     return _python_format(message, category, *rest)
 

@@ -31,3 +31,7 @@ class QuantizeError(OnnxgenError):
 
 class IgnoredOptionWarning(UserWarning):
     """A model folder asks for something onnxgen does not do (a generation_config.json key it does not take)."""
+
+
+class PerformanceWarning(UserWarning):
+    """A call will run, but much slower than it could (how to set it up better is in the message)."""

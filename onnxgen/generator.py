@@ -19,9 +19,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from . import logits, lookup
+from . import logits
+from .assistant import Assistant
 from .decoding import Rows, Scoring, sample
 from .errors import OptionsError
+from .lookup import PromptLookup
 from .options import GenerationOptions, is_int
 from .runtime import Runtime
 from .stopping import StopRules
@@ -92,7 +94,7 @@ class Generator:
     """Greedy decoding and sampling; see the module's docstring."""
 
     def __init__(self, runtime: Runtime, tokenizer: Tokenizer, prompts: list[list[int]], prompt_index: list[int],
-                 opts: GenerationOptions, pad_id: int) -> None:
+                 opts: GenerationOptions, pad_id: int, guesser: PromptLookup | Assistant | None = None) -> None:
         self.start = time.perf_counter()
         self.opts, self.pad_id, self.tokenizer = opts, pad_id, tokenizer
         self.prompt_index = prompt_index
@@ -108,7 +110,7 @@ class Generator:
         self.texts: list[str | None] = [None] * len(prompts)  # each row's whole text, once it has finished
         self.step_ends: list[float] = []  # perf_counter() after each forward
         self.guessed_tokens = self.guesses_taken = 0  # prompt lookup's guesses run, and those chosen
-        self._backoff = lookup.Backoff()
+        self.guesser = guesser
         self._streams = [TextStream(tokenizer) for _ in prompts]
         self._emitted = [0] * len(prompts)  # characters of each row's text already in events
 
@@ -124,7 +126,7 @@ class Generator:
             self.finish_reasons[row] = "cancelled"
             self.texts[row] = self.tokenizer.decode(self.generated[row])
             if self.done:
-                self.rows.release()
+                self._end()
 
     def cancel(self) -> None:
         for row in range(len(self.generated)):
@@ -136,7 +138,7 @@ class Generator:
         if self.done:
             return []
         guessed = self._guesses()
-        if not guessed:
+        if not guessed:  # with a guesser too: none before the first token, or none found
             return self.take(self.rows.forward())
         scores = self.rows.forward_guessed(guessed)  # after the pending token, then after each guess
         self.step_ends.append(time.perf_counter())
@@ -148,19 +150,25 @@ class Generator:
                 break
         # Kept: the pending token's position and the guesses chosen; the last token chosen is the new pending one.
         self.guesses_taken += taken
-        self._backoff.record(taken)
         self.rows.take_back(len(guessed) - taken)
+        if self.guesser is not None and not self.done:  # done, the guesser has let its cache go
+            self.guesser.taken(taken)
         return events
 
     def _guesses(self) -> list[int]:
-        """Prompt lookup's guesses for this step: none before the first token (the prompt pass makes it), and
-        none past max_new_tokens (the step's own token comes on top)."""
-        count = self.opts.prompt_lookup_num_tokens
-        if count is None or self.rows.pending is None or not self._backoff.ready():
+        """This step's guesses: none before the first token (the prompt pass makes it), and none past
+        max_new_tokens (the step's own token comes on top)."""
+        if self.guesser is None or self.rows.pending is None:
             return []
-        count = min(count, self.opts.max_new_tokens - len(self.generated[0]) - 1)
-        ngram = self.opts.max_matching_ngram_size or 2  # transformers' default
-        return lookup.guesses(self.rows.history(0), count, ngram, self.opts.eos_ids) if count > 0 else []
+        count = min(self.opts.num_assistant_tokens if isinstance(self.guesser, Assistant) else self.opts.prompt_lookup_num_tokens or 0,
+                    self.opts.max_new_tokens - len(self.generated[0]) - 1)
+        return self.guesser.guesses(self.rows.history(0), count) if count > 0 else []
+
+    def _end(self) -> None:
+        """Every row has finished: the caches go back to their runtimes."""
+        self.rows.release()
+        if self.guesser is not None:
+            self.guesser.release()
 
     def take(self, raw: np.ndarray) -> list[Event]:
         """A step after its forward: choose each row's token from `raw`, the scores the forward gave (rows,
@@ -190,7 +198,7 @@ class Generator:
                     reasons[row] = "stop"
         events = [self._event(row, reason) for row, reason in reasons.items()]
         if self.done:
-            self.rows.release()
+            self._end()
         return events
 
     def _event(self, row: int, reason: str | None) -> Event:

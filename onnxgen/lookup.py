@@ -56,3 +56,19 @@ class Backoff:
             self.next_wait = 1
         else:
             self.wait, self.next_wait = self.next_wait, min(2 * self.next_wait, MAX_WAIT)
+
+
+class PromptLookup:
+    """A call's guesser (Generator's): guesses from its own text, pausing where they fail."""
+
+    def __init__(self, ngram_size: int, eos_ids: Collection[int]) -> None:
+        self.ngram_size, self.eos_ids, self.backoff = ngram_size, eos_ids, Backoff()
+
+    def guesses(self, history: list[int], count: int) -> list[int]:
+        return guesses(history, count, self.ngram_size, self.eos_ids) if self.backoff.ready() else []
+
+    def taken(self, taken: int) -> None:
+        self.backoff.record(taken)
+
+    def release(self) -> None:
+        pass

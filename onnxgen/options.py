@@ -34,11 +34,11 @@ MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 100.0
 MAX_LENGTH_PENALTY = 10.0
 MAX_OPENAI_PENALTY = 2.0  # presence_penalty and frequency_penalty
-INTS = {"max_new_tokens", "min_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size"}
+INTS = {"max_new_tokens", "min_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size", "num_assistant_tokens"}
 OPTIONAL_INTS = {"pad_token_id", "seed", "logprobs", "prompt_lookup_num_tokens", "max_matching_ngram_size"}
 OPTIONAL_FLOATS = {"max_time"}
 FLOATS = {"temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "length_penalty", "repetition_penalty",
-          "presence_penalty", "frequency_penalty"}
+          "presence_penalty", "frequency_penalty", "assistant_confidence_threshold"}
 BOOLS = {"do_sample", "truncate_prompt", "remove_invalid_values", "renormalize_logits"}
 TOKEN_LISTS = {"suppress_tokens", "begin_suppress_tokens"}
 SequenceBias = dict[tuple[int, ...], float]
@@ -85,6 +85,12 @@ class GenerationOptions:
     # output repeats its input (summaries, quotes, edits of code). One sequence a call, greedy or sampling.
     prompt_lookup_num_tokens: int | None = None
     max_matching_ngram_size: int | None = None
+    # Assisted generation (transformers'): a smaller loaded onnxgen model with the same tokenizer drafts up to
+    # num_assistant_tokens tokens a step greedily (fewer after a token it gives less than the threshold), and
+    # the model keeps those it would have chosen itself; the same text as plain decoding. One sequence a call.
+    assistant_model: Any = None  # an onnxgen Model (options.py cannot name the type: model.py imports this module)
+    num_assistant_tokens: int = 20
+    assistant_confidence_threshold: float = 0.4
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     stop: list[str] = field(default_factory=list)  # stop strings: generation ends when the text contains one
@@ -163,8 +169,15 @@ class GenerationOptions:
         for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise OptionsError(f"{name} must be at least 1 (or None), got {getattr(self, name)}")
-        if self.num_beams > 1 and self.prompt_lookup_num_tokens is not None:
-            raise OptionsError("prompt_lookup_num_tokens works with greedy decoding and sampling, not beam search")
+        if self.num_assistant_tokens < 1:
+            raise OptionsError(f"num_assistant_tokens must be at least 1, got {self.num_assistant_tokens}")
+        if not 0 <= self.assistant_confidence_threshold <= 1:
+            raise OptionsError(f"assistant_confidence_threshold must be in [0, 1], got {self.assistant_confidence_threshold}")
+        for name in ("prompt_lookup_num_tokens", "assistant_model"):
+            if self.num_beams > 1 and getattr(self, name) is not None:
+                raise OptionsError(f"{name} works with greedy decoding and sampling, not beam search")
+        if self.prompt_lookup_num_tokens is not None and self.assistant_model is not None:
+            raise OptionsError("guesses come from prompt_lookup_num_tokens or from assistant_model, not both")
         if any(not s for s in self.stop):
             raise OptionsError("stop strings must not be empty")
         if self.seed is not None and not 0 <= self.seed < 2**64:

@@ -124,7 +124,7 @@ class Runtime:
     that move cache rows on the device. Everything a call changes lives in its cache (cache.py)."""
 
     def __init__(self, folder: ModelFolder, provider: Provider = "cpu", threads: int | None = None,
-                 mapped_weights: bool = False, cuda_graph: bool = False) -> None:
+                 mapped_weights: bool = False, cuda_graph: bool = False, spinning: bool = True) -> None:
         ort = import_onnxruntime()
         self.ort = ort
         dims = folder.dims
@@ -133,6 +133,9 @@ class Runtime:
         options = ort.SessionOptions()
         options.intra_op_num_threads = _threads(threads)
         options.inter_op_num_threads = 1
+        if not spinning:  # see load()
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+        self.spinning = spinning
         options.log_severity_level = 3  # onnxruntime's warnings about unused initializers are noise here
         if mapped_weights:  # the weights packed for this CPU once, in a file every process maps (prepacked.py)
             if provider != "cpu":

@@ -189,7 +189,7 @@ def test_continuous_batching_on_cuda(folders: dict[str, Path], cuda_graph: bool)
 def test_prompt_lookup_on_cuda_gives_plain_decodings_text(folders: dict[str, Path], cuda_graph: bool) -> None:
     """Guessed positions written into the device cache in one pass (never captured), then steps (captured with
     CUDA graphs) that read each row only to its length, the refused guesses' positions included."""
-    from .test_lookup import PROMPT, RepeatWithBreaks
+    from .test_speculative import PROMPT, RepeatWithBreaks
 
     gpu = onnxgen.load(folders["fp16"], provider="cuda", cuda_graph=cuda_graph)
     options: dict = {"max_new_tokens": 40, "eos_token_id": None, "do_sample": False, "logits_processors": [RepeatWithBreaks()]}

@@ -1,4 +1,5 @@
-"""Prompt lookup decoding (lookup.py, Generator.step): transformers' guesses, and the text plain decoding gives."""
+"""Guessed tokens that the model checks in one pass (Generator.step): prompt lookup decoding (lookup.py) and assisted
+generation with a draft model (assistant.py). transformers' guesses, and the text plain decoding gives."""
 
 from __future__ import annotations
 
@@ -182,4 +183,115 @@ def test_cli_prompt_lookup(exported: Path, model: onnxgen.Model) -> None:
                         "--strategy", "greedy", "--prompt-lookup-num-tokens", "3", "--stats"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout == expected + "\n"
-    assert re.search(r"prompt lookup: \d+ of [1-9]\d* guesses taken", r.stderr), r.stderr
+    assert re.search(r"; \d+ of [1-9]\d* guesses taken", r.stderr), r.stderr
+
+
+# -- a draft model (assistant_model) -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def draft(quantized_folder) -> onnxgen.Model:  # type: ignore[no-untyped-def]
+    """The tiny model's int8 folder: a draft that agrees with its fp32 parent most of the time, and not always."""
+    return onnxgen.load(quantized_folder("int8"), threads=1, spinning=False)
+
+
+@pytest.fixture(scope="module")
+def target(exported: Path) -> onnxgen.Model:
+    return onnxgen.load(exported, threads=1, spinning=False)
+
+
+DRAFTING: dict[str, Any] = {"num_assistant_tokens": 4, "assistant_confidence_threshold": 0.0}  # always 4: both paths of a step
+
+
+def test_assisted_greedy_is_transformers_greedy(target: onnxgen.Model, draft: onnxgen.Model, torch_model: torch.nn.Module) -> None:
+    options: dict[str, Any] = dict(max_new_tokens=40, eos_token_id=None, do_sample=False, repetition_penalty=1.2)
+    plain = target.generate(PROMPT, **options)[0].token_ids
+    generator = target.generator(PROMPT, assistant_model=draft, **DRAFTING, **options)
+    while not generator.done:
+        generator.step()
+    assert generator.completions()[0].token_ids == plain
+    assert 0 < generator.guesses_taken < generator.guessed_tokens
+    hf = {k: v for k, v in options.items() if k != "eos_token_id"}
+    assert plain == hf_tokens(torch_model, PROMPT, **hf)
+
+
+class OtherEvery5th:
+    """Bans the model's favourite token where the length is a multiple of 5: the model's own choices elsewhere, so that
+    a draft of the same weights is right four times in five."""
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        out = scores.copy()
+        if input_ids.shape[1] % 5 == 0:
+            out[np.arange(len(out)), out.argmax(axis=-1)] = -np.inf
+        return out
+
+
+def test_the_draft_drafts_what_it_would_generate_from_the_text_so_far(target: onnxgen.Model, exported: Path) -> None:
+    """After steps whose drafts were taken whole, in part or not at all, the draft's cache holds the text so far:
+    its guesses are its own greedy continuation of the text (an fp32 draft: the same numbers in any pass)."""
+    draft = onnxgen.load(exported, threads=1, spinning=False)
+    generator = target.generator(PROMPT, assistant_model=draft, num_assistant_tokens=3, assistant_confidence_threshold=0.0,
+                                 max_new_tokens=30, eos_token_id=None, do_sample=False, logits_processors=[OtherEvery5th()])
+    guesser, seen = generator.guesser, []
+    assert guesser is not None
+    guess = guesser.guesses
+
+    def recorded(history: list[int], count: int) -> list[int]:
+        seen.append((list(history), guess(history, count)))
+        return seen[-1][1]
+
+    guesser.guesses = recorded  # type: ignore[method-assign]
+    while not generator.done:
+        generator.step()
+    assert len(seen) > 5 and 0 < generator.guesses_taken < generator.guessed_tokens  # the processor makes some guesses fail
+    for history, drafted in (step for step in seen if step[1]):  # not the steps the draft rested
+        alone = draft.generate(history, max_new_tokens=len(drafted), do_sample=False, eos_token_id=None, repetition_penalty=1.0)
+        assert drafted == alone[0].token_ids
+
+
+def test_assisted_sampling_gives_what_the_seed_gives_without(target: onnxgen.Model, draft: onnxgen.Model) -> None:
+    options: dict[str, Any] = dict(max_new_tokens=40, eos_token_id=None, do_sample=True, seed=11, top_k=0, temperature=0.7)
+    plain = target.generate(PROMPT, **options)[0].token_ids
+    assert target.generate(PROMPT, assistant_model=draft, **DRAFTING, **options)[0].token_ids == plain
+    assert target.last_stats is not None and target.last_stats.guesses_taken > 0
+
+
+def test_the_draft_stops_where_it_is_unsure(target: onnxgen.Model, exported: Path) -> None:
+    """assistant_confidence_threshold: a draft token it gives less probability than this ends the step's drafts,
+    so a threshold of 1 drafts one token a step, and 0 drafts num_assistant_tokens (less near max_new_tokens).
+    The draft is the model's own weights: always right, it never rests."""
+    draft = onnxgen.load(exported, threads=1, spinning=False)
+    for threshold, per_step in [(1.0, 1), (0.0, 4)]:
+        generator = target.generator(PROMPT, assistant_model=draft, num_assistant_tokens=4, assistant_confidence_threshold=threshold,
+                                     max_new_tokens=30, eos_token_id=None, do_sample=False)
+        drafted = []
+        while not generator.done:
+            before = generator.guessed_tokens
+            generator.step()
+            drafted.append(generator.guessed_tokens - before)
+        assert drafted[0] == 0 and set(drafted[1:-2]) == {per_step}  # the prompt pass drafts nothing
+
+
+def test_a_draft_is_refused_where_it_cannot_help(target: onnxgen.Model, draft: onnxgen.Model, exported_growing: Path) -> None:
+    bundled = onnxgen.load(threads=1)  # its own tokenizer
+    for assistant, options, message in [
+        ("a/folder", {}, "must be a loaded onnxgen model"), (bundled, {}, "does not share this model's tokenizer"),
+        (onnxgen.load(exported_growing, threads=1), {}, "growing-cache"), (draft, {"prompt_lookup_num_tokens": 3}, "not both"),
+        (draft, {"num_beams": 2}, "not beam search"), (draft, {"num_return_sequences": 2, "do_sample": True}, "one sequence a call"),
+        (draft, {"num_assistant_tokens": 0}, "num_assistant_tokens"), (draft, {"assistant_confidence_threshold": 1.5}, "threshold"),
+    ]:
+        with pytest.raises(OptionsError, match=message):
+            target.generate(PROMPT, assistant_model=assistant, **options)
+
+
+def test_models_that_spin_after_their_runs_are_warned_of(model: onnxgen.Model, draft: onnxgen.Model) -> None:
+    with pytest.warns(onnxgen.PerformanceWarning, match="spinning=False"):
+        model.generate(PROMPT, assistant_model=draft, max_new_tokens=3)
+
+
+def test_cli_assisted_generation(exported: Path, quantized_folder, model: onnxgen.Model) -> None:  # type: ignore[no-untyped-def]
+    expected = model.generate("It is a truth", max_new_tokens=15, do_sample=False)[0].text
+    r = subprocess.run([sys.executable, "-m", "onnxgen", "generate", "It is a truth", "--model", str(exported), "--max-new-tokens", "15",
+                        "--strategy", "greedy", "--assistant-model", str(quantized_folder("int8")), "--stats"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected + "\n" and "warning" not in r.stderr  # both loaded without spinning
+    assert re.search(r"; \d+ of [1-9]\d* guesses taken", r.stderr), r.stderr
