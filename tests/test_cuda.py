@@ -196,3 +196,16 @@ def test_prompt_lookup_on_cuda_gives_plain_decodings_text(folders: dict[str, Pat
     plain = gpu.generate(PROMPT, **options)[0].token_ids
     assert gpu.generate(PROMPT, prompt_lookup_num_tokens=4, **options)[0].token_ids == plain
     assert gpu.last_stats is not None and 0 < gpu.last_stats.guesses_taken < gpu.last_stats.guessed_tokens
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_assisted_generation_on_cuda_gives_plain_decodings_text(folders: dict[str, Path], cuda_graph: bool) -> None:
+    """A draft on the device too (its own cache, its steps captured with CUDA graphs), rewound after each check."""
+    from .test_speculative import PROMPT, OtherEvery5th
+
+    gpu = onnxgen.load(folders["fp16"], provider="cuda", cuda_graph=cuda_graph)
+    draft = onnxgen.load(folders["fp16"], provider="cuda", cuda_graph=cuda_graph)
+    options: dict = {"max_new_tokens": 40, "eos_token_id": None, "do_sample": False, "logits_processors": [OtherEvery5th()]}
+    plain = gpu.generate(PROMPT, **options)[0].token_ids
+    assert gpu.generate(PROMPT, assistant_model=draft, num_assistant_tokens=3, assistant_confidence_threshold=0.0, **options)[0].token_ids == plain
+    assert gpu.last_stats is not None and 0 < gpu.last_stats.guesses_taken < gpu.last_stats.guessed_tokens
