@@ -24,15 +24,16 @@ from .runtime import Runtime
 class Assistant:
     """A call's guesser (Generator's): a draft model's greedy tokens."""
 
-    def __init__(self, draft: Runtime, capacity: int, threshold: float) -> None:
+    def __init__(self, draft: Runtime, capacity: int, count: int, threshold: float) -> None:
         cache = draft.new_cache(1, capacity)
         assert isinstance(cache, InPlaceCache), "Model.generator refuses a draft folder with a growing cache"
-        self.draft, self.cache, self.threshold = draft, cache, threshold
+        self.draft, self.cache, self.count, self.threshold = draft, cache, count, threshold
         self._drafted = 0  # tokens drafted this step
         self._seen = 0  # positions of the text the draft's cache held before drafting
         self.backoff = Backoff()
 
-    def guesses(self, history: list[int], count: int) -> list[int]:
+    def guesses(self, history: list[int], most: int) -> list[int]:
+        """This step's drafts, at most `most` of them."""
         if not self.backoff.ready():
             return []
         scores = self.cache.append(history[int(self.cache.lengths[0]) :])[-1]
@@ -42,7 +43,7 @@ class Assistant:
             token = int(scores.argmax())
             drafted.append(token)
             confidence = 1.0 / float(np.exp(scores - scores[token]).sum())  # softmax at the token, without overflow
-            if len(drafted) == count or confidence < self.threshold:
+            if len(drafted) == min(self.count, most) or confidence < self.threshold:
                 break
             scores = self.cache.decode(np.array([token]))[0]
         self._drafted = len(drafted)

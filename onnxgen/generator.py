@@ -1,4 +1,4 @@
-"""The decode loop as an object the caller drives, one token per row a step (with prompt lookup, one or more):
+"""The decode loop as an object the caller drives, one token per row a step (one or more with guesses):
 
     g = model.generator(["Hello", "Once upon a time"], max_new_tokens=40, do_sample=True, logprobs=3)
     while not g.done:
@@ -10,6 +10,8 @@
 Streaming, cancellation (`g.finish(row)`, `g.cancel()`) and token-by-token tools come from owning the
 loop. Everything a call needs lives in its generator, so one loaded model serves many threads at once.
 Beam search (beam.py) has the same nouns; its steps return no events, since a beam revises its past.
+With a guesser (prompt lookup, lookup.py; a draft model, assistant.py), a step runs the pending token and the
+guessed ones in one pass and keeps each guess the model chooses itself: the same text in fewer steps.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ class Stats:
     time_to_first_token_s: float  # call start to the first token (the prompt pass)
     decode_tokens_per_s: float  # tokens after the first, per second, over all returned sequences
     total_s: float
-    guessed_tokens: int = 0  # prompt lookup: guesses run
-    guesses_taken: int = 0  # prompt lookup: guesses that were the model's own choice (each saved a step)
+    guessed_tokens: int = 0  # prompt lookup's or a draft's: guesses run
+    guesses_taken: int = 0  # guesses that were the model's own choice (each saved a step)
 
 
 @dataclass
@@ -109,7 +111,7 @@ class Generator:
         self.finish_reasons: list[str | None] = [None] * len(prompts)
         self.texts: list[str | None] = [None] * len(prompts)  # each row's whole text, once it has finished
         self.step_ends: list[float] = []  # perf_counter() after each forward
-        self.guessed_tokens = self.guesses_taken = 0  # prompt lookup's guesses run, and those chosen
+        self.guessed_tokens = self.guesses_taken = 0  # guesses run, and those chosen (Stats)
         self.guesser = guesser
         self._streams = [TextStream(tokenizer) for _ in prompts]
         self._emitted = [0] * len(prompts)  # characters of each row's text already in events
@@ -133,8 +135,8 @@ class Generator:
             self.finish(row)
 
     def step(self) -> list[Event]:
-        """Run the model once and add one token to every running row (with prompt lookup, one or more to the
-        call's one row); returns their events, in order."""
+        """Run the model once and add one token to every running row (with guesses, one or more to the call's
+        one row); returns their events, in order."""
         if self.done:
             return []
         guessed = self._guesses()
@@ -158,11 +160,10 @@ class Generator:
     def _guesses(self) -> list[int]:
         """This step's guesses: none before the first token (the prompt pass makes it), and none past
         max_new_tokens (the step's own token comes on top)."""
-        if self.guesser is None or self.rows.pending is None:
+        most = self.opts.max_new_tokens - len(self.generated[0]) - 1
+        if self.guesser is None or self.rows.pending is None or most < 1:
             return []
-        count = min(self.opts.num_assistant_tokens if isinstance(self.guesser, Assistant) else self.opts.prompt_lookup_num_tokens or 0,
-                    self.opts.max_new_tokens - len(self.generated[0]) - 1)
-        return self.guesser.guesses(self.rows.history(0), count) if count > 0 else []
+        return self.guesser.guesses(self.rows.history(0), most)
 
     def _end(self) -> None:
         """Every row has finished: the caches go back to their runtimes."""

@@ -61,11 +61,12 @@ class Backoff:
 class PromptLookup:
     """A call's guesser (Generator's): guesses from its own text, pausing where they fail."""
 
-    def __init__(self, ngram_size: int, eos_ids: Collection[int]) -> None:
-        self.ngram_size, self.eos_ids, self.backoff = ngram_size, eos_ids, Backoff()
+    def __init__(self, count: int, ngram_size: int, eos_ids: Collection[int]) -> None:
+        self.count, self.ngram_size, self.eos_ids, self.backoff = count, ngram_size, eos_ids, Backoff()
 
-    def guesses(self, history: list[int], count: int) -> list[int]:
-        return guesses(history, count, self.ngram_size, self.eos_ids) if self.backoff.ready() else []
+    def guesses(self, history: list[int], most: int) -> list[int]:
+        """This step's guesses, at most `most` of them."""
+        return guesses(history, min(self.count, most), self.ngram_size, self.eos_ids) if self.backoff.ready() else []
 
     def taken(self, taken: int) -> None:
         self.backoff.record(taken)

@@ -193,7 +193,7 @@ class Model:
             raise OptionsError(f"{name} needs a folder with the cache in place (the export default); {self.folder.path} was "
                                "exported with --growing-cache")
         if opts.prompt_lookup_num_tokens is not None:
-            return PromptLookup(opts.max_matching_ngram_size or 2, opts.eos_ids)  # transformers' default n-gram size
+            return PromptLookup(opts.prompt_lookup_num_tokens, opts.max_matching_ngram_size or 2, opts.eos_ids)  # transformers' default n-gram
         draft = opts.assistant_model
         if not isinstance(draft, Model):
             raise OptionsError(f"assistant_model must be a loaded onnxgen model (onnxgen.load(folder)), got {type(draft).__name__}")
@@ -208,7 +208,7 @@ class Model:
             warnings.warn("assistant_model: load the model and its draft with spinning=False (onnxgen.load), or each one's "
                           "threads spin on after its run, taking the cores the other needs (twice the time a step)",
                           PerformanceWarning, stacklevel=3)
-        return Assistant(draft.runtime, len(ids[0]) + opts.max_new_tokens, opts.assistant_confidence_threshold)
+        return Assistant(draft.runtime, len(ids[0]) + opts.max_new_tokens, opts.num_assistant_tokens, opts.assistant_confidence_threshold)
 
     def generate(self, prompts: Prompt | Sequence[Prompt], options: GenerationOptions | None = None, **overrides: Any) -> list[Completion]:
         """Generate for one or many prompts; returns num_return_sequences completions per prompt, in order."""
