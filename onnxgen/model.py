@@ -110,7 +110,10 @@ class Model:
         the options name). A prompt is text (str, or bytes in UTF-8) or token ids (a sequence or 1-D array of
         integers); several prompts are a list of those or a 2-D integer array."""
         self._check_special_ids(opts)
-        budget = self.context_length - opts.max_new_tokens
+        if opts.max_length is not None and opts.max_length > self.context_length:
+            raise ContextLengthError(f"max_length ({opts.max_length}) exceeds the context window ({self.context_length})")
+        # With max_length, what is left after the prompt is generated (at least a token: for_prompts).
+        budget = self.context_length - (opts.max_new_tokens if opts.max_length is None else 1)
         if budget < 1:
             raise ContextLengthError(f"max_new_tokens ({opts.max_new_tokens}) must be below the context window ({self.context_length})")
         result = []
@@ -176,6 +179,7 @@ class Model:
         prompts are checked now. Rows go prompt by prompt, num_return_sequences rows each."""
         opts = self.options(options, **overrides)
         ids = self.prompt_ids(prompts, opts)
+        opts = opts.for_prompts(max(len(p) for p in ids))
         if opts.num_beams > 1:
             return BeamSearch(self.runtime, self.tokenizer, ids, opts, self._pad_id(opts))
         n = opts.num_return_sequences
@@ -325,14 +329,13 @@ class TextGenerationPipeline:
         return results[0] if isinstance(text_inputs, str) else results
 
     def _overrides(self, prompt: str, max_length: int | None, options: dict[str, Any]) -> dict[str, Any]:
-        """transformers' max_length counts the prompt; an explicit max_new_tokens wins, as in transformers."""
-        if max_length is None or "max_new_tokens" in options:
-            return dict(options)
-        prompt_tokens = len(self.model._encode(prompt))
-        if not is_int(max_length) or max_length <= prompt_tokens:
-            raise OptionsError(f"max_length ({max_length!r}) counts the prompt, which is {prompt_tokens} tokens: "
-                               "pass a larger max_length, or max_new_tokens")
-        return {**options, "max_new_tokens": max_length - prompt_tokens}
+        """Each prompt's own new tokens under max_length, as transformers' pipeline runs a prompt at a time (in a
+        batch of several lengths, generate() would count the longest)."""
+        given = {**options, **({"max_length": max_length} if max_length is not None else {})}
+        opts = self.model.options(**given)
+        if opts.max_length is None:
+            return given
+        return {**options, "max_new_tokens": opts.for_prompts(len(self.model._encode(prompt))).max_new_tokens}
 
 
 def pipeline(task: str = "text-generation", model: str | Path | Model | None = None, device: int | str | None = None,

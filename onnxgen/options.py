@@ -26,7 +26,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 }
 # generation_config.json keys that change transformers' output and that onnxgen does not take, with transformers'
 # defaults: a folder that sets one to something else gets a warning, not a silent difference.
-NOT_TAKEN = {"max_length": 20, "min_length": 0, "stop_strings": None, "num_beam_groups": 1, "diversity_penalty": 0.0,
+NOT_TAKEN = {"stop_strings": None, "num_beam_groups": 1, "diversity_penalty": 0.0,
              "penalty_alpha": None, "force_words_ids": None, "constraints": None, "forced_bos_token_id": None,
              "guidance_scale": None, "token_healing": False, "dola_layers": None, "watermarking_config": None}
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
@@ -35,7 +35,7 @@ MAX_REPETITION_PENALTY = 100.0
 MAX_LENGTH_PENALTY = 10.0
 MAX_OPENAI_PENALTY = 2.0  # presence_penalty and frequency_penalty
 INTS = {"max_new_tokens", "min_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size", "num_assistant_tokens"}
-OPTIONAL_INTS = {"pad_token_id", "seed", "logprobs", "prompt_lookup_num_tokens", "max_matching_ngram_size"}
+OPTIONAL_INTS = {"pad_token_id", "seed", "logprobs", "prompt_lookup_num_tokens", "max_matching_ngram_size", "max_length", "min_length"}
 OPTIONAL_FLOATS = {"max_time"}
 FLOATS = {"temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "length_penalty", "repetition_penalty",
           "presence_penalty", "frequency_penalty", "assistant_confidence_threshold"}
@@ -48,6 +48,11 @@ SequenceBias = dict[tuple[int, ...], float]
 class GenerationOptions:
     max_new_tokens: int = 20
     min_new_tokens: int = 0
+    # transformers' lengths that count the prompt (a batch's longest): where set, a call's max_new_tokens and
+    # min_new_tokens are worked out from them (for_prompts). An explicit max_new_tokens or min_new_tokens wins,
+    # as in transformers: given, it clears them (with_overrides; a folder's generation_config.json alike).
+    max_length: int | None = None
+    min_length: int | None = None
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 50  # sampling only, as in transformers; 0 disables
@@ -114,6 +119,9 @@ class GenerationOptions:
         return typed
 
     def _check_ranges(self) -> None:
+        for name in ("max_length", "min_length"):
+            if getattr(self, name) is not None and getattr(self, name) < (1 if name == "max_length" else 0):
+                raise OptionsError(f"{name} must be at least {1 if name == 'max_length' else 0} (or None), got {getattr(self, name)}")
         if self.max_new_tokens < 1:
             raise OptionsError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -197,7 +205,21 @@ class GenerationOptions:
         # sampling is asked for in the same call too (then the conflict is reported).
         if is_int(overrides.get("num_beams")) and overrides["num_beams"] > 1 and "do_sample" not in overrides:
             overrides["do_sample"] = False
-        return replace(self, **overrides).validate()
+        return replace(replace(self, **overrides).validate(), **_counted_lengths_cleared(overrides))  # checked, then given way
+
+    def for_prompts(self, width: int) -> GenerationOptions:
+        """The options of a call whose longest prompt is `width` tokens: max_length and min_length, where set,
+        become max_new_tokens and min_new_tokens (transformers' arithmetic on the padded width)."""
+        if self.max_length is None and self.min_length is None:
+            return self
+        new = self.max_new_tokens
+        if self.max_length is not None:
+            if self.max_length <= width:
+                raise OptionsError(f"max_length ({self.max_length}) counts the prompt, which is {width} tokens: pass a larger "
+                                   "max_length, or max_new_tokens")
+            new = self.max_length - width
+        least = self.min_new_tokens if self.min_length is None else min(max(self.min_length - width, 0), new)
+        return replace(self, max_new_tokens=new, min_new_tokens=least, max_length=None, min_length=None).validate()
 
     @property
     def eos_ids(self) -> list[int]:
@@ -216,10 +238,16 @@ class GenerationOptions:
         differs = {k: v for k, v in saved.items() if k in NOT_TAKEN and v != NOT_TAKEN[k]}
         if differs:
             warnings.warn(f"{path} sets {', '.join(f'{k}={v!r}' for k, v in differs.items())}, which onnxgen does not take: "
-                          "its generation may differ from transformers' (onnxgen counts new tokens: max_new_tokens, "
-                          "min_new_tokens; stop strings are `stop`)", IgnoredOptionWarning, stacklevel=2)
+                          "its generation may differ from transformers' (stop strings are `stop`)", IgnoredOptionWarning, stacklevel=2)
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in saved.items() if k in names and v is not None}).validate()
+        # max_length 20 is transformers' default, written by configs made from a model's config: not a choice.
+        taken = {k: v for k, v in saved.items() if k in names and v is not None and (k, v) != ("max_length", 20)}
+        return replace(cls(**taken).validate(), **_counted_lengths_cleared(taken))
+
+
+def _counted_lengths_cleared(given: dict[str, Any]) -> dict[str, None]:
+    """max_length and min_length give way to max_new_tokens and min_new_tokens given beside them (transformers')."""
+    return {counted: None for new, counted in (("max_new_tokens", "max_length"), ("min_new_tokens", "min_length")) if new in given}
 
 
 def _ids(value: int | list[int] | None) -> list[int]:

@@ -75,6 +75,8 @@ class CompletionRequest(BaseModel):
 
 
 UNSUPPORTED = {"suffix": None, "best_of": None}  # refused unless default
+# onnxgen's names for what OpenAI's fields say (and the server's limits hold), refused as extra fields.
+OPENAIS = {"max_new_tokens": "max_tokens", "max_length": "max_tokens", "min_length": "max_tokens", "num_return_sequences": "n"}
 
 
 def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
@@ -158,6 +160,8 @@ def _job_input(model: Model, body: CompletionRequest, limits: Limits) -> tuple[l
     for field, default in UNSUPPORTED.items():
         if extra.pop(field, default) not in (default, None):
             raise ValueError(f"{field} is not supported")
+    for field in OPENAIS.keys() & extra.keys():
+        raise ValueError(f"{field} is OpenAI's {OPENAIS[field]} here")
     if body.max_tokens == 0 and body.stream:
         raise ValueError("max_tokens 0 (the prompt scored, nothing generated) is not streamed")
     if body.max_tokens > limits.max_tokens:

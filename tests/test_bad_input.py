@@ -73,6 +73,8 @@ BAD_OPTIONS: list[tuple[dict[str, Any], str]] = [
     ({"remove_invalid_values": 1}, "remove_invalid_values"), ({"renormalize_logits": "yes"}, "renormalize_logits"),
     ({"max_time": 0}, "max_time"), ({"max_time": INF}, "max_time"), ({"max_time": "1s"}, "max_time"),
     ({"max_time": 1.0, "num_beams": 2}, "max_time is not supported with beam search"),
+    ({"max_length": 0}, "max_length"), ({"max_length": 2.5}, "max_length"), ({"min_length": -1}, "min_length"),
+    ({"min_length": "3"}, "min_length"),  # checked, though max_new_tokens given beside them wins
     ({"prompt_lookup_num_tokens": 0}, "prompt_lookup_num_tokens"), ({"prompt_lookup_num_tokens": 2.5}, "prompt_lookup_num_tokens"),
     ({"prompt_lookup_num_tokens": "5"}, "prompt_lookup_num_tokens"), ({"max_matching_ngram_size": -1}, "max_matching_ngram_size"),
     ({"prompt_lookup_num_tokens": 3, "num_beams": 2}, "not beam search"),

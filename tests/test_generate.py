@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -382,15 +383,16 @@ def test_folder_and_provider_errors(tmp_path: Path, exported: Path) -> None:
 
 
 def test_generation_config_keys_onnxgen_does_not_take_are_warned_of(tmp_path: Path) -> None:
-    """A folder whose generation_config.json asks for what onnxgen does not do (max_length counts the prompt) is
-    warned of, once, naming the keys; transformers' defaults for them are not; the CLI prints it as one line."""
+    """A folder whose generation_config.json asks for what onnxgen does not do (transformers' stop strings keep
+    the string, group beam search) is warned of, once, naming the keys; transformers' defaults for them are not;
+    the CLI prints it as one line."""
     import warnings
 
     from onnxgen import cli
 
-    (tmp_path / "generation_config.json").write_text(json.dumps({"max_length": 200, "do_sample": True, "top_k": 7, "min_length": 0,
+    (tmp_path / "generation_config.json").write_text(json.dumps({"num_beam_groups": 2, "do_sample": True, "top_k": 7,
                                                                  "stop_strings": ["x"]}))
-    with pytest.warns(onnxgen.IgnoredOptionWarning, match=r"sets max_length=200, stop_strings=\['x'\], which onnxgen does not take"):
+    with pytest.warns(onnxgen.IgnoredOptionWarning, match=r"sets num_beam_groups=2, stop_strings=\['x'\], which onnxgen does not take"):
         options = GenerationOptions.from_folder(tmp_path)
     assert options.do_sample and options.top_k == 7  # the keys it takes still count
     (tmp_path / "generation_config.json").write_text(json.dumps({"max_length": 20, "num_beam_groups": 1, "eos_token_id": 3}))
@@ -400,6 +402,31 @@ def test_generation_config_keys_onnxgen_does_not_take_are_warned_of(tmp_path: Pa
     line = cli._warning_line(onnxgen.IgnoredOptionWarning("a\n  b"), onnxgen.IgnoredOptionWarning, "options.py", 1)
     assert line == "onnxgen: warning: a b\n"
     assert "UserWarning" in cli._warning_line(UserWarning("other"), UserWarning, "x.py", 1)  # other libraries': Python's
+
+
+@pytest.mark.parametrize("where", ["call", "folder"])
+def test_max_and_min_length_count_the_prompt_as_in_transformers(model: onnxgen.Model, torch_model: torch.nn.Module, exported: Path,
+                                                                tmp_path: Path, where: str) -> None:
+    """transformers' max_length and min_length, given to a call or set in a folder's generation_config.json: lengths
+    of the whole sequence, the padded prompt's included; max_new_tokens and min_new_tokens given beside them win."""
+    eos = model.generate(PROMPTS[:1], max_new_tokens=2)[0].token_ids[1]  # ends the first row at its 2nd token, but for min_length
+    width = max(map(len, PROMPTS))
+    lengths: dict[str, Any] = {"max_length": width + 9, "min_length": width + 6}
+    base = None
+    if where == "folder":  # the folder's defaults, as a load reads them
+        config = json.loads((exported / "generation_config.json").read_text())
+        (tmp_path / "generation_config.json").write_text(json.dumps({**config, **lengths}))
+        base, lengths = GenerationOptions.from_folder(tmp_path), {}
+    ours = [c.token_ids for c in model.generate(PROMPTS, base, eos_token_id=eos, pad_token_id=eos, **lengths)]
+    expected = hf_generate(torch_model, PROMPTS, eos, do_sample=False, max_length=width + 9, min_length=width + 6)
+    assert ours == expected and max(map(len, ours)) == 9 and len(ours[0]) >= 6 and eos in ours[0]
+    wins = model.generate(PROMPTS, base, max_new_tokens=3, min_new_tokens=0, eos_token_id=eos, pad_token_id=eos, **lengths)
+    plain = model.generate(PROMPTS, max_new_tokens=3, eos_token_id=eos, pad_token_id=eos)
+    assert [c.token_ids for c in wins] == [c.token_ids for c in plain] and len(plain[0].token_ids) == 2  # given beside them, they win
+    with pytest.raises(OptionsError, match="counts the prompt"):
+        model.generate(PROMPTS, max_length=width)
+    with pytest.raises(ContextLengthError, match="exceeds the context window"):
+        model.generate(PROMPTS, max_length=model.context_length + 1)
 
 
 def test_pipeline_call_shape(exported: Path, model: onnxgen.Model) -> None:

@@ -159,6 +159,8 @@ def test_models_and_health(client: openai.OpenAI, server: str) -> None:
     ({"extra_body": {"nonsense": 1}}, "unknown"),
     ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"best_of": 2}, "best_of"),
+    ({"extra_body": {"max_new_tokens": 900}}, "max_new_tokens is OpenAI's max_tokens here"),  # would pass the max_tokens limit
+    ({"extra_body": {"max_length": 40}}, "max_length is OpenAI's max_tokens"), ({"extra_body": {"num_return_sequences": 9}}, "n here"),
     ({"max_tokens": 0, "echo": True, "stream": True}, "not streamed"),
 ])
 def test_bad_requests_are_400_in_openais_shape(client: openai.OpenAI, options: dict[str, object], message: str) -> None:
