@@ -31,6 +31,7 @@ class Assistant:
         self._drafted = 0  # tokens drafted this step
         self._seen = 0  # positions of the text the draft's cache held before drafting
         self.backoff = Backoff()
+        self._released = False
 
     def guesses(self, history: list[int], most: int) -> list[int]:
         """This step's drafts, at most `most` of them."""
@@ -55,4 +56,11 @@ class Assistant:
         self.backoff.record(taken)
 
     def release(self) -> None:
-        self.draft.release(self.cache)
+        """The call is over: the draft's cache goes back to its runtime (with CUDA graphs, for a later call)."""
+        if not self._released:
+            self._released = True
+            self.draft.release(self.cache)
+
+    def __del__(self) -> None:  # a call its caller let go of mid-way hands the draft's cache back too (as Rows does)
+        if not getattr(self, "_released", True):  # not if __init__ failed before there was a cache
+            self.release()

@@ -295,3 +295,22 @@ def test_cli_assisted_generation(exported: Path, quantized_folder, model: onnxge
     assert r.returncode == 0, r.stderr
     assert r.stdout == expected + "\n" and "warning" not in r.stderr  # both loaded without spinning
     assert re.search(r"; \d+ of [1-9]\d* guesses taken", r.stderr), r.stderr
+
+
+def test_the_drafts_cache_goes_back_once_a_call_ends_or_is_dropped(target: onnxgen.Model, exported: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the model's own cache: with CUDA graphs a cache that is not handed back leaves a captured graph behind."""
+    import gc
+
+    draft = onnxgen.load(exported, threads=1, spinning=False)
+    released: list[object] = []
+    monkeypatch.setattr(draft.runtime, "release", released.append)
+    target.generate(PROMPT, assistant_model=draft, max_new_tokens=6)
+    assert len(released) == 1
+    generator = target.generator(PROMPT, assistant_model=draft, max_new_tokens=30)
+    generator.step()
+    generator.step()
+    cache = generator.guesser.cache  # type: ignore[union-attr]
+    del generator
+    gc.collect()
+    assert len(released) == 2 and released[1] is cache
