@@ -130,6 +130,19 @@ def test_beam_search_as_an_extra_field(client: openai.OpenAI, model: onnxgen.Mod
     assert [c.text for c in out.choices] == [c.text for c in model.generate("Call me", max_new_tokens=8, num_beams=3, num_return_sequences=2)]
 
 
+def test_prompt_lookup_as_an_extra_field(client: openai.OpenAI, model: onnxgen.Model) -> None:
+    """Run apart by the server (its steps write several positions of its row): plain decoding's text, streamed too."""
+    prompt = "It is a truth. It is a truth. It is"
+    expected = model.generate(prompt, max_new_tokens=12, do_sample=False)[0].text
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, extra_body={"prompt_lookup_num_tokens": 3})
+    assert out.choices[0].text == expected
+    stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                       extra_body={"prompt_lookup_num_tokens": 3})
+    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == expected
+    with pytest.raises(openai.BadRequestError, match="one sequence a call"):
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=12, n=2, extra_body={"prompt_lookup_num_tokens": 3})
+
+
 def test_generation_config_options_as_extra_fields(client: openai.OpenAI, model: onnxgen.Model) -> None:
     """sequence_bias in generation_config.json's JSON form (pairs of token ids and a bias); max_time's reason is
     OpenAI's "length" (the budget ran out)."""
