@@ -19,7 +19,6 @@ with and without it, in turns. Results: benchmarks/results/assisted.{json,md}. R
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -31,6 +30,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from cache import prepare  # noqa: E402  (the in-place folders)
+from run import write_results  # noqa: E402
 
 NEW = 64
 PAIRS = {"gpt2 fp32 + gpt2 int8": (("gpt2", "fp32"), ("gpt2", "int8")),
@@ -96,10 +96,7 @@ def main() -> None:
         rows.append({"pair": pair, **row})
     result = {"environment": f"{platform.processor() or platform.machine()}, Python {platform.python_version()}",
               "threads": args.threads, "runs": args.runs, "tokens": args.tokens, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "assisted.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "assisted.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "assisted", result, markdown(result))
 
 
 if __name__ == "__main__":

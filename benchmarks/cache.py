@@ -31,7 +31,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import bandwidth_gbs, weight_bytes  # noqa: E402  (the suite's own measures)
+from run import bandwidth_gbs, weight_bytes, write_results  # noqa: E402  (the suite's own measures)
 
 LAYOUTS = {"growing": ["--growing-cache"], "in-place": [], "in-place-kv8": []}  # kv8: quantize --kv-cache int8
 VARIANTS = ["fp32", "int8", "int4"]
@@ -156,10 +156,7 @@ def main() -> None:
                 rows.append({"variant": variant, "layout": layout, **speeds[folder],
                              "ceiling_512": bandwidth * 1e9 / step_bytes, "peak_rss_b8_mb": memory["peak_rss_mb"]})
         result["models"].append({"name": name, "bandwidth_gbs": bandwidth, "rows": rows})
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cache.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "cache.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "cache", result, markdown(result))
 
 
 if __name__ == "__main__":

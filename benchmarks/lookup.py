@@ -20,7 +20,6 @@ its near-ties can go the other way). Results: benchmarks/results/lookup.{json,md
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -32,6 +31,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from cache import prepare  # noqa: E402  (the in-place gpt2 folders that benchmark makes)
+from run import write_results  # noqa: E402
 
 NEW = 96
 EVAL = HERE.parent / "onnxgen" / "data" / "eval.txt"
@@ -120,10 +120,7 @@ def main() -> None:
         rows += [{**row, "model": name} for row in measure(folder, args.threads, args.runs, args.count)]
     result = {"environment": f"{platform.processor() or platform.machine()}, Python {platform.python_version()}",
               "threads": args.threads, "runs": args.runs, "count": args.count, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lookup.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "lookup.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "lookup", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ bandwidth. Results: benchmarks/results/matmulnbits.{json,md}. Run it on a quiet 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -23,7 +22,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import bandwidth_gbs  # noqa: E402  (the suite's own measure)
+from run import bandwidth_gbs, write_results  # noqa: E402  (the suite's own measure)
 
 # (in, out) of each weight matrix: attention's packed QKV, its projection, the MLP's two, the tied head
 SHAPES = {"gpt2": [(768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)],
@@ -93,10 +92,7 @@ def main() -> None:
             for model in args.models for k, n in SHAPES[model]]
     result = {"environment": f"{platform.processor() or platform.machine()}, Python {platform.python_version()}",
               "threads": args.threads, "bandwidth_gbs": bandwidth, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "matmulnbits.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "matmulnbits.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "matmulnbits", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -234,6 +234,14 @@ def import_seconds(statement: str) -> float:
     return statistics.median(runs)
 
 
+def write_results(out: Path, name: str, result: dict[str, Any], table: str) -> None:
+    """A benchmark's results: out/NAME.json (the numbers) and out/NAME.md (the table, printed too)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(table)
+    print(table)
+
+
 def environment(threads: int) -> dict[str, Any]:
     from onnxgen.export import package_versions
 
