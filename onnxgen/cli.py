@@ -287,6 +287,8 @@ def serve(
     max_tokens: Annotated[int, typer.Option(min=1, help="the largest max_tokens a request may ask for")] = 1024,
     api_key: Annotated[str | None, typer.Option(envvar="ONNXGEN_API_KEY", help="require Authorization: Bearer KEY")] = None,
     name: Annotated[str | None, typer.Option(help="model name in the API (default: the folder's name)")] = None,
+    assistant_model: Annotated[Path | None, typer.Option(help="a draft model folder (same tokenizer) that requests ask for with "
+                                                         "the extra field \"assistant_model\": true (assisted generation)")] = None,
 ) -> None:
     """Serve OpenAI's completions API (POST /v1/completions, GET /v1/models, GET /health) over HTTP."""
     try:
@@ -299,8 +301,12 @@ def serve(
     from .model import BUNDLED
 
     folder = model or BUNDLED
-    loaded = run(lambda: load(folder, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph))  # type: ignore[arg-type]
-    app_ = run(lambda: create_app(loaded, name or folder.name, api_key, Limits(max_tokens=max_tokens, max_batch=max_batch, prefill_chunk=prefill_chunk)))
+    spinning = assistant_model is None  # a model and its draft take turns (load's `spinning`)
+    loaded = run(lambda: load(folder, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph,  # type: ignore[arg-type]
+                              spinning=spinning))
+    draft = None if spinning else run(lambda: load(assistant_model, provider=provider, threads=threads, spinning=False))  # type: ignore[arg-type]
+    app_ = run(lambda: create_app(loaded, name or folder.name, api_key, Limits(max_tokens=max_tokens, max_batch=max_batch, prefill_chunk=prefill_chunk),
+                                  draft))
     print(f"serving {folder} as {name or folder.name!r} on http://{host}:{port}/v1", file=sys.stderr)
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 

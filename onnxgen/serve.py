@@ -83,12 +83,14 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
-def create_app(model: Model, name: str, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
+def create_app(model: Model, name: str, api_key: str | None = None, limits: Limits | None = None,
+               draft: Model | None = None) -> FastAPI:
+    """The app over `model`; `draft`: a draft model that requests ask for with "assistant_model": true."""
     limits = limits or Limits()
     batcher = Batcher(model, limits.max_batch, limits.max_queue, limits.prefill_chunk)
     scoring = asyncio.Semaphore(1)  # prompts scored for echo with logprobs, one request at a time (_prompt_logprobs)
     app = FastAPI(title="onnxgen", docs_url=None, redoc_url=None)
-    app.state.batcher = batcher
+    app.state.batcher, app.state.draft = batcher, draft
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Any:
@@ -120,7 +122,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         if body.model is not None and body.model != name:  # answering with another model would be a wrong answer
             return error(404, f"the model {body.model!r} does not exist: this server has {name!r}", "model", code="model_not_found")
         try:
-            prompts, options = _job_input(model, body, limits)
+            prompts, options = _job_input(model, body, limits, draft)
         except (OnnxgenError, ValueError) as e:
             return error(400, str(e))
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
@@ -154,9 +156,14 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
     return app
 
 
-def _job_input(model: Model, body: CompletionRequest, limits: Limits) -> tuple[list[list[int]], Any]:
+def _job_input(model: Model, body: CompletionRequest, limits: Limits, draft: Model | None) -> tuple[list[list[int]], Any]:
     """The request as token ids and onnxgen options: OpenAI's names mapped, onnxgen's extras passed on."""
     extra = dict(body.model_extra or {})
+    if extra.get("assistant_model") is not None:  # JSON cannot carry a model: true asks for the server's draft
+        if extra["assistant_model"] is not True or draft is None:
+            raise ValueError("assistant_model is true (the server's draft model: onnxgen serve --assistant-model DIR) or "
+                             f"null{'' if draft else '; this server has none'}")
+        extra["assistant_model"] = draft
     for field, default in UNSUPPORTED.items():
         if extra.pop(field, default) not in (default, None):
             raise ValueError(f"{field} is not supported")

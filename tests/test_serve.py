@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import torch
@@ -36,8 +37,9 @@ class Served(str):
 
 @pytest.fixture(scope="module")
 def server(exported: Path) -> Iterator[Served]:
-    model = onnxgen.load(exported, threads=1)
-    app = create_app(model, "tiny", api_key=KEY, limits=Limits(max_tokens=64, max_n=4, max_queue=4, max_body_bytes=4096))
+    model = onnxgen.load(exported, threads=1, spinning=False)
+    draft = onnxgen.load(exported, threads=1, spinning=False)  # its own weights: a draft that is always right
+    app = create_app(model, "tiny", api_key=KEY, limits=Limits(max_tokens=64, max_n=4, max_queue=4, max_body_bytes=4096), draft=draft)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -141,6 +143,25 @@ def test_prompt_lookup_as_an_extra_field(client: openai.OpenAI, model: onnxgen.M
     assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == expected
     with pytest.raises(openai.BadRequestError, match="one sequence a call"):
         client.completions.create(model="tiny", prompt=prompt, max_tokens=12, n=2, extra_body={"prompt_lookup_num_tokens": 3})
+
+
+def test_the_servers_draft_model_on_request(client: openai.OpenAI, model: onnxgen.Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"assistant_model": true asks for the draft the server loaded (serve --assistant-model): plain decoding's text."""
+    from onnxgen.cache import InPlaceCache
+
+    appended, append = [], InPlaceCache.append
+
+    def counted(cache: InPlaceCache, tokens: list[int]) -> np.ndarray:  # drafts, and the passes that check them
+        appended.append(tokens)
+        return append(cache, tokens)
+
+    monkeypatch.setattr(InPlaceCache, "append", counted)
+    expected = model.generate("Call me", max_new_tokens=12, do_sample=False)[0].text
+    out = client.completions.create(model="tiny", prompt="Call me", max_tokens=12, temperature=0, extra_body={"assistant_model": True})
+    assert out.choices[0].text == expected and appended  # plain decoding appends nothing
+    for wrong in ("a/folder", 1):
+        with pytest.raises(openai.BadRequestError, match="assistant_model is true"):
+            client.completions.create(model="tiny", prompt="Call me", max_tokens=12, extra_body={"assistant_model": wrong})
 
 
 def test_generation_config_options_as_extra_fields(client: openai.OpenAI, model: onnxgen.Model) -> None:
