@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import onnxgen
 from onnxgen.errors import ContextLengthError, ModelFolderError, OnnxgenError, OptionsError, ProviderError
+from onnxgen.model import BUNDLED
 
 NAN, INF = float("nan"), float("inf")
 
@@ -301,6 +302,9 @@ CLI_CASES: list[tuple[list[str], int, str]] = [
     (["generate", "x", "--temperature", "nan", "--strategy", "sample"], 1, "temperature"),
     (["generate", "x", "--model", "/nope"], 1, "not found"),
     (["verify", "--model", "/nope"], 1, "not found"),
+    (["generate", "x", "--assistant-model", "/nope"], 1, "not found"),
+    (["generate", "x", "--assistant-model", str(BUNDLED), "--strategy", "beam"], 1, "not beam search"),
+    (["serve", "--assistant-model", "/nope"], 1, "not found"),
     (["score"], 2, "Missing argument 'files'"),
     (["score", "/nope.txt"], 1, "cannot read /nope.txt: No such file"),
     (["score", str(Path(__file__).parent / "__init__.py")], 1, "nothing to score"),  # empty
