@@ -314,3 +314,17 @@ def test_the_drafts_cache_goes_back_once_a_call_ends_or_is_dropped(target: onnxg
     del generator
     gc.collect()
     assert len(released) == 2 and released[1] is cache
+
+
+def test_one_model_and_draft_serve_several_threads(target: onnxgen.Model, draft: onnxgen.Model) -> None:
+    """Each call's guesser (the draft's cache, the backoff) is its own: calls at once give the serial results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [PROMPT, PROMPT[3:], [5, 77, 5, 77, 5], list(range(200, 230))]
+    calls = [dict(assistant_model=draft, **DRAFTING), dict(prompt_lookup_num_tokens=3)]
+    jobs = [(p, c) for p in prompts for c in calls]
+    options: dict[str, Any] = dict(max_new_tokens=24, eos_token_id=None, do_sample=True, seed=5, top_k=0, temperature=0.5)
+    serial = [target.generate(p, **c, **options)[0].token_ids for p, c in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda job: target.generate(job[0], **job[1], **options)[0].token_ids, jobs * 3))
+    assert together == serial * 3
