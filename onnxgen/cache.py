@@ -120,8 +120,9 @@ class InPlaceCache:
 
     def append(self, tokens: list[int]) -> np.ndarray:
         """Write `tokens` after what row 0 holds, in one pass; each one's scores, (len(tokens), vocab) float32.
-        Prompt lookup runs a step's token and its guesses this way, then sets `lengths` back past the guesses
-        that did not hold: what lies past a row's length is never read, and the next write overwrites it."""
+        A step with guesses runs its token and the guesses this way, then sets `lengths` back past the guesses
+        that did not hold: what lies past a row's length is never read, and the next write overwrites it. A draft
+        model catches up with the text this way too (assistant.py)."""
         start, n = int(self.lengths[0]), len(tokens)
         every = self.runtime.ort.OrtValue.ortvalue_from_numpy(np.arange(n, dtype=np.int64))
         with self.runtime.exclusive():

@@ -71,7 +71,7 @@ class Rows:
         return self._cache.decode(self.pending)
 
     def forward_guessed(self, guesses: list[int]) -> np.ndarray:
-        """One row: run the pending token and `guesses` after it in one pass; each one's scores (prompt lookup)."""
+        """One row: run the pending token and `guesses` after it in one pass; each one's scores (Generator.step)."""
         assert isinstance(self._cache, InPlaceCache) and self.pending is not None, "guesses follow a step, in a cache of the call's own"
         return self._cache.append([int(self.pending[0]), *guesses])
 

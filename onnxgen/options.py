@@ -119,9 +119,10 @@ class GenerationOptions:
         return typed
 
     def _check_ranges(self) -> None:
-        for name in ("max_length", "min_length"):
-            if getattr(self, name) is not None and getattr(self, name) < (1 if name == "max_length" else 0):
-                raise OptionsError(f"{name} must be at least {1 if name == 'max_length' else 0} (or None), got {getattr(self, name)}")
+        if self.max_length is not None and self.max_length < 1:
+            raise OptionsError(f"max_length must be at least 1 (or None), got {self.max_length}")
+        if self.min_length is not None and self.min_length < 0:
+            raise OptionsError(f"min_length must be at least 0 (or None), got {self.min_length}")
         if self.max_new_tokens < 1:
             raise OptionsError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
