@@ -50,9 +50,12 @@ class Rows:
         self._cache, self._runtime = rows, None
 
     def release(self) -> None:
-        """The call is over: the runtime may hand the cache to a later call (CUDA graphs keep theirs)."""
+        """The call is over: the runtime may hand the cache to a later call (CUDA graphs keep theirs; a prompt
+        cache keeps a one-row call's, with the tokens its positions hold)."""
         if self._runtime is not None:
-            if isinstance(self._cache, (InPlaceCache, GrowingCache)):
+            if isinstance(self._cache, InPlaceCache) and len(self._tokens) == 1:
+                self._runtime.release(self._cache, self._tokens[0][: int(self._cache.lengths[0])])
+            elif isinstance(self._cache, (InPlaceCache, GrowingCache)):
                 self._runtime.release(self._cache)
             self._runtime = None
 
@@ -64,6 +67,10 @@ class Rows:
         """Run the pending tokens; the last position's scores, (rows, vocab) float32."""
         if self._cache is None:
             assert self._runtime is not None, "forward after release"
+            resumed = self._runtime.resume(self._tokens[0], self._shape[1]) if self._runtime.prompt_cache_bytes and len(self._tokens) == 1 else None
+            if resumed is not None:  # a kept cache holds the prompt's start: its pass writes the rest
+                self._cache, start = resumed
+                return self._cache.prefill([self._tokens[0][start:]], start=start)
             self._cache = self._runtime.new_cache(*self._shape)
         assert not isinstance(self._cache, SharedRows), "a batcher runs the forwards of shared rows"
         if self.pending is None:

@@ -78,7 +78,7 @@ class Score:
 
 class Model:
     def __init__(self, path: Path, provider: Provider = "cpu", threads: int | None = None, verify: bool = False,
-                 mapped_weights: bool = False, cuda_graph: bool = False, spinning: bool = True) -> None:
+                 mapped_weights: bool = False, cuda_graph: bool = False, spinning: bool = True, prompt_cache_mib: int = 0) -> None:
         self.folder = ModelFolder.read(path)
         if verify:
             self.folder.verify()
@@ -89,7 +89,7 @@ class Model:
             raise ModelFolderError(f"{self.folder.tokenizer_file} has {self.tokenizer.vocab_size} tokens, more than the model's "
                                    f"vocabulary of {self.dims.vocab_size}")
         self.defaults = GenerationOptions.from_folder(path)
-        self.runtime = Runtime(self.folder, provider, threads, mapped_weights, cuda_graph, spinning)
+        self.runtime = Runtime(self.folder, provider, threads, mapped_weights, cuda_graph, spinning, prompt_cache_mib)
         self._calls = threading.local()  # each thread's latest finished call, for last_stats
 
     @property
@@ -276,7 +276,7 @@ class Model:
 
 
 def load(path: str | Path | None = None, provider: Provider = "cpu", threads: int | None = None, verify: bool = False,
-         mapped_weights: bool = False, cuda_graph: bool = False, spinning: bool = True) -> Model:
+         mapped_weights: bool = False, cuda_graph: bool = False, spinning: bool = True, prompt_cache_mib: int = 0) -> Model:
     """Load an onnxgen model folder; with no path, the small model that ships with onnxgen. `verify` also
     checks every file's sha256 against the manifest (a few seconds a GB). `mapped_weights` (CPU) maps the
     weights packed for this machine from a file (made at the first such load; prepacked.py) instead of packing
@@ -285,13 +285,16 @@ def load(path: str | Path | None = None, provider: Provider = "cpu", threads: in
     captured CUDA graph. `spinning=False` (CPU) stops onnxruntime's threads spinning when a run returns, for
     models that take turns in one process (assisted generation's model and draft): a model's threads spinning on
     after its run take the cores the other one needs (gpt2 fp32's step 23 ms alone, 55 ms after an int4 draft's
-    step, 24 ms with both loaded so); alone, a model decodes 2-4% faster with spinning on."""
+    step, 24 ms with both loaded so); alone, a model decodes 2-4% faster with spinning on. `prompt_cache_mib`
+    (CPU): up to this many MiB of finished one-row calls' key/value caches are kept, and a later call whose prompt
+    starts with one's tokens (a chat's next turn: the conversation so far, then a new message) takes it and
+    computes only the rest of its prompt; 0 (the default) keeps none."""
     if path is not None and not isinstance(path, (str, Path)):
         raise ModelFolderError(f"a model folder is a path (str or Path), got {type(path).__name__}")
     folder = Path(path) if path is not None else BUNDLED
     if path is None and not (folder / MANIFEST).is_file():
         raise ModelFolderError("this onnxgen install has no bundled model: pass a model folder")
-    return Model(folder, provider, threads, verify, mapped_weights, cuda_graph, spinning)
+    return Model(folder, provider, threads, verify, mapped_weights, cuda_graph, spinning, prompt_cache_mib)
 
 
 class TextGenerationPipeline:

@@ -86,8 +86,9 @@ class GenerationOptions:
     max_time: float | None = None  # seconds: rows still running after this long since the call began end ("time")
     # Prompt lookup decoding (transformers'): each step also runs up to this many tokens guessed from the text so far
     # (what followed the last max_matching_ngram_size tokens (default 2) where they occurred before) and keeps those
-    # the model would have chosen itself, so the text is the one plain decoding gives, in fewer steps where the
-    # output repeats its input (summaries, quotes, edits of code). One sequence a call, greedy or sampling.
+    # the model would have chosen itself, so the text is the one plain decoding gives (to the rounding of a pass of
+    # several positions), in fewer steps where the output repeats its input (summaries, quotes, code edits).
+    # One sequence a call, greedy or sampling.
     prompt_lookup_num_tokens: int | None = None
     max_matching_ngram_size: int | None = None
     # Assisted generation (transformers'): a smaller loaded onnxgen model with the same tokenizer drafts up to

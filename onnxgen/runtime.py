@@ -35,6 +35,7 @@ from .folder import (
     present_names,
 )
 from .manifest import cache_in_place
+from .options import is_int
 from .pages import page_on_demand
 
 Provider = Literal["cpu", "cuda"]
@@ -47,6 +48,7 @@ COPY = {np.dtype(np.float32): "copy_float32.onnx", np.dtype(np.float16): "copy_f
 TOP_K = "top_k.onnx"  # beam search's selections, on the host (graph.top_k_model)
 GRAPHS = Path(__file__).parent / "graphs"
 IDLE_CACHE_BYTES = 2 << 30  # CUDA graphs: finished calls' caches kept for later calls of their shape
+MIN_RESUMED = 32  # tokens: a kept cache is taken by a call that starts with at least this many of its tokens
 
 
 def onnxruntime_conflict(path: list[str] | None = None) -> str | None:
@@ -124,7 +126,7 @@ class Runtime:
     that move cache rows on the device. Everything a call changes lives in its cache (cache.py)."""
 
     def __init__(self, folder: ModelFolder, provider: Provider = "cpu", threads: int | None = None,
-                 mapped_weights: bool = False, cuda_graph: bool = False, spinning: bool = True) -> None:
+                 mapped_weights: bool = False, cuda_graph: bool = False, spinning: bool = True, prompt_cache_mib: int = 0) -> None:
         ort = import_onnxruntime()
         self.ort = ort
         dims = folder.dims
@@ -141,6 +143,10 @@ class Runtime:
             if provider != "cpu":
                 raise OptionsError("mapped_weights is a CPU option: on CUDA the weights live in GPU memory")
             model_path = prepacked.packed_model(folder, ort, options)
+        if not (is_int(prompt_cache_mib) and prompt_cache_mib >= 0):
+            raise OptionsError(f"prompt_cache_mib must be a number of MiB >= 0, got {prompt_cache_mib!r}")
+        if prompt_cache_mib and provider != "cpu":
+            raise OptionsError("prompt_cache_mib is a CPU option (the kept caches are host memory)")
         if cuda_graph and provider != "cuda":
             raise OptionsError("cuda_graph (--cuda-graph) needs the CUDA provider (provider='cuda', --provider cuda)")
         if provider == "cuda":
@@ -183,6 +189,11 @@ class Runtime:
         # thread's copy or allocation on the device breaks the capture.
         self._lock = threading.RLock()
         self._idle: list[InPlaceCache] = []  # CUDA-graph caches of finished calls, the most recently finished last
+        if prompt_cache_mib and not self.in_place:
+            raise OptionsError(f"prompt_cache_mib needs a folder with the cache in place (the export default); {model_path} "
+                               "was exported with --growing-cache")
+        self.prompt_cache_bytes = prompt_cache_mib * 2**20
+        self._kept: list[tuple[list[int], InPlaceCache]] = []  # one-row calls' caches and their tokens, the newest last
         self.past_names, self.present_names = past_names(dims.n_layer), present_names(dims.n_layer)
         # logits_to_keep: the last position. A growing graph counts positions (1), and IO binding takes that
         # input, which has a default (graph.add_logits_to_keep), only as an OrtValue; an in-place graph takes
@@ -251,15 +262,43 @@ class Runtime:
         """What every layer's key and value take for `rows` rows of `capacity` positions."""
         return len(self.past_names) * rows * self.n_head * capacity * self.head_dim * self.cache_dtype.itemsize
 
-    def release(self, cache: Cache) -> None:
+    def release(self, cache: Cache, tokens: list[int] | None = None) -> None:
         """A call is over. With CUDA graphs its cache waits for the next call of its shape, the least recently
         finished going first past IDLE_CACHE_BYTES (a server sees many shapes). onnxruntime keeps the graph of
-        a cache let go (it has no way to drop one): only its buffer's memory comes back."""
-        if self.cuda_graph and isinstance(cache, InPlaceCache):
+        a cache let go (it has no way to drop one): only its buffer's memory comes back. With a prompt cache, a
+        one-row call's cache is kept with `tokens`, those its positions hold, for a later call that starts with
+        them (resume), the least recently finished going first past prompt_cache_mib."""
+        if self.prompt_cache_bytes and tokens is not None and isinstance(cache, InPlaceCache):
+            with self._lock:
+                self._kept.append((tokens, cache))
+                while sum(self.cache_bytes(1, len(t)) for t, _ in self._kept) > self.prompt_cache_bytes:
+                    self._kept.pop(0)
+        elif self.cuda_graph and isinstance(cache, InPlaceCache):
             with self._lock:
                 self._idle.append(cache)
                 while sum(c.nbytes for c in self._idle) > IDLE_CACHE_BYTES:
                     self._idle.pop(0)
+
+    def resume(self, prompt: list[int], capacity: int) -> tuple[InPlaceCache, int] | None:
+        """A kept cache for a one-row call of `prompt` (release), and how many of the prompt's first tokens it
+        holds already: the kept cache that shares the longest start with it, at least MIN_RESUMED tokens and at
+        most all but the prompt's last (whose scores the call needs). The cache leaves the pool: the call owns it.
+        One too short for `capacity` is copied, its shared positions only, into a new one."""
+        with self._lock:
+            shared = [(_shared_start(tokens, prompt), i) for i, (tokens, _) in enumerate(self._kept)]
+            start, i = max(shared, default=(0, -1))
+            start = min(start, len(prompt) - 1)
+            if start < MIN_RESUMED:
+                return None
+            kept = self._kept.pop(i)[1]
+        capacity = self.check_cache(1, capacity)
+        if kept.capacity >= capacity:
+            cache = kept
+        else:
+            cache = InPlaceCache(self, 1, capacity)
+            cache.layers()[:, :, :, :start] = kept.layers()[:, :, :, :start]
+        cache.lengths[0] = start  # what lies past is written over by the call's prompt pass
+        return cache, start
 
     def exclusive(self) -> contextlib.AbstractContextManager[Any]:
         """Held around a cache's device work when CUDA graphs are on (see _lock); otherwise nothing."""
@@ -324,3 +363,10 @@ class Runtime:
         io.bind_ortvalue_input("source", self.select_rows([value], rows)[0])
         io.bind_ortvalue_output("target", value)
         self._copy.run_with_iobinding(io)
+
+
+def _shared_start(a: list[int], b: list[int]) -> int:
+    """How many first tokens two token lists share."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
