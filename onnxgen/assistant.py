@@ -24,10 +24,13 @@ from .runtime import Runtime
 class Assistant:
     """A call's guesser (Generator's): a draft model's greedy tokens."""
 
-    def __init__(self, draft: Runtime, capacity: int, count: int, threshold: float) -> None:
-        cache = draft.new_cache(1, capacity)
+    def __init__(self, draft: Runtime, prompt: list[int], capacity: int, count: int, threshold: float) -> None:
+        # A draft loaded with a prompt cache resumes from a call before (a chat's turns), as the model does.
+        resumed = draft.resume(prompt, capacity) if draft.prompt_cache_bytes else None
+        cache = resumed[0] if resumed is not None else draft.new_cache(1, capacity)
         assert isinstance(cache, InPlaceCache), "Model.generator refuses a draft folder with a growing cache"
         self.draft, self.cache, self.count, self.threshold = draft, cache, count, threshold
+        self._text: list[int] = []  # the call's text (the generator's own list, as it grows): what the cache holds
         self._drafted = 0  # tokens drafted this step
         self._seen = 0  # positions of the text the draft's cache held before drafting
         self.backoff = Backoff()
@@ -38,7 +41,7 @@ class Assistant:
         if not self.backoff.ready():
             return []
         scores = self.cache.append(history[int(self.cache.lengths[0]) :])[-1]
-        self._seen = len(history)
+        self._seen, self._text = len(history), history
         drafted: list[int] = []
         while True:
             token = int(scores.argmax())
@@ -59,7 +62,7 @@ class Assistant:
         """The call is over: the draft's cache goes back to its runtime (with CUDA graphs, for a later call)."""
         if not self._released:
             self._released = True
-            self.draft.release(self.cache)
+            self.draft.release(self.cache, self._text[: int(self.cache.lengths[0])])
 
     def __del__(self) -> None:  # a call its caller let go of mid-way hands the draft's cache back too (as Rows does)
         if not getattr(self, "_released", True):  # not if __init__ failed before there was a cache

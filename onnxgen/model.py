@@ -212,7 +212,7 @@ class Model:
             warnings.warn("assistant_model: load the model and its draft with spinning=False (onnxgen.load), or each one's "
                           "threads spin on after its run, taking the cores the other needs (twice the time a step)",
                           PerformanceWarning, stacklevel=3)
-        return Assistant(draft.runtime, len(ids[0]) + opts.max_new_tokens, opts.num_assistant_tokens, opts.assistant_confidence_threshold)
+        return Assistant(draft.runtime, ids[0], len(ids[0]) + opts.max_new_tokens, opts.num_assistant_tokens, opts.assistant_confidence_threshold)
 
     def generate(self, prompts: Prompt | Sequence[Prompt], options: GenerationOptions | None = None, **overrides: Any) -> list[Completion]:
         """Generate for one or many prompts; returns num_return_sequences completions per prompt, in order."""

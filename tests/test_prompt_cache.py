@@ -90,6 +90,28 @@ def test_the_cache_keeps_to_its_budget(exported: Path, written: list[tuple[int, 
     assert [start for start, _ in written] == [0, length]
 
 
+def test_a_draft_with_a_prompt_cache_resumes_too(model: onnxgen.Model, exported: Path) -> None:
+    """A chat's turns with a draft model: the draft, loaded with a prompt cache as well, takes its cache from the turn
+    before and catches up with the new tokens only."""
+    cached = onnxgen.load(exported, threads=1, spinning=False, prompt_cache_mib=64)
+    draft = onnxgen.load(exported, threads=1, spinning=False, prompt_cache_mib=64)
+    first = list(range(100, 150))
+    drafting: dict[str, Any] = {"assistant_model": draft, "num_assistant_tokens": 3, "assistant_confidence_threshold": 0.0}
+    expected = turns(model, first, 3, **GREEDY)
+    appended, append = [], InPlaceCache.append
+
+    def counted(cache: InPlaceCache, tokens: list[int]) -> np.ndarray:
+        if cache.runtime is draft.runtime and cache.lengths[0] + len(tokens) > len(first):  # the draft catching up
+            appended.append((int(cache.lengths[0]), len(tokens)))
+        return append(cache, tokens)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(InPlaceCache, "append", counted)
+        assert turns(cached, first, 3, **drafting, **GREEDY) == expected
+    catch_ups = [start for start, _ in appended]
+    assert catch_ups.count(0) == 1  # the first turn's whole prompt only: later turns start where the one before ended
+
+
 def test_one_model_with_a_prompt_cache_serves_several_threads(cached: onnxgen.Model, model: onnxgen.Model) -> None:
     """Each kept cache goes to one call at a time; calls at once give the serial results."""
     firsts = [list(range(100 + 3 * i, 160 + 3 * i)) for i in range(4)]

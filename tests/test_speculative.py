@@ -304,7 +304,7 @@ def test_the_drafts_cache_goes_back_once_a_call_ends_or_is_dropped(target: onnxg
 
     draft = onnxgen.load(exported, threads=1, spinning=False)
     released: list[object] = []
-    monkeypatch.setattr(draft.runtime, "release", released.append)
+    monkeypatch.setattr(draft.runtime, "release", lambda cache, tokens=None: released.append(cache))
     target.generate(PROMPT, assistant_model=draft, max_new_tokens=6)
     assert len(released) == 1
     generator = target.generator(PROMPT, assistant_model=draft, max_new_tokens=30)
