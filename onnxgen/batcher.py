@@ -17,7 +17,9 @@ activations with one scale for all rows; CUDA's kernels change with the row coun
 exactly what `model.generate` gives with that seed (fp32 and int4 folders on the CPU batch it: their rows
 are computed alone, which _rows_alone checks at start); more rows than `max_batch`; one with guesses (prompt lookup, a draft model: its steps run several tokens of its row); and every request on a folder
 whose cache grows (`--growing-cache`: its rows share one left-padded width, so none can join). Requests start oldest
-first: one that waits for room holds back those behind it.
+first: one that waits for room holds back those behind it. With a prompt cache (load's prompt_cache_mib), an ending
+one-row request's row is copied out into the runtime's pool, and into the row of a later request that starts with
+its tokens (a chat's next turn), whose prompt is then written from there a part a step.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .errors import OptionsError
 from .generator import Generator
 from .model import Model
 from .options import GenerationOptions
+from .runtime import MIN_RESUMED
 from .pages import small_pages
 
 
@@ -89,6 +92,7 @@ class Batcher:
         self.steps = 0  # forwards of the shared rows
         self.moved = 0  # rows moved down into rows that ended (_compact)
         self.parts = 0  # parts of long prompts written
+        self.resumed = 0  # jobs whose prompt's start came from a kept cache (prompt cache)
         self.cancelled_rows = 0  # rows ended because their client went away
         threading.Thread(target=self._work, name="onnxgen-batcher", daemon=True).start()
 
@@ -196,9 +200,10 @@ class Batcher:
             running.slots[row], self._slots[slot] = slot, running
         self.jobs += len(started)
         self.joined += len(started) if self._shared else 0
-        for running in started:  # long prompts: a part a step (_prefill_part)
-            if max(len(running.generator.rows.history(row)) for row in range(running.job.rows)) > self.prefill_chunk:
-                running.written, running.first = [0] * running.job.rows, np.empty((running.job.rows, self.model.dims.vocab_size), np.float32)
+        for running in started:  # long prompts, and prompts a kept cache holds the start of: a part a step (_prefill_part)
+            resumed = self._resume(running)
+            if resumed or max(len(running.generator.rows.history(row)) for row in range(running.job.rows)) > self.prefill_chunk:
+                running.written, running.first = [resumed] * running.job.rows, np.empty((running.job.rows, self.model.dims.vocab_size), np.float32)
                 self._prefilling.append(running)
         rows = [r for r in rows if r[0].written is None]
         if not rows:
@@ -215,6 +220,39 @@ class Batcher:
             if running.written is None:
                 self._shared.append(running)
                 self._take(running, raw[[order[id(running), row] for row in range(running.job.rows)]])
+
+    def _resume(self, running: Running) -> int:
+        """With a prompt cache (load's prompt_cache_mib), a one-row job whose prompt starts with a kept cache's
+        tokens: those positions copied into its row; how many (0: none)."""
+        if not self.model.runtime.prompt_cache_bytes or running.job.rows != 1:
+            return 0
+        assert self.cache is not None
+        taken = self.model.runtime.take_kept(running.generator.rows.history(0))
+        if taken is None:
+            return 0
+        kept, start = taken
+        slot = running.slots[0]
+        self.cache.layers()[:, slot, :, :start] = kept.layers()[:, 0, :, :start]
+        self.cache.lengths[slot] = start
+        self.resumed += 1
+        return start
+
+    def _keep(self, running: Running) -> None:
+        """With a prompt cache, an ending one-row job's written positions, copied out of the shared cache with
+        their tokens, for a later request that starts with them (a chat's next turn)."""
+        # A job run apart has no row here: its own cache is kept as model.generate's is (Rows.release).
+        slot = running.slots[0] if running.slots else None
+        if not self.model.runtime.prompt_cache_bytes or running.job.rows != 1 or slot is None or self.cache is None:
+            return
+        length = int(self.cache.lengths[slot])
+        if length < MIN_RESUMED:
+            return
+        try:
+            kept = InPlaceCache(self.model.runtime, 1, length)
+        except MemoryError:  # a copy is worth keeping, not worth failing for
+            return
+        kept.layers()[:, 0] = self.cache.layers()[:, slot, :, :length]
+        self.model.runtime.release(kept, running.generator.rows.history(0)[:length])
 
     def _prefill_part(self, running: Running) -> None:
         """Write the next prefill_chunk positions of the oldest long prompts' rows; once a job's prompts are
@@ -326,7 +364,10 @@ class Batcher:
             self.cache.clear(slots)
 
     def _end(self, running: Running, error: Exception | None = None) -> None:
-        """The job is over: its completions, or the error, go to it; whatever it held is freed."""
+        """The job is over: its completions, or the error, go to it; whatever it held is freed (a prompt cache
+        keeps a copy of a one-row job's row first)."""
+        if error is None and running.written is None:
+            self._keep(running)
         self._free(running, list(range(len(running.slots))))
         for running_jobs in (self._shared, self._prefilling):
             if running in running_jobs:

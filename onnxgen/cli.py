@@ -289,6 +289,8 @@ def serve(
     name: Annotated[str | None, typer.Option(help="model name in the API (default: the folder's name)")] = None,
     assistant_model: Annotated[Path | None, typer.Option(help="a draft model folder (same tokenizer) that requests ask for with "
                                                          "the extra field \"assistant_model\": true (assisted generation)")] = None,
+    prompt_cache_mib: Annotated[int, typer.Option(min=0, help="MiB of ended requests' key/value caches kept for requests that start "
+                                                  "with their tokens (a chat's next turn); 0: none (CPU)")] = 0,
 ) -> None:
     """Serve OpenAI's completions API (POST /v1/completions, GET /v1/models, GET /health) over HTTP."""
     try:
@@ -303,7 +305,7 @@ def serve(
     folder = model or BUNDLED
     spinning = assistant_model is None  # a model and its draft take turns (load's `spinning`)
     loaded = run(lambda: load(folder, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph,  # type: ignore[arg-type]
-                              spinning=spinning))
+                              spinning=spinning, prompt_cache_mib=prompt_cache_mib))
     draft = None if spinning else run(lambda: load(assistant_model, provider=provider, threads=threads, spinning=False))  # type: ignore[arg-type]
     app_ = run(lambda: create_app(loaded, name or folder.name, api_key, Limits(max_tokens=max_tokens, max_batch=max_batch, prefill_chunk=prefill_chunk),
                                   draft))

@@ -279,18 +279,23 @@ class Runtime:
                 while sum(c.nbytes for c in self._idle) > IDLE_CACHE_BYTES:
                     self._idle.pop(0)
 
-    def resume(self, prompt: list[int], capacity: int) -> tuple[InPlaceCache, int] | None:
-        """A kept cache for a one-row call of `prompt` (release), and how many of the prompt's first tokens it
-        holds already: the kept cache that shares the longest start with it, at least MIN_RESUMED tokens and at
-        most all but the prompt's last (whose scores the call needs). The cache leaves the pool: the call owns it.
-        One too short for `capacity` is copied, its shared positions only, into a new one."""
+    def take_kept(self, prompt: list[int]) -> tuple[InPlaceCache, int] | None:
+        """The kept cache (release) that shares the longest start with `prompt`, and how many of the prompt's first
+        tokens it holds: at least MIN_RESUMED and at most all but the prompt's last (whose scores the call needs).
+        It leaves the pool: the caller owns it."""
         with self._lock:
             shared = [(_shared_start(tokens, prompt), i) for i, (tokens, _) in enumerate(self._kept)]
             start, i = max(shared, default=(0, -1))
             start = min(start, len(prompt) - 1)
-            if start < MIN_RESUMED:
-                return None
-            kept = self._kept.pop(i)[1]
+            return (self._kept.pop(i)[1], start) if start >= MIN_RESUMED else None
+
+    def resume(self, prompt: list[int], capacity: int) -> tuple[InPlaceCache, int] | None:
+        """A cache for a one-row call of `prompt` that holds its first tokens already (take_kept), and how many:
+        the kept one, or where that is too short for `capacity`, a new one with its shared positions copied."""
+        taken = self.take_kept(prompt)
+        if taken is None:
+            return None
+        kept, start = taken
         capacity = self.check_cache(1, capacity)
         if kept.capacity >= capacity:
             cache = kept

@@ -128,3 +128,23 @@ def test_prompt_cache_refusals(exported: Path, exported_growing: Path) -> None:
             onnxgen.load(exported, **kwargs)
     with pytest.raises(OptionsError, match="cache in place"):
         onnxgen.load(exported_growing, prompt_cache_mib=8)
+
+
+def test_a_server_resumes_a_chats_next_turn(exported: Path, model: onnxgen.Model, written: list[tuple[int, int]]) -> None:
+    """The batcher keeps a copy of an ending one-row request's row and copies it into the row of a later request
+    that starts with its tokens, whose prompt pass writes the rest: while another request decodes beside it."""
+    from onnxgen.batcher import Batcher
+
+    from .test_batcher import result, submit
+
+    cached = onnxgen.load(exported, threads=1, prompt_cache_mib=64)
+    batcher = Batcher(cached, max_batch=4)
+    first = list(range(100, 150))
+    turn1 = result(submit(batcher, cached, [first], max_new_tokens=10, **GREEDY))[0].token_ids
+    second = first + turn1 + [7, 8, 9]
+    other = submit(batcher, cached, [list(range(200, 240))], max_new_tokens=40, **GREEDY)  # decoding beside it
+    del written[:]
+    turn2 = result(submit(batcher, cached, [second], max_new_tokens=12, **GREEDY))[0].token_ids
+    assert turn2 == model.generate(second, max_new_tokens=12, **GREEDY)[0].token_ids
+    assert result(other)[0].token_ids == model.generate(list(range(200, 240)), max_new_tokens=40, **GREEDY)[0].token_ids
+    assert batcher.resumed == 1 and (59, 4) in written  # the kept 59 positions (50 + 9 written), then 4 new
