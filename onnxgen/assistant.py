@@ -26,7 +26,7 @@ class Assistant:
 
     def __init__(self, draft: Runtime, prompt: list[int], capacity: int, count: int, threshold: float) -> None:
         # A draft loaded with a prompt cache resumes from a call before (a chat's turns), as the model does.
-        resumed = draft.resume(prompt, capacity) if draft.prompt_cache_bytes else None
+        resumed = draft.resume(prompt, capacity)
         cache = resumed[0] if resumed is not None else draft.new_cache(1, capacity)
         assert isinstance(cache, InPlaceCache), "Model.generator refuses a draft folder with a growing cache"
         self.draft, self.cache, self.count, self.threshold = draft, cache, count, threshold

@@ -38,7 +38,6 @@ from .errors import OptionsError
 from .generator import Generator
 from .model import Model
 from .options import GenerationOptions
-from .runtime import MIN_RESUMED
 from .pages import small_pages
 
 
@@ -224,16 +223,12 @@ class Batcher:
     def _resume(self, running: Running) -> int:
         """With a prompt cache (load's prompt_cache_mib), a one-row job whose prompt starts with a kept cache's
         tokens: those positions copied into its row; how many (0: none)."""
-        if not self.model.runtime.prompt_cache_bytes or running.job.rows != 1:
-            return 0
-        assert self.cache is not None
-        taken = self.model.runtime.take_kept(running.generator.rows.history(0))
+        taken = self.model.runtime.take_kept(running.generator.rows.history(0)) if running.job.rows == 1 else None
         if taken is None:
             return 0
+        assert self.cache is not None and running.slots[0] is not None
         kept, start = taken
-        slot = running.slots[0]
-        self.cache.layers()[:, slot, :, :start] = kept.layers()[:, 0, :, :start]
-        self.cache.lengths[slot] = start
+        self.cache.copy_positions(kept, start, row=running.slots[0])
         self.resumed += 1
         return start
 
@@ -242,16 +237,16 @@ class Batcher:
         their tokens, for a later request that starts with them (a chat's next turn)."""
         # A job run apart has no row here: its own cache is kept as model.generate's is (Rows.release).
         slot = running.slots[0] if running.slots else None
-        if not self.model.runtime.prompt_cache_bytes or running.job.rows != 1 or slot is None or self.cache is None:
+        if running.job.rows != 1 or slot is None or self.cache is None:
             return
         length = int(self.cache.lengths[slot])
-        if length < MIN_RESUMED:
+        if not self.model.runtime.keeps(length):
             return
         try:
             kept = InPlaceCache(self.model.runtime, 1, length)
         except MemoryError:  # a copy is worth keeping, not worth failing for
             return
-        kept.layers()[:, 0] = self.cache.layers()[:, slot, :, :length]
+        kept.copy_positions(self.cache, length, source_row=slot)
         self.model.runtime.release(kept, running.generator.rows.history(0)[:length])
 
     def _prefill_part(self, running: Running) -> None:

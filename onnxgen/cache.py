@@ -131,6 +131,12 @@ class InPlaceCache:
         self.lengths[0] = start + n
         return scores[0].astype(np.float32, copy=False)
 
+    def copy_positions(self, source: InPlaceCache, positions: int, row: int = 0, source_row: int = 0) -> None:
+        """Row `row` takes the first `positions` positions of `source`'s row `source_row`, every layer's, and that
+        length (CPU buffers: the prompt cache moves kept rows in and out this way)."""
+        self.layers()[:, row, :, :positions] = source.layers()[:, source_row, :, :positions]
+        self.lengths[row] = positions
+
     def clear(self, rows: list[int]) -> None:
         """Rows that no call uses any more: empty again, and on the CPU their memory goes back to the system (it
         reads as zeros after, as a new buffer's does), so that a long call's positions are not held after it."""

@@ -67,7 +67,7 @@ class Rows:
         """Run the pending tokens; the last position's scores, (rows, vocab) float32."""
         if self._cache is None:
             assert self._runtime is not None, "forward after release"
-            resumed = self._runtime.resume(self._tokens[0], self._shape[1]) if self._runtime.prompt_cache_bytes and len(self._tokens) == 1 else None
+            resumed = self._runtime.resume(self._tokens[0], self._shape[1]) if len(self._tokens) == 1 else None
             if resumed is not None:  # a kept cache holds the prompt's start: its pass writes the rest
                 self._cache, start = resumed
                 return self._cache.prefill([self._tokens[0][start:]], start=start)

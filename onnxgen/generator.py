@@ -160,10 +160,10 @@ class Generator:
     def _guesses(self) -> list[int]:
         """This step's guesses: none before the first token (the prompt pass makes it), and none past
         max_new_tokens (the step's own token comes on top)."""
-        most = self.opts.max_new_tokens - len(self.generated[0]) - 1
-        if self.guesser is None or self.rows.pending is None or most < 1:
+        if self.guesser is None or self.rows.pending is None:
             return []
-        return self.guesser.guesses(self.rows.history(0), most)
+        most = self.opts.max_new_tokens - len(self.generated[0]) - 1
+        return self.guesser.guesses(self.rows.history(0), most) if most > 0 else []
 
     def _end(self) -> None:
         """Every row has finished: the caches go back to their runtimes."""

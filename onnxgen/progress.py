@@ -25,18 +25,21 @@ class Steps:
         self._progress.advance(self._task)
 
 
+def _bar(description: str, quiet: bool) -> Progress:
+    columns = (SpinnerColumn(), TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    # Drawn on a terminal only: in a log or a pipe a bar is noise (and rich leaves blank lines there).
+    return Progress(*columns, console=stderr, transient=True, disable=quiet or not stderr.is_terminal)
+
+
 @contextmanager
 def steps(total: int, quiet: bool = False) -> Iterator[Steps]:
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    # Drawn on a terminal only: in a log or a pipe a bar is noise (and rich leaves blank lines there).
-    with Progress(*columns, console=stderr, transient=True, disable=quiet or not stderr.is_terminal) as progress:
+    with _bar("{task.description}", quiet) as progress:
         yield Steps(progress, total)
 
 
 @contextmanager
 def counter(description: str, quiet: bool = False) -> Iterator[Callable[[int, int], None]]:
     """A bar over a count that the work learns as it goes: the context gives `update(done, total)`."""
-    columns = (SpinnerColumn(), TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=True, disable=quiet or not stderr.is_terminal) as progress:
+    with _bar(description, quiet) as progress:
         task = progress.add_task("", total=None)
         yield lambda done, total: progress.update(task, completed=done, total=total)

@@ -139,14 +139,17 @@ class Runtime:
             options.add_session_config_entry("session.force_spinning_stop", "1")
         self.spinning = spinning
         options.log_severity_level = 3  # onnxruntime's warnings about unused initializers are noise here
-        if mapped_weights:  # the weights packed for this CPU once, in a file every process maps (prepacked.py)
-            if provider != "cpu":
-                raise OptionsError("mapped_weights is a CPU option: on CUDA the weights live in GPU memory")
-            model_path = prepacked.packed_model(folder, ort, options)
         if not (is_int(prompt_cache_mib) and prompt_cache_mib >= 0):
             raise OptionsError(f"prompt_cache_mib must be a number of MiB >= 0, got {prompt_cache_mib!r}")
         if prompt_cache_mib and provider != "cpu":
             raise OptionsError("prompt_cache_mib is a CPU option (the kept caches are host memory)")
+        if prompt_cache_mib and not cache_in_place(folder.manifest):  # refused before a load of GBs
+            raise OptionsError(f"prompt_cache_mib needs a folder with the cache in place (the export default); {model_path} "
+                               "was exported with --growing-cache")
+        if mapped_weights:  # the weights packed for this CPU once, in a file every process maps (prepacked.py)
+            if provider != "cpu":
+                raise OptionsError("mapped_weights is a CPU option: on CUDA the weights live in GPU memory")
+            model_path = prepacked.packed_model(folder, ort, options)
         if cuda_graph and provider != "cuda":
             raise OptionsError("cuda_graph (--cuda-graph) needs the CUDA provider (provider='cuda', --provider cuda)")
         if provider == "cuda":
@@ -189,9 +192,6 @@ class Runtime:
         # thread's copy or allocation on the device breaks the capture.
         self._lock = threading.RLock()
         self._idle: list[InPlaceCache] = []  # CUDA-graph caches of finished calls, the most recently finished last
-        if prompt_cache_mib and not self.in_place:
-            raise OptionsError(f"prompt_cache_mib needs a folder with the cache in place (the export default); {model_path} "
-                               "was exported with --growing-cache")
         self.prompt_cache_bytes = prompt_cache_mib * 2**20
         self._kept: list[tuple[list[int], InPlaceCache]] = []  # one-row calls' caches and their tokens, the newest last
         self.past_names, self.present_names = past_names(dims.n_layer), present_names(dims.n_layer)
@@ -268,7 +268,7 @@ class Runtime:
         a cache let go (it has no way to drop one): only its buffer's memory comes back. With a prompt cache, a
         one-row call's cache is kept with `tokens`, those its positions hold, for a later call that starts with
         them (resume), the least recently finished going first past prompt_cache_mib."""
-        if self.prompt_cache_bytes and tokens is not None and isinstance(cache, InPlaceCache):
+        if tokens is not None and self.keeps(len(tokens)) and isinstance(cache, InPlaceCache):
             with self._lock:
                 self._kept.append((tokens, cache))
                 while sum(self.cache_bytes(1, len(t)) for t, _ in self._kept) > self.prompt_cache_bytes:
@@ -278,6 +278,11 @@ class Runtime:
                 self._idle.append(cache)
                 while sum(c.nbytes for c in self._idle) > IDLE_CACHE_BYTES:
                     self._idle.pop(0)
+
+    def keeps(self, positions: int) -> bool:
+        """Whether release keeps a one-row cache of `positions` written positions: with a prompt cache, one long
+        enough for a later call to take (MIN_RESUMED)."""
+        return bool(self.prompt_cache_bytes) and positions >= MIN_RESUMED
 
     def take_kept(self, prompt: list[int]) -> tuple[InPlaceCache, int] | None:
         """The kept cache (release) that shares the longest start with `prompt`, and how many of the prompt's first
@@ -298,11 +303,10 @@ class Runtime:
         kept, start = taken
         capacity = self.check_cache(1, capacity)
         if kept.capacity >= capacity:
-            cache = kept
-        else:
-            cache = InPlaceCache(self, 1, capacity)
-            cache.layers()[:, :, :, :start] = kept.layers()[:, :, :, :start]
-        cache.lengths[0] = start  # what lies past is written over by the call's prompt pass
+            kept.lengths[0] = start  # what lies past is written over by the call's prompt pass
+            return kept, start
+        cache = InPlaceCache(self, 1, capacity)
+        cache.copy_positions(kept, start)
         return cache, start
 
     def exclusive(self) -> contextlib.AbstractContextManager[Any]:
