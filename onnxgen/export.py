@@ -70,7 +70,10 @@ def _load(source: str) -> tuple[Any, Any]:
         raise ExportError(f"{source} has no usable tokenizer: {str(e).splitlines()[0]}") from None
     if not tokenizer.is_fast:
         raise ExportError(f"{source} has no fast tokenizer (tokenizer.json or vocab.json + merges.txt)")
-    model = GPT2LMHeadModel.from_pretrained(source, dtype="float32").eval()
+    # Eager attention: transformers' SDPA path ignores `scale_attn_weights` and `scale_attn_by_inverse_layer_idx`
+    # (transformers#44380, fixed after 4.57), so exported and checked against it, a checkpoint trained with either
+    # (stanford-crfm's GPT-2s) would pass validation with the wrong attention scale.
+    model = GPT2LMHeadModel.from_pretrained(source, dtype="float32", attn_implementation="eager").eval()
     return model, tokenizer
 
 
@@ -193,7 +196,7 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
 
                 tied = graph.untie_lm_head(onnx_model)
                 gemms = graph.gemm_to_matmul(onnx_model)
-                attention = graph.fuse_attention(onnx_model, cfg.n_head) if options.optimize else 0
+                attention = graph.fuse_attention(onnx_model, cfg.n_head, attention_scales(cfg)) if options.optimize else 0
                 biases = graph.fold_attention_biases(onnx_model) if attention else 0
                 graph.add_logits_to_keep(onnx_model)
                 in_place = graph.cache_in_place(onnx_model) if attention and options.cache_in_place else 0
@@ -225,6 +228,12 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
                     "export_options": {k: v for k, v in asdict(options).items() if k != "force"},
                 })
     return result
+
+
+def attention_scales(cfg: Any) -> list[float]:
+    """Each layer's factor on its query-key products, as GPT-2's eager attention applies it."""
+    base = (cfg.n_embd // cfg.n_head) ** -0.5 if cfg.scale_attn_weights else 1.0
+    return [base / (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else base for layer in range(cfg.n_layer)]
 
 
 def _optimize(path: Path, cfg: Any, optimize: bool) -> Any:

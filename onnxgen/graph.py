@@ -142,7 +142,7 @@ def _attention_layers(g: onnx.GraphProto) -> list[tuple[onnx.NodeProto, ...]] | 
     return layers
 
 
-def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
+def fuse_attention(model: onnx.ModelProto, num_heads: int, scales: list[float]) -> int:
     """Replace each layer's attention subgraph with one com.microsoft MultiHeadAttention node.
 
     optimum's graph spells attention out in about 40 nodes a layer, one of which transposes the whole
@@ -150,6 +150,9 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
     new position into present: see export/README.md) and applies the causal and padding masks itself.
     Its inputs are the three slices of c_attn's output, the attention mask (as an int32 key padding
     mask) and the past; its outputs keep the names the graph used.
+    `scales[layer]` multiplies that layer's query-key products (GPT-2's 1/sqrt(head size), divided by the
+    layer's number too where a checkpoint's config says `scale_attn_by_inverse_layer_idx`): always given,
+    since the graph's own scaling is among the nodes the fused one replaces.
     Nodes left without consumers are removed. All layers or none: returns how many were fused.
     """
     g = model.graph
@@ -164,6 +167,7 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
             [*split.output, "", mask, "", key_concat.input[0], value_concat.input[0]],
             [output.output[0], key_concat.output[0], value_concat.output[0]],
             name=f"/attention/h.{layer}", domain="com.microsoft", num_heads=num_heads, unidirectional=1,
+            scale=scales[int(layer)],
         )
         at = list(g.node).index(output)
         for node in (key_concat, value_concat, output):
@@ -253,7 +257,7 @@ def cache_in_place(model: onnx.ModelProto) -> int:
     if not layers or any(s is None or s.op_type != "Split" for s in splits):
         return 0
     for attention, split in zip(layers, splits):
-        heads = next(helper.get_attribute_value(a) for a in attention.attribute if a.name == "num_heads")
+        heads, scale = (next(helper.get_attribute_value(a) for a in attention.attribute if a.name == name) for name in ("num_heads", "scale"))
         packed, bias = split.input[0], attention.input[3]
         at = list(g.node).index(attention)
         g.node.remove(attention)
@@ -262,7 +266,8 @@ def cache_in_place(model: onnx.ModelProto) -> int:
             packed = f"{attention.name}/qkv"
         g.node.insert(at + bool(bias), helper.make_node(
             "GroupQueryAttention", [packed, "", "", attention.input[6], attention.input[7], SEQLENS_K, TOTAL_SEQUENCE_LENGTH],
-            list(attention.output), name=attention.name, domain="com.microsoft", num_heads=heads, kv_num_heads=heads))
+            list(attention.output), name=attention.name, domain="com.microsoft", num_heads=heads, kv_num_heads=heads,
+            scale=scale))
     g.input.remove(next(i for i in g.input if i.name == ATTENTION_MASK))
     g.input.extend([helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["batch_size"]),
                     helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [])])

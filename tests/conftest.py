@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,9 +14,10 @@ EOS = "<|endoftext|>"
 
 
 def make_checkpoint(folder: Path, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 128,
-                    vocab_size: int | None = None, initializer_range: float = 0.3) -> Path:
+                    vocab_size: int | None = None, initializer_range: float = 0.3, **config: Any) -> Path:
     """A GPT-2 checkpoint folder as transformers writes it, with a 400-token byte-level BPE
-    (the model's vocabulary may be larger, as GPT-2's own 50257 for the real shapes)."""
+    (the model's vocabulary may be larger, as GPT-2's own 50257 for the real shapes); `config`: more
+    GPT2Config fields."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -30,7 +32,7 @@ def make_checkpoint(folder: Path, n_layer: int = 2, n_embd: int = 64, n_head: in
     # A wide initializer gives peaked next-token distributions, so that greedy and beam choices are not
     # near-ties that float rounding could flip (the default 0.02 makes every logit almost equal).
     config = GPT2Config(vocab_size=vocab_size or tok.get_vocab_size(), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                        n_head=n_head, bos_token_id=eos, eos_token_id=eos, initializer_range=initializer_range)
+                        n_head=n_head, bos_token_id=eos, eos_token_id=eos, initializer_range=initializer_range, **config)
     model = GPT2LMHeadModel(config)
     # GPT-2's initializer zeroes every bias and sets LayerNorm to identity; give them values too, or a
     # graph edit that drops or misplaces a bias would still match PyTorch.

@@ -17,6 +17,8 @@ from onnxgen import manifest as manifest_mod
 from onnxgen.errors import ExportError, OnnxgenError
 from onnxgen.export import ExportOptions, export
 
+from .conftest import make_checkpoint
+
 EXPECTED_FILES = {"model.onnx", "model.onnx.data", "config.json", "generation_config.json", "tokenizer.json", "onnxgen.json"}
 
 
@@ -59,7 +61,7 @@ def test_attention_is_one_node_per_layer(exported: Path, exported_growing: Path)
         biases = [n for n in model.graph.node if n.op_type == "Add" and n.name.endswith("/QkvBias")]
         assert (ops.count("Split"), len(biases)) == ((2, 0) if attention == "MultiHeadAttention" else (0, 2))
         assert all(len(n.input) == 5 and n.input[4] for n in model.graph.node if n.op_type == "SkipLayerNormalization")
-        assert graph_mod.fuse_attention(model, 4) == 0  # a graph it does not recognise is left as it is
+        assert graph_mod.fuse_attention(model, 4, [0.125] * 2) == 0  # a graph it does not recognise is left as it is
         assert graph_mod.fold_attention_biases(model) == 0
         if attention == "GroupQueryAttention":
             assert graph_mod.cache_in_place(model) == 0
@@ -135,6 +137,30 @@ def test_onnx_logits_match_pytorch_on_every_position(exported: Path, exported_gr
     assert np.abs(logits - ref).max() <= 1e-4
     last = runtime.new_cache(1, 20).prefill([ids[0].tolist()])  # logits_to_keep=1: the head at the last position only
     assert last.shape == (1, 400) and np.allclose(last[0], logits[0, -1], atol=1e-5)
+
+
+@pytest.mark.parametrize("cache_in_place", [True, False], ids=["in place", "growing"])
+@pytest.mark.parametrize("scaling", [{"scale_attn_by_inverse_layer_idx": True, "reorder_and_upcast_attn": True},
+                                     {"scale_attn_weights": False}], ids=["by layer", "unscaled"])
+def test_attention_scale_options_are_exported(tmp_path: Path, scaling: dict[str, bool], cache_in_place: bool) -> None:
+    """stanford-crfm's GPT-2s divide each layer's attention scores by the layer's number as well (their
+    config: scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn). transformers' SDPA attention, the
+    default up to 4.57, ignores that, so the export follows eager attention, the model's definition."""
+    import onnxgen
+    from transformers import GPT2LMHeadModel
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt", **scaling)
+    out = tmp_path / "out"
+    assert export(str(checkpoint), out, ExportOptions(cache_in_place=cache_in_place), quiet=True)["validation"]["passed"]
+    eager = GPT2LMHeadModel.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    plain = GPT2LMHeadModel.from_pretrained(checkpoint, attn_implementation="eager", scale_attn_weights=True,
+                                            scale_attn_by_inverse_layer_idx=False).eval()
+    prompt = torch.tensor([[5, 17, 33, 2, 90, 41]])
+    with torch.no_grad():  # the option changes the model's scores: the case below can tell the two apart
+        assert (eager(prompt).logits - plain(prompt).logits).abs().max() > 0.1
+        reference = eager.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 6:].tolist()
+    completion = onnxgen.load(out, threads=1).generate(prompt[0].tolist(), max_new_tokens=16)[0]
+    assert completion.token_ids == reference
 
 
 def test_external_data_and_unoptimized_export(checkpoint: Path, exported: Path, tmp_path: Path, model) -> None:  # type: ignore[no-untyped-def]
