@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import platform
 import tempfile
 import warnings
@@ -73,7 +74,11 @@ def _load(source: str) -> tuple[Any, Any]:
     # Eager attention: transformers' SDPA path ignores `scale_attn_weights` and `scale_attn_by_inverse_layer_idx`
     # (transformers#44380, fixed after 4.57), so exported and checked against it, a checkpoint trained with either
     # (stanford-crfm's GPT-2s) would pass validation with the wrong attention scale.
-    model = GPT2LMHeadModel.from_pretrained(source, dtype="float32", attn_implementation="eager").eval()
+    try:
+        model = GPT2LMHeadModel.from_pretrained(source, dtype="float32", attn_implementation="eager").eval()
+    except Exception as e:  # no weights file, a damaged one, weights of other shapes than its config says, a config they refuse
+        detail = " ".join(str(e).split())[:400] or type(e).__name__  # torch's size mismatches span lines
+        raise ExportError(f"cannot load {source}: {detail}") from None
     return model, tokenizer
 
 
@@ -252,7 +257,15 @@ def _optimize(path: Path, cfg: Any, optimize: bool) -> Any:
 
         # opt_level=0: Python fusions only. onnxruntime's own graph passes run at every session load
         # anyway, and running them here would serialize the whole model (over 2 GB for gpt2-large).
-        model = optimize_model(model, model_type="gpt2", num_heads=cfg.n_head, hidden_size=cfg.n_embd, opt_level=0).model
+        # Its shape inference warns of each Slice whose index it cannot tell the sign of (eager attention's causal
+        # mask, cut at symbolic lengths: harmless to the fusions), a dozen lines on the user's terminal.
+        shape_inference = logging.getLogger("symbolic_shape_infer")
+        level = shape_inference.level
+        shape_inference.setLevel(logging.ERROR)
+        try:
+            model = optimize_model(model, model_type="gpt2", num_heads=cfg.n_head, hidden_size=cfg.n_embd, opt_level=0).model
+        finally:
+            shape_inference.setLevel(level)
         # The fused ops live in onnxruntime's domain; declare it, or onnx's shape inference (which the
         # quantizers run) rejects the graph.
         if not any(o.domain == "com.microsoft" for o in model.opset_import):

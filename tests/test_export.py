@@ -3,8 +3,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -227,6 +229,26 @@ def test_input_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpoin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "bert", "empty"]
 
 
+def test_damaged_checkpoints_are_named_errors(checkpoint: Path, tmp_path: Path) -> None:
+    """A checkpoint transformers cannot load is the user's error, said in one line, not an internal one."""
+    def damaged(name: str, change: Callable[[Path], object]) -> Path:
+        folder = shutil.copytree(checkpoint, tmp_path / name)
+        change(folder)
+        return folder
+
+    def resized(folder: Path) -> None:  # weights of other shapes than the config says
+        (folder / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()), "n_embd": 128}))
+
+    weights = "model.safetensors"
+    cases = {damaged("no-weights", lambda f: (f / weights).unlink()): "no file named",
+             damaged("truncated", lambda f: (f / weights).write_bytes((f / weights).read_bytes()[:5000])): "deserializing header",
+             damaged("resized", resized): "size mismatch for .* copying a param with shape"}
+    for folder, reason in cases.items():
+        with pytest.raises(ExportError, match=f"cannot load {folder}: .*{reason}"):
+            export(str(folder), tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     r = subprocess.run([sys.executable, "-m", "onnxgen", "export", str(tmp_path / "empty"), "-o", str(tmp_path / "x")],
@@ -241,6 +263,7 @@ def test_cli_json_prints_the_manifest(checkpoint: Path, tmp_path: Path) -> None:
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == json.loads((tmp_path / "x" / "onnxgen.json").read_text())
+    assert r.stderr == ""  # progress goes to a terminal only; the libraries' notices (shape inference's) are held back
 
 
 def test_a_killed_build_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
