@@ -67,6 +67,13 @@ class Running:
     first: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class Occupancy:
+    waiting: int  # requests queued, the one held for room included
+    running: int  # requests decoding or writing their prompts, in the shared rows or apart
+    rows_busy: int  # rows of the shared cache in use
+
+
 class Full(Exception):
     """The queue of waiting jobs is full."""
 
@@ -133,6 +140,12 @@ class Batcher:
             self._waiting.put_nowait(job)
         except queue.Full:
             raise Full(f"{self._waiting.maxsize} requests are already waiting") from None
+
+    def occupancy(self) -> Occupancy:
+        """The worker's state, read from another thread (metrics.py): each number as it was when read."""
+        return Occupancy(self._waiting.qsize() + (self._held is not None),
+                         len(self._shared) + len(self._prefilling) + (self._apart is not None),
+                         sum(holder is not None for holder in self._slots))
 
     def _work(self) -> None:
         while True:

@@ -6,6 +6,8 @@
                            events), and onnxgen's other options as extra fields (top_k, repetition_penalty, ...)
     GET  /v1/models        the one model served
     GET  /health           200 once the model is loaded
+    GET  /metrics          Prometheus' text format (metrics.py): requests by outcome, tokens, time to first token,
+                           the batcher's queue and rows; like /health, no API key (as vLLM's)
 
 Requests run through batcher.py (continuous batching: a request's rows join the rows already decoding at
 the next step, and leave when they end). Errors use OpenAI's JSON shape with a 4xx code; no traceback ever
@@ -25,12 +27,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .batcher import Batcher, Full, Job
 from .errors import OnnxgenError
 from .generator import Completion, Event
+from .metrics import Metrics
 from .model import Model
 from .tokenizer import TextStream
 
@@ -90,6 +93,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
     batcher = Batcher(model, limits.max_batch, limits.max_queue, limits.prefill_chunk)
     scoring = asyncio.Semaphore(1)  # prompts scored for echo with logprobs, one request at a time (_prompt_logprobs)
     app = FastAPI(title="onnxgen", docs_url=None, redoc_url=None)
+    metrics = Metrics(batcher)
     app.state.batcher, app.state.draft = batcher, draft
 
     @app.middleware("http")
@@ -105,6 +109,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        metrics.requests.labels("invalid").inc()
         first = e.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         return error(400, f"{where or 'body'}: {first.get('msg')}", where)
@@ -113,17 +118,25 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    async def scrape() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "onnxgen"}]}
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
+        start = time.perf_counter()
         if body.model is not None and body.model != name:  # answering with another model would be a wrong answer
+            metrics.requests.labels("invalid").inc()
             return error(404, f"the model {body.model!r} does not exist: this server has {name!r}", "model", code="model_not_found")
         try:
             prompts, options = _job_input(model, body, limits, draft)
         except (OnnxgenError, ValueError) as e:
+            metrics.requests.labels("invalid").inc()
             return error(400, str(e))
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         echoed = None
@@ -133,14 +146,16 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         if body.max_tokens == 0:
             asked = [] if body.logprobs is not None else None
             done = [Completion("", [], "length", i, asked, asked) for i in range(len(prompts)) for _ in range(body.n)]
+            metrics.finished(prompts, done, time.perf_counter() - start)
             return {**meta, "object": "text_completion", "choices": [_choice(model, body, prompts, c, i, echoed) for i, c in enumerate(done)],
                     "usage": _usage(prompts, done)}
         channel: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        job = Job(prompts, options, lambda kind, value: loop.call_soon_threadsafe(channel.put_nowait, (kind, value)))
+        job = Job(prompts, options, metrics.tracked(lambda kind, value: loop.call_soon_threadsafe(channel.put_nowait, (kind, value)), prompts))
         try:
             batcher.submit(job)
         except Full as e:
+            metrics.requests.labels("rejected").inc()
             return error(429, f"server busy: {e}; retry shortly", kind="rate_limit_error")
         if body.stream:
             return StreamingResponse(_stream(model, body, prompts, echoed, job, channel, request, meta), media_type="text/event-stream")

@@ -234,11 +234,17 @@ def test_beams_moved_down_keep_their_search(model: onnxgen.Model) -> None:
 
 def test_a_client_that_goes_away_ends_its_rows(model: onnxgen.Model) -> None:
     """What the server does when a stream's client disconnects (it sets the job's cancelled flag): the
-    batcher ends that job's rows at the next step, and the other job's rows run on."""
+    batcher ends that job's rows at the next step, and the other job's rows run on; the server's metrics count it apart."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from onnxgen.metrics import Metrics
+
     batcher = Batcher(model, max_batch=8)
+    metrics = Metrics(batcher)
     options = model.options(max_new_tokens=100, do_sample=True, eos_token_id=None, num_return_sequences=2)
     news: dict[str, Inbox] = {"gone": queue.Queue(), "stays": queue.Queue()}
-    jobs = {name: Job([[12, 40, 7]], options, lambda kind, value, name=name: news[name].put((kind, value))) for name in news}
+    jobs = {name: Job([[12, 40, 7]], options, metrics.tracked(lambda kind, value, name=name: news[name].put((kind, value)), [[12, 40, 7]]))
+            for name in news}
     batcher.submit(jobs["gone"])
     batcher.submit(jobs["stays"])
     assert news["gone"].get(timeout=30)[0] == "event"
@@ -247,6 +253,9 @@ def test_a_client_that_goes_away_ends_its_rows(model: onnxgen.Model) -> None:
     assert batcher.cancelled_rows == 2
     assert {c.finish_reason for c in results["gone"]} == {"cancelled"} and all(len(c.token_ids) < 100 for c in results["gone"])
     assert [len(c.token_ids) for c in results["stays"]] == [100, 100]
+    scrape = metrics.render()[0].decode()
+    outcomes = {s.labels["outcome"]: s.value for f in text_string_to_metric_families(scrape) for s in f.samples if s.name == "onnxgen_requests_total"}
+    assert (outcomes["cancelled"], outcomes["completed"]) == (1, 1)
 
 
 def test_a_growing_cache_runs_each_request_apart(exported_growing: Path, model: onnxgen.Model) -> None:

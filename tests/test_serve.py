@@ -225,6 +225,16 @@ def test_a_request_for_another_model_is_404(client: openai.OpenAI, server: Serve
     assert r.status_code == 200 and r.json()["model"] == "tiny"
 
 
+Samples = dict[tuple[str, tuple[str, ...]], float]
+
+
+def _samples(scrape: str) -> Samples:
+    """A /metrics page's values by sample name and label values."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(s.labels.values())): s.value for family in text_string_to_metric_families(scrape) for s in family.samples}
+
+
 def test_auth_size_and_queue_limits(server: Served) -> None:
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).completions.create(model="tiny", prompt="x")
@@ -232,6 +242,7 @@ def test_auth_size_and_queue_limits(server: Served) -> None:
     assert r.status_code == 400 and "request body over" in r.json()["error"]["message"]
     r = httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, content=b"{not json")
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    rejected = _samples(httpx.get(server + "/metrics").text)["onnxgen_requests_total", ("rejected",)]
     # More requests at once than the queue holds: the surplus is answered 429 at once, the rest complete. The
     # model is held at its first forward until a 429 has come back, so that the queue is full whatever the
     # machine's speed (without it, a fast server drained the queue as the requests came in).
@@ -253,6 +264,7 @@ def test_auth_size_and_queue_limits(server: Served) -> None:
     finally:
         session.run_with_iobinding = run
     assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
+    assert _samples(httpx.get(server + "/metrics").text)["onnxgen_requests_total", ("rejected",)] == rejected + codes.count(429)
 
 
 def test_requests_sent_at_once_share_steps(exported: Path, model: onnxgen.Model) -> None:
@@ -311,3 +323,45 @@ def test_the_serve_command_refuses_a_cache_it_cannot_reserve(exported: Path) -> 
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("onnxgen: error: max_batch 1000000000000: a key/value cache")
+
+
+def test_metrics_count_requests_tokens_and_times(exported: Path) -> None:
+    """GET /metrics, Prometheus' text format without the API key (as /health): each request's outcome, its usage's
+    tokens, the time to its first token (none for beam search and scoring) and its duration; the batcher's state."""
+    import asyncio
+    import json
+
+    app = create_app(onnxgen.load(exported, threads=1), "tiny", api_key=KEY, limits=Limits(max_tokens=64))
+    auth = {"Authorization": f"Bearer {KEY}"}
+    completed = [{"prompt": "Call me", "max_tokens": 5, "n": 2, "seed": 3},
+                 {"prompt": "The", "max_tokens": 4, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}},
+                 {"prompt": "It is", "max_tokens": 3, "temperature": 0, "num_beams": 2},
+                 {"prompt": "Once upon a time", "max_tokens": 0, "echo": True, "logprobs": 1}]  # scored, nothing generated
+    invalid = [{"prompt": "x", "max_tokens": 1000}, {"prompt": "x", "model": "other"}, {"prompt": "x", "max_tokens": -1}]
+
+    async def run() -> tuple[list[dict[str, int]], list[int], httpx.Response, Samples]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as http:
+            usages = []
+            for body in completed:
+                r = await http.post("/v1/completions", json=body, headers=auth)
+                assert r.status_code == 200, r.text
+                last = json.loads(r.text.split("data: ")[-2]) if body.get("stream") else r.json()  # a stream's usage: its last chunk
+                usages.append(last["usage"])
+            codes = [(await http.post("/v1/completions", json=body, headers=auth)).status_code for body in invalid]
+            unauthorized = await http.get("/v1/models")
+            scrape = await http.get("/metrics")
+        assert scrape.status_code == 200 and scrape.headers["content-type"].startswith("text/plain")
+        return usages, codes, unauthorized, _samples(scrape.text)
+
+    usages, codes, unauthorized, samples = asyncio.run(run())
+    assert codes == [400, 404, 400] and unauthorized.status_code == 401
+    outcomes = {outcome: samples["onnxgen_requests_total", (outcome,)] for outcome in ("completed", "cancelled", "error", "invalid", "rejected")}
+    assert outcomes == {"completed": 4, "cancelled": 0, "error": 0, "invalid": 3, "rejected": 0}
+    assert samples["onnxgen_prompt_tokens_total", ()] == sum(u["prompt_tokens"] for u in usages)
+    assert samples["onnxgen_generation_tokens_total", ()] == sum(u["completion_tokens"] for u in usages) > 0
+    assert samples["onnxgen_time_to_first_token_seconds_count", ()] == 2  # the sampled and the streamed request
+    assert samples["onnxgen_request_duration_seconds_count", ()] == 4
+    assert 0 < samples["onnxgen_time_to_first_token_seconds_sum", ()] < samples["onnxgen_request_duration_seconds_sum", ()]
+    state = {name: samples[name, ()] for name in ("onnxgen_requests_waiting", "onnxgen_requests_running", "onnxgen_rows_busy", "onnxgen_rows")}
+    assert state == {"onnxgen_requests_waiting": 0, "onnxgen_requests_running": 0, "onnxgen_rows_busy": 0, "onnxgen_rows": 8}
+    assert samples["onnxgen_decode_steps_total", ()] == app.state.batcher.steps > 0

@@ -1,0 +1,102 @@
+"""What `onnxgen serve` tells Prometheus at GET /metrics (prometheus_client, in the `serve` extra).
+
+Per request: how it ended, its tokens in and out, the time to its first token and to its end, taken in the
+batcher's thread as the tokens come (Job.deliver). At each scrape: the batcher's queue, its running requests and
+busy rows, and its own counters (steps, prompt cache hits, ...). A registry per app, so that two apps in one
+process (tests, a server beside a Ray replica) count apart. vLLM's and llama.cpp's servers name theirs alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .batcher import Batcher
+from .errors import OnnxgenError
+from .generator import Completion
+
+# Seconds: a first token comes after one prompt pass (ms on a GPU, up to seconds for a long prompt on 2 cores);
+# a request lasts up to max_tokens steps.
+FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+OUTCOMES = ("completed", "cancelled", "error", "invalid", "rejected")
+
+Deliver = Callable[[str, Any], None]
+
+
+class Metrics:
+    def __init__(self, batcher: Batcher) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("onnxgen_requests", "Requests by how they ended: completed, cancelled (the client went "
+                                "away), error, invalid (refused before they started), rejected (the queue was full)",
+                                ["outcome"], registry=self.registry)
+        for outcome in OUTCOMES:  # every series from the start, so that rates work from the first scrape
+            self.requests.labels(outcome)
+        self.prompt_tokens = Counter("onnxgen_prompt_tokens", "Prompt tokens of the requests that ended", registry=self.registry)
+        self.generation_tokens = Counter("onnxgen_generation_tokens", "Tokens generated", registry=self.registry)
+        self.first_token = Histogram("onnxgen_time_to_first_token_seconds", "From a request's start to its first token "
+                                     "(beam search: none, its tokens come at its end)", buckets=FIRST_TOKEN_BUCKETS, registry=self.registry)
+        self.duration = Histogram("onnxgen_request_duration_seconds", "From a request's start to its end",
+                                  buckets=DURATION_BUCKETS, registry=self.registry)
+        self.registry.register(_BatcherState(batcher))
+
+    def tracked(self, deliver: Deliver, prompts: list[list[int]]) -> Deliver:
+        """`deliver` (a Job's), counting what passes through it for the request of `prompts`; its clock starts now."""
+        start, first = time.perf_counter(), True
+
+        def tracking(kind: str, value: Any) -> None:
+            nonlocal first
+            if kind == "event" and first:
+                first = False
+                self.first_token.observe(time.perf_counter() - start)
+            elif kind == "done":
+                self.finished(prompts, value[0], time.perf_counter() - start)
+            elif kind == "error":  # an option the model refused at the start is the request's fault, anything else ours
+                self.requests.labels("invalid" if isinstance(value, OnnxgenError) else "error").inc()
+                self.duration.observe(time.perf_counter() - start)
+            deliver(kind, value)
+
+        return tracking
+
+    def finished(self, prompts: list[list[int]], completions: list[Completion], seconds: float) -> None:
+        """A request that ended with completions (usage's prompt tokens: each prompt once, whatever its n)."""
+        cancelled = any(c.finish_reason == "cancelled" for c in completions)
+        self.requests.labels("cancelled" if cancelled else "completed").inc()
+        self.generation_tokens.inc(sum(len(c.token_ids) for c in completions))
+        self.prompt_tokens.inc(sum(len(p) for p in prompts))
+        self.duration.observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """The scrape's body and content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _BatcherState(Collector):
+    """The batcher's state, read when Prometheus asks (its worker thread changes it; a scrape sees a moment of it)."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+
+    def collect(self) -> Iterator[Any]:
+        b = self.batcher
+        state = b.occupancy()
+        yield GaugeMetricFamily("onnxgen_requests_waiting", "Requests queued for room", value=state.waiting)
+        yield GaugeMetricFamily("onnxgen_requests_running", "Requests decoding (or writing their prompts)", value=state.running)
+        yield GaugeMetricFamily("onnxgen_rows_busy", "Rows of the shared key/value cache in use", value=state.rows_busy)
+        yield GaugeMetricFamily("onnxgen_rows", "Rows of the shared key/value cache (serve --max-batch)", value=b.max_batch)
+        yield CounterMetricFamily("onnxgen_decode_steps", "Forwards of the shared rows", value=b.steps)
+        yield CounterMetricFamily("onnxgen_prompt_parts", "Parts of long prompts written between steps", value=b.parts)
+        yield CounterMetricFamily("onnxgen_joined_requests", "Requests that joined rows already decoding", value=b.joined)
+        yield CounterMetricFamily("onnxgen_prompt_cache_hits", "Requests whose prompt's start came from a kept cache", value=b.resumed)
+        yield CounterMetricFamily("onnxgen_cancelled_rows", "Rows ended because their client went away", value=b.cancelled_rows)
