@@ -11,13 +11,16 @@ so that a step computes no free row. Each request keeps a generator of its own (
 options, random numbers, stop rules and events are its own: requests with different options share a step.
 
 Beam search shares steps too: its rows move among the rows it holds (cache.py's SharedRows). Some requests
-run apart, each with a cache of its own, one at a time, a step of it in turn with a step of the shared
-rows: a seeded one where a row's numbers move with the rows beside it (int8 quantizes each step's
+run apart, each with a cache of its own, one at a time, oldest first, a step of it in turn with a step of
+the shared rows: a seeded one where a row's numbers move with the rows beside it (int8 quantizes each step's
 activations with one scale for all rows; CUDA's kernels change with the row count), so that it gives
 exactly what `model.generate` gives with that seed (fp32 and int4 folders on the CPU batch it: their rows
-are computed alone, which _rows_alone checks at start); more rows than `max_batch`; one with guesses (prompt lookup, a draft model: its steps run several tokens of its row); and every request on a folder
-whose cache grows (`--growing-cache`: its rows share one left-padded width, so none can join). Requests start oldest
-first: one that waits for room holds back those behind it. With a prompt cache (load's prompt_cache_mib), an ending
+are computed alone, which _rows_alone checks at start); more rows than `max_batch`; and every request on a
+folder whose cache grows (`--growing-cache`: its rows share one left-padded width, so none can join). A request
+with guesses (prompt lookup, a draft model: its steps run several tokens of its row) runs apart when nothing
+else runs or waits to, and otherwise decodes in the shared rows without guessing: the same text, and no wait
+behind another. Requests waiting to run apart never hold back those that can share; among those that share,
+requests start oldest first, and one that waits for room holds back those behind it. With a prompt cache (load's prompt_cache_mib), an ending
 one-row request's row is copied out into the runtime's pool, and into the row of a later request that starts with
 its tokens (a chat's next turn), whose prompt is then written from there a part a step.
 """
@@ -26,8 +29,9 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -93,6 +97,7 @@ class Batcher:
         self._apart: Running | None = None  # the job running with a cache of its own
         self._waiting: queue.Queue[Job] = queue.Queue(max_queue)
         self._held: Job | None = None  # taken from the queue, waiting for room: it goes first
+        self._apart_waiting: deque[Job] = deque()  # taken from the queue, to run apart in turn (counts as queued)
         self.jobs = 0  # jobs started
         self.joined = 0  # of them, those that joined rows already decoding
         self.steps = 0  # forwards of the shared rows
@@ -137,13 +142,15 @@ class Batcher:
 
     def submit(self, job: Job) -> None:
         try:
+            if self._waiting.qsize() + len(self._apart_waiting) >= self._waiting.maxsize:
+                raise queue.Full
             self._waiting.put_nowait(job)
         except queue.Full:
             raise Full(f"{self._waiting.maxsize} requests are already waiting") from None
 
     def occupancy(self) -> Occupancy:
         """The worker's state, read from another thread (metrics.py): each number as it was when read."""
-        return Occupancy(self._waiting.qsize() + (self._held is not None),
+        return Occupancy(self._waiting.qsize() + (self._held is not None) + len(self._apart_waiting),
                          len(self._shared) + len(self._prefilling) + (self._apart is not None),
                          sum(holder is not None for holder in self._slots))
 
@@ -157,39 +164,42 @@ class Batcher:
             if self._shared:
                 self._step_shared()
 
-    def _shares(self, job: Job) -> bool:
-        return (self.cache is not None and (job.options.seed is None or self.seeds_share) and job.rows <= self.max_batch
-                and job.options.prompt_lookup_num_tokens is None and job.options.assistant_model is None)  # guesses: see Generator.step
+    def _can_share(self, job: Job) -> bool:
+        return self.cache is not None and (job.options.seed is None or self.seeds_share) and job.rows <= self.max_batch
 
     def _start_waiting(self) -> None:
-        """Start waiting jobs, oldest first, while there is room; wait for one when nothing runs."""
+        """Start waiting jobs while there is room, oldest first; wait for one when nothing runs or waits to."""
         joining: list[Job] = []
         room = sum(holder is None for holder in self._slots)
         while True:
+            while self._apart is None and self._apart_waiting:
+                self._start_apart(self._apart_waiting.popleft())
             if self._held is None:
+                busy = self._shared or self._prefilling or joining or self._apart is not None
                 try:
-                    self._held = self._waiting.get(block=not (self._shared or self._prefilling or joining) and self._apart is None)
+                    self._held = self._waiting.get(block=not busy)
                 except queue.Empty:
                     break
             job = self._held
+            guesses = job.options.prompt_lookup_num_tokens is not None or job.options.assistant_model is not None
             if job.cancelled.is_set():
                 self._held = None
-            elif self._shares(job):
-                if job.rows > room:
-                    break
+            elif not self._can_share(job) or (guesses and self._apart is None and not self._apart_waiting):
+                self._held = None
+                self._apart_waiting.append(job)  # guesses: see Generator.step, which a job apart runs
+            elif job.rows > room:
+                break
+            else:
                 self._held, room = None, room - job.rows
                 joining.append(job)
-            else:
-                if self._apart is not None:
-                    break
-                self._held = None
-                self._start_apart(job)
         if joining:
             self._join(joining)
 
-    def _generator(self, job: Job) -> Generator | BeamSearch | None:
+    def _generator(self, job: Job, shared: bool = False) -> Generator | BeamSearch | None:
+        """The job's generator; in the shared rows without guesses (their steps run one token a row: the same text)."""
+        options = replace(job.options, prompt_lookup_num_tokens=None, assistant_model=None) if shared else job.options
         try:
-            return self.model.generator(job.prompts, job.options)
+            return self.model.generator(job.prompts, options)
         except Exception as e:  # an option or prompt the model refuses: the job's own error
             _send(job, "error", e)
             return None
@@ -200,7 +210,7 @@ class Batcher:
         assert self.cache is not None
         started = []
         for job in jobs:
-            generator = self._generator(job)
+            generator = self._generator(job, shared=True)
             if generator is not None:
                 started.append(Running(job, generator, [None] * job.rows))
                 generator.rows.share(SharedRows(self.cache, started[-1].slots))
@@ -389,6 +399,8 @@ class Batcher:
             _send(running.job, "done", (running.generator.completions(), running.generator.stats))
 
     def _start_apart(self, job: Job) -> None:
+        if job.cancelled.is_set():  # its client went away while it waited
+            return
         generator = self._generator(job)
         if generator is not None:
             self.jobs += 1

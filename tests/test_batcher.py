@@ -258,6 +258,27 @@ def test_a_client_that_goes_away_ends_its_rows(model: onnxgen.Model) -> None:
     assert (outcomes["cancelled"], outcomes["completed"]) == (1, 1)
 
 
+def test_a_request_waiting_to_run_apart_holds_back_no_one(model: onnxgen.Model) -> None:
+    """Requests with more rows than max_batch run apart, one at a time; a short request sent behind two of them
+    joins the shared rows at once (before, it waited behind the second until the first had ended)."""
+    batcher = Batcher(model, max_batch=2)
+    wide = {"max_new_tokens": 40, "do_sample": True, "num_return_sequences": 3, "eos_token_id": None}
+    order: list[str] = []
+    inboxes = {}
+    for name, prompt, options in (("first", "It is", {**wide, "seed": 1}), ("second", "Call me", {**wide, "seed": 2}),
+                                  ("short", "Once upon", {"max_new_tokens": 3, **GREEDY})):
+        inboxes[name] = submit(batcher, model, [prompt], **options)
+    results = {}
+    while len(results) < 3:  # the order in which they end
+        for name, inbox in inboxes.items():
+            if name not in results and not inbox.empty() and inbox.queue[-1][0] == "done":
+                results[name], order = result(inbox), [*order, name]
+        threading.Event().wait(0.01)
+    assert order == ["short", "first", "second"]
+    assert [c.token_ids for c in results["short"]] == alone(model, ["Once upon"], max_new_tokens=3, **GREEDY)
+    assert [c.token_ids for c in results["second"]] == alone(model, ["Call me"], **wide, seed=2)
+
+
 def test_a_growing_cache_runs_each_request_apart(exported_growing: Path, model: onnxgen.Model) -> None:
     """A folder exported with --growing-cache has no rows to share: requests run one at a time, correctly."""
     growing = onnxgen.load(exported_growing, threads=1)

@@ -7,6 +7,7 @@ import queue
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,38 @@ def test_a_server_runs_a_prompt_lookup_request_apart(model: onnxgen.Model) -> No
     assert kind == "done", value
     assert value[0][0].token_ids == model.generate(PROMPT, opts)[0].token_ids
     assert batcher.steps == 0  # no shared step: it ran in a cache of its own
+
+
+def test_a_server_runs_a_second_prompt_lookup_request_in_the_shared_rows(model: onnxgen.Model) -> None:
+    """While one request guesses apart, the next decodes in the shared rows without guesses instead of waiting for
+    it: the same text as alone (fp32), no guesses, and shared steps."""
+    batcher = Batcher(model, max_batch=4)
+    opts = model.options(max_new_tokens=30, eos_token_id=None, do_sample=False, prompt_lookup_num_tokens=4,
+                         logits_processors=[RepeatWithBreaks()])
+    started, gate = threading.Event(), threading.Event()
+    inboxes: list[queue.Queue[tuple[str, Any]]] = [queue.Queue(), queue.Queue()]
+
+    def first(kind: str, value: Any) -> None:  # the first request waits at its first token until the second is in
+        if kind == "event" and not started.is_set():
+            started.set()
+            gate.wait(30)
+        inboxes[0].put((kind, value))
+
+    batcher.submit(Job(model.prompt_ids([PROMPT], opts), opts, first))
+    assert started.wait(30)
+    batcher.submit(Job(model.prompt_ids([PROMPT], opts), opts, lambda kind, value: inboxes[1].put((kind, value))))
+    gate.set()
+    done = []
+    for inbox in inboxes:
+        kind, value = inbox.get(timeout=60)
+        while kind == "event":
+            kind, value = inbox.get(timeout=60)
+        assert kind == "done", value
+        done.append(value)
+    expected = model.generate(PROMPT, opts)[0].token_ids
+    assert [completions[0].token_ids for completions, _ in done] == [expected, expected]
+    assert done[0][1].guessed_tokens > 0 and done[1][1].guessed_tokens == 0
+    assert batcher.steps > 0  # the second decoded in the shared rows
 
 
 def test_prompt_lookup_refuses_what_it_cannot_do(model: onnxgen.Model, exported_growing: Path) -> None:
