@@ -21,7 +21,9 @@ tokens long).
 earlier commit) or from this one with other `onnxgen serve` options, runs beside this one, the two taking
 the same runs in turns, so that the ratio is measured on the same machine state.
     python benchmarks/serve_load.py FOLDER --baseline-args "--prefill-chunk 100000" --long-prompt 600 --rates 2
---seeded: every request sends a seed (clients that want reproducible text), which decides whether it can share steps.
+--seeded-every N: every Nth request sends a seed (1: all; clients that want reproducible text), which decides whether
+it can share steps (on int8 and CUDA it runs apart); with a mix, the unseeded requests' time to first token is
+reported apart too (what a request that could share waits behind those that cannot).
 Results: benchmarks/results/serve.{json,md} (--out, --name).
 """
 
@@ -61,7 +63,7 @@ def prompt(i: int, long_tokens: int, long_every: int) -> str | list[int]:
     return PROMPTS[i % len(PROMPTS)]
 
 
-async def one(http: httpx.AsyncClient, i: int, max_tokens: int, text: str | list[int], seeded: bool = False) -> tuple[float, int, list[float]]:
+async def one(http: httpx.AsyncClient, i: int, max_tokens: int, text: str | list[int], seeded: bool) -> tuple[float, int, list[float]]:
     """(time to first token, completion tokens, the gaps between its pieces of text) of one streaming request
     (with `seeded`, seed i); raises on any error."""
     body = {"prompt": text, "max_tokens": max_tokens, "temperature": 0.8, "stream": True,
@@ -89,10 +91,11 @@ async def one(http: httpx.AsyncClient, i: int, max_tokens: int, text: str | list
 
 
 async def load(base: str, clients: int, requests: int, max_tokens: list[int], rate: float | None = None,
-               long_tokens: int = 0, long_every: int = 0, seeded: bool = False) -> dict[str, Any]:
+               long_tokens: int = 0, long_every: int = 0, seeded_every: int = 0) -> dict[str, Any]:
     """`clients` clients sending requests one after another (closed loop), or with `rate`, requests arriving
     at that many a second on average (open loop: exponential gaps, the same seeded schedule for every server)."""
     ttft: list[float] = []
+    ttft_plain: list[float] = []  # of the unseeded requests, with a mix
     latency: list[float] = []
     gaps: list[float] = []  # between one piece of a stream's text and the next: how long a running stream stalls
     errors, tokens = 0, 0
@@ -101,8 +104,11 @@ async def load(base: str, clients: int, requests: int, max_tokens: list[int], ra
         nonlocal errors, tokens
         sent = time.perf_counter()
         try:
+            seeded = seeded_every > 0 and i % seeded_every == 0
             first, n, pauses = await one(http, i, max_tokens[i % len(max_tokens)], prompt(i, long_tokens, long_every), seeded)
             ttft.append(first)
+            if not seeded:
+                ttft_plain.append(first)
             gaps.extend(pauses)
             latency.append(time.perf_counter() - sent)
             tokens += n
@@ -137,7 +143,8 @@ async def load(base: str, clients: int, requests: int, max_tokens: list[int], ra
     return {"clients": clients if rate is None else None, "rate": rate, "requests": requests, "errors": errors,
             "tokens_per_s": tokens / elapsed, "ttft_p50_ms": q(ttft, 50), "ttft_p99_ms": q(ttft, 99),
             "latency_p50_ms": q(latency, 50), "latency_p99_ms": q(latency, 99), "gap_p99_ms": q(gaps, 99),
-            "gap_max_ms": max(gaps, default=0.0) * 1000, "seconds": elapsed}
+            "gap_max_ms": max(gaps, default=0.0) * 1000, "seconds": elapsed,
+            **({"ttft_unseeded_p50_ms": q(ttft_plain, 50), "ttft_unseeded_p99_ms": q(ttft_plain, 99)} if seeded_every > 1 and ttft_plain else {})}
 
 
 def serve(folder: Path, port: int, threads: int, max_batch: int, source: Path | None, extra: list[str]) -> subprocess.Popen[bytes]:
@@ -179,7 +186,8 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--long-prompt", type=int, default=0, help="every --long-every-th request sends this many tokens")
     ap.add_argument("--long-every", type=int, default=4)
-    ap.add_argument("--seeded", action="store_true", help="every request sends a seed (its index), as clients that want reproducible text do")
+    ap.add_argument("--seeded-every", type=int, default=0, help="every Nth request sends a seed (its index), as clients that want "
+                    "reproducible text do (1: every request)")
     ap.add_argument("--server-args", default="", help="more `onnxgen serve` options for this checkout's server")
     ap.add_argument("--baseline", type=Path, help="another onnxgen checkout, served beside this one, in turns")
     ap.add_argument("--baseline-args", help="`onnxgen serve` options of a baseline server (from this checkout unless --baseline)")
@@ -189,7 +197,7 @@ def main() -> None:
     servers: dict[str, tuple[Path | None, list[str]]] = {"this": (None, args.server_args.split())}
     if args.baseline or args.baseline_args is not None:
         servers["baseline"] = (args.baseline.resolve() if args.baseline else None, (args.baseline_args or "").split())
-    long = {"long_tokens": args.long_prompt, "long_every": args.long_every if args.long_prompt else 0, "seeded": args.seeded}
+    long = {"long_tokens": args.long_prompt, "long_every": args.long_every if args.long_prompt else 0, "seeded_every": args.seeded_every}
     results = []
     for folder in args.folders:
         procs, bases = {}, {}
@@ -213,8 +221,8 @@ def main() -> None:
             n = max(args.clients)
             speedup = {}
             for label in servers:
-                sequential = asyncio.run(load(bases[label], 1, n, args.max_tokens, seeded=args.seeded))
-                together = asyncio.run(load(bases[label], n, n, args.max_tokens, seeded=args.seeded))
+                sequential = asyncio.run(load(bases[label], 1, n, args.max_tokens, seeded_every=args.seeded_every))
+                together = asyncio.run(load(bases[label], n, n, args.max_tokens, seeded_every=args.seeded_every))
                 speedup[label] = {"requests": n, "sequential_s": sequential["seconds"], "concurrent_s": together["seconds"],
                                   "ratio": sequential["seconds"] / together["seconds"]}
         finally:
@@ -230,7 +238,7 @@ def main() -> None:
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     lengths = ", ".join(map(str, args.max_tokens))
     lines = [f"`onnxgen serve`, {args.threads} onnxruntime threads, max batch {args.max_batch}; streaming, sampled, "
-             f"max_tokens {lengths} (request by request, cycling); {args.requests} requests per row" + ("; every request seeded" if args.seeded else "")
+             f"max_tokens {lengths} (request by request, cycling); {args.requests} requests per row" + (f"; every {args.seeded_every}th request seeded" if args.seeded_every else "")
              + (f"; every {args.long_every}th request a {args.long_prompt}-token prompt." if args.long_prompt else "."), "",
              "| model | server | load | tok/s | TTFT p50 ms | TTFT p99 ms | latency p50 ms | latency p99 ms | stall p99 ms | stall max ms | errors |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -252,6 +260,8 @@ def main() -> None:
             ratios = [f"{load_name(this)} {this['tokens_per_s'] / base['tokens_per_s']:.2f}x tok/s, TTFT p50 "
                       f"{base['ttft_p50_ms']:.0f} -> {this['ttft_p50_ms']:.0f} ms, latency p99 {base['latency_p99_ms']:,.0f} -> "
                       f"{this['latency_p99_ms']:,.0f} ms"
+                      + (f", unseeded TTFT p50 {base['ttft_unseeded_p50_ms']:.0f} -> {this['ttft_unseeded_p50_ms']:.0f} ms, p99 "
+                         f"{base['ttft_unseeded_p99_ms']:.0f} -> {this['ttft_unseeded_p99_ms']:.0f} ms" if "ttft_unseeded_p99_ms" in this else "")
                       for this, base in zip(pair["this"]["runs"], pair["baseline"]["runs"])]
             lines.append(f"- {folder.name}, this against the baseline: " + "; ".join(ratios))
     (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
