@@ -226,6 +226,9 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
                               "cache_in_place": bool(in_place), "head_parts": head_parts,
                               "external_data": (work / DATA_FILE).exists()},
                     "dims": asdict(dims),
+                    # transformers' decode drops the space before punctuation and contractions when the checkpoint's
+                    # tokenizer_config.json says so; the runtime decodes as it does (tokenizer.py)
+                    "tokenizer": {"clean_up_tokenization_spaces": bool(tokenizer.clean_up_tokenization_spaces)},
                     "inputs": inputs,
                     "outputs": outputs,
                     "validation": validation,

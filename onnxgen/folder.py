@@ -111,3 +111,9 @@ class ModelFolder:
     @property
     def tokenizer_file(self) -> Path:
         return self.path / TOKENIZER
+
+    @property
+    def clean_up_tokenization_spaces(self) -> bool:
+        """Whether text decodes as transformers' clean_up_tokenization_spaces makes it (the export records the
+        checkpoint's setting; folders made before it was recorded decode without)."""
+        return bool((self.manifest.get("tokenizer") or {}).get("clean_up_tokenization_spaces", False))

@@ -84,7 +84,7 @@ class Model:
             self.folder.verify()
         self.manifest, self.dims = self.folder.manifest, self.folder.dims
         self.context_length = self.dims.n_positions
-        self.tokenizer = Tokenizer(self.folder.tokenizer_file)
+        self.tokenizer = Tokenizer(self.folder.tokenizer_file, self.folder.clean_up_tokenization_spaces)
         if self.tokenizer.vocab_size > self.dims.vocab_size:
             raise ModelFolderError(f"{self.folder.tokenizer_file} has {self.tokenizer.vocab_size} tokens, more than the model's "
                                    f"vocabulary of {self.dims.vocab_size}")

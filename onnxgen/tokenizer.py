@@ -9,8 +9,28 @@ from tokenizers import Tokenizer as _Tokenizer
 from .errors import ModelFolderError
 
 
+# transformers' clean_up_tokenization, in its order. A checkpoint's tokenizer_config.json can ask for it
+# (clean_up_tokenization_spaces: true, the default before transformers 4.45), and transformers' decoded text then
+# drops the space before these: text written "Hello , world ." (WikiText's style) comes out "Hello, world.".
+CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"),
+            (" 've", "'ve"), (" 're", "'re"))
+
+
+# What those patterns are made of. No pattern can hold a character outside these, at any stage of the chain (a
+# replacement only deletes a space), so the text up to such a character cleans up the same whatever follows it.
+PATTERN_CHARACTERS = frozenset("".join(old for old, _ in CLEAN_UP))
+
+
+def clean_up(text: str) -> str:
+    for old, new in CLEAN_UP:
+        text = text.replace(old, new)
+    return text
+
+
 class Tokenizer:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clean_up_spaces: bool = False) -> None:
+        """`clean_up_spaces`: decode as transformers does with clean_up_tokenization_spaces (the folder's manifest says)."""
+        self.clean_up_spaces = clean_up_spaces
         if not path.is_file():
             raise ModelFolderError(f"no tokenizer.json in {path.parent}")
         try:
@@ -25,8 +45,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], clean: bool = True) -> str:
+        """The text of `ids`, cleaned up where the folder asks (`clean=False`: as the tokens spell it)."""
+        text = self._tok.decode(ids, skip_special_tokens=True)
+        return clean_up(text) if clean and self.clean_up_spaces else text
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -34,19 +56,30 @@ class Tokenizer:
 
 class TextStream:
     """Turns tokens into text as they arrive. A character whose UTF-8 bytes span several byte-level
-    tokens is held back until it is complete, so no piece ever carries a replacement character."""
+    tokens is held back until it is complete, so no piece ever carries a replacement character. With the
+    clean-up, so is the text after the last character that no pattern holds (" n" waits for "'t" or another
+    word), so that the pieces add up to the whole text's clean-up."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
         self._ids: list[int] = []
         self._start = 0  # first token not yet fully emitted
+        self._spelled = ""  # the complete characters so far, before any clean-up
         self.text = ""  # everything emitted so far
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        pending = self._tokenizer.decode(self._ids[self._start :])
+        pending = self._tokenizer.decode(self._ids[self._start :], clean=False)
         if pending.endswith("\ufffd"):
             return ""
         self._start = len(self._ids)
-        self.text += pending
-        return pending
+        self._spelled += pending
+        text = self._spelled
+        if self._tokenizer.clean_up_spaces:
+            final = len(text)
+            while final and text[final - 1] in PATTERN_CHARACTERS:
+                final -= 1
+            text = clean_up(text[:final])
+        piece = text[len(self.text) :]
+        self.text = text
+        return piece

@@ -229,6 +229,34 @@ def test_input_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpoin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "bert", "empty"]
 
 
+def test_a_checkpoint_that_cleans_up_spaces_decodes_as_transformers(checkpoint: Path, exported: Path, tmp_path: Path) -> None:
+    """Checkpoints saved before transformers 4.45 say clean_up_tokenization_spaces: true in tokenizer_config.json, and
+    transformers' text then drops the space before punctuation and contractions: the export records it, and the
+    runtime's completions and streams decode so (the tokens are the same either way)."""
+    import onnxgen
+    from transformers import AutoTokenizer
+
+    source = shutil.copytree(checkpoint, tmp_path / "ckpt")
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    (source / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": True}))
+    assert export(str(source), tmp_path / "out", quiet=True)["tokenizer"] == {"clean_up_tokenization_spaces": True}
+    assert json.loads((exported / "onnxgen.json").read_text())["tokenizer"] == {"clean_up_tokenization_spaces": False}
+    hf = AutoTokenizer.from_pretrained(source)
+    prompt, forced = hf.encode("It is"), hf.encode(" Hello , world . I do n't know !")
+
+    def write_forced(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:  # the model writes `forced`, token by token
+        scores[:] = -np.inf
+        scores[:, forced[input_ids.shape[1] - len(prompt)]] = 0.0
+        return scores
+
+    options = {"max_new_tokens": len(forced), "logits_processors": [write_forced], "eos_token_id": None}
+    cleaned, spelled = (onnxgen.load(folder, threads=1) for folder in (tmp_path / "out", exported))
+    c = cleaned.generate(prompt, **options)[0]
+    assert c.token_ids == forced and c.text == hf.decode(forced, skip_special_tokens=True) == " Hello, world. I don't know!"
+    assert "".join(cleaned.stream(prompt, **options)) == c.text
+    assert spelled.generate(prompt, **options)[0].text == " Hello , world . I do n't know !"  # the default: as the tokens spell it
+
+
 def test_damaged_checkpoints_are_named_errors(checkpoint: Path, tmp_path: Path) -> None:
     """A checkpoint transformers cannot load is the user's error, said in one line, not an internal one."""
     def damaged(name: str, change: Callable[[Path], object]) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import onnxgen
 from onnxgen import logits
@@ -339,6 +342,34 @@ def test_stream_never_splits_a_character(exported: Path) -> None:
     pieces = [stream.push(i) for i in ids]
     assert "".join(pieces) == text == stream.text
     assert not any("\ufffd" in p for p in pieces)
+
+
+@functools.cache
+def hf_tokenizer(checkpoint: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(checkpoint)
+
+
+# Pieces of WikiText-style text (spaces before punctuation and contractions) that transformers' clean-up rewrites.
+CLEAN_UP_PIECES = [" ", "'", " '", "n", " n", "'t", "t", ".", " .", "s", " s", "'s", "m", "ve", "re", " ,", ",", "!", " ?",
+                   "a", " b", "é", "  ", " 've", " n't", " 'm", "word"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(CLEAN_UP_PIECES), min_size=1, max_size=12))
+def test_clean_up_tokenization_spaces_as_transformers(exported: Path, checkpoint: Path, pieces: list[str]) -> None:
+    """A folder whose checkpoint asks for transformers' clean_up_tokenization_spaces decodes as transformers' decode
+    does, and a stream's pieces add up to it: the text after the last character no pattern holds waits for more."""
+    hf = hf_tokenizer(checkpoint)
+    tok = Tokenizer(exported / "tokenizer.json", clean_up_spaces=True)
+    ids = [i for piece in pieces for i in tok.encode(piece)]
+    stream = TextStream(tok)
+    streamed = "".join(stream.push(i) for i in ids)
+    whole = tok.decode(ids)
+    assert whole == hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    assert whole.startswith(streamed) and streamed == stream.text
+    assert Tokenizer(exported / "tokenizer.json").decode(ids) == hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def test_stop_strings(model: onnxgen.Model) -> None:
