@@ -64,7 +64,7 @@ class TextStream:
         self._tokenizer = tokenizer
         self._ids: list[int] = []
         self._start = 0  # first token not yet fully emitted
-        self._spelled = ""  # the complete characters so far, before any clean-up
+        self._unsettled = ""  # with the clean-up: complete characters after the last that no pattern holds
         self.text = ""  # everything emitted so far
 
     def push(self, token_id: int) -> str:
@@ -73,13 +73,12 @@ class TextStream:
         if pending.endswith("\ufffd"):
             return ""
         self._start = len(self._ids)
-        self._spelled += pending
-        text = self._spelled
         if self._tokenizer.clean_up_spaces:
-            final = len(text)
-            while final and text[final - 1] in PATTERN_CHARACTERS:
-                final -= 1
-            text = clean_up(text[:final])
-        piece = text[len(self.text) :]
-        self.text = text
-        return piece
+            # Text up to a character that no pattern holds cleans up alone: the pieces add up to the whole's clean-up.
+            spelled = self._unsettled + pending
+            settled = len(spelled)
+            while settled and spelled[settled - 1] in PATTERN_CHARACTERS:
+                settled -= 1
+            pending, self._unsettled = clean_up(spelled[:settled]), spelled[settled:]
+        self.text += pending
+        return pending
