@@ -49,7 +49,8 @@ from .pages import small_pages
 class Job:
     prompts: list[list[int]]
     options: GenerationOptions
-    # Called from the worker thread: ("event", (row, Event)), ("done", (completions, stats)) or ("error", exc).
+    # Called from the worker thread: ("event", (row, Event)), ("done", (completions, stats)), ("error", exc), or
+    # ("dropped", None) for a job whose client went away before it started.
     deliver: Callable[[str, Any], None]
     cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away
 
@@ -184,6 +185,7 @@ class Batcher:
             guesses = job.options.prompt_lookup_num_tokens is not None or job.options.assistant_model is not None
             if job.cancelled.is_set():
                 self._held = None
+                _send(job, "dropped", None)
             elif not self._can_share(job) or (guesses and self._apart is None and not self._apart_waiting):
                 self._held = None
                 self._apart_waiting.append(job)  # guesses: see Generator.step, which a job apart runs
@@ -400,6 +402,7 @@ class Batcher:
 
     def _start_apart(self, job: Job) -> None:
         if job.cancelled.is_set():  # its client went away while it waited
+            _send(job, "dropped", None)
             return
         generator = self._generator(job)
         if generator is not None:

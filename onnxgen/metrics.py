@@ -39,7 +39,8 @@ class Metrics:
     def __init__(self, batcher: Batcher) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("onnxgen_requests", "Requests by how they ended: completed, cancelled (the client went "
-                                "away), error, invalid (refused before they started), rejected (the queue was full)",
+                                "away, while it waited or ran), error, invalid (refused before they started), rejected "
+                                "(the queue was full)",
                                 ["outcome"], registry=self.registry)
         for outcome in OUTCOMES:  # every series from the start, so that rates work from the first scrape
             self.requests.labels(outcome)
@@ -65,6 +66,8 @@ class Metrics:
             elif kind == "error":  # an option the model refused at the start is the request's fault, anything else ours
                 self.requests.labels("invalid" if isinstance(value, OnnxgenError) else "error").inc()
                 self.duration.observe(time.perf_counter() - start)
+            elif kind == "dropped":  # the client went away while it waited
+                self.requests.labels("cancelled").inc()
             deliver(kind, value)
 
         return tracking

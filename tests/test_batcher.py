@@ -279,6 +279,24 @@ def test_a_request_waiting_to_run_apart_holds_back_no_one(model: onnxgen.Model) 
     assert [c.token_ids for c in results["second"]] == alone(model, ["Call me"], **wide, seed=2)
 
 
+def test_a_client_gone_before_its_request_started_is_dropped(model: onnxgen.Model) -> None:
+    """A job cancelled while it waits for room never starts: it hears "dropped", and the metrics count it cancelled."""
+    from onnxgen.metrics import Metrics
+
+    batcher = Batcher(model, max_batch=1)
+    metrics = Metrics(batcher)
+    gate = threading.Event()
+    running = submit(batcher, model, ["It is"], on_event=lambda _: gate.wait(30), max_new_tokens=3, **GREEDY)
+    waiting: Inbox = queue.Queue()
+    job = Job([[12, 40, 7]], model.options(max_new_tokens=3, **GREEDY), metrics.tracked(lambda kind, value: waiting.put((kind, value)), [[12, 40, 7]]))
+    batcher.submit(job)
+    job.cancelled.set()
+    gate.set()
+    result(running)
+    assert waiting.get(timeout=30) == ("dropped", None) and waiting.empty()
+    assert b'onnxgen_requests_total{outcome="cancelled"} 1.0' in metrics.render()[0]
+
+
 def test_a_growing_cache_runs_each_request_apart(exported_growing: Path, model: onnxgen.Model) -> None:
     """A folder exported with --growing-cache has no rows to share: requests run one at a time, correctly."""
     growing = onnxgen.load(exported_growing, threads=1)
