@@ -4,6 +4,9 @@
                            n, stop, seed, presence_penalty, frequency_penalty, logprobs, echo (with logprobs:
                            the prompt's too; max_tokens 0 scores the prompt alone), stream (server-sent
                            events), and onnxgen's other options as extra fields (top_k, repetition_penalty, ...)
+    POST /tokenize         text -> its token ids, count and the context window (vLLM's shape), so that a client
+                           can fit a prompt with the served model's own tokenizer (a fine-tune's added tokens)
+    POST /detokenize       token ids -> text
     GET  /v1/models        the one model served
     GET  /health           200 once the model is loaded
     GET  /metrics          Prometheus' text format (metrics.py): requests by outcome, tokens, time to first token,
@@ -77,6 +80,18 @@ class CompletionRequest(BaseModel):
         return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields} if isinstance(data, dict) else data
 
 
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int]
+
+
 UNSUPPORTED = {"suffix": None, "best_of": None}  # refused unless default
 # onnxgen's names for what OpenAI's fields say (and the server's limits hold), refused as extra fields.
 OPENAIS = {"max_new_tokens": "max_tokens", "max_length": "max_tokens", "min_length": "max_tokens", "num_return_sequences": "n"}
@@ -98,7 +113,8 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path.startswith("/v1/") and request.headers.get("authorization") != f"Bearer {api_key}":
+        guarded = request.url.path.startswith("/v1/") or request.url.path in ("/tokenize", "/detokenize")
+        if api_key and guarded and request.headers.get("authorization") != f"Bearer {api_key}":
             return error(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error")
         if int(request.headers.get("content-length") or 0) > limits.max_body_bytes:
             return error(400, f"request body over {limits.max_body_bytes} bytes")
@@ -108,8 +124,9 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
             return error(500, f"internal error ({type(e).__name__})", kind="server_error")
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        metrics.requests.labels("invalid").inc()
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        if request.url.path == "/v1/completions":  # what the metrics count
+            metrics.requests.labels("invalid").inc()
         first = e.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         return error(400, f"{where or 'body'}: {first.get('msg')}", where)
@@ -123,6 +140,28 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    def other_model(asked: str | None) -> JSONResponse | None:
+        """A request naming another model gets a 404: answering with this one would be a wrong answer."""
+        if asked is None or asked == name:
+            return None
+        return error(404, f"the model {asked!r} does not exist: this server has {name!r}", "model", code="model_not_found")
+
+    @app.post("/tokenize", response_model=None)
+    async def tokenize(body: TokenizeRequest) -> Any:
+        if wrong := other_model(body.model):
+            return wrong
+        tokens = model.tokenizer.encode(body.prompt)
+        return {"count": len(tokens), "max_model_len": model.context_length, "tokens": tokens}
+
+    @app.post("/detokenize", response_model=None)
+    async def detokenize(body: DetokenizeRequest) -> Any:
+        if wrong := other_model(body.model):
+            return wrong
+        outside = [t for t in body.tokens if not 0 <= t < model.tokenizer.vocab_size]
+        if outside:
+            return error(400, f"tokens: {outside[0]} is not a token id (0 to {model.tokenizer.vocab_size - 1})", "tokens")
+        return {"prompt": model.tokenizer.decode(body.tokens)}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "onnxgen"}]}
@@ -130,9 +169,9 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         start = time.perf_counter()
-        if body.model is not None and body.model != name:  # answering with another model would be a wrong answer
+        if wrong := other_model(body.model):
             metrics.requests.labels("invalid").inc()
-            return error(404, f"the model {body.model!r} does not exist: this server has {name!r}", "model", code="model_not_found")
+            return wrong
         try:
             prompts, options = _job_input(model, body, limits, draft)
         except (OnnxgenError, ValueError) as e:

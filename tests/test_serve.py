@@ -365,3 +365,20 @@ def test_metrics_count_requests_tokens_and_times(exported: Path) -> None:
     state = {name: samples[name, ()] for name in ("onnxgen_requests_waiting", "onnxgen_requests_running", "onnxgen_rows_busy", "onnxgen_rows")}
     assert state == {"onnxgen_requests_waiting": 0, "onnxgen_requests_running": 0, "onnxgen_rows_busy": 0, "onnxgen_rows": 8}
     assert samples["onnxgen_decode_steps_total", ()] == app.state.batcher.steps > 0
+
+
+def test_tokenize_and_detokenize(server: Served, model: onnxgen.Model) -> None:
+    """vLLM's shapes, with the served model's own tokenizer; behind the API key; bad ids and other models refused."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    text = "It is a truth universally acknowledged"
+    r = httpx.post(server + "/tokenize", json={"prompt": text}, headers=auth)
+    assert r.status_code == 200 and r.json() == {"count": len(model.tokenizer.encode(text)), "max_model_len": 128,
+                                                 "tokens": model.tokenizer.encode(text)}
+    r = httpx.post(server + "/detokenize", json={"tokens": r.json()["tokens"], "model": "tiny"}, headers=auth)
+    assert r.status_code == 200 and r.json() == {"prompt": text}
+    assert httpx.post(server + "/tokenize", json={"prompt": text}).status_code == 401
+    r = httpx.post(server + "/detokenize", json={"tokens": [5, 10**6]}, headers=auth)
+    assert r.status_code == 400 and "1000000 is not a token id" in r.json()["error"]["message"]
+    r = httpx.post(server + "/tokenize", json={"prompt": text, "model": "other"}, headers=auth)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert httpx.post(server + "/tokenize", json={"text": text}, headers=auth).status_code == 400  # not its field
