@@ -27,7 +27,7 @@ import numpy as np
 
 from . import __version__, atomic, manifest
 from .errors import ExportError
-from .folder import CONFIG, DATA_FILE, MODEL_FILE, TOKENIZER, Dims, ModelFolder
+from .folder import CHAT_TEMPLATE, CONFIG, DATA_FILE, MODEL_FILE, TOKENIZER, Dims, ModelFolder
 from .progress import steps
 
 
@@ -210,6 +210,11 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
                 del onnx_model
                 head_parts = graph.split_tied_head(work / MODEL_FILE)
                 tokenizer.backend_tokenizer.save(str(work / TOKENIZER))
+                template = tokenizer.chat_template
+                if isinstance(template, dict):  # named templates: the one transformers uses without a name
+                    template = template.get("default")
+                if isinstance(template, str):
+                    (work / CHAT_TEMPLATE).write_text(template, encoding="utf-8")
             with progress.step("Validating against PyTorch"):
                 dims = Dims(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cfg.n_positions)
                 validation = _validate(work, dims, reference, options.atol)
@@ -228,7 +233,8 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
                     "dims": asdict(dims),
                     # transformers' decode drops the space before punctuation and contractions when the checkpoint's
                     # tokenizer_config.json says so; the runtime decodes as it does (tokenizer.py)
-                    "tokenizer": {"clean_up_tokenization_spaces": bool(tokenizer.clean_up_tokenization_spaces)},
+                    "tokenizer": {"clean_up_tokenization_spaces": bool(tokenizer.clean_up_tokenization_spaces),
+                                  "special_tokens": tokenizer.special_tokens_map},  # what a chat template names
                     "inputs": inputs,
                     "outputs": outputs,
                     "validation": validation,

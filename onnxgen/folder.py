@@ -20,8 +20,9 @@ DATA_FILE = "model.onnx.data"  # the weights (mapped into memory by onnxruntime;
 CONFIG = "config.json"  # transformers' model config, as the checkpoint had it
 GENERATION_CONFIG = "generation_config.json"  # the default generation options
 TOKENIZER = "tokenizer.json"
+CHAT_TEMPLATE = "chat_template.jinja"  # where the checkpoint has one: the Jinja template of its conversations (chat.py)
 MANIFEST = manifest.MANIFEST  # onnxgen.json: sizes, hashes, dims, provenance; written last
-SHARED_FILES = (CONFIG, GENERATION_CONFIG, TOKENIZER)  # a quantized folder copies these from its parent
+SHARED_FILES = (CONFIG, GENERATION_CONFIG, TOKENIZER, CHAT_TEMPLATE)  # a quantized folder copies these from its parent
 
 # The graph's inputs and outputs (optimum's names, plus transformers' logits_to_keep).
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS_TO_KEEP, LOGITS = "input_ids", "attention_mask", "position_ids", "logits_to_keep", "logits"
@@ -111,6 +112,14 @@ class ModelFolder:
     @property
     def tokenizer_file(self) -> Path:
         return self.path / TOKENIZER
+
+    @property
+    def chat_template(self) -> tuple[str, dict[str, Any]] | None:
+        """The checkpoint's chat template and the special tokens it may name (`eos_token`, ...), or None."""
+        path = self.path / CHAT_TEMPLATE
+        if not path.is_file():
+            return None
+        return path.read_text(encoding="utf-8"), dict((self.manifest.get("tokenizer") or {}).get("special_tokens") or {})
 
     @property
     def clean_up_tokenization_spaces(self) -> bool:

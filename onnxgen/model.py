@@ -14,6 +14,7 @@ import numpy as np
 
 from .assistant import Assistant
 from .beam import BeamSearch
+from .chat import ChatTemplate
 from .errors import ContextLengthError, ModelFolderError, OptionsError, PerformanceWarning
 from .folder import MANIFEST, ModelFolder
 from .generator import Completion, Event, Generator, Stats, token_logprobs
@@ -89,6 +90,8 @@ class Model:
             raise ModelFolderError(f"{self.folder.tokenizer_file} has {self.tokenizer.vocab_size} tokens, more than the model's "
                                    f"vocabulary of {self.dims.vocab_size}")
         self.defaults = GenerationOptions.from_folder(path)
+        chat = self.folder.chat_template
+        self._chat = ChatTemplate(*chat) if chat else None  # parsed at load: a template that does not parse fails here
         self.runtime = Runtime(self.folder, provider, threads, mapped_weights, cuda_graph, spinning, prompt_cache_mib)
         self._calls = threading.local()  # each thread's latest finished call, for last_stats
 
@@ -166,6 +169,15 @@ class Model:
             raise OptionsError(f"suppress_tokens (with begin_suppress_tokens) hold every one of the {vocab} tokens: nothing is left to generate")
         if opts.forced_eos_ids and set(opts.forced_eos_ids) <= set(opts.suppress_tokens):
             raise OptionsError("forced_eos_token_id is in suppress_tokens: nothing is left to generate as the last token")
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """A conversation ([{"role": "user", "content": "..."}, ...]) as the prompt text the checkpoint's chat template
+        makes of it, what transformers' tokenizer.apply_chat_template(messages, tokenize=False) returns; with
+        `add_generation_prompt`, ending where the assistant's reply begins."""
+        if self._chat is None:
+            raise OptionsError(f"{self.folder.path} has no chat template (its checkpoint's tokenizer_config.json had none): "
+                               "pass the prompt as text")
+        return self._chat.render(messages, add_generation_prompt)
 
     def _pad_id(self, opts: GenerationOptions) -> int:
         if opts.pad_token_id is not None:
