@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import OptionsError
 
@@ -26,7 +26,7 @@ class ChatTemplate:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         class Generation(Extension):  # {% generation %} ... {% endgeneration %}: the content, nothing more
-            tags = {"generation"}
+            tags: ClassVar[set[str]] = {"generation"}
 
             def parse(self, parser: Any) -> Any:
                 line = next(parser.stream).lineno

@@ -292,8 +292,8 @@ def serve(
     prompt_cache_mib: Annotated[int, typer.Option(min=0, help="MiB of ended requests' key/value caches kept for requests that start "
                                                   "with their tokens (a chat's next turn); 0: none (CPU)")] = 0,
 ) -> None:
-    """Serve OpenAI's completions API (POST /v1/completions, GET /v1/models; POST /tokenize, /detokenize; GET /health,
-    /metrics) over HTTP."""
+    """Serve OpenAI's completions API over HTTP (POST /v1/completions, /v1/chat/completions for a model with a chat
+    template; GET /v1/models; POST /tokenize, /detokenize; GET /health, /metrics)."""
     try:
         import uvicorn
 

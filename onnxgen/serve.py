@@ -1,9 +1,12 @@
-"""`onnxgen serve`: OpenAI's completions API over one loaded model (FastAPI; needs the `serve` extra).
+"""`onnxgen serve`: OpenAI's completions and chat completions APIs over one loaded model (FastAPI; the `serve` extra).
 
     POST /v1/completions   prompt (text, texts, token ids or lists of them), max_tokens, temperature, top_p,
                            n, stop, seed, presence_penalty, frequency_penalty, logprobs, echo (with logprobs:
                            the prompt's too; max_tokens 0 scores the prompt alone), stream (server-sent
                            events), and onnxgen's other options as extra fields (top_k, repetition_penalty, ...)
+    POST /v1/chat/completions  messages (the model's chat template makes them the prompt text: chat.py), max_tokens or
+                           max_completion_tokens, temperature, top_p, n, stop, seed, the penalties, logprobs and
+                           top_logprobs, stream, and extra fields as above; 400 for a model without a template
     POST /tokenize         text -> its token ids, count and the context window (vLLM's shape), so that a client
                            can fit a prompt with the served model's own tokenizer (a fine-tune's added tokens)
     POST /detokenize       token ids -> text
@@ -24,7 +27,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,13 +55,12 @@ class Limits:
     max_queue: int = 64  # waiting requests before 429
 
 
-class CompletionRequest(BaseModel):
-    """OpenAI's fields with OpenAI's defaults; onnxgen's other options pass through as extra fields."""
+class OpenAIRequest(BaseModel):
+    """The fields OpenAI's completions and chat completions share, with OpenAI's defaults; onnxgen's other options
+    pass through as extra fields."""
 
     model_config = ConfigDict(extra="allow")
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = Field(16, ge=0)  # 0 with echo: the prompt scored, nothing generated (OpenAI's legacy use)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
@@ -66,8 +68,6 @@ class CompletionRequest(BaseModel):
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
@@ -78,6 +78,21 @@ class CompletionRequest(BaseModel):
         """OpenAI reads null as "not given" (some clients send every field): its default, not a 400. Only for
         OpenAI's fields: an extra field's null means what it means to onnxgen (eos_token_id null: no end token)."""
         return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields} if isinstance(data, dict) else data
+
+
+class CompletionRequest(OpenAIRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(16, ge=0)  # 0 with echo: the prompt scored, nothing generated (OpenAI's legacy use)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+
+
+class ChatRequest(OpenAIRequest):
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = Field(None, ge=1)  # None: what the context leaves, up to the server's max_tokens
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for it
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class TokenizeRequest(BaseModel):
@@ -188,6 +203,69 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
             metrics.finished(prompts, done, time.perf_counter() - start)
             return {**meta, "object": "text_completion", "choices": [_choice(model, body, prompts, c, i, echoed) for i, c in enumerate(done)],
                     "usage": _usage(prompts, done)}
+        submitted = submit(prompts, options)
+        if isinstance(submitted, JSONResponse):
+            return submitted
+        job, channel = submitted
+        if body.stream:
+            def piece(index: int, text: str, source: Event | Completion, reason: str | None) -> dict[str, Any]:
+                logprobs = _event_logprobs(model, source) if isinstance(source, Event) else _logprobs(model, source, 0)
+                return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
+
+            opening = [{"text": model.tokenizer.decode(prompts[i // body.n]), "index": i, "logprobs": echoed[i // body.n] if echoed else None,
+                        "finish_reason": None} for i in range(len(prompts) * body.n)] if body.echo else []
+            usage = prompts if (body.stream_options or {}).get("include_usage") else None
+            return StreamingResponse(_stream(job, channel, request, {**meta, "object": "text_completion"}, piece, opening, usage),
+                                     media_type="text/event-stream")
+        done = await ended(channel)
+        if isinstance(done, JSONResponse):
+            return done
+        choices = [_choice(model, body, prompts, c, i, echoed) for i, c in enumerate(done)]
+        return {**meta, "object": "text_completion", "choices": choices, "usage": _usage(prompts, done)}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
+        """OpenAI's chat completions over the model's chat template (chat.py): the conversation becomes the prompt
+        text, which then runs as a completion does."""
+        if wrong := other_model(body.model):
+            metrics.requests.labels("invalid").inc()
+            return wrong
+        try:
+            prompt = model.apply_chat_template(body.messages, add_generation_prompt=True)
+            # OpenAI's default is as many tokens as the context leaves; the server's limit caps it
+            room = model.context_length - len(model.tokenizer.encode(prompt))
+            asked = body.max_completion_tokens or body.max_tokens or max(1, min(limits.max_tokens, room))
+            shared = {field: getattr(body, field) for field in OpenAIRequest.model_fields}
+            completion = CompletionRequest.model_construct(**shared, **(body.model_extra or {}), prompt=prompt, max_tokens=asked,
+                                                           echo=False, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+            prompts, options = _job_input(model, completion, limits, draft)
+        except (OnnxgenError, ValueError) as e:
+            metrics.requests.labels("invalid").inc()
+            return error(400, str(e))
+        submitted = submit(prompts, options)
+        if isinstance(submitted, JSONResponse):
+            return submitted
+        job, channel = submitted
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
+        if body.stream:
+            def piece(index: int, text: str, source: Event | Completion, reason: str | None) -> dict[str, Any]:
+                return {"index": index, "delta": {"content": text} if text else {}, "logprobs": _chat_logprobs(model, source),
+                        "finish_reason": reason}
+
+            opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                       for i in range(body.n)]
+            usage = prompts if (body.stream_options or {}).get("include_usage") else None
+            return StreamingResponse(_stream(job, channel, request, {**meta, "object": "chat.completion.chunk"}, piece, opening, usage),
+                                     media_type="text/event-stream")
+        done = await ended(channel)
+        if isinstance(done, JSONResponse):
+            return done
+        choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": _chat_logprobs(model, c),
+                    "finish_reason": _finish(c.finish_reason)} for i, c in enumerate(done)]
+        return {**meta, "object": "chat.completion", "choices": choices, "usage": _usage(prompts, done)}
+
+    def submit(prompts: list[list[int]], options: Any) -> tuple[Job, asyncio.Queue[tuple[str, Any]]] | JSONResponse:
+        """The request's job, queued for the batcher, and the channel its news come back by; or a 429."""
         channel: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         job = Job(prompts, options, metrics.tracked(lambda kind, value: loop.call_soon_threadsafe(channel.put_nowait, (kind, value)), prompts))
@@ -196,18 +274,19 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         except Full as e:
             metrics.requests.labels("rejected").inc()
             return error(429, f"server busy: {e}; retry shortly", kind="rate_limit_error")
-        if body.stream:
-            return StreamingResponse(_stream(model, body, prompts, echoed, job, channel, request, meta), media_type="text/event-stream")
-        kind, value = await channel.get()
-        while kind == "event":
-            kind, value = await channel.get()
-        if kind == "error":
-            return error(400, str(value)) if isinstance(value, OnnxgenError) else error(500, "internal error", kind="server_error")
-        done, _ = value
-        choices = [_choice(model, body, prompts, c, i, echoed) for i, c in enumerate(done)]
-        return {**meta, "object": "text_completion", "choices": choices, "usage": _usage(prompts, done)}
+        return job, channel
 
     return app
+
+
+async def ended(channel: asyncio.Queue[tuple[str, Any]]) -> list[Completion] | JSONResponse:
+    """A job's completions once it ends (its events passed over), or its error."""
+    kind, value = await channel.get()
+    while kind == "event":
+        kind, value = await channel.get()
+    if kind == "error":
+        return error(400, str(value)) if isinstance(value, OnnxgenError) else error(500, "internal error", kind="server_error")
+    return value[0]
 
 
 def _job_input(model: Model, body: CompletionRequest, limits: Limits, draft: Model | None) -> tuple[list[list[int]], Any]:
@@ -291,17 +370,16 @@ def _usage(prompts: list[list[int]], done: list[Completion]) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def _stream(model: Model, body: CompletionRequest, prompts: list[list[int]], echoed: list[dict[str, Any]] | None, job: Job,
-                  channel: asyncio.Queue[tuple[str, Any]], request: Request, meta: dict[str, Any]) -> AsyncIterator[str]:
-    """Server-sent events: a chunk per new piece of text, a last chunk per choice, then [DONE]."""
-    def chunk(index: int, text: str, logprobs: dict[str, Any] | None, reason: str | None) -> str:
-        return "data: " + json.dumps({**meta, "object": "text_completion",
-                                      "choices": [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}]}) + "\n\n"
+async def _stream(job: Job, channel: asyncio.Queue[tuple[str, Any]], request: Request, head: dict[str, Any],
+                  piece: Callable[[int, str, Event | Completion, str | None], dict[str, Any]], opening: list[dict[str, Any]],
+                  usage: list[list[int]] | None) -> AsyncIterator[str]:
+    """Server-sent events: the `opening` choices (an echo, a chat's role), a chunk per new piece of text, a last
+    chunk per choice, the usage where asked (the prompts), then [DONE]. `head` and `piece` give the chunks' shape."""
+    def data(payload: dict[str, Any]) -> str:
+        return "data: " + json.dumps(payload) + "\n\n"
 
-    per_prompt = body.n
-    if body.echo:
-        for i in range(len(prompts) * per_prompt):
-            yield chunk(i, model.tokenizer.decode(prompts[i // per_prompt]), echoed[i // per_prompt] if echoed else None, None)
+    for choice in opening:
+        yield data({**head, "choices": [choice]})
     try:
         while True:
             try:
@@ -313,22 +391,39 @@ async def _stream(model: Model, body: CompletionRequest, prompts: list[list[int]
                 continue
             if kind == "event":
                 row, event = value
-                yield chunk(row, event.text, _event_logprobs(model, event), _finish(event.finish_reason))
+                yield data({**head, "choices": [piece(row, event.text, event, _finish(event.finish_reason))]})
             elif kind == "error":
                 message = str(value) if isinstance(value, OnnxgenError) else "internal error"
-                yield "data: " + json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}) + "\n\n"
+                yield data({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}})
                 return
             else:
                 done, _ = value
                 if job.options.num_beams > 1:  # beam search streams nothing until it ends: each choice whole
                     for i, c in enumerate(done):
-                        yield chunk(i, c.text, _logprobs(model, c, 0), _finish(c.finish_reason))
-                if (body.stream_options or {}).get("include_usage"):
-                    yield "data: " + json.dumps({**meta, "object": "text_completion", "choices": [], "usage": _usage(prompts, done)}) + "\n\n"
+                        yield data({**head, "choices": [piece(i, c.text, c, _finish(c.finish_reason))]})
+                if usage is not None:
+                    yield data({**head, "choices": [], "usage": _usage(usage, done)})
                 yield "data: [DONE]\n\n"
                 return
     finally:
         job.cancelled.set()  # a client gone mid-stream ends its rows; a finished job is unaffected
+
+
+def _chat_logprobs(model: Model, source: Event | Completion) -> dict[str, Any] | None:
+    """OpenAI's chat logprobs: per token its text, log-probability, UTF-8 bytes and the most likely alternatives."""
+    if isinstance(source, Event):
+        tokens, logprobs, alternatives = [source.token_id], [source.logprob], [source.top_logprobs or {}]
+    else:
+        tokens, logprobs, alternatives = source.token_ids, source.logprobs, source.top_logprobs or []
+    if logprobs is None or None in logprobs:
+        return None
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = model.tokenizer.decode([token], clean=False)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in alts.items()]}
+                        for t, lp, alts in zip(tokens, logprobs, alternatives)]}
 
 
 def _event_logprobs(model: Model, event: Event) -> dict[str, Any] | None:

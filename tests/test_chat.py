@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +79,78 @@ def test_a_quantized_folder_keeps_the_template(chat_folder: Path, tmp_path: Path
     quantize(chat_folder, tmp_path / "int8", QuantizeOptions(mode="int8", max_ppl_increase=10.0), quiet=True)
     model = onnxgen.load(tmp_path / "int8", threads=1)
     assert model.apply_chat_template(CONVERSATIONS[1]) == onnxgen.load(chat_folder, threads=1).apply_chat_template(CONVERSATIONS[1])
+
+
+@pytest.fixture(scope="module")
+def chat_server(chat_folder: Path, exported: Path) -> Iterator[tuple[str, str]]:
+    """`onnxgen serve` over the chat folder, and over a folder without a template, each on a port of its own."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from onnxgen.serve import Limits, create_app
+
+    from .test_serve import _free_port
+
+    servers, bases = [], []
+    for folder, name in ((chat_folder, "tiny-chat"), (exported, "tiny")):
+        port = _free_port()
+        app = create_app(onnxgen.load(folder, threads=1), name, limits=Limits(max_tokens=12, max_n=4))
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        threading.Thread(target=server.run, daemon=True).start()
+        deadline = time.time() + 20
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        servers.append(server)
+        bases.append(f"http://127.0.0.1:{port}")
+    yield bases[0], bases[1]
+    for server in servers:
+        server.should_exit = True
+
+
+def _client(base: str) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+
+
+def test_chat_completions_answer_as_generate_on_the_rendered_prompt(chat_server: tuple[str, str], chat_folder: Path) -> None:
+    """Through the official client: blocking and streamed replies equal model.generate on the conversation's
+    prompt text; usage counts the rendered prompt's tokens; log-probabilities in OpenAI's chat shape."""
+    model = onnxgen.load(chat_folder, threads=1)
+    client, messages = _client(chat_server[0]), CONVERSATIONS[1]
+    prompt = model.apply_chat_template(messages)
+    greedy = model.generate(prompt, max_new_tokens=8, do_sample=False, logprobs=2)[0]
+    out = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == greedy.text
+    assert out.usage.prompt_tokens == len(model.tokenizer.encode(prompt)) and out.usage.completion_tokens == len(greedy.token_ids)
+    content = out.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx(greedy.logprobs, abs=1e-4)
+    assert all(len(c.top_logprobs) == 2 and bytes(c.bytes).decode() == c.token for c in content)
+    chunks = list(client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=8, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == greedy.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [out.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == len(greedy.token_ids)
+    sampled = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=6, temperature=0.8, n=2, seed=5)
+    expected = model.generate(prompt, max_new_tokens=6, do_sample=True, temperature=0.8, top_k=0, seed=5, num_return_sequences=2)
+    assert [c.message.content for c in sampled.choices] == [c.text for c in expected]
+
+
+def test_chat_completions_refusals_and_default_length(chat_server: tuple[str, str]) -> None:
+    import openai
+
+    client = _client(chat_server[0])
+    out = client.chat.completions.create(model="tiny-chat", messages=CONVERSATIONS[0], temperature=0, extra_body={"eos_token_id": None})
+    assert out.usage.completion_tokens == 12 and out.choices[0].finish_reason == "length"  # no max_tokens: the server's limit
+    with pytest.raises(openai.BadRequestError, match="roles are user and assistant"):
+        client.chat.completions.create(model="tiny-chat", messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])
+    with pytest.raises(openai.BadRequestError, match="messages must be a non-empty list"):
+        client.chat.completions.create(model="tiny-chat", messages=[])
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=CONVERSATIONS[0])
+    with pytest.raises(openai.BadRequestError, match="has no chat template"):  # a folder whose checkpoint had none
+        _client(chat_server[1]).chat.completions.create(model="tiny", messages=CONVERSATIONS[0])
