@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from .errors import OptionsError
 
 Message = dict[str, Any]
+CONTINUE = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker of where the last message ends
 
 
 class ChatTemplate:
@@ -48,14 +49,28 @@ class ChatTemplate:
             raise OptionsError(f"the model's chat template does not parse: {e}") from None
         self.special_tokens = special_tokens
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[Message], add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
         """The conversation as the model was trained to read it; with `add_generation_prompt`, followed by what
-        opens an assistant's turn."""
+        opens an assistant's turn; with `continue_final_message`, ending inside the last message (a reply begun
+        for the model to go on with), cut where transformers cuts it: at a marker appended to that message."""
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
             raise OptionsError("messages must be a non-empty list of {'role': str, 'content': str} dicts")
+        if add_generation_prompt and continue_final_message:
+            raise OptionsError("add_generation_prompt opens a new turn and continue_final_message goes on with the last one: "
+                               "one of them, as in transformers")
+        if continue_final_message:
+            messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + CONTINUE}]
         try:
-            return self._template.render(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+            text = self._template.render(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
                                          **self.special_tokens)
         except self._errors as e:  # the template's own raise_exception: a conversation it refuses (roles out of order, ...)
             raise OptionsError(f"the chat template refuses these messages: {e}") from None
+        if not continue_final_message:
+            return text
+        if CONTINUE.strip() not in text:
+            raise OptionsError("continue_final_message: the chat template leaves out the last message's end, so there is "
+                               "nothing to go on from")
+        at = text.rindex(CONTINUE.strip())
+        # A template that trims the message's trailing space trims the marker's leading one: trim the text too
+        return text[:at] if text[at : at + len(CONTINUE)] == CONTINUE else text[:at].rstrip()

@@ -170,14 +170,16 @@ class Model:
         if opts.forced_eos_ids and set(opts.forced_eos_ids) <= set(opts.suppress_tokens):
             raise OptionsError("forced_eos_token_id is in suppress_tokens: nothing is left to generate as the last token")
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False) -> str:
         """A conversation ([{"role": "user", "content": "..."}, ...]) as the prompt text the checkpoint's chat template
-        makes of it, what transformers' tokenizer.apply_chat_template(messages, tokenize=False) returns; with
-        `add_generation_prompt`, ending where the assistant's reply begins."""
+        makes of it, what transformers' tokenizer.apply_chat_template(messages, tokenize=False, ...) returns: with
+        `add_generation_prompt`, ending where the assistant's reply begins; with `continue_final_message` (and
+        add_generation_prompt=False), inside the last message, for the model to go on with it."""
         if self._chat is None:
             raise OptionsError(f"{self.folder.path} has no chat template (its checkpoint's tokenizer_config.json had none): "
                                "pass the prompt as text")
-        return self._chat.render(messages, add_generation_prompt)
+        return self._chat.render(messages, add_generation_prompt, continue_final_message)
 
     def _pad_id(self, opts: GenerationOptions) -> int:
         if opts.pad_token_id is not None:
@@ -315,15 +317,22 @@ class TextGenerationPipeline:
     def __init__(self, model: Model) -> None:
         self.model = model
 
-    def __call__(self, text_inputs: str | list[str], max_length: int | None = None, return_full_text: bool = True,
-                 return_tensors: bool = False, batch_size: int | None = None,
-                 **options: Any) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+    def __call__(self, text_inputs: str | list[str] | list[dict[str, Any]] | list[list[dict[str, Any]]], max_length: int | None = None,
+                 return_full_text: bool = True, return_tensors: bool = False, batch_size: int | None = None,
+                 continue_final_message: bool | None = None, **options: Any) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         """As transformers' pipeline: one list of results per prompt ("generated_text", or with return_tensors the
         whole sequence's "generated_token_ids"); `batch_size` prompts go through one generate call (default 1, as
-        transformers': in a batch, int8 models' numbers move with the rows beside them)."""
+        transformers': in a batch, int8 models' numbers move with the rows beside them). A chat (a list of
+        {"role", "content"} messages, or a list of chats) goes through the model's chat template, and its
+        generated_text is the chat with the reply as a new assistant message, or, where the chat ends with an
+        assistant's message (or `continue_final_message`), with that message gone on with."""
+        chats = _chats(text_inputs)
+        if chats is not None:
+            return self._chat(chats, isinstance(text_inputs[0], dict), return_full_text, continue_final_message,  # type: ignore[index]
+                              max_length=max_length, return_tensors=return_tensors, batch_size=batch_size, **options)
         prompts = [text_inputs] if isinstance(text_inputs, str) else list(text_inputs) if isinstance(text_inputs, (list, tuple)) else []
         if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise OptionsError("the pipeline takes a string or a list of strings")
+            raise OptionsError("the pipeline takes a string, a list of strings, a chat (a list of messages) or a list of chats")
         if batch_size is not None and not (is_int(batch_size) and batch_size >= 1):
             raise OptionsError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         batches: list[tuple[list[str], dict[str, Any]]] = []  # neighbouring prompts with the same options, batch_size at most
@@ -343,6 +352,19 @@ class TextGenerationPipeline:
                                 for c in completions if c.prompt_index == i])
         return results[0] if isinstance(text_inputs, str) else results
 
+    def _chat(self, chats: list[list[dict[str, Any]]], one: bool, return_full_text: bool, continue_final_message: bool | None,
+              **call: Any) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        """Each chat's prompt text from the template; its results as transformers' pipeline gives a chat's."""
+        goes_on = [chat[-1]["role"] == "assistant" if continue_final_message is None else continue_final_message for chat in chats]
+        prompts = [self.model.apply_chat_template(chat, add_generation_prompt=not on, continue_final_message=on)
+                   for chat, on in zip(chats, goes_on)]
+        results = [self(prompt, return_full_text=False, **call) for prompt in prompts]
+        if return_full_text and not call.get("return_tensors"):
+            results = [[{"generated_text": [*chat[:-1], {**chat[-1], "content": chat[-1]["content"] + r["generated_text"]}] if on else
+                         [*chat, {"role": "assistant", "content": r["generated_text"]}]} for r in result]
+                       for chat, on, result in zip(chats, goes_on, results)]
+        return results[0] if one else results
+
     def _overrides(self, prompt: str, max_length: int | None, options: dict[str, Any]) -> dict[str, Any]:
         """Each prompt's own new tokens under max_length, as transformers' pipeline runs a prompt at a time (in a
         batch of several lengths, generate() would count the longest)."""
@@ -351,6 +373,16 @@ class TextGenerationPipeline:
         if opts.max_length is None:
             return given
         return {**options, "max_new_tokens": opts.for_prompts(len(self.model._encode(prompt))).max_new_tokens}
+
+
+def _chats(inputs: Any) -> list[list[dict[str, Any]]] | None:
+    """The chats in a pipeline's input (one chat: a list of message dicts; or a list of such lists), or None."""
+    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(m, dict) for m in inputs):
+        return [list(inputs)]
+    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(c, (list, tuple)) and c and all(isinstance(m, dict) for m in c)
+                                                           for c in inputs):
+        return [list(c) for c in inputs]
+    return None
 
 
 def pipeline(task: str = "text-generation", model: str | Path | Model | None = None, device: int | str | None = None,

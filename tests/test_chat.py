@@ -154,3 +154,28 @@ def test_chat_completions_refusals_and_default_length(chat_server: tuple[str, st
         client.chat.completions.create(model="other", messages=CONVERSATIONS[0])
     with pytest.raises(openai.BadRequestError, match="has no chat template"):  # a folder whose checkpoint had none
         _client(chat_server[1]).chat.completions.create(model="tiny", messages=CONVERSATIONS[0])
+
+
+def test_the_pipeline_takes_chats_as_transformers_does(chat_folder: Path, chat_checkpoint: Path) -> None:
+    """A chat in, the chat with the reply out (a new assistant message, or the last one gone on with when it is the
+    assistant's), as transformers' text-generation pipeline gives it for the same weights; a list of chats; the reply
+    alone without return_full_text."""
+    import transformers
+
+    from .conftest import EOS
+
+    hf = transformers.pipeline("text-generation", model=str(chat_checkpoint), tokenizer=str(chat_checkpoint))
+    mine = onnxgen.pipeline("text-generation", model=chat_folder, threads=1)
+    greedy = {"max_new_tokens": 6, "do_sample": False}
+    begun = [*CONVERSATIONS[0], {"role": "assistant", "content": "Well,"}]
+    for chat in (CONVERSATIONS[1], begun):
+        expected = hf(chat, **greedy, pad_token_id=hf.tokenizer.convert_tokens_to_ids(EOS))
+        assert mine(chat, **greedy) == expected
+        assert mine(chat, return_full_text=False, **greedy) == hf(chat, return_full_text=False, **greedy,
+                                                                  pad_token_id=hf.tokenizer.convert_tokens_to_ids(EOS))
+    assert mine(begun, **greedy)[0]["generated_text"][-1]["content"].startswith("Well,")
+    assert mine([CONVERSATIONS[1], begun], **greedy) == [mine(CONVERSATIONS[1], **greedy), mine(begun, **greedy)]
+    model = onnxgen.load(chat_folder, threads=1)
+    assert model.apply_chat_template(begun, add_generation_prompt=False, continue_final_message=True).endswith("assistant: Well,")
+    with pytest.raises(OptionsError, match="one of them"):
+        model.apply_chat_template(begun, continue_final_message=True)

@@ -480,9 +480,11 @@ def test_pipeline_call_shape(exported: Path, model: onnxgen.Model) -> None:
     for bad in (0, 2.5, True):
         with pytest.raises(OptionsError, match="batch_size"):
             generator(prompt, batch_size=bad)
-    for bad_input in (5, None, [], ["a", None]):  # 5 was a TypeError
-        with pytest.raises(OptionsError, match="a string or a list of strings"):
+    for bad_input in (5, None, [], ["a", None], [{"role": "user", "content": "a"}, "b"]):  # 5 was a TypeError
+        with pytest.raises(OptionsError, match="a string, a list of strings, a chat"):
             generator(bad_input)
+    with pytest.raises(OptionsError, match="has no chat template"):  # the tiny model has none (tests/test_chat.py has one)
+        generator([{"role": "user", "content": "a"}])
 
 
 def test_runtime_never_imports_the_export_stack(exported: Path) -> None:
