@@ -214,9 +214,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
 
             opening = [{"text": model.tokenizer.decode(prompts[i // body.n]), "index": i, "logprobs": echoed[i // body.n] if echoed else None,
                         "finish_reason": None} for i in range(len(prompts) * body.n)] if body.echo else []
-            usage = prompts if (body.stream_options or {}).get("include_usage") else None
-            return StreamingResponse(_stream(job, channel, request, {**meta, "object": "text_completion"}, piece, opening, usage),
-                                     media_type="text/event-stream")
+            return _streamed(job, channel, request, {**meta, "object": "text_completion"}, piece, opening, body, prompts)
         done = await ended(channel)
         if isinstance(done, JSONResponse):
             return done
@@ -254,9 +252,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
 
             opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                        for i in range(body.n)]
-            usage = prompts if (body.stream_options or {}).get("include_usage") else None
-            return StreamingResponse(_stream(job, channel, request, {**meta, "object": "chat.completion.chunk"}, piece, opening, usage),
-                                     media_type="text/event-stream")
+            return _streamed(job, channel, request, {**meta, "object": "chat.completion.chunk"}, piece, opening, body, prompts)
         done = await ended(channel)
         if isinstance(done, JSONResponse):
             return done
@@ -368,6 +364,14 @@ def _choice(model: Model, body: CompletionRequest, prompts: list[list[int]], c: 
 def _usage(prompts: list[list[int]], done: list[Completion]) -> dict[str, int]:
     prompt_tokens, completion_tokens = sum(len(p) for p in prompts), sum(len(c.token_ids) for c in done)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _streamed(job: Job, channel: asyncio.Queue[tuple[str, Any]], request: Request, head: dict[str, Any],
+              piece: Callable[[int, str, Event | Completion, str | None], dict[str, Any]], opening: list[dict[str, Any]],
+              body: OpenAIRequest, prompts: list[list[int]]) -> StreamingResponse:
+    """The reply as server-sent events (_stream), with the usage where the request asks for it."""
+    usage = prompts if (body.stream_options or {}).get("include_usage") else None
+    return StreamingResponse(_stream(job, channel, request, head, piece, opening, usage), media_type="text/event-stream")
 
 
 async def _stream(job: Job, channel: asyncio.Queue[tuple[str, Any]], request: Request, head: dict[str, Any],
