@@ -177,8 +177,8 @@ class Model:
         `add_generation_prompt`, ending where the assistant's reply begins; with `continue_final_message` (and
         add_generation_prompt=False), inside the last message, for the model to go on with it."""
         if self._chat is None:
-            raise OptionsError(f"{self.folder.path} has no chat template (its checkpoint's tokenizer_config.json had none): "
-                               "pass the prompt as text")
+            raise OptionsError(f"the model {self.folder.path.name!r} has no chat template (its checkpoint's tokenizer_config.json "
+                               "had none): pass the prompt as text")
         return self._chat.render(messages, add_generation_prompt, continue_final_message)
 
     def _pad_id(self, opts: GenerationOptions) -> int:

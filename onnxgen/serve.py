@@ -229,7 +229,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
             metrics.requests.labels("invalid").inc()
             return wrong
         try:
-            prompt = model.apply_chat_template(body.messages, add_generation_prompt=True)
+            prompt = model.apply_chat_template([_text_message(m) for m in body.messages], add_generation_prompt=True)
             # OpenAI's default is as many tokens as the context leaves; the server's limit caps it
             room = model.context_length - len(model.tokenizer.encode(prompt))
             asked = body.max_completion_tokens or body.max_tokens or max(1, min(limits.max_tokens, room))
@@ -411,6 +411,15 @@ async def _stream(job: Job, channel: asyncio.Queue[tuple[str, Any]], request: Re
                 return
     finally:
         job.cancelled.set()  # a client gone mid-stream ends its rows; a finished job is unaffected
+
+
+def _text_message(message: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's content parts ([{"type": "text", "text": ...}, ...], which clients send for text too) as one text,
+    the parts a line each; other content as it is, for the template to take or refuse."""
+    parts = message.get("content")
+    if isinstance(parts, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
+        return {**message, "content": "\n".join(p["text"] for p in parts)}
+    return message
 
 
 def _chat_logprobs(model: Model, source: Event | Completion) -> dict[str, Any] | None:

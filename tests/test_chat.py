@@ -152,6 +152,13 @@ def test_chat_completions_refusals_and_default_length(chat_server: tuple[str, st
         client.chat.completions.create(model="tiny-chat", messages=[])
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=CONVERSATIONS[0])
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]  # OpenAI's content parts
+    texts = [client.chat.completions.create(model="tiny-chat", messages=m, max_tokens=5, temperature=0).choices[0].message.content
+             for m in (parts, [{"role": "user", "content": "Hello\nthere"}])]
+    assert texts[0] == texts[1]
+    with pytest.raises(openai.BadRequestError, match="unknown generation option.*tools"):  # tool calling is not offered
+        client.chat.completions.create(model="tiny-chat", messages=CONVERSATIONS[0],
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
     with pytest.raises(openai.BadRequestError, match="has no chat template"):  # a folder whose checkpoint had none
         _client(chat_server[1]).chat.completions.create(model="tiny", messages=CONVERSATIONS[0])
 
