@@ -1,4 +1,4 @@
-"""The `onnxgen` command: export, quantize, generate, bench, verify. Results on stdout, progress and errors on
+"""The `onnxgen` command: export, quantize, generate, chat, score, bench, serve, verify. Results on stdout, progress and errors on
 stderr. Every error is one line, `onnxgen: error: ...`: exit 2 for a usage error, 1 for anything else, 130 on
 Ctrl-C. No traceback reaches the user unless ONNXGEN_DEBUG=1 is set.
 """
@@ -207,6 +207,64 @@ def generate(
                   f"{s.time_to_first_token_s * 1000:.1f} ms; decode {s.decode_tokens_per_s:.1f} tok/s; total {s.total_s:.2f} s"
                   + (f"; {s.guesses_taken} of {s.guessed_tokens} guesses taken" if s.guessed_tokens else ""),
                   file=sys.stderr)
+
+    run(body)
+
+
+@app.command()
+def chat(
+    model: ModelOption = None,
+    system: Annotated[str | None, typer.Option(help="the system message that opens the conversation")] = None,
+    strategy: Annotated[Strategy | None, typer.Option(help="decoding preset (default: the model's generation_config)")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="at most this many tokens a reply")] = 256,
+    temperature: Annotated[float | None, typer.Option()] = None,
+    top_k: Annotated[int | None, typer.Option()] = None,
+    top_p: Annotated[float | None, typer.Option()] = None,
+    repetition_penalty: Annotated[float | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
+    prompt_cache_mib: Annotated[int, typer.Option(min=0, help="CPU: MiB of the last turn's key/value cache kept, so that a turn "
+                                                  "computes only its new tokens (0: none)")] = 0,
+) -> None:
+    """Talk with a chat model (one whose checkpoint has a chat template): each line on standard input is a turn of
+    yours, and the reply streams to stdout; the conversation so far goes with each turn. Ends at end of input."""
+    from . import load
+
+    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                 repetition_penalty=repetition_penalty, seed=seed)
+    interactive = sys.stdin.isatty()
+
+    def body() -> None:
+        m = load(model, provider=provider, threads=threads, prompt_cache_mib=prompt_cache_mib)  # type: ignore[arg-type]
+        opts = m.options(**strategy_options(strategy, given))
+        messages = [{"role": "system", "content": system}] if system else []
+        try:  # before any turn: a model without a template, or one that refuses a system message
+            m.apply_chat_template([*messages, {"role": "user", "content": "Hi"}])
+        except OnnxgenError as e:
+            fail(f"onnxgen chat: {e}" if "no chat template" not in str(e) else
+                 f"onnxgen chat needs a model whose checkpoint has a chat template; {m.folder.path.name!r} has none: use onnxgen generate")
+        while True:
+            if interactive:
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                break
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line.rstrip("\n")})
+            prompt = m.apply_chat_template(messages)
+            if len(m.tokenizer.encode(prompt)) + opts.max_new_tokens > m.context_length:
+                fail(f"the conversation no longer fits the context window of {m.context_length} tokens with a reply of "
+                     f"{opts.max_new_tokens}: start a new one, or lower --max-new-tokens")
+            reply = ""
+            for piece in m.stream(prompt, opts):
+                reply += piece
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            messages.append({"role": "assistant", "content": reply})
 
     run(body)
 

@@ -186,3 +186,29 @@ def test_the_pipeline_takes_chats_as_transformers_does(chat_folder: Path, chat_c
     assert model.apply_chat_template(begun, add_generation_prompt=False, continue_final_message=True).endswith("assistant: Well,")
     with pytest.raises(OptionsError, match="one of them"):
         model.apply_chat_template(begun, continue_final_message=True)
+
+
+def test_the_chat_command_keeps_the_conversation(chat_folder: Path, exported: Path) -> None:
+    """`onnxgen chat`: a line a turn, each reply what generate gives for the conversation so far; blank lines skipped;
+    a model without a template is one line of error."""
+    import subprocess
+    import sys
+
+    model = onnxgen.load(chat_folder, threads=1)
+    messages: list[dict[str, str]] = [{"role": "system", "content": "Be brief."}]
+    replies = []
+    for turn in ("Hello", "Again"):
+        messages.append({"role": "user", "content": turn})
+        replies.append(model.generate(model.apply_chat_template(messages), max_new_tokens=5, do_sample=False)[0].text)
+        messages.append({"role": "assistant", "content": replies[-1]})
+    command = [sys.executable, "-m", "onnxgen", "chat", "--model", str(chat_folder), "--system", "Be brief.", "--strategy", "greedy",
+               "--max-new-tokens", "5", "--threads", "1"]
+    r = subprocess.run(command, input="Hello\n\nAgain\n", capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "".join(reply + "\n" for reply in replies), r.stderr
+    r = subprocess.run(command, input="Hello\n" + "word " * 200 + "\n", capture_output=True, text=True)  # past the 128-token window
+    assert r.returncode == 1 and r.stdout == replies[0] + "\n" and r.stderr.strip().splitlines() == [
+        "onnxgen: error: the conversation no longer fits the context window of 128 tokens with a reply of 5: start a new one, "
+        "or lower --max-new-tokens"]
+    r = subprocess.run([*command[:5], str(exported)], input="Hello\n", capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"onnxgen: error: onnxgen chat needs a model whose checkpoint has a chat template; {exported.name!r} has none: use onnxgen generate"]
