@@ -207,8 +207,8 @@ def test_the_chat_command_keeps_the_conversation(chat_folder: Path, exported: Pa
     assert r.returncode == 0 and r.stdout == "".join(reply + "\n" for reply in replies), r.stderr
     r = subprocess.run(command, input="Hello\n" + "word " * 200 + "\n", capture_output=True, text=True)  # past the 128-token window
     assert r.returncode == 1 and r.stdout == replies[0] + "\n" and r.stderr.strip().splitlines() == [
-        "onnxgen: error: the conversation no longer fits the context window of 128 tokens with a reply of 5: start a new one, "
-        "or lower --max-new-tokens"]
+        ("onnxgen: error: the conversation no longer fits the context window of 128 tokens with a reply of 5: start a new one, "
+         "or lower --max-new-tokens")]
     r = subprocess.run([*command[:5], str(exported)], input="Hello\n", capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"onnxgen: error: onnxgen chat needs a model whose checkpoint has a chat template; {exported.name!r} has none: use onnxgen generate"]
