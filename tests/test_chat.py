@@ -212,3 +212,31 @@ def test_the_chat_command_keeps_the_conversation(chat_folder: Path, exported: Pa
     r = subprocess.run([*command[:5], str(exported)], input="Hello\n", capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"onnxgen: error: onnxgen chat needs a model whose checkpoint has a chat template; {exported.name!r} has none: use onnxgen generate"]
+
+
+def test_a_chats_next_turn_resumes_from_the_prompt_cache(chat_folder: Path) -> None:
+    """Each turn resends the conversation; with a prompt cache the server starts the next turn from the last one's
+    cache (the rendered conversation begins with the tokens it held), and the reply is what generate gives."""
+    import asyncio
+
+    import httpx
+
+    from onnxgen.serve import Limits, create_app
+
+    model = onnxgen.load(chat_folder, threads=1, prompt_cache_mib=16)
+    app = create_app(model, "tiny-chat", limits=Limits(max_tokens=8))
+    messages = [{"role": "user", "content": "It is a truth universally acknowledged that a single man"}]
+
+    async def turns() -> list[str]:
+        replies = []
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as http:
+            for turn in ("Go on please", "And then?"):
+                r = await http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8, "temperature": 0})
+                replies.append(r.json()["choices"][0]["message"]["content"])
+                messages.extend([{"role": "assistant", "content": replies[-1]}, {"role": "user", "content": turn}])
+        return replies
+
+    replies = asyncio.run(turns())
+    assert app.state.batcher.resumed == 1  # the second turn; the first had nothing to start from
+    plain = onnxgen.load(chat_folder, threads=1)
+    assert replies[1] == plain.generate(plain.apply_chat_template(messages[:3]), max_new_tokens=8, do_sample=False)[0].text
