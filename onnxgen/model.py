@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import warnings
@@ -90,8 +91,6 @@ class Model:
             raise ModelFolderError(f"{self.folder.tokenizer_file} has {self.tokenizer.vocab_size} tokens, more than the model's "
                                    f"vocabulary of {self.dims.vocab_size}")
         self.defaults = GenerationOptions.from_folder(path)
-        chat = self.folder.chat_template
-        self._chat = ChatTemplate(*chat) if chat else None  # parsed at load: a template that does not parse fails here
         self.runtime = Runtime(self.folder, provider, threads, mapped_weights, cuda_graph, spinning, prompt_cache_mib)
         self._calls = threading.local()  # each thread's latest finished call, for last_stats
 
@@ -180,6 +179,12 @@ class Model:
             raise OptionsError(f"the model {self.folder.path.name!r} has no chat template (its checkpoint's tokenizer_config.json "
                                "had none): pass the prompt as text")
         return self._chat.render(messages, add_generation_prompt, continue_final_message)
+
+    @functools.cached_property
+    def _chat(self) -> ChatTemplate | None:
+        """Parsed when first used: a template that does not parse keeps the model from chatting, not from loading."""
+        chat = self.folder.chat_template
+        return ChatTemplate(*chat) if chat else None
 
     def _pad_id(self, opts: GenerationOptions) -> int:
         if opts.pad_token_id is not None:

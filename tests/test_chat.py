@@ -75,6 +75,18 @@ def test_what_a_template_refuses_is_an_options_error(chat_folder: Path, exported
         onnxgen.load(exported, threads=1).apply_chat_template(CONVERSATIONS[0])
 
 
+def test_a_template_that_does_not_parse_keeps_the_model_from_chatting_not_from_loading(chat_folder: Path, tmp_path: Path) -> None:
+    broken = shutil.copytree(chat_folder, tmp_path / "broken")
+    (broken / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] | no_such_filter }}{% endfor %}")
+    manifest = json.loads((broken / "onnxgen.json").read_text())  # the file's size changed: describe it again
+    manifest["files"]["chat_template.jinja"]["bytes"] = (broken / "chat_template.jinja").stat().st_size
+    (broken / "onnxgen.json").write_text(json.dumps(manifest))
+    model = onnxgen.load(broken, threads=1)
+    assert model.generate("It is", max_new_tokens=3)[0].token_ids
+    with pytest.raises(OptionsError, match="chat template does not parse: .*no_such_filter"):
+        model.apply_chat_template(CONVERSATIONS[0])
+
+
 def test_a_quantized_folder_keeps_the_template(chat_folder: Path, tmp_path: Path) -> None:
     quantize(chat_folder, tmp_path / "int8", QuantizeOptions(mode="int8", max_ppl_increase=10.0), quiet=True)
     model = onnxgen.load(tmp_path / "int8", threads=1)
