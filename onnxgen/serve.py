@@ -140,7 +140,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        if request.url.path == "/v1/completions":  # what the metrics count
+        if request.url.path in ("/v1/completions", "/v1/chat/completions"):  # what the metrics count
             metrics.requests.labels("invalid").inc()
         first = e.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
