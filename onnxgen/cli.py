@@ -23,7 +23,7 @@ from .errors import IgnoredOptionWarning, OnnxgenError, PerformanceWarning
 from .options import STRATEGIES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="GPT-2 text generation on onnxruntime: export, quantize, generate, bench.")
+                  help="GPT-2 text generation on onnxruntime: export, quantize, generate, chat, serve, bench.")
 
 ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="model folder (default: the bundled small model)")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
@@ -227,8 +227,10 @@ def chat(
     prompt_cache_mib: Annotated[int, typer.Option(min=0, help="CPU: MiB of the last turn's key/value cache kept, so that a turn "
                                                   "computes only its new tokens (0: none)")] = 0,
 ) -> None:
-    """Talk with a chat model (one whose checkpoint has a chat template): each line on standard input is a turn of
-    yours, and the reply streams to stdout; the conversation so far goes with each turn. Ends at end of input."""
+    """Talk with a chat model (a checkpoint with a chat template), a line a turn.
+
+    Each line on standard input is a turn of yours; the reply streams to stdout, and the conversation so far goes
+    through the template with each turn. Ends at the end of input."""
     from . import load
 
     given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -350,8 +352,10 @@ def serve(
     prompt_cache_mib: Annotated[int, typer.Option(min=0, help="MiB of ended requests' key/value caches kept for requests that start "
                                                   "with their tokens (a chat's next turn); 0: none (CPU)")] = 0,
 ) -> None:
-    """Serve OpenAI's completions API over HTTP (POST /v1/completions, /v1/chat/completions for a model with a chat
-    template; GET /v1/models; POST /tokenize, /detokenize; GET /health, /metrics)."""
+    """Serve OpenAI's completions and chat completions APIs over HTTP.
+
+    POST /v1/completions, /v1/chat/completions (a model with a chat template); GET /v1/models; POST /tokenize,
+    /detokenize; GET /health, /metrics."""
     try:
         import uvicorn
 
