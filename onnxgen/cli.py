@@ -19,7 +19,7 @@ try:
 except ImportError:  # the embedding install (`pip install onnxgen onnxruntime`) has the API, not the command line
     sys.exit("onnxgen: error: the command line needs typer and rich: pip install 'onnxgen[cpu]' (or 'onnxgen[gpu]', or 'onnxgen[cli]')")
 
-from .errors import IgnoredOptionWarning, OnnxgenError, PerformanceWarning
+from .errors import ContextLengthError, IgnoredOptionWarning, OnnxgenError, PerformanceWarning
 from .options import STRATEGIES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -241,11 +241,12 @@ def chat(
         m = load(model, provider=provider, threads=threads, prompt_cache_mib=prompt_cache_mib)  # type: ignore[arg-type]
         opts = m.options(**strategy_options(strategy, given))
         messages = [{"role": "system", "content": system}] if system else []
-        try:  # before any turn: a model without a template, or one that refuses a system message
+        if m.folder.chat_template is None:
+            fail(f"onnxgen chat needs a model whose checkpoint has a chat template; {m.folder.path.name!r} has none: use onnxgen generate")
+        try:  # before any turn: a template that does not parse, or refuses a system message
             m.apply_chat_template([*messages, {"role": "user", "content": "Hi"}])
         except OnnxgenError as e:
-            fail(f"onnxgen chat: {e}" if "no chat template" not in str(e) else
-                 f"onnxgen chat needs a model whose checkpoint has a chat template; {m.folder.path.name!r} has none: use onnxgen generate")
+            fail(f"onnxgen chat: {e}")
         while True:
             if interactive:
                 print("> ", end="", file=sys.stderr, flush=True)
@@ -255,12 +256,13 @@ def chat(
             if not line.strip():
                 continue
             messages.append({"role": "user", "content": line.rstrip("\n")})
-            prompt = m.apply_chat_template(messages)
-            if len(m.tokenizer.encode(prompt)) + opts.max_new_tokens > m.context_length:
+            try:
+                pieces = m.stream(m.apply_chat_template(messages), opts)  # checked now, before any piece
+            except ContextLengthError:
                 fail(f"the conversation no longer fits the context window of {m.context_length} tokens with a reply of "
                      f"{opts.max_new_tokens}: start a new one, or lower --max-new-tokens")
             reply = ""
-            for piece in m.stream(prompt, opts):
+            for piece in pieces:
                 reply += piece
                 sys.stdout.write(piece)
                 sys.stdout.flush()

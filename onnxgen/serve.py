@@ -161,6 +161,11 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
             return None
         return error(404, f"the model {asked!r} does not exist: this server has {name!r}", "model", code="model_not_found")
 
+    def refused(response: JSONResponse) -> JSONResponse:
+        """A completion or chat completion refused before it started, as the metrics count it."""
+        metrics.requests.labels("invalid").inc()
+        return response
+
     @app.post("/tokenize", response_model=None)
     async def tokenize(body: TokenizeRequest) -> Any:
         if wrong := other_model(body.model):
@@ -185,13 +190,11 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
     async def completions(body: CompletionRequest, request: Request) -> Any:
         start = time.perf_counter()
         if wrong := other_model(body.model):
-            metrics.requests.labels("invalid").inc()
-            return wrong
+            return refused(wrong)
         try:
             prompts, options = _job_input(model, body, limits, draft)
         except (OnnxgenError, ValueError) as e:
-            metrics.requests.labels("invalid").inc()
-            return error(400, str(e))
+            return refused(error(400, str(e)))
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         echoed = None
         if body.echo and body.logprobs is not None:
@@ -226,20 +229,17 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         """OpenAI's chat completions over the model's chat template (chat.py): the conversation becomes the prompt
         text, which then runs as a completion does."""
         if wrong := other_model(body.model):
-            metrics.requests.labels("invalid").inc()
-            return wrong
+            return refused(wrong)
         try:
-            prompt = model.apply_chat_template([_text_message(m) for m in body.messages], add_generation_prompt=True)
+            prompt = model.tokenizer.encode(model.apply_chat_template([_text_message(m) for m in body.messages], add_generation_prompt=True))
             # OpenAI's default is as many tokens as the context leaves; the server's limit caps it
-            room = model.context_length - len(model.tokenizer.encode(prompt))
-            asked = body.max_completion_tokens or body.max_tokens or max(1, min(limits.max_tokens, room))
+            asked = body.max_completion_tokens or body.max_tokens or max(1, min(limits.max_tokens, model.context_length - len(prompt)))
             shared = {field: getattr(body, field) for field in OpenAIRequest.model_fields}
             completion = CompletionRequest.model_construct(**shared, **(body.model_extra or {}), prompt=prompt, max_tokens=asked,
                                                            echo=False, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
             prompts, options = _job_input(model, completion, limits, draft)
         except (OnnxgenError, ValueError) as e:
-            metrics.requests.labels("invalid").inc()
-            return error(400, str(e))
+            return refused(error(400, str(e)))
         submitted = submit(prompts, options)
         if isinstance(submitted, JSONResponse):
             return submitted
