@@ -4,16 +4,20 @@ int8`, the int8 and int4 variants), on the CPU, in one run.
 
     python benchmarks/cache.py --models gpt2 gpt2-large --threads 2
 
-For each model shape (random weights, make_models.py) and variant (fp32, int8, int4) it makes both folders
-once (kept in benchmarks/exports/<model>/<layout>-<variant>), then:
+For each model shape (random weights, make_models.py) and variant (fp32, int8, int4 at quantize's default block
+size, int4-b128: `--block-size 128`, in place only) it makes the folders once (kept in
+benchmarks/exports/<model>/<layout>-<variant>), then:
 - decode tok/s at batch 1 after a 32- and a 512-token prompt (64 new tokens): the layouts loaded in one
   process and run in turns (--runs rounds, the order alternating), each call's figure the median time
   between its decode steps (the generator's step_ends), the result the median over rounds. This host's memory
   bandwidth drifts by up to a third within minutes, so folders timed one after the other (the first version
   of this script) could rank either way; taken in turns they cannot drift apart;
 - the ceiling those figures are held to: a decode step reads the weights and, once, the cache, so at the
-  read bandwidth measured in the same run it can make at most bandwidth / (weight bytes + cache bytes)
-  steps a second (the cache's size at the middle of the 64 new tokens);
+  read bandwidth it can make at most bandwidth / (weight bytes + cache bytes) steps a second (the cache's
+  size at the middle of the 64 new tokens). The bandwidth drifts as the speeds do, so it is probed in the
+  timing process before every round of 512-token calls, and each call is held to the ceiling of its own
+  round (one probe a run, minutes away from the calls, put a layout at 0.65 of its ceiling in one run and
+  1.04 in the next);
 - peak RSS of a batch 8 x 512-token call (64 new tokens), in a process of its own per folder.
 Results: benchmarks/results/cache.{json,md}. Run it on a quiet machine.
 """
@@ -34,22 +38,24 @@ sys.path.insert(0, str(HERE))
 from run import bandwidth_gbs, weight_bytes, write_results  # noqa: E402  (the suite's own measures)
 
 LAYOUTS = {"growing": ["--growing-cache"], "in-place": [], "in-place-kv8": []}  # kv8: quantize --kv-cache int8
-VARIANTS = ["fp32", "int8", "int4"]
+VARIANTS = {"fp32": [], "int8": ["--mode", "int8"], "int4": ["--mode", "int4"], "int4-b128": ["--mode", "int4", "--block-size", "128"]}
 NEW = 64
 
 
 def layouts(variant: str) -> list[str]:
-    return [layout for layout in LAYOUTS if variant != "fp32" or layout != "in-place-kv8"]  # an int8 cache comes with quantize
+    if variant == "fp32":
+        return ["growing", "in-place"]  # an int8 cache comes with quantize
+    return list(LAYOUTS)[1:] if variant == "int4-b128" else list(LAYOUTS)  # a block size's speed shows in place
 
 
-def prepare(name: str, checkpoint: Path, work: Path) -> dict[tuple[str, str], Path]:
+def prepare(name: str, checkpoint: Path, work: Path, variants: list[str]) -> dict[tuple[str, str], Path]:
     if not (checkpoint / "config.json").exists():
         from make_models import make
 
         make(name, checkpoint.parent)
     cli = [sys.executable, "-m", "onnxgen"]
     folders = {}
-    for variant in VARIANTS:
+    for variant in ["fp32", *[v for v in variants if v != "fp32"]]:  # the fp32 folders are the others' parents
         for layout in layouts(variant):
             folder = folders[layout, variant] = work / f"{layout}-{variant}"
             if (folder / "onnxgen.json").exists():
@@ -58,30 +64,45 @@ def prepare(name: str, checkpoint: Path, work: Path) -> dict[tuple[str, str], Pa
                 subprocess.run([*cli, "export", str(checkpoint), "-o", str(folder), "--force", *LAYOUTS[layout]], check=True)
             else:  # random weights make perplexity meaningless: the accuracy budget is opened
                 parent, cache = ("in-place", ["--kv-cache", "int8"]) if layout == "in-place-kv8" else (layout, [])
-                subprocess.run([*cli, "quantize", "--model", str(work / f"{parent}-fp32"), "-o", str(folder), "--mode", variant,
+                subprocess.run([*cli, "quantize", "--model", str(work / f"{parent}-fp32"), "-o", str(folder), *VARIANTS[variant],
                                 *cache, "--force", "--max-ppl-increase", "100"], check=True)
     return folders
 
 
-def decode_speeds(folders: list[str], threads: int, runs: int, prompts: list[int]) -> dict[str, dict[str, float]]:
-    """In this process: per folder and prompt length, decode tok/s at batch 1 (see the module's docstring)."""
+def decode_speeds(folders: list[str], threads: int, runs: int, prompts: list[int]) -> dict[str, dict[str, Any]]:
+    """In this process: per folder and prompt length, decode tok/s at batch 1 (see the module's docstring); at
+    the last (longest) prompt also each round's read bandwidth, probed just before the round's calls, and the
+    fraction of the ceiling that bandwidth sets which each call reached (medians over the rounds)."""
+    import time
+
     import onnxgen
 
     models = [onnxgen.load(folder, threads=threads) for folder in folders]
     rng = np.random.default_rng(0)
     steps: dict[tuple[int, int], list[float]] = {}
+    bandwidths: list[float] = []
     for prompt in prompts:
         ids = rng.integers(0, models[0].dims.vocab_size, size=(1, prompt)).tolist()
         for model in models:  # warm-up
             model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None, min_new_tokens=0)
         for round_ in range(runs):
+            if prompt == prompts[-1]:
+                time.sleep(0.05)  # onnxruntime's threads stop spinning: the probe has the cores to itself
+                bandwidths.append(bandwidth_gbs(threads)["read"])
             for i in range(len(models)) if round_ % 2 == 0 else reversed(range(len(models))):
                 generator = models[i].generator(ids, max_new_tokens=NEW, do_sample=False, eos_token_id=None, min_new_tokens=0,
                                                 repetition_penalty=1.0)
                 while not generator.done:
                     generator.step()
                 steps.setdefault((i, prompt), []).append(float(np.median(np.diff(generator.step_ends))))
-    return {folder: {str(p): 1 / float(np.median(steps[i, p])) for p in prompts} for i, folder in enumerate(folders)}
+    result: dict[str, dict[str, Any]] = {}
+    for i, folder in enumerate(folders):
+        step_bytes = weight_bytes("onnxgen", Path(folder)) + cache_bytes(Path(folder), prompts[-1] + NEW // 2)
+        ceilings = [bandwidth * 1e9 / step_bytes for bandwidth in bandwidths]
+        result[folder] = {**{str(p): 1 / float(np.median(steps[i, p])) for p in prompts}, "bandwidth_gbs": bandwidths,
+                          "ceiling": float(np.median(ceilings)),
+                          "of_ceiling": float(np.median([1 / (step * ceiling) for step, ceiling in zip(steps[i, prompts[-1]], ceilings)]))}
+    return result
 
 
 def peak_rss(folder: str, threads: int, batch: int, prompt: int) -> dict[str, float]:
@@ -110,16 +131,20 @@ def cache_bytes(folder: Path, positions: int) -> int:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# The key/value cache in place against the growing cache, and in int8 (CPU)", "",
-             f"{result['environment']}; {result['threads']} threads, batch 1, {NEW} new tokens; decode tok/s = 1 / the median time "
+             (f"{result['environment']}; {result['threads']} threads, batch 1, {NEW} new tokens; decode tok/s = 1 / the median time "
              f"between decode steps, median of {result['runs']} calls taken in turns with the other layouts; the ceiling is the "
-             "read bandwidth (measured before the model's rows) over weights + one read of the cache at the middle of the new tokens.", ""]
+             "read bandwidth over weights + one read of the cache at the middle of the new tokens, the bandwidth probed before "
+             "each round of 512-token calls and each call held to its round's ceiling (\"of ceiling\": the median of those "
+             "fractions; \"ceiling\": the median ceiling); int4-b128 is int4 at `--block-size 128`."), ""]
     for model in result["models"]:
-        lines += [f"## {model['name']} (read bandwidth {model['bandwidth_gbs']:.1f} GB/s)", "",
-                  "| variant | layout | tok/s @32 | tok/s @512 | @512 / @32 | ceiling @512 | of ceiling | peak RSS b8x512 (MiB) |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"## {model['name']}", "",
+                  ("| variant | layout | tok/s @32 | tok/s @512 | @512 / @32 | read GB/s (rounds' min-max) | ceiling @512 | of ceiling "
+                  "| peak RSS b8x512 (MiB) |"),
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in model["rows"]:
             lines.append(f"| {row['variant']} | {row['layout']} | {row['32']:.1f} | {row['512']:.1f} | {row['512'] / row['32']:.2f} | "
-                         f"{row['ceiling_512']:.1f} | {row['512'] / row['ceiling_512']:.2f} | {row['peak_rss_b8_mb']:.0f} |")
+                         f"{min(row['bandwidth_gbs']):.1f}-{max(row['bandwidth_gbs']):.1f} | {row['ceiling']:.1f} | "
+                         f"{row['of_ceiling']:.2f} | {row['peak_rss_b8_mb']:.0f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -127,7 +152,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["gpt2"])
-    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--work", type=Path, default=HERE / "exports")
@@ -143,8 +168,7 @@ def main() -> None:
     result: dict[str, Any] = {"environment": f"{platform.processor() or platform.machine()}, Python {platform.python_version()}",
                               "threads": args.threads, "runs": args.runs, "models": []}
     for name in args.models:
-        folders = prepare(name, HERE / "models" / name, args.work / name)
-        bandwidth = bandwidth_gbs(args.threads)["read"]
+        folders = prepare(name, HERE / "models" / name, args.work / name, args.variants)
         rows = []
         for variant in args.variants:
             print(f"[{name}] {variant} ...", file=sys.stderr, flush=True)
@@ -152,10 +176,8 @@ def main() -> None:
             speeds = in_subprocess("speeds", compared, args.threads, args.runs, [32, 512])
             for layout, folder in zip(layouts(variant), compared):
                 memory = in_subprocess("memory", folder, args.threads, 8, 512)
-                step_bytes = weight_bytes("onnxgen", Path(folder)) + cache_bytes(Path(folder), 512 + NEW // 2)
-                rows.append({"variant": variant, "layout": layout, **speeds[folder],
-                             "ceiling_512": bandwidth * 1e9 / step_bytes, "peak_rss_b8_mb": memory["peak_rss_mb"]})
-        result["models"].append({"name": name, "bandwidth_gbs": bandwidth, "rows": rows})
+                rows.append({"variant": variant, "layout": layout, **speeds[folder], "peak_rss_b8_mb": memory["peak_rss_mb"]})
+        result["models"].append({"name": name, "rows": rows})
     write_results(args.out, "cache", result, markdown(result))
 
 

@@ -54,6 +54,9 @@ def save(folder: Path, manifest: dict[str, Any]) -> None:
 
 def read(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST
+    if folder.is_file():  # model.onnx or onnxgen.json given for the folder that holds it
+        raise ModelFolderError(f"{folder} is a file, not a model folder"
+                               + (f": give its folder, {folder.parent}" if (folder.parent / MANIFEST).is_file() else ""))
     if not folder.is_dir():
         raise ModelFolderError(f"model folder not found: {folder}")
     if not path.is_file():

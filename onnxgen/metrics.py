@@ -4,6 +4,11 @@ Per request: how it ended, its tokens in and out, the time to its first token an
 batcher's thread as the tokens come (Job.deliver). At each scrape: the batcher's queue, its running requests and
 busy rows, and its own counters (steps, prompt cache hits, ...). A registry per app, so that two apps in one
 process (tests, a server beside a Ray replica) count apart. vLLM's and llama.cpp's servers name theirs alike.
+
+On Ray Serve (scale.py) each replica's /metrics is its own, and a scrape through Ray's proxy reaches one of
+them; so there the per-request series are also recorded in Ray's metrics (ray.serve.metrics), which each
+node's Ray exports to Prometheus as ray_onnxgen_* with the replica's deployment, replica and application
+tags: the replicas add up. The batcher's state stays per replica (Ray Serve's own metrics count its queues).
 """
 
 from __future__ import annotations
@@ -36,20 +41,29 @@ Deliver = Callable[[str, Any], None]
 
 
 class Metrics:
-    def __init__(self, batcher: Batcher) -> None:
+    """`ray`: also record the per-request series in Ray's metrics (a Ray Serve replica's app; see above)."""
+
+    def __init__(self, batcher: Batcher, ray: bool = False) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("onnxgen_requests", "Requests by how they ended: completed, cancelled (the client went "
+
+        def counter(name: str, documentation: str, labels: tuple[str, ...] = ()) -> Any:
+            kept = Counter(name, documentation, labels, registry=self.registry)
+            return _Both(kept, _Ray.counter(name, documentation, labels)) if ray else kept
+
+        def histogram(name: str, documentation: str, buckets: tuple[float, ...]) -> Any:
+            kept = Histogram(name, documentation, buckets=buckets, registry=self.registry)
+            return _Both(kept, _Ray.histogram(name, documentation, buckets)) if ray else kept
+
+        self.requests = counter("onnxgen_requests", "Requests by how they ended: completed, cancelled (the client went "
                                 "away, while it waited or ran), error, invalid (refused before they started), rejected "
-                                "(the queue was full)",
-                                ["outcome"], registry=self.registry)
+                                "(the queue was full)", ("outcome",))
         for outcome in OUTCOMES:  # every series from the start, so that rates work from the first scrape
             self.requests.labels(outcome)
-        self.prompt_tokens = Counter("onnxgen_prompt_tokens", "Prompt tokens of the requests that ended", registry=self.registry)
-        self.generation_tokens = Counter("onnxgen_generation_tokens", "Tokens generated", registry=self.registry)
-        self.first_token = Histogram("onnxgen_time_to_first_token_seconds", "From a request's start to its first token "
-                                     "(beam search: none, its tokens come at its end)", buckets=FIRST_TOKEN_BUCKETS, registry=self.registry)
-        self.duration = Histogram("onnxgen_request_duration_seconds", "From a request's start to its end",
-                                  buckets=DURATION_BUCKETS, registry=self.registry)
+        self.prompt_tokens = counter("onnxgen_prompt_tokens", "Prompt tokens of the requests that ended")
+        self.generation_tokens = counter("onnxgen_generation_tokens", "Tokens generated")
+        self.first_token = histogram("onnxgen_time_to_first_token_seconds", "From a request's start to its first token "
+                                     "(beam search: none, its tokens come at its end)", FIRST_TOKEN_BUCKETS)
+        self.duration = histogram("onnxgen_request_duration_seconds", "From a request's start to its end", DURATION_BUCKETS)
         self.registry.register(_BatcherState(batcher))
 
     def tracked(self, deliver: Deliver, prompts: list[list[int]]) -> Deliver:
@@ -83,6 +97,53 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """The scrape's body and content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _Both:
+    """A series recorded in two places as one (the app's registry and Ray's), in prometheus_client's shape."""
+
+    def __init__(self, *instruments: Any) -> None:
+        self.instruments = instruments
+
+    def labels(self, *values: str) -> _Both:
+        return _Both(*(i.labels(*values) for i in self.instruments))
+
+    def inc(self, amount: float = 1.0) -> None:
+        for i in self.instruments:
+            i.inc(amount)
+
+    def observe(self, value: float) -> None:
+        for i in self.instruments:
+            i.observe(value)
+
+
+class _Ray:
+    """A ray.serve.metrics series in prometheus_client's shape: labels(...) gives it tag values."""
+
+    def __init__(self, metric: Any, labels: tuple[str, ...], tags: dict[str, str] | None = None) -> None:
+        self.metric, self.label_names, self.tags = metric, labels, tags
+
+    @classmethod
+    def counter(cls, name: str, documentation: str, labels: tuple[str, ...]) -> _Ray:
+        from ray.serve import metrics
+
+        return cls(metrics.Counter(name, documentation, tag_keys=labels), labels)
+
+    @classmethod
+    def histogram(cls, name: str, documentation: str, buckets: tuple[float, ...]) -> _Ray:
+        from ray.serve import metrics
+
+        return cls(metrics.Histogram(name, documentation, boundaries=list(buckets)), ())
+
+    def labels(self, *values: str) -> _Ray:
+        return _Ray(self.metric, self.label_names, dict(zip(self.label_names, values)))
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount:  # Ray refuses an increment of 0 (a request that generated nothing)
+            self.metric.inc(amount, tags=self.tags)
+
+    def observe(self, value: float) -> None:
+        self.metric.observe(value, tags=self.tags)
 
 
 class _BatcherState(Collector):

@@ -49,7 +49,7 @@ def _build_app(model_dir: str, name: str | None, provider: Provider, threads: in
                limits: Limits | None, mapped_weights: bool, cuda_graph: bool) -> Any:
     """Runs on each replica: load the model there and build the same app `onnxgen serve` runs."""
     model = load(model_dir, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph)
-    return create_app(model, name or Path(model_dir).name, api_key, limits)
+    return create_app(model, name or Path(model_dir).name, api_key, limits, ray_metrics=True)
 
 
 def deployment(model_dir: str, name: str | None = None, provider: Provider = "cpu", threads: int | None = None,

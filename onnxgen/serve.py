@@ -117,13 +117,14 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
 
 
 def create_app(model: Model, name: str, api_key: str | None = None, limits: Limits | None = None,
-               draft: Model | None = None) -> FastAPI:
-    """The app over `model`; `draft`: a draft model that requests ask for with "assistant_model": true."""
+               draft: Model | None = None, ray_metrics: bool = False) -> FastAPI:
+    """The app over `model`; `draft`: a draft model that requests ask for with "assistant_model": true;
+    `ray_metrics`: a Ray Serve replica's app, whose requests Ray's metrics count too (metrics.py)."""
     limits = limits or Limits()
     batcher = Batcher(model, limits.max_batch, limits.max_queue, limits.prefill_chunk)
     scoring = asyncio.Semaphore(1)  # prompts scored for echo with logprobs, one request at a time (_prompt_logprobs)
     app = FastAPI(title="onnxgen", docs_url=None, redoc_url=None)
-    metrics = Metrics(batcher)
+    metrics = Metrics(batcher, ray=ray_metrics)
     app.state.batcher, app.state.draft = batcher, draft
 
     @app.middleware("http")

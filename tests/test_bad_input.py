@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -252,6 +253,15 @@ def test_broken_folders_are_refused_at_load(exported: Path, tmp_path: Path, brea
     breaking(folder)
     with pytest.raises(ModelFolderError, match=message):
         onnxgen.load(folder)
+
+
+def test_a_file_given_for_its_folder_names_the_folder(exported: Path, tmp_path: Path) -> None:
+    for name in ("model.onnx", "onnxgen.json"):
+        with pytest.raises(ModelFolderError, match=f"is a file, not a model folder: give its folder, {re.escape(str(exported))}$"):
+            onnxgen.load(exported / name)
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(ModelFolderError, match="notes.txt is a file, not a model folder$"):
+        onnxgen.load(tmp_path / "notes.txt")
 
 
 def test_corrupted_weights_are_found_by_verify(exported: Path, tmp_path: Path) -> None:

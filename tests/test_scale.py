@@ -3,6 +3,7 @@ generation; both give what the model gives in-process."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,12 +15,23 @@ import onnxgen
 
 from .test_serve import _free_port
 
+METRICS_PORT = _free_port()  # where the node's Ray exports the metrics of its workers (replicas included)
+
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True, _metrics_export_port=METRICS_PORT,
+             _system_config={"metrics_report_interval_ms": 200})  # the default 10 s would make the test wait for it
     yield
     ray.shutdown()
+
+
+def _ray_series(name: str, **labels: str) -> float:
+    """The sum over replicas of a series in the node's Ray metrics (0 until it appears)."""
+    text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and all(w in line for w in wanted))
 
 
 def test_ray_data_generates_like_the_model(local_ray: None, exported: Path, model: onnxgen.Model) -> None:
@@ -33,6 +45,7 @@ def test_ray_data_generates_like_the_model(local_ray: None, exported: Path, mode
 
 
 def test_ray_serve_deployment_answers_like_onnxgen_serve(local_ray: None, exported: Path, model: onnxgen.Model) -> None:
+    """...and Ray's metrics count its requests and tokens over the replicas (each replica's /metrics has its own)."""
     from ray import serve
 
     from onnxgen.scale import app
@@ -47,6 +60,20 @@ def test_ray_serve_deployment_answers_like_onnxgen_serve(local_ray: None, export
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == model.generate("It is a truth", max_new_tokens=8, do_sample=False)[0].text
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json() == {"status": "ok"}
+        bad = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={"prompt": "x", "max_tokens": 8, "top_p": 2})
+        assert bad.status_code == 400
+        usage = r.json()["usage"]
+        expected = {("ray_onnxgen_requests_total", "completed"): 1, ("ray_onnxgen_requests_total", "invalid"): 1,
+                    ("ray_onnxgen_generation_tokens_total", None): usage["completion_tokens"],
+                    ("ray_onnxgen_prompt_tokens_total", None): usage["prompt_tokens"],
+                    ("ray_onnxgen_request_duration_seconds_count", None): 1}
+        def seen() -> dict[tuple[str, str | None], float]:
+            return {(n, o): _ray_series(n, deployment="onnxgen", **({"outcome": o} if o else {})) for n, o in expected}
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and seen() != expected:
+            time.sleep(0.5)
+        assert seen() == expected
     finally:
         serve.shutdown()
 
