@@ -125,15 +125,15 @@ class _Ray:
 
     @classmethod
     def counter(cls, name: str, documentation: str, labels: tuple[str, ...]) -> _Ray:
-        from ray.serve import metrics
+        from ray.serve import metrics as ray_metrics
 
-        return cls(metrics.Counter(name, documentation, tag_keys=labels), labels)
+        return cls(ray_metrics.Counter(name, documentation, tag_keys=labels), labels)
 
     @classmethod
     def histogram(cls, name: str, documentation: str, buckets: tuple[float, ...]) -> _Ray:
-        from ray.serve import metrics
+        from ray.serve import metrics as ray_metrics
 
-        return cls(metrics.Histogram(name, documentation, boundaries=list(buckets)), ())
+        return cls(ray_metrics.Histogram(name, documentation, boundaries=list(buckets)), ())
 
     def labels(self, *values: str) -> _Ray:
         return _Ray(self.metric, self.label_names, dict(zip(self.label_names, values)))
