@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import warnings
 from dataclasses import asdict
@@ -367,6 +368,7 @@ def serve(
     from . import load
     from .model import BUNDLED
 
+    listening = _listen(host, port)
     folder = model or BUNDLED
     spinning = assistant_model is None  # a model and its draft take turns (load's `spinning`)
     loaded = run(lambda: load(folder, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph,  # type: ignore[arg-type]
@@ -374,8 +376,22 @@ def serve(
     draft = None if spinning else run(lambda: load(assistant_model, provider=provider, threads=threads, spinning=False))  # type: ignore[arg-type]
     app_ = run(lambda: create_app(loaded, name or folder.name, api_key, Limits(max_tokens=max_tokens, max_batch=max_batch, prefill_chunk=prefill_chunk),
                                   draft))
-    print(f"serving {folder} as {name or folder.name!r} on http://{host}:{port}/v1", file=sys.stderr)
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    where = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+    print(f"serving {folder} as {name or folder.name!r} on http://{where}:{port}/v1", file=sys.stderr)
+    uvicorn.Server(uvicorn.Config(app_, log_level="warning")).run(sockets=[listening])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """serve's socket, bound before the model loads: a port in use or an address this machine does not have is
+    a one-line error at once, not uvicorn's log line after a load (a minute for gpt2-large)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        listening = socket.socket(family, kind, proto)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's: a restart need not wait out TIME_WAIT
+        listening.bind(address)
+    except OSError as e:
+        fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+    return listening
 
 
 @app.command()

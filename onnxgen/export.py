@@ -49,9 +49,11 @@ class ExportOptions:
 def _load(source: str) -> tuple[Any, Any]:
     """Load model and fast tokenizer from a hub id or local folder, with one-line errors."""
     from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # progress is ours; transformers' notices would interleave with it
+    hub_logging.set_verbosity_error()  # and huggingface_hub's: 12 lines of retries where the hub is unreachable
 
     path = Path(source)
     if not path.exists() and source.startswith((".", "/", "~")):  # a path, not a hub id

@@ -187,20 +187,23 @@ def test_seeded_requests_and_beams_share_steps(model: onnxgen.Model) -> None:
 @pytest.mark.parametrize("mode", ["fp32", "int4", "int8"])
 def test_seeded_requests_share_rows_where_a_row_is_computed_alone(model: onnxgen.Model, quantized_folder, mode: str) -> None:  # type: ignore[no-untyped-def]
     """Seeded requests that arrive together, prompts written in parts among them, each give exactly what
-    model.generate gives with its seed: in shared rows for fp32 and int4 on the CPU (each row's numbers are its
-    own), one at a time apart for int8 (one activation scale for all rows; no shared step at all)."""
+    model.generate gives with its seed: in shared rows for fp32 on the CPU (each row's numbers are its own), one
+    at a time apart for int8 (one activation scale for all rows; no shared step at all). int4 goes the way the
+    CPU's MatMulNBits kernels allow: rows alone and together give the same bits on the AVX-512 hosts of earlier
+    sessions, not on an AVX2-only EPYC (last bits differ between its one-row and several-row kernels)."""
     folder = model if mode == "fp32" else onnxgen.load(quantized_folder(mode))
     batcher = Batcher(folder, max_batch=8, prefill_chunk=3)
-    assert batcher.seeds_share == (mode != "int8")
+    if mode != "int4":
+        assert batcher.seeds_share == (mode == "fp32")
     prompts = ["It is a truth universally acknowledged", "Call me Ishmael", "The", "Once upon a time"]
     options = dict(max_new_tokens=12, do_sample=True, top_p=0.9, eos_token_id=None)
     inboxes = [submit(batcher, folder, [p], seed=i, **options) for i, p in enumerate(prompts)]
     for i, (prompt, inbox) in enumerate(zip(prompts, inboxes)):
         assert [c.token_ids for c in result(inbox)] == alone(folder, [prompt], seed=i, **options)
-    if mode == "int8":
-        assert (batcher.steps, batcher.parts) == (0, 0)
-    else:  # fewer shared steps than the four jobs' 11 decode steps one after the other
+    if batcher.seeds_share:  # fewer shared steps than the four jobs' 11 decode steps one after the other
         assert batcher.steps < 4 * 11 and batcher.parts > 0
+    else:
+        assert (batcher.steps, batcher.parts) == (0, 0)
 
 
 def test_seeds_run_apart_where_the_cpus_kernels_change_a_row_with_its_neighbours(model: onnxgen.Model, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -208,6 +208,18 @@ def test_failed_validation_is_an_error(checkpoint: Path, tmp_path: Path) -> None
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_hub_out_of_reach_is_one_error_not_a_page_of_retries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capfd: pytest.CaptureFixture[str]) -> None:
+    """huggingface_hub retries an unreachable hub 5 times, a warning line each (12 lines, 23 s): the export's
+    error is its only output. (Where the hub answers, a model it does not have is refused at once.)"""
+    import huggingface_hub.utils._http as hub_http
+
+    monkeypatch.setattr(hub_http, "time", SimpleNamespace(sleep=lambda seconds: None))  # its waits between retries
+    with pytest.raises(ExportError, match="cannot load 'no-such-org/no-such-model'"):
+        export("no-such-org/no-such-model", tmp_path / "out", quiet=True)
+    assert capfd.readouterr().err == "" and list(tmp_path.iterdir()) == []
+
+
 def test_input_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpoint: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExportError, match="not a transformers checkpoint"):

@@ -148,8 +148,8 @@ def test_quantized_heads_come_in_parts(exported: Path, exported_parts: Path, qua
 
 def test_int8_cache_holds_a_quarter_and_decode_reads_what_the_prompt_wrote(quantized_folder, exported: Path) -> None:  # type: ignore[no-untyped-def]
     """--kv-cache int8: every layer's key and value gets a calibrated scale per channel, the call's buffer is
-    int8 (a quarter of the float cache's bytes), decode steps score exactly as a prompt pass over the same
-    tokens (both read the int8 cache through the same scales), and beam search moves int8 rows."""
+    int8 (a quarter of the float cache's bytes), decode steps score as a prompt pass over the same tokens (both
+    read the int8 cache through the same scales), and beam search moves int8 rows."""
     import onnx
     from onnx import numpy_helper
 
@@ -167,7 +167,9 @@ def test_int8_cache_holds_a_quarter_and_decode_reads_what_the_prompt_wrote(quant
     whole = b.runtime.all_logits(ids)[0]
     cache = b.runtime.new_cache(1, 24)
     steps = [cache.prefill([ids[0, :16].tolist()])[0]] + [cache.decode(ids[0, 16 + i : 17 + i])[0] for i in range(7)]
-    assert all(np.array_equal(step, whole[15 + i]) for i, step in enumerate(steps))
+    # Exactly, where the CPU's MatMulNBits computes one row as it computes several (the AVX-512 hosts of earlier
+    # sessions); in the last bits (~1e-6) on an AVX2-only EPYC. A cache read through other scales moves them ~0.1.
+    assert max(np.abs(step - whole[15 + i]).max() for i, step in enumerate(steps)) < 1e-4
     # The int8 cache stays near the float one: well within what int4 weights cost (random weights; the
     # shipped model's report is the figure that means something).
     reference = onnxgen.load(exported, threads=1).runtime.all_logits(ids)[0]

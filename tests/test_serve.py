@@ -315,6 +315,22 @@ def test_the_serve_command(exported: Path, model: onnxgen.Model) -> None:
         proc.wait(timeout=30)
 
 
+def test_the_serve_command_refuses_an_address_it_cannot_listen_on_before_loading(exported: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for host, why in (("127.0.0.1", "Address already in use"), ("no-such-host.invalid", "")):
+            done = subprocess.run([sys.executable, "-m", "onnxgen", "serve", "--model", str(exported), "--host", host, "--port", str(port)],
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 1 and done.stderr.startswith(f"onnxgen: error: cannot listen on {host}:{port}: {why}")
+            assert len(done.stderr.splitlines()) == 1  # nothing loaded: no "serving ..." line
+
+
 def test_the_serve_command_refuses_a_cache_it_cannot_reserve(exported: Path) -> None:
     import subprocess
     import sys
