@@ -48,8 +48,8 @@ class ExportOptions:
 
 def _load(source: str) -> tuple[Any, Any]:
     """Load model and fast tokenizer from a hub id or local folder, with one-line errors."""
-    from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
     from huggingface_hub.utils import logging as hub_logging
+    from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # progress is ours; transformers' notices would interleave with it
