@@ -8,11 +8,14 @@ process (tests, a server beside a Ray replica) count apart. vLLM's and llama.cpp
 On Ray Serve (scale.py) each replica's /metrics is its own, and a scrape through Ray's proxy reaches one of
 them; so there the per-request series are also recorded in Ray's metrics (ray.serve.metrics), which each
 node's Ray exports to Prometheus as ray_onnxgen_* with the replica's deployment, replica and application
-tags: the replicas add up. The batcher's state stays per replica (Ray Serve's own metrics count its queues).
+tags: the replicas add up. The batcher's state goes there too, set by a thread of the replica every second (Ray
+exports what was last set, not what a collector reads at a scrape), so a sum over replicas says how many rows
+of the deployment are busy and how many requests wait.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -36,6 +39,7 @@ from .generator import Completion
 FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 OUTCOMES = ("completed", "cancelled", "error", "invalid", "rejected")
+RAY_STATE_SECONDS = 1.0  # how often a Ray Serve replica sets its batcher's state in Ray's metrics (Ray exports every 10 s)
 
 Deliver = Callable[[str, Any], None]
 
@@ -64,7 +68,10 @@ class Metrics:
         self.first_token = histogram("onnxgen_time_to_first_token_seconds", "From a request's start to its first token "
                                      "(beam search: none, its tokens come at its end)", FIRST_TOKEN_BUCKETS)
         self.duration = histogram("onnxgen_request_duration_seconds", "From a request's start to its end", DURATION_BUCKETS)
-        self.registry.register(_BatcherState(batcher))
+        state = _BatcherState(batcher)
+        self.registry.register(state)
+        if ray:
+            threading.Thread(target=_RayState(state).run, name="onnxgen-ray-metrics", daemon=True).start()
 
     def tracked(self, deliver: Deliver, prompts: list[list[int]]) -> Deliver:
         """`deliver` (a Job's), counting what passes through it for the request of `prompts`; its clock starts now."""
@@ -164,3 +171,30 @@ class _BatcherState(Collector):
         yield CounterMetricFamily("onnxgen_joined_requests", "Requests that joined rows already decoding", value=b.joined)
         yield CounterMetricFamily("onnxgen_prompt_cache_hits", "Requests whose prompt's start came from a kept cache", value=b.resumed)
         yield CounterMetricFamily("onnxgen_cancelled_rows", "Rows ended because their client went away", value=b.cancelled_rows)
+
+
+class _RayState:
+    """The batcher's state (_BatcherState's series) in Ray's metrics: gauges set to the moment's value and
+    counters grown by what they grew since, every RAY_STATE_SECONDS, by a thread that lives as the replica does."""
+
+    def __init__(self, state: _BatcherState) -> None:
+        from ray.serve import metrics as ray_metrics
+
+        self.state = state
+        self.series = {f.name: (ray_metrics.Gauge if f.type == "gauge" else ray_metrics.Counter)(f.name, f.documentation)
+                       for f in state.collect()}
+        self.counted = dict.fromkeys(self.series, 0.0)  # each counter's value when last pushed
+
+    def push(self) -> None:
+        for family in self.state.collect():
+            value, series = family.samples[0].value, self.series[family.name]
+            if family.type == "gauge":
+                series.set(value)
+            elif value > self.counted[family.name]:
+                series.inc(value - self.counted[family.name])
+                self.counted[family.name] = value
+
+    def run(self) -> None:
+        while True:
+            self.push()
+            time.sleep(RAY_STATE_SECONDS)

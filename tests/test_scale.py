@@ -45,7 +45,8 @@ def test_ray_data_generates_like_the_model(local_ray: None, exported: Path, mode
 
 
 def test_ray_serve_deployment_answers_like_onnxgen_serve(local_ray: None, exported: Path, model: onnxgen.Model) -> None:
-    """...and Ray's metrics count its requests and tokens over the replicas (each replica's /metrics has its own)."""
+    """...and Ray's metrics count its requests and tokens over the replicas (each replica's /metrics has its own),
+    and hold the replicas' batcher state."""
     from ray import serve
 
     from onnxgen.scale import app
@@ -66,7 +67,11 @@ def test_ray_serve_deployment_answers_like_onnxgen_serve(local_ray: None, export
         expected = {("ray_onnxgen_requests_total", "completed"): 1, ("ray_onnxgen_requests_total", "invalid"): 1,
                     ("ray_onnxgen_generation_tokens_total", None): usage["completion_tokens"],
                     ("ray_onnxgen_prompt_tokens_total", None): usage["prompt_tokens"],
-                    ("ray_onnxgen_request_duration_seconds_count", None): 1}
+                    ("ray_onnxgen_request_duration_seconds_count", None): 1,
+                    # the batchers' state, which each replica sets in Ray's metrics every second: 2 x 4 rows, none busy
+                    # now, and one decode step a token after the first (which the prompt pass gives)
+                    ("ray_onnxgen_rows", None): 8, ("ray_onnxgen_rows_busy", None): 0,
+                    ("ray_onnxgen_decode_steps_total", None): usage["completion_tokens"] - 1}
         def seen() -> dict[tuple[str, str | None], float]:
             return {(n, o): _ray_series(n, deployment="onnxgen", **({"outcome": o} if o else {})) for n, o in expected}
 
