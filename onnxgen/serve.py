@@ -144,6 +144,12 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         if request.url.path in ("/v1/completions", "/v1/chat/completions"):  # what the metrics count
             metrics.requests.labels("invalid").inc()
         first = e.errors()[0]
+        content_type = request.headers.get("content-type", "")
+        if tuple(first.get("loc", ())) == ("body",) and "json" not in content_type:  # FastAPI reads JSON only so labelled (CSRF)
+            return error(400, f"send the body as JSON, with Content-Type: application/json (this one's: {content_type or 'none'})")
+        if first.get("type") == "json_invalid":  # its loc is the character, not a field
+            at = first.get("loc", ("body", "?"))[-1]
+            return error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))} (character {at})")
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         return error(400, f"{where or 'body'}: {first.get('msg')}", where)
 

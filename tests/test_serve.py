@@ -240,8 +240,15 @@ def test_auth_size_and_queue_limits(server: Served) -> None:
         openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).completions.create(model="tiny", prompt="x")
     r = httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, json={"prompt": "x" * 10000})
     assert r.status_code == 400 and "request body over" in r.json()["error"]["message"]
-    r = httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, content=b"{not json")
+    r = httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+                   content=b"{not json")
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert r.json()["error"]["message"] == "the body is not valid JSON: Expecting property name enclosed in double quotes (character 1)"
+    # curl -d's form type: FastAPI reads a body as JSON only where the request says it is JSON (against cross-site posts)
+    r = httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/x-www-form-urlencoded"},
+                   content=b'{"prompt": "x"}')
+    assert r.status_code == 400 and r.json()["error"]["message"] == ("send the body as JSON, with Content-Type: application/json "
+                                                                     "(this one's: application/x-www-form-urlencoded)")
     rejected = _samples(httpx.get(server + "/metrics").text)["onnxgen_requests_total", ("rejected",)]
     # More requests at once than the queue holds: the surplus is answered 429 at once, the rest complete. The
     # model is held at its first forward until a 429 has come back, so that the queue is full whatever the
