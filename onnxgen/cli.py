@@ -135,7 +135,7 @@ def strategy_options(strategy: Strategy | None, given: dict[str, Any]) -> dict[s
 
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Argument(help="text to continue")],
+    prompt: Annotated[str, typer.Argument(help="text to continue (- reads it from standard input)")],
     model: ModelOption = None,
     strategy: Annotated[Strategy | None, typer.Option(help="decoding preset (default: the model's generation_config)")] = None,
     max_new_tokens: Annotated[int | None, typer.Option()] = None,
@@ -179,6 +179,9 @@ def generate(
                  frequency_penalty=frequency_penalty, stop=stop, seed=seed, max_time=max_time, logprobs=logprobs,
                  prompt_lookup_num_tokens=prompt_lookup_num_tokens, truncate_prompt=truncate_prompt)
 
+    if prompt == "-":
+        prompt = _read(prompt)
+
     def body() -> None:
         # A model and its draft take turns: neither's threads may spin on after its run (load's `spinning`).
         spinning = assistant_model is None
@@ -210,6 +213,14 @@ def generate(
                   file=sys.stderr)
 
     run(body)
+
+
+def _read(name: str) -> str:
+    """A text file's contents, or standard input's for -."""
+    try:
+        return sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read {name}: {e.strerror if isinstance(e, OSError) else 'not UTF-8 text'}")
 
 
 @app.command()
@@ -292,10 +303,7 @@ def score(
         m = load(model, provider=provider, threads=threads)  # type: ignore[arg-type]
         results = []
         for name in files:
-            try:
-                text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                fail(f"cannot read {name}: {e.strerror if isinstance(e, OSError) else 'not UTF-8 text'}")
+            text = _read(name)
             with counter(f"Scoring {name}") as progress:
                 s = m.score(text, stride=max(1, m.context_length // 2) if stride is None else stride, progress=progress)[0]
             results.append({"file": name, "tokens": len(s.token_ids), "total_logprob": s.total, "perplexity": s.perplexity})

@@ -56,3 +56,14 @@ def test_cli_main_job_needs_no_model_argument() -> None:
                         "--max-new-tokens", "15", "--seed", "0"], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip()) > 0
+
+
+def test_cli_reads_the_prompt_from_standard_input_for_a_dash(bundled: onnxgen.Model) -> None:
+    """`onnxgen generate -` continues standard input's text, its last newline included (a document piped in)."""
+    text = "It is a truth universally acknowledged,\n"
+    r = subprocess.run([sys.executable, "-m", "onnxgen", "generate", "-", "--max-new-tokens", "12", "--strategy", "greedy", "--json"],
+                       input=text, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["prompt"] == text
+    assert [c["text"] for c in result["completions"]] == [c.text for c in bundled.generate(text, max_new_tokens=12, do_sample=False)]
