@@ -40,6 +40,29 @@ def test_events_add_up_to_the_completions(model: onnxgen.Model) -> None:
         assert [e.token_id for e in mine][: len(c.token_ids)] == c.token_ids
 
 
+def test_an_asyncio_app_steps_in_worker_threads(model: onnxgen.Model) -> None:
+    """The step loop from asyncio: each step in whichever worker thread asyncio.to_thread picks (the event loop
+    free meanwhile), and the call's text what generate gives (its state is the generator's, not a thread's)."""
+    import asyncio
+
+    options = dict(max_new_tokens=15, do_sample=True, seed=3, num_return_sequences=2)
+
+    async def app() -> tuple[list[str], set[int]]:
+        g, texts, threads = model.generator(PROMPTS, **options), [""] * 2 * len(PROMPTS), set()
+
+        def step() -> list[onnxgen.Event]:
+            threads.add(threading.get_ident())
+            return g.step()
+
+        while not g.done:
+            for e in await asyncio.to_thread(step):
+                texts[e.row] += e
+        return texts, threads
+
+    texts, threads = asyncio.run(app())
+    assert texts == [c.text for c in model.generate(PROMPTS, **options)] and threading.get_ident() not in threads
+
+
 def test_finish_and_cancel_end_rows_with_what_they_have(model: onnxgen.Model) -> None:
     g = model.generator(PROMPTS, max_new_tokens=30, eos_token_id=None)
     g.step(), g.step()
