@@ -44,10 +44,11 @@ class ExportOptions:
     external_data_threshold: int = 0
     atol: float = 1e-4  # max abs logit difference against PyTorch for the export to pass
     force: bool = False
+    revision: str | None = None  # a hub id's branch, tag or commit (default: its main branch)
 
 
-def _load(source: str) -> tuple[Any, Any]:
-    """Load model and fast tokenizer from a hub id or local folder, with one-line errors."""
+def _load(source: str, revision: str | None) -> tuple[Any, Any]:
+    """Load model and fast tokenizer from a hub id (at `revision`) or local folder, with one-line errors."""
     from huggingface_hub.utils import logging as hub_logging
     from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
     from transformers.utils import logging
@@ -60,15 +61,20 @@ def _load(source: str) -> tuple[Any, Any]:
         raise ExportError(f"{source}: no such folder")
     if path.exists() and not (path / CONFIG).is_file():
         raise ExportError(f"{source} is not a transformers checkpoint folder (no {CONFIG})")
+    if path.exists() and revision is not None:
+        raise ExportError(f"{source} is a folder: a revision names a commit of a hub id")
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"cannot load {source!r} (unknown model id, no network, or not a checkpoint): {first}") from None
     if config.model_type != "gpt2":
         raise ExportError(f"{source} is a {config.model_type!r} model; onnxgen exports GPT-2 models only")
+    # The tokenizer and weights from the commit the config came from: a push to the branch between the three
+    # loads would otherwise mix two commits' files.
+    revision = config._commit_hash or revision
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, use_fast=True)
     except (OSError, ValueError) as e:
         raise ExportError(f"{source} has no usable tokenizer: {str(e).splitlines()[0]}") from None
     if not tokenizer.is_fast:
@@ -77,7 +83,7 @@ def _load(source: str) -> tuple[Any, Any]:
     # (transformers#44380, fixed after 4.57), so exported and checked against it, a checkpoint trained with either
     # (stanford-crfm's GPT-2s) would pass validation with the wrong attention scale.
     try:
-        model = GPT2LMHeadModel.from_pretrained(source, dtype="float32", attn_implementation="eager").eval()
+        model = GPT2LMHeadModel.from_pretrained(source, revision=revision, dtype="float32", attn_implementation="eager").eval()
     except Exception as e:  # no weights file, a damaged one, weights of other shapes than its config says, a config they refuse
         detail = " ".join(str(e).split())[:400] or type(e).__name__  # torch's size mismatches span lines
         raise ExportError(f"cannot load {source}: {detail}") from None
@@ -179,7 +185,7 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
     atomic.check_destination(out, options.force, source)
     with steps(6, quiet=quiet) as progress:
         with progress.step(f"Loading {source}"):
-            model, tokenizer = _load(source)
+            model, tokenizer = _load(source, options.revision)
         cfg = model.config
         n_params = sum(p.numel() for p in model.parameters())
         atomic.check_disk(out, n_params * 4 * 3)  # optimum's raw export, the final folder, slack
@@ -193,7 +199,9 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
                     onnx_export_from_model(model, raw, task="text-generation-with-past", opset=options.opset,
                                            no_post_process=True, do_validation=False)
                 cfg.save_pretrained(work)
-                model.generation_config.save_pretrained(work)
+                # As the checkpoint has it: transformers refuses to save a config its validation would warn about
+                # (top_k or temperature set without do_sample, as many hub checkpoints have), and onnxgen reads it so.
+                model.generation_config.to_json_file(work / "generation_config.json")
                 del model
                 gc.collect()  # the ONNX stages below need the memory the PyTorch weights held
             with progress.step("Optimizing the graph" if options.optimize else "Loading the graph"):
@@ -223,7 +231,8 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
             with progress.step("Writing manifest"):
                 inputs, outputs = io_names(work / MODEL_FILE)
                 result = manifest.write(work, {
-                    "source": {"model": source, "parameters": n_params},
+                    # commit: the hub's commit the files came from (None for a folder), whatever revision named it
+                    "source": {"model": source, "commit": cfg._commit_hash, "parameters": n_params},
                     "versions": package_versions(),
                     "opset": opset,
                     "dtype": "float32",

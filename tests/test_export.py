@@ -220,6 +220,33 @@ def test_a_hub_out_of_reach_is_one_error_not_a_page_of_retries(tmp_path: Path, m
     assert capfd.readouterr().err == "" and list(tmp_path.iterdir()) == []
 
 
+def test_a_hub_id_exports_the_revision_asked_for_and_records_its_commit(checkpoint: Path, tmp_path: Path) -> None:
+    """The hub's code path without a network: a hub cache in huggingface_hub's layout holding two commits of one
+    model id, main at the newer; `--revision` the older exports the older's files (its generation config here),
+    and the manifest records the commit they came from. That config sets top_k without do_sample, as many hub
+    checkpoints' do: transformers refuses to save it again, and the export failed on it."""
+    import onnxgen
+
+    repo = tmp_path / "hub" / "models--onnxgen-tests--tiny"
+    older, newer = "a" * 40, "b" * 40
+    for commit, top_k in ((older, 7), (newer, 9)):
+        snapshot = shutil.copytree(checkpoint, repo / "snapshots" / commit)
+        generation = json.loads((snapshot / "generation_config.json").read_text())
+        (snapshot / "generation_config.json").write_text(json.dumps({**generation, "top_k": top_k}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(newer)
+    done = subprocess.run([sys.executable, "-m", "onnxgen", "export", "onnxgen-tests/tiny", "--revision", older, "-o", str(tmp_path / "out"),
+                           "--json"], env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["source"]["commit"] == older
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["top_k"] == 7
+    defaults = onnxgen.load(tmp_path / "out").defaults
+    assert defaults.top_k == 7 and not defaults.do_sample  # greedy, as transformers reads that config
+    with pytest.raises(ExportError, match="a revision names a commit of a hub id"):
+        export(str(checkpoint), tmp_path / "o", ExportOptions(revision=older), quiet=True)
+
+
 def test_input_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpoint: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExportError, match="not a transformers checkpoint"):
