@@ -192,7 +192,11 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
         with atomic.building(out, options.force) as work, tempfile.TemporaryDirectory(dir=work.parent, prefix=atomic.scratch_prefix(out, "raw")) as raw:
             with progress.step("Exporting with optimum (text-generation-with-past)"):
                 from optimum.exporters.onnx import onnx_export_from_model
+                from optimum.utils import logging as optimum_logging
 
+                # its notices too: one says it moves generation options from config.json to the generation config,
+                # where older checkpoints keep them (the folder's generation_config.json has them either way)
+                optimum_logging.set_verbosity_error()
                 reference = _reference(model)
                 with warnings.catch_warnings():  # the tracer's warnings concern code paths GPT-2 does not take
                     warnings.simplefilter("ignore")

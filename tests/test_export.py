@@ -213,7 +213,9 @@ def test_a_hub_out_of_reach_is_one_error_not_a_page_of_retries(tmp_path: Path, m
     """huggingface_hub retries an unreachable hub 5 times, a warning line each (12 lines, 23 s): the export's
     error is its only output. (Where the hub answers, a model it does not have is refused at once.)"""
     import huggingface_hub.utils._http as hub_http
+    from huggingface_hub.utils import logging as hub_logging
 
+    hub_logging.set_verbosity_warning()  # as a process starts, whatever exports ran before in this one
     monkeypatch.setattr(hub_http, "time", SimpleNamespace(sleep=lambda seconds: None))  # its waits between retries
     with pytest.raises(ExportError, match="cannot load 'no-such-org/no-such-model'"):
         export("no-such-org/no-such-model", tmp_path / "out", quiet=True)
@@ -245,6 +247,25 @@ def test_a_hub_id_exports_the_revision_asked_for_and_records_its_commit(checkpoi
     assert defaults.top_k == 7 and not defaults.do_sample  # greedy, as transformers reads that config
     with pytest.raises(ExportError, match="a revision names a commit of a hub id"):
         export(str(checkpoint), tmp_path / "o", ExportOptions(revision=older), quiet=True)
+
+
+def test_generation_options_in_config_json_become_the_folders_defaults_quietly(checkpoint: Path, tmp_path: Path,
+                                                                              capfd: pytest.CaptureFixture[str]) -> None:
+    """Older checkpoints keep their generation options in config.json and have no generation_config.json: they are
+    the folder's defaults, as transformers reads them, and optimum's notice that it moves them is not printed."""
+    from optimum.utils import logging as optimum_logging
+
+    import onnxgen
+
+    optimum_logging.set_verbosity_warning()  # as a process starts, whatever exports ran before in this one
+    source = shutil.copytree(checkpoint, tmp_path / "old")
+    (source / "generation_config.json").unlink()
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "do_sample": True, "top_k": 0, "temperature": 0.7, "max_length": 100}))
+    export(str(source), tmp_path / "out", quiet=True)
+    defaults = onnxgen.load(tmp_path / "out").defaults
+    assert (defaults.do_sample, defaults.top_k, defaults.temperature, defaults.max_length) == (True, 0, 0.7, 100)
+    assert capfd.readouterr().err == ""
 
 
 def test_input_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpoint: Path) -> None:
