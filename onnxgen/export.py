@@ -128,7 +128,7 @@ def _validate(folder: Path, dims: Dims, ref: Reference, atol: float) -> dict[str
     together (for a graph with the cache in place, rows of different lengths in one buffer)."""
     from .runtime import Runtime
 
-    runtime = Runtime(ModelFolder(folder, {}, dims, None), threads=1)
+    runtime = Runtime(ModelFolder(folder, {}, dims, None, {}), threads=1)
     prompt_diff = max(float(np.abs(runtime.all_logits(np.asarray([p]))[0] - want).max()) for p, want in zip(ref.prompts, ref.prompt_logits))
     cache = runtime.new_cache(len(ref.prompts), max(map(len, ref.prompts)) + 1)
     cache.prefill(ref.prompts)

@@ -65,6 +65,9 @@ class ModelFolder:
     manifest: dict[str, Any]
     dims: Dims
     bos_token_id: int | None  # an empty prompt starts from it
+    # config.json's task_specific_params["text-generation"] (gpt2's: sampling, max_length 50), which transformers'
+    # pipeline applies over the model's generation options (onnxgen.pipeline too)
+    text_generation_params: dict[str, Any]
 
     @classmethod
     def read(cls, path: Path) -> ModelFolder:
@@ -86,7 +89,9 @@ class ModelFolder:
         differ = [f"{k} {dims[k]} (config {config.get(k)})" for k in DIM_NAMES if config.get(k) != dims[k]]
         if differ:
             raise ModelFolderError(f"{path / MANIFEST} and {CONFIG} disagree: {', '.join(differ)}")
-        return cls(path, record, Dims(**{k: dims[k] for k in DIM_NAMES}), config.get("bos_token_id"))
+        params = (config.get("task_specific_params") or {}).get("text-generation")
+        return cls(path, record, Dims(**{k: dims[k] for k in DIM_NAMES}), config.get("bos_token_id"),
+                   params if isinstance(params, dict) else {})
 
     def verify(self) -> None:
         """Hash every file and compare with the manifest (a few seconds a GB): corrupted weights that still

@@ -316,11 +316,22 @@ def load(path: str | Path | None = None, provider: Provider = "cpu", threads: in
     return Model(folder, provider, threads, verify, mapped_weights, cuda_graph, spinning, prompt_cache_mib)
 
 
+# transformers' text-generation pipeline generates with defaults of its own, over the model's: up to 256 new tokens,
+# sampled at temperature 0.7 (TextGenerationPipeline._default_generation_config, transformers 4.57).
+PIPELINE_DEFAULTS = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
+
+
 class TextGenerationPipeline:
-    """transformers' `pipeline("text-generation")` call shape over an onnxgen model."""
+    """transformers' `pipeline("text-generation")` call shape over an onnxgen model, and its defaults."""
 
     def __init__(self, model: Model) -> None:
         self.model = model
+        # As transformers' pipeline layers them: its own defaults over the model's (a model's max_length in place of
+        # the 256 new tokens), then the checkpoint's task_specific_params for text generation, whose "prefix" (for
+        # models that are not GPT-2s) is not an option. A call's own options go over these.
+        own = {k: v for k, v in PIPELINE_DEFAULTS.items() if k != "max_new_tokens" or model.defaults.max_length is None}
+        task = {k: v for k, v in model.folder.text_generation_params.items() if k != "prefix"}
+        self.defaults = model.defaults.with_overrides(**{**own, **task})
 
     def __call__(self, text_inputs: str | list[str] | list[dict[str, Any]] | list[list[dict[str, Any]]], max_length: int | None = None,
                  return_full_text: bool = True, return_tensors: bool = False, batch_size: int | None = None,
@@ -349,8 +360,8 @@ class TextGenerationPipeline:
                 batches.append(([prompt], overrides))
         results = []
         for batch, overrides in batches:
-            completions = self.model.generate(batch, **overrides)
-            ids = self.model.prompt_ids(batch, self.model.options(**overrides)) if return_tensors else []
+            completions = self.model.generate(batch, self.defaults, **overrides)
+            ids = self.model.prompt_ids(batch, self.model.options(self.defaults, **overrides)) if return_tensors else []
             for i, prompt in enumerate(batch):
                 results.append([{"generated_token_ids": ids[i] + c.token_ids} if return_tensors else
                                 {"generated_text": (prompt if return_full_text else "") + c.text}
@@ -372,12 +383,16 @@ class TextGenerationPipeline:
 
     def _overrides(self, prompt: str, max_length: int | None, options: dict[str, Any]) -> dict[str, Any]:
         """Each prompt's own new tokens under max_length, as transformers' pipeline runs a prompt at a time (in a
-        batch of several lengths, generate() would count the longest)."""
+        batch of several lengths, generate() would count the longest); the pipeline's 256 new tokens, where the call
+        gives no length, at most what the context window leaves after the prompt (transformers' runs past it)."""
         given = {**options, **({"max_length": max_length} if max_length is not None else {})}
-        opts = self.model.options(**given)
-        if opts.max_length is None:
+        opts = self.model.options(self.defaults, **given)
+        width = len(self.model._encode(prompt))
+        if opts.max_length is not None:
+            return {**options, "max_new_tokens": opts.for_prompts(width).max_new_tokens}
+        if "max_new_tokens" in given:
             return given
-        return {**options, "max_new_tokens": opts.for_prompts(len(self.model._encode(prompt))).max_new_tokens}
+        return {**given, "max_new_tokens": max(1, min(opts.max_new_tokens, self.model.context_length - width))}
 
 
 def _chats(inputs: Any) -> list[list[dict[str, Any]]] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -463,19 +464,19 @@ def test_max_and_min_length_count_the_prompt_as_in_transformers(model: onnxgen.M
 def test_pipeline_call_shape(exported: Path, model: onnxgen.Model) -> None:
     generator = onnxgen.pipeline("text-generation", model=str(exported))
     prompt = "It is a truth"
-    out = generator(prompt, max_length=len(model.tokenizer.encode(prompt)) + 10)
+    out = generator(prompt, max_length=len(model.tokenizer.encode(prompt)) + 10, do_sample=False)  # the pipeline samples by default
     assert out == [{"generated_text": prompt + model.generate(prompt, max_new_tokens=10)[0].text}]
     many = generator([prompt, "Call me"], max_new_tokens=5, do_sample=True, num_return_sequences=2, seed=1)
     assert [len(x) for x in many] == [2, 2] and all(d["generated_text"].startswith(prompt) for d in many[0])
     texts = ["It is a truth", "Call me", "The", "Once upon a time"]
-    alone = generator(texts, max_new_tokens=6)
+    alone = generator(texts, max_new_tokens=6, do_sample=False)
     calls: list[int] = []
     plain = generator.model.generate
-    generator.model.generate = lambda prompts, **kw: calls.append(len(prompts)) or plain(prompts, **kw)  # type: ignore[method-assign]
-    assert generator(texts, max_new_tokens=6, batch_size=3) == alone and calls == [3, 1]  # fp32: batches change no token
+    generator.model.generate = lambda prompts, *a, **kw: calls.append(len(prompts)) or plain(prompts, *a, **kw)  # type: ignore[method-assign]
+    assert generator(texts, max_new_tokens=6, do_sample=False, batch_size=3) == alone and calls == [3, 1]  # fp32: batches change no token
     generator.model.generate = plain  # type: ignore[method-assign]
     assert [x[0]["generated_text"] for x in alone] == [t + c.text for t, c in zip(texts, model.generate(texts, max_new_tokens=6))]
-    ids = generator(prompt, max_new_tokens=4, return_tensors=True)
+    ids = generator(prompt, max_new_tokens=4, do_sample=False, return_tensors=True)
     assert ids == [{"generated_token_ids": model.tokenizer.encode(prompt) + model.generate(prompt, max_new_tokens=4)[0].token_ids}]
     for bad in (0, 2.5, True):
         with pytest.raises(OptionsError, match="batch_size"):
@@ -485,6 +486,45 @@ def test_pipeline_call_shape(exported: Path, model: onnxgen.Model) -> None:
             generator(bad_input)
     with pytest.raises(OptionsError, match="has no chat template"):  # the tiny model has none (tests/test_chat.py has one)
         generator([{"role": "user", "content": "a"}])
+
+
+def test_the_pipelines_defaults_are_transformers_pipelines(checkpoint: Path, exported: Path, tmp_path: Path) -> None:
+    """transformers' text-generation pipeline samples at temperature 0.7 for up to 256 new tokens over the model's
+    own generation options (a model's max_length in place of the 256), then applies the checkpoint's
+    task_specific_params (gpt2's: sampling, max_length 50): onnxgen's pipeline resolves the same options from the
+    same files; and it keeps the 256 within the context window, where transformers' runs past it."""
+    import transformers
+
+    from onnxgen import manifest
+
+    source, folder = shutil.copytree(checkpoint, tmp_path / "ckpt"), shutil.copytree(exported, tmp_path / "onnx")
+    base = {k: json.loads((checkpoint / "generation_config.json").read_text())[k] for k in ("bos_token_id", "eos_token_id")}
+    config = json.loads((checkpoint / "config.json").read_text())
+    cases = [({}, None), ({"max_length": 40, "temperature": 0.9, "do_sample": False, "top_k": 5}, None),
+             ({"max_new_tokens": 12, "top_p": 0.8, "repetition_penalty": 1.3}, None),
+             ({}, {"do_sample": True, "max_length": 50}),
+             ({"max_length": 40}, {"do_sample": False, "max_length": 50, "temperature": 0.5})]
+    names = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+    for generation, task in cases:
+        for f in (source, folder):
+            (f / "generation_config.json").write_text(json.dumps({**base, **generation}))
+            (f / "config.json").write_text(json.dumps({**config, **({"task_specific_params": {"text-generation": task}} if task else {})}))
+        manifest.write(folder, manifest.read(folder))
+        theirs = transformers.pipeline("text-generation", model=str(source)).generation_config
+        mine = onnxgen.pipeline("text-generation", model=folder).defaults
+        length = ("max_new_tokens", theirs.max_new_tokens) if theirs.max_new_tokens is not None else ("max_length", theirs.max_length)
+        assert (length, *(getattr(mine, n) for n in names)) == ((length[0], getattr(mine, length[0])), *(getattr(theirs, n) for n in names)), (generation, task)
+    generator = onnxgen.pipeline("text-generation", model=folder)  # the last case: max_length 50, greedy
+    model = generator.model
+    prompt = "It is a truth"
+    assert generator(prompt) == [{"generated_text": prompt + model.generate(prompt, max_length=50, do_sample=False)[0].text}]
+    for generation in ({}, {"max_length": 40}):  # the 256 new tokens past a context of 128, then a model's max_length
+        (folder / "generation_config.json").write_text(json.dumps({**base, **generation}))
+        (folder / "config.json").write_text(json.dumps(config))
+        manifest.write(folder, manifest.read(folder))
+        generator = onnxgen.pipeline("text-generation", model=folder)
+        (ids,) = generator(prompt, return_tensors=True, eos_token_id=None, seed=0)
+        assert len(ids["generated_token_ids"]) == generation.get("max_length", model.context_length)
 
 
 def test_runtime_never_imports_the_export_stack(exported: Path) -> None:
