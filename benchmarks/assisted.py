@@ -94,7 +94,9 @@ def main() -> None:
         (model, variant), (draft, draft_variant) = PAIRS[pair]
         row = measure(str(folders[model]["in-place", variant]), str(folders[draft]["in-place", draft_variant]), args.threads, args.runs, args.tokens)
         rows.append({"pair": pair, **row})
-    result = {"environment": f"{platform.processor() or platform.machine()}, Python {platform.python_version()}",
+    from onnxgen.bench import machine
+
+    result = {"environment": f"{machine()}, Python {platform.python_version()}",
               "threads": args.threads, "runs": args.runs, "tokens": args.tokens, "rows": rows}
     write_results(args.out, "assisted", result, markdown(result))
 

@@ -165,7 +165,9 @@ def main() -> None:
         return
     import platform
 
-    result: dict[str, Any] = {"environment": f"{platform.processor() or platform.machine()}, Python {platform.python_version()}",
+    from onnxgen.bench import machine
+
+    result: dict[str, Any] = {"environment": f"{machine()}, Python {platform.python_version()}",
                               "threads": args.threads, "runs": args.runs, "models": []}
     for name in args.models:
         folders = prepare(name, HERE / "models" / name, args.work / name, args.variants)

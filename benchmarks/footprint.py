@@ -300,11 +300,10 @@ def main() -> None:
     if args.llama_cpp and not args.llama_cpp_source:
         ap.error("--llama-cpp needs --llama-cpp-source")
 
-    import platform
-
     import onnxruntime
 
     from onnxgen import prepacked
+    from onnxgen.bench import machine
     from onnxgen.folder import ModelFolder
 
     cases = []
@@ -336,7 +335,7 @@ def main() -> None:
     shared = [{"model": name, "variant": variant, **replicas(HERE / "exports" / name / f"memory-parts-{variant}", args.replicas, option, args.threads)}
               for name in args.models for variant in ("int8", "int4") for option in ("default", "mapped-weights")] if args.replicas else []
     command = " ".join(["python benchmarks/footprint.py", *(a if not a.startswith("/") else Path(a).name.upper() for a in sys.argv[1:])])
-    results = {"command": command, "host": platform.processor() or platform.machine(), "onnxruntime": onnxruntime.__version__, "threads": args.threads,
+    results = {"command": command, "host": machine(), "onnxruntime": onnxruntime.__version__, "threads": args.threads,
                "runs": args.runs, "models": args.models,
                "cases": [{**{k: v for k, v in c.items() if k != "folder"}, "result": summarize(samples[i])} for i, c in enumerate(cases)],
                "replicas": shared}

@@ -118,7 +118,9 @@ def main() -> None:
     for name, folder in [("bundled prose-mini", "bundled"), *((f"gpt2 {v}", str(folders["in-place", v])) for v in args.variants)]:
         print(f"{name} ...", file=sys.stderr, flush=True)
         rows += [{**row, "model": name} for row in measure(folder, args.threads, args.runs, args.count)]
-    result = {"environment": f"{platform.processor() or platform.machine()}, Python {platform.python_version()}",
+    from onnxgen.bench import machine
+
+    result = {"environment": f"{machine()}, Python {platform.python_version()}",
               "threads": args.threads, "runs": args.runs, "count": args.count, "rows": rows}
     write_results(args.out, "lookup", result, markdown(result))
 

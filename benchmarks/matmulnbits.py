@@ -90,7 +90,9 @@ def main() -> None:
     bandwidth = bandwidth_gbs(args.threads)["read"]
     rows = [{"model": model, "k": k, "n": n, **{str(b): measure(k, n, b, args.threads) for b in BLOCKS}}
             for model in args.models for k, n in SHAPES[model]]
-    result = {"environment": f"{platform.processor() or platform.machine()}, Python {platform.python_version()}",
+    from onnxgen.bench import machine
+
+    result = {"environment": f"{machine()}, Python {platform.python_version()}",
               "threads": args.threads, "bandwidth_gbs": bandwidth, "rows": rows}
     write_results(args.out, "matmulnbits", result, markdown(result))
 

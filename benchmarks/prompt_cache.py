@@ -124,7 +124,9 @@ def main() -> None:
         folders = prepare(name, HERE / "models" / name, args.work / name)
         print(f"{case} ...", file=sys.stderr, flush=True)
         rows.append({"model": case, **measure(str(folders["in-place", variant]), args.threads, args.turns, args.first, where == ["server"])})
-    result = {"environment": f"{platform.processor() or platform.machine()}, Python {platform.python_version()}",
+    from onnxgen.bench import machine
+
+    result = {"environment": f"{machine()}, Python {platform.python_version()}",
               "threads": args.threads, "turns": args.turns, "first": args.first, "rows": rows}
     write_results(args.out, "prompt_cache", result, markdown(result))
 

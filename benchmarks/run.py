@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -243,18 +242,17 @@ def write_results(out: Path, name: str, result: dict[str, Any], table: str) -> N
 
 
 def environment(threads: int) -> dict[str, Any]:
+    from onnxgen.bench import machine
     from onnxgen.export import package_versions
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "versions": package_versions()}
+    return {"machine": machine(), "threads": threads, "versions": package_versions()}
 
 
 # -- report ---------------------------------------------------------------------------------------------
 
 def pair_markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
-    lines = [f"CPU: {env['cpu']}, {env['cores']} cores, {env['threads']} threads. Batch 1, 32-token prompt, greedy, "
+    lines = [f"{env['machine']}, {env['threads']} threads. Batch 1, 32-token prompt, greedy, "
              f"{result['runs']} turns each, taken in alternation; medians (min-max).", "",
              "Bandwidth, measured before every turn, median (min-max): read (the bound) and copy (reads + writes). "
              "Each side's fraction of its bound: decode tok/s x weight bytes / median read bandwidth.", "",
@@ -275,7 +273,7 @@ def pair_markdown(result: dict[str, Any]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
-    lines = [f"CPU: {env['cpu']}, {env['cores']} cores, {env['threads']} threads. Medians of {result['runs']} interleaved rounds (min-max); "
+    lines = [f"{env['machine']}, {env['threads']} threads. Medians of {result['runs']} interleaved rounds (min-max); "
              "memory bandwidth measured before each round; the bound is weight bytes per token over the read bandwidth.", ""]
     for model in result["models"]:
         read, copy = model["bandwidth_gbs"]["read"], model["bandwidth_gbs"]["copy"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import resource
 import statistics
 import time
@@ -24,6 +26,26 @@ class Case:
     prompt_tokens: int = 32
     new_tokens: int = 128
     strategy: str = "greedy"
+
+
+# The vector instructions onnxruntime's CPU kernels (MLAS) choose by, widest first (/proc/cpuinfo's names): int8 and
+# int4 speed differ between them, and so does whether a row computes the same bits alone as beside others.
+VECTOR_ISAS = (("AVX-512 VNNI", "avx512_vnni"), ("AVX-512", "avx512f"), ("AVX-VNNI", "avx_vnni"), ("AVX2", "avx2"),
+               ("SVE", "sve"), ("NEON dot product", "asimddp"), ("NEON", "asimd"))
+
+
+def machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """This machine as benchmark figures depend on it: its CPU, cores and widest vector instructions (Linux's
+    /proc/cpuinfo; elsewhere what Python's platform module knows)."""
+    try:
+        info = cpuinfo.read_text()
+    except OSError:
+        info = ""
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in info.splitlines())}
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())  # x86's name, then ARM's
+    isa = next((label for label, flag in VECTOR_ISAS if flag in flags), None)
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores" + (f", {isa}" if isa else "")
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -92,7 +114,7 @@ def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = No
             results.append({**asdict(case), "time_to_first_token_ms": spread(ttft), "decode_tokens_per_s": spread(tps),
                             "peak_rss_mb": peak, "peak_rss_over_model_file": peak / model_mb})
     peak = max([load_peak, *(c["peak_rss_mb"] for c in results)])
-    return {"model": str(folder), "provider": provider, "threads": threads, "mapped_weights": mapped_weights, "runs": runs, "load_s": load_s,
+    return {"model": str(folder), "machine": machine(), "provider": provider, "threads": threads, "mapped_weights": mapped_weights, "runs": runs, "load_s": load_s,
             "load_peak_rss_mb": load_peak, "peak_rss_mb": peak, "model_file_mb": model_mb,
             "peak_rss_over_model_file": peak / model_mb, "cases": results}
 
@@ -103,7 +125,7 @@ def table(result: dict[str, Any]) -> Any:
     t = Table(title=f"{result['model']} ({result['provider']}{', weights mapped' if result['mapped_weights'] else ''}, "
                     f"load {result['load_s']:.2f} s, peak RSS while loading "
                     f"{result['load_peak_rss_mb']:.0f} MiB, {result['load_peak_rss_mb'] / result['model_file_mb']:.2f}x the "
-                    f"{result['model_file_mb']:.0f} MiB model file)")
+                    f"{result['model_file_mb']:.0f} MiB model file)", caption=result["machine"])
     for column in ("batch", "prompt", "new", "strategy", "decode tok/s (min-max)", "first token ms (min-max)", "peak RSS MiB (x file)"):
         t.add_column(column, justify="right")
     for c in result["cases"]:

@@ -29,6 +29,9 @@ def test_onnxgen_bench_json(exported: Path) -> None:
     assert result["peak_rss_mb"] == max(result["load_peak_rss_mb"], *(c["peak_rss_mb"] for c in result["cases"]))
     assert result["peak_rss_over_model_file"] == pytest.approx(result["peak_rss_mb"] / result["model_file_mb"])
     assert result["mapped_weights"] is False
+    from onnxgen.bench import machine
+
+    assert result["machine"] == machine()
     r = subprocess.run([sys.executable, "-m", "onnxgen", "bench", "--model", str(exported), "--new-tokens", "3", "--runs", "1",
                         "--mapped-weights", "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -36,6 +39,26 @@ def test_onnxgen_bench_json(exported: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "onnxgen", "bench", "--model", str(exported), "--prompt-tokens", "200"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "context window" in r.stderr
+
+
+def test_the_machine_names_its_cpu_and_widest_vector_instructions(tmp_path: Path) -> None:
+    """What benchmark results say of the host: its kernels' speed (and whether a row computes alone as beside
+    others) differ between AVX2 and AVX-512, as sessions on such hosts found."""
+    import os
+
+    from onnxgen.bench import machine
+
+    x86, arm = tmp_path / "x86", tmp_path / "arm"
+    for cpu in range(2):  # /proc/cpuinfo repeats its block for each CPU
+        with x86.open("a") as f:
+            f.write(f"processor\t: {cpu}\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n\n")
+        with arm.open("a") as f:
+            f.write(f"processor\t: {cpu}\nFeatures\t: fp asimd evtstrm asimddp\nCPU part\t: 0xd0c\n\n")
+    assert machine(x86) == f"AMD EPYC 9R14, {os.cpu_count()} cores, AVX-512 VNNI"
+    assert machine(arm).endswith(f", {os.cpu_count()} cores, NEON dot product")
+    assert machine(tmp_path / "none").endswith(f", {os.cpu_count()} cores")  # no /proc/cpuinfo (macOS, Windows)
+    (x86).write_text("model name\t: Some CPU\nflags\t\t: fpu sse2 avx2\n")
+    assert machine(x86) == f"Some CPU, {os.cpu_count()} cores, AVX2"
 
 
 def test_reset_peak_rss_starts_the_peak_afresh() -> None:
