@@ -5,6 +5,7 @@ Ctrl-C. No traceback reaches the user unless ONNXGEN_DEBUG=1 is set.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -380,6 +381,9 @@ def serve(
     from .model import BUNDLED
 
     listening = _listen(host, port)
+    if api_key is None and not ipaddress.ip_address(listening.getsockname()[0]).is_loopback:
+        print(f"onnxgen: warning: {host} takes requests from other machines, and without --api-key anyone who reaches "
+              "the port can use the model", file=sys.stderr)
     folder = model or BUNDLED
     spinning = assistant_model is None  # a model and its draft take turns (load's `spinning`)
     loaded = run(lambda: load(folder, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph,  # type: ignore[arg-type]

@@ -336,6 +336,14 @@ def test_the_serve_command_refuses_an_address_it_cannot_listen_on_before_loading
                                   capture_output=True, text=True, timeout=60)
             assert done.returncode == 1 and done.stderr.startswith(f"onnxgen: error: cannot listen on {host}:{port}: {why}")
             assert len(done.stderr.splitlines()) == 1  # nothing loaded: no "serving ..." line
+    # Other machines' requests without a key: said once, before the load (here of a folder that is not there)
+    port = _free_port()
+    for host, key, warned in (("0.0.0.0", [], True), ("0.0.0.0", ["--api-key", "k"], False), ("127.0.0.1", [], False)):
+        done = subprocess.run([sys.executable, "-m", "onnxgen", "serve", "--model", "/no/such/folder", "--host", host, "--port", str(port), *key],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and done.stderr.splitlines()[-1] == "onnxgen: error: model folder not found: /no/such/folder"
+        assert (done.stderr.splitlines()[0] == "onnxgen: warning: 0.0.0.0 takes requests from other machines, and without --api-key "
+                                               "anyone who reaches the port can use the model") == warned
 
 
 def test_the_serve_command_refuses_a_cache_it_cannot_reserve(exported: Path) -> None:
