@@ -60,6 +60,12 @@ def read(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise ModelFolderError(f"model folder not found: {folder}")
     if not path.is_file():
+        if (folder / "model.onnx").is_file():  # optimum's export, say: onnxgen's graph edits and checks are not in it
+            raise ModelFolderError(f"{folder} holds an ONNX model but no {MANIFEST}: onnxgen runs the folders its own export "
+                                   "makes; export the checkpoint with `onnxgen export`")
+        if (folder / "config.json").is_file():  # the transformers checkpoint itself
+            raise ModelFolderError(f"{folder} is a transformers checkpoint, not an onnxgen model folder: export it first, "
+                                   f"`onnxgen export {folder} -o {folder.name}-onnx`")
         raise ModelFolderError(f"{folder} is not an onnxgen model folder (no {MANIFEST}); make one with `onnxgen export`")
     try:
         manifest = json.loads(path.read_text())

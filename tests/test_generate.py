@@ -402,11 +402,18 @@ def test_bad_options_raise_specific_errors(model: onnxgen.Model, options: dict, 
         model.generate("Hello", **options)
 
 
-def test_folder_and_provider_errors(tmp_path: Path, exported: Path) -> None:
+def test_folder_and_provider_errors(tmp_path: Path, exported: Path, checkpoint: Path) -> None:
     with pytest.raises(ModelFolderError, match="not found"):
         onnxgen.load(tmp_path / "nope")
     with pytest.raises(ModelFolderError, match="no onnxgen.json"):
         onnxgen.load(tmp_path)
+    # the two folders people give instead: the checkpoint itself, and another tool's ONNX export of it
+    with pytest.raises(ModelFolderError, match=f"is a transformers checkpoint, not an onnxgen model folder: export it first, "
+                                               f"`onnxgen export {checkpoint} -o {checkpoint.name}-onnx`"):
+        onnxgen.load(checkpoint)
+    optimums = shutil.copytree(exported, tmp_path / "optimum", ignore=shutil.ignore_patterns("onnxgen.json"))
+    with pytest.raises(ModelFolderError, match="holds an ONNX model but no onnxgen.json"):
+        onnxgen.load(optimums)
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
