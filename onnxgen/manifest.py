@@ -58,7 +58,10 @@ def read(folder: Path) -> dict[str, Any]:
         raise ModelFolderError(f"{folder} is a file, not a model folder"
                                + (f": give its folder, {folder.parent}" if (folder.parent / MANIFEST).is_file() else ""))
     if not folder.is_dir():
-        raise ModelFolderError(f"model folder not found: {folder}")
+        named = str(folder)
+        hub_id = not named.startswith((".", "/", "~")) and named.count("/") <= 1  # gpt2, openai-community/gpt2-large
+        raise ModelFolderError(f"model folder not found: {folder}" + (f" (a hub id? `onnxgen export {named} -o {folder.name}-onnx` "
+                                                                       "makes its folder)" if hub_id else ""))
     if not path.is_file():
         if (folder / "model.onnx").is_file():  # optimum's export, say: onnxgen's graph edits and checks are not in it
             raise ModelFolderError(f"{folder} holds an ONNX model but no {MANIFEST}: onnxgen runs the folders its own export "

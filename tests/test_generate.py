@@ -403,8 +403,10 @@ def test_bad_options_raise_specific_errors(model: onnxgen.Model, options: dict, 
 
 
 def test_folder_and_provider_errors(tmp_path: Path, exported: Path, checkpoint: Path) -> None:
-    with pytest.raises(ModelFolderError, match="not found"):
+    with pytest.raises(ModelFolderError, match="not found: [^ ]*nope$"):
         onnxgen.load(tmp_path / "nope")
+    with pytest.raises(ModelFolderError, match=r"not found: openai-community/gpt2 \(a hub id\? `onnxgen export openai-community/gpt2 -o gpt2-onnx`"):
+        onnxgen.load("openai-community/gpt2")
     with pytest.raises(ModelFolderError, match="no onnxgen.json"):
         onnxgen.load(tmp_path)
     # the two folders people give instead: the checkpoint itself, and another tool's ONNX export of it
