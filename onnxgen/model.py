@@ -321,27 +321,41 @@ def load(path: str | Path | None = None, provider: Provider = "cpu", threads: in
 PIPELINE_DEFAULTS = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
 
 
+# A pipeline call's parameters that are not generation options (transformers' pipeline() takes them for every call too).
+CALL_PARAMETERS = ("max_length", "return_full_text", "return_tensors", "batch_size", "continue_final_message")
+
+
 class TextGenerationPipeline:
     """transformers' `pipeline("text-generation")` call shape over an onnxgen model, and its defaults."""
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, **given: Any) -> None:
+        """`given`: what every call takes unless it says otherwise, as transformers' pipeline(..., max_new_tokens=50,
+        batch_size=4) takes it: generation options, and the call's own parameters (CALL_PARAMETERS)."""
         self.model = model
+        self.given = {k: v for k, v in given.items() if k in CALL_PARAMETERS}
+        options = {k: v for k, v in given.items() if k not in CALL_PARAMETERS}
+        self.length_given = bool({"max_new_tokens", "max_length"} & given.keys())
         # As transformers' pipeline layers them: its own defaults over the model's (a model's max_length in place of
         # the 256 new tokens), then the checkpoint's task_specific_params for text generation, whose "prefix" (for
-        # models that are not GPT-2s) is not an option. A call's own options go over these.
+        # models that are not GPT-2s) is not an option, then what pipeline() was given. A call's own go over these.
         own = {k: v for k, v in PIPELINE_DEFAULTS.items() if k != "max_new_tokens" or model.defaults.max_length is None}
         task = {k: v for k, v in model.folder.text_generation_params.items() if k != "prefix"}
-        self.defaults = model.defaults.with_overrides(**{**own, **task})
+        self.defaults = model.defaults.with_overrides(**{**own, **task, **options})
 
-    def __call__(self, text_inputs: str | list[str] | list[dict[str, Any]] | list[list[dict[str, Any]]], max_length: int | None = None,
-                 return_full_text: bool = True, return_tensors: bool = False, batch_size: int | None = None,
-                 continue_final_message: bool | None = None, **options: Any) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+    def __call__(self, text_inputs: str | list[str] | list[dict[str, Any]] | list[list[dict[str, Any]]],
+                 **kwargs: Any) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         """As transformers' pipeline: one list of results per prompt ("generated_text", or with return_tensors the
         whole sequence's "generated_token_ids"); `batch_size` prompts go through one generate call (default 1, as
         transformers': in a batch, int8 models' numbers move with the rows beside them). A chat (a list of
         {"role", "content"} messages, or a list of chats) goes through the model's chat template, and its
         generated_text is the chat with the reply as a new assistant message, or, where the chat ends with an
-        assistant's message (or `continue_final_message`), with that message gone on with."""
+        assistant's message (or `continue_final_message`), with that message gone on with. `kwargs`: generation
+        options and CALL_PARAMETERS, over what pipeline() was given."""
+        return self._call(text_inputs, **{**self.given, **kwargs})
+
+    def _call(self, text_inputs: str | list[str] | list[dict[str, Any]] | list[list[dict[str, Any]]], max_length: int | None = None,
+              return_full_text: bool = True, return_tensors: bool = False, batch_size: int | None = None,
+              continue_final_message: bool | None = None, **options: Any) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         chats = _chats(text_inputs)
         if chats is not None:
             return self._chat(chats, isinstance(text_inputs[0], dict), return_full_text, continue_final_message,  # type: ignore[index]
@@ -390,7 +404,7 @@ class TextGenerationPipeline:
         width = len(self.model._encode(prompt))
         if opts.max_length is not None:
             return {**options, "max_new_tokens": opts.for_prompts(width).max_new_tokens}
-        if "max_new_tokens" in given:
+        if "max_new_tokens" in given or self.length_given:
             return given
         return {**given, "max_new_tokens": max(1, min(opts.max_new_tokens, self.model.context_length - width))}
 
@@ -406,11 +420,12 @@ def _chats(inputs: Any) -> list[list[dict[str, Any]]] | None:
 
 
 def pipeline(task: str = "text-generation", model: str | Path | Model | None = None, device: int | str | None = None,
-             threads: int | None = None) -> TextGenerationPipeline:
-    """Drop-in for `transformers.pipeline("text-generation", model=...)`; device 0 or "cuda" selects CUDA."""
+             threads: int | None = None, **given: Any) -> TextGenerationPipeline:
+    """Drop-in for `transformers.pipeline("text-generation", model=...)`; device 0 or "cuda" selects CUDA; `given`:
+    generation options and call parameters for every call (TextGenerationPipeline)."""
     if task != "text-generation":
         raise OptionsError(f"onnxgen only offers the 'text-generation' task, not {task!r}")
     if not isinstance(model, Model):
         provider: Provider = "cuda" if device == "cuda" or (isinstance(device, int) and device >= 0) else "cpu"
         model = load(model, provider=provider, threads=threads)
-    return TextGenerationPipeline(model)
+    return TextGenerationPipeline(model, **given)

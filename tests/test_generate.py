@@ -497,6 +497,20 @@ def test_pipeline_call_shape(exported: Path, model: onnxgen.Model) -> None:
         generator([{"role": "user", "content": "a"}])
 
 
+def test_pipeline_takes_options_for_every_call(exported: Path, model: onnxgen.Model) -> None:
+    """transformers' pipeline(..., max_new_tokens=5, do_sample=False, batch_size=2): generation options and call
+    parameters given once for every call; a call's own go over them; what is neither is refused at once."""
+    generator = onnxgen.pipeline("text-generation", model=exported, max_new_tokens=5, do_sample=False, return_full_text=False)
+    texts = ["It is a truth", "Call me"]
+    assert generator(texts) == [[{"generated_text": c.text}] for c in model.generate(texts, max_new_tokens=5, do_sample=False)]
+    assert generator("Call me", max_new_tokens=3, return_full_text=True) == [
+        {"generated_text": "Call me" + model.generate("Call me", max_new_tokens=3, do_sample=False)[0].text}]
+    lengths = onnxgen.pipeline("text-generation", model=exported, max_length=len(model.tokenizer.encode("Call me")) + 4, seed=1)
+    assert len(lengths("Call me", return_tensors=True, eos_token_id=None)[0]["generated_token_ids"]) == len(model.tokenizer.encode("Call me")) + 4
+    with pytest.raises(OptionsError, match="unknown generation option.*torch_dtype"):
+        onnxgen.pipeline("text-generation", model=exported, torch_dtype="float16")
+
+
 def test_the_pipelines_defaults_are_transformers_pipelines(checkpoint: Path, exported: Path, tmp_path: Path) -> None:
     """transformers' text-generation pipeline samples at temperature 0.7 for up to 256 new tokens over the model's
     own generation options (a model's max_length in place of the 256), then applies the checkpoint's
