@@ -509,6 +509,8 @@ def test_pipeline_takes_options_for_every_call(exported: Path, model: onnxgen.Mo
     assert len(lengths("Call me", return_tensors=True, eos_token_id=None)[0]["generated_token_ids"]) == len(model.tokenizer.encode("Call me")) + 4
     with pytest.raises(OptionsError, match="unknown generation option.*torch_dtype"):
         onnxgen.pipeline("text-generation", model=exported, torch_dtype="float16")
+    beams = onnxgen.pipeline("text-generation", model=exported, num_beams=3, max_new_tokens=4)  # not the default's sampling
+    assert beams("Call me") == [{"generated_text": "Call me" + model.generate("Call me", num_beams=3, max_new_tokens=4)[0].text}]
 
 
 def test_the_pipelines_defaults_are_transformers_pipelines(checkpoint: Path, exported: Path, tmp_path: Path) -> None:
