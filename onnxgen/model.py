@@ -403,7 +403,7 @@ class TextGenerationPipeline:
         gives no length, at most what the context window leaves after the prompt (transformers' runs past it)."""
         given = {**options, **({"max_length": max_length} if max_length is not None else {})}
         opts = self.model.options(self.defaults, **given)
-        width = len(self.model._encode(prompt))
+        width = max(1, len(self.model._encode(prompt)))  # an empty prompt is the beginning-of-text token (prompt_ids)
         if opts.max_length is not None:
             return {**options, "max_new_tokens": opts.for_prompts(width).max_new_tokens}
         if "max_new_tokens" in given or self.length_given:

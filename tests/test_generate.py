@@ -548,8 +548,9 @@ def test_the_pipelines_defaults_are_transformers_pipelines(checkpoint: Path, exp
         (folder / "config.json").write_text(json.dumps(config))
         manifest.write(folder, manifest.read(folder))
         generator = onnxgen.pipeline("text-generation", model=folder)
-        (ids,) = generator(prompt, return_tensors=True, eos_token_id=None, seed=0)
-        assert len(ids["generated_token_ids"]) == generation.get("max_length", model.context_length)
+        for text in (prompt, ""):  # an empty prompt is the beginning-of-text token
+            (ids,) = generator(text, return_tensors=True, eos_token_id=None, seed=0)
+            assert len(ids["generated_token_ids"]) == generation.get("max_length", model.context_length)
 
 
 def test_runtime_never_imports_the_export_stack(exported: Path) -> None:
