@@ -27,6 +27,25 @@ from .options import STRATEGIES
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="GPT-2 text generation on onnxruntime: export, quantize, generate, chat, serve, bench.")
 
+
+
+def _version(asked: bool) -> None:
+    """--version: onnxgen's, and the onnxruntime it runs on with its providers (what a bug report needs)."""
+    if asked:
+        from . import __version__
+        from .runtime import import_onnxruntime
+
+        onnxruntime = run(import_onnxruntime)  # one line of error where none, or two, are installed
+        print(f"onnxgen {__version__}, onnxruntime {onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                   help="print the versions of onnxgen and onnxruntime, and exit")] = False) -> None:
+    pass
+
+
 ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="model folder (default: the bundled small model)")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
 MappedWeightsOption = Annotated[bool, typer.Option(

@@ -67,3 +67,11 @@ def test_cli_reads_the_prompt_from_standard_input_for_a_dash(bundled: onnxgen.Mo
     result = json.loads(r.stdout)
     assert result["prompt"] == text
     assert [c["text"] for c in result["completions"]] == [c.text for c in bundled.generate(text, max_new_tokens=12, do_sample=False)]
+
+
+def test_cli_version_names_onnxgen_and_the_onnxruntime_it_runs_on() -> None:
+    import onnxruntime
+
+    r = subprocess.run([sys.executable, "-m", "onnxgen", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith(f"onnxgen {onnxgen.__version__}, onnxruntime {onnxruntime.__version__} (")
+    assert "CPUExecutionProvider" in r.stdout
