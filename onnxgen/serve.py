@@ -191,7 +191,9 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "onnxgen"}]}
+        # max_model_len: the context window, as vLLM names it (clients that budget a prompt read it there)
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "onnxgen",
+                                            "max_model_len": model.context_length}]}
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:

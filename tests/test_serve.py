@@ -176,8 +176,10 @@ def test_generation_config_options_as_extra_fields(client: openai.OpenAI, model:
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 1
 
 
-def test_models_and_health(client: openai.OpenAI, server: str) -> None:
+def test_models_and_health(client: openai.OpenAI, server: str, model: onnxgen.Model) -> None:
     assert [m.id for m in client.models.list()] == ["tiny"]
+    listed = httpx.get(server + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]
+    assert listed["max_model_len"] == model.context_length == 128  # vLLM's name for the context window
     assert httpx.get(server + "/health").json() == {"status": "ok"}
 
 
