@@ -10,7 +10,7 @@
     POST /tokenize         text -> its token ids, count and the context window (vLLM's shape), so that a client
                            can fit a prompt with the served model's own tokenizer (a fine-tune's added tokens)
     POST /detokenize       token ids -> text
-    GET  /v1/models        the one model served
+    GET  /v1/models        the one model served (max_model_len: its context window, as vLLM gives it)
     GET  /health           200 once the model is loaded
     GET  /metrics          Prometheus' text format (metrics.py): requests by outcome, tokens, time to first token,
                            the batcher's queue and rows; like /health, no API key (as vLLM's)
