@@ -19,7 +19,6 @@ with and without it, in turns. Results: benchmarks/results/assisted.{json,md}. R
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from cache import prepare  # noqa: E402  (the in-place folders)
-from run import write_results  # noqa: E402
+from run import host, write_results  # noqa: E402
 
 NEW = 64
 PAIRS = {"gpt2 fp32 + gpt2 int8": (("gpt2", "fp32"), ("gpt2", "int8")),
@@ -94,9 +93,7 @@ def main() -> None:
         (model, variant), (draft, draft_variant) = PAIRS[pair]
         row = measure(str(folders[model]["in-place", variant]), str(folders[draft]["in-place", draft_variant]), args.threads, args.runs, args.tokens)
         rows.append({"pair": pair, **row})
-    from onnxgen.bench import machine
-
-    result = {"environment": f"{machine()}, Python {platform.python_version()}",
+    result = {"environment": host(),
               "threads": args.threads, "runs": args.runs, "tokens": args.tokens, "rows": rows}
     write_results(args.out, "assisted", result, markdown(result))
 

@@ -35,7 +35,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import bandwidth_gbs, weight_bytes, write_results  # noqa: E402  (the suite's own measures)
+from run import bandwidth_gbs, host, weight_bytes, write_results  # noqa: E402  (the suite's own measures)
 
 LAYOUTS = {"growing": ["--growing-cache"], "in-place": [], "in-place-kv8": []}  # kv8: quantize --kv-cache int8
 VARIANTS = {"fp32": [], "int8": ["--mode", "int8"], "int4": ["--mode", "int4"], "int4-b128": ["--mode", "int4", "--block-size", "128"]}
@@ -163,11 +163,7 @@ def main() -> None:
         name, *arguments = json.loads(args.job)
         print(json.dumps({"speeds": decode_speeds, "memory": peak_rss}[name](*arguments)))
         return
-    import platform
-
-    from onnxgen.bench import machine
-
-    result: dict[str, Any] = {"environment": f"{machine()}, Python {platform.python_version()}",
+    result: dict[str, Any] = {"environment": host(),
                               "threads": args.threads, "runs": args.runs, "models": []}
     for name in args.models:
         folders = prepare(name, HERE / "models" / name, args.work / name, args.variants)

@@ -20,7 +20,6 @@ its near-ties can go the other way). Results: benchmarks/results/lookup.{json,md
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from cache import prepare  # noqa: E402  (the in-place gpt2 folders that benchmark makes)
-from run import write_results  # noqa: E402
+from run import host, write_results  # noqa: E402
 
 NEW = 96
 EVAL = HERE.parent / "onnxgen" / "data" / "eval.txt"
@@ -118,9 +117,7 @@ def main() -> None:
     for name, folder in [("bundled prose-mini", "bundled"), *((f"gpt2 {v}", str(folders["in-place", v])) for v in args.variants)]:
         print(f"{name} ...", file=sys.stderr, flush=True)
         rows += [{**row, "model": name} for row in measure(folder, args.threads, args.runs, args.count)]
-    from onnxgen.bench import machine
-
-    result = {"environment": f"{machine()}, Python {platform.python_version()}",
+    result = {"environment": host(),
               "threads": args.threads, "runs": args.runs, "count": args.count, "rows": rows}
     write_results(args.out, "lookup", result, markdown(result))
 

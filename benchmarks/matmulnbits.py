@@ -12,7 +12,6 @@ bandwidth. Results: benchmarks/results/matmulnbits.{json,md}. Run it on a quiet 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import bandwidth_gbs, write_results  # noqa: E402  (the suite's own measure)
+from run import bandwidth_gbs, host, write_results  # noqa: E402  (the suite's own measure)
 
 # (in, out) of each weight matrix: attention's packed QKV, its projection, the MLP's two, the tied head
 SHAPES = {"gpt2": [(768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)],
@@ -90,9 +89,7 @@ def main() -> None:
     bandwidth = bandwidth_gbs(args.threads)["read"]
     rows = [{"model": model, "k": k, "n": n, **{str(b): measure(k, n, b, args.threads) for b in BLOCKS}}
             for model in args.models for k, n in SHAPES[model]]
-    from onnxgen.bench import machine
-
-    result = {"environment": f"{machine()}, Python {platform.python_version()}",
+    result = {"environment": host(),
               "threads": args.threads, "bandwidth_gbs": bandwidth, "rows": rows}
     write_results(args.out, "matmulnbits", result, markdown(result))
 

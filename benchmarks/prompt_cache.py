@@ -16,7 +16,6 @@ Results: benchmarks/results/prompt_cache.{json,md}.
 from __future__ import annotations
 
 import argparse
-import platform
 import queue
 import statistics
 import sys
@@ -27,7 +26,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from cache import prepare  # noqa: E402  (the in-place folders)
-from run import write_results  # noqa: E402
+from run import host, write_results  # noqa: E402
 
 NEW, MESSAGE = 32, 20
 EVAL = HERE.parent / "onnxgen" / "data" / "eval.txt"
@@ -124,9 +123,7 @@ def main() -> None:
         folders = prepare(name, HERE / "models" / name, args.work / name)
         print(f"{case} ...", file=sys.stderr, flush=True)
         rows.append({"model": case, **measure(str(folders["in-place", variant]), args.threads, args.turns, args.first, where == ["server"])})
-    from onnxgen.bench import machine
-
-    result = {"environment": f"{machine()}, Python {platform.python_version()}",
+    result = {"environment": host(),
               "threads": args.threads, "turns": args.turns, "first": args.first, "rows": rows}
     write_results(args.out, "prompt_cache", result, markdown(result))
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -239,6 +240,13 @@ def write_results(out: Path, name: str, result: dict[str, Any], table: str) -> N
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{name}.md").write_text(table)
     print(table)
+
+
+def host() -> str:
+    """The one-line environment of the benchmarks' results: the machine (onnxgen.bench.machine) and Python."""
+    from onnxgen.bench import machine
+
+    return f"{machine()}, Python {platform.python_version()}"
 
 
 def environment(threads: int) -> dict[str, Any]:

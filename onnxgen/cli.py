@@ -28,7 +28,6 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   help="GPT-2 text generation on onnxruntime: export, quantize, generate, chat, serve, bench.")
 
 
-
 def _version(asked: bool) -> None:
     """--version: onnxgen's, and the onnxruntime it runs on with its providers (what a bug report needs)."""
     if asked:

@@ -403,11 +403,11 @@ class TextGenerationPipeline:
         gives no length, at most what the context window leaves after the prompt (transformers' runs past it)."""
         given = {**options, **({"max_length": max_length} if max_length is not None else {})}
         opts = self.model.options(self.defaults, **given)
+        if opts.max_length is None and ("max_new_tokens" in given or self.length_given):
+            return given  # a length of the caller's: nothing to count
         width = max(1, len(self.model._encode(prompt)))  # an empty prompt is the beginning-of-text token (prompt_ids)
         if opts.max_length is not None:
             return {**options, "max_new_tokens": opts.for_prompts(width).max_new_tokens}
-        if "max_new_tokens" in given or self.length_given:
-            return given
         return {**given, "max_new_tokens": max(1, min(opts.max_new_tokens, self.model.context_length - width))}
 
 
