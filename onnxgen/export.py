@@ -75,6 +75,9 @@ def _load(source: str, revision: str | None) -> tuple[Any, Any]:
     revision = config._commit_hash or revision
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, use_fast=True)
+    except TypeError:  # no tokenizer files at all: transformers opens a vocab_file of None
+        raise ExportError(f"{source} has no tokenizer: it needs tokenizer.json, or vocab.json and merges.txt, "
+                          "beside config.json (tokenizer.save_pretrained(folder) writes them)") from None
     except (OSError, ValueError) as e:
         raise ExportError(f"{source} has no usable tokenizer: {str(e).splitlines()[0]}") from None
     if not tokenizer.is_fast:

@@ -220,12 +220,14 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
             return submitted
         job, channel = submitted
         if body.stream:
-            def piece(index: int, text: str, source: Event | Completion, reason: str | None) -> dict[str, Any]:
-                logprobs = _event_logprobs(model, source) if isinstance(source, Event) else _logprobs(model, source, 0)
-                return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
-
             opening = [{"text": model.tokenizer.decode(prompts[i // body.n]), "index": i, "logprobs": echoed[i // body.n] if echoed else None,
                         "finish_reason": None} for i in range(len(prompts) * body.n)] if body.echo else []
+            sent = [len(c["text"]) for c in opening] or [0] * (len(prompts) * body.n)  # each choice's text so far: offsets
+
+            def piece(index: int, text: str, source: Event | Completion, reason: str | None) -> dict[str, Any]:
+                offset, sent[index] = sent[index], sent[index] + len(text)
+                logprobs = _event_logprobs(model, source, offset) if isinstance(source, Event) else _logprobs(model, source, offset)
+                return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
             return _streamed(job, channel, request, {**meta, "object": "text_completion"}, piece, opening, body, prompts)
         done = await ended(channel)
         if isinstance(done, JSONResponse):
@@ -335,7 +337,7 @@ def _logprobs(model: Model, c: Completion, offset: int) -> dict[str, Any] | None
     if c.logprobs is None:
         return None
     return {**_tokens(model, c.token_ids, offset), "token_logprobs": c.logprobs,
-            "top_logprobs": [_by_text(model, alts) for alts in c.top_logprobs or []]}
+            "top_logprobs": [_by_text(model, alts, (t, lp)) for t, lp, alts in zip(c.token_ids, c.logprobs, c.top_logprobs or [])]}
 
 
 def _tokens(model: Model, ids: list[int], offset: int) -> dict[str, list[Any]]:
@@ -348,16 +350,20 @@ def _tokens(model: Model, ids: list[int], offset: int) -> dict[str, list[Any]]:
     return {"tokens": tokens, "text_offset": offsets}
 
 
-def _by_text(model: Model, alternatives: dict[int, float]) -> dict[str, float]:
-    """OpenAI keys alternatives by token text (two byte-level tokens can share one)."""
-    return {model.tokenizer.decode([t]): lp for t, lp in alternatives.items()}
+def _by_text(model: Model, alternatives: dict[int, float], chosen: tuple[int, float]) -> dict[str, float]:
+    """OpenAI's completions alternatives: the most likely tokens, then the chosen one where it is not among them
+    ("up to logprobs+1 elements", as vLLM gives them too), keyed by token text (two byte-level tokens can share one)."""
+    by_text = {model.tokenizer.decode([t]): lp for t, lp in alternatives.items()}
+    if chosen[0] not in alternatives:
+        by_text.setdefault(model.tokenizer.decode([chosen[0]]), chosen[1])
+    return by_text
 
 
 def _prompt_logprobs(model: Model, prompts: list[list[int]], top: int) -> list[dict[str, Any]]:
     """echo with logprobs: each prompt token's log-probability given the tokens before it (the first has none),
     and the `top` most likely tokens there, as OpenAI's logprobs object (Model.score: one pass at a time)."""
     return [{**_tokens(model, s.token_ids, 0), "token_logprobs": s.logprobs,
-             "top_logprobs": [None if alts is None else _by_text(model, alts) for alts in s.top_logprobs]}
+             "top_logprobs": [None if alts is None else _by_text(model, alts, (t, lp)) for t, lp, alts in zip(s.token_ids, s.logprobs, s.top_logprobs)]}
             for s in model.score(prompts, top)]
 
 
@@ -448,8 +454,9 @@ def _chat_logprobs(model: Model, source: Event | Completion) -> dict[str, Any] |
                         for t, lp, alts in zip(tokens, logprobs, alternatives)]}
 
 
-def _event_logprobs(model: Model, event: Event) -> dict[str, Any] | None:
+def _event_logprobs(model: Model, event: Event, offset: int) -> dict[str, Any] | None:
+    """A streamed token's logprobs; `offset`: where its text starts in the choice's text sent so far."""
     if event.logprob is None:
         return None
     return {"tokens": [model.tokenizer.decode([event.token_id])], "token_logprobs": [event.logprob],
-            "top_logprobs": [_by_text(model, event.top_logprobs or {})], "text_offset": []}
+            "top_logprobs": [_by_text(model, event.top_logprobs or {}, (event.token_id, event.logprob))], "text_offset": [offset]}

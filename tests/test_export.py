@@ -328,11 +328,13 @@ def test_damaged_checkpoints_are_named_errors(checkpoint: Path, tmp_path: Path) 
         (folder / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()), "n_embd": 128}))
 
     weights = "model.safetensors"
-    cases = {damaged("no-weights", lambda f: (f / weights).unlink()): "no file named",
-             damaged("truncated", lambda f: (f / weights).write_bytes((f / weights).read_bytes()[:5000])): "deserializing header",
-             damaged("resized", resized): "size mismatch for .* copying a param with shape"}
+    cases = {damaged("no-weights", lambda f: (f / weights).unlink()): "cannot load {}: .*no file named",
+             damaged("truncated", lambda f: (f / weights).write_bytes((f / weights).read_bytes()[:5000])): "cannot load {}: .*deserializing header",
+             damaged("resized", resized): "cannot load {}: .*size mismatch for .* copying a param with shape",
+             damaged("no-tokenizer", lambda f: [p.unlink() for p in f.iterdir() if p.name.startswith(("tokenizer", "vocab", "merges", "special"))]):
+                 "{} has no tokenizer: it needs tokenizer.json, or vocab.json and merges.txt"}
     for folder, reason in cases.items():
-        with pytest.raises(ExportError, match=f"cannot load {folder}: .*{reason}"):
+        with pytest.raises(ExportError, match=reason.format(folder)):
             export(str(folder), tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()
 

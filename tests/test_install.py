@@ -33,6 +33,24 @@ def test_extras_resolve_to_one_onnxruntime(extras: str, expected: set[str], tmp_
     assert names & {"onnxruntime", "onnxruntime-gpu"} == expected
 
 
+def _resolves(requirement: str, python: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """pip's resolver for a user on another Python (wheels only, as pip takes them for another interpreter)."""
+    return subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--python-version", python,
+                           "--only-binary=:all:", "--target", str(tmp_path / python), requirement], capture_output=True, text=True)
+
+
+def test_requires_python_is_the_oldest_python_onnxruntime_has_wheels_for(tmp_path: Path) -> None:
+    """onnxruntime 1.31 and 1.32 have no wheels for Python 3.10, so onnxgen's metadata starts at 3.11: pip then tells a
+    3.10 user which Python onnxgen needs, not that it found no onnxruntime (3.11 installs: the test above)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    onnxruntime = project["optional-dependencies"]["cpu"][0]
+    assert project["requires-python"] == ">=3.11" and onnxruntime.startswith("onnxruntime>=")
+    assert "No matching distribution found for onnxruntime" in _resolves(onnxruntime, "3.10", tmp_path).stderr
+    assert "requires a different Python: 3.10.0 not in '>=3.11'" in _resolves(f"{ROOT}[cpu]", "3.10", tmp_path).stderr
+
+
 def _dist_info(folder: Path, name: str, version: str) -> None:
     info = folder / f"{name.replace('-', '_')}-{version}.dist-info"
     info.mkdir(parents=True)

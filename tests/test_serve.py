@@ -69,7 +69,19 @@ def test_blocking_completions_equal_generate(client: openai.OpenAI, model: onnxg
     assert out.usage.prompt_tokens == sum(len(model.tokenizer.encode(p)) for p in prompts)
     first = out.choices[0].logprobs
     assert first.token_logprobs == pytest.approx(expected[0].logprobs)
-    assert all(1 <= len(t) <= 2 for t in first.top_logprobs)  # keyed by token text: two byte tokens can share one
+    # OpenAI's "up to logprobs+1": the 2 most likely tokens, then the chosen one where it is not among them
+    # (keyed by token text: two byte-level tokens can share one)
+    decode = model.tokenizer.decode
+    unlikely = 0
+    for token, logprob, alternatives, entry in zip(expected[0].token_ids, expected[0].logprobs, expected[0].top_logprobs, first.top_logprobs):
+        texts = list(dict.fromkeys(decode([a]) for a in alternatives))
+        assert list(entry)[:len(texts)] == texts
+        if decode([token]) in texts:
+            assert len(entry) == len(texts)
+        else:
+            assert list(entry)[len(texts):] == [decode([token])] and entry[decode([token])] == pytest.approx(logprob)
+            unlikely += 1
+    assert unlikely  # sampled at temperature 0.8: some tokens chosen outside the two most likely
     assert "".join(first.tokens) == expected[0].text or expected[0].finish_reason == "stop"
 
 
@@ -92,7 +104,9 @@ def test_echo_with_logprobs_scores_the_prompt_as_pytorch_does(client: openai.Ope
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == len(ids)
     assert lp.token_logprobs[1:] == pytest.approx(reference[torch.arange(len(ids) - 1), ids[1:]].tolist(), abs=1e-4)
     best = reference[2].topk(3)
-    assert list(lp.top_logprobs[3].values()) == pytest.approx(best.values.tolist(), abs=1e-4)  # most likely first
+    assert list(lp.top_logprobs[3].values())[:3] == pytest.approx(best.values.tolist(), abs=1e-4)  # most likely first
+    for i in range(1, len(ids)):  # then the prompt's own token where it is not among them, as vLLM gives it
+        assert lp.top_logprobs[i][lp.tokens[i]] == pytest.approx(lp.token_logprobs[i]) or ids[i] in reference[i - 1].topk(3).indices
     assert "".join(lp.tokens) == scored.choices[0].text == model.tokenizer.decode(ids) and scored.usage.completion_tokens == 0
     assert lp.text_offset == [len(model.tokenizer.decode(ids[:i])) for i in range(len(ids))]
     one = client.completions.create(model="tiny", prompt=ids, max_tokens=1, echo=True, logprobs=3, temperature=0).choices[0].logprobs
@@ -111,20 +125,28 @@ def test_greedy_stop_and_echo(client: openai.OpenAI, model: onnxgen.Model) -> No
     assert ids.choices[0].text == model.generate([[12, 40, 7]], max_new_tokens=5, do_sample=False)[0].text
 
 
-def test_streaming_equals_blocking(client: openai.OpenAI) -> None:
-    options = dict(model="tiny", prompt=["It is a truth", "Call me"], max_tokens=15, temperature=0.7, n=2, seed=11)
+@pytest.mark.parametrize("echo", [False, True])
+def test_streaming_equals_blocking(client: openai.OpenAI, echo: bool) -> None:
+    """The chunks of a choice add up to the blocking reply's choice: its text, and its logprobs entry by entry
+    (text_offset: where each token starts in the choice's text, the echoed prompt's included)."""
+    options = dict(model="tiny", prompt=["It is a truth", "Call me"], max_tokens=15, temperature=0.7, n=2, seed=11, logprobs=2, echo=echo)
     blocking = client.completions.create(**options)
     texts = {i: "" for i in range(4)}
+    logprobs: dict[int, dict[str, list]] = {i: {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for i in range(4)}
     reasons = {}
     for chunk in client.completions.create(stream=True, stream_options={"include_usage": True}, **options):
         for choice in chunk.choices:
             texts[choice.index] += choice.text
+            for key, entries in logprobs[choice.index].items():
+                entries += getattr(choice.logprobs, key)
             if choice.finish_reason:
                 reasons[choice.index] = choice.finish_reason
         if chunk.usage:
             assert chunk.usage.completion_tokens == blocking.usage.completion_tokens
     assert [texts[i] for i in range(4)] == [c.text for c in blocking.choices]
     assert [reasons[i] for i in range(4)] == [c.finish_reason for c in blocking.choices]
+    assert [logprobs[i] for i in range(4)] == [c.logprobs.model_dump(include=set(logprobs[0])) for c in blocking.choices]
+    assert all(offset == len(c.text[:offset]) for c in blocking.choices for offset in c.logprobs.text_offset)
 
 
 def test_beam_search_as_an_extra_field(client: openai.OpenAI, model: onnxgen.Model) -> None:
