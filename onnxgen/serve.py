@@ -403,7 +403,7 @@ async def _stream(job: Job, channel: asyncio.Queue[tuple[str, Any]], request: Re
         while True:
             try:
                 kind, value = await asyncio.wait_for(channel.get(), timeout=1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if await request.is_disconnected():
                     job.cancelled.set()
                     return
