@@ -361,8 +361,8 @@ def bench(
     result = run(lambda: b.run(model or BUNDLED, cases, runs, threads, provider, mapped_weights=mapped_weights, cuda_graph=cuda_graph))  # type: ignore[arg-type]
     if as_json:
         print(json.dumps(result, indent=2))
-    else:
-        Console().print(b.table(result))
+    else:  # piped or redirected, rich would fit the table to 80 columns and cut its figures short ("260.…")
+        Console(width=None if sys.stdout.isatty() else 200).print(b.table(result))
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,15 @@ def test_onnxgen_bench_json(exported: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "onnxgen", "bench", "--model", str(exported), "--prompt-tokens", "200"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "context window" in r.stderr
+
+
+def test_onnxgen_bench_table_keeps_its_figures_whole_in_a_file(exported: Path) -> None:
+    """Redirected to a file (not a terminal), the table is not cut to 80 columns: each figure and its range whole."""
+    r = subprocess.run([sys.executable, "-m", "onnxgen", "bench", "--model", str(exported), "--new-tokens", "3", "--runs", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if line.strip("│ ").startswith("1 "))
+    assert len(re.findall(r"\d+\.\d \(\d+\.\d-\d+\.\d\)", row)) == 2 and "…" not in r.stdout, r.stdout
 
 
 def test_the_machine_names_its_cpu_and_widest_vector_instructions(tmp_path: Path) -> None:
