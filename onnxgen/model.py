@@ -94,6 +94,14 @@ class Model:
         self.runtime = Runtime(self.folder, provider, threads, mapped_weights, cuda_graph, spinning, prompt_cache_mib)
         self._calls = threading.local()  # each thread's latest finished call, for last_stats
 
+    def __repr__(self) -> str:
+        """What a notebook shows: the folder, its weights (and cache where quantized), shape and device."""
+        d, quantized = self.dims, self.manifest.get("quantization") or {}
+        cache = quantized.get("options", {}).get("kv_cache", "float")  # "float": the activations' type
+        return (f"<onnxgen.Model {self.folder.path.name!r}: {quantized.get('mode', self.manifest['dtype'])} weights"
+                f"{f', {cache} cache' if cache != 'float' else ''}, {d.n_layer} layers x {d.n_embd} ({d.n_head} heads), vocabulary "
+                f"{d.vocab_size}, context {d.n_positions}, on {self.runtime.device}>")
+
     @property
     def last_stats(self) -> Stats | None:
         """Timings of this thread's latest generate() or fully consumed stream(); a generator has its own."""

@@ -26,6 +26,13 @@ def test_manifest_carries_training_and_accuracy(bundled: onnxgen.Model) -> None:
         assert a["perplexity_increase"] <= m["quantization"]["options"]["max_ppl_increase"]
 
 
+def test_repr_names_the_folder_weights_shape_and_device(bundled: onnxgen.Model) -> None:
+    config = json.loads((BUNDLED / "config.json").read_text())
+    assert repr(bundled) == (f"<onnxgen.Model 'prose-mini': {bundled.manifest['quantization']['mode']} weights, {config['n_layer']} layers x "
+                             f"{config['n_embd']} ({config['n_head']} heads), vocabulary {config['vocab_size']}, context "
+                             f"{config['n_positions']}, on cpu>")
+
+
 @pytest.mark.parametrize("options", [
     {"do_sample": False, "repetition_penalty": 1.0},
     {"do_sample": False, "num_beams": 4, "no_repeat_ngram_size": 3},

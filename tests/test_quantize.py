@@ -158,6 +158,7 @@ def test_int8_cache_holds_a_quarter_and_decode_reads_what_the_prompt_wrote(quant
     record = json.loads((folder / "onnxgen.json").read_text())["quantization"]
     assert record["options"]["kv_cache"] == "int8" and record["kv_cache_calibration"]["tokens"] > 0
     assert b.runtime.cache_dtype == np.int8 and a.runtime.cache_dtype == np.float32
+    assert repr(b).startswith(f"<onnxgen.Model {folder.name!r}: int4 weights, int8 cache, ") and "cache" not in repr(a)
     assert b.runtime.new_cache(2, 40).array.nbytes * 4 == a.runtime.new_cache(2, 40).array.nbytes  # type: ignore[union-attr]
     graph = onnx.load(str(folder / "model.onnx")).graph
     scales = [numpy_helper.to_array(t) for t in graph.initializer if t.name.endswith(("/k_scale", "/v_scale"))]
