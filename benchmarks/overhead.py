@@ -30,6 +30,9 @@ STRATEGIES: dict[str, dict[str, Any]] = {  # `onnxgen bench`'s, and the filters 
     "top-k 50 + top-p 0.9": PRESETS["top-k-top-p"],
     "top-p 0.9 alone": {**PRESETS["top-k-top-p"], "top_k": 0},  # the bundled model's choice
     "sampling, no filter": {**PRESETS["top-k-top-p"], "top_k": 0, "top_p": 1.0, "temperature": 1.0},
+    # constrained decoding's mask (guidance.py), on a text that cannot end early: a string of 200 characters or more
+    "greedy, held to a JSON schema": {**PRESETS["greedy"], "json_schema": {"type": "object", "required": ["text"],
+                                                                          "properties": {"text": {"type": "string", "minLength": 200}}}},
 }
 
 
@@ -52,7 +55,8 @@ def measure(folder: Path, threads: int, new_tokens: int, runs: int, provider: st
         steps, forwards = [], []
         for i in range(runs + 1):
             inside.clear()
-            generator = model.generator([prompt], onnxgen.GenerationOptions(), max_new_tokens=new_tokens, **options)
+            ends_text = {"eos_token_id": model.defaults.eos_token_id} if "json_schema" in options else {}  # a constraint needs one
+            generator = model.generator([prompt], onnxgen.GenerationOptions(), max_new_tokens=new_tokens, **ends_text, **options)
             while not generator.done:
                 generator.step()
             if i:  # the first run warms up

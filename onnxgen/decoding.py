@@ -13,6 +13,7 @@ import numpy as np
 from . import logits
 from .cache import Cache, GrowingCache, InPlaceCache, SharedRows, left_pad
 from .errors import OptionsError
+from .guidance import Constraint
 from .options import GenerationOptions, returned
 from .runtime import Runtime
 
@@ -113,19 +114,23 @@ class Rows:
 
 class Scoring:
     """What turns a step's raw scores into the ones a token is chosen from: the built-in processors,
-    then the caller's `logits_processors`, then sampling's warpers (transformers' order)."""
+    then the caller's `logits_processors` (transformers' order), then a constraint's mask (guidance.py: last, so
+    that none of them can bring back a token it bans), then sampling's warpers."""
 
-    def __init__(self, opts: GenerationOptions) -> None:
+    def __init__(self, opts: GenerationOptions, constraint: Constraint | None = None) -> None:
         self.processors, self.warpers = logits.processors_for(opts), logits.warpers_for(opts)
         self.user = opts.logits_processors
+        self.constraint = constraint
 
     def __call__(self, raw: np.ndarray, rows: Rows, step: int) -> np.ndarray:
-        if not (self.processors or self.user or self.warpers):  # greedy's usual case: the raw scores
+        if not (self.processors or self.user or self.constraint or self.warpers):  # greedy's usual case: the raw scores
             return raw
-        history = [rows.history(r) for r in range(len(raw))] if self.processors else []
+        history = [rows.history(r) for r in range(len(raw))] if self.processors or self.constraint else []
         scores = logits.apply(self.processors, raw, history, step)
         for i, processor in enumerate(self.user):
             scores = _checked(processor(rows.input_ids, scores), scores.shape, f"logits_processors[{i}]")
+        if self.constraint is not None:
+            scores = self.constraint(scores, history, step)
         return logits.apply(self.warpers, scores, history, step)
 
 

@@ -25,6 +25,7 @@ from . import logits
 from .assistant import Assistant
 from .decoding import Rows, Scoring, sample
 from .errors import OptionsError
+from .guidance import constraint
 from .lookup import PromptLookup
 from .options import GenerationOptions, is_int
 from .runtime import Runtime
@@ -102,7 +103,7 @@ class Generator:
         self.prompt_index = prompt_index
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.rules = StopRules.of(opts, self.start)
-        self.scoring = Scoring(opts)
+        self.scoring = Scoring(opts, constraint(opts, tokenizer, len(prompts)))
         self.rng = np.random.default_rng(opts.seed)
         self.rows = Rows(runtime, prompts, pad_id, opts.max_new_tokens)
         self.generated: list[list[int]] = [[] for _ in prompts]

@@ -108,6 +108,12 @@ class GenerationOptions:
     # once per time it was (frequency); [-2, 2], negative values encourage repeats.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # Constrained decoding (guidance.py, llguidance): the text held to a JSON schema (a dict, or its JSON text; compact
+    # JSON unless the schema's "x-guidance" says otherwise), a regular expression, or a Lark grammar (llguidance's
+    # dialect). At most one; greedy decoding or sampling; the end token ends the text where it is complete.
+    json_schema: dict[str, Any] | str | None = None
+    regex: str | None = None
+    grammar: str | None = None
     # transformers' conventions on numpy arrays: processor(input_ids, scores) -> scores, after the built-in
     # processors and before temperature/top-k/top-p; criterion(input_ids, scores) -> bool per row (or one bool).
     logits_processors: list[Callable[[Any, Any], Any]] = field(default_factory=list)
@@ -197,6 +203,17 @@ class GenerationOptions:
         bad_bias = [v for v in self.logit_bias.values() if not -100 <= v <= 100]
         if bad_bias:
             raise OptionsError(f"logit_bias values must be in [-100, 100] (OpenAI's range), got {bad_bias[0]}")
+        constraints = [name for name in ("json_schema", "regex", "grammar") if getattr(self, name) is not None]
+        if constraints:
+            if len(constraints) > 1:
+                raise OptionsError(f"one constraint a call: got {' and '.join(constraints)}")
+            if self.num_beams > 1:
+                raise OptionsError(f"{constraints[0]} works with greedy decoding and sampling, not beam search")
+            if not self.eos_ids:
+                raise OptionsError(f"{constraints[0]} needs an end token (eos_token_id): it ends the text where the text is complete")
+            from .guidance import grammar  # guidance.py imports logits.py, which imports this module
+
+            grammar(self.json_schema, self.regex, self.grammar)  # llguidance installed, and the constraint usable
 
     def with_overrides(self, **overrides: Any) -> GenerationOptions:
         names = {f.name for f in fields(self)}
@@ -332,6 +349,14 @@ def _typed(name: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not all(isinstance(w, (list, tuple)) and all(is_int(t) for t in w) for w in value):
             raise refuse("a list of token id lists")
         return [[int(t) for t in words] for words in value]
+    if name == "json_schema":
+        if value is not None and not isinstance(value, (dict, str)):
+            raise refuse("a JSON schema: a dict, or its JSON text")
+        return value
+    if name in ("regex", "grammar"):
+        if value is not None and not isinstance(value, str):
+            raise refuse("a string")
+        return value
     if name in ("logits_processors", "stopping_criteria"):
         if not isinstance(value, (list, tuple)) or not all(callable(f) for f in value):
             raise refuse("a list of callables")

@@ -70,6 +70,7 @@ class OpenAIRequest(BaseModel):
     frequency_penalty: float = 0.0
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None  # text, json_object or json_schema (OpenAI's), on both endpoints as vLLM
     user: str | None = None
 
     @model_validator(mode="before")
@@ -319,14 +320,32 @@ def _job_input(model: Model, body: CompletionRequest, limits: Limits, draft: Mod
     batch = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
     if len(batch) > limits.max_prompts:
         raise ValueError(f"at most {limits.max_prompts} prompts a request, got {len(batch)}")
+    constraint = _response_format(body.response_format)
+    if constraint and extra.keys() & {"json_schema", "regex", "grammar"}:
+        raise ValueError("response_format, or one of json_schema, regex and grammar: not both")
     sampling = body.temperature > 0 and int(extra.get("num_beams", 1)) == 1  # OpenAI: temperature 0 is greedy
     # max_tokens 0 generates nothing: its options are checked as for 1
     overrides: dict[str, Any] = {"max_new_tokens": max(body.max_tokens, 1), "num_return_sequences": body.n, "do_sample": sampling,
                                  "top_k": 0, "top_p": body.top_p, "stop": body.stop, "seed": body.seed, "logprobs": body.logprobs,
                                  "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
-                                 **({"temperature": body.temperature} if sampling else {}), **extra}
+                                 **({"temperature": body.temperature} if sampling else {}), **constraint, **extra}
     options = model.options(**overrides)
     return model.prompt_ids(batch, options), options  # the same checks as generate()
+
+
+def _response_format(value: dict[str, Any] | None) -> dict[str, Any]:
+    """OpenAI's response_format as onnxgen's options: text is free, json_object any JSON object, json_schema
+    {"json_schema": {"name": ..., "schema": {...}}} JSON that its schema allows (guidance.py)."""
+    kind = (value or {}).get("type", "text")
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"json_schema": {"type": "object"}}
+    schema = (value or {}).get("json_schema")
+    if kind != "json_schema" or not isinstance(schema, dict) or not isinstance(schema.get("schema"), dict):
+        raise ValueError('response_format is {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                         '"json_schema": {"name": ..., "schema": {...}}}')
+    return {"json_schema": schema["schema"]}
 
 
 def _finish(reason: str | None) -> str | None:

@@ -30,7 +30,7 @@ def clean_up(text: str) -> str:
 class Tokenizer:
     def __init__(self, path: Path, clean_up_spaces: bool = False) -> None:
         """`clean_up_spaces`: decode as transformers does with clean_up_tokenization_spaces (the folder's manifest says)."""
-        self.clean_up_spaces = clean_up_spaces
+        self.clean_up_spaces, self.path = clean_up_spaces, path
         if not path.is_file():
             raise ModelFolderError(f"no tokenizer.json in {path.parent}")
         try:

@@ -81,6 +81,13 @@ BAD_OPTIONS: list[tuple[dict[str, Any], str]] = [
     ({"prompt_lookup_num_tokens": "5"}, "prompt_lookup_num_tokens"), ({"max_matching_ngram_size": -1}, "max_matching_ngram_size"),
     ({"prompt_lookup_num_tokens": 3, "num_beams": 2}, "not beam search"),
     ({"prompt_lookup_num_tokens": 3, "do_sample": True, "num_return_sequences": 2}, "one sequence a call"),
+    ({"json_schema": 5}, "json_schema must be a JSON schema"), ({"json_schema": "{not json"}, "json_schema must be a JSON object"),
+    ({"json_schema": {"type": "nosuch"}}, "json_schema is not usable"), ({"regex": "("}, "regex is not usable: .*invalid regex"),
+    ({"regex": 5}, "regex must be a string"), ({"grammar": "start: nosuch"}, "grammar is not usable: .*unknown name"),
+    ({"regex": "a", "grammar": 'start: "a"'}, "one constraint a call: got regex and grammar"),
+    ({"regex": "a", "num_beams": 2}, "regex works with greedy decoding and sampling, not beam search"),
+    ({"regex": "a", "eos_token_id": None}, "regex needs an end token"),
+    ({"regex": "a", "min_new_tokens": 3}, "leave row 0 no token"),  # the text is complete at "a": only the end is left
 ]
 
 # a caller's processor or criterion that breaks transformers' contract: (options, the error's message must contain this)
@@ -319,6 +326,8 @@ CLI_CASES: list[tuple[list[str], int, str]] = [
     (["score", "/nope.txt"], 1, "cannot read /nope.txt: No such file"),
     (["score", str(Path(__file__).parent / "__init__.py")], 1, "nothing to score"),  # empty
     (["score", str(Path(__file__)), "--stride", "0"], 1, "stride must be"),
+    (["generate", "x", "--json-schema", "/nope.json"], 1, "cannot read /nope.json: No such file"),
+    (["generate", "x", "--regex", "(", "--max-new-tokens", "3"], 1, "regex is not usable"),
 ]
 
 

@@ -150,6 +150,11 @@ def test_chat_completions_answer_as_generate_on_the_rendered_prompt(chat_server:
     sampled = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=6, temperature=0.8, n=2, seed=5)
     expected = model.generate(prompt, max_new_tokens=6, do_sample=True, temperature=0.8, top_k=0, seed=5, num_return_sequences=2)
     assert [c.message.content for c in sampled.choices] == [c.text for c in expected]
+    schema = {"type": "object", "properties": {"reply": {"type": "string", "maxLength": 12}}, "required": ["reply"], "additionalProperties": False}
+    held = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=12, temperature=0, response_format={
+        "type": "json_schema", "json_schema": {"name": "reply", "schema": schema}})  # OpenAI's structured outputs
+    expected_json = model.generate(prompt, max_new_tokens=12, do_sample=False, json_schema=schema)[0].text
+    assert held.choices[0].message.content == expected_json and expected_json.startswith('{"reply":"')  # cut short: 12 tokens
 
 
 def test_chat_completions_refusals_and_default_length(chat_server: tuple[str, str]) -> None:

@@ -3,6 +3,8 @@ completions equal model.generate with the same options and seed; errors in OpenA
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import threading
 import time
@@ -147,6 +149,27 @@ def test_streaming_equals_blocking(client: openai.OpenAI, echo: bool) -> None:
     assert [reasons[i] for i in range(4)] == [c.finish_reason for c in blocking.choices]
     assert [logprobs[i] for i in range(4)] == [c.logprobs.model_dump(include=set(logprobs[0])) for c in blocking.choices]
     assert all(offset == len(c.text[:offset]) for c in blocking.choices for offset in c.logprobs.text_offset)
+
+
+def test_response_format_holds_the_text_to_json(client: openai.OpenAI, model: onnxgen.Model) -> None:
+    """OpenAI's response_format (on completions too, as vLLM takes it): json_schema gives JSON its schema allows, the
+    text generate() gives with that json_schema; json_object any JSON object; onnxgen's constraints as extra fields."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    out = client.completions.create(model="tiny", prompt="It is a truth", max_tokens=20, temperature=0.9, seed=2, extra_body={"response_format": fmt})
+    expected = model.generate("It is a truth", max_new_tokens=20, do_sample=True, temperature=0.9, top_k=0, seed=2, json_schema=schema)[0]
+    assert out.choices[0].text == expected.text and isinstance(json.loads(expected.text)["ok"], bool) and out.choices[0].finish_reason == "stop"
+    anything = client.completions.create(model="tiny", prompt="Call me", max_tokens=40, temperature=0, extra_body={"response_format": {"type": "json_object"}})
+    assert anything.choices[0].text == model.generate("Call me", max_new_tokens=40, do_sample=False, json_schema={"type": "object"})[0].text
+    assert anything.choices[0].text.startswith("{")
+    regex = client.completions.create(model="tiny", prompt="Call me", max_tokens=20, temperature=0, extra_body={"regex": "[0-9]{4}"})
+    assert re.fullmatch("[0-9]{4}", regex.choices[0].text)
+    for body, message in [({"response_format": {"type": "yaml"}}, "response_format is"),
+                          ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format is"),
+                          ({"response_format": {"type": "json_object"}, "regex": "a"}, "not both"),
+                          ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}}, "json_schema is not usable")]:
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.completions.create(model="tiny", prompt="Hi", max_tokens=5, extra_body=body)
 
 
 def test_beam_search_as_an_extra_field(client: openai.OpenAI, model: onnxgen.Model) -> None:
@@ -384,7 +407,6 @@ def test_metrics_count_requests_tokens_and_times(exported: Path) -> None:
     """GET /metrics, Prometheus' text format without the API key (as /health): each request's outcome, its usage's
     tokens, the time to its first token (none for beam search and scoring) and its duration; the batcher's state."""
     import asyncio
-    import json
 
     app = create_app(onnxgen.load(exported, threads=1), "tiny", api_key=KEY, limits=Limits(max_tokens=64))
     auth = {"Authorization": f"Bearer {KEY}"}

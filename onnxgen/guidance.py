@@ -1,0 +1,101 @@
+"""Text held to a JSON schema, a regular expression or a Lark grammar (constrained decoding).
+
+llguidance, the library that onnxruntime-genai, vLLM and llama.cpp use for this, reads the constraint and says
+before every token which tokens of the vocabulary keep the text a valid start; the others are banned (-inf) after
+every other processor, so nothing after it can bring one back. Once the text is complete only the end token is
+left, and the row ends there (finish reason "stop"). It is an optional dependency: `pip install "onnxgen[guidance]"`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import OptionsError
+from .logits import History
+
+if TYPE_CHECKING:
+    from .options import GenerationOptions
+    from .tokenizer import Tokenizer
+
+CONSTRAINTS = ("json_schema", "regex", "grammar")  # the options that name one, at most one a call
+# Compact JSON: a schema leaves whitespace free between tokens by default, and a weak model given that freedom can
+# spend every new token on it. A schema's own "x-guidance" ({"whitespace_flexible": true}) takes it back.
+JSON_DEFAULTS = {"whitespace_flexible": False}
+
+
+def _llguidance() -> Any:
+    try:
+        import llguidance
+    except ImportError:
+        raise OptionsError("json_schema, regex and grammar need llguidance: pip install 'onnxgen[guidance]'") from None
+    return llguidance
+
+
+def grammar(json_schema: dict[str, Any] | str | None, regex: str | None, lark: str | None) -> str:
+    """llguidance's grammar for the one constraint given, checked: an OptionsError says what is wrong with it."""
+    matcher = _llguidance().LLMatcher
+    if json_schema is not None:
+        name = "json_schema"
+        try:
+            text = matcher.grammar_from_json_schema(json_schema, defaults=JSON_DEFAULTS)
+        except ValueError as e:
+            raise OptionsError(f"json_schema must be a JSON object (a dict, or its JSON text): {e}") from None
+    elif regex is not None:
+        name, text = "regex", matcher.grammar_from_regex(regex)
+    else:
+        name, text = "grammar", matcher.grammar_from_lark(lark)
+    problem = matcher.validate_grammar(text)
+    if problem:
+        raise OptionsError(f"{name} is not usable: {problem.strip().splitlines()[0]}")
+    return text
+
+
+_tokenizers: dict[tuple[str, int, tuple[int, ...]], Any] = {}
+_tokenizers_lock = threading.Lock()
+
+
+def _tokenizer(path: str, vocab_size: int, eos_ids: list[int]) -> Any:
+    """llguidance's view of the folder's tokenizer.json (0.1-0.5 s to build for GPT-2's): one per model, kept."""
+    key = (path, vocab_size, tuple(eos_ids))
+    with _tokenizers_lock:
+        if key not in _tokenizers:
+            _tokenizers[key] = _llguidance().LLTokenizer(path, n_vocab=vocab_size, eos_token=eos_ids)
+        return _tokenizers[key]
+
+
+class Constraint:
+    """A call's rows held to one grammar: a matcher per row, given the row's chosen token at each step, then asked
+    which tokens may come next. A processor: (scores, history, new-token count) -> scores."""
+
+    def __init__(self, grammar_text: str, tokenizer_file: str, eos_ids: list[int], rows: int) -> None:
+        self._grammar, self._file, self._eos, self._rows = grammar_text, tokenizer_file, eos_ids, rows
+        self._matchers: list[Any] = []
+        self._ended = [False] * rows  # rows past their end (padding follows): no longer held
+
+    def __call__(self, scores: np.ndarray, history: History, generated: int) -> np.ndarray:
+        if not self._matchers:  # at the first step: the scores say the model's vocabulary size
+            tokenizer = _tokenizer(self._file, scores.shape[1], self._eos)
+            self._matchers = [_llguidance().LLMatcher(tokenizer, self._grammar, log_level=0) for _ in range(self._rows)]
+        scores = scores.copy()
+        for row, matcher in enumerate(self._matchers):
+            # A row that ended (its end token, a stop string, a caller's criterion) runs on with padding, which the
+            # grammar may not take: the row is left alone from then on. A complete text leaves only the end token.
+            if self._ended[row] or (generated and (history[row][-1] in self._eos or not matcher.consume_token(history[row][-1]))):
+                self._ended[row] = True
+                continue
+            allowed = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little")[: scores.shape[1]]
+            scores[row, allowed == 0] = -np.inf
+            if np.isneginf(scores[row]).all():
+                raise OptionsError(f"the constraint and the other options leave row {row} no token to choose "
+                                   "(min_new_tokens banning the end of a complete text?)")
+        return scores
+
+
+def constraint(opts: GenerationOptions, tokenizer: Tokenizer, rows: int) -> Constraint | None:
+    """The call's constraint, if its options name one."""
+    if opts.json_schema is None and opts.regex is None and opts.grammar is None:
+        return None
+    return Constraint(grammar(opts.json_schema, opts.regex, opts.grammar), str(tokenizer.path), opts.eos_ids, rows)
