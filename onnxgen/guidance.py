@@ -3,7 +3,7 @@
 llguidance, the library that onnxruntime-genai, vLLM and llama.cpp use for this, reads the constraint and says
 before every token which tokens of the vocabulary keep the text a valid start; the others are banned (-inf) after
 every other processor, so nothing after it can bring one back. Once the text is complete only the end token is
-left, and the row ends there (finish reason "stop"). It is an optional dependency: `pip install "onnxgen[guidance]"`.
+left, and the row ends there (finish reason "eos"; "stop" over HTTP). It is an optional dependency: `pip install "onnxgen[guidance]"`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import OptionsError
-from .logits import History
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # options.py imports this module, and logits.py imports options.py
+    from .logits import History
     from .options import GenerationOptions
     from .tokenizer import Tokenizer
 

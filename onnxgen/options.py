@@ -14,6 +14,7 @@ import numpy as np
 
 from .errors import IgnoredOptionWarning, OptionsError
 from .folder import GENERATION_CONFIG
+from .guidance import CONSTRAINTS, grammar
 
 # The decoding presets of the CLI's --strategy, `onnxgen bench` and the benchmark suite: one table.
 STRATEGIES: dict[str, dict[str, Any]] = {
@@ -203,7 +204,7 @@ class GenerationOptions:
         bad_bias = [v for v in self.logit_bias.values() if not -100 <= v <= 100]
         if bad_bias:
             raise OptionsError(f"logit_bias values must be in [-100, 100] (OpenAI's range), got {bad_bias[0]}")
-        constraints = [name for name in ("json_schema", "regex", "grammar") if getattr(self, name) is not None]
+        constraints = [name for name in CONSTRAINTS if getattr(self, name) is not None]
         if constraints:
             if len(constraints) > 1:
                 raise OptionsError(f"one constraint a call: got {' and '.join(constraints)}")
@@ -211,8 +212,6 @@ class GenerationOptions:
                 raise OptionsError(f"{constraints[0]} works with greedy decoding and sampling, not beam search")
             if not self.eos_ids:
                 raise OptionsError(f"{constraints[0]} needs an end token (eos_token_id): it ends the text where the text is complete")
-            from .guidance import grammar  # guidance.py imports logits.py, which imports this module
-
             grammar(self.json_schema, self.regex, self.grammar)  # llguidance installed, and the constraint usable
 
     def with_overrides(self, **overrides: Any) -> GenerationOptions:

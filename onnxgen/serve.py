@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .batcher import Batcher, Full, Job
 from .errors import OnnxgenError
 from .generator import Completion, Event
+from .guidance import CONSTRAINTS
 from .metrics import Metrics
 from .model import Model
 from .tokenizer import TextStream
@@ -321,7 +322,7 @@ def _job_input(model: Model, body: CompletionRequest, limits: Limits, draft: Mod
     if len(batch) > limits.max_prompts:
         raise ValueError(f"at most {limits.max_prompts} prompts a request, got {len(batch)}")
     constraint = _response_format(body.response_format)
-    if constraint and extra.keys() & {"json_schema", "regex", "grammar"}:
+    if constraint and extra.keys() & set(CONSTRAINTS):
         raise ValueError("response_format, or one of json_schema, regex and grammar: not both")
     sampling = body.temperature > 0 and int(extra.get("num_beams", 1)) == 1  # OpenAI: temperature 0 is greedy
     # max_tokens 0 generates nothing: its options are checked as for 1
