@@ -7,6 +7,7 @@ import ctypes
 import itertools
 import mmap
 import queue
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -113,10 +114,12 @@ def test_requests_with_different_options_share_steps(model: onnxgen.Model) -> No
         (["The"], {"max_new_tokens": 15, "repetition_penalty": 1.3, "no_repeat_ngram_size": 2, **GREEDY}),
         (["Once upon"], {"max_new_tokens": 12, "stop": [stop], **GREEDY}),
         (["It is"], {"max_new_tokens": 9, "logprobs": 2, **GREEDY}),
+        (["Call me", "The"], {"max_new_tokens": 30, "regex": "[a-z ]{5,40}!", "do_sample": True, "seed": 4}),  # guidance.py
     ]
     inboxes = [submit(batcher, model, prompts, **options) for prompts, options in cases]
     results = [result(inbox) for inbox in inboxes]
     assert [len(c.token_ids) for c in results[0]] == [20, 20]
+    assert all(re.fullmatch("[a-z ]{5,40}!", c.text) and c.finish_reason == "eos" for c in results[4])
     for (prompts, options), got in list(zip(cases, results))[1:]:
         expected = model.generate(prompts, **options)
         assert [(c.text, c.token_ids, c.finish_reason) for c in got] == [(c.text, c.token_ids, c.finish_reason) for c in expected]
@@ -391,4 +394,12 @@ def test_a_processor_that_raises_ends_its_own_request_only(model: onnxgen.Model)
     while kind == "event":
         kind, value = bad.get(timeout=60)
     assert kind == "error" and "broken processor" in str(value)
+    assert [c.token_ids for c in result(good)] == alone(model, ["It is a truth"], max_new_tokens=20, **GREEDY)
+    # a constraint that the other options leave no token: its request's error (guidance.py), the others run on
+    good = submit(batcher, model, ["It is a truth"], max_new_tokens=20, **GREEDY)
+    stuck = submit(batcher, model, ["Call me"], max_new_tokens=20, regex="a", min_new_tokens=3, do_sample=False)
+    kind, value = stuck.get(timeout=60)
+    while kind == "event":
+        kind, value = stuck.get(timeout=60)
+    assert kind == "error" and "no token to choose" in str(value)
     assert [c.token_ids for c in result(good)] == alone(model, ["It is a truth"], max_new_tokens=20, **GREEDY)
