@@ -185,7 +185,7 @@ def generate(
     assistant_model: Annotated[Path | None, typer.Option(help="assisted generation: a smaller model folder with the same tokenizer "
                                                          "drafts tokens (same text, fewer steps where it agrees)")] = None,
     truncate_prompt: Annotated[bool | None, typer.Option("--truncate-prompt", help="drop the oldest prompt tokens if too long")] = None,
-    json_schema: Annotated[str | None, typer.Option(help="a file holding a JSON schema: the text is JSON it allows")] = None,
+    json_schema: Annotated[str | None, typer.Option(help="a JSON schema, or a file holding one: the text is JSON it allows")] = None,
     regex: Annotated[str | None, typer.Option(help="a regular expression the whole text matches")] = None,
     grammar: Annotated[str | None, typer.Option(help="a file holding a Lark grammar (llguidance's) the text follows")] = None,
     provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
@@ -203,7 +203,8 @@ def generate(
                  repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, presence_penalty=presence_penalty,
                  frequency_penalty=frequency_penalty, stop=stop, seed=seed, max_time=max_time, logprobs=logprobs,
                  prompt_lookup_num_tokens=prompt_lookup_num_tokens, truncate_prompt=truncate_prompt, regex=regex,
-                 json_schema=None if json_schema is None else _read(json_schema), grammar=None if grammar is None else _read(grammar))
+                 json_schema=json_schema if json_schema is None or json_schema.lstrip().startswith("{") else _read(json_schema),
+                 grammar=None if grammar is None else _read(grammar))
 
     if prompt == "-":
         prompt = _read(prompt)

@@ -93,10 +93,11 @@ def test_without_llguidance_the_error_names_the_extra(model: onnxgen.Model, monk
         model.generate("Hello", regex="a")
 
 
-def test_cli_takes_a_schema_file_a_regex_and_a_grammar_file(exported: Path, tmp_path: Path) -> None:
+def test_cli_takes_a_schema_inline_or_in_a_file_a_regex_and_a_grammar_file(exported: Path, tmp_path: Path) -> None:
     (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
     (tmp_path / "answer.lark").write_text('start: "yes" | "no"')
     for flags, check in [(["--json-schema", str(tmp_path / "schema.json")], lambda text: set(json.loads(text)) == {"ok", "n"}),
+                         (["--json-schema", json.dumps(SCHEMA)], lambda text: set(json.loads(text)) == {"ok", "n"}),  # inline
                          (["--regex", "[a-c]{2}[0-9]"], lambda text: re.fullmatch("[a-c]{2}[0-9]", text)),
                          (["--grammar", str(tmp_path / "answer.lark")], lambda text: text in ("yes", "no"))]:
         r = subprocess.run([sys.executable, "-m", "onnxgen", "generate", "Hello", "--model", str(exported), "--max-new-tokens", "30", *flags],
