@@ -50,6 +50,40 @@ def repetition_penalty(penalty: float) -> Filter:
     return apply
 
 
+def encoder_repetition_penalty(penalty: float) -> Filter:
+    """Raise the tokens of the row's prompt (the reverse of repetition_penalty: positive scores multiplied by it,
+    negative ones divided), to keep the text near its input: transformers' EncoderRepetitionPenaltyLogitsProcessor,
+    which a decoder-only model gets on its prompt."""
+
+    inverse = 1 / penalty  # transformers' arithmetic, to the last bit: by 1 / penalty, or divided by it
+
+    def apply(scores: np.ndarray, history: History, generated: int) -> np.ndarray:
+        scores = scores.copy()
+        for row, seen in enumerate(history):
+            ids = np.unique(np.asarray(seen[: len(seen) - generated], dtype=np.int64))
+            s = scores[row, ids]
+            scores[row, ids] = np.where(s < 0, s * np.float32(inverse), s / np.float32(inverse))
+        return scores
+
+    return apply
+
+
+def encoder_no_repeat_ngram(n: int) -> Filter:
+    """Ban any token that would repeat an n-gram of the row's prompt: transformers' EncoderNoRepeatNGramLogitsProcessor,
+    on a decoder-only model's prompt (the n-grams the text may not copy from it)."""
+
+    def apply(scores: np.ndarray, history: History, generated: int) -> np.ndarray:
+        scores = scores.copy()
+        for row, seen in enumerate(history):
+            prompt = seen[: len(seen) - generated]
+            prefix = seen[len(seen) - n + 1 :] if n > 1 else []
+            banned = [prompt[i + n - 1] for i in range(len(prompt) - n + 1) if prompt[i : i + n - 1] == prefix]
+            scores[row, banned] = -np.inf
+        return scores
+
+    return apply
+
+
 def no_repeat_ngram(n: int) -> Filter:
     """Ban any token that would complete an n-gram already present in the row."""
 
@@ -352,12 +386,16 @@ def processors_for(opts: GenerationOptions) -> list[Filter]:
     biases = [((token,), b) for token, b in opts.logit_bias.items()] + list(opts.sequence_bias.items())
     if biases:
         chain.append(sequence_bias(biases))
+    if opts.encoder_repetition_penalty != 1.0:
+        chain.append(encoder_repetition_penalty(opts.encoder_repetition_penalty))
     if opts.repetition_penalty != 1.0:
         chain.append(repetition_penalty(opts.repetition_penalty))
     if opts.presence_penalty or opts.frequency_penalty:
         chain.append(presence_frequency(opts.presence_penalty, opts.frequency_penalty))
     if opts.no_repeat_ngram_size > 0:
         chain.append(no_repeat_ngram(opts.no_repeat_ngram_size))
+    if opts.encoder_no_repeat_ngram_size > 0:
+        chain.append(encoder_no_repeat_ngram(opts.encoder_no_repeat_ngram_size))
     if opts.bad_words_ids:
         chain.append(bad_words(opts.bad_words_ids, opts.eos_ids))
     if opts.min_new_tokens > 0 and opts.eos_ids:

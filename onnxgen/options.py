@@ -35,10 +35,11 @@ MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 100.0
 MAX_LENGTH_PENALTY = 10.0
 MAX_OPENAI_PENALTY = 2.0  # presence_penalty and frequency_penalty
-INTS = {"max_new_tokens", "min_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size", "num_assistant_tokens"}
+INTS = {"max_new_tokens", "min_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size", "num_assistant_tokens",
+        "encoder_no_repeat_ngram_size"}
 OPTIONAL_INTS = {"pad_token_id", "seed", "logprobs", "prompt_lookup_num_tokens", "max_matching_ngram_size", "max_length", "min_length"}
 OPTIONAL_FLOATS = {"max_time"}
-FLOATS = {"temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "length_penalty", "repetition_penalty",
+FLOATS = {"temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "length_penalty", "repetition_penalty", "encoder_repetition_penalty",
           "presence_penalty", "frequency_penalty", "assistant_confidence_threshold"}
 BOOLS = {"do_sample", "truncate_prompt", "remove_invalid_values", "renormalize_logits"}
 TOKEN_LISTS = {"suppress_tokens", "begin_suppress_tokens"}
@@ -70,6 +71,10 @@ class GenerationOptions:
     num_return_sequences: int = 1
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    # transformers' "encoder" options, which a decoder-only model's generate applies to its prompt: above 1 raises the
+    # prompt's tokens (keeps the text near its input); n > 0 bans copying any n-gram of the prompt.
+    encoder_repetition_penalty: float = 1.0
+    encoder_no_repeat_ngram_size: int = 0
     bad_words_ids: list[list[int]] = field(default_factory=list)  # token sequences never to generate (transformers')
     suppress_tokens: list[int] = field(default_factory=list)  # tokens never to generate (transformers')
     begin_suppress_tokens: list[int] = field(default_factory=list)  # tokens never to generate first (transformers')
@@ -175,8 +180,11 @@ class GenerationOptions:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -MAX_OPENAI_PENALTY <= getattr(self, name) <= MAX_OPENAI_PENALTY:
                 raise OptionsError(f"{name} must be in [-{MAX_OPENAI_PENALTY}, {MAX_OPENAI_PENALTY}] (OpenAI's range), got {getattr(self, name)}")
-        if self.no_repeat_ngram_size < 0:
-            raise OptionsError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        if not 0 < self.encoder_repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise OptionsError(f"encoder_repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], got {self.encoder_repetition_penalty}")
+        for name in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
+            if getattr(self, name) < 0:
+                raise OptionsError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.num_beams > 1 and self.stop:
             raise OptionsError("stop strings are not supported with beam search")
         if self.num_beams > 1 and self.stopping_criteria:

@@ -81,6 +81,8 @@ BAD_OPTIONS: list[tuple[dict[str, Any], str]] = [
     ({"prompt_lookup_num_tokens": "5"}, "prompt_lookup_num_tokens"), ({"max_matching_ngram_size": -1}, "max_matching_ngram_size"),
     ({"prompt_lookup_num_tokens": 3, "num_beams": 2}, "not beam search"),
     ({"prompt_lookup_num_tokens": 3, "do_sample": True, "num_return_sequences": 2}, "one sequence a call"),
+    ({"encoder_repetition_penalty": 0}, "encoder_repetition_penalty"), ({"encoder_repetition_penalty": NAN}, "encoder_repetition_penalty"),
+    ({"encoder_no_repeat_ngram_size": -1}, "encoder_no_repeat_ngram_size"), ({"encoder_no_repeat_ngram_size": 1.5}, "encoder_no_repeat_ngram_size"),
     ({"json_schema": 5}, "json_schema must be a JSON schema"), ({"json_schema": "{not json"}, "json_schema must be a JSON object"),
     ({"json_schema": {"type": "nosuch"}}, "json_schema is not usable"), ({"regex": "("}, "regex is not usable: .*invalid regex"),
     ({"regex": 5}, "regex must be a string"), ({"grammar": "start: nosuch"}, "grammar is not usable: .*unknown name"),

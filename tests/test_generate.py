@@ -73,6 +73,19 @@ def test_more_generation_config_options_match_transformers(model: onnxgen.Model,
     assert ours == hf_generate(torch_model, PROMPTS[:1], eos, max_new_tokens=12, do_sample=False, **kw)
 
 
+@pytest.mark.parametrize("options", [{"encoder_repetition_penalty": 3.0}, {"encoder_repetition_penalty": 0.3},
+                                     {"encoder_no_repeat_ngram_size": 2}, {"encoder_no_repeat_ngram_size": 1}])
+def test_prompt_options_match_transformers(model: onnxgen.Model, torch_model: torch.nn.Module, options: dict) -> None:
+    """encoder_repetition_penalty and encoder_no_repeat_ngram_size on a decoder-only model, as transformers' generate
+    applies them to the prompt: here the prompt repeats the plain greedy text (raising or banning its tokens must act)."""
+    eos = model.defaults.eos_ids[0]
+    plain = model.generate(PROMPTS[:1], max_new_tokens=12, eos_token_id=None)[0].token_ids
+    prompt = [PROMPTS[0] + plain[:8]]
+    ours = [c.token_ids for c in model.generate(prompt, max_new_tokens=12, **options)]
+    assert ours != [c.token_ids for c in model.generate(prompt, max_new_tokens=12)]  # the option changed the text
+    assert ours == hf_generate(torch_model, prompt, eos, max_new_tokens=12, do_sample=False, **options)
+
+
 @pytest.mark.parametrize(("num_beams", "returns", "length_penalty", "early_stopping"),
                          [(3, 1, 1.0, False), (4, 2, 1.0, True), (3, 3, 0.5, "never"), (2, 2, 2.0, False)])
 def test_beam_search_matches_transformers(model: onnxgen.Model, torch_model: torch.nn.Module, num_beams: int, returns: int,
@@ -154,6 +167,27 @@ def test_filters_match_transformers(make, random_scores: np.ndarray) -> None:  #
     ref = _hf(getattr(lp, name)(*args), HISTORY, random_scores)
     np.testing.assert_allclose(ours, ref, rtol=1e-6)
     assert np.isneginf(ours).sum() == np.isneginf(ref).sum()
+
+
+@pytest.mark.parametrize(("ours", "name", "args"), [
+    (logits.encoder_repetition_penalty(1.5), "EncoderRepetitionPenaltyLogitsProcessor", (1.5,)),
+    (logits.encoder_repetition_penalty(0.4), "EncoderRepetitionPenaltyLogitsProcessor", (0.4,)),
+    (logits.encoder_no_repeat_ngram(1), "EncoderNoRepeatNGramLogitsProcessor", (1,)),
+    (logits.encoder_no_repeat_ngram(2), "EncoderNoRepeatNGramLogitsProcessor", (2,)),
+    (logits.encoder_no_repeat_ngram(3), "EncoderNoRepeatNGramLogitsProcessor", (3,)),
+])
+def test_prompt_filters_match_transformers(ours: logits.Filter, name: str, args: tuple, random_scores: np.ndarray) -> None:
+    """The "encoder" options on a decoder-only model: transformers hands them the prompt (its encoder_input_ids);
+    here each row's prompt is its tokens before the `generated` last ones. Each row below ends so that a prompt
+    n-gram would go on."""
+    import transformers.generation.logits_process as lp
+
+    prompts = [[1, 2, 3, 1], [7, 7, 8, 9], [5, 6, 5, 6], [10, 11, 12, 13]]
+    history = [p + g for p, g in zip(prompts, [[2, 3], [7, 8], [5, 6], [14, 10]])]
+    got = ours(random_scores, history, 2)
+    ref = _hf(getattr(lp, name)(*args, torch.tensor(prompts)), history, random_scores)
+    np.testing.assert_array_equal(got, ref)
+    assert not np.array_equal(got, random_scores)
 
 
 @pytest.mark.parametrize("p", [0.3, 0.9, 0.99])
