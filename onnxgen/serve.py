@@ -3,10 +3,12 @@
     POST /v1/completions   prompt (text, texts, token ids or lists of them), max_tokens, temperature, top_p,
                            n, stop, seed, presence_penalty, frequency_penalty, logprobs, echo (with logprobs:
                            the prompt's too; max_tokens 0 scores the prompt alone), stream (server-sent
-                           events), and onnxgen's other options as extra fields (top_k, repetition_penalty, ...)
+                           events), response_format (JSON: guidance.py), and onnxgen's other options as extra fields
+                           (top_k, repetition_penalty, regex, ...)
     POST /v1/chat/completions  messages (the model's chat template makes them the prompt text: chat.py), max_tokens or
                            max_completion_tokens, temperature, top_p, n, stop, seed, the penalties, logprobs and
-                           top_logprobs, stream, and extra fields as above; 400 for a model without a template
+                           top_logprobs, stream, response_format, and extra fields as above; 400 for a model without
+                           a template
     POST /tokenize         text -> its token ids, count and the context window (vLLM's shape), so that a client
                            can fit a prompt with the served model's own tokenizer (a fine-tune's added tokens)
     POST /detokenize       token ids -> text
