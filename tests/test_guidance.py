@@ -103,3 +103,19 @@ def test_cli_takes_a_schema_inline_or_in_a_file_a_regex_and_a_grammar_file(expor
         r = subprocess.run([sys.executable, "-m", "onnxgen", "generate", "Hello", "--model", str(exported), "--max-new-tokens", "30", *flags],
                            capture_output=True, text=True)
         assert r.returncode == 0 and check(r.stdout.rstrip("\n")), (flags, r.stdout, r.stderr)
+
+
+def test_one_model_serves_constrained_calls_from_many_threads(exported: Path) -> None:
+    """A fresh model (its llguidance tokenizer not built yet): 4 threads x 5 seeded constrained calls at once give
+    the serial results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = onnxgen.load(exported, threads=1)
+    calls = [{"json_schema": SCHEMA, "seed": seed} if seed % 2 else {"regex": "[a-z]{2,9}[.]", "seed": seed} for seed in range(20)]
+
+    def run(options: dict[str, Any]) -> list[int]:
+        return model.generate(PROMPTS[0], max_new_tokens=30, do_sample=True, **options)[0].token_ids
+
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(run, calls))
+    assert together == [run(options) for options in calls]
