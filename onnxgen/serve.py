@@ -313,6 +313,7 @@ def _job_input(model: Model, body: CompletionRequest, limits: Limits, draft: Mod
             raise ValueError(f"{field} is not supported")
     for field in OPENAIS.keys() & extra.keys():
         raise ValueError(f"{field} is OpenAI's {OPENAIS[field]} here")
+    _vllms_names(extra)
     if body.max_tokens == 0 and body.stream:
         raise ValueError("max_tokens 0 (the prompt scored, nothing generated) is not streamed")
     if body.max_tokens > limits.max_tokens:
@@ -334,6 +335,22 @@ def _job_input(model: Model, body: CompletionRequest, limits: Limits, draft: Mod
                                  **({"temperature": body.temperature} if sampling else {}), **constraint, **extra}
     options = model.options(**overrides)
     return model.prompt_ids(batch, options), options  # the same checks as generate()
+
+
+def _vllms_names(extra: dict[str, Any]) -> None:
+    """vLLM's extra fields that say what onnxgen options say, as its clients and its benchmark send them: min_tokens
+    (min_new_tokens) and ignore_eos (no end token: every row runs to max_tokens)."""
+    if "min_tokens" in extra:
+        if "min_new_tokens" in extra:
+            raise ValueError("min_tokens is vLLM's name for min_new_tokens: give one of them")
+        extra["min_new_tokens"] = extra.pop("min_tokens")
+    ignore_eos = extra.pop("ignore_eos", False)
+    if ignore_eos not in (True, False):
+        raise ValueError(f"ignore_eos is true or false, got {ignore_eos!r}")
+    if ignore_eos:
+        if "eos_token_id" in extra:
+            raise ValueError("ignore_eos (vLLM's) is eos_token_id null: give one of them")
+        extra["eos_token_id"] = None
 
 
 def _response_format(value: dict[str, Any] | None) -> dict[str, Any]:

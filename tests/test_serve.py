@@ -87,6 +87,23 @@ def test_blocking_completions_equal_generate(client: openai.OpenAI, model: onnxg
     assert "".join(first.tokens) == expected[0].text or expected[0].finish_reason == "stop"
 
 
+def test_vllms_names_for_onnxgens_options(client: openai.OpenAI, model: onnxgen.Model) -> None:
+    """vLLM's min_tokens and ignore_eos, as its clients and `vllm bench serve --ignore-eos` send them."""
+    from onnxgen.serve import CompletionRequest, Limits, _job_input
+
+    plain = model.generate("Call me", max_new_tokens=20, do_sample=False, eos_token_id=None)[0].token_ids
+    end = plain[5]  # taken as the end token, the text ends at its 6th token: min_tokens must carry it past
+    out = client.completions.create(model="tiny", prompt="Call me", max_tokens=20, temperature=0, extra_body={"eos_token_id": end, "min_tokens": 9})
+    expected = model.generate("Call me", max_new_tokens=20, do_sample=False, eos_token_id=end, min_new_tokens=9)[0]
+    assert out.choices[0].text == expected.text and len(expected.token_ids) > 6
+    request = CompletionRequest(prompt="Call me", ignore_eos=True)
+    assert _job_input(model, request, Limits(), None)[1].eos_token_id is None and model.defaults.eos_token_id is not None
+    for extra, message in [({"ignore_eos": "yes"}, "ignore_eos is true or false"), ({"ignore_eos": True, "eos_token_id": 3}, "give one of them"),
+                           ({"min_tokens": 2, "min_new_tokens": 2}, "give one of them")]:
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.completions.create(model="tiny", prompt="Hi", max_tokens=5, extra_body=extra)
+
+
 def test_presence_and_frequency_penalties(client: openai.OpenAI, model: onnxgen.Model) -> None:
     """OpenAI's penalties reach the model: the same text as generate() with them, not the text without them."""
     penalties = {"presence_penalty": 1.5, "frequency_penalty": 2.0}
