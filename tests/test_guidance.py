@@ -119,3 +119,18 @@ def test_one_model_serves_constrained_calls_from_many_threads(exported: Path) ->
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(run, calls))
     assert together == [run(options) for options in calls]
+
+
+def test_llguidances_tokenizer_is_built_once_and_goes_with_its_model(exported: Path) -> None:
+    import gc
+
+    from onnxgen import guidance
+
+    model = onnxgen.load(exported, threads=1)
+    for _ in range(3):
+        model.generate(PROMPTS[0], max_new_tokens=5, regex="[a-z]+")
+    assert [len(built) for tokenizer, built in guidance._tokenizers.items() if tokenizer is model.tokenizer] == [1]
+    held = len(guidance._tokenizers)
+    del model
+    gc.collect()
+    assert len(guidance._tokenizers) == held - 1
