@@ -16,12 +16,15 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import platform
+import socket
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -47,6 +50,22 @@ class ExportOptions:
     revision: str | None = None  # a hub id's branch, tag or commit (default: its main branch)
 
 
+def _hub_out_of_reach(timeout: float = 10.0) -> bool:
+    """Whether the hub's host cannot be reached at all (no name, no route, refused, no answer in huggingface_hub's
+    own 10 s): then a hub id loads from the local cache at once, where huggingface_hub would first try 5 times over
+    ~23 s (a minute and more behind a firewall that drops packets). Behind a proxy only the proxy knows: not asked."""
+    from huggingface_hub import constants
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+    except OSError:
+        return True
+    return False
+
+
 def _load(source: str, revision: str | None) -> tuple[Any, Any]:
     """Load model and fast tokenizer from a hub id (at `revision`) or local folder, with one-line errors."""
     from huggingface_hub.utils import logging as hub_logging
@@ -63,9 +82,15 @@ def _load(source: str, revision: str | None) -> tuple[Any, Any]:
         raise ExportError(f"{source} is not a transformers checkpoint folder (no {CONFIG})")
     if path.exists() and revision is not None:
         raise ExportError(f"{source} is a folder: a revision names a commit of a hub id")
+    cached_only = not path.exists() and _hub_out_of_reach()
     try:
-        config = AutoConfig.from_pretrained(source, revision=revision)
+        config = AutoConfig.from_pretrained(source, revision=revision, local_files_only=cached_only)
     except (OSError, ValueError) as e:
+        if cached_only:
+            from huggingface_hub import constants
+
+            raise ExportError(f"cannot load {source!r}: the hub ({constants.ENDPOINT}) cannot be reached and {source!r} is not in "
+                              f"the local cache ({constants.HF_HUB_CACHE})") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"cannot load {source!r} (unknown model id, no network, or not a checkpoint): {first}") from None
     if config.model_type != "gpt2":
@@ -74,7 +99,7 @@ def _load(source: str, revision: str | None) -> tuple[Any, Any]:
     # loads would otherwise mix two commits' files.
     revision = config._commit_hash or revision
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, use_fast=True)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, use_fast=True, local_files_only=cached_only)
     except TypeError:  # no tokenizer files at all: transformers opens a vocab_file of None
         raise ExportError(f"{source} has no tokenizer: it needs tokenizer.json, or vocab.json and merges.txt, "
                           "beside config.json (tokenizer.save_pretrained(folder) writes them)") from None
@@ -86,7 +111,8 @@ def _load(source: str, revision: str | None) -> tuple[Any, Any]:
     # (transformers#44380, fixed after 4.57), so exported and checked against it, a checkpoint trained with either
     # (stanford-crfm's GPT-2s) would pass validation with the wrong attention scale.
     try:
-        model = GPT2LMHeadModel.from_pretrained(source, revision=revision, dtype="float32", attn_implementation="eager").eval()
+        model = GPT2LMHeadModel.from_pretrained(source, revision=revision, dtype="float32", attn_implementation="eager",
+                                                local_files_only=cached_only).eval()
     except Exception as e:  # no weights file, a damaged one, weights of other shapes than its config says, a config they refuse
         detail = " ".join(str(e).split())[:400] or type(e).__name__  # torch's size mismatches span lines
         raise ExportError(f"cannot load {source}: {detail}") from None
@@ -182,9 +208,9 @@ def save_model(model: Any, folder: Path, threshold: int) -> None:
         onnx.save_model(model, str(path))
 
 
-def export(source: str, out: Path, options: ExportOptions | None = None, quiet: bool = False) -> dict[str, Any]:
+def export(source: str | Path, out: str | Path, options: ExportOptions | None = None, quiet: bool = False) -> dict[str, Any]:
     """Export `source` (hub id or folder) to `out`; returns the manifest. Raises ExportError."""
-    options = options or ExportOptions()
+    source, out, options = str(source), Path(out), options or ExportOptions()
     atomic.check_destination(out, options.force, source)
     with steps(6, quiet=quiet) as progress:
         with progress.step(f"Loading {source}"):
@@ -201,10 +227,17 @@ def export(source: str, out: Path, options: ExportOptions | None = None, quiet: 
                 # where older checkpoints keep them (the folder's generation_config.json has them either way)
                 optimum_logging.set_verbosity_error()
                 reference = _reference(model)
+                # optimum copies the checkpoint's preprocessors from the name it was loaded by: for a hub id, four
+                # loads from the hub at main, not at the commit this export pinned, and a minute of retries without a
+                # network. onnxgen writes the tokenizer itself (below): optimum is given its own output folder.
+                name, cfg._name_or_path = cfg._name_or_path, raw
                 with warnings.catch_warnings():  # the tracer's warnings concern code paths GPT-2 does not take
                     warnings.simplefilter("ignore")
-                    onnx_export_from_model(model, raw, task="text-generation-with-past", opset=options.opset,
-                                           no_post_process=True, do_validation=False)
+                    try:
+                        onnx_export_from_model(model, raw, task="text-generation-with-past", opset=options.opset,
+                                               no_post_process=True, do_validation=False)
+                    finally:
+                        cfg._name_or_path = name
                 cfg.save_pretrained(work)
                 # As the checkpoint has it: transformers refuses to save a config its validation would warn about
                 # (top_k or temperature set without do_sample, as many hub checkpoints have), and onnxgen reads it so.

@@ -168,13 +168,13 @@ def _quiet_quantizers() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def quantize(source: Path, out: Path, options: QuantizeOptions | None = None, quiet: bool = False) -> dict[str, Any]:
+def quantize(source: str | Path, out: str | Path, options: QuantizeOptions | None = None, quiet: bool = False) -> dict[str, Any]:
     """Quantize the fp32 folder `source` into `out`; returns the new manifest. Raises QuantizeError."""
     import onnx
 
     from . import graph  # needs onnx, like everything here
 
-    options = options or QuantizeOptions()
+    source, out, options = Path(source), Path(out), options or QuantizeOptions()
     parent = manifest.read(source)
     if parent.get("quantization"):
         raise QuantizeError(f"{source} is already quantized ({parent['quantization']['mode']}): quantize its fp32 parent")

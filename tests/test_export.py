@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -222,14 +223,10 @@ def test_a_hub_out_of_reach_is_one_error_not_a_page_of_retries(tmp_path: Path, m
     assert capfd.readouterr().err == "" and list(tmp_path.iterdir()) == []
 
 
-def test_a_hub_id_exports_the_revision_asked_for_and_records_its_commit(checkpoint: Path, tmp_path: Path) -> None:
-    """The hub's code path without a network: a hub cache in huggingface_hub's layout holding two commits of one
-    model id, main at the newer; `--revision` the older exports the older's files (its generation config here),
-    and the manifest records the commit they came from. That config sets top_k without do_sample, as many hub
-    checkpoints' do: transformers refuses to save it again, and the export failed on it."""
-    import onnxgen
-
-    repo = tmp_path / "hub" / "models--onnxgen-tests--tiny"
+def _hub_cache(checkpoint: Path, root: Path) -> tuple[str, str]:
+    """A hub cache in huggingface_hub's layout holding two commits of `onnxgen-tests/tiny`, main at the newer (their
+    generation configs set top_k 7 and 9); returns (older, newer)."""
+    repo = root / "models--onnxgen-tests--tiny"
     older, newer = "a" * 40, "b" * 40
     for commit, top_k in ((older, 7), (newer, 9)):
         snapshot = shutil.copytree(checkpoint, repo / "snapshots" / commit)
@@ -237,6 +234,41 @@ def test_a_hub_id_exports_the_revision_asked_for_and_records_its_commit(checkpoi
         (snapshot / "generation_config.json").write_text(json.dumps({**generation, "top_k": top_k}))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(newer)
+    return older, newer
+
+
+def test_a_hub_out_of_reach_loads_from_the_cache_without_retrying(checkpoint: Path, tmp_path: Path) -> None:
+    """No network and no HF_HUB_OFFLINE (an edge box, an air-gapped server): a cached hub id exports from the cache
+    without huggingface_hub's 5 retries (~23 s; here a retry ends the process), and an id not cached says so at once."""
+    _hub_cache(checkpoint, tmp_path / "hub")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections to it are refused
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env |= {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": f"http://127.0.0.1:{closed.getsockname()[1]}"}
+    script = ("import sys, huggingface_hub.utils._http as http\n"
+              "http.time = type('NoRetry', (), {'sleep': staticmethod(lambda seconds: sys.exit('retried'))})\n"
+              "from onnxgen.export import export\n"
+              "print(export(sys.argv[1], sys.argv[2], quiet=True)['source'])\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", script, "onnxgen-tests/tiny", str(tmp_path / "out")], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "'commit': 'bbbbbbbb" in done.stdout, done.stderr[-2000:]
+        missing = subprocess.run([sys.executable, "-m", "onnxgen", "export", "onnxgen-tests/other", "-o", str(tmp_path / "o2")], env=env,
+                                 capture_output=True, text=True, timeout=300)
+    finally:
+        closed.close()
+    assert missing.returncode == 1 and missing.stderr.strip().endswith(f"is not in the local cache ({tmp_path / 'hub'})"), missing.stderr
+    assert "cannot load 'onnxgen-tests/other': the hub (http://127.0.0.1:" in missing.stderr
+
+
+def test_a_hub_id_exports_the_revision_asked_for_and_records_its_commit(checkpoint: Path, tmp_path: Path) -> None:
+    """The hub's code path without a network: a hub cache in huggingface_hub's layout holding two commits of one
+    model id, main at the newer; `--revision` the older exports the older's files (its generation config here),
+    and the manifest records the commit they came from. That config sets top_k without do_sample, as many hub
+    checkpoints' do: transformers refuses to save it again, and the export failed on it."""
+    import onnxgen
+
+    older, newer = _hub_cache(checkpoint, tmp_path / "hub")
     done = subprocess.run([sys.executable, "-m", "onnxgen", "export", "onnxgen-tests/tiny", "--revision", older, "-o", str(tmp_path / "out"),
                            "--json"], env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"},
                           capture_output=True, text=True, timeout=300)
