@@ -52,10 +52,13 @@ class ExportOptions:
 
 def _hub_out_of_reach(timeout: float = 10.0) -> bool:
     """Whether the hub's host cannot be reached at all (no name, no route, refused, no answer in huggingface_hub's
-    own 10 s): then a hub id loads from the local cache at once, where huggingface_hub would first try 5 times over
-    ~23 s (a minute and more behind a firewall that drops packets). Behind a proxy only the proxy knows: not asked."""
+    own 10 s), or HF_HUB_OFFLINE says not to try: then a hub id loads from the local cache at once, where
+    huggingface_hub would first try 5 times over ~23 s (a minute and more behind a firewall that drops packets).
+    Behind a proxy only the proxy knows: not asked."""
     from huggingface_hub import constants
 
+    if constants.HF_HUB_OFFLINE:
+        return True
     if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
         return False
     url = urlsplit(constants.ENDPOINT)
@@ -89,8 +92,8 @@ def _load(source: str, revision: str | None) -> tuple[Any, Any]:
         if cached_only:
             from huggingface_hub import constants
 
-            raise ExportError(f"cannot load {source!r}: the hub ({constants.ENDPOINT}) cannot be reached and {source!r} is not in "
-                              f"the local cache ({constants.HF_HUB_CACHE})") from None
+            hub = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the hub ({constants.ENDPOINT}) cannot be reached"
+            raise ExportError(f"cannot load {source!r}: {hub} and {source!r} is not in the local cache ({constants.HF_HUB_CACHE})") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"cannot load {source!r} (unknown model id, no network, or not a checkpoint): {first}") from None
     if config.model_type != "gpt2":

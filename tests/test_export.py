@@ -259,6 +259,9 @@ def test_a_hub_out_of_reach_loads_from_the_cache_without_retrying(checkpoint: Pa
         closed.close()
     assert missing.returncode == 1 and missing.stderr.strip().endswith(f"is not in the local cache ({tmp_path / 'hub'})"), missing.stderr
     assert "cannot load 'onnxgen-tests/other': the hub (http://127.0.0.1:" in missing.stderr
+    offline = subprocess.run([sys.executable, "-m", "onnxgen", "export", "onnxgen-tests/other", "-o", str(tmp_path / "o3")],
+                             env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert "cannot load 'onnxgen-tests/other': HF_HUB_OFFLINE is set and 'onnxgen-tests/other' is not in the local cache" in offline.stderr
 
 
 def test_a_hub_id_exports_the_revision_asked_for_and_records_its_commit(checkpoint: Path, tmp_path: Path) -> None:
