@@ -24,7 +24,7 @@ PROMPTS = ["It is a truth", "Call me"]
 
 def reference(model: onnxgen.Model, grammar: str, rows: int) -> Any:
     """llguidance's documented use, as a caller's processor: a matcher per row fed the row's last token, its mask
-    filled and applied with llguidance.numpy. It runs before onnxgen's own constraint, which then changes nothing."""
+    filled and applied with llguidance.numpy (in a call that names no constraint of onnxgen's)."""
     eos = model.defaults.eos_ids
     tokenizer = llguidance.LLTokenizer(str(model.tokenizer.path), n_vocab=model.dims.vocab_size, eos_token=eos)
     matchers = [llguidance.LLMatcher(tokenizer, grammar, log_level=0) for _ in range(rows)]
