@@ -268,12 +268,16 @@ def test_a_request_waiting_to_run_apart_holds_back_no_one(model: onnxgen.Model) 
     """Requests with more rows than max_batch run apart, one at a time; a short request sent behind two of them
     joins the shared rows at once (before, it waited behind the second until the first had ended)."""
     batcher = Batcher(model, max_batch=2)
-    wide = {"max_new_tokens": 40, "do_sample": True, "num_return_sequences": 3, "eos_token_id": None}
+    wide = {"max_new_tokens": 100, "do_sample": True, "num_return_sequences": 3, "eos_token_id": None}
     order: list[str] = []
-    inboxes = {}
+    inboxes: dict[str, Inbox] = {}
+    jobs = []
     for name, prompt, options in (("first", "It is", {**wide, "seed": 1}), ("second", "Call me", {**wide, "seed": 2}),
                                   ("short", "Once upon", {"max_new_tokens": 3, **GREEDY})):
-        inboxes[name] = submit(batcher, model, [prompt], **options)
+        opts, inboxes[name] = model.options(**options), queue.Queue()
+        jobs.append(Job(model.prompt_ids([prompt], opts), opts, lambda kind, value, inbox=inboxes[name]: inbox.put((kind, value))))
+    for job in jobs:  # back to back, made beforehand: the tiny model's `first` must not end before `short` is even sent
+        batcher.submit(job)
     results = {}
     while len(results) < 3:  # the order in which they end
         for name, inbox in inboxes.items():
