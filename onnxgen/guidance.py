@@ -8,6 +8,8 @@ left, and the row ends there (finish reason "eos"; "stop" over HTTP). An optiona
 
 from __future__ import annotations
 
+import functools
+import json
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -25,6 +27,7 @@ CONSTRAINTS = ("json_schema", "regex", "grammar")  # the options that name one, 
 # Compact JSON: a schema leaves whitespace free between tokens by default, and a weak model given that freedom can
 # spend every new token on it. A schema's own "x-guidance" ({"whitespace_flexible": true}) takes it back.
 JSON_DEFAULTS = {"whitespace_flexible": False}
+NOT_JSON = "json_schema must be a JSON object (a dict, or its JSON text)"
 
 
 def _llguidance() -> Any:
@@ -37,17 +40,28 @@ def _llguidance() -> Any:
 
 def grammar(json_schema: dict[str, Any] | str | None, regex: str | None, lark: str | None) -> str:
     """llguidance's grammar for the one constraint given, checked: an OptionsError says what is wrong with it."""
+    _llguidance()  # installed: said at once, whatever is kept below
+    if json_schema is None:
+        return _checked("regex", regex) if regex is not None else _checked("grammar", lark)  # type: ignore[arg-type]
+    try:
+        source = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+    except (TypeError, ValueError) as e:
+        raise OptionsError(f"{NOT_JSON}: {e}") from None
+    return _checked("json_schema", source)
+
+
+@functools.lru_cache(maxsize=64)
+def _checked(name: str, source: str) -> str:
+    """The grammar of one constraint's text, kept for the last 64: a call checks its options, then builds its rows'
+    matchers from the same text (and a server sees the same schema request after request)."""
     matcher = _llguidance().LLMatcher
-    if json_schema is not None:
-        name = "json_schema"
+    if name == "json_schema":
         try:
-            text = matcher.grammar_from_json_schema(json_schema, defaults=JSON_DEFAULTS)
-        except ValueError as e:
-            raise OptionsError(f"json_schema must be a JSON object (a dict, or its JSON text): {e}") from None
-    elif regex is not None:
-        name, text = "regex", matcher.grammar_from_regex(regex)
+            text = matcher.grammar_from_json_schema(source, defaults=JSON_DEFAULTS)
+        except ValueError as e:  # llguidance's JSON parser
+            raise OptionsError(f"{NOT_JSON}: {e}") from None
     else:
-        name, text = "grammar", matcher.grammar_from_lark(lark)
+        text = matcher.grammar_from_regex(source) if name == "regex" else matcher.grammar_from_lark(source)
     problem = matcher.validate_grammar(text)
     if problem:
         raise OptionsError(f"{name} is not usable: {problem.strip().splitlines()[0]}")

@@ -230,8 +230,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
 
             def piece(index: int, text: str, source: Event | Completion, reason: str | None) -> dict[str, Any]:
                 offset, sent[index] = sent[index], sent[index] + len(text)
-                logprobs = _event_logprobs(model, source, offset) if isinstance(source, Event) else _logprobs(model, source, offset)
-                return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
+                return {"text": text, "index": index, "logprobs": _logprobs(model, source, offset), "finish_reason": reason}
             return _streamed(job, channel, request, {**meta, "object": "text_completion"}, piece, opening, body, prompts)
         done = await ended(channel)
         if isinstance(done, JSONResponse):
@@ -372,11 +371,28 @@ def _finish(reason: str | None) -> str | None:
     return None if reason is None else "length" if reason in ("length", "time") else "stop"  # OpenAI's two
 
 
-def _logprobs(model: Model, c: Completion, offset: int) -> dict[str, Any] | None:
-    if c.logprobs is None:
-        return None
-    return {**_tokens(model, c.token_ids, offset), "token_logprobs": c.logprobs,
-            "top_logprobs": [_by_text(model, alts, (t, lp)) for t, lp, alts in zip(c.token_ids, c.logprobs, c.top_logprobs or [])]}
+def _logprobs(model: Model, source: Event | Completion, offset: int) -> dict[str, Any] | None:
+    """OpenAI's completions logprobs of a completion, or of a streamed token; `offset`: where its text starts in the
+    choice's text (sent so far)."""
+    scored = _scored(source)
+    return None if scored is None else _logprobs_object(model, *scored, offset)
+
+
+def _scored(source: Event | Completion) -> tuple[list[int], list[float], list[dict[int, float]]] | None:
+    """The tokens of a completion or a streamed token, their log-probabilities and alternatives (None: not asked)."""
+    if isinstance(source, Event):
+        ids, logprobs, alternatives = [source.token_id], [source.logprob], [source.top_logprobs or {}]
+    else:
+        ids, logprobs, alternatives = source.token_ids, source.logprobs, source.top_logprobs or []
+    return None if logprobs is None or None in logprobs else (ids, logprobs, alternatives)  # type: ignore[return-value]
+
+
+def _logprobs_object(model: Model, ids: list[int], logprobs: list[float | None], alternatives: list[dict[int, float] | None],
+                     offset: int) -> dict[str, Any]:
+    """OpenAI's logprobs object: each token's text, where it starts, its log-probability and its alternatives (None
+    for a token that has none: a prompt's first)."""
+    return {**_tokens(model, ids, offset), "token_logprobs": logprobs,
+            "top_logprobs": [None if alts is None else _by_text(model, alts, (t, lp)) for t, lp, alts in zip(ids, logprobs, alternatives)]}
 
 
 def _tokens(model: Model, ids: list[int], offset: int) -> dict[str, list[Any]]:
@@ -401,9 +417,7 @@ def _by_text(model: Model, alternatives: dict[int, float], chosen: tuple[int, fl
 def _prompt_logprobs(model: Model, prompts: list[list[int]], top: int) -> list[dict[str, Any]]:
     """echo with logprobs: each prompt token's log-probability given the tokens before it (the first has none),
     and the `top` most likely tokens there, as OpenAI's logprobs object (Model.score: one pass at a time)."""
-    return [{**_tokens(model, s.token_ids, 0), "token_logprobs": s.logprobs,
-             "top_logprobs": [None if alts is None else _by_text(model, alts, (t, lp)) for t, lp, alts in zip(s.token_ids, s.logprobs, s.top_logprobs)]}
-            for s in model.score(prompts, top)]
+    return [_logprobs_object(model, s.token_ids, s.logprobs, s.top_logprobs, 0) for s in model.score(prompts, top)]
 
 
 def _choice(model: Model, body: CompletionRequest, prompts: list[list[int]], c: Completion, index: int,
@@ -478,12 +492,10 @@ def _text_message(message: dict[str, Any]) -> dict[str, Any]:
 
 def _chat_logprobs(model: Model, source: Event | Completion) -> dict[str, Any] | None:
     """OpenAI's chat logprobs: per token its text, log-probability, UTF-8 bytes and the most likely alternatives."""
-    if isinstance(source, Event):
-        tokens, logprobs, alternatives = [source.token_id], [source.logprob], [source.top_logprobs or {}]
-    else:
-        tokens, logprobs, alternatives = source.token_ids, source.logprobs, source.top_logprobs or []
-    if logprobs is None or None in logprobs:
+    scored = _scored(source)
+    if scored is None:
         return None
+    tokens, logprobs, alternatives = scored
 
     def entry(token: int, logprob: float) -> dict[str, Any]:
         text = model.tokenizer.decode([token], clean=False)
@@ -491,11 +503,3 @@ def _chat_logprobs(model: Model, source: Event | Completion) -> dict[str, Any] |
 
     return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in alts.items()]}
                         for t, lp, alts in zip(tokens, logprobs, alternatives)]}
-
-
-def _event_logprobs(model: Model, event: Event, offset: int) -> dict[str, Any] | None:
-    """A streamed token's logprobs; `offset`: where its text starts in the choice's text sent so far."""
-    if event.logprob is None:
-        return None
-    return {"tokens": [model.tokenizer.decode([event.token_id])], "token_logprobs": [event.logprob],
-            "top_logprobs": [_by_text(model, event.top_logprobs or {}, (event.token_id, event.logprob))], "text_offset": [offset]}
