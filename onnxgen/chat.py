@@ -49,20 +49,28 @@ class ChatTemplate:
             raise OptionsError(f"the model's chat template does not parse: {e}") from None
         self.special_tokens = special_tokens
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+    def render(self, messages: list[Message], add_generation_prompt: bool = True, continue_final_message: bool = False,
+               tools: list[dict[str, Any]] | None = None) -> str:
         """The conversation as the model was trained to read it; with `add_generation_prompt`, followed by what
         opens an assistant's turn; with `continue_final_message`, ending inside the last message (a reply begun
-        for the model to go on with), cut where transformers cuts it: at a marker appended to that message."""
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
-            raise OptionsError("messages must be a non-empty list of {'role': str, 'content': str} dicts")
+        for the model to go on with), cut where transformers cuts it: at a marker appended to that message.
+        `tools`: the functions the model may call (JSON schemas, as transformers gives them to the template); an
+        assistant's message may then hold `tool_calls` instead of content, and a "tool" message a call's result."""
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and (
+                isinstance(m.get("content"), str) or (m.get("content") is None and isinstance(m.get("tool_calls"), list))) for m in messages):
+            raise OptionsError("messages must be a non-empty list of {'role': str, 'content': str} dicts (an assistant's "
+                               "content may be None beside its 'tool_calls')")
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise OptionsError("tools must be a list of JSON schemas (dicts), as transformers' apply_chat_template takes them")
         if add_generation_prompt and continue_final_message:
             raise OptionsError("add_generation_prompt opens a new turn and continue_final_message goes on with the last one: "
                                "one of them, as in transformers")
         if continue_final_message:
+            if messages[-1].get("content") is None:
+                raise OptionsError("continue_final_message: the last message has no content to go on with")
             messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + CONTINUE}]
         try:
-            text = self._template.render(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+            text = self._template.render(messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt,
                                          **self.special_tokens)
         except self._errors as e:  # the template's own raise_exception: a conversation it refuses (roles out of order, ...)
             raise OptionsError(f"the chat template refuses these messages: {e}") from None

@@ -178,15 +178,16 @@ class Model:
             raise OptionsError("forced_eos_token_id is in suppress_tokens: nothing is left to generate as the last token")
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            continue_final_message: bool = False) -> str:
+                            continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None) -> str:
         """A conversation ([{"role": "user", "content": "..."}, ...]) as the prompt text the checkpoint's chat template
         makes of it, what transformers' tokenizer.apply_chat_template(messages, tokenize=False, ...) returns: with
         `add_generation_prompt`, ending where the assistant's reply begins; with `continue_final_message` (and
-        add_generation_prompt=False), inside the last message, for the model to go on with it."""
+        add_generation_prompt=False), inside the last message, for the model to go on with it; `tools`: the functions
+        the template tells the model of (JSON schemas: [{"type": "function", "function": {...}}, ...])."""
         if self._chat is None:
             raise OptionsError(f"the model {self.folder.path.name!r} has no chat template (its checkpoint's tokenizer_config.json "
                                "had none): pass the prompt as text")
-        return self._chat.render(messages, add_generation_prompt, continue_final_message)
+        return self._chat.render(messages, add_generation_prompt, continue_final_message, tools)
 
     @functools.cached_property
     def _chat(self) -> ChatTemplate | None:

@@ -7,8 +7,9 @@
                            (top_k, repetition_penalty, regex, ...)
     POST /v1/chat/completions  messages (the model's chat template makes them the prompt text: chat.py), max_tokens or
                            max_completion_tokens, temperature, top_p, n, stop, seed, the penalties, logprobs and
-                           top_logprobs, stream, response_format, and extra fields as above; 400 for a model without
-                           a template
+                           top_logprobs, stream, response_format, tools with tool_choice "required", a named
+                           function or "none" (tools.py: the reply is then tool_calls; "auto" is a 400), and extra
+                           fields as above; 400 for a model without a template
     POST /tokenize         text -> its token ids, count and the context window (vLLM's shape), so that a client
                            can fit a prompt with the served model's own tokenizer (a fine-tune's added tokens)
     POST /detokenize       token ids -> text
@@ -45,6 +46,7 @@ from .guidance import CONSTRAINTS
 from .metrics import Metrics
 from .model import Model
 from .tokenizer import TextStream
+from .tools import ToolCalls, ToolChoice, tool_choice
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,9 @@ class ChatRequest(OpenAIRequest):
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for it
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None  # OpenAI's functions, for the template and tool_choice (tools.py)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
 
 class TokenizeRequest(BaseModel):
@@ -228,9 +233,9 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
                         "finish_reason": None} for i in range(len(prompts) * body.n)] if body.echo else []
             sent = [len(c["text"]) for c in opening] or [0] * (len(prompts) * body.n)  # each choice's text so far: offsets
 
-            def piece(index: int, text: str, source: Event | Completion, reason: str | None) -> dict[str, Any]:
+            def piece(index: int, text: str, source: Event | Completion) -> dict[str, Any]:
                 offset, sent[index] = sent[index], sent[index] + len(text)
-                return {"text": text, "index": index, "logprobs": _logprobs(model, source, offset), "finish_reason": reason}
+                return {"text": text, "index": index, "logprobs": _logprobs(model, source, offset), "finish_reason": _finish(source.finish_reason)}
             return _streamed(job, channel, request, {**meta, "object": "text_completion"}, piece, opening, body, prompts)
         done = await ended(channel)
         if isinstance(done, JSONResponse):
@@ -245,11 +250,19 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         if wrong := other_model(body.model):
             return refused(wrong)
         try:
-            prompt = model.tokenizer.encode(model.apply_chat_template([_text_message(m) for m in body.messages], add_generation_prompt=True))
+            calls = tool_choice(body.tools, body.tool_choice, body.parallel_tool_calls)
+            messages = [_template_message(m) for m in body.messages]
+            prompt = model.tokenizer.encode(model.apply_chat_template(messages, add_generation_prompt=True, tools=body.tools))
             # OpenAI's default is as many tokens as the context leaves; the server's limit caps it
             asked = body.max_completion_tokens or body.max_tokens or max(1, min(limits.max_tokens, model.context_length - len(prompt)))
             shared = {field: getattr(body, field) for field in OpenAIRequest.model_fields}
-            completion = CompletionRequest.model_construct(**shared, **(body.model_extra or {}), prompt=prompt, max_tokens=asked,
+            extra = dict(body.model_extra or {})
+            if calls.schema is not None:
+                if (body.response_format or {}).get("type", "text") != "text" or extra.keys() & set(CONSTRAINTS):
+                    raise ValueError("tool_choice holds the reply to a call's JSON: not with response_format, json_schema, regex "
+                                     "or grammar")
+                extra["json_schema"] = calls.schema
+            completion = CompletionRequest.model_construct(**shared, **extra, prompt=prompt, max_tokens=asked,
                                                            echo=False, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
             prompts, options = _job_input(model, completion, limits, draft)
         except (OnnxgenError, ValueError) as e:
@@ -260,18 +273,25 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         job, channel = submitted
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if body.stream:
-            def piece(index: int, text: str, source: Event | Completion, reason: str | None) -> dict[str, Any]:
-                return {"index": index, "delta": {"content": text} if text else {}, "logprobs": _chat_logprobs(model, source),
-                        "finish_reason": reason}
+            readers = [ToolCalls(calls.named) for _ in range(body.n)]
 
-            opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                       for i in range(body.n)]
+            def piece(index: int, text: str, source: Event | Completion) -> dict[str, Any]:
+                delta: dict[str, Any] = {"content": text} if text and calls.schema is None else {}
+                if calls.schema is not None and (news := readers[index].push(text)):
+                    delta["tool_calls"] = [{"index": call, **({"id": _call_id(), "type": "function"} if name else {}),
+                                            "function": {**({"name": name} if name else {}), "arguments": arguments}}
+                                           for call, name, arguments in news]
+                return {"index": index, "delta": delta, "logprobs": _chat_logprobs(model, source),
+                        "finish_reason": _finish(source.finish_reason, calls)}
+
+            opening = [{"index": i, "delta": {"role": "assistant", "content": "" if calls.schema is None else None}, "logprobs": None,
+                        "finish_reason": None} for i in range(body.n)]
             return _streamed(job, channel, request, {**meta, "object": "chat.completion.chunk"}, piece, opening, body, prompts)
         done = await ended(channel)
         if isinstance(done, JSONResponse):
             return done
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": _chat_logprobs(model, c),
-                    "finish_reason": _finish(c.finish_reason)} for i, c in enumerate(done)]
+        choices = [{"index": i, "message": _message(c.text, calls), "logprobs": _chat_logprobs(model, c),
+                    "finish_reason": _finish(c.finish_reason, calls)} for i, c in enumerate(done)]
         return {**meta, "object": "chat.completion", "choices": choices, "usage": _usage(prompts, done)}
 
     def submit(prompts: list[list[int]], options: Any) -> tuple[Job, asyncio.Queue[tuple[str, Any]]] | JSONResponse:
@@ -367,8 +387,28 @@ def _response_format(value: dict[str, Any] | None) -> dict[str, Any]:
     return {"json_schema": schema["schema"]}
 
 
-def _finish(reason: str | None) -> str | None:
-    return None if reason is None else "length" if reason in ("length", "time") else "stop"  # OpenAI's two
+def _finish(reason: str | None, calls: ToolChoice | None = None) -> str | None:
+    """OpenAI's finish reasons: "length", "stop", and "tool_calls" where a "required" reply ends whole (a named
+    function's call ends with "stop", as OpenAI's does)."""
+    if reason is None:
+        return None
+    if reason in ("length", "time"):
+        return "length"
+    return "tool_calls" if reason == "eos" and calls is not None and calls.schema is not None and calls.named is None else "stop"
+
+
+def _message(text: str, calls: ToolChoice) -> dict[str, Any]:
+    """A chat reply's message: its text, or the calls it makes (tools.py; arguments as far as they were written)."""
+    if calls.schema is None:
+        return {"role": "assistant", "content": text}
+    reader = ToolCalls(calls.named)
+    reader.push(text)
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": _call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in reader.calls]}
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"  # OpenAI's shape; a client sends it back with the call's result
 
 
 def _logprobs(model: Model, source: Event | Completion, offset: int) -> dict[str, Any] | None:
@@ -435,7 +475,7 @@ def _usage(prompts: list[list[int]], done: list[Completion]) -> dict[str, int]:
 
 
 def _streamed(job: Job, channel: asyncio.Queue[tuple[str, Any]], request: Request, head: dict[str, Any],
-              piece: Callable[[int, str, Event | Completion, str | None], dict[str, Any]], opening: list[dict[str, Any]],
+              piece: Callable[[int, str, Event | Completion], dict[str, Any]], opening: list[dict[str, Any]],
               body: OpenAIRequest, prompts: list[list[int]]) -> StreamingResponse:
     """The reply as server-sent events (_stream), with the usage where the request asks for it."""
     usage = prompts if (body.stream_options or {}).get("include_usage") else None
@@ -443,7 +483,7 @@ def _streamed(job: Job, channel: asyncio.Queue[tuple[str, Any]], request: Reques
 
 
 async def _stream(job: Job, channel: asyncio.Queue[tuple[str, Any]], request: Request, head: dict[str, Any],
-                  piece: Callable[[int, str, Event | Completion, str | None], dict[str, Any]], opening: list[dict[str, Any]],
+                  piece: Callable[[int, str, Event | Completion], dict[str, Any]], opening: list[dict[str, Any]],
                   usage: list[list[int]] | None) -> AsyncIterator[str]:
     """Server-sent events: the `opening` choices (an echo, a chat's role), a chunk per new piece of text, a last
     chunk per choice, the usage where asked (the prompts), then [DONE]. `head` and `piece` give the chunks' shape."""
@@ -463,7 +503,7 @@ async def _stream(job: Job, channel: asyncio.Queue[tuple[str, Any]], request: Re
                 continue
             if kind == "event":
                 row, event = value
-                yield data({**head, "choices": [piece(row, event.text, event, _finish(event.finish_reason))]})
+                yield data({**head, "choices": [piece(row, event.text, event)]})
             elif kind == "error":
                 message = str(value) if isinstance(value, OnnxgenError) else "internal error"
                 yield data({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}})
@@ -472,7 +512,7 @@ async def _stream(job: Job, channel: asyncio.Queue[tuple[str, Any]], request: Re
                 done, _ = value
                 if job.options.num_beams > 1:  # beam search streams nothing until it ends: each choice whole
                     for i, c in enumerate(done):
-                        yield data({**head, "choices": [piece(i, c.text, c, _finish(c.finish_reason))]})
+                        yield data({**head, "choices": [piece(i, c.text, c)]})
                 if usage is not None:
                     yield data({**head, "choices": [], "usage": _usage(usage, done)})
                 yield "data: [DONE]\n\n"
@@ -481,13 +521,26 @@ async def _stream(job: Job, channel: asyncio.Queue[tuple[str, Any]], request: Re
         job.cancelled.set()  # a client gone mid-stream ends its rows; a finished job is unaffected
 
 
-def _text_message(message: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's content parts ([{"type": "text", "text": ...}, ...], which clients send for text too) as one text,
-    the parts a line each; other content as it is, for the template to take or refuse."""
+def _template_message(message: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's message as chat templates take it: content parts ([{"type": "text", "text": ...}, ...], which clients
+    send for text too) as one text, the parts a line each; a tool call's arguments (JSON text in OpenAI's messages) as
+    the object templates read, as vLLM gives them; other content as it is, for the template to take or refuse."""
     parts = message.get("content")
     if isinstance(parts, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
-        return {**message, "content": "\n".join(p["text"] for p in parts)}
+        message = {**message, "content": "\n".join(p["text"] for p in parts)}
+    if isinstance(message.get("tool_calls"), list):
+        message = {**message, "tool_calls": [_arguments_read(call) for call in message["tool_calls"]]}
     return message
+
+
+def _arguments_read(call: Any) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        return {**call, "function": {**function, "arguments": json.loads(function["arguments"])}}
+    except ValueError:
+        raise ValueError(f"a tool call's arguments are not JSON: {function['arguments'][:80]!r}") from None
 
 
 def _chat_logprobs(model: Model, source: Event | Completion) -> dict[str, Any] | None:

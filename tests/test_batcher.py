@@ -9,8 +9,9 @@ import mmap
 import queue
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -49,6 +50,21 @@ def alone(model: onnxgen.Model, prompts: list[str], **options: Any) -> list[list
 
 
 GREEDY = {"do_sample": False, "eos_token_id": None}
+T = TypeVar("T")
+
+
+def together(batcher: Batcher, model: onnxgen.Model, submissions: Callable[[], T]) -> T:
+    """`submissions()` run while the batcher's worker is held (inside the event of a one-token job), so that the jobs
+    it submits all wait when the worker goes on and start together, however slowly this thread runs beside a busy
+    machine (sent one by one, the tiny model's first job can end before the next is sent)."""
+    gate, holding = threading.Event(), threading.Event()
+    held = submit(batcher, model, ["It"], on_event=lambda _: (holding.set(), gate.wait(30)), max_new_tokens=1, **GREEDY)
+    assert holding.wait(30)
+    try:
+        return submissions()
+    finally:
+        gate.set()
+        assert len(result(held)[0].token_ids) == 1  # its token came from the prompt pass: no step of its own
 
 
 def test_a_request_joins_rows_already_decoding(model: onnxgen.Model) -> None:
@@ -116,7 +132,7 @@ def test_requests_with_different_options_share_steps(model: onnxgen.Model) -> No
         (["It is"], {"max_new_tokens": 9, "logprobs": 2, **GREEDY}),
         (["Call me", "The"], {"max_new_tokens": 30, "regex": "[a-z ]{5,40}!", "do_sample": True, "seed": 4}),  # guidance.py
     ]
-    inboxes = [submit(batcher, model, prompts, **options) for prompts, options in cases]
+    inboxes = together(batcher, model, lambda: [submit(batcher, model, prompts, **options) for prompts, options in cases])
     results = [result(inbox) for inbox in inboxes]
     assert [len(c.token_ids) for c in results[0]] == [20, 20]
     assert all(re.fullmatch("[a-z ]{5,40}!", c.text) and c.finish_reason == "eos" for c in results[4])
@@ -176,15 +192,16 @@ def test_seeded_requests_and_beams_share_steps(model: onnxgen.Model) -> None:
     """A seed gives what model.generate gives with it, and beam search what it gives alone while its beams move
     among the shared rows it holds, beside other rows decoding."""
     batcher = Batcher(model, max_batch=8)
-    shared = submit(batcher, model, ["It is a truth"], max_new_tokens=40, **GREEDY)
-    seeded = submit(batcher, model, ["Call me"], max_new_tokens=15, do_sample=True, seed=3, num_return_sequences=2)
-    beams = submit(batcher, model, ["The", "Once upon a"], max_new_tokens=8, num_beams=3, num_return_sequences=2)
+    shared, seeded, beams = together(batcher, model, lambda: (
+        submit(batcher, model, ["It is a truth"], max_new_tokens=40, **GREEDY),
+        submit(batcher, model, ["Call me"], max_new_tokens=15, do_sample=True, seed=3, num_return_sequences=2),
+        submit(batcher, model, ["The", "Once upon a"], max_new_tokens=8, num_beams=3, num_return_sequences=2)))
     assert [c.text for c in result(seeded)] == [c.text for c in model.generate("Call me", max_new_tokens=15, do_sample=True, seed=3,
                                                                                 num_return_sequences=2)]
     expected = model.generate(["The", "Once upon a"], max_new_tokens=8, num_beams=3, num_return_sequences=2)
     assert [(c.text, c.score) for c in result(beams)] == [(c.text, pytest.approx(c.score, abs=1e-4)) for c in expected]
     assert [c.token_ids for c in result(shared)] == alone(model, ["It is a truth"], max_new_tokens=40, **GREEDY)
-    assert batcher.jobs == 3 and batcher.steps < 39 + 7  # fewer than the two shared jobs' steps one after the other
+    assert batcher.jobs == 4 and batcher.steps < 39 + 7  # (the holding job's and) fewer than the two shared jobs' steps one after the other
 
 
 @pytest.mark.parametrize("mode", ["fp32", "int4", "int8"])
@@ -200,7 +217,7 @@ def test_seeded_requests_share_rows_where_a_row_is_computed_alone(model: onnxgen
         assert batcher.seeds_share == (mode == "fp32")
     prompts = ["It is a truth universally acknowledged", "Call me Ishmael", "The", "Once upon a time"]
     options = dict(max_new_tokens=12, do_sample=True, top_p=0.9, eos_token_id=None)
-    inboxes = [submit(batcher, folder, [p], seed=i, **options) for i, p in enumerate(prompts)]
+    inboxes = together(batcher, folder, lambda: [submit(batcher, folder, [p], seed=i, **options) for i, p in enumerate(prompts)])
     for i, (prompt, inbox) in enumerate(zip(prompts, inboxes)):
         assert [c.token_ids for c in result(inbox)] == alone(folder, [prompt], seed=i, **options)
     if batcher.seeds_share:  # fewer shared steps than the four jobs' 11 decode steps one after the other
@@ -352,7 +369,7 @@ def test_with_cuda_graphs_each_count_of_rows_is_bound_once(exported: Path, monke
     batcher = Batcher(model, max_batch=3)
     jobs = [(["It is a truth universally acknowledged"], 20), (["Call me"], 3), (["The"], 12), (["Once upon"], 5), (["It"], 9)]
     for _ in range(2):
-        inboxes = [submit(batcher, model, prompts, max_new_tokens=n, **GREEDY) for prompts, n in jobs]
+        inboxes = together(batcher, model, lambda: [submit(batcher, model, prompts, max_new_tokens=n, **GREEDY) for prompts, n in jobs])
         for (prompts, n), inbox in zip(jobs, inboxes):
             assert [c.token_ids for c in result(inbox)] == alone(model, prompts, max_new_tokens=n, **GREEDY)
     counts = [rows for cache, rows in made if cache is batcher.cache]

@@ -16,15 +16,21 @@ from onnxgen.errors import OptionsError
 from onnxgen.export import export
 from onnxgen.quantize import QuantizeOptions, quantize
 
-# What templates use: the special tokens by name, loop controls, tojson, raise_exception, {% generation %} blocks.
+# What templates use: the special tokens by name, loop controls, tojson, raise_exception, {% generation %} blocks,
+# the tools and an assistant's tool calls (their arguments an object, as transformers documents them) and results.
 TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}"
     "{% else %}{% set system = 'You are helpful.' %}{% endif %}"
     "{{ bos_token }}system: {{ system | tojson }}\n"
+    "{% if tools %}tools: {{ tools | map(attribute='function') | map(attribute='name') | join(', ') }}\n{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['user', 'assistant'] %}{{ raise_exception('roles are user and assistant') }}{% endif %}"
+    "{% if message['role'] not in ['user', 'assistant', 'tool'] %}{{ raise_exception('roles are user, assistant and tool') }}{% endif %}"
     "{% if message['content'] == 'skip me' %}{% continue %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}assistant: {% generation %}{{ message['content'] }}{% endgeneration %}{{ eos_token }}\n"
+    "{% if message['role'] == 'assistant' %}assistant: {% generation %}{% if message['tool_calls'] %}"
+    "{% for call in message['tool_calls'] %}{{ call['function']['name'] }}{{ call['function']['arguments'] | tojson }}{% endfor %}"
+    "{% else %}{{ message['content'] }}{% endif %}"
+    "{% endgeneration %}{{ eos_token }}\n"
+    "{% elif message['role'] == 'tool' %}result: {{ message['content'] }}\n"
     "{% else %}user: {{ message['content'] }}\n{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
@@ -66,11 +72,13 @@ def test_a_conversation_renders_as_transformers_renders_it(chat_folder: Path, ch
 
 def test_what_a_template_refuses_is_an_options_error(chat_folder: Path, exported: Path) -> None:
     model = onnxgen.load(chat_folder, threads=1)
-    with pytest.raises(OptionsError, match="chat template refuses these messages: roles are user and assistant"):
-        model.apply_chat_template([{"role": "tool", "content": "x"}])
-    for bad in ([], [{"role": "user"}], "Hello", [{"role": "user", "content": 3}]):
+    with pytest.raises(OptionsError, match="chat template refuses these messages: roles are user, assistant and tool"):
+        model.apply_chat_template([{"role": "critic", "content": "x"}])
+    for bad in ([], [{"role": "user"}], "Hello", [{"role": "user", "content": 3}], [{"role": "assistant", "content": None}]):
         with pytest.raises(OptionsError, match="messages must be a non-empty list"):
             model.apply_chat_template(bad)  # type: ignore[arg-type]
+    with pytest.raises(OptionsError, match="tools must be a list of JSON schemas"):
+        model.apply_chat_template(CONVERSATIONS[0], tools={"name": "f"})  # type: ignore[arg-type]
     with pytest.raises(OptionsError, match="has no chat template"):
         onnxgen.load(exported, threads=1).apply_chat_template(CONVERSATIONS[0])
 
@@ -108,7 +116,7 @@ def chat_server(chat_folder: Path, exported: Path) -> Iterator[tuple[str, str]]:
     servers, bases = [], []
     for folder, name in ((chat_folder, "tiny-chat"), (exported, "tiny")):
         port = _free_port()
-        app = create_app(onnxgen.load(folder, threads=1), name, limits=Limits(max_tokens=12, max_n=4))
+        app = create_app(onnxgen.load(folder, threads=1), name, limits=Limits(max_tokens=64, max_n=4))
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         threading.Thread(target=server.run, daemon=True).start()
         deadline = time.time() + 20
@@ -162,9 +170,10 @@ def test_chat_completions_refusals_and_default_length(chat_server: tuple[str, st
 
     client = _client(chat_server[0])
     out = client.chat.completions.create(model="tiny-chat", messages=CONVERSATIONS[0], temperature=0, extra_body={"eos_token_id": None})
-    assert out.usage.completion_tokens == 12 and out.choices[0].finish_reason == "length"  # no max_tokens: the server's limit
-    with pytest.raises(openai.BadRequestError, match="roles are user and assistant"):
-        client.chat.completions.create(model="tiny-chat", messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])
+    assert out.choices[0].finish_reason == "length"  # no max_tokens: what the context leaves, up to the server's limit
+    assert out.usage.completion_tokens == min(64, 128 - out.usage.prompt_tokens) == 64
+    with pytest.raises(openai.BadRequestError, match="roles are user, assistant and tool"):
+        client.chat.completions.create(model="tiny-chat", messages=[{"role": "critic", "content": "x"}])
     with pytest.raises(openai.BadRequestError, match="messages must be a non-empty list"):
         client.chat.completions.create(model="tiny-chat", messages=[])
     with pytest.raises(openai.NotFoundError):
@@ -173,11 +182,191 @@ def test_chat_completions_refusals_and_default_length(chat_server: tuple[str, st
     texts = [client.chat.completions.create(model="tiny-chat", messages=m, max_tokens=5, temperature=0).choices[0].message.content
              for m in (parts, [{"role": "user", "content": "Hello\nthere"}])]
     assert texts[0] == texts[1]
-    with pytest.raises(openai.BadRequestError, match="unknown generation option.*tools"):  # tool calling is not offered
-        client.chat.completions.create(model="tiny-chat", messages=CONVERSATIONS[0],
-                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
     with pytest.raises(openai.BadRequestError, match="has no chat template"):  # a folder whose checkpoint had none
         _client(chat_server[1]).chat.completions.create(model="tiny", messages=CONVERSATIONS[0])
+
+
+# OpenAI's tools: a function with parameters, one with small ones, one with none
+TOOLS: list[dict[str, Any]] = [
+    {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}}, "required": ["city", "unit"]}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["a"]}}},
+    {"type": "function", "function": {"name": "now"}},
+]
+ASKED = [{"role": "user", "content": "Paris?"}]
+# The conversation after a call: the assistant's call (content None, arguments as JSON text) and its result
+ANSWERED = [*ASKED, {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome", "unit": "c"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "18"}]
+
+
+def _as_template_takes_it(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """transformers' documented message shape: a call's arguments an object, not JSON text."""
+    return [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+                                 for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
+
+
+def test_tools_and_calls_render_as_transformers_renders_them(chat_folder: Path, chat_checkpoint: Path) -> None:
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(chat_checkpoint)
+    model = onnxgen.load(chat_folder, threads=1)
+    for messages in (ASKED, _as_template_takes_it(ANSWERED)):
+        text = model.apply_chat_template(messages, tools=TOOLS)
+        assert text == hf.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+        assert "tools: get_weather, add, now\n" in text
+    assert 'assistant: get_weather{"city": "Rome", "unit": "c"}' in text and "result: 18\n" in text
+
+
+def _streamed_calls(chunks: list[Any], index: int = 0) -> tuple[list[tuple[str, str]], list[str], str | None]:
+    """A streamed choice's calls put together as a client does (by index: the first delta has the id and name, the
+    others add to the arguments), their ids, and the finish reason."""
+    calls: dict[int, list[str]] = {}
+    ids, reason = [], None
+    for chunk in chunks:
+        choice = chunk.choices[0]
+        if choice.index != index:
+            continue
+        assert choice.delta.content is None  # a reply of calls has no text
+        for call in choice.delta.tool_calls or []:
+            if call.id:
+                assert call.index not in calls and call.type == "function" and call.function.name
+                calls[call.index], ids = [call.function.name, ""], [*ids, call.id]
+            calls[call.index][1] += call.function.arguments or ""
+        reason = choice.finish_reason or reason
+    return [(name, arguments) for name, arguments in calls.values()], ids, reason
+
+
+def test_a_named_function_is_called_with_arguments_its_schema_allows(chat_server: tuple[str, str], chat_folder: Path) -> None:
+    """tool_choice naming a function: the reply is one call of it, its arguments what generate gives under the
+    function's parameters as json_schema (greedy, then seeded sampling of two choices); streamed, the same calls piece
+    by piece."""
+    model = onnxgen.load(chat_folder, threads=1)
+    client, prompt = _client(chat_server[0]), model.apply_chat_template(ASKED, tools=TOOLS)
+    left = min(64, 128 - len(model.tokenizer.encode(prompt)))  # what the server gives a reply without max_tokens
+    for name, parameters in (("get_weather", TOOLS[0]["function"]["parameters"]), ("now", {"type": "object", "properties": {},
+                                                                                          "additionalProperties": False})):
+        choice = {"type": "function", "function": {"name": name}}
+        for sampling in ({"temperature": 0}, {"temperature": 0.9, "seed": 3, "max_tokens": 20, "n": 2}):
+            out = client.chat.completions.create(model="tiny-chat", messages=ASKED, tools=TOOLS, tool_choice=choice, **sampling)
+            expected = model.generate(prompt, max_new_tokens=sampling.get("max_tokens", left), do_sample="seed" in sampling, top_k=0,
+                                      json_schema=parameters, num_return_sequences=sampling.get("n", 1),
+                                      **{k: v for k, v in sampling.items() if k not in ("max_tokens", "n")})
+            stream = list(client.chat.completions.create(model="tiny-chat", messages=ASKED, tools=TOOLS, tool_choice=choice, stream=True,
+                                                         **sampling))
+            assert len(out.choices) == len(expected)
+            for i, (choice_out, wanted) in enumerate(zip(out.choices, expected)):
+                message = choice_out.message
+                assert message.content is None and len(message.tool_calls) == 1 and message.tool_calls[0].id.startswith("call_")
+                assert (message.tool_calls[0].function.name, message.tool_calls[0].function.arguments) == (name, wanted.text)
+                assert choice_out.finish_reason == {"eos": "stop", "length": "length"}[wanted.finish_reason]  # OpenAI's for a named call
+                assert _streamed_calls(stream, i)[::2] == ([(name, wanted.text)], choice_out.finish_reason)
+            assert "seed" not in sampling or name == "now" or expected[0].text != expected[1].text  # two choices, each read apart
+        assert expected[0].finish_reason == "length" or name == "now"  # sampled get_weather runs past its schema's properties
+    assert [json.loads(c.text) for c in expected] == [{}, {}]  # a function that declares no parameters takes none
+    weather = client.chat.completions.create(model="tiny-chat", messages=ASKED, tools=TOOLS, temperature=0,
+                                             tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    arguments = json.loads(weather.choices[0].message.tool_calls[0].function.arguments)
+    assert set(arguments) == {"city", "unit"} and len(arguments["city"]) <= 8 and arguments["unit"] in ("c", "f")
+
+
+def test_required_calls_one_or_more_of_the_tools(chat_server: tuple[str, str], chat_folder: Path) -> None:
+    """tool_choice "required": the reply is a list of calls, each one of the tools with arguments its schema allows,
+    as generate gives the list under the tools' schema (parallel_tool_calls false: at most one); finish reason
+    "tool_calls" once the list is whole; streamed, the same calls with an id each."""
+    model = onnxgen.load(chat_folder, threads=1)
+    client, prompt = _client(chat_server[0]), model.apply_chat_template(ASKED, tools=TOOLS)
+    left = min(64, 128 - len(model.tokenizer.encode(prompt)))  # what the server gives a reply without max_tokens
+    named = {"type": "object", "anyOf": [{"properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
+                                                         "parameters": t["function"].get("parameters") or {
+                                                             "type": "object", "properties": {}, "additionalProperties": False}},
+                                          "required": ["name", "parameters"]} for t in TOOLS]}
+    for parallel, bound in ((True, {}), (False, {"maxItems": 1})):
+        schema = {"type": "array", "minItems": 1, "items": named, **bound}
+        expected = model.generate(prompt, max_new_tokens=left, do_sample=False, json_schema=schema)[0]
+        assert expected.finish_reason == "eos"  # the list closed within the context
+        calls = [(c["name"], c["parameters"]) for c in json.loads(expected.text)]
+        out = client.chat.completions.create(model="tiny-chat", messages=ASKED, tools=TOOLS, tool_choice="required", temperature=0,
+                                             parallel_tool_calls=parallel)
+        message = out.choices[0].message
+        assert message.content is None and out.choices[0].finish_reason == "tool_calls"
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == calls
+        assert len({c.id for c in message.tool_calls}) == len(calls) and len(calls) <= (1 if not parallel else len(calls))
+        stream = list(client.chat.completions.create(model="tiny-chat", messages=ASKED, tools=TOOLS, tool_choice="required",
+                                                     temperature=0, parallel_tool_calls=parallel, stream=True))
+        streamed, ids, reason = _streamed_calls(stream)
+        assert streamed == [(c.function.name, c.function.arguments) for c in message.tool_calls] and reason == "tool_calls"
+        assert len(set(ids)) == len(calls)
+    cut = client.chat.completions.create(model="tiny-chat", messages=ASKED, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=12)
+    assert cut.choices[0].finish_reason == "length"  # the calls as far as they were written
+    text = model.generate(prompt, max_new_tokens=12, do_sample=False, json_schema={"type": "array", "minItems": 1, "items": named})[0].text
+    assert [(c.function.name, c.function.arguments) for c in cut.choices[0].message.tool_calls] == (
+        [] if ',"parameters":' not in text else [(json.loads(text[1:text.index(',"parameters":')] + "}")["name"],
+                                                   text[text.index(',"parameters":') + len(',"parameters":'):])])
+
+
+def test_a_conversation_goes_on_after_a_call(chat_server: tuple[str, str], chat_folder: Path) -> None:
+    """The call (arguments as JSON text, OpenAI's shape) and its result sent back: the reply is what generate gives on
+    the template's text of them, with "none" as with no tool_choice at all (text, not calls)."""
+    model = onnxgen.load(chat_folder, threads=1)
+    client = _client(chat_server[0])
+    expected = model.generate(model.apply_chat_template(_as_template_takes_it(ANSWERED), tools=TOOLS), max_new_tokens=8, do_sample=False)[0]
+    for choice in ({"tool_choice": "none"}, {}):
+        tools = {"tools": TOOLS} if choice else {}
+        out = client.chat.completions.create(model="tiny-chat", messages=ANSWERED, max_tokens=8, temperature=0, **tools, **choice)
+        if choice:
+            assert out.choices[0].message.content == expected.text and not out.choices[0].message.tool_calls
+        else:  # without tools the template does not list them: another prompt
+            assert out.usage.prompt_tokens < len(model.tokenizer.encode(model.apply_chat_template(_as_template_takes_it(ANSWERED), tools=TOOLS)))
+
+
+def test_tool_requests_it_cannot_do_are_refused(chat_server: tuple[str, str]) -> None:
+    import openai
+
+    client = _client(chat_server[0])
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    refusals: list[tuple[dict[str, Any], str]] = [
+        ({"tools": TOOLS}, 'tool_choice "auto".*give tool_choice "required"'),  # OpenAI's default with tools
+        ({"tools": TOOLS, "tool_choice": "auto"}, 'tool_choice "auto"'),
+        ({"tool_choice": "required"}, "the request gives no tools"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "fly"}}}, "'fly', which is not among the tools"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, 'tool_choice is "none", "auto", "required" or'),
+        ({"tools": [{"type": "function", "function": {"description": "no name"}}], "tool_choice": "required"}, r"tools\[0\] is"),
+        ({"tools": [TOOLS[1], TOOLS[1]], "tool_choice": "required"}, "two functions are named 'add'"),
+        ({"tools": TOOLS, "tool_choice": named, "response_format": {"type": "json_object"}}, "not with response_format"),
+        ({"tools": TOOLS, "tool_choice": named, "extra_body": {"regex": "a+"}}, "not with response_format, json_schema, regex"),
+        ({"tools": TOOLS, "tool_choice": named, "extra_body": {"num_beams": 2}}, "beam search"),
+    ]
+    for fields, message in refusals:
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.chat.completions.create(model="tiny-chat", messages=ASKED, max_tokens=4, **fields)
+    garbled = [{**ANSWERED[1], "tool_calls": [{**ANSWERED[1]["tool_calls"][0], "function": {"name": "get_weather", "arguments": "{city"}}]}]
+    with pytest.raises(openai.BadRequestError, match="a tool call's arguments are not JSON: '{city'"):
+        client.chat.completions.create(model="tiny-chat", messages=[*ASKED, *garbled], max_tokens=4)
+
+
+def test_tool_calls_are_read_the_same_whatever_the_pieces() -> None:
+    """tools.ToolCalls: a list of calls read piece by piece (a character, a few, all at once) gives each call's name and
+    its arguments' exact text, strings holding brackets, commas and escaped quotes included; cut short, as far as written."""
+    from onnxgen.tools import ToolCalls
+
+    text = '[{"name":"get_weather","parameters":{"city":"P,}a\\"r{]","unit":"c"}},{"name":"add","parameters":{"a":5}},{"name":"now","parameters":{}}]'
+    whole = [("get_weather", '{"city":"P,}a\\"r{]","unit":"c"}'), ("add", '{"a":5}'), ("now", "{}")]
+    for size in (1, 2, 7, len(text)):
+        reader, news = ToolCalls(None), []
+        for at in range(0, len(text), size):
+            news += reader.push(text[at : at + size])
+        assert [(c.name, c.arguments) for c in reader.calls] == whole
+        assert [name for _, name, _ in news if name] == [name for name, _ in whole]
+        assert ["".join(a for i, _, a in news if i == k) for k in range(3)] == [arguments for _, arguments in whole]
+    start = text.index('{"city"')
+    for end, calls in ((12, []), (start, [("get_weather", "")]), (start + 10, [("get_weather", text[start : start + 10])])):
+        cut = ToolCalls(None)
+        cut.push(text[:end])
+        assert [(c.name, c.arguments) for c in cut.calls] == calls
+    named = ToolCalls("f")
+    assert named.push("") == [(0, "f", "")] and named.push('{"x"') == [(0, None, '{"x"')] and named.calls[0].arguments == '{"x"'
 
 
 def test_the_pipeline_takes_chats_as_transformers_does(chat_folder: Path, chat_checkpoint: Path) -> None:

@@ -1,0 +1,137 @@
+"""Tool calls (OpenAI's `tools` and `tool_choice`): the reply held to a call's JSON, then read back as calls.
+
+A model is not asked to choose between text and a call in a format of its own ("auto", which needs a parser for
+each model family's format): the caller says which, as vLLM does without a tool parser.
+    "none"                                   text, as without tools (the template still sees them)
+    {"type": "function", "function": {...}}  one call of that function: the reply is its arguments, JSON that
+                                             its `parameters` schema allows
+    "required"                               one or more calls of the tools given: the reply is
+                                             [{"name": ..., "parameters": {...}}, ...] (one call with
+                                             parallel_tool_calls false), each item held to its tool's schema
+The constraint is guidance.py's json_schema, so the JSON is compact and its properties come in the schema's order:
+a call's name comes before its arguments, and `ToolCalls` can hand out each call's arguments as they are written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import OptionsError
+
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}  # a function that declares none: {}
+ARGUMENTS_KEY = ',"parameters":'  # what ends a call's name in "required"'s compact JSON
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """What a request's tools and tool_choice ask for: `schema` None is free text; `named` the one function the
+    whole reply calls (its arguments); neither: "required"'s list of calls."""
+
+    schema: dict[str, Any] | None
+    named: str | None = None
+
+
+def tool_choice(tools: list[dict[str, Any]] | None, choice: str | dict[str, Any] | None, parallel: bool = True) -> ToolChoice:
+    """The constraint that OpenAI's `tools`, `tool_choice` and `parallel_tool_calls` ask for; an OptionsError for what
+    cannot be done or is malformed."""
+    functions = _functions(tools or [])
+    if choice is None:
+        choice = "auto" if functions else "none"
+    if choice == "none":
+        return ToolChoice(None)
+    if not functions:
+        raise OptionsError("tool_choice names a call, but the request gives no tools")
+    if choice == "auto":
+        raise OptionsError('tool_choice "auto" (OpenAI\'s default with tools) asks the model to choose between text and a call '
+                           'in a format of its own, which onnxgen does not read: give tool_choice "required", a function '
+                           '({"type": "function", "function": {"name": ...}}) or "none"')
+    if choice == "required":
+        calls = {"type": "object", "anyOf": [
+            {"properties": {"name": {"type": "string", "enum": [name]}, "parameters": parameters}, "required": ["name", "parameters"]}
+            for name, parameters in functions.items()]}
+        return ToolChoice({"type": "array", "minItems": 1, "items": calls, **({} if parallel else {"maxItems": 1})})
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    if not isinstance(name, str):
+        raise OptionsError('tool_choice is "none", "auto", "required" or {"type": "function", "function": {"name": ...}}, '
+                           f"got {json.dumps(choice)[:80]}")
+    if name not in functions:
+        raise OptionsError(f"tool_choice names the function {name!r}, which is not among the tools ({', '.join(functions)})")
+    return ToolChoice(functions[name], name)
+
+
+def _functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """OpenAI's tools ([{"type": "function", "function": {"name", "description", "parameters"}}]) by name: their
+    parameters' schemas."""
+    functions: dict[str, dict[str, Any]] = {}
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise OptionsError(f'tools[{i}] is {{"type": "function", "function": {{"name": ..., "parameters": {{...}}}}}}')
+        parameters = function.get("parameters") or NO_PARAMETERS
+        if not isinstance(parameters, dict):
+            raise OptionsError(f"tools[{i}].function.parameters is a JSON schema (an object)")
+        if function["name"] in functions:
+            raise OptionsError(f"tools: two functions are named {function['name']!r}")
+        functions[function["name"]] = parameters
+    return functions
+
+
+@dataclass
+class Call:
+    name: str
+    arguments: str = ""  # JSON text, as written so far
+
+
+@dataclass
+class ToolCalls:
+    """One reply's calls, read as its text grows (the text the constraint of `tool_choice` holds). `push` gives what
+    each piece adds: (call index, the call's name where the piece begins it else None, its arguments' new text)."""
+
+    named: str | None
+    calls: list[Call] = field(default_factory=list)
+    _depth: int = 0  # brackets open outside strings
+    _string: bool = False
+    _escape: bool = False
+    _head: str = ""  # the current item's text before its arguments: {"name":"...","parameters":
+    _in_arguments: bool = False
+
+    def push(self, text: str) -> list[tuple[int, str | None, str]]:
+        news: list[tuple[int, str | None, str]] = []
+        if self.named is not None:  # the whole reply is one call's arguments
+            if not self.calls:
+                self.calls.append(Call(self.named))
+                news.append((0, self.named, ""))
+            self.calls[0].arguments += text
+            return [*news, (0, None, text)] if text else news
+        for ch in text:
+            # An item's arguments end at the "," or "}" that follows them at the item's own depth
+            if self._in_arguments and not self._string and self._depth == 2 and ch in ",}":
+                self._in_arguments = False
+            if self._in_arguments:
+                self.calls[-1].arguments += ch
+                if news and news[-1][0] == len(self.calls) - 1:
+                    news[-1] = (news[-1][0], news[-1][1], news[-1][2] + ch)
+                else:
+                    news.append((len(self.calls) - 1, None, ch))
+            elif self._depth >= 2 or (self._depth == 1 and ch == "{"):  # in an item, before its arguments
+                self._head += ch
+            self._scan(ch)
+            if not self._in_arguments and self._head.endswith(ARGUMENTS_KEY) and not self._string and self._depth == 2:
+                self.calls.append(Call(json.loads(self._head[: -len(ARGUMENTS_KEY)] + "}")["name"]))
+                news.append((len(self.calls) - 1, self.calls[-1].name, ""))
+                self._head, self._in_arguments = "", True
+            elif self._depth == 1:
+                self._head = ""
+        return news
+
+    def _scan(self, ch: str) -> None:
+        if self._string:
+            self._escape, self._string = (False, True) if self._escape else (ch == "\\", ch != '"')
+        elif ch == '"':
+            self._string = True
+        elif ch in "{[":
+            self._depth += 1
+        elif ch in "}]":
+            self._depth -= 1
