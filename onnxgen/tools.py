@@ -100,11 +100,11 @@ class ToolCalls:
     def push(self, text: str) -> list[tuple[int, str | None, str]]:
         news: list[tuple[int, str | None, str]] = []
         if self.named is not None:  # the whole reply is one call's arguments
-            if not self.calls:
+            first = not self.calls
+            if first:
                 self.calls.append(Call(self.named))
-                news.append((0, self.named, ""))
             self.calls[0].arguments += text
-            return [*news, (0, None, text)] if text else news
+            return [(0, self.named, text)] if first else [(0, None, text)] if text else []
         for ch in text:
             # An item's arguments end at the "," or "}" that follows them at the item's own depth
             if self._in_arguments and not self._string and self._depth == 2 and ch in ",}":

@@ -356,7 +356,9 @@ def test_tool_calls_are_read_the_same_whatever_the_pieces() -> None:
     for size in (1, 2, 7, len(text)):
         reader, news = ToolCalls(None), []
         for at in range(0, len(text), size):
-            news += reader.push(text[at : at + size])
+            piece = reader.push(text[at : at + size])
+            assert len(piece) == len({i for i, _, _ in piece})  # a piece tells each call once: its name with its arguments
+            news += piece
         assert [(c.name, c.arguments) for c in reader.calls] == whole
         assert [name for _, name, _ in news if name] == [name for name, _ in whole]
         assert ["".join(a for i, _, a in news if i == k) for k in range(3)] == [arguments for _, arguments in whole]
@@ -367,6 +369,7 @@ def test_tool_calls_are_read_the_same_whatever_the_pieces() -> None:
         assert [(c.name, c.arguments) for c in cut.calls] == calls
     named = ToolCalls("f")
     assert named.push("") == [(0, "f", "")] and named.push('{"x"') == [(0, None, '{"x"')] and named.calls[0].arguments == '{"x"'
+    assert ToolCalls("f").push("{") == [(0, "f", "{")]  # a call's first delta: its name with what its arguments begin with
 
 
 def test_the_pipeline_takes_chats_as_transformers_does(chat_folder: Path, chat_checkpoint: Path) -> None:
