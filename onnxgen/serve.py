@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -332,7 +333,7 @@ def _job_input(model: Model, body: CompletionRequest, limits: Limits, draft: Mod
             raise ValueError(f"{field} is not supported")
     for field in OPENAIS.keys() & extra.keys():
         raise ValueError(f"{field} is OpenAI's {OPENAIS[field]} here")
-    _vllms_names(extra)
+    _vllms_names(extra, model)
     if body.max_tokens == 0 and body.stream:
         raise ValueError("max_tokens 0 (the prompt scored, nothing generated) is not streamed")
     if body.max_tokens > limits.max_tokens:
@@ -356,20 +357,53 @@ def _job_input(model: Model, body: CompletionRequest, limits: Limits, draft: Mod
     return model.prompt_ids(batch, options), options  # the same checks as generate()
 
 
-def _vllms_names(extra: dict[str, Any]) -> None:
+# vLLM's structured outputs: its older extra fields, and the keys of its newer `structured_outputs` field
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def _vllms_names(extra: dict[str, Any], model: Model) -> None:
     """vLLM's extra fields that say what onnxgen options say, as its clients and its benchmark send them: min_tokens
-    (min_new_tokens) and ignore_eos (no end token: every row runs to max_tokens)."""
+    (min_new_tokens), ignore_eos (no end token: every row runs to max_tokens), stop_token_ids (end tokens besides
+    the model's), top_k -1 (vLLM's "off", onnxgen's 0), and its structured outputs (_vllms_constraint): guided_json,
+    guided_regex, guided_choice (one of the texts), guided_grammar (Lark, as vLLM's guidance backend reads it), or
+    structured_outputs {"json"|"regex"|"choice"|"grammar": ...} / {"json_object": true}."""
     if "min_tokens" in extra:
         if "min_new_tokens" in extra:
             raise ValueError("min_tokens is vLLM's name for min_new_tokens: give one of them")
         extra["min_new_tokens"] = extra.pop("min_tokens")
-    ignore_eos = extra.pop("ignore_eos", False)
+    if extra.get("top_k") == -1:
+        extra["top_k"] = 0
+    ignore_eos, stop_ids = extra.pop("ignore_eos", False), extra.pop("stop_token_ids", None)
     if ignore_eos not in (True, False):
         raise ValueError(f"ignore_eos is true or false, got {ignore_eos!r}")
-    if ignore_eos:
+    if stop_ids is not None and not (isinstance(stop_ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids)):
+        raise ValueError("stop_token_ids is a list of token ids")
+    if ignore_eos or stop_ids:
         if "eos_token_id" in extra:
-            raise ValueError("ignore_eos (vLLM's) is eos_token_id null: give one of them")
-        extra["eos_token_id"] = None
+            raise ValueError("ignore_eos and stop_token_ids (vLLM's) say what eos_token_id says: give one of them")
+        extra["eos_token_id"] = ([] if ignore_eos else model.defaults.eos_ids) + (stop_ids or []) or None
+    _vllms_constraint(extra)
+
+
+def _vllms_constraint(extra: dict[str, Any]) -> None:
+    """vLLM's structured outputs as onnxgen's json_schema, regex or grammar: one a request, as onnxgen's own."""
+    guided = [(GUIDED[name], extra.pop(name)) for name in list(extra) if name in GUIDED]
+    structured = extra.pop("structured_outputs", None)
+    if structured is not None:
+        if not isinstance(structured, dict) or not structured.keys() <= {*GUIDED.values(), "json_object"}:
+            raise ValueError('structured_outputs is {"json": schema}, {"regex": ...}, {"choice": [...]}, {"grammar": ...} or '
+                             '{"json_object": true}')
+        guided += [("json", {"type": "object"}) if key == "json_object" else (key, value) for key, value in structured.items()
+                   if value is not None and value is not False]
+    if len(guided) > 1 or (guided and extra.keys() & set(CONSTRAINTS)):
+        raise ValueError("one constraint a request: one of json_schema, regex and grammar, or vLLM's guided_json, guided_regex, "
+                         "guided_choice, guided_grammar or structured_outputs")
+    for key, value in guided:
+        if key == "choice":
+            if not (isinstance(value, list) and value and all(isinstance(c, str) for c in value)):
+                raise ValueError("guided_choice (structured_outputs.choice) is a non-empty list of texts")
+            key, value = "regex", "(?:" + "|".join(re.escape(c) for c in value) + ")"  # Python's escapes are llguidance's too
+        extra[{"json": "json_schema"}.get(key, key)] = value
 
 
 def _response_format(value: dict[str, Any] | None) -> dict[str, Any]:

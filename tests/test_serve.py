@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -98,8 +99,49 @@ def test_vllms_names_for_onnxgens_options(client: openai.OpenAI, model: onnxgen.
     assert out.choices[0].text == expected.text and len(expected.token_ids) > 6
     request = CompletionRequest(prompt="Call me", ignore_eos=True)
     assert _job_input(model, request, Limits(), None)[1].eos_token_id is None and model.defaults.eos_token_id is not None
+    # stop_token_ids: end tokens besides the model's (with ignore_eos, instead of them); top_k -1: vLLM's "off"
+    out = client.completions.create(model="tiny", prompt="Call me", max_tokens=20, temperature=0, extra_body={"stop_token_ids": [end]})
+    expected = model.generate("Call me", max_new_tokens=20, do_sample=False, eos_token_id=[*model.defaults.eos_ids, end])[0]
+    assert out.choices[0].text == expected.text and expected.token_ids == plain[:6] and out.choices[0].finish_reason == "stop"
+    ends = [_job_input(model, CompletionRequest(prompt="Hi", **extra), Limits(), None)[1].eos_ids
+            for extra in ({"stop_token_ids": [end]}, {"stop_token_ids": [end], "ignore_eos": True}, {"stop_token_ids": []})]
+    assert ends == [[*model.defaults.eos_ids, end], [end], model.defaults.eos_ids]
+    assert _job_input(model, CompletionRequest(prompt="Hi", top_k=-1, temperature=0.5), Limits(), None)[1].top_k == 0
     for extra, message in [({"ignore_eos": "yes"}, "ignore_eos is true or false"), ({"ignore_eos": True, "eos_token_id": 3}, "give one of them"),
-                           ({"min_tokens": 2, "min_new_tokens": 2}, "give one of them")]:
+                           ({"min_tokens": 2, "min_new_tokens": 2}, "give one of them"), ({"stop_token_ids": [end], "eos_token_id": 3}, "give one of them"),
+                           ({"stop_token_ids": "3"}, "stop_token_ids is a list of token ids")]:
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.completions.create(model="tiny", prompt="Hi", max_tokens=5, extra_body=extra)
+
+
+def test_vllms_structured_outputs(client: openai.OpenAI, model: onnxgen.Model) -> None:
+    """vLLM's guided_json, guided_regex, guided_choice, guided_grammar and structured_outputs: the text generate gives
+    under onnxgen's json_schema, regex or grammar; a choice is one of its texts whole (a Lark grammar of the same
+    texts chooses the same tokens), special characters and all."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6}}, "required": ["name"]}
+    choices = ["a b-c", "x.y*(z)", "[1]|^$", "日本"]
+    lark = "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+    def text(**extra: Any) -> str:
+        out = client.completions.create(model="tiny", prompt="It is", max_tokens=30, temperature=0, extra_body=extra)
+        return out.choices[0].text
+
+    def generated(**constraint: Any) -> str:
+        return model.generate("It is", max_new_tokens=30, do_sample=False, **constraint)[0].text
+
+    assert text(guided_json=schema) == text(structured_outputs={"json": schema}) == generated(json_schema=schema)
+    assert text(structured_outputs={"json_object": True}) == generated(json_schema={"type": "object"})
+    assert text(guided_regex="[a-z]{3,8}!") == text(structured_outputs={"regex": "[a-z]{3,8}!"}) == generated(regex="[a-z]{3,8}!")
+    assert text(guided_grammar=lark) == generated(grammar=lark)
+    for chosen in (text(guided_choice=choices), text(structured_outputs={"choice": choices}), text(guided_choice=choices[::-1])):
+        assert chosen in choices and chosen == generated(grammar=lark)
+    sampled = {client.completions.create(model="tiny", prompt="It is", max_tokens=30, temperature=1.5, seed=seed,
+                                         extra_body={"guided_choice": choices}).choices[0].text for seed in range(12)}
+    assert sampled <= set(choices) and len(sampled) > 1
+    for extra, message in [({"guided_json": schema, "guided_regex": "a"}, "one constraint a request"),
+                           ({"structured_outputs": {"regex": "a"}, "regex": "b"}, "one constraint a request"),
+                           ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs is"),
+                           ({"guided_choice": []}, "guided_choice .* is a non-empty list of texts")]:
         with pytest.raises(openai.BadRequestError, match=message):
             client.completions.create(model="tiny", prompt="Hi", max_tokens=5, extra_body=extra)
 
