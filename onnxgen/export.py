@@ -1,6 +1,7 @@
 """`onnxgen export`: a GPT-2 checkpoint in, a validated onnxgen model folder out.
 
-Steps: load the checkpoint with transformers; export it with optimum's `text-generation-with-past`
+Steps: load the checkpoint with transformers (a PEFT adapter, such as LoRA, is merged into its base model's weights
+with peft: the folder runs as a plain GPT-2); export it with optimum's `text-generation-with-past`
 task; fuse LayerNorm/Gelu with onnxruntime's GPT-2 optimizer; apply onnxgen's graph edits (graph.py);
 save (weights in `model.onnx.data`, which onnxruntime maps into memory, and which protobuf's 2 GB limit
 requires past that size anyway);
@@ -31,6 +32,8 @@ import numpy as np
 from . import __version__, atomic, manifest
 from .errors import ExportError
 from .folder import CHAT_TEMPLATE, CONFIG, DATA_FILE, MODEL_FILE, TOKENIZER, Dims, ModelFolder
+
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter's folder (LoRA, ...), which names its base model
 from .progress import steps
 
 
@@ -48,6 +51,7 @@ class ExportOptions:
     atol: float = 1e-4  # max abs logit difference against PyTorch for the export to pass
     force: bool = False
     revision: str | None = None  # a hub id's branch, tag or commit (default: its main branch)
+    base: str | None = None  # a PEFT adapter's base model, where not the one its adapter_config.json names
 
 
 def _hub_out_of_reach(timeout: float = 10.0) -> bool:
@@ -69,10 +73,11 @@ def _hub_out_of_reach(timeout: float = 10.0) -> bool:
     return False
 
 
-def _load(source: str, revision: str | None) -> tuple[Any, Any]:
-    """Load model and fast tokenizer from a hub id (at `revision`) or local folder, with one-line errors."""
+def _load(source: str, revision: str | None, base: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """Load model and fast tokenizer from a hub id (at `revision`) or local folder, with one-line errors; and where
+    they came from, as the manifest's source says it. A PEFT adapter comes merged into its base (or `base`)."""
     from huggingface_hub.utils import logging as hub_logging
-    from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
+    from transformers import AutoConfig, GPT2LMHeadModel
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # progress is ours; transformers' notices would interleave with it
@@ -81,14 +86,19 @@ def _load(source: str, revision: str | None) -> tuple[Any, Any]:
     path = Path(source)
     if not path.exists() and source.startswith((".", "/", "~")):  # a path, not a hub id
         raise ExportError(f"{source}: no such folder")
-    if path.exists() and not (path / CONFIG).is_file():
-        raise ExportError(f"{source} is not a transformers checkpoint folder (no {CONFIG})")
     if path.exists() and revision is not None:
         raise ExportError(f"{source} is a folder: a revision names a commit of a hub id")
+    if path.exists() and not (path / CONFIG).is_file():
+        if (path / ADAPTER_CONFIG).is_file():
+            return _merged(path, source, None, base)
+        raise ExportError(f"{source} is not a transformers checkpoint folder (no {CONFIG})")
     cached_only = not path.exists() and _hub_out_of_reach()
     try:
         config = AutoConfig.from_pretrained(source, revision=revision, local_files_only=cached_only)
     except (OSError, ValueError) as e:
+        adapter = None if path.exists() else _hub_adapter(source, revision, cached_only)
+        if adapter is not None:
+            return _merged(adapter, source, adapter.name, base)
         if cached_only:
             from huggingface_hub import constants
 
@@ -98,18 +108,12 @@ def _load(source: str, revision: str | None) -> tuple[Any, Any]:
         raise ExportError(f"cannot load {source!r} (unknown model id, no network, or not a checkpoint): {first}") from None
     if config.model_type != "gpt2":
         raise ExportError(f"{source} is a {config.model_type!r} model; onnxgen exports GPT-2 models only")
+    if base is not None:
+        raise ExportError(f"{source} is a checkpoint: a base model is for a PEFT adapter (a folder with {ADAPTER_CONFIG})")
     # The tokenizer and weights from the commit the config came from: a push to the branch between the three
     # loads would otherwise mix two commits' files.
     revision = config._commit_hash or revision
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, use_fast=True, local_files_only=cached_only)
-    except TypeError:  # no tokenizer files at all: transformers opens a vocab_file of None
-        raise ExportError(f"{source} has no tokenizer: it needs tokenizer.json, or vocab.json and merges.txt, "
-                          "beside config.json (tokenizer.save_pretrained(folder) writes them)") from None
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{source} has no usable tokenizer: {str(e).splitlines()[0]}") from None
-    if not tokenizer.is_fast:
-        raise ExportError(f"{source} has no fast tokenizer (tokenizer.json or vocab.json + merges.txt)")
+    tokenizer = _tokenizer(source, revision, cached_only)
     # Eager attention: transformers' SDPA path ignores `scale_attn_weights` and `scale_attn_by_inverse_layer_idx`
     # (transformers#44380, fixed after 4.57), so exported and checked against it, a checkpoint trained with either
     # (stanford-crfm's GPT-2s) would pass validation with the wrong attention scale.
@@ -119,7 +123,68 @@ def _load(source: str, revision: str | None) -> tuple[Any, Any]:
     except Exception as e:  # no weights file, a damaged one, weights of other shapes than its config says, a config they refuse
         detail = " ".join(str(e).split())[:400] or type(e).__name__  # torch's size mismatches span lines
         raise ExportError(f"cannot load {source}: {detail}") from None
-    return model, tokenizer
+    return model, tokenizer, {"model": source, "commit": config._commit_hash}
+
+
+def _tokenizer(source: str, revision: str | None, cached_only: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, use_fast=True, local_files_only=cached_only)
+    except TypeError:  # no tokenizer files at all: transformers opens a vocab_file of None
+        raise ExportError(f"{source} has no tokenizer: it needs tokenizer.json, or vocab.json and merges.txt, "
+                          "beside config.json (tokenizer.save_pretrained(folder) writes them)") from None
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{source} has no usable tokenizer: {str(e).splitlines()[0]}") from None
+    if not tokenizer.is_fast:
+        raise ExportError(f"{source} has no fast tokenizer (tokenizer.json or vocab.json + merges.txt)")
+    return tokenizer
+
+
+def _hub_adapter(source: str, revision: str | None, cached_only: bool) -> Path | None:
+    """The local snapshot of a hub repository that holds a PEFT adapter (adapter_config.json, no config.json); None
+    where it holds none, or cannot be had (the caller then says why the checkpoint could not be loaded)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        hf_hub_download(source, ADAPTER_CONFIG, revision=revision, local_files_only=cached_only)
+        return Path(snapshot_download(source, revision=revision, local_files_only=cached_only))
+    except (OSError, ValueError):  # huggingface_hub's errors for no such repository, file or network
+        return None
+
+
+def _merged(folder: Path, source: str, commit: str | None, base: str | None) -> tuple[Any, Any, dict[str, Any]]:
+    """A PEFT adapter (LoRA and the other tuners that add to the weights) merged into its base model with peft, as
+    `PeftModel.from_pretrained(base, adapter).merge_and_unload()` does; the adapter's own tokenizer where it has one (a
+    fine-tune's added tokens: the base's embeddings grow to it first, as peft asks)."""
+    adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
+    base = base or adapter.get("base_model_name_or_path")
+    if not base:
+        raise ExportError(f"{source} is a PEFT adapter that names no base model: give it with --base")
+    try:
+        import peft
+    except ImportError:
+        raise ExportError(f"{source} is a PEFT adapter: merging it into {base} needs peft (pip install 'onnxgen[export]')") from None
+    try:
+        model, tokenizer, origin = _load(base, None if base != adapter.get("base_model_name_or_path") else adapter.get("revision"))
+    except ExportError as e:
+        raise ExportError(f"{source} is a PEFT adapter of {base!r}, which cannot be loaded ({e}); give its base with --base") from None
+    if any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        tokenizer = _tokenizer(str(folder), None, True)
+    if len(tokenizer) > model.config.vocab_size:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the rows come from the adapter
+    try:
+        merged = peft.PeftModel.from_pretrained(model, str(folder))
+    except Exception as e:  # weights of other shapes, a tuner this peft does not know
+        detail = " ".join(str(e).split())[:400] or type(e).__name__
+        raise ExportError(f"cannot apply the adapter {source} to {base}: {detail}") from None
+    if not hasattr(merged, "merge_and_unload"):  # prompt and prefix tuning: virtual tokens, not weights
+        raise ExportError(f"{source} is a {adapter.get('peft_type')} adapter, which adds no weights to merge: onnxgen exports "
+                          "merged weights (LoRA, IA3, LoHa, ...)")
+    with warnings.catch_warnings():  # peft's notice that a merged adapter's own embeddings untie the head: the export handles both
+        warnings.simplefilter("ignore")
+        model = merged.merge_and_unload().eval()
+    return model, tokenizer, {"model": source, "commit": commit, "base": origin, "adapter": adapter.get("peft_type")}
 
 
 @dataclass
@@ -217,7 +282,7 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
     atomic.check_destination(out, options.force, source)
     with steps(6, quiet=quiet) as progress:
         with progress.step(f"Loading {source}"):
-            model, tokenizer = _load(source, options.revision)
+            model, tokenizer, origin = _load(source, options.revision, options.base)
         cfg = model.config
         n_params = sum(p.numel() for p in model.parameters())
         atomic.check_disk(out, n_params * 4 * 3)  # optimum's raw export, the final folder, slack
@@ -274,8 +339,9 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
             with progress.step("Writing manifest"):
                 inputs, outputs = io_names(work / MODEL_FILE)
                 result = manifest.write(work, {
-                    # commit: the hub's commit the files came from (None for a folder), whatever revision named it
-                    "source": {"model": source, "commit": cfg._commit_hash, "parameters": n_params},
+                    # commit: the hub's commit the files came from (None for a folder), whatever revision named it; an
+                    # adapter's: its base's too, and its kind (peft's peft_type)
+                    "source": {**origin, "parameters": n_params},
                     "versions": package_versions(),
                     "opset": opset,
                     "dtype": "float32",

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -422,3 +423,131 @@ def test_optimum_runs_the_exported_folder(exported_growing: Path, model, torch_m
         reference = torch_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)
     assert ours[0, 5:].tolist() == reference[0, 5:].tolist() == model.generate([ids[0].tolist()], max_new_tokens=10, eos_token_id=None)[0].token_ids
     assert "logits_to_keep" in json.loads((exported / "onnxgen.json").read_text())["inputs"]
+
+
+def make_adapter(base: Path, folder: Path, seed: int = 1, **lora: Any) -> Path:
+    """A LoRA adapter of `base` as peft saves one (adapter_config.json naming the base, the adapter's weights); its B
+    matrices random, as after training (peft starts them at zero: an adapter that changes nothing would prove nothing)."""
+    import peft
+    from transformers import GPT2LMHeadModel
+
+    model = peft.get_peft_model(GPT2LMHeadModel.from_pretrained(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, **lora))  # GPT-2's Conv1D
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_adapter(checkpoint, tmp_path_factory.mktemp("lora") / "adapter")
+
+
+def test_a_lora_adapter_exports_merged_into_its_base(lora: Path, checkpoint: Path, exported: Path, tmp_path: Path) -> None:
+    """A PEFT adapter folder exports as its base with the adapter merged: greedy text token for token what peft's own
+    model (the adapter beside the base's weights, unmerged) generates, and not the base's; the manifest says so."""
+    import peft
+    from transformers import GPT2LMHeadModel
+
+    import onnxgen
+
+    result = export(str(lora), tmp_path / "merged", quiet=True)
+    assert result["source"]["adapter"] == "LORA" and result["source"]["base"]["model"] == str(checkpoint)
+    assert result["source"]["model"] == str(lora) and result["source"]["commit"] is None
+    reference = peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(checkpoint, attn_implementation="eager"), str(lora)).eval()
+    merged, plain = onnxgen.load(tmp_path / "merged", threads=1), onnxgen.load(exported, threads=1)
+    for prompt in ("It is a truth", "Call me"):
+        ids = merged.tokenizer.encode(prompt)
+        with torch.no_grad():
+            expected = reference.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):]
+        tokens = merged.generate([ids], max_new_tokens=12, do_sample=False, eos_token_id=None)[0].token_ids
+        assert tokens == expected.tolist()
+        assert tokens != plain.generate([ids], max_new_tokens=12, do_sample=False, eos_token_id=None)[0].token_ids
+
+
+@pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`")
+def test_an_adapter_with_tokens_of_its_own_brings_its_tokenizer(checkpoint: Path, tmp_path: Path) -> None:
+    """A fine-tune that added tokens (a chat format's) saves its tokenizer and its embeddings with the adapter: the
+    base's embeddings grow to the tokenizer before the adapter goes on (as peft asks), the folder has the adapter's
+    tokenizer and chat template, and greedy text is peft's own model's."""
+    import peft
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    import onnxgen
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    base = GPT2LMHeadModel.from_pretrained(checkpoint)
+    base.resize_token_embeddings(len(tokenizer))
+    base.save_pretrained(tmp_path / "resized")  # only to make the adapter: the export starts from `checkpoint`
+    adapter = make_adapter(tmp_path / "resized", tmp_path / "adapter", modules_to_save=["wte"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(checkpoint)}))
+    with torch.no_grad():  # the adapter's own embeddings, trained too
+        weights = peft.PeftModel.from_pretrained(base, str(adapter))
+        weights.base_model.model.transformer.wte.modules_to_save["default"].weight.normal_(0.0, 0.3)
+        weights.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    export(str(adapter), tmp_path / "out", quiet=True)
+    model = onnxgen.load(tmp_path / "out", threads=1)
+    ids = model.tokenizer.encode(model.apply_chat_template([{"role": "user", "content": "Hi"}]))
+    assert model.dims.vocab_size == len(tokenizer) and ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    fresh = GPT2LMHeadModel.from_pretrained(checkpoint, attn_implementation="eager")
+    fresh.resize_token_embeddings(len(tokenizer))
+    reference = peft.PeftModel.from_pretrained(fresh, str(adapter)).eval()
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):]
+    assert model.generate([ids], max_new_tokens=10, do_sample=False, eos_token_id=None)[0].token_ids == expected.tolist()
+
+
+def test_an_adapters_base_can_be_named_and_what_cannot_be_merged_is_refused(lora: Path, checkpoint: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import peft
+    from transformers import GPT2LMHeadModel
+
+    moved = shutil.copytree(lora, tmp_path / "moved")  # trained on another machine: its base's path is not here
+    config = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/nowhere/gpt2"}))
+    with pytest.raises(ExportError, match="PEFT adapter of '/nowhere/gpt2', which cannot be loaded .*no such folder.*give its base with --base"):
+        export(str(moved), tmp_path / "o1", quiet=True)
+    named = export(str(moved), tmp_path / "o2", ExportOptions(base=str(checkpoint)), quiet=True)
+    assert named["source"]["base"]["model"] == str(checkpoint) and (tmp_path / "o2" / "model.onnx").is_file()
+    with pytest.raises(ExportError, match="is a checkpoint: a base model is for a PEFT adapter"):
+        export(str(checkpoint), tmp_path / "o3", ExportOptions(base=str(checkpoint)), quiet=True)
+    prompt = peft.get_peft_model(GPT2LMHeadModel.from_pretrained(checkpoint), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    prompt.save_pretrained(tmp_path / "prompt")
+    with pytest.raises(ExportError, match="is a PROMPT_TUNING adapter, which adds no weights to merge"):
+        export(str(tmp_path / "prompt"), tmp_path / "o4", quiet=True)
+    nameless = shutil.copytree(lora, tmp_path / "nameless")
+    (nameless / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    with pytest.raises(ExportError, match="names no base model: give it with --base"):
+        export(str(nameless), tmp_path / "o5", quiet=True)
+    monkeypatch.setitem(sys.modules, "peft", None)  # not installed
+    with pytest.raises(ExportError, match=r"merging it into .* needs peft \(pip install 'onnxgen\[export\]'\)"):
+        export(str(lora), tmp_path / "o6", quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moved", "nameless", "o2", "prompt"]  # nothing half-written
+
+
+def test_a_hub_adapter_and_its_hub_base_export_from_the_cache(checkpoint: Path, lora: Path, tmp_path: Path) -> None:
+    """The hub's code path for adapters without a network: an adapter repository (no config.json) and the base it
+    names, both in a hub cache; the manifest records both commits."""
+    older, newer = _hub_cache(checkpoint, tmp_path / "hub")
+    commit = "c" * 40
+    snapshot = shutil.copytree(lora, tmp_path / "hub" / "models--onnxgen-tests--tiny-lora" / "snapshots" / commit)
+    config = json.loads((snapshot / "adapter_config.json").read_text())
+    (snapshot / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "onnxgen-tests/tiny"}))
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(commit)
+    done = subprocess.run([sys.executable, "-m", "onnxgen", "export", "onnxgen-tests/tiny-lora", "-o", str(tmp_path / "out"), "--json"],
+                          env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    source = json.loads(done.stdout)["source"]
+    assert (source["model"], source["commit"], source["adapter"]) == ("onnxgen-tests/tiny-lora", commit, "LORA")
+    assert (source["base"]["model"], source["base"]["commit"]) == ("onnxgen-tests/tiny", newer) and older != newer
+    assert "Warning" not in done.stderr
