@@ -1,4 +1,4 @@
-"""The `onnxgen` command: export, quantize, generate, chat, score, bench, serve, verify. Results on stdout, progress and errors on
+"""The `onnxgen` command: export, quantize, generate, chat, score, bench, serve, run-batch, verify. Results on stdout, progress and errors on
 stderr. Every error is one line, `onnxgen: error: ...`: exit 2 for a usage error, 1 for anything else, 130 on
 Ctrl-C. No traceback reaches the user unless ONNXGEN_DEBUG=1 is set.
 """
@@ -420,6 +420,47 @@ def serve(
     where = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     print(f"serving {folder} as {name or folder.name!r} on http://{where}:{port}/v1", file=sys.stderr)
     uvicorn.Server(uvicorn.Config(app_, log_level="warning")).run(sockets=[listening])
+
+
+@app.command("run-batch")
+def run_batch(
+    input_file: Annotated[str, typer.Option("--input", "-i", help="OpenAI Batch API requests, a JSON line each (- : standard input)")],
+    output: Annotated[str, typer.Option("--output", "-o", help="where the responses go, a JSON line each, in the input's order "
+                                        "(- : standard output)")],
+    model: ModelOption = None,
+    provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="rows decoded together")] = 8,
+    max_tokens: Annotated[int, typer.Option(min=1, help="the largest max_tokens a request may ask for")] = 1024,
+    name: Annotated[str | None, typer.Option(help="model name the requests may give (default: the folder's name)")] = None,
+    force: Annotated[bool, typer.Option(help="replace OUTPUT if it exists")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Answer a file of OpenAI Batch API requests (/v1/completions, /v1/chat/completions), as vLLM's run-batch.
+
+    Each line: {"custom_id": ..., "method": "POST", "url": "/v1/chat/completions", "body": {...}}. The requests run
+    together through the server's continuous batcher, in this process; each response is a line of OUTPUT."""
+    try:
+        from .batch import read, run as run_requests
+        from .serve import Limits
+    except ImportError:
+        fail("run-batch needs the serve extra: pip install 'onnxgen[serve,cpu]' (or [serve,gpu])")
+    from . import atomic, load
+    from .model import BUNDLED
+
+    requests = run(lambda: read(input_file))  # what is wrong with the file or the output is said before a model loads
+    if output != "-":
+        run(lambda: atomic.check_destination(Path(output), force))
+    folder = model or BUNDLED
+    loaded = run(lambda: load(folder, provider=provider, threads=threads))
+    counts = run(lambda: run_requests(loaded, requests, output, name or folder.name, Limits(max_tokens=max_tokens, max_batch=max_batch),
+                                      force))
+    summary = (f"answered {counts['requests']} requests ({counts['failed']} refused or failed) in {counts['seconds']:.1f} s: "
+               f"{counts['prompt_tokens']} prompt and {counts['completion_tokens']} completion tokens")
+    if as_json:
+        print(json.dumps(counts), file=sys.stderr if output == "-" else sys.stdout)
+    else:
+        print(summary, file=sys.stderr if output == "-" else sys.stdout)
 
 
 def _listen(host: str, port: int) -> socket.socket:
