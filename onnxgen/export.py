@@ -1,7 +1,7 @@
 """`onnxgen export`: a GPT-2 checkpoint in, a validated onnxgen model folder out.
 
 Steps: load the checkpoint with transformers (a PEFT adapter, such as LoRA, is merged into its base model's weights
-with peft: the folder runs as a plain GPT-2); export it with optimum's `text-generation-with-past`
+with peft: the folder runs as a plain GPT-2; a nanoGPT ckpt.pt becomes a GPT2LMHeadModel: nanogpt.py); export it with optimum's `text-generation-with-past`
 task; fuse LayerNorm/Gelu with onnxruntime's GPT-2 optimizer; apply onnxgen's graph edits (graph.py);
 save (weights in `model.onnx.data`, which onnxruntime maps into memory, and which protobuf's 2 GB limit
 requires past that size anyway);
@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from . import __version__, atomic, manifest
+from . import __version__, atomic, manifest, nanogpt
 from .errors import ExportError
 from .folder import CHAT_TEMPLATE, CONFIG, DATA_FILE, MODEL_FILE, TOKENIZER, Dims, ModelFolder
 
@@ -52,6 +52,7 @@ class ExportOptions:
     force: bool = False
     revision: str | None = None  # a hub id's branch, tag or commit (default: its main branch)
     base: str | None = None  # a PEFT adapter's base model, where not the one its adapter_config.json names
+    tokenizer: str | None = None  # a nanoGPT checkpoint's tokenizer (hub id or folder; default: the hub's gpt2)
 
 
 def _hub_out_of_reach(timeout: float = 10.0) -> bool:
@@ -73,9 +74,10 @@ def _hub_out_of_reach(timeout: float = 10.0) -> bool:
     return False
 
 
-def _load(source: str, revision: str | None, base: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+def _load(source: str, revision: str | None, base: str | None = None, tokenizer: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """Load model and fast tokenizer from a hub id (at `revision`) or local folder, with one-line errors; and where
-    they came from, as the manifest's source says it. A PEFT adapter comes merged into its base (or `base`)."""
+    they came from, as the manifest's source says it. A PEFT adapter comes merged into its base (or `base`); a
+    nanoGPT checkpoint file with `tokenizer` (GPT-2's by default)."""
     from huggingface_hub.utils import logging as hub_logging
     from transformers import AutoConfig, GPT2LMHeadModel
     from transformers.utils import logging
@@ -86,6 +88,12 @@ def _load(source: str, revision: str | None, base: str | None = None) -> tuple[A
     path = Path(source)
     if not path.exists() and source.startswith((".", "/", "~")):  # a path, not a hub id
         raise ExportError(f"{source}: no such folder")
+    if nanogpt.is_checkpoint(path):
+        if revision is not None or base is not None:
+            raise ExportError(f"{source} is a nanoGPT checkpoint: a revision is for a hub id, a base for a PEFT adapter")
+        return _nanogpt(path, tokenizer or "gpt2")
+    if tokenizer is not None:
+        raise ExportError(f"{source} has a tokenizer of its own: --tokenizer is for a nanoGPT checkpoint (ckpt.pt)")
     if path.exists() and revision is not None:
         raise ExportError(f"{source} is a folder: a revision names a commit of a hub id")
     if path.exists() and not (path / CONFIG).is_file():
@@ -124,6 +132,19 @@ def _load(source: str, revision: str | None, base: str | None = None) -> tuple[A
         detail = " ".join(str(e).split())[:400] or type(e).__name__  # torch's size mismatches span lines
         raise ExportError(f"cannot load {source}: {detail}") from None
     return model, tokenizer, {"model": source, "commit": config._commit_hash}
+
+
+def _nanogpt(path: Path, tokenizer_source: str) -> tuple[Any, Any, dict[str, Any]]:
+    """A nanoGPT checkpoint (nanogpt.py) with a tokenizer from a folder or the hub, its end token the model's."""
+    model, training = nanogpt.load(path)
+    from_hub = not Path(tokenizer_source).exists()
+    tokenizer = _tokenizer(tokenizer_source, None, from_hub and _hub_out_of_reach())
+    if len(tokenizer) > model.config.vocab_size:
+        raise ExportError(f"the tokenizer {tokenizer_source!r} has {len(tokenizer)} tokens, more than the {model.config.vocab_size} of "
+                          f"{path}: give the one it was trained with (--tokenizer)")
+    for config in (model.config, model.generation_config):
+        config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer, {"model": str(path), "commit": None, "tokenizer": tokenizer_source, **training}
 
 
 def _tokenizer(source: str, revision: str | None, cached_only: bool) -> Any:
@@ -282,7 +303,7 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
     atomic.check_destination(out, options.force, source)
     with steps(6, quiet=quiet) as progress:
         with progress.step(f"Loading {source}"):
-            model, tokenizer, origin = _load(source, options.revision, options.base)
+            model, tokenizer, origin = _load(source, options.revision, options.base, options.tokenizer)
         cfg = model.config
         n_params = sum(p.numel() for p in model.parameters())
         atomic.check_disk(out, n_params * 4 * 3)  # optimum's raw export, the final folder, slack

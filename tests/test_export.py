@@ -551,3 +551,121 @@ def test_a_hub_adapter_and_its_hub_base_export_from_the_cache(checkpoint: Path, 
     assert (source["model"], source["commit"], source["adapter"]) == ("onnxgen-tests/tiny-lora", commit, "LORA")
     assert (source["base"]["model"], source["base"]["commit"]) == ("onnxgen-tests/tiny", newer) and older != newer
     assert "Warning" not in done.stderr
+
+
+def _nanogpt_logits(weights: dict[str, torch.Tensor], args: dict[str, Any], ids: list[int]) -> torch.Tensor:
+    """nanoGPT's forward (its model.py, followed line by line): Linear layers, optional biases, exact GELU, LayerNorm
+    eps 1e-5, causal attention, the head tied to the token embedding. Every position's logits."""
+    import torch.nn.functional as F
+
+    idx, width, heads = torch.tensor([ids]), args["n_embd"], args["n_head"]
+
+    def norm(x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.layer_norm(x, (width,), weights[name + ".weight"], weights.get(name + ".bias"), 1e-5)
+
+    def linear(x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(x, weights[name + ".weight"], weights.get(name + ".bias"))
+
+    x = weights["transformer.wte.weight"][idx] + weights["transformer.wpe.weight"][: len(ids)]
+    for layer in range(args["n_layer"]):
+        at = f"transformer.h.{layer}."
+        q, k, v = (t.view(1, len(ids), heads, width // heads).transpose(1, 2)
+                   for t in linear(norm(x, at + "ln_1"), at + "attn.c_attn").split(width, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(1, len(ids), width)
+        x = x + linear(y, at + "attn.c_proj")
+        x = x + linear(F.gelu(linear(norm(x, at + "ln_2"), at + "mlp.c_fc")), at + "mlp.c_proj")
+    return F.linear(norm(x, "transformer.ln_f"), weights["transformer.wte.weight"])[0]
+
+
+def _nanogpt_checkpoint(path: Path, bias: bool, vocab_size: int = 448) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A ckpt.pt as nanoGPT's train.py saves one after torch.compile ("_orig_mod." names, the head saved beside the
+    embedding it is tied to, the causal-mask buffer of its slow attention), random weights of its layout (Linear:
+    out x in), a vocabulary padded past the tokenizer's, as nanoGPT pads 50257 to 50304."""
+    args = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 128, "bias": bias, "vocab_size": vocab_size, "dropout": 0.0}
+    generator = torch.Generator().manual_seed(5)
+    weights: dict[str, torch.Tensor] = {}
+
+    def add(name: str, *shape: int, mean: float = 0.0) -> None:
+        weights[name] = mean + 0.3 * torch.randn(*shape, generator=generator)
+
+    add("transformer.wte.weight", vocab_size, 64)
+    add("transformer.wpe.weight", 128, 64)
+    for layer in range(2):
+        at = f"transformer.h.{layer}."
+        for name, (out, inp) in {"attn.c_attn": (192, 64), "attn.c_proj": (64, 64), "mlp.c_fc": (256, 64), "mlp.c_proj": (64, 256)}.items():
+            add(at + name + ".weight", out, inp)
+            if bias:
+                add(at + name + ".bias", out)
+        for norm in ("ln_1", "ln_2"):
+            add(at + norm + ".weight", 64, mean=1.0)
+            if bias:
+                add(at + norm + ".bias", 64)
+    add("transformer.ln_f.weight", 64, mean=1.0)
+    if bias:
+        add("transformer.ln_f.bias", 64)
+    saved = {"_orig_mod." + k: v for k, v in weights.items()} | {"_orig_mod.lm_head.weight": weights["transformer.wte.weight"]}
+    saved |= {f"_orig_mod.transformer.h.{layer}.attn.bias": torch.tril(torch.ones(1, 1, 128, 128)) for layer in range(2)}
+    torch.save({"model": saved, "model_args": args, "iter_num": 500, "best_val_loss": torch.tensor(2.25), "config": {"dataset": "prose"}}, path)
+    return weights, args
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_nanogpt_checkpoint_exports_as_the_gpt2_it_is(checkpoint: Path, tmp_path: Path, bias: bool) -> None:
+    """nanoGPT's ckpt.pt (bias on and off) exports with the tokenizer it is given: every position's logits and greedy
+    tokens as nanoGPT's own forward gives them (its exact GELU, not GPT-2's tanh one: that would fail here), the end
+    token the tokenizer's, and the training's step and loss in the manifest."""
+    import onnxgen
+
+    weights, args = _nanogpt_checkpoint(tmp_path / "ckpt.pt", bias)
+    result = export(str(tmp_path / "ckpt.pt"), tmp_path / "out", ExportOptions(tokenizer=str(checkpoint)), quiet=True)
+    assert {k: result["source"][k] for k in ("format", "iter_num", "best_val_loss", "tokenizer")} == {
+        "format": "nanoGPT", "iter_num": 500, "best_val_loss": 2.25, "tokenizer": str(checkpoint)}
+    model = onnxgen.load(tmp_path / "out", threads=1)
+    assert model.dims.vocab_size == 448 and model.defaults.eos_ids == [model.tokenizer.encode("<|endoftext|>")[0]]
+    ids = model.tokenizer.encode("It is a truth universally")
+    np.testing.assert_allclose(model.runtime.all_logits(np.asarray([ids]))[0], _nanogpt_logits(weights, args, ids).numpy(), atol=1e-4)
+    padded = list(range(400, 448))  # no token has these ids: kept out of both sides' choices
+    expected = list(ids)
+    for _ in range(10):
+        logits = _nanogpt_logits(weights, args, expected)[-1]
+        logits[padded] = -torch.inf
+        expected.append(int(logits.argmax()))
+    got = model.generate([ids], max_new_tokens=10, do_sample=False, eos_token_id=None, suppress_tokens=padded)[0].token_ids
+    assert got == expected[len(ids):]
+
+
+def test_what_is_not_a_nanogpt_gpt2_is_refused(checkpoint: Path, tmp_path: Path) -> None:
+    _nanogpt_checkpoint(tmp_path / "ckpt.pt", bias=True)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    cases: list[tuple[Any, str]] = [
+        ({**ckpt, "model_args": {**ckpt["model_args"], "use_rmsnorm": True}}, r"model_args .* are not nanoGPT's GPT-2 .* a fork's model"),
+        ({k: v for k, v in ckpt.items() if k != "model_args"}, "is not a nanoGPT checkpoint"),
+        ({**ckpt, "model_args": {**ckpt["model_args"], "n_embd": 32}}, "its weights do not fit its model_args"),
+        ({**ckpt, "model": {k: v for k, v in ckpt["model"].items() if "ln_f" not in k}}, "not nanoGPT's GPT-2 weights .*ln_f"),
+        ({**ckpt, "model_args": {**ckpt["model_args"], "vocab_size": 300}}, "do not fit"),
+    ]
+    for i, (content, message) in enumerate(cases):
+        torch.save(content, tmp_path / f"case{i}.pt")
+        with pytest.raises(ExportError, match=message):
+            export(str(tmp_path / f"case{i}.pt"), tmp_path / f"o{i}", ExportOptions(tokenizer=str(checkpoint)), quiet=True)
+    torch.save({"model": ckpt["model"], "model_args": ckpt["model_args"], "optimizer": SimpleNamespace(x=1)}, tmp_path / "pickled.pt")
+    with pytest.raises(ExportError, match="cannot read .*pickled.pt as a nanoGPT checkpoint"):  # loaded weights only: no code runs
+        export(str(tmp_path / "pickled.pt"), tmp_path / "o", ExportOptions(tokenizer=str(checkpoint)), quiet=True)
+    with pytest.raises(ExportError, match="has a tokenizer of its own: --tokenizer is for a nanoGPT checkpoint"):
+        export(str(checkpoint), tmp_path / "o", ExportOptions(tokenizer=str(checkpoint)), quiet=True)
+    with pytest.raises(ExportError, match="a revision is for a hub id"):
+        export(str(tmp_path / "ckpt.pt"), tmp_path / "o", ExportOptions(tokenizer=str(checkpoint), revision="main"), quiet=True)
+    big = _bigger_tokenizer(checkpoint, tmp_path)
+    with pytest.raises(ExportError, match="has 460 tokens, more than the 448 of"):
+        export(str(tmp_path / "ckpt.pt"), tmp_path / "o", ExportOptions(tokenizer=str(big)), quiet=True)
+    assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
+
+
+def _bigger_tokenizer(checkpoint: Path, tmp_path: Path) -> Path:
+    """The checkpoint's tokenizer with 60 tokens added: 460, past the nanoGPT checkpoint's 448."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(60)])
+    tokenizer.save_pretrained(tmp_path / "big-tokenizer")
+    return tmp_path / "big-tokenizer"
