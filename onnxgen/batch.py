@@ -1,7 +1,7 @@
 """`onnxgen run-batch`: a file of OpenAI Batch API requests answered in-process, as vLLM's `run-batch` does.
 
-Each line of the input is {"custom_id": ..., "method": "POST", "url": "/v1/completions" or "/v1/chat/completions",
-"body": {...}}; the body goes to that endpoint of the serve app (serve.py, over no network), every request at once into
+Each line of the input is {"custom_id": ..., "method": "POST", "url": "/v1/completions", "/v1/chat/completions" or
+"/v1/responses", "body": {...}}; the body goes to that endpoint of the serve app (serve.py, over no network), every request at once into
 its continuous batcher (as many waiting as its queue holds), and each answer becomes a line of the output, in the
 input's order: {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error": null}, the body what
 the HTTP API would have answered (a refused request's too: its 4xx and OpenAI's error object).
@@ -27,7 +27,7 @@ from . import atomic
 from .errors import OnnxgenError
 from .model import Model
 
-URLS = ("/v1/completions", "/v1/chat/completions")
+URLS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def read(source: str | Path) -> list[Request]:
         if not isinstance(entry, dict) or not isinstance(entry.get("custom_id"), str) or not isinstance(entry.get("body"), dict):
             raise OnnxgenError(f'line {number} is not a request: {{"custom_id": str, "method": "POST", "url": ..., "body": {{...}}}}')
         if entry.get("method", "POST") != "POST" or entry.get("url") not in URLS:
-            raise OnnxgenError(f"line {number}: a request is a POST to {' or '.join(URLS)}, got {entry.get('method', 'POST')} {entry.get('url')}")
+            raise OnnxgenError(f"line {number}: a request is a POST to {', '.join(URLS)}, got {entry.get('method', 'POST')} {entry.get('url')}")
         if entry["body"].get("stream"):
             raise OnnxgenError(f"line {number}: a batch's requests are not streamed (stream true)")
         if entry["custom_id"] in seen:
@@ -86,14 +86,19 @@ async def _answers(app: Any, requests: list[Request], in_flight: int, write: Cal
 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://onnxgen", timeout=None) as client:
         tasks = [asyncio.create_task(answer(client, request)) for request in requests]
-        for task in tasks:  # in the input's order; later answers wait in their tasks
-            line = await task
-            response = line["response"]
-            counts["failed"] += response["status_code"] != 200
-            usage = response["body"].get("usage") or {}
-            counts["prompt_tokens"] += usage.get("prompt_tokens", 0)
-            counts["completion_tokens"] += usage.get("completion_tokens", 0)
-            write(json.dumps(line, ensure_ascii=False) + "\n")
+        try:
+            for task in tasks:  # in the input's order; later answers wait in their tasks
+                line = await task
+                response = line["response"]
+                counts["failed"] += response["status_code"] != 200
+                usage = response["body"].get("usage") or {}
+                counts["prompt_tokens"] += usage.get("prompt_tokens", 0)
+                counts["completion_tokens"] += usage.get("completion_tokens", 0)
+                write(json.dumps(line, ensure_ascii=False) + "\n")
+        finally:  # a failure (a full disk, Ctrl-C) stops the requests not yet answered, before the client closes
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
     return counts
 
 

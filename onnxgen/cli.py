@@ -438,7 +438,7 @@ def run_batch(
     force: Annotated[bool, typer.Option(help="replace OUTPUT if it exists")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Answer a file of OpenAI Batch API requests (/v1/completions, /v1/chat/completions), as vLLM's run-batch.
+    """Answer a file of OpenAI Batch API requests (/v1/completions, /v1/chat/completions, /v1/responses), as vLLM's run-batch.
 
     Each line: {"custom_id": ..., "method": "POST", "url": "/v1/chat/completions", "body": {...}}. The requests run
     together through the server's continuous batcher, in this process; each response is a line of OUTPUT."""

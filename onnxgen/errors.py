@@ -5,6 +5,11 @@ class OnnxgenError(Exception):
     """Base class: a problem with the user's input or environment, not a bug in onnxgen."""
 
 
+def told(e: BaseException) -> str:
+    """What a client or user is told of an error: onnxgen's own message, never a bug's."""
+    return str(e) if isinstance(e, OnnxgenError) else "internal error"
+
+
 class ModelFolderError(OnnxgenError):
     """A model folder is missing, incomplete, or not an onnxgen export."""
 

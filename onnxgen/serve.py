@@ -10,6 +10,8 @@
                            top_logprobs, stream, response_format, tools with tool_choice "required", a named
                            function or "none" (tools.py: the reply is then tool_calls; "auto" is a 400), and extra
                            fields as above; 400 for a model without a template
+    POST /v1/responses     OpenAI's Responses API over the same (responses.py): input, instructions, max_output_tokens,
+                           temperature, top_p, text.format, function tools and tool_choice, stream (its events)
     POST /tokenize         text -> its token ids, count and the context window (vLLM's shape), so that a client
                            can fit a prompt with the served model's own tokenizer (a fine-tune's added tokens)
     POST /detokenize       token ids -> text
@@ -38,14 +40,15 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .batcher import Batcher, Full, Job
-from .errors import OnnxgenError
+from .errors import OnnxgenError, told
 from .generator import Completion, Event
 from .guidance import CONSTRAINTS
 from .metrics import Metrics
 from .model import Model
+from .responses import Reply, ResponsesRequest, chat_request
 from .tokenizer import TextStream
 from .tools import ToolCalls, ToolChoice, tool_choice
 
@@ -151,7 +154,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        if request.url.path in ("/v1/completions", "/v1/chat/completions"):  # what the metrics count
+        if request.url.path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):  # what the metrics count
             metrics.requests.labels("invalid").inc()
         first = e.errors()[0]
         content_type = request.headers.get("content-type", "")
@@ -251,21 +254,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         if wrong := other_model(body.model):
             return refused(wrong)
         try:
-            calls = tool_choice(body.tools, body.tool_choice, body.parallel_tool_calls)
-            messages = [_template_message(m) for m in body.messages]
-            prompt = model.tokenizer.encode(model.apply_chat_template(messages, add_generation_prompt=True, tools=body.tools))
-            # OpenAI's default is as many tokens as the context leaves; the server's limit caps it
-            asked = body.max_completion_tokens or body.max_tokens or max(1, min(limits.max_tokens, model.context_length - len(prompt)))
-            shared = {field: getattr(body, field) for field in OpenAIRequest.model_fields}
-            extra = dict(body.model_extra or {})
-            if calls.schema is not None:
-                if (body.response_format or {}).get("type", "text") != "text" or extra.keys() & set(CONSTRAINTS):
-                    raise ValueError("tool_choice holds the reply to a call's JSON: not with response_format, json_schema, regex "
-                                     "or grammar")
-                extra["json_schema"] = calls.schema
-            completion = CompletionRequest.model_construct(**shared, **extra, prompt=prompt, max_tokens=asked,
-                                                           echo=False, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
-            prompts, options = _job_input(model, completion, limits, draft)
+            prompts, options, calls = _chat_input(model, body, limits, draft)
         except (OnnxgenError, ValueError) as e:
             return refused(error(400, str(e)))
         submitted = submit(prompts, options)
@@ -295,6 +284,31 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
                     "finish_reason": _finish(c.finish_reason, calls)} for i, c in enumerate(done)]
         return {**meta, "object": "chat.completion", "choices": choices, "usage": _usage(prompts, done)}
 
+    @app.post("/v1/responses", response_model=None)
+    async def responses(body: ResponsesRequest, request: Request) -> Any:
+        """OpenAI's Responses API (responses.py): the request as a chat completion, its answer as a response object."""
+        if wrong := other_model(body.model):
+            return refused(wrong)
+        try:
+            chat = ChatRequest(**chat_request(body))
+            prompts, options, calls = _chat_input(model, chat, limits, draft)
+        except ValidationError as e:  # a message of the input that chat's fields refuse
+            first = e.errors()[0]
+            return refused(error(400, f"input: {'.'.join(str(p) for p in first.get('loc', ()))}: {first.get('msg')}"))
+        except (OnnxgenError, ValueError) as e:
+            return refused(error(400, str(e)))
+        submitted = submit(prompts, options)
+        if isinstance(submitted, JSONResponse):
+            return submitted
+        job, channel = submitted
+        reply = Reply(body, name, calls, len(prompts[0]))
+        if body.stream:
+            return StreamingResponse(reply.events(news(job, channel, request)), media_type="text/event-stream")
+        done = await ended(channel)
+        if isinstance(done, JSONResponse):
+            return done
+        return reply.whole(done[0])
+
     def submit(prompts: list[list[int]], options: Any) -> tuple[Job, asyncio.Queue[tuple[str, Any]]] | JSONResponse:
         """The request's job, queued for the batcher, and the channel its news come back by; or a 429."""
         channel: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -318,6 +332,25 @@ async def ended(channel: asyncio.Queue[tuple[str, Any]]) -> list[Completion] | J
     if kind == "error":
         return error(400, str(value)) if isinstance(value, OnnxgenError) else error(500, "internal error", kind="server_error")
     return value[0]
+
+
+def _chat_input(model: Model, body: ChatRequest, limits: Limits, draft: Model | None) -> tuple[list[list[int]], Any, ToolChoice]:
+    """A chat request as the completion it runs as: the template's prompt (tools included), onnxgen options (a tool
+    call's JSON as the constraint), and what tool_choice asks for."""
+    calls = tool_choice(body.tools, body.tool_choice, body.parallel_tool_calls)
+    messages = [_template_message(m) for m in body.messages]
+    prompt = model.tokenizer.encode(model.apply_chat_template(messages, add_generation_prompt=True, tools=body.tools))
+    # OpenAI's default is as many tokens as the context leaves; the server's limit caps it
+    asked = body.max_completion_tokens or body.max_tokens or max(1, min(limits.max_tokens, model.context_length - len(prompt)))
+    shared = {field: getattr(body, field) for field in OpenAIRequest.model_fields}
+    extra = dict(body.model_extra or {})
+    if calls.schema is not None:
+        if (body.response_format or {}).get("type", "text") != "text" or extra.keys() & set(CONSTRAINTS):
+            raise ValueError("tool_choice holds the reply to a call's JSON: not with response_format, json_schema, regex or grammar")
+        extra["json_schema"] = calls.schema
+    completion = CompletionRequest.model_construct(**shared, **extra, prompt=prompt, max_tokens=asked, echo=False,
+                                                   logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    return (*_job_input(model, completion, limits, draft), calls)
 
 
 def _job_input(model: Model, body: CompletionRequest, limits: Limits, draft: Model | None) -> tuple[list[list[int]], Any]:
@@ -526,33 +559,39 @@ async def _stream(job: Job, channel: asyncio.Queue[tuple[str, Any]], request: Re
 
     for choice in opening:
         yield data({**head, "choices": [choice]})
+    async for kind, value in news(job, channel, request):
+        if kind == "event":
+            row, event = value
+            yield data({**head, "choices": [piece(row, event.text, event)]})
+        elif kind == "error":
+            yield data({"error": {"message": told(value), "type": "invalid_request_error", "param": None, "code": None}})
+        else:
+            done, _ = value
+            if job.options.num_beams > 1:  # beam search streams nothing until it ends: each choice whole
+                for i, c in enumerate(done):
+                    yield data({**head, "choices": [piece(i, c.text, c)]})
+            if usage is not None:
+                yield data({**head, "choices": [], "usage": _usage(usage, done)})
+            yield "data: [DONE]\n\n"
+
+
+async def news(job: Job, channel: asyncio.Queue[tuple[str, Any]], request: Request) -> AsyncIterator[tuple[str, Any]]:
+    """A streamed job's news as they come: ("event", (row, Event)) each, then ("done", ...) or ("error", ...). A client
+    that goes away (asked each second without news) ends the job's rows; so does one that stops reading."""
     try:
         while True:
             try:
                 kind, value = await asyncio.wait_for(channel.get(), timeout=1.0)
             except TimeoutError:
                 if await request.is_disconnected():
-                    job.cancelled.set()
                     return
                 continue
-            if kind == "event":
-                row, event = value
-                yield data({**head, "choices": [piece(row, event.text, event)]})
-            elif kind == "error":
-                message = str(value) if isinstance(value, OnnxgenError) else "internal error"
-                yield data({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}})
-                return
-            else:
-                done, _ = value
-                if job.options.num_beams > 1:  # beam search streams nothing until it ends: each choice whole
-                    for i, c in enumerate(done):
-                        yield data({**head, "choices": [piece(i, c.text, c)]})
-                if usage is not None:
-                    yield data({**head, "choices": [], "usage": _usage(usage, done)})
-                yield "data: [DONE]\n\n"
+            yield kind, value
+            if kind != "event":
                 return
     finally:
-        job.cancelled.set()  # a client gone mid-stream ends its rows; a finished job is unaffected
+        job.cancelled.set()  # a finished job is unaffected
+
 
 
 def _template_message(message: dict[str, Any]) -> dict[str, Any]:

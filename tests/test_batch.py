@@ -26,14 +26,15 @@ def _write(path: Path, entries: list[dict[str, Any]]) -> Path:
 
 
 def _requests() -> list[dict[str, Any]]:
-    """Greedy completions of several lengths, a seeded one of two prompts with n 2, a chat (refused: the model has no
-    template), one the options refuse, and one naming another model."""
+    """Greedy completions of several lengths, a seeded one of two prompts with n 2, a chat and a response (refused: the
+    model has no template), one the options refuse, and one naming another model."""
     entries: list[dict[str, Any]] = [{"custom_id": f"greedy-{i}", "method": "POST", "url": "/v1/completions",
                                       "body": {"prompt": p, **GREEDY, "max_tokens": 4 + 3 * i}} for i, p in enumerate(PROMPTS)]
     entries += [
         {"custom_id": "seeded", "method": "POST", "url": "/v1/completions",
          "body": {"prompt": ["One", "Two"], "max_tokens": 6, "n": 2, "seed": 3, "temperature": 0.8}},
         {"custom_id": "chat", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "Hi"}]}},
+        {"custom_id": "response", "url": "/v1/responses", "body": {"input": "Hi"}},
         {"custom_id": "bad-option", "method": "POST", "url": "/v1/completions", "body": {"prompt": "Hi", "top_p": 3}},
         {"custom_id": "other-model", "method": "POST", "url": "/v1/completions", "body": {"model": "gpt-4o", "prompt": "Hi"}},
     ]
@@ -48,15 +49,16 @@ def test_each_response_is_what_the_api_answers_in_the_inputs_order(exported: Pat
     assert [line["custom_id"] for line in lines] == [e["custom_id"] for e in _requests()]
     assert all(line["id"].startswith("batch_req_") and line["error"] is None for line in lines)
     status = {line["custom_id"]: line["response"]["status_code"] for line in lines}
-    assert [status[name] for name in ("chat", "bad-option", "other-model")] == [400, 400, 404]
+    assert [status[name] for name in ("chat", "response", "bad-option", "other-model")] == [400, 400, 400, 404]
     body = {line["custom_id"]: line["response"]["body"] for line in lines}
-    assert "has no chat template" in body["chat"]["error"]["message"] and body["bad-option"]["error"]["param"] == "top_p"
+    assert all("has no chat template" in body[name]["error"]["message"] for name in ("chat", "response"))
+    assert body["bad-option"]["error"]["param"] == "top_p"
     for i, prompt in enumerate(PROMPTS):
         expected = model.generate(prompt, max_new_tokens=4 + 3 * i, do_sample=False)[0]
         assert body[f"greedy-{i}"]["choices"][0]["text"] == expected.text
     seeded = model.generate(["One", "Two"], max_new_tokens=6, do_sample=True, temperature=0.8, top_k=0, seed=3, num_return_sequences=2)
     assert [c["text"] for c in body["seeded"]["choices"]] == [c.text for c in seeded]
-    assert counts["requests"] == 9 and counts["failed"] == 3
+    assert counts["requests"] == 10 and counts["failed"] == 4
     assert counts["completion_tokens"] == sum(b["usage"]["completion_tokens"] for b in body.values() if "usage" in b)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "requests.jsonl"]  # no partial file left beside it
 
@@ -64,7 +66,7 @@ def test_each_response_is_what_the_api_answers_in_the_inputs_order(exported: Pat
 @pytest.mark.parametrize(("entry", "message"), [
     ("not json", "line 2 is not JSON"),
     ({"custom_id": 3, "url": "/v1/completions", "body": {}}, "line 2 is not a request"),
-    ({"custom_id": "x", "url": "/v1/embeddings", "body": {}}, "line 2: a request is a POST to /v1/completions or /v1/chat/completions, got POST /v1/embeddings"),
+    ({"custom_id": "x", "url": "/v1/embeddings", "body": {}}, "line 2: a request is a POST to /v1/completions, /v1/chat/completions, /v1/responses, got POST /v1/embeddings"),
     ({"custom_id": "x", "method": "GET", "url": "/v1/completions", "body": {}}, "got GET /v1/completions"),
     ({"custom_id": "x", "url": "/v1/completions", "body": {"prompt": "a", "stream": True}}, "line 2: a batch's requests are not streamed"),
     ({"custom_id": "greedy-0", "url": "/v1/completions", "body": {"prompt": "a"}}, "line 2: custom_id 'greedy-0' again"),
@@ -91,11 +93,11 @@ def test_a_run_that_fails_leaves_no_output(exported: Path, tmp_path: Path, monke
         nonlocal sent
         sent += 1
         if sent == 6:
-            raise KeyboardInterrupt  # Ctrl-C with five answers written
+            raise OSError(28, "No space left on device")  # with five answers written
         return await post(self, *args, **kwargs)
 
     monkeypatch.setattr(httpx.AsyncClient, "post", failing)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(OSError, match="No space left"):
         run(model, requests, tmp_path / "out.jsonl", "tiny", Limits(max_queue=1), quiet=True)
     assert [p.name for p in tmp_path.iterdir()] == ["requests.jsonl"]
 

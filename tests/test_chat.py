@@ -346,6 +346,98 @@ def test_tool_requests_it_cannot_do_are_refused(chat_server: tuple[str, str]) ->
         client.chat.completions.create(model="tiny-chat", messages=[*ASKED, *garbled], max_tokens=4)
 
 
+RESPONSES_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]  # the Responses API's tools: flat
+
+
+def test_responses_answer_as_chat_completions_do(chat_server: tuple[str, str]) -> None:
+    """/v1/responses through the official client: instructions and input (a text, or messages with a developer's and
+    text parts) answer what chat completions answer for the same conversation, blocking and streamed, greedy and
+    seeded; cut by max_output_tokens, the response is incomplete (its stream ends with response.incomplete)."""
+    client = _client(chat_server[0])
+
+    def chat(messages: list[dict[str, Any]], **options: Any) -> Any:
+        return client.chat.completions.create(model="tiny-chat", messages=messages, **options)
+
+    system, asked = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}
+    inputs: list[tuple[dict[str, Any], list[dict[str, Any]]]] = [
+        ({"instructions": "Be brief.", "input": "Hello there"}, [system, asked]),
+        ({"input": [{"role": "developer", "content": "Be brief."}, {"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "Hello"}, {"type": "input_text", "text": "there"}]}]}, [system, {"role": "user", "content": "Hello\nthere"}]),
+    ]
+    for fields, messages in inputs:
+        for options in ({"temperature": 0}, {"temperature": 0.8, "extra_body": {"seed": 4}}):
+            expected = chat(messages, max_tokens=30, **options)
+            out = client.responses.create(model="tiny-chat", max_output_tokens=30, **fields, **options)
+            assert out.output_text == expected.choices[0].message.content and out.output[0].role == "assistant"
+            assert (out.usage.input_tokens, out.usage.output_tokens) == (expected.usage.prompt_tokens, expected.usage.completion_tokens)
+            assert out.status == ("incomplete" if expected.choices[0].finish_reason == "length" else "completed")
+            events = list(client.responses.create(model="tiny-chat", max_output_tokens=30, stream=True, **fields, **options))
+            assert [e.sequence_number for e in events] == list(range(len(events)))
+            assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == out.output_text
+            assert events[-1].type == f"response.{out.status}" and events[-1].response.output_text == out.output_text
+    cut = client.responses.create(model="tiny-chat", input="Hello there", max_output_tokens=3, temperature=0, extra_body={"eos_token_id": None})
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens" and cut.usage.output_tokens == 3
+    with client.responses.stream(model="tiny-chat", input="Hello there", temperature=0, extra_body={"stop": ["e"]}) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()  # the client's own accumulation of the events
+    assert final.output_text == chat([asked], temperature=0, stop=["e"]).choices[0].message.content
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done", "response.completed"]
+    schema = {"type": "object", "properties": {"reply": {"type": "string", "maxLength": 12}}, "required": ["reply"]}
+    held = client.responses.create(model="tiny-chat", input="Hello there", temperature=0, max_output_tokens=40,
+                                   text={"format": {"type": "json_schema", "name": "reply", "schema": schema}})
+    assert held.output_text == chat([asked], temperature=0, max_tokens=40, response_format={
+        "type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}).choices[0].message.content
+
+
+def test_responses_call_functions_as_chat_completions_do(chat_server: tuple[str, str]) -> None:
+    """Function tools (flat, as the Responses API gives them): a named function and "required" give function_call
+    items with the calls chat completions make, streamed as function_call_arguments deltas; a conversation goes on
+    with the call and its output as input items."""
+    client = _client(chat_server[0])
+    for choice, chat_choice in (({"type": "function", "name": "get_weather"}, {"type": "function", "function": {"name": "get_weather"}}),
+                                ("required", "required")):
+        expected = client.chat.completions.create(model="tiny-chat", messages=ASKED, tools=TOOLS, tool_choice=chat_choice, temperature=0)
+        calls = [(c.function.name, c.function.arguments) for c in expected.choices[0].message.tool_calls]
+        out = client.responses.create(model="tiny-chat", input="Paris?", tools=RESPONSES_TOOLS, tool_choice=choice, temperature=0)
+        assert [(o.type, o.name, o.arguments) for o in out.output] == [("function_call", name, arguments) for name, arguments in calls]
+        assert all(o.call_id.startswith("call_") and o.status == "completed" for o in out.output) and out.status == "completed"
+        with client.responses.stream(model="tiny-chat", input="Paris?", tools=RESPONSES_TOOLS, tool_choice=choice, temperature=0) as stream:
+            deltas = "".join(e.delta for e in stream if e.type == "response.function_call_arguments.delta")
+            final = stream.get_final_response()
+        assert [(o.name, o.arguments) for o in final.output] == calls and deltas == "".join(arguments for _, arguments in calls)
+    call = ANSWERED[1]["tool_calls"][0]
+    items = [{"role": "user", "content": "Paris?"},
+             {"type": "function_call", "call_id": call["id"], "name": call["function"]["name"], "arguments": call["function"]["arguments"]},
+             {"type": "function_call_output", "call_id": call["id"], "output": "18"}]
+    out = client.responses.create(model="tiny-chat", input=items, tools=RESPONSES_TOOLS, tool_choice="none", temperature=0, max_output_tokens=8)
+    expected = client.chat.completions.create(model="tiny-chat", messages=ANSWERED, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=8)
+    assert out.output_text == expected.choices[0].message.content
+
+
+def test_responses_refuse_what_they_cannot_do(chat_server: tuple[str, str]) -> None:
+    import openai
+
+    client = _client(chat_server[0])
+    refusals: list[tuple[dict[str, Any], str]] = [
+        ({"previous_response_id": "resp_1"}, "onnxgen stores no responses; send the conversation so far in input"),
+        ({"tools": [{"type": "web_search"}]}, "function tools only"),
+        ({"tools": RESPONSES_TOOLS}, 'tool_choice "auto"'),
+        ({"reasoning": {"effort": "low"}}, "reasoning is not supported"),
+        ({"truncation": "auto"}, 'truncation is "disabled"'),
+        ({"input": [{"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, r"input\[0\]: text parts only"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, r"input\[0\]: a message, function_call or function_call_output"),
+        ({"input": [{"role": "critic", "content": "x"}]}, "roles are user, assistant and tool"),
+    ]
+    for fields, message in refusals:
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.responses.create(model="tiny-chat", **{"input": "Hi", **fields})
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="other", input="Hi")
+    with pytest.raises(openai.BadRequestError, match="has no chat template"):
+        _client(chat_server[1]).responses.create(model="tiny", input="Hi")
+
+
 def test_tool_calls_are_read_the_same_whatever_the_pieces() -> None:
     """tools.ToolCalls: a list of calls read piece by piece (a character, a few, all at once) gives each call's name and
     its arguments' exact text, strings holding brackets, commas and escaped quotes included; cut short, as far as written."""

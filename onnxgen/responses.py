@@ -1,0 +1,211 @@
+"""OpenAI's Responses API (`POST /v1/responses`) as a chat completion in other words.
+
+A request becomes a chat request (`chat_request`): `instructions` the system message, `input` (a text, or a list of
+messages, function calls and their outputs) the conversation, `max_output_tokens`, `text.format` (text, json_object,
+json_schema) the response_format, function `tools` and `tool_choice` the chat's (tools.py). Its answer (`Reply`)
+comes back as a response object whose `output` is a message of text, or the function calls made; streamed, as the
+Responses API's events (response.created, .output_item.added, .output_text.delta, ..., response.completed).
+Nothing is stored: `previous_response_id` is refused (send the conversation in `input`), `store` is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import told
+from .generator import Completion
+from .tools import ToolCalls, ToolChoice
+
+
+class ResponsesRequest(BaseModel):
+    """The Responses API's fields that onnxgen takes; onnxgen's other options pass through as extra fields, as on
+    the other endpoints."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", "name", "schema"}}
+    tools: list[dict[str, Any]] | None = None  # function tools: {"type": "function", "name", "description", "parameters"}
+    tool_choice: str | dict[str, Any] | None = None  # "none", "auto", "required" or {"type": "function", "name": ...}
+    parallel_tool_calls: bool = True
+    stream: bool = False
+    store: bool = True  # nothing is stored either way
+    metadata: dict[str, str] | None = None  # given back in the response
+    previous_response_id: str | None = None
+    user: str | None = None
+
+
+def chat_request(body: ResponsesRequest) -> dict[str, Any]:
+    """The chat request (serve.ChatRequest's fields) that says what `body` says; a ValueError for what it cannot."""
+    if body.previous_response_id is not None:
+        raise ValueError("previous_response_id: onnxgen stores no responses; send the conversation so far in input")
+    if body.tools is not None and not all(isinstance(t, dict) and t.get("type") == "function" for t in body.tools):
+        raise ValueError('tools: function tools only ({"type": "function", "name": ..., "parameters": {...}})')
+    messages = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
+    messages += [{"role": "user", "content": body.input}] if isinstance(body.input, str) else _messages(body.input)
+    if not messages:
+        raise ValueError("input holds no message")
+    choice = body.tool_choice
+    if isinstance(choice, dict) and choice.get("type") == "function":  # the Responses API names it flat
+        choice = {"type": "function", "function": {"name": choice.get("name")}}
+    tools = [{"type": "function", "function": {k: v for k, v in t.items() if k != "type"}} for t in body.tools] if body.tools else None
+    extra = {k: v for k, v in (body.model_extra or {}).items() if k not in ("reasoning", "include", "truncation", "background")}
+    for field in ("reasoning", "include", "background"):  # what onnxgen does not do: refused rather than ignored
+        if (body.model_extra or {}).get(field):
+            raise ValueError(f"{field} is not supported")
+    if (body.model_extra or {}).get("truncation", "disabled") != "disabled":
+        raise ValueError('truncation is "disabled": a conversation longer than the context is refused')
+    return {**extra, "model": body.model, "messages": messages, "max_completion_tokens": body.max_output_tokens,
+            "temperature": body.temperature, "top_p": body.top_p, "stream": body.stream, "response_format": _format(body.text),
+            "tools": tools, "tool_choice": choice, "parallel_tool_calls": body.parallel_tool_calls, "user": body.user}
+
+
+def _messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Responses API's input items as chat messages: messages (their text parts joined, a line each; "developer"
+    is the system's role), function calls (one assistant message per run of them) and their outputs (tool messages)."""
+    messages: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "message" and isinstance(item.get("role"), str):
+            content = item.get("content")
+            if isinstance(content, list):
+                if not all(isinstance(p, dict) and p.get("type") in ("input_text", "output_text") for p in content):
+                    raise ValueError(f"input[{i}]: text parts only (input_text, output_text)")
+                content = "\n".join(p.get("text", "") for p in content)
+            role = "system" if item["role"] == "developer" else item["role"]
+            messages.append({"role": role, "content": content})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+            if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls"):
+                messages[-1]["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": item.get("output")})
+        else:
+            raise ValueError(f"input[{i}]: a message, function_call or function_call_output, got {kind!r}")
+    return messages
+
+
+def _format(text: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`text.format` as chat's response_format: json_schema's name and schema sit flat in the Responses API."""
+    shape = (text or {}).get("format")
+    if not isinstance(shape, dict) or shape.get("type") in (None, "text"):
+        return None
+    if shape.get("type") == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": shape.get("name"), "schema": shape.get("schema")}}
+    return shape
+
+
+class Reply:
+    """A request's response object, whole (`whole`) or as streamed events (`events`)."""
+
+    def __init__(self, body: ResponsesRequest, name: str, calls: ToolChoice, prompt_tokens: int) -> None:
+        self.body, self.calls, self.prompt_tokens = body, calls, prompt_tokens
+        self.head = {"id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()), "model": name,
+                     "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "temperature": body.temperature,
+                     "top_p": body.top_p, "tools": body.tools or [], "tool_choice": body.tool_choice or ("auto" if body.tools else "none"),
+                     "parallel_tool_calls": body.parallel_tool_calls, "text": body.text or {"format": {"type": "text"}},
+                     "metadata": body.metadata or {}, "previous_response_id": None, "store": False, "error": None}
+
+    def whole(self, done: Completion) -> dict[str, Any]:
+        status = "incomplete" if done.finish_reason in ("length", "time") else "completed"
+        if self.calls.schema is None:
+            items = [_message(done.text, status)]
+        else:
+            reader = ToolCalls(self.calls.named)
+            reader.push(done.text)
+            items = [_call(c.name, c.arguments, status) for c in reader.calls]
+        return self._response(items, done)
+
+    def _response(self, items: list[dict[str, Any]], done: Completion | None) -> dict[str, Any]:
+        cut = done is not None and done.finish_reason in ("length", "time")
+        status = "in_progress" if done is None else "incomplete" if cut else "completed"
+        usage = None if done is None else {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+                                           "output_tokens": len(done.token_ids), "output_tokens_details": {"reasoning_tokens": 0},
+                                           "total_tokens": self.prompt_tokens + len(done.token_ids)}
+        return {**self.head, "status": status, "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+                "output": items, "usage": usage}
+
+    async def events(self, news: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[str]:
+        """The Responses API's server-sent events for the job whose `news` (serve.news) come in."""
+        sequence = 0
+
+        def event(kind: str, **fields: Any) -> str:
+            nonlocal sequence
+            sequence += 1
+            return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': sequence - 1, **fields})}\n\n"
+
+        items: list[dict[str, Any]] = []  # the output so far, each item as it stands
+
+        def opened(item: dict[str, Any]) -> list[str]:
+            items.append(item)
+            said = [event("response.output_item.added", output_index=len(items) - 1, item=item)]
+            if item["type"] == "message":
+                said.append(event("response.content_part.added", item_id=item["id"], output_index=len(items) - 1, content_index=0,
+                                  part={"type": "output_text", "text": "", "annotations": []}))
+            return said
+
+        def closed(status: str) -> list[str]:
+            item, index = items[-1], len(items) - 1
+            item["status"] = status
+            if item["type"] == "message":
+                part = item["content"][0]
+                return [event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0, text=part["text"]),
+                        event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0, part=part),
+                        event("response.output_item.done", output_index=index, item=item)]
+            return [event("response.function_call_arguments.done", item_id=item["id"], output_index=index, arguments=item["arguments"]),
+                    event("response.output_item.done", output_index=index, item=item)]
+
+        yield event("response.created", response=self._response([], None))
+        yield event("response.in_progress", response=self._response([], None))
+        reader = ToolCalls(self.calls.named) if self.calls.schema is not None else None
+        if reader is None:
+            for said in opened(_message("", "in_progress")):
+                yield said
+        async for kind, value in news:
+            if kind == "event":
+                text = value[1].text
+                if reader is None:
+                    items[-1]["content"][0]["text"] += text
+                    if text:
+                        yield event("response.output_text.delta", item_id=items[-1]["id"], output_index=0, content_index=0, delta=text,
+                                    logprobs=[])
+                    continue
+                for _, name, arguments in reader.push(text):
+                    if name is not None:
+                        for said in (closed("completed") if items else []) + opened(_call(name, "", "in_progress")):
+                            yield said
+                    items[-1]["arguments"] += arguments
+                    if arguments:
+                        yield event("response.function_call_arguments.delta", item_id=items[-1]["id"], output_index=len(items) - 1,
+                                    delta=arguments)
+            elif kind == "error":
+                yield event("error", code=None, message=told(value), param=None)
+            else:
+                done = value[0][0]
+                status = "incomplete" if done.finish_reason in ("length", "time") else "completed"
+                for said in closed(status) if items else []:
+                    yield said
+                final = self._response(items, done)
+                yield event("response.incomplete" if status == "incomplete" else "response.completed", response=final)
+
+
+def _message(text: str, status: str) -> dict[str, Any]:
+    return {"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+
+
+def _call(name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": f"call_{uuid.uuid4().hex[:24]}", "name": name,
+            "arguments": arguments, "status": status}
