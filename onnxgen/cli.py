@@ -395,9 +395,9 @@ def serve(
     prompt_cache_mib: Annotated[int, typer.Option(min=0, help="MiB of ended requests' key/value caches kept for requests that start "
                                                   "with their tokens (a chat's next turn); 0: none (CPU)")] = 0,
 ) -> None:
-    """Serve OpenAI's completions and chat completions APIs over HTTP.
+    """Serve OpenAI's completions, chat completions and responses APIs over HTTP.
 
-    POST /v1/completions, /v1/chat/completions (a model with a chat template); GET /v1/models; POST /tokenize,
+    POST /v1/completions, /v1/chat/completions and /v1/responses (a model with a chat template); GET /v1/models; POST /tokenize,
     /detokenize; GET /health, /metrics."""
     try:
         import uvicorn

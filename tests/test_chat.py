@@ -79,6 +79,8 @@ def test_what_a_template_refuses_is_an_options_error(chat_folder: Path, exported
             model.apply_chat_template(bad)  # type: ignore[arg-type]
     with pytest.raises(OptionsError, match="tools must be a list of JSON schemas"):
         model.apply_chat_template(CONVERSATIONS[0], tools={"name": "f"})  # type: ignore[arg-type]
+    with pytest.raises(OptionsError, match="the last message has no content to go on with"):
+        model.apply_chat_template(_as_template_takes_it(ANSWERED[:2]), add_generation_prompt=False, continue_final_message=True)
     with pytest.raises(OptionsError, match="has no chat template"):
         onnxgen.load(exported, threads=1).apply_chat_template(CONVERSATIONS[0])
 
