@@ -138,7 +138,11 @@ def _nanogpt(path: Path, tokenizer_source: str) -> tuple[Any, Any, dict[str, Any
     """A nanoGPT checkpoint (nanogpt.py) with a tokenizer from a folder or the hub, its end token the model's."""
     model, training = nanogpt.load(path)
     from_hub = not Path(tokenizer_source).exists()
-    tokenizer = _tokenizer(tokenizer_source, None, from_hub and _hub_out_of_reach())
+    try:
+        tokenizer = _tokenizer(tokenizer_source, None, from_hub and _hub_out_of_reach())
+    except ExportError as e:
+        raise ExportError(f"{path} holds no tokenizer, and {tokenizer_source!r} cannot give one ({e}): give the one it was trained "
+                          "with, --tokenizer FOLDER (GPT-2's tokenizer.json, or vocab.json and merges.txt) or a hub id") from None
     if len(tokenizer) > model.config.vocab_size:
         raise ExportError(f"the tokenizer {tokenizer_source!r} has {len(tokenizer)} tokens, more than the {model.config.vocab_size} of "
                           f"{path}: give the one it was trained with (--tokenizer)")

@@ -655,6 +655,8 @@ def test_what_is_not_a_nanogpt_gpt2_is_refused(checkpoint: Path, tmp_path: Path)
         export(str(checkpoint), tmp_path / "o", ExportOptions(tokenizer=str(checkpoint)), quiet=True)
     with pytest.raises(ExportError, match="a revision is for a hub id"):
         export(str(tmp_path / "ckpt.pt"), tmp_path / "o", ExportOptions(tokenizer=str(checkpoint), revision="main"), quiet=True)
+    with pytest.raises(ExportError, match=r"ckpt.pt holds no tokenizer, and '/nowhere' cannot give one .*--tokenizer FOLDER"):
+        export(str(tmp_path / "ckpt.pt"), tmp_path / "o", ExportOptions(tokenizer="/nowhere"), quiet=True)
     big = _bigger_tokenizer(checkpoint, tmp_path)
     with pytest.raises(ExportError, match="has 460 tokens, more than the 448 of"):
         export(str(tmp_path / "ckpt.pt"), tmp_path / "o", ExportOptions(tokenizer=str(big)), quiet=True)
