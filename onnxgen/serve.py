@@ -253,14 +253,10 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         text, which then runs as a completion does."""
         if wrong := other_model(body.model):
             return refused(wrong)
-        try:
-            prompts, options, calls = _chat_input(model, body, limits, draft)
-        except (OnnxgenError, ValueError) as e:
-            return refused(error(400, str(e)))
-        submitted = submit(prompts, options)
-        if isinstance(submitted, JSONResponse):
-            return submitted
-        job, channel = submitted
+        started = start_chat(body)
+        if isinstance(started, JSONResponse):
+            return started
+        job, channel, prompts, calls = started
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if body.stream:
             readers = [ToolCalls(calls.named) for _ in range(body.n)]
@@ -291,16 +287,15 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
             return refused(wrong)
         try:
             chat = ChatRequest(**chat_request(body))
-            prompts, options, calls = _chat_input(model, chat, limits, draft)
         except ValidationError as e:  # a message of the input that chat's fields refuse
             first = e.errors()[0]
             return refused(error(400, f"input: {'.'.join(str(p) for p in first.get('loc', ()))}: {first.get('msg')}"))
-        except (OnnxgenError, ValueError) as e:
+        except ValueError as e:
             return refused(error(400, str(e)))
-        submitted = submit(prompts, options)
-        if isinstance(submitted, JSONResponse):
-            return submitted
-        job, channel = submitted
+        started = start_chat(chat)
+        if isinstance(started, JSONResponse):
+            return started
+        job, channel, prompts, calls = started
         reply = Reply(body, name, calls, len(prompts[0]))
         if body.stream:
             return StreamingResponse(reply.events(news(job, channel, request)), media_type="text/event-stream")
@@ -308,6 +303,15 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         if isinstance(done, JSONResponse):
             return done
         return reply.whole(done[0])
+
+    def start_chat(body: ChatRequest) -> tuple[Job, asyncio.Queue[tuple[str, Any]], list[list[int]], ToolChoice] | JSONResponse:
+        """A chat request's job queued, with its channel, prompt and what tool_choice asks for; or why it was not."""
+        try:
+            prompts, options, calls = _chat_input(model, body, limits, draft)
+        except (OnnxgenError, ValueError) as e:
+            return refused(error(400, str(e)))
+        submitted = submit(prompts, options)
+        return submitted if isinstance(submitted, JSONResponse) else (*submitted, prompts, calls)
 
     def submit(prompts: list[list[int]], options: Any) -> tuple[Job, asyncio.Queue[tuple[str, Any]]] | JSONResponse:
         """The request's job, queued for the batcher, and the channel its news come back by; or a 429."""
