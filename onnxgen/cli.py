@@ -84,14 +84,14 @@ def _size(folder_manifest: dict[str, Any]) -> str:
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="hub id (gpt2, gpt2-large, ...) or local transformers folder; or a PEFT adapter's "
-                                              "(LoRA, ...), merged into its base model; or a nanoGPT checkpoint (ckpt.pt)")],
+                                              "(LoRA, ...), merged into its base model; or a nanoGPT (ckpt.pt) or llm.c (.bin) checkpoint")],
     output: Annotated[Path, typer.Option("--output", "-o", help="folder to create")],
     revision: Annotated[str | None, typer.Option(help="hub id: the branch, tag or commit to export (default: main); "
                                                  "the manifest records the commit either way")] = None,
     base: Annotated[str | None, typer.Option(help="a PEFT adapter's base model (hub id or folder), where not the one its "
                                              "adapter_config.json names")] = None,
-    tokenizer: Annotated[str | None, typer.Option(help="a nanoGPT checkpoint's tokenizer: hub id or folder (default: gpt2, "
-                                                  "tiktoken's 'gpt2' that nanoGPT encodes with)")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="a nanoGPT or llm.c checkpoint's tokenizer: hub id or folder (default: gpt2, "
+                                                  "GPT-2's own, which both encode with)")] = None,
     force: Annotated[bool, typer.Option(help="replace OUTPUT if it exists")] = False,
     optimize: Annotated[bool, typer.Option(help="fuse LayerNorm/Gelu with onnxruntime's GPT-2 optimizer")] = True,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: optimum's)")] = None,

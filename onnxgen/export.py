@@ -1,7 +1,8 @@
 """`onnxgen export`: a GPT-2 checkpoint in, a validated onnxgen model folder out.
 
 Steps: load the checkpoint with transformers (a PEFT adapter, such as LoRA, is merged into its base model's weights
-with peft: the folder runs as a plain GPT-2; a nanoGPT ckpt.pt becomes a GPT2LMHeadModel: nanogpt.py); export it with optimum's `text-generation-with-past`
+with peft: the folder runs as a plain GPT-2; a nanoGPT ckpt.pt or an llm.c .bin becomes a GPT2LMHeadModel: nanogpt.py,
+llmc.py); export it with optimum's `text-generation-with-past`
 task; fuse LayerNorm/Gelu with onnxruntime's GPT-2 optimizer; apply onnxgen's graph edits (graph.py);
 save (weights in `model.onnx.data`, which onnxruntime maps into memory, and which protobuf's 2 GB limit
 requires past that size anyway);
@@ -29,7 +30,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from . import __version__, atomic, manifest, nanogpt
+from . import __version__, atomic, llmc, manifest, nanogpt
 from .errors import ExportError
 from .folder import CHAT_TEMPLATE, CONFIG, DATA_FILE, MODEL_FILE, TOKENIZER, Dims, ModelFolder
 
@@ -52,7 +53,7 @@ class ExportOptions:
     force: bool = False
     revision: str | None = None  # a hub id's branch, tag or commit (default: its main branch)
     base: str | None = None  # a PEFT adapter's base model, where not the one its adapter_config.json names
-    tokenizer: str | None = None  # a nanoGPT checkpoint's tokenizer (hub id or folder; default: the hub's gpt2)
+    tokenizer: str | None = None  # a nanoGPT or llm.c checkpoint's tokenizer (hub id or folder; default: the hub's gpt2)
 
 
 def _hub_out_of_reach(timeout: float = 10.0) -> bool:
@@ -88,12 +89,13 @@ def _load(source: str, revision: str | None, base: str | None = None, tokenizer:
     path = Path(source)
     if not path.exists() and source.startswith((".", "/", "~")):  # a path, not a hub id
         raise ExportError(f"{source}: no such folder")
-    if nanogpt.is_checkpoint(path):
+    trainer = nanogpt if nanogpt.is_checkpoint(path) else llmc if llmc.is_checkpoint(path) else None
+    if trainer is not None:
         if revision is not None or base is not None:
-            raise ExportError(f"{source} is a nanoGPT checkpoint: a revision is for a hub id, a base for a PEFT adapter")
-        return _nanogpt(path, tokenizer or "gpt2")
+            raise ExportError(f"{source} is a checkpoint file: a revision is for a hub id, a base for a PEFT adapter")
+        return _trained(path, trainer, tokenizer or "gpt2")
     if tokenizer is not None:
-        raise ExportError(f"{source} has a tokenizer of its own: --tokenizer is for a nanoGPT checkpoint (ckpt.pt)")
+        raise ExportError(f"{source} has a tokenizer of its own: --tokenizer is for a nanoGPT or llm.c checkpoint file")
     if path.exists() and revision is not None:
         raise ExportError(f"{source} is a folder: a revision names a commit of a hub id")
     if path.exists() and not (path / CONFIG).is_file():
@@ -134,9 +136,10 @@ def _load(source: str, revision: str | None, base: str | None = None, tokenizer:
     return model, tokenizer, {"model": source, "commit": config._commit_hash}
 
 
-def _nanogpt(path: Path, tokenizer_source: str) -> tuple[Any, Any, dict[str, Any]]:
-    """A nanoGPT checkpoint (nanogpt.py) with a tokenizer from a folder or the hub, its end token the model's."""
-    model, training = nanogpt.load(path)
+def _trained(path: Path, trainer: Any, tokenizer_source: str) -> tuple[Any, Any, dict[str, Any]]:
+    """A GPT-2 trainer's checkpoint file (nanoGPT's ckpt.pt: nanogpt.py; llm.c's .bin: llmc.py) with a tokenizer from
+    a folder or the hub, its end token the model's."""
+    model, training = trainer.load(path)
     from_hub = not Path(tokenizer_source).exists()
     try:
         tokenizer = _tokenizer(tokenizer_source, None, from_hub and _hub_out_of_reach())

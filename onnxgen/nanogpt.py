@@ -26,7 +26,6 @@ def is_checkpoint(path: Path) -> bool:
 def load(path: Path) -> tuple[Any, dict[str, Any]]:
     """The checkpoint as a GPT2LMHeadModel (eager attention, float32), and what it says of its training."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     try:  # weights_only: a checkpoint is a pickle, and a pickle can run code; nanoGPT's holds tensors and plain data
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -38,16 +37,25 @@ def load(path: Path) -> tuple[Any, dict[str, Any]]:
     if set(args) - ARGS or not {"n_layer", "n_head", "n_embd", "block_size", "vocab_size"} <= set(args):
         raise ExportError(f"{path}: model_args {sorted(args)} are not nanoGPT's GPT-2 ({sorted(ARGS)}): a fork's model, which "
                           "onnxgen cannot read as GPT-2")
+    weights = {key.removeprefix("_orig_mod."): value for key, value in checkpoint["model"].items()}  # torch.compile's wrapper
+    best = checkpoint.get("best_val_loss")
+    return gpt2(path, args, weights, "gelu"), {"format": "nanoGPT", "iter_num": checkpoint.get("iter_num"),
+                                               "best_val_loss": None if best is None else float(best)}
+
+
+def gpt2(path: Path, args: dict[str, Any], weights: dict[str, Any], activation: str) -> Any:
+    """transformers' GPT2LMHeadModel of nanoGPT's `args` and `weights` (torch tensors by nanoGPT's names, Linear's
+    layout), with the activation the trainer used (nanoGPT's exact "gelu", llm.c's "gelu_new")."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     config = GPT2Config(vocab_size=args["vocab_size"], n_positions=args["block_size"], n_embd=args["n_embd"], n_layer=args["n_layer"],
-                        n_head=args["n_head"], activation_function="gelu", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0,
+                        n_head=args["n_head"], activation_function=activation, layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0,
                         attn_pdrop=0.0, tie_word_embeddings=True)
     config._attn_implementation = "eager"  # as export._load loads a checkpoint
     model = GPT2LMHeadModel(config).eval()
-    weights = {}
-    for key, value in checkpoint["model"].items():
-        key = key.removeprefix("_orig_mod.")  # torch.compile's wrapper
-        if not key.endswith(".attn.bias"):  # the causal mask (nanoGPT without flash attention)
-            weights[key] = value.float().t() if key.endswith(TRANSPOSED) else value.float()
+    weights = {key: value.float().t() if key.endswith(TRANSPOSED) else value.float()
+               for key, value in weights.items() if not key.endswith(".attn.bias")}  # the causal mask (nanoGPT without flash)
     with torch.no_grad():
         if not args.get("bias", True):  # none in the checkpoint: GPT-2's, all zero
             for name, parameter in model.named_parameters():
@@ -57,9 +65,8 @@ def load(path: Path) -> tuple[Any, dict[str, Any]]:
             missing, unexpected = model.load_state_dict(weights, strict=False)
         except RuntimeError as e:  # shapes other than model_args say
             raise ExportError(f"{path}: its weights do not fit its model_args: {' '.join(str(e).split())[:300]}") from None
-    missing = [k for k in missing if not (k.endswith(".bias") and not args.get("bias", True))]
+    missing = [k for k in missing if not (k.endswith(".bias") and not args.get("bias", True)) and k != "lm_head.weight"]  # tied below
     if missing or unexpected:
         raise ExportError(f"{path}: not nanoGPT's GPT-2 weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
-    best = checkpoint.get("best_val_loss")
-    return model, {"format": "nanoGPT", "iter_num": checkpoint.get("iter_num"), "best_val_loss": None if best is None else float(best)}
+    return model

@@ -553,9 +553,9 @@ def test_a_hub_adapter_and_its_hub_base_export_from_the_cache(checkpoint: Path, 
     assert "Warning" not in done.stderr
 
 
-def _nanogpt_logits(weights: dict[str, torch.Tensor], args: dict[str, Any], ids: list[int]) -> torch.Tensor:
-    """nanoGPT's forward (its model.py, followed line by line): Linear layers, optional biases, exact GELU, LayerNorm
-    eps 1e-5, causal attention, the head tied to the token embedding. Every position's logits."""
+def _nanogpt_logits(weights: dict[str, torch.Tensor], args: dict[str, Any], ids: list[int], gelu: str = "none") -> torch.Tensor:
+    """nanoGPT's forward (its model.py, followed line by line): Linear layers, optional biases, exact GELU (llm.c's:
+    `gelu` "tanh"), LayerNorm eps 1e-5, causal attention, the head tied to the token embedding. Every position's logits."""
     import torch.nn.functional as F
 
     idx, width, heads = torch.tensor([ids]), args["n_embd"], args["n_head"]
@@ -573,14 +573,23 @@ def _nanogpt_logits(weights: dict[str, torch.Tensor], args: dict[str, Any], ids:
                    for t in linear(norm(x, at + "ln_1"), at + "attn.c_attn").split(width, dim=2))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(1, len(ids), width)
         x = x + linear(y, at + "attn.c_proj")
-        x = x + linear(F.gelu(linear(norm(x, at + "ln_2"), at + "mlp.c_fc")), at + "mlp.c_proj")
+        x = x + linear(F.gelu(linear(norm(x, at + "ln_2"), at + "mlp.c_fc"), approximate=gelu), at + "mlp.c_proj")
     return F.linear(norm(x, "transformer.ln_f"), weights["transformer.wte.weight"])[0]
 
 
 def _nanogpt_checkpoint(path: Path, bias: bool, vocab_size: int = 448) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A ckpt.pt as nanoGPT's train.py saves one after torch.compile ("_orig_mod." names, the head saved beside the
-    embedding it is tied to, the causal-mask buffer of its slow attention), random weights of its layout (Linear:
-    out x in), a vocabulary padded past the tokenizer's, as nanoGPT pads 50257 to 50304."""
+    embedding it is tied to, the causal-mask buffer of its slow attention) of _gpt2_weights."""
+    weights, args = _gpt2_weights(bias, vocab_size)
+    saved = {"_orig_mod." + k: v for k, v in weights.items()} | {"_orig_mod.lm_head.weight": weights["transformer.wte.weight"]}
+    saved |= {f"_orig_mod.transformer.h.{layer}.attn.bias": torch.tril(torch.ones(1, 1, 128, 128)) for layer in range(2)}
+    torch.save({"model": saved, "model_args": args, "iter_num": 500, "best_val_loss": torch.tensor(2.25), "config": {"dataset": "prose"}}, path)
+    return weights, args
+
+
+def _gpt2_weights(bias: bool, vocab_size: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Random GPT-2 weights by nanoGPT's names, in its layout (Linear: out x in), a vocabulary padded past the
+    tokenizer's 400, as nanoGPT and llm.c pad 50257 to 50304; and nanoGPT's model_args for them."""
     args = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 128, "bias": bias, "vocab_size": vocab_size, "dropout": 0.0}
     generator = torch.Generator().manual_seed(5)
     weights: dict[str, torch.Tensor] = {}
@@ -603,9 +612,6 @@ def _nanogpt_checkpoint(path: Path, bias: bool, vocab_size: int = 448) -> tuple[
     add("transformer.ln_f.weight", 64, mean=1.0)
     if bias:
         add("transformer.ln_f.bias", 64)
-    saved = {"_orig_mod." + k: v for k, v in weights.items()} | {"_orig_mod.lm_head.weight": weights["transformer.wte.weight"]}
-    saved |= {f"_orig_mod.transformer.h.{layer}.attn.bias": torch.tril(torch.ones(1, 1, 128, 128)) for layer in range(2)}
-    torch.save({"model": saved, "model_args": args, "iter_num": 500, "best_val_loss": torch.tensor(2.25), "config": {"dataset": "prose"}}, path)
     return weights, args
 
 
@@ -651,9 +657,9 @@ def test_what_is_not_a_nanogpt_gpt2_is_refused(checkpoint: Path, tmp_path: Path)
     torch.save({"model": ckpt["model"], "model_args": ckpt["model_args"], "optimizer": SimpleNamespace(x=1)}, tmp_path / "pickled.pt")
     with pytest.raises(ExportError, match="cannot read .*pickled.pt as a nanoGPT checkpoint"):  # loaded weights only: no code runs
         export(str(tmp_path / "pickled.pt"), tmp_path / "o", ExportOptions(tokenizer=str(checkpoint)), quiet=True)
-    with pytest.raises(ExportError, match="has a tokenizer of its own: --tokenizer is for a nanoGPT checkpoint"):
+    with pytest.raises(ExportError, match="has a tokenizer of its own: --tokenizer is for a nanoGPT or llm.c checkpoint"):
         export(str(checkpoint), tmp_path / "o", ExportOptions(tokenizer=str(checkpoint)), quiet=True)
-    with pytest.raises(ExportError, match="a revision is for a hub id"):
+    with pytest.raises(ExportError, match="is a checkpoint file: a revision is for a hub id"):
         export(str(tmp_path / "ckpt.pt"), tmp_path / "o", ExportOptions(tokenizer=str(checkpoint), revision="main"), quiet=True)
     with pytest.raises(ExportError, match=r"ckpt.pt holds no tokenizer, and '/nowhere' cannot give one .*--tokenizer FOLDER"):
         export(str(tmp_path / "ckpt.pt"), tmp_path / "o", ExportOptions(tokenizer="/nowhere"), quiet=True)
@@ -671,3 +677,38 @@ def _bigger_tokenizer(checkpoint: Path, tmp_path: Path) -> Path:
     tokenizer.add_tokens([f"<extra_{i}>" for i in range(60)])
     tokenizer.save_pretrained(tmp_path / "big-tokenizer")
     return tmp_path / "big-tokenizer"
+
+
+@pytest.mark.parametrize("version", [3, 5])
+def test_an_llmc_checkpoint_exports_as_the_gpt2_it_is(checkpoint: Path, tmp_path: Path, version: int) -> None:
+    """llm.c's .bin (float32, version 3; bfloat16, version 5), written here as its train_gpt2 writes one (header, then
+    every weight in its fixed order): every position's logits and greedy tokens as llm.c computes them (tanh GELU;
+    softmax over the real 400 tokens of its 448 padded rows), the model's vocabulary the real one."""
+    import onnxgen
+
+    weights, args = _gpt2_weights(True, 448)
+    if version == 5:  # what the file holds
+        weights = {k: v.to(torch.bfloat16).float() for k, v in weights.items()}
+    layers = [torch.stack([weights[f"transformer.h.{layer}.{name}"] for layer in range(2)]) for name in (
+        "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias",
+        "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")]
+    flat = torch.cat([t.reshape(-1) for t in (weights["transformer.wte.weight"], weights["transformer.wpe.weight"], *layers,
+                                              weights["transformer.ln_f.weight"], weights["transformer.ln_f.bias"])])
+    header = np.zeros(256, np.int32)
+    header[:8] = [20240326, version, 128, 400, 2, 4, 64, 448]
+    data = flat.to(torch.bfloat16).view(torch.int16).numpy() if version == 5 else flat.numpy()
+    (tmp_path / "model_00000500.bin").write_bytes(header.tobytes() + data.tobytes())
+    result = export(str(tmp_path / "model_00000500.bin"), tmp_path / "out", ExportOptions(tokenizer=str(checkpoint)), quiet=True)
+    assert (result["source"]["format"], result["source"]["dtype"]) == ("llm.c", "bfloat16" if version == 5 else "float32")
+    model = onnxgen.load(tmp_path / "out", threads=1)
+    real = {**weights, "transformer.wte.weight": weights["transformer.wte.weight"][:400]}
+    ids = model.tokenizer.encode("It is a truth universally")
+    assert model.dims.vocab_size == 400
+    np.testing.assert_allclose(model.runtime.all_logits(np.asarray([ids]))[0], _nanogpt_logits(real, args, ids, "tanh").numpy(), atol=1e-4)
+    expected = list(ids)
+    for _ in range(10):
+        expected.append(int(_nanogpt_logits(real, args, expected, "tanh")[-1].argmax()))
+    assert model.generate([ids], max_new_tokens=10, do_sample=False, eos_token_id=None)[0].token_ids == expected[len(ids):]
+    (tmp_path / "cut.bin").write_bytes((tmp_path / "model_00000500.bin").read_bytes()[:-400])
+    with pytest.raises(ExportError, match="cut.bin: .* weights where its header says .*: not a whole llm.c checkpoint"):
+        export(str(tmp_path / "cut.bin"), tmp_path / "o", ExportOptions(tokenizer=str(checkpoint)), quiet=True)
