@@ -394,6 +394,10 @@ def serve(
                                                          "the extra field \"assistant_model\": true (assisted generation)")] = None,
     prompt_cache_mib: Annotated[int, typer.Option(min=0, help="MiB of ended requests' key/value caches kept for requests that start "
                                                   "with their tokens (a chat's next turn); 0: none (CPU)")] = 0,
+    allowed_origin: Annotated[list[str] | None, typer.Option(help="a web page's origin (https://app.example:8443, or *) whose scripts "
+                                                             "may call the server from a browser (CORS); repeatable")] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="serve HTTPS with this certificate (PEM; with --ssl-keyfile)")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="the certificate's private key (PEM)")] = None,
 ) -> None:
     """Serve OpenAI's completions, chat completions and responses APIs over HTTP.
 
@@ -408,6 +412,9 @@ def serve(
     from . import load
     from .model import BUNDLED
 
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        fail("HTTPS needs both --ssl-certfile and --ssl-keyfile")
+    tls = _tls(ssl_certfile, ssl_keyfile) if ssl_certfile and ssl_keyfile else {}
     listening = _listen(host, port)
     if api_key is None and not ipaddress.ip_address(listening.getsockname()[0]).is_loopback:
         print(f"onnxgen: warning: {host} takes requests from other machines, and without --api-key anyone who reaches "
@@ -418,10 +425,24 @@ def serve(
                               spinning=spinning, prompt_cache_mib=prompt_cache_mib))
     draft = None if spinning else run(lambda: load(assistant_model, provider=provider, threads=threads, spinning=False))  # type: ignore[arg-type]
     app_ = run(lambda: create_app(loaded, name or folder.name, api_key, Limits(max_tokens=max_tokens, max_batch=max_batch, prefill_chunk=prefill_chunk),
-                                  draft))
+                                  draft, allowed_origins=allowed_origin))
     where = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
-    print(f"serving {folder} as {name or folder.name!r} on http://{where}:{port}/v1", file=sys.stderr)
-    uvicorn.Server(uvicorn.Config(app_, log_level="warning")).run(sockets=[listening])
+    print(f"serving {folder} as {name or folder.name!r} on http{'s' if tls else ''}://{where}:{port}/v1", file=sys.stderr)
+    uvicorn.Server(uvicorn.Config(app_, log_level="warning", **tls)).run(sockets=[listening])
+
+
+def _tls(certfile: Path, keyfile: Path) -> dict[str, str]:
+    """uvicorn's HTTPS options, the pair checked before the model loads: a missing file or a key that is not the
+    certificate's is a one-line error, not uvicorn's traceback after a load."""
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as e:  # an OSError too: first
+        fail(f"cannot serve HTTPS with {certfile} and {keyfile}: {e.reason or e}")
+    except OSError as e:
+        fail(f"cannot serve HTTPS with {certfile} and {keyfile}: {e.strerror or e}")
+    return {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)}
 
 
 @app.command("run-batch")

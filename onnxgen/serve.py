@@ -39,6 +39,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -130,9 +131,10 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
 
 
 def create_app(model: Model, name: str, api_key: str | None = None, limits: Limits | None = None,
-               draft: Model | None = None, ray_metrics: bool = False) -> FastAPI:
+               draft: Model | None = None, ray_metrics: bool = False, allowed_origins: list[str] | None = None) -> FastAPI:
     """The app over `model`; `draft`: a draft model that requests ask for with "assistant_model": true;
-    `ray_metrics`: a Ray Serve replica's app, whose requests Ray's metrics count too (metrics.py)."""
+    `ray_metrics`: a Ray Serve replica's app, whose requests Ray's metrics count too (metrics.py); `allowed_origins`:
+    the web pages (scheme://host:port, or "*") whose scripts may call it from a browser (CORS)."""
     limits = limits or Limits()
     batcher = Batcher(model, limits.max_batch, limits.max_queue, limits.prefill_chunk)
     scoring = asyncio.Semaphore(1)  # prompts scored for echo with logprobs, one request at a time (_prompt_logprobs)
@@ -151,6 +153,10 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
             return await call_next(request)
         except Exception as e:  # a bug: one line to the client, never a traceback
             return error(500, f"internal error ({type(e).__name__})", kind="server_error")
+
+    if allowed_origins:  # added last, so outermost: a browser's preflight is answered before the API key is asked for
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:

@@ -518,3 +518,71 @@ def test_tokenize_and_detokenize(server: Served, model: onnxgen.Model) -> None:
     r = httpx.post(server + "/tokenize", json={"prompt": text, "model": "other"}, headers=auth)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert httpx.post(server + "/tokenize", json={"text": text}, headers=auth).status_code == 400  # not its field
+
+
+def test_a_browser_page_of_an_allowed_origin_may_call_the_server(exported: Path) -> None:
+    """--allowed-origin (CORS): a preflight from that origin is answered (before the API key is asked for), and the
+    reply, a 401 included, carries the header that lets the page's script read it; another origin gets none."""
+    import asyncio
+
+    app = create_app(onnxgen.load(exported, threads=1), "tiny", api_key=KEY, allowed_origins=["https://app.example"])
+    plain = create_app(onnxgen.load(exported, threads=1), "tiny", api_key=KEY)
+
+    async def run(app: Any) -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as http:
+            preflight = await http.options("/v1/completions", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                                                                       "Access-Control-Request-Headers": "authorization,content-type"})
+            answered = await http.post("/v1/completions", json={"prompt": "It is", "max_tokens": 2}, headers={
+                "Origin": "https://app.example", "Authorization": f"Bearer {KEY}"})
+            refused = await http.post("/v1/completions", json={"prompt": "It is"}, headers={"Origin": "https://app.example"})
+            other = await http.post("/v1/completions", json={"prompt": "It is", "max_tokens": 2}, headers={
+                "Origin": "https://evil.example", "Authorization": f"Bearer {KEY}"})
+            return [preflight, answered, refused, other]
+
+    preflight, answered, refused, other = asyncio.run(run(app))
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "https://app.example"
+    assert "POST" in preflight.headers["access-control-allow-methods"] and "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == "https://app.example"
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "https://app.example"
+    assert other.status_code == 200 and "access-control-allow-origin" not in other.headers  # the browser keeps it from the page
+    preflight, answered, _, _ = asyncio.run(run(plain))
+    assert preflight.status_code == 401 and "access-control-allow-origin" not in answered.headers  # no origin allowed by default
+
+
+def test_the_serve_command_serves_https(exported: Path, tmp_path: Path) -> None:
+    """--ssl-certfile and --ssl-keyfile: the API over HTTPS (a self-signed certificate the client trusts); a key that
+    is not the certificate's, or one of the pair alone, is one line of error before the model loads."""
+    import ssl
+    import subprocess
+    import sys
+
+    for name in ("a", "b"):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / f"{name}.key"), "-out", str(tmp_path / f"{name}.pem")],
+                       check=True, capture_output=True)
+    port = _free_port()
+    command = [sys.executable, "-m", "onnxgen", "serve", "--model", str(exported), "--port", str(port), "--threads", "1"]
+    proc = subprocess.Popen([*command, "--ssl-certfile", str(tmp_path / "a.pem"), "--ssl-keyfile", str(tmp_path / "a.key")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, answer = time.time() + 60, None
+        while answer is None and time.time() < deadline and proc.poll() is None:
+            try:
+                answer = httpx.post(f"https://127.0.0.1:{port}/v1/completions", json={"prompt": "It is", "max_tokens": 3, "temperature": 0},
+                                    verify=ssl.create_default_context(cafile=tmp_path / "a.pem"))
+            except httpx.ConnectError:
+                time.sleep(0.2)
+        assert answer is not None and answer.status_code == 200, proc.stderr.read() if proc.poll() is not None else "no answer"
+        with pytest.raises(httpx.ConnectError):  # not trusted under another certificate
+            httpx.get(f"https://127.0.0.1:{port}/health", verify=ssl.create_default_context(cafile=tmp_path / "b.pem"))
+        with pytest.raises(httpx.RemoteProtocolError):  # nor spoken in plain HTTP
+            httpx.get(f"http://127.0.0.1:{port}/health")
+    finally:
+        proc.terminate()
+        stderr = proc.communicate(timeout=30)[1]
+    assert f"on https://127.0.0.1:{port}/v1" in stderr
+    for extra, message in ((["--ssl-certfile", str(tmp_path / "a.pem"), "--ssl-keyfile", str(tmp_path / "b.key")], "cannot serve HTTPS with"),
+                           (["--ssl-certfile", str(tmp_path / "a.pem")], "HTTPS needs both --ssl-certfile and --ssl-keyfile"),
+                           (["--ssl-certfile", str(tmp_path / "none.pem"), "--ssl-keyfile", str(tmp_path / "a.key")], "No such file")):
+        done = subprocess.run([*command[:5], "/no/such/model", *command[6:], *extra], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
