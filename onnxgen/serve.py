@@ -22,7 +22,7 @@
 
 Requests run through batcher.py (continuous batching: a request's rows join the rows already decoding at
 the next step, and leave when they end). Errors use OpenAI's JSON shape with a 4xx code; no traceback ever
-reaches a client. A client that disconnects while streaming ends its rows. Safe defaults: localhost, limits on body size, prompt, max_tokens and n
+reaches a client. A client that disconnects ends its rows, streaming or not. Safe defaults: localhost, limits on body size, prompt, max_tokens and n
 (each a 400), and a bounded queue that answers 429 when full.
 """
 
@@ -142,18 +142,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
     metrics = Metrics(batcher, ray=ray_metrics)
     app.state.batcher, app.state.draft = batcher, draft
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Any:
-        guarded = request.url.path.startswith("/v1/") or request.url.path in ("/tokenize", "/detokenize")
-        if api_key and guarded and request.headers.get("authorization") != f"Bearer {api_key}":
-            return error(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error")
-        if int(request.headers.get("content-length") or 0) > limits.max_body_bytes:
-            return error(400, f"request body over {limits.max_body_bytes} bytes")
-        try:
-            return await call_next(request)
-        except Exception as e:  # a bug: one line to the client, never a traceback
-            return error(500, f"internal error ({type(e).__name__})", kind="server_error")
-
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
     if allowed_origins:  # added last, so outermost: a browser's preflight is answered before the API key is asked for
         app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
@@ -247,7 +236,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
                 offset, sent[index] = sent[index], sent[index] + len(text)
                 return {"text": text, "index": index, "logprobs": _logprobs(model, source, offset), "finish_reason": _finish(source.finish_reason)}
             return _streamed(job, channel, request, {**meta, "object": "text_completion"}, piece, opening, body, prompts)
-        done = await ended(channel)
+        done = await ended(job, channel, request)
         if isinstance(done, JSONResponse):
             return done
         choices = [_choice(model, body, prompts, c, i, echoed) for i, c in enumerate(done)]
@@ -279,7 +268,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
             opening = [{"index": i, "delta": {"role": "assistant", "content": "" if calls.schema is None else None}, "logprobs": None,
                         "finish_reason": None} for i in range(body.n)]
             return _streamed(job, channel, request, {**meta, "object": "chat.completion.chunk"}, piece, opening, body, prompts)
-        done = await ended(channel)
+        done = await ended(job, channel, request)
         if isinstance(done, JSONResponse):
             return done
         choices = [{"index": i, "message": _message(c.text, calls), "logprobs": _chat_logprobs(model, c),
@@ -305,7 +294,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         reply = Reply(body, name, calls, len(prompts[0]))
         if body.stream:
             return StreamingResponse(reply.events(news(job, channel, request)), media_type="text/event-stream")
-        done = await ended(channel)
+        done = await ended(job, channel, request)
         if isinstance(done, JSONResponse):
             return done
         return reply.whole(done[0])
@@ -334,11 +323,55 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
     return app
 
 
-async def ended(channel: asyncio.Queue[tuple[str, Any]]) -> list[Completion] | JSONResponse:
-    """A job's completions once it ends (its events passed over), or its error."""
-    kind, value = await channel.get()
-    while kind == "event":
+class Guard:
+    """The API key, the body's size, and a bug's one line: an ASGI middleware of its own (Starlette's `@app.middleware`
+    keeps a handler from hearing that its client went away, which `ended` listens for)."""
+
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int) -> None:
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        guarded = request.url.path.startswith("/v1/") or request.url.path in ("/tokenize", "/detokenize")
+        if self.api_key and guarded and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            await error(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error")(scope, receive, send)
+            return
+        if int(request.headers.get("content-length") or 0) > self.max_body_bytes:
+            await error(400, f"request body over {self.max_body_bytes} bytes")(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as e:  # a bug: one line to the client, never a traceback
+            if started:  # a reply already on its way (a stream) cannot become another
+                raise
+            await error(500, f"internal error ({type(e).__name__})", kind="server_error")(scope, receive, send)
+
+
+async def ended(job: Job, channel: asyncio.Queue[tuple[str, Any]], request: Request) -> list[Completion] | JSONResponse:
+    """A job's completions once it ends (its events passed over), or its error. A client that goes away before then
+    ends the job's rows: nothing tells a handler that does not stream (a stream's ends when its sending fails)."""
+    async def hang_up() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+        job.cancelled.set()
+
+    watch = asyncio.create_task(hang_up())
+    try:
         kind, value = await channel.get()
+        while kind == "event":
+            kind, value = await channel.get()
+    finally:
+        watch.cancel()
     if kind == "error":
         return error(400, str(value)) if isinstance(value, OnnxgenError) else error(500, "internal error", kind="server_error")
     return value[0]

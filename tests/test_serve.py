@@ -586,3 +586,47 @@ def test_the_serve_command_serves_https(exported: Path, tmp_path: Path) -> None:
                            (["--ssl-certfile", str(tmp_path / "none.pem"), "--ssl-keyfile", str(tmp_path / "a.key")], "No such file")):
         done = subprocess.run([*command[:5], "/no/such/model", *command[6:], *extra], capture_output=True, text=True, timeout=60)
         assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
+
+
+def test_a_client_that_goes_away_ends_its_rows(exported: Path) -> None:
+    """A client that hangs up, streamed or not, ends its request's rows within a moment (each step here slowed to
+    20 ms: the 100 tokens asked for would take 2 s); the metrics count both cancelled."""
+    app = create_app(onnxgen.load(exported, threads=1), "tiny", limits=Limits(max_tokens=100))
+    cache = app.state.batcher.cache
+    decode = cache.decode
+    cache.decode = lambda *args, **kw: (time.sleep(0.02), decode(*args, **kw))[1]
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    body = {"prompt": "It is", "max_tokens": 100, "temperature": 0, "ignore_eos": True}
+    try:
+        start = time.perf_counter()
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting: its connection closes
+            httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=0.3)
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json={**body, "stream": True}) as streamed:
+            next(streamed.iter_lines())  # the first chunk, then the client hangs up
+        while app.state.batcher.cancelled_rows < 2 and time.perf_counter() - start < 10:
+            time.sleep(0.05)
+        took = time.perf_counter() - start
+        scrape = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    finally:
+        server.should_exit = True
+    assert app.state.batcher.cancelled_rows == 2 and took < 1.9  # well before either's 100 slowed steps
+    assert 'onnxgen_requests_total{outcome="cancelled"} 2.0' in scrape
+
+
+def test_a_bug_is_one_line_of_error_not_a_traceback(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    model = onnxgen.load(exported, threads=1)
+    app = create_app(model, "tiny")
+    monkeypatch.setattr(model.tokenizer, "encode", lambda *a, **k: [][1])  # an IndexError where none should be
+
+    async def run() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as http:
+            return await http.post("/tokenize", json={"prompt": "It is"})
+
+    r = asyncio.run(run())
+    assert r.status_code == 500 and r.json()["error"] == {"message": "internal error (IndexError)", "type": "server_error", "param": None, "code": None}
