@@ -17,6 +17,7 @@ import numpy as np
 from . import logits
 from .decoding import Rows, Scoring
 from .generator import Completion, Event, Stats, call_stats
+from .guidance import constraint
 from .options import GenerationOptions
 from .runtime import Runtime
 from .stopping import StopRules
@@ -40,7 +41,7 @@ class BeamSearch:
         self.rules = StopRules.of(opts, self.start)
         self.eos = np.asarray(sorted(self.rules.eos), dtype=np.int64)
         self.keep = max(2, 1 + len(self.eos)) * k  # candidates looked at per step
-        self.scoring = Scoring(opts)
+        self.scoring = Scoring(opts, constraint(opts, tokenizer))  # guidance.py: each new beam goes on from its parent's state
         self.top = runtime.top_k
         self.rows = Rows(runtime, [p for p in prompts for _ in range(k)], pad_id, opts.max_new_tokens)
         self.top_n = opts.logprobs or 0

@@ -103,7 +103,7 @@ class Generator:
         self.prompt_index = prompt_index
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.rules = StopRules.of(opts, self.start)
-        self.scoring = Scoring(opts, constraint(opts, tokenizer, len(prompts)))
+        self.scoring = Scoring(opts, constraint(opts, tokenizer))
         self.rng = np.random.default_rng(opts.seed)
         self.rows = Rows(runtime, prompts, pad_id, opts.max_new_tokens)
         self.generated: list[list[int]] = [[] for _ in prompts]

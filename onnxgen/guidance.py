@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
+from collections import Counter
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -84,26 +85,40 @@ def _tokenizer(tokenizer: Tokenizer, vocab_size: int, eos_ids: list[int]) -> Any
 
 
 class Constraint:
-    """A call's rows held to one grammar: a matcher per row, given the row's chosen token at each step, then asked
-    which tokens may come next. A processor: (scores, history, new-token count) -> scores."""
+    """A call's rows held to one grammar. A processor: (scores, history, new-token count) -> scores.
 
-    def __init__(self, grammar_text: str, tokenizer: Tokenizer, eos_ids: list[int], rows: int) -> None:
-        self._grammar, self._tokenizer, self._eos, self._rows = grammar_text, tokenizer, eos_ids, rows
-        self._matchers: list[Any] = []
-        self._ended = [False] * rows  # rows past their end (padding follows): no longer held
+    llguidance's matcher of a text, fed each chosen token, says which tokens may come next. Matchers are kept by the
+    tokens each row has generated: a row's next state is its parent's (its tokens but the last) fed the last one,
+    which holds when rows are reordered (beam search picks each new beam from any beam before) and when two rows
+    share tokens. A parent with several children is copied for all but the last of them."""
+
+    def __init__(self, grammar_text: str, tokenizer: Tokenizer, eos_ids: list[int]) -> None:
+        self._grammar, self._tokenizer, self._eos = grammar_text, tokenizer, eos_ids
+        # The matcher of each row's generated tokens at the last step; None for a row past its end (padding follows,
+        # which the grammar may not take: left alone) or one whose token the grammar did not allow (a beam searched
+        # to fill its candidates: it ranks below every allowed one).
+        self._states: dict[tuple[int, ...], Any] = {}
 
     def __call__(self, scores: np.ndarray, history: History, generated: int) -> np.ndarray:
-        if not self._matchers:  # at the first step: the scores say the model's vocabulary size
+        texts = [tuple(history[row][len(history[row]) - generated :]) if generated else () for row in range(len(scores))]
+        if not generated:  # the first step: the scores say the model's vocabulary size
             tokenizer = _tokenizer(self._tokenizer, scores.shape[1], self._eos)
-            self._matchers = [_llguidance().LLMatcher(tokenizer, self._grammar, log_level=0) for _ in range(self._rows)]
+            states = {(): _llguidance().LLMatcher(tokenizer, self._grammar, log_level=0)}
+        else:
+            children = Counter(text[:-1] for text in set(texts))
+            states = {}
+            for text in dict.fromkeys(texts):  # each text once, in row order
+                parent, children[text[:-1]] = self._states[text[:-1]], children[text[:-1]] - 1
+                matcher = parent if parent is None or not children[text[:-1]] else parent.deep_copy()
+                if matcher is not None and (text[-1] in self._eos or not matcher.consume_token(text[-1])):
+                    matcher = None  # an end token: complete (only it was left), or a token the grammar did not allow
+                states[text] = matcher
+        self._states = states
         scores = scores.copy()
-        for row, matcher in enumerate(self._matchers):
-            # A row that ended (its end token, a stop string, a caller's criterion) runs on with padding, which the
-            # grammar may not take: the row is left alone from then on. A complete text leaves only the end token.
-            if self._ended[row] or (generated and (history[row][-1] in self._eos or not matcher.consume_token(history[row][-1]))):
-                self._ended[row] = True
+        for row, text in enumerate(texts):
+            if states[text] is None:
                 continue
-            allowed = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little")[: scores.shape[1]]
+            allowed = np.unpackbits(np.frombuffer(states[text].compute_bitmask(), np.uint8), bitorder="little")[: scores.shape[1]]
             scores[row, allowed == 0] = -np.inf
             if np.isneginf(scores[row]).all():
                 raise OptionsError(f"the constraint and the other options leave row {row} no token to choose "
@@ -111,8 +126,8 @@ class Constraint:
         return scores
 
 
-def constraint(opts: GenerationOptions, tokenizer: Tokenizer, rows: int) -> Constraint | None:
+def constraint(opts: GenerationOptions, tokenizer: Tokenizer) -> Constraint | None:
     """The call's constraint, if its options name one."""
     if opts.json_schema is None and opts.regex is None and opts.grammar is None:
         return None
-    return Constraint(grammar(opts.json_schema, opts.regex, opts.grammar), tokenizer, opts.eos_ids, rows)
+    return Constraint(grammar(opts.json_schema, opts.regex, opts.grammar), tokenizer, opts.eos_ids)

@@ -216,8 +216,6 @@ class GenerationOptions:
         if constraints:
             if len(constraints) > 1:
                 raise OptionsError(f"one constraint a call: got {' and '.join(constraints)}")
-            if self.num_beams > 1:
-                raise OptionsError(f"{constraints[0]} works with greedy decoding and sampling, not beam search")
             if not self.eos_ids:
                 raise OptionsError(f"{constraints[0]} needs an end token (eos_token_id): it ends the text where the text is complete")
             grammar(self.json_schema, self.regex, self.grammar)  # llguidance installed, and the constraint usable

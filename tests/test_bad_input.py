@@ -87,7 +87,6 @@ BAD_OPTIONS: list[tuple[dict[str, Any], str]] = [
     ({"json_schema": {"type": "nosuch"}}, "json_schema is not usable"), ({"regex": "("}, "regex is not usable: .*invalid regex"),
     ({"regex": 5}, "regex must be a string"), ({"grammar": "start: nosuch"}, "grammar is not usable: .*unknown name"),
     ({"regex": "a", "grammar": 'start: "a"'}, "one constraint a call: got regex and grammar"),
-    ({"regex": "a", "num_beams": 2}, "regex works with greedy decoding and sampling, not beam search"),
     ({"regex": "a", "eos_token_id": None}, "regex needs an end token"),
     ({"regex": "a", "min_new_tokens": 3}, "leave row 0 no token"),  # the text is complete at "a": only the end is left
 ]

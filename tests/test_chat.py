@@ -338,7 +338,6 @@ def test_tool_requests_it_cannot_do_are_refused(chat_server: tuple[str, str]) ->
         ({"tools": [TOOLS[1], TOOLS[1]], "tool_choice": "required"}, "two functions are named 'add'"),
         ({"tools": TOOLS, "tool_choice": named, "response_format": {"type": "json_object"}}, "not with response_format"),
         ({"tools": TOOLS, "tool_choice": named, "extra_body": {"regex": "a+"}}, "not with response_format, json_schema, regex"),
-        ({"tools": TOOLS, "tool_choice": named, "extra_body": {"num_beams": 2}}, "beam search"),
     ]
     for fields, message in refusals:
         with pytest.raises(openai.BadRequestError, match=message):

@@ -61,6 +61,51 @@ def test_json_schema_gives_json_it_allows_as_llguidance_itself_does(model: onnxg
     assert [c.token_ids for c in free] != [c.token_ids for c in got]  # random weights write no JSON unless held to it
 
 
+def fresh_reference(model: onnxgen.Model, grammar: str, prompt_length: int) -> Any:
+    """llguidance's documented use again, keeping nothing between calls: each row's matcher made anew and fed the row's
+    generated tokens, whatever row it was before (beam search reorders rows); a row whose tokens the grammar does not
+    take (a beam kept to fill its candidates) is left as it is."""
+    eos = model.defaults.eos_ids
+    tokenizer = llguidance.LLTokenizer(str(model.tokenizer.path), n_vocab=model.dims.vocab_size, eos_token=eos)
+
+    def processor(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        scores = scores.copy()
+        mask = llguidance.numpy.allocate_token_bitmask(len(scores), model.dims.vocab_size)
+        for row, ids in enumerate(input_ids[:, prompt_length:].tolist()):
+            matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+            if any(t in eos for t in ids) or not all(matcher.consume_token(t) for t in ids):
+                continue
+            llguidance.numpy.fill_next_token_bitmask(matcher, mask, row)
+            llguidance.numpy.apply_token_bitmask_inplace(scores[row : row + 1], mask[row : row + 1])
+        return scores
+
+    return processor
+
+
+@pytest.mark.parametrize("constraint", [{"json_schema": SCHEMA}, {"regex": r"(yes|no|maybe|[0-9]{2,4})!"}])
+def test_beam_search_holds_every_beam_as_llguidance_itself_does(model: onnxgen.Model, constraint: dict[str, Any]) -> None:
+    """Beam search with a constraint: each new beam goes on from the state of the beam it came from, so the beams, their
+    scores and the sequences returned are those of beam search with llguidance's matchers made anew at every step."""
+    options = {"max_new_tokens": 24, "num_beams": 4, "num_return_sequences": 3, "length_penalty": 0.7}
+    got = model.generate(PROMPTS[0], **constraint, **options)
+    name, value = next(iter(constraint.items()))
+    grammar = guidance_grammar(name, value)
+    expected = model.generate(PROMPTS[0], logits_processors=[fresh_reference(model, grammar, len(model.tokenizer.encode(PROMPTS[0])))],
+                              **options)
+    assert [(c.token_ids, c.finish_reason) for c in got] == [(c.token_ids, c.finish_reason) for c in expected]
+    assert [c.score for c in got] == pytest.approx([c.score for c in expected], abs=1e-4)
+    assert len({tuple(c.token_ids) for c in got}) == 3 and all(c.finish_reason == "eos" for c in got)
+    for c in got:
+        assert json.loads(c.text) if name == "json_schema" else re.fullmatch(value, c.text)
+
+
+def guidance_grammar(name: str, value: Any) -> str:
+    """llguidance's grammar of one constraint, made as its documentation makes it (compact JSON, as onnxgen's default)."""
+    if name == "json_schema":
+        return llguidance.LLMatcher.grammar_from_json_schema(value, defaults={"whitespace_flexible": False})
+    return llguidance.LLMatcher.grammar_from_regex(value)
+
+
 def test_regex_and_lark_grammar_hold_the_whole_text(model: onnxgen.Model) -> None:
     for c in model.generate(PROMPTS, max_new_tokens=20, regex=r"[0-9]{3}-[0-9]{4}", do_sample=True, seed=1, num_return_sequences=2):
         assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", c.text) and c.finish_reason == "eos"
