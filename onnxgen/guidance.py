@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import json
 import threading
-from collections import Counter
 import weakref
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
