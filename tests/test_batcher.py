@@ -131,6 +131,7 @@ def test_requests_with_different_options_share_steps(model: onnxgen.Model) -> No
         (["Once upon"], {"max_new_tokens": 12, "stop": [stop], **GREEDY}),
         (["It is"], {"max_new_tokens": 9, "logprobs": 2, **GREEDY}),
         (["Call me", "The"], {"max_new_tokens": 30, "regex": "[a-z ]{5,40}!", "do_sample": True, "seed": 4}),  # guidance.py
+        (["Once upon"], {"max_new_tokens": 12, "regex": "(yes|no|[a-z]{3,6})!", "num_beams": 3, "num_return_sequences": 2}),
     ]
     inboxes = together(batcher, model, lambda: [submit(batcher, model, prompts, **options) for prompts, options in cases])
     results = [result(inbox) for inbox in inboxes]
@@ -141,6 +142,7 @@ def test_requests_with_different_options_share_steps(model: onnxgen.Model) -> No
         assert [(c.text, c.token_ids, c.finish_reason) for c in got] == [(c.text, c.token_ids, c.finish_reason) for c in expected]
     assert results[2][0].finish_reason == "stop"
     assert results[3][0].logprobs == pytest.approx(model.generate(["It is"], max_new_tokens=9, logprobs=2, **GREEDY)[0].logprobs, abs=1e-4)
+    assert all(re.fullmatch("(yes|no|[a-z]{3,6})!", c.text) for c in results[5])
     assert batcher.steps < 20 + 15 + 12 + 9 - 4  # fewer than one after another
 
 
