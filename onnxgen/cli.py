@@ -50,6 +50,8 @@ JsonOption = Annotated[bool, typer.Option("--json", help="print machine-readable
 MappedWeightsOption = Annotated[bool, typer.Option(
     "--mapped-weights", help="CPU: map the weights, packed once for this machine into a cached file ($ONNXGEN_CACHE), "
                              "instead of packing a private copy: every process that loads the folder shares one")]
+ChatTemplateOption = Annotated[Path | None, typer.Option(
+    "--chat-template", help="a Jinja chat template file, used instead of the checkpoint's (or where it had none)")]
 CudaGraphOption = Annotated[bool, typer.Option("--cuda-graph", help="CUDA: replay the decode step as one captured CUDA graph (a folder with the cache in place)")]
 
 
@@ -270,6 +272,7 @@ def chat(
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
     prompt_cache_mib: Annotated[int, typer.Option(min=0, help="CPU: MiB of the last turn's key/value cache kept, so that a turn "
                                                   "computes only its new tokens (0: none)")] = 0,
+    chat_template: ChatTemplateOption = None,
 ) -> None:
     """Talk with a chat model (a checkpoint with a chat template), a line a turn.
 
@@ -282,11 +285,13 @@ def chat(
     interactive = sys.stdin.isatty()
 
     def body() -> None:
-        m = load(model, provider=provider, threads=threads, prompt_cache_mib=prompt_cache_mib)  # type: ignore[arg-type]
+        m = load(model, provider=provider, threads=threads, prompt_cache_mib=prompt_cache_mib,  # type: ignore[arg-type]
+                 chat_template=_template_file(chat_template))
         opts = m.options(**strategy_options(strategy, given))
         messages = [{"role": "system", "content": system}] if system else []
-        if m.folder.chat_template is None:
-            fail(f"onnxgen chat needs a model whose checkpoint has a chat template; {m.folder.path.name!r} has none: use onnxgen generate")
+        if not m.has_chat_template:
+            fail(f"onnxgen chat needs a model whose checkpoint has a chat template; {m.folder.path.name!r} has none: use onnxgen "
+                 "generate, or give one with --chat-template FILE")
         try:  # before any turn: a template that does not parse, or refuses a system message
             m.apply_chat_template([*messages, {"role": "user", "content": "Hi"}])
         except OnnxgenError as e:
@@ -398,6 +403,7 @@ def serve(
                                                              "may call the server from a browser (CORS); repeatable")] = None,
     ssl_certfile: Annotated[Path | None, typer.Option(help="serve HTTPS with this certificate (PEM; with --ssl-keyfile)")] = None,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="the certificate's private key (PEM)")] = None,
+    chat_template: ChatTemplateOption = None,
 ) -> None:
     """Serve OpenAI's completions, chat completions and responses APIs over HTTP.
 
@@ -421,8 +427,9 @@ def serve(
               "the port can use the model", file=sys.stderr)
     folder = model or BUNDLED
     spinning = assistant_model is None  # a model and its draft take turns (load's `spinning`)
+    template = _template_file(chat_template)
     loaded = run(lambda: load(folder, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph,  # type: ignore[arg-type]
-                              spinning=spinning, prompt_cache_mib=prompt_cache_mib))
+                              spinning=spinning, prompt_cache_mib=prompt_cache_mib, chat_template=template))
     draft = None if spinning else run(lambda: load(assistant_model, provider=provider, threads=threads, spinning=False))  # type: ignore[arg-type]
     app_ = run(lambda: create_app(loaded, name or folder.name, api_key, Limits(max_tokens=max_tokens, max_batch=max_batch, prefill_chunk=prefill_chunk),
                                   draft, allowed_origins=allowed_origin))
@@ -456,6 +463,7 @@ def run_batch(
     max_batch: Annotated[int, typer.Option(min=1, help="rows decoded together")] = 8,
     max_tokens: Annotated[int, typer.Option(min=1, help="the largest max_tokens a request may ask for")] = 1024,
     name: Annotated[str | None, typer.Option(help="model name the requests may give (default: the folder's name)")] = None,
+    chat_template: ChatTemplateOption = None,
     force: Annotated[bool, typer.Option(help="replace OUTPUT if it exists")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -474,8 +482,8 @@ def run_batch(
     requests = run(lambda: read(input_file))  # what is wrong with the file or the output is said before a model loads
     if output != "-":
         run(lambda: atomic.check_destination(Path(output), force))
-    folder = model or BUNDLED
-    loaded = run(lambda: load(folder, provider=provider, threads=threads))
+    folder, template = model or BUNDLED, _template_file(chat_template)
+    loaded = run(lambda: load(folder, provider=provider, threads=threads, chat_template=template))
     counts = run(lambda: run_requests(loaded, requests, output, name or folder.name, Limits(max_tokens=max_tokens, max_batch=max_batch),
                                       force))
     summary = (f"answered {counts['requests']} requests ({counts['failed']} refused or failed) in {counts['seconds']:.1f} s: "
@@ -484,6 +492,16 @@ def run_batch(
         print(json.dumps(counts), file=sys.stderr if output == "-" else sys.stdout)
     else:
         print(summary, file=sys.stderr if output == "-" else sys.stdout)
+
+
+def _template_file(path: Path | None) -> str | None:
+    """--chat-template's text, or one line of error, before a model loads."""
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read the chat template {path}: {e.strerror if isinstance(e, OSError) else 'not UTF-8 text'}")
 
 
 def _listen(host: str, port: int) -> socket.socket:

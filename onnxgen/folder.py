@@ -124,7 +124,12 @@ class ModelFolder:
         path = self.path / CHAT_TEMPLATE
         if not path.is_file():
             return None
-        return path.read_text(encoding="utf-8"), dict((self.manifest.get("tokenizer") or {}).get("special_tokens") or {})
+        return path.read_text(encoding="utf-8"), self.special_tokens
+
+    @property
+    def special_tokens(self) -> dict[str, Any]:
+        """The tokenizer's special tokens by name (`eos_token`, ...): what chat templates name."""
+        return dict((self.manifest.get("tokenizer") or {}).get("special_tokens") or {})
 
     @property
     def clean_up_tokenization_spaces(self) -> bool:

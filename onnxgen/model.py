@@ -80,8 +80,12 @@ class Score:
 
 class Model:
     def __init__(self, path: Path, provider: Provider = "cpu", threads: int | None = None, verify: bool = False,
-                 mapped_weights: bool = False, cuda_graph: bool = False, spinning: bool = True, prompt_cache_mib: int = 0) -> None:
+                 mapped_weights: bool = False, cuda_graph: bool = False, spinning: bool = True, prompt_cache_mib: int = 0,
+                 chat_template: str | None = None) -> None:
         self.folder = ModelFolder.read(path)
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise OptionsError(f"chat_template is a Jinja template's text, got {type(chat_template).__name__}")
+        self._chat_template = chat_template
         if verify:
             self.folder.verify()
         self.manifest, self.dims = self.folder.manifest, self.folder.dims
@@ -186,14 +190,21 @@ class Model:
         the template tells the model of (JSON schemas: [{"type": "function", "function": {...}}, ...])."""
         if self._chat is None:
             raise OptionsError(f"the model {self.folder.path.name!r} has no chat template (its checkpoint's tokenizer_config.json "
-                               "had none): pass the prompt as text")
+                               "had none): pass the prompt as text, or load it with one (chat_template=, --chat-template FILE)")
         return self._chat.render(messages, add_generation_prompt, continue_final_message, tools)
 
     @functools.cached_property
     def _chat(self) -> ChatTemplate | None:
-        """Parsed when first used: a template that does not parse keeps the model from chatting, not from loading."""
+        """Parsed when first used: a template that does not parse keeps the model from chatting, not from loading.
+        The one given at load where one was, else the checkpoint's."""
+        if self._chat_template is not None:
+            return ChatTemplate(self._chat_template, self.folder.special_tokens)
         chat = self.folder.chat_template
         return ChatTemplate(*chat) if chat else None
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._chat_template is not None or self.folder.chat_template is not None
 
     def _pad_id(self, opts: GenerationOptions) -> int:
         if opts.pad_token_id is not None:
@@ -304,7 +315,8 @@ class Model:
 
 
 def load(path: str | Path | None = None, provider: Provider = "cpu", threads: int | None = None, verify: bool = False,
-         mapped_weights: bool = False, cuda_graph: bool = False, spinning: bool = True, prompt_cache_mib: int = 0) -> Model:
+         mapped_weights: bool = False, cuda_graph: bool = False, spinning: bool = True, prompt_cache_mib: int = 0,
+         chat_template: str | None = None) -> Model:
     """Load an onnxgen model folder; with no path, the small model that ships with onnxgen. `verify` also
     checks every file's sha256 against the manifest (a few seconds a GB). `mapped_weights` (CPU) maps the
     weights packed for this machine from a file (made at the first such load; prepacked.py) instead of packing
@@ -316,13 +328,15 @@ def load(path: str | Path | None = None, provider: Provider = "cpu", threads: in
     step, 24 ms with both loaded so); alone, a model decodes 2-4% faster with spinning on. `prompt_cache_mib`
     (CPU): up to this many MiB of finished one-row calls' key/value caches are kept, and a later call whose prompt
     starts with one's tokens (a chat's next turn: the conversation so far, then a new message) takes it and
-    computes only the rest of its prompt; 0 (the default) keeps none."""
+    computes only the rest of its prompt; 0 (the default) keeps none. `chat_template`: a Jinja chat template (its
+    text) that apply_chat_template, chat and the server use instead of the checkpoint's, or where it had none (vLLM's
+    --chat-template)."""
     if path is not None and not isinstance(path, (str, Path)):
         raise ModelFolderError(f"a model folder is a path (str or Path), got {type(path).__name__}")
     folder = Path(path) if path is not None else BUNDLED
     if path is None and not (folder / MANIFEST).is_file():
         raise ModelFolderError("this onnxgen install has no bundled model: pass a model folder")
-    return Model(folder, provider, threads, verify, mapped_weights, cuda_graph, spinning, prompt_cache_mib)
+    return Model(folder, provider, threads, verify, mapped_weights, cuda_graph, spinning, prompt_cache_mib, chat_template)
 
 
 # transformers' text-generation pipeline generates with defaults of its own, over the model's: up to 256 new tokens,

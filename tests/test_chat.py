@@ -513,7 +513,8 @@ def test_the_chat_command_keeps_the_conversation(chat_folder: Path, exported: Pa
          "or lower --max-new-tokens")]
     r = subprocess.run([*command[:5], str(exported)], input="Hello\n", capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-        f"onnxgen: error: onnxgen chat needs a model whose checkpoint has a chat template; {exported.name!r} has none: use onnxgen generate"]
+        f"onnxgen: error: onnxgen chat needs a model whose checkpoint has a chat template; {exported.name!r} has none: use onnxgen "
+        "generate, or give one with --chat-template FILE"]
 
 
 def test_a_chats_next_turn_resumes_from_the_prompt_cache(chat_folder: Path) -> None:
@@ -542,3 +543,44 @@ def test_a_chats_next_turn_resumes_from_the_prompt_cache(chat_folder: Path) -> N
     assert app.state.batcher.resumed == 1  # the second turn; the first had nothing to start from
     plain = onnxgen.load(chat_folder, threads=1)
     assert replies[1] == plain.generate(plain.apply_chat_template(messages[:3]), max_new_tokens=8, do_sample=False)[0].text
+
+
+def test_a_chat_template_given_at_load_is_the_one_used(exported: Path, chat_folder: Path, checkpoint: Path, tmp_path: Path) -> None:
+    """load(chat_template=...) (--chat-template FILE): a model whose checkpoint had no template chats with it, rendered
+    as transformers renders that template; one given over a checkpoint's replaces it; the chat command and the server
+    take the file; a file that cannot be read is one line of error."""
+    import asyncio
+    import subprocess
+    import sys
+
+    import httpx
+    from transformers import AutoTokenizer
+
+    from onnxgen.serve import create_app
+
+    other = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+    hf = AutoTokenizer.from_pretrained(checkpoint)
+    given = onnxgen.load(exported, threads=1, chat_template=TEMPLATE)
+    assert given.has_chat_template and given.apply_chat_template(CONVERSATIONS[1]) == hf.apply_chat_template(
+        CONVERSATIONS[1], chat_template=TEMPLATE, tokenize=False, add_generation_prompt=True)
+    replaced = onnxgen.load(chat_folder, threads=1, chat_template=other)
+    assert replaced.apply_chat_template(CONVERSATIONS[0]) == "[user] Hello there\n[assistant]"
+    with pytest.raises(OptionsError, match="chat_template is a Jinja template's text"):
+        onnxgen.load(exported, threads=1, chat_template=Path("x"))  # type: ignore[arg-type]
+
+    async def ask() -> dict[str, Any]:
+        app = create_app(given, "tiny")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as http:
+            r = await http.post("/v1/chat/completions", json={"messages": CONVERSATIONS[0], "max_tokens": 5, "temperature": 0})
+            return r.json()
+
+    expected = given.generate(given.apply_chat_template(CONVERSATIONS[0]), max_new_tokens=5, do_sample=False)[0].text
+    assert asyncio.run(ask())["choices"][0]["message"]["content"] == expected
+    (tmp_path / "template.jinja").write_text(TEMPLATE)
+    command = [sys.executable, "-m", "onnxgen", "chat", "--model", str(exported), "--strategy", "greedy", "--max-new-tokens", "5",
+               "--threads", "1", "--chat-template"]
+    done = subprocess.run([*command, str(tmp_path / "template.jinja")], input="Hello there\n", capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == expected + "\n", done.stderr
+    missing = subprocess.run([*command, str(tmp_path / "none.jinja")], input="Hi\n", capture_output=True, text=True)
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines() == [
+        f"onnxgen: error: cannot read the chat template {tmp_path / 'none.jinja'}: No such file or directory"]
