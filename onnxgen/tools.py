@@ -48,10 +48,18 @@ def tool_choice(tools: list[dict[str, Any]] | None, choice: str | dict[str, Any]
                            'in a format of its own, which onnxgen does not read: give tool_choice "required", a function '
                            '({"type": "function", "function": {"name": ...}}) or "none"')
     if choice == "required":
+        # Each schema's "$defs" go to the root, where its "#/$defs/..." references point once it is nested (pydantic's
+        # schemas of nested models have them); one name defined two ways cannot be.
+        definitions: dict[str, Any] = {}
+        for name, parameters in functions.items():
+            for key, value in parameters.get("$defs", {}).items():
+                if definitions.setdefault(key, value) != value:
+                    raise OptionsError(f"tools: the definition {key!r} ($defs) differs between functions; \"required\" needs one")
         calls = {"type": "object", "anyOf": [
-            {"properties": {"name": {"type": "string", "enum": [name]}, "parameters": parameters}, "required": ["name", "parameters"]}
-            for name, parameters in functions.items()]}
-        return ToolChoice({"type": "array", "minItems": 1, "items": calls, **({} if parallel else {"maxItems": 1})})
+            {"properties": {"name": {"type": "string", "enum": [name]}, "parameters": {k: v for k, v in parameters.items() if k != "$defs"}},
+             "required": ["name", "parameters"]} for name, parameters in functions.items()]}
+        return ToolChoice({"type": "array", "minItems": 1, "items": calls, **({} if parallel else {"maxItems": 1}),
+                           **({"$defs": definitions} if definitions else {})})
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" else None
     if not isinstance(name, str):
         raise OptionsError('tool_choice is "none", "auto", "required" or {"type": "function", "function": {"name": ...}}, '

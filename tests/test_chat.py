@@ -308,6 +308,28 @@ def test_required_calls_one_or_more_of_the_tools(chat_server: tuple[str, str], c
                                                    text[text.index(',"parameters":') + len(',"parameters":'):])])
 
 
+def test_required_calls_take_tools_whose_schemas_define_their_parts(chat_server: tuple[str, str]) -> None:
+    """Parameters with "$defs" (pydantic's schemas of nested models): under "required" each function's schema sits
+    inside the list's, so its definitions go to the root that its references name; two functions defining one
+    name two ways are refused."""
+    import openai
+
+    place = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 4}}, "required": ["city"], "additionalProperties": False}
+    go = {"type": "function", "function": {"name": "go", "parameters": {
+        "type": "object", "properties": {"to": {"$ref": "#/$defs/Place"}}, "required": ["to"], "additionalProperties": False,
+        "$defs": {"Place": place}}}}
+    client = _client(chat_server[0])
+    fly = {"type": "function", "function": {**go["function"], "name": "fly"}}  # the same definition again: one at the root
+    out = client.chat.completions.create(model="tiny-chat", messages=ASKED, tools=[go, fly], tool_choice="required",
+                                         parallel_tool_calls=False, temperature=0)
+    calls = out.choices[0].message.tool_calls
+    assert out.choices[0].finish_reason == "tool_calls" and len(calls) == 1 and calls[0].function.name in ("go", "fly")
+    assert set(json.loads(calls[0].function.arguments)) == {"to"} and len(json.loads(calls[0].function.arguments)["to"]["city"]) <= 4
+    clash = {"type": "function", "function": {"name": "stay", "parameters": {**go["function"]["parameters"], "$defs": {"Place": {"type": "string"}}}}}
+    with pytest.raises(openai.BadRequestError, match="the definition 'Place' .* differs between functions"):
+        client.chat.completions.create(model="tiny-chat", messages=ASKED, tools=[go, clash], tool_choice="required")
+
+
 def test_a_conversation_goes_on_after_a_call(chat_server: tuple[str, str], chat_folder: Path) -> None:
     """The call (arguments as JSON text, OpenAI's shape) and its result sent back: the reply is what generate gives on
     the template's text of them, with "none" as with no tool_choice at all (text, not calls)."""
