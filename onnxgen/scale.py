@@ -46,26 +46,28 @@ def replica_options(provider: Provider, threads: int | None, num_replicas: int |
 
 
 def _build_app(model_dir: str, name: str | None, provider: Provider, threads: int | None, api_key: str | None,
-               limits: Limits | None, mapped_weights: bool, cuda_graph: bool) -> Any:
+               limits: Limits | None, mapped_weights: bool, cuda_graph: bool, chat_template: str | None) -> Any:
     """Runs on each replica: load the model there and build the same app `onnxgen serve` runs."""
-    model = load(model_dir, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph)
+    model = load(model_dir, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph,
+                 chat_template=chat_template)
     return create_app(model, name or Path(model_dir).name, api_key, limits, ray_metrics=True)
 
 
 def deployment(model_dir: str, name: str | None = None, provider: Provider = "cpu", threads: int | None = None,
                num_replicas: int | Literal["auto"] = 1, api_key: str | None = None, limits: Limits | None = None,
-               mapped_weights: bool = False, cuda_graph: bool = False, max_replicas: int = 4) -> Any:
+               mapped_weights: bool = False, cuda_graph: bool = False, max_replicas: int = 4, chat_template: str | None = None) -> Any:
     """A Ray Serve application: `num_replicas` copies of the app (or "auto": 1 to `max_replicas` by load;
     replica_options), each with its model, behind Ray's proxy. Run it with `serve.run(deployment(...))`; the
     routes are onnxgen serve's. `mapped_weights`: the replicas that Ray places on one machine share one copy of
-    the weights; `cuda_graph`: on CUDA, each replica replays its decode steps as CUDA graphs (both onnxgen.load's)."""
+    the weights; `cuda_graph`: on CUDA, each replica replays its decode steps as CUDA graphs; `chat_template`: a
+    Jinja template's text, in place of the checkpoint's (all three onnxgen.load's)."""
     from ray import serve
 
     limits = limits or Limits()
     options = replica_options(provider, threads, num_replicas, max_replicas, limits)  # checked before Ray sees them
 
     def build() -> Any:  # a function, not a partial: Ray tells a builder from an ASGI app that way
-        return _build_app(model_dir, name, provider, threads, api_key, limits, mapped_weights, cuda_graph)
+        return _build_app(model_dir, name, provider, threads, api_key, limits, mapped_weights, cuda_graph, chat_template)
 
     return serve.deployment(serve.ingress(build)(), name="onnxgen", **options).bind()
 
@@ -76,12 +78,18 @@ def _flag(args: dict[str, str], name: str) -> bool:
 
 def app(args: dict[str, str]) -> Any:
     """The builder `serve run onnxgen.scale:app model_dir=DIR [num_replicas=N|auto] [max_replicas=M] [max_batch=B]
-    [threads=T] [provider=cuda] [mapped_weights=1] [cuda_graph=1]` calls."""
+    [threads=T] [provider=cuda] [mapped_weights=1] [cuda_graph=1] [chat_template=FILE]` calls."""
     replicas = args.get("num_replicas", "1")
+    template = None
+    if "chat_template" in args:  # read here, where the command runs: the replicas may run on machines without the file
+        try:
+            template = Path(args["chat_template"]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise OptionsError(f"cannot read chat_template {args['chat_template']}: {getattr(e, 'strerror', None) or e}") from None
     return deployment(args["model_dir"], args.get("name"), args.get("provider", "cpu"),  # type: ignore[arg-type]
                       _int(args, "threads", None), replicas if replicas == "auto" else _int(args, "num_replicas", 1), args.get("api_key"),
                       Limits(max_batch=_int(args, "max_batch", Limits.max_batch)), mapped_weights=_flag(args, "mapped_weights"),
-                      cuda_graph=_flag(args, "cuda_graph"), max_replicas=_int(args, "max_replicas", 4))
+                      cuda_graph=_flag(args, "cuda_graph"), max_replicas=_int(args, "max_replicas", 4), chat_template=template)
 
 
 def _int(args: dict[str, str], name: str, default: Any) -> Any:

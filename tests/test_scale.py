@@ -44,9 +44,9 @@ def test_ray_data_generates_like_the_model(local_ray: None, exported: Path, mode
     assert [r["generated_text"] for r in rows] == [c.text for c in model.generate(prompts, max_new_tokens=6, do_sample=False)]
 
 
-def test_ray_serve_deployment_answers_like_onnxgen_serve(local_ray: None, exported: Path, model: onnxgen.Model) -> None:
-    """...and Ray's metrics count its requests and tokens over the replicas (each replica's /metrics has its own),
-    and hold the replicas' batcher state."""
+def test_ray_serve_deployment_answers_like_onnxgen_serve(local_ray: None, exported: Path, model: onnxgen.Model, tmp_path: Path) -> None:
+    """...chats with the template given to the command (chat_template=FILE), and Ray's metrics count its requests and
+    tokens over the replicas (each replica's /metrics has its own), and hold the replicas' batcher state."""
     from ray import serve
 
     from onnxgen.scale import app
@@ -54,8 +54,10 @@ def test_ray_serve_deployment_answers_like_onnxgen_serve(local_ray: None, export
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:  # the builder `serve run onnxgen.scale:app model_dir=... num_replicas=2 name=tiny mapped_weights=1 max_batch=4` calls
-        serve.run(app({"model_dir": str(exported), "num_replicas": "2", "name": "tiny", "mapped_weights": "1", "max_batch": "4"}),
-                  name="onnxgen", route_prefix="/")
+        template = tmp_path / "template.jinja"  # the folder has none: the replicas get this one
+        template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:")
+        serve.run(app({"model_dir": str(exported), "num_replicas": "2", "name": "tiny", "mapped_weights": "1", "max_batch": "4",
+                       "chat_template": str(template)}), name="onnxgen", route_prefix="/")
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                        json={"model": "tiny", "prompt": "It is a truth", "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200, r.text
@@ -79,6 +81,10 @@ def test_ray_serve_deployment_answers_like_onnxgen_serve(local_ray: None, export
         while time.monotonic() < deadline and seen() != expected:
             time.sleep(0.5)
         assert seen() == expected
+        chat = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                          json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 0})
+        assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"] == model.generate(
+            "user: Hi\nassistant:", max_new_tokens=5, do_sample=False)[0].text
     finally:
         serve.shutdown()
 
@@ -102,6 +108,8 @@ def test_replicas_take_as_many_requests_as_they_decode_rows(exported: Path) -> N
             deployment(str(exported), **bad)  # type: ignore[arg-type]
     with pytest.raises(onnxgen.OptionsError, match="max_batch must be an integer"):
         app({"model_dir": str(exported), "max_batch": "lots"})
+    with pytest.raises(onnxgen.OptionsError, match="cannot read chat_template /no/such.jinja: No such file"):
+        app({"model_dir": str(exported), "chat_template": "/no/such.jinja"})
 
 
 def test_replicas_on_cuda_ask_for_a_gpu_each() -> None:
