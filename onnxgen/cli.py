@@ -249,12 +249,12 @@ def generate(
     run(body)
 
 
-def _read(name: str) -> str:
-    """A text file's contents, or standard input's for -."""
+def _read(name: str, what: str = "") -> str:
+    """A text file's contents, or standard input's for -; `what` names it in the error."""
     try:
         return sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        fail(f"cannot read {name}: {e.strerror if isinstance(e, OSError) else 'not UTF-8 text'}")
+        fail(f"cannot read {what}{name}: {e.strerror if isinstance(e, OSError) else 'not UTF-8 text'}")
 
 
 @app.command()
@@ -488,20 +488,12 @@ def run_batch(
                                       force))
     summary = (f"answered {counts['requests']} requests ({counts['failed']} refused or failed) in {counts['seconds']:.1f} s: "
                f"{counts['prompt_tokens']} prompt and {counts['completion_tokens']} completion tokens")
-    if as_json:
-        print(json.dumps(counts), file=sys.stderr if output == "-" else sys.stdout)
-    else:
-        print(summary, file=sys.stderr if output == "-" else sys.stdout)
+    print(json.dumps(counts) if as_json else summary, file=sys.stderr if output == "-" else sys.stdout)  # stdout may hold the responses
 
 
 def _template_file(path: Path | None) -> str | None:
     """--chat-template's text, or one line of error, before a model loads."""
-    if path is None:
-        return None
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        fail(f"cannot read the chat template {path}: {e.strerror if isinstance(e, OSError) else 'not UTF-8 text'}")
+    return None if path is None else _read(str(path), "the chat template ")
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -33,9 +33,9 @@ import numpy as np
 from . import __version__, atomic, llmc, manifest, nanogpt
 from .errors import ExportError
 from .folder import CHAT_TEMPLATE, CONFIG, DATA_FILE, MODEL_FILE, TOKENIZER, Dims, ModelFolder
+from .progress import steps
 
 ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter's folder (LoRA, ...), which names its base model
-from .progress import steps
 
 
 @dataclass
