@@ -222,6 +222,7 @@ class Batcher:
         free = [slot for slot, holder in enumerate(self._slots) if holder is None]
         for (running, row, _), slot in zip(rows, free):
             running.slots[row], self._slots[slot] = slot, running
+            self.cache.adapters[slot] = running.generator.rows.adapter  # each row its own LoRA adapter (or none)
         self.jobs += len(started)
         self.joined += len(started) if self._shared else 0
         for running in started:  # long prompts, and prompts a kept cache holds the start of: a part a step (_prefill_part)
@@ -248,7 +249,8 @@ class Batcher:
     def _resume(self, running: Running) -> int:
         """With a prompt cache (load's prompt_cache_mib), a one-row job whose prompt starts with a kept cache's
         tokens: those positions copied into its row; how many (0: none)."""
-        taken = self.model.runtime.take_kept(running.generator.rows.history(0)) if running.job.rows == 1 else None
+        rows = running.generator.rows
+        taken = self.model.runtime.take_kept(rows.history(0), rows.adapter) if running.job.rows == 1 else None
         if taken is None:
             return 0
         assert self.cache is not None and running.slots[0] is not None

@@ -43,7 +43,7 @@ class BeamSearch:
         self.keep = max(2, 1 + len(self.eos)) * k  # candidates looked at per step
         self.scoring = Scoring(opts, constraint(opts, tokenizer))  # guidance.py: each new beam goes on from its parent's state
         self.top = runtime.top_k
-        self.rows = Rows(runtime, [p for p in prompts for _ in range(k)], pad_id, opts.max_new_tokens)
+        self.rows = Rows(runtime, [p for p in prompts for _ in range(k)], pad_id, opts.max_new_tokens, opts.adapter)
         self.top_n = opts.logprobs or 0
         new = opts.max_new_tokens
         # Per beam, running and finished: new tokens, each one's log-probability and best alternatives, score, length.

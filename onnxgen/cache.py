@@ -12,7 +12,8 @@
   width and an attention mask says which positions are real.
 
 Both answer `prefill(prompts)` and `decode(tokens)` with the last position's scores, (rows, vocab)
-float32, and `reorder(source)` (row i becomes a copy of row source[i]: beam search).
+float32, and `reorder(source)` (row i becomes a copy of row source[i]: beam search). Each row has a LoRA adapter
+(`adapters`: its name, or None; a graph exported with --lora), whose inputs every run binds (adapters.py).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class InPlaceCache:
             with rt.exclusive():  # with CUDA graphs, no allocation while another thread captures
                 self.buffer = rt.ort.OrtValue.ortvalue_from_shape_and_type(shape, rt.cache_dtype, rt.device, 0)
         self.lengths = np.zeros(rows, dtype=np.int64)  # positions written, per row
+        self.adapters: list[str | None] = [None] * rows  # each row's LoRA adapter
         self._steps: dict[int, DecodeStep] = {}  # by how many leading rows a decode runs (a batcher's rows come and go)
 
     def layers(self) -> np.ndarray:
@@ -136,11 +138,14 @@ class InPlaceCache:
         length (CPU buffers: the prompt cache moves kept rows in and out this way)."""
         self.layers()[:, row, :, :positions] = source.layers()[:, source_row, :, :positions]
         self.lengths[row] = positions
+        self.adapters[row] = source.adapters[source_row]
 
     def clear(self, rows: list[int]) -> None:
         """Rows that no call uses any more: empty again, and on the CPU their memory goes back to the system (it
         reads as zeros after, as a new buffer's does), so that a long call's positions are not held after it."""
         self.lengths[rows] = 0
+        for row in rows:
+            self.adapters[row] = None
         if self.runtime.device == "cpu":
             for layer in range(len(self.runtime.past_names)):
                 for row in rows:
@@ -157,6 +162,7 @@ class InPlaceCache:
         io.bind_cpu_input(SEQLENS_K, seqlens)
         io.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(total, dtype=np.int32))
         io.bind_ortvalue_input(LOGITS_TO_KEEP, keep if keep is not None else rt.keep_last)
+        lora = bind_lora(rt, io, self.adapters[start:stop])  # noqa: F841  (held until the run is over)
         shape = [stop - start, *self.shape[1:]]
         for layer, (past, present) in enumerate(zip(rt.past_names, rt.present_names)):
             pointer = self.address(layer, start)
@@ -188,6 +194,7 @@ class InPlaceCache:
                 with self.runtime.exclusive():
                     self.runtime.move_rows(self.buffer, every)
             self.lengths = self.lengths[source]
+            self.adapters = [self.adapters[s] for s in source.tolist()]
 
 
 class DecodeStep:
@@ -200,6 +207,9 @@ class DecodeStep:
 
     def __init__(self, cache: InPlaceCache, rows: int) -> None:
         rt = self.runtime = cache.runtime
+        self.cache, self.rows = cache, rows
+        self.lora: tuple[str | None, ...] | None = None  # the rows' adapters bound (run binds them when they change)
+        self.lora_feeds: dict[str, np.ndarray] = {}  # and their arrays, held while bound
         ort = rt.ort
         shape = (rows, *cache.shape[1:])
         self.ids = ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, 1), np.int64), rt.device, 0)
@@ -220,6 +230,9 @@ class DecodeStep:
             io.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(cache.capacity, dtype=np.int32))
 
     def run(self, ids: np.ndarray, positions: np.ndarray, seqlens: np.ndarray, total: int) -> np.ndarray:
+        adapters = tuple(self.cache.adapters[: self.rows])
+        if self.runtime.lora is not None and adapters != self.lora:
+            self.lora_feeds, self.lora = bind_lora(self.runtime, self.io, adapters), adapters
         self.ids.update_inplace(ids)
         self.positions.update_inplace(np.ascontiguousarray(positions))
         self.seqlens.update_inplace(seqlens)
@@ -243,6 +256,7 @@ class GrowingCache:
         self.mask = np.zeros((rows, 0), dtype=np.int64)
         self.positions = np.zeros((rows, 1), dtype=np.int64)  # of the last token run
         self._buffers: list[np.ndarray] = []  # reorder's targets, kept across steps (see reorder)
+        self.adapters: list[str | None] = [None] * rows  # each row's LoRA adapter
 
     def prefill(self, prompts: list[list[int]]) -> np.ndarray:
         ids, self.mask, positions = left_pad(prompts, self.pad_id)
@@ -260,6 +274,7 @@ class GrowingCache:
         io.bind_cpu_input(ATTENTION_MASK, self.mask)
         io.bind_cpu_input(POSITION_IDS, positions)
         io.bind_ortvalue_input(LOGITS_TO_KEEP, rt.keep_last)
+        lora = bind_lora(rt, io, self.adapters)  # noqa: F841  (held until the run is over)
         for name, value in zip(rt.past_names, self.values):
             io.bind_ortvalue_input(name, value)
         io.bind_output(LOGITS, "cpu")
@@ -278,6 +293,7 @@ class GrowingCache:
         cost a page fault per 4 KB, which for gpt2-large's four beams took four times longer than the copy.
         """
         self.mask, self.positions = self.mask[source], self.positions[source]
+        self.adapters = [self.adapters[s] for s in source.tolist()]
         rt = self.runtime
         if rt.device != "cpu":
             self.values = rt.select_rows(self.values, source)
@@ -303,7 +319,18 @@ class GrowingCache:
                 LOGITS_TO_KEEP: np.array([0], dtype=np.int64)}
         empty = np.zeros((ids.shape[0], rt.n_head, 0, rt.head_dim), dtype=rt.cache_dtype)
         feed.update({name: empty for name in rt.past_names})
+        if rt.lora is not None:
+            feed.update(rt.lora.feeds(tuple(self.adapters)))
         return rt.session.run([LOGITS], feed)[0]
+
+
+def bind_lora(runtime: Runtime, io: Any, adapters: list[str | None] | tuple[str | None, ...]) -> dict[str, np.ndarray]:
+    """Bind the LoRA inputs of rows with these adapters, where the graph has them (adapters.py); returns the arrays
+    bound, which must outlive the binding (on the CPU onnxruntime reads them where they are)."""
+    feeds = runtime.lora.feeds(tuple(adapters)) if runtime.lora is not None else {}
+    for name, value in feeds.items():
+        io.bind_cpu_input(name, value)
+    return feeds
 
 
 class SharedRows:

@@ -52,6 +52,9 @@ MappedWeightsOption = Annotated[bool, typer.Option(
                              "instead of packing a private copy: every process that loads the folder shares one")]
 ChatTemplateOption = Annotated[Path | None, typer.Option(
     "--chat-template", help="a Jinja chat template file, used instead of the checkpoint's (or where it had none)")]
+AdapterOption = Annotated[list[str] | None, typer.Option(
+    "--adapter", help="a LoRA adapter folder (onnxgen export ADAPTER --lora) for a model exported with --lora: NAME=FOLDER, or FOLDER "
+    "named after it")]
 CudaGraphOption = Annotated[bool, typer.Option("--cuda-graph", help="CUDA: replay the decode step as one captured CUDA graph (a folder with the cache in place)")]
 
 
@@ -100,17 +103,22 @@ def export(
     growing_cache: Annotated[bool, typer.Option(help="MultiHeadAttention with a cache copied one position longer each step, "
                                                 "instead of GroupQueryAttention writing in place: for fp32/int4 on CUDA, and optimum's runtime")] = False,
     external_data_threshold: Annotated[int, typer.Option(help="weights above this many bytes go to model.onnx.data (default: always; onnxruntime maps that file instead of copying it)")] = 0,
+    lora: Annotated[bool, typer.Option("--lora", help="a model: take LoRA adapters at run time (--adapter), each row its own; a PEFT "
+                                       "LoRA adapter: export it apart, as an adapter folder for such a model, instead of merged")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Export a GPT-2 checkpoint to a validated ONNX model folder."""
+    """Export a GPT-2 checkpoint to a validated ONNX model folder (or, with --lora, a LoRA adapter to an adapter folder)."""
     _export_stack()
     from .export import ExportOptions, export as do_export
 
     options = ExportOptions(optimize=optimize, opset=opset, cache_in_place=not growing_cache, external_data_threshold=external_data_threshold,
-                            force=force, revision=revision, base=base, tokenizer=tokenizer)
+                            force=force, revision=revision, base=base, tokenizer=tokenizer, lora=lora)
     result = run(lambda: do_export(model, output, options))
     if as_json:
         print(json.dumps(result, indent=2))
+    elif result.get("kind") == "lora":
+        print(f"exported the LoRA adapter {model} to {output} ({_size(result)}, rank {result['lora']['rank']}, "
+              f"{len(result['lora']['targets'])} kinds of layer); load it beside its base: --adapter {output}")
     else:
         v = result["validation"]
         diff = max(v["max_abs_diff_prompt"], v["max_abs_diff_cached_step"])
@@ -195,6 +203,7 @@ def generate(
     json_schema: Annotated[str | None, typer.Option(help="a JSON schema, or a file holding one: the text is JSON it allows")] = None,
     regex: Annotated[str | None, typer.Option(help="a regular expression the whole text matches")] = None,
     grammar: Annotated[str | None, typer.Option(help="a file holding a Lark grammar (llguidance's) the text follows")] = None,
+    adapter: AdapterOption = None,
     provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
     mapped_weights: MappedWeightsOption = False,
@@ -219,9 +228,12 @@ def generate(
     def body() -> None:
         # A model and its draft take turns: neither's threads may spin on after its run (load's `spinning`).
         spinning = assistant_model is None
-        m = load(model, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph, spinning=spinning)  # type: ignore[arg-type]
+        adapters = _one_adapter(adapter)
+        m = load(model, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph, spinning=spinning,  # type: ignore[arg-type]
+                 adapters=adapters)
         draft = None if spinning else load(assistant_model, provider=provider, threads=threads, spinning=False)  # type: ignore[arg-type]
-        opts = m.options(**strategy_options(strategy, given), **({"assistant_model": draft} if draft is not None else {}))
+        opts = m.options(**strategy_options(strategy, given), **({"assistant_model": draft} if draft is not None else {}),
+                         adapter=next(iter(adapters), None))
         if as_json:
             completions = m.generate(prompt, opts)
             print(json.dumps({"prompt": prompt, "completions": [asdict(c) for c in completions],
@@ -249,6 +261,15 @@ def generate(
     run(body)
 
 
+def _one_adapter(specs: list[str] | None) -> dict[str, Path]:
+    """generate's, chat's and score's --adapter: at most one, which the call runs with."""
+    from .adapters import named
+
+    if specs and len(specs) > 1:
+        fail("--adapter: one adapter for this command (serve and run-batch take several)")
+    return named(specs or [])
+
+
 def _read(name: str, what: str = "") -> str:
     """A text file's contents, or standard input's for -; `what` names it in the error."""
     try:
@@ -273,6 +294,7 @@ def chat(
     prompt_cache_mib: Annotated[int, typer.Option(min=0, help="CPU: MiB of the last turn's key/value cache kept, so that a turn "
                                                   "computes only its new tokens (0: none)")] = 0,
     chat_template: ChatTemplateOption = None,
+    adapter: AdapterOption = None,
 ) -> None:
     """Talk with a chat model (a checkpoint with a chat template), a line a turn.
 
@@ -285,9 +307,10 @@ def chat(
     interactive = sys.stdin.isatty()
 
     def body() -> None:
+        adapters = _one_adapter(adapter)
         m = load(model, provider=provider, threads=threads, prompt_cache_mib=prompt_cache_mib,  # type: ignore[arg-type]
-                 chat_template=_template_file(chat_template))
-        opts = m.options(**strategy_options(strategy, given))
+                 chat_template=_template_file(chat_template), adapters=adapters)
+        opts = m.options(**strategy_options(strategy, given), adapter=next(iter(adapters), None))
         messages = [{"role": "system", "content": system}] if system else []
         if not m.has_chat_template:
             fail(f"onnxgen chat needs a model whose checkpoint has a chat template; {m.folder.path.name!r} has none: use onnxgen "
@@ -330,6 +353,7 @@ def score(
                                                "apart (default: half the window)")] = None,
     provider: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
+    adapter: AdapterOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Each text's perplexity under the model: its tokens' log-probabilities, each given the tokens before it."""
@@ -337,12 +361,14 @@ def score(
     from .progress import counter
 
     def body() -> None:
-        m = load(model, provider=provider, threads=threads)  # type: ignore[arg-type]
+        adapters = _one_adapter(adapter)
+        m = load(model, provider=provider, threads=threads, adapters=adapters)  # type: ignore[arg-type]
         results = []
         for name in files:
             text = _read(name)
             with counter(f"Scoring {name}") as progress:
-                s = m.score(text, stride=max(1, m.context_length // 2) if stride is None else stride, progress=progress)[0]
+                s = m.score(text, stride=max(1, m.context_length // 2) if stride is None else stride, progress=progress,
+                            adapter=next(iter(adapters), None))[0]
             results.append({"file": name, "tokens": len(s.token_ids), "total_logprob": s.total, "perplexity": s.perplexity})
             if not as_json:
                 print(f"{name}: {len(s.token_ids)} tokens, perplexity {s.perplexity:.3f} (log-probability {s.total:.1f})")
@@ -404,6 +430,9 @@ def serve(
     ssl_certfile: Annotated[Path | None, typer.Option(help="serve HTTPS with this certificate (PEM; with --ssl-keyfile)")] = None,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="the certificate's private key (PEM)")] = None,
     chat_template: ChatTemplateOption = None,
+    adapter: Annotated[list[str] | None, typer.Option(help="a LoRA adapter folder served as a model of its own, which a request's "
+                                                      "\"model\" names (a model exported with --lora): NAME=FOLDER, or FOLDER named "
+                                                      "after it; repeatable")] = None,
 ) -> None:
     """Serve OpenAI's completions, chat completions and responses APIs over HTTP.
 
@@ -427,9 +456,9 @@ def serve(
               "the port can use the model", file=sys.stderr)
     folder = model or BUNDLED
     spinning = assistant_model is None  # a model and its draft take turns (load's `spinning`)
-    template = _template_file(chat_template)
+    template, adapters = _template_file(chat_template), _adapters(adapter, name or folder.name)
     loaded = run(lambda: load(folder, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph,  # type: ignore[arg-type]
-                              spinning=spinning, prompt_cache_mib=prompt_cache_mib, chat_template=template))
+                              spinning=spinning, prompt_cache_mib=prompt_cache_mib, chat_template=template, adapters=adapters))
     draft = None if spinning else run(lambda: load(assistant_model, provider=provider, threads=threads, spinning=False))  # type: ignore[arg-type]
     app_ = run(lambda: create_app(loaded, name or folder.name, api_key, Limits(max_tokens=max_tokens, max_batch=max_batch, prefill_chunk=prefill_chunk),
                                   draft, allowed_origins=allowed_origin))
@@ -464,6 +493,8 @@ def run_batch(
     max_tokens: Annotated[int, typer.Option(min=1, help="the largest max_tokens a request may ask for")] = 1024,
     name: Annotated[str | None, typer.Option(help="model name the requests may give (default: the folder's name)")] = None,
     chat_template: ChatTemplateOption = None,
+    adapter: Annotated[list[str] | None, typer.Option(help="a LoRA adapter folder that a request's \"model\" names (a model exported "
+                                                      "with --lora): NAME=FOLDER, or FOLDER named after it; repeatable")] = None,
     force: Annotated[bool, typer.Option(help="replace OUTPUT if it exists")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -483,12 +514,23 @@ def run_batch(
     if output != "-":
         run(lambda: atomic.check_destination(Path(output), force))
     folder, template = model or BUNDLED, _template_file(chat_template)
-    loaded = run(lambda: load(folder, provider=provider, threads=threads, chat_template=template))
+    adapters = _adapters(adapter, name or folder.name)
+    loaded = run(lambda: load(folder, provider=provider, threads=threads, chat_template=template, adapters=adapters))
     counts = run(lambda: run_requests(loaded, requests, output, name or folder.name, Limits(max_tokens=max_tokens, max_batch=max_batch),
                                       force))
     summary = (f"answered {counts['requests']} requests ({counts['failed']} refused or failed) in {counts['seconds']:.1f} s: "
                f"{counts['prompt_tokens']} prompt and {counts['completion_tokens']} completion tokens")
     print(json.dumps(counts) if as_json else summary, file=sys.stderr if output == "-" else sys.stdout)  # stdout may hold the responses
+
+
+def _adapters(specs: list[str] | None, served: str) -> dict[str, Path]:
+    """serve's and run-batch's --adapter, by name, none named as the model is served (a request's "model" says which)."""
+    from .adapters import named
+
+    adapters = run(lambda: named(specs or []))
+    if served in adapters:
+        fail(f"--adapter: {served!r} is the model's own name here; name the adapter otherwise (NAME=FOLDER)")
+    return adapters
 
 
 def _template_file(path: Path | None) -> str | None:

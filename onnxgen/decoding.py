@@ -33,7 +33,9 @@ def sample(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 class Rows:
-    def __init__(self, runtime: Runtime, prompts: list[list[int]], pad_id: int, max_new_tokens: int) -> None:
+    def __init__(self, runtime: Runtime, prompts: list[list[int]], pad_id: int, max_new_tokens: int, adapter: str | None = None) -> None:
+        runtime.check_adapter(adapter)
+        self.adapter = adapter  # every row's LoRA adapter (a name the model was loaded with), or None
         self._prompts = left_pad(prompts, pad_id)[0]
         self._new = np.full((len(prompts), max_new_tokens), pad_id, dtype=np.int64)  # a column a step
         self.steps = 0  # tokens appended to every row
@@ -68,11 +70,11 @@ class Rows:
         """Run the pending tokens; the last position's scores, (rows, vocab) float32."""
         if self._cache is None:
             assert self._runtime is not None, "forward after release"
-            resumed = self._runtime.resume(self._tokens[0], self._shape[1]) if len(self._tokens) == 1 else None
+            resumed = self._runtime.resume(self._tokens[0], self._shape[1], self.adapter) if len(self._tokens) == 1 else None
             if resumed is not None:  # a kept cache holds the prompt's start: its pass writes the rest
                 self._cache, start = resumed
                 return self._cache.prefill([self._tokens[0][start:]], start=start)
-            self._cache = self._runtime.new_cache(*self._shape)
+            self._cache = self._runtime.new_cache(*self._shape, adapter=self.adapter)
         assert not isinstance(self._cache, SharedRows), "a batcher runs the forwards of shared rows"
         if self.pending is None:
             return self._cache.prefill(self._tokens)

@@ -1,7 +1,8 @@
 """`onnxgen export`: a GPT-2 checkpoint in, a validated onnxgen model folder out.
 
 Steps: load the checkpoint with transformers (a PEFT adapter, such as LoRA, is merged into its base model's weights
-with peft: the folder runs as a plain GPT-2; a nanoGPT ckpt.pt or an llm.c .bin becomes a GPT2LMHeadModel: nanogpt.py,
+with peft: the folder runs as a plain GPT-2; with `lora`, a LoRA adapter is written apart instead, for a base exported
+with `lora` to take at run time: export_adapter; a nanoGPT ckpt.pt or an llm.c .bin becomes a GPT2LMHeadModel: nanogpt.py,
 llmc.py); export it with optimum's `text-generation-with-past`
 task; fuse LayerNorm/Gelu with onnxruntime's GPT-2 optimizer; apply onnxgen's graph edits (graph.py);
 save (weights in `model.onnx.data`, which onnxruntime maps into memory, and which protobuf's 2 GB limit
@@ -32,7 +33,18 @@ import numpy as np
 
 from . import __version__, atomic, llmc, manifest, nanogpt
 from .errors import ExportError
-from .folder import CHAT_TEMPLATE, CONFIG, DATA_FILE, MODEL_FILE, TOKENIZER, Dims, ModelFolder
+from .folder import (
+    ADAPTER_FILE,
+    CHAT_TEMPLATE,
+    CONFIG,
+    DATA_FILE,
+    LORA_TARGETS,
+    MODEL_FILE,
+    TOKENIZER,
+    Dims,
+    ModelFolder,
+    lora_names,
+)
 from .progress import steps
 
 ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter's folder (LoRA, ...), which names its base model
@@ -54,6 +66,9 @@ class ExportOptions:
     revision: str | None = None  # a hub id's branch, tag or commit (default: its main branch)
     base: str | None = None  # a PEFT adapter's base model, where not the one its adapter_config.json names
     tokenizer: str | None = None  # a nanoGPT or llm.c checkpoint's tokenizer (hub id or folder; default: the hub's gpt2)
+    # LoRA at run time. A model: its graph takes an adapter per row (graph.add_lora). A LoRA adapter: written apart,
+    # as an adapter folder for such a model, instead of merged into its base.
+    lora: bool = False
 
 
 def _hub_out_of_reach(timeout: float = 10.0) -> bool:
@@ -75,10 +90,11 @@ def _hub_out_of_reach(timeout: float = 10.0) -> bool:
     return False
 
 
-def _load(source: str, revision: str | None, base: str | None = None, tokenizer: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+def _load(source: str, revision: str | None, base: str | None = None, tokenizer: str | None = None,
+          apart: bool = False) -> tuple[Any, Any, dict[str, Any]]:
     """Load model and fast tokenizer from a hub id (at `revision`) or local folder, with one-line errors; and where
-    they came from, as the manifest's source says it. A PEFT adapter comes merged into its base (or `base`); a
-    nanoGPT checkpoint file with `tokenizer` (GPT-2's by default)."""
+    they came from, as the manifest's source says it. A PEFT adapter comes merged into its base (or `base`), or with
+    `apart` as peft's model of the two, unmerged; a nanoGPT checkpoint file with `tokenizer` (GPT-2's by default)."""
     from huggingface_hub.utils import logging as hub_logging
     from transformers import AutoConfig, GPT2LMHeadModel
     from transformers.utils import logging
@@ -100,7 +116,7 @@ def _load(source: str, revision: str | None, base: str | None = None, tokenizer:
         raise ExportError(f"{source} is a folder: a revision names a commit of a hub id")
     if path.exists() and not (path / CONFIG).is_file():
         if (path / ADAPTER_CONFIG).is_file():
-            return _merged(path, source, None, base)
+            return _merged(path, source, None, base, apart)
         raise ExportError(f"{source} is not a transformers checkpoint folder (no {CONFIG})")
     cached_only = not path.exists() and _hub_out_of_reach()
     try:
@@ -108,7 +124,7 @@ def _load(source: str, revision: str | None, base: str | None = None, tokenizer:
     except (OSError, ValueError) as e:
         adapter = None if path.exists() else _hub_adapter(source, revision, cached_only)
         if adapter is not None:
-            return _merged(adapter, source, adapter.name, base)
+            return _merged(adapter, source, adapter.name, base, apart)
         if cached_only:
             from huggingface_hub import constants
 
@@ -181,10 +197,11 @@ def _hub_adapter(source: str, revision: str | None, cached_only: bool) -> Path |
         return None
 
 
-def _merged(folder: Path, source: str, commit: str | None, base: str | None) -> tuple[Any, Any, dict[str, Any]]:
+def _merged(folder: Path, source: str, commit: str | None, base: str | None, apart: bool = False) -> tuple[Any, Any, dict[str, Any]]:
     """A PEFT adapter (LoRA and the other tuners that add to the weights) merged into its base model with peft, as
     `PeftModel.from_pretrained(base, adapter).merge_and_unload()` does; the adapter's own tokenizer where it has one (a
-    fine-tune's added tokens: the base's embeddings grow to it first, as peft asks)."""
+    fine-tune's added tokens: the base's embeddings grow to it first, as peft asks). With `apart`, peft's model of
+    the two as it is, for export_adapter."""
     adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
     base = base or adapter.get("base_model_name_or_path")
     if not base:
@@ -200,19 +217,25 @@ def _merged(folder: Path, source: str, commit: str | None, base: str | None) -> 
     if any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json")):
         tokenizer = _tokenizer(str(folder), None, True)
     if len(tokenizer) > model.config.vocab_size:
+        if apart:
+            raise ExportError(f"{source} adds {len(tokenizer) - model.config.vocab_size} tokens to {base}'s vocabulary: its "
+                              "embeddings are not the base's, so it cannot run on the base's folder; export it merged (without --lora)")
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the rows come from the adapter
     try:
         merged = peft.PeftModel.from_pretrained(model, str(folder))
     except Exception as e:  # weights of other shapes, a tuner this peft does not know
         detail = " ".join(str(e).split())[:400] or type(e).__name__
         raise ExportError(f"cannot apply the adapter {source} to {base}: {detail}") from None
+    origin = {"model": source, "commit": commit, "base": origin, "adapter": adapter.get("peft_type")}
+    if apart:
+        return merged.eval(), tokenizer, origin
     if not hasattr(merged, "merge_and_unload"):  # prompt and prefix tuning: virtual tokens, not weights
         raise ExportError(f"{source} is a {adapter.get('peft_type')} adapter, which adds no weights to merge: onnxgen exports "
                           "merged weights (LoRA, IA3, LoHa, ...)")
     with warnings.catch_warnings():  # peft's notice that a merged adapter's own embeddings untie the head: the export handles both
         warnings.simplefilter("ignore")
         model = merged.merge_and_unload().eval()
-    return model, tokenizer, {"model": source, "commit": commit, "base": origin, "adapter": adapter.get("peft_type")}
+    return model, tokenizer, origin
 
 
 @dataclass
@@ -310,7 +333,11 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
     atomic.check_destination(out, options.force, source)
     with steps(6, quiet=quiet) as progress:
         with progress.step(f"Loading {source}"):
-            model, tokenizer, origin = _load(source, options.revision, options.base, options.tokenizer)
+            model, tokenizer, origin = _load(source, options.revision, options.base, options.tokenizer, apart=options.lora)
+        if "adapter" in origin and options.lora:
+            return export_adapter(model, origin, out, options, progress)
+        if options.lora and not options.optimize:
+            raise ExportError("--lora edits the optimized graph (each linear layer's MatMul on 3-D activations): drop --no-optimize")
         cfg = model.config
         n_params = sum(p.numel() for p in model.parameters())
         atomic.check_disk(out, n_params * 4 * 3)  # optimum's raw export, the final folder, slack
@@ -349,6 +376,7 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
                 gemms = graph.gemm_to_matmul(onnx_model)
                 attention = graph.fuse_attention(onnx_model, cfg.n_head, attention_scales(cfg)) if options.optimize else 0
                 biases = graph.fold_attention_biases(onnx_model) if attention else 0
+                lora = graph.add_lora(onnx_model, cfg.n_layer) if options.lora else 0
                 graph.add_logits_to_keep(onnx_model)
                 in_place = graph.cache_in_place(onnx_model) if attention and options.cache_in_place else 0
                 opset = next(o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx"))
@@ -375,7 +403,7 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
                     "dtype": "float32",
                     "quantization": None,
                     "graph": {"optimized": options.optimize, "tied_head_deduplicated": tied, "gemm_rewritten": gemms,
-                              "attention_fused": attention, "attention_biases_folded": biases,
+                              "attention_fused": attention, "attention_biases_folded": biases, "lora_layers": lora,
                               "cache_in_place": bool(in_place), "head_parts": head_parts,
                               "external_data": (work / DATA_FILE).exists()},
                     "dims": asdict(dims),
@@ -389,6 +417,63 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
                     **_training(Path(source)),
                     "export_options": {k: v for k, v in asdict(options).items() if k != "force"},
                 })
+    return result
+
+
+def export_adapter(model: Any, origin: dict[str, Any], out: Path, options: ExportOptions, progress: Any) -> dict[str, Any]:
+    """A LoRA adapter (peft's model of it on its base, unmerged) as an adapter folder for a base exported with --lora:
+    each target's A as (in, rank) and B as (rank, out) with the adapter's scale in it, in onnxruntime's adapter format
+    by the graph inputs' names (ADAPTER_FILE), and its manifest. Each target's pair is checked against peft's own
+    layer: x @ A @ B is what the layer adds to its base's output, on random x."""
+    import re
+
+    import torch
+    from onnxruntime import AdapterFormat, OrtValue
+    from peft.tuners.lora import LoraLayer
+
+    config = model.peft_config[model.active_adapter]
+    if origin["adapter"] != "LORA":
+        raise ExportError(f"{origin['model']} is a {origin['adapter']} adapter: --lora keeps LoRA adapters apart; export it merged (without --lora)")
+    if config.modules_to_save:
+        raise ExportError(f"{origin['model']} trains whole modules too ({', '.join(config.modules_to_save)}), which a base's folder "
+                          "does not have: export it merged (without --lora)")
+    weights: dict[str, np.ndarray] = {}
+    worst = 0.0
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        found = re.fullmatch(r".*transformer\.h\.(\d+)\.(" + "|".join(map(re.escape, LORA_TARGETS)) + ")", name)
+        key = model.active_adapter
+        if found is None:
+            raise ExportError(f"{origin['model']} adapts {name.removeprefix('base_model.model.')}: a base folder takes LoRA on each "
+                              f"layer's {', '.join(LORA_TARGETS)} only; export it merged (without --lora)")
+        if layer.use_dora.get(key) or getattr(layer, "lora_bias", {}).get(key):
+            raise ExportError(f"{origin['model']} is a DoRA adapter or has LoRA biases: export it merged (without --lora)")
+        a = layer.lora_A[key].weight.detach().double().T  # (in, rank)
+        b = layer.lora_B[key].weight.detach().double().T * layer.scaling[key]  # (rank, out)
+        with torch.no_grad():
+            x = torch.randn(3, a.shape[0], dtype=torch.float32)
+            added = (layer(x) - layer.get_base_layer()(x)).double()
+        worst = max(worst, float((added - x.double() @ a @ b).abs().max() / max(1e-6, float(added.abs().max()))))
+        names = lora_names(int(found[1]), found[2])
+        weights[names[0]], weights[names[1]] = a.float().numpy(), b.float().numpy()
+    if not weights:
+        raise ExportError(f"{origin['model']} adapts no linear layer of GPT-2")
+    if worst > 1e-4:
+        raise ExportError(f"validation failed: the adapter's weights as exported differ from peft's layers by {worst:.1e} (relative)")
+    cfg = model.get_base_model().config
+    with progress.step("Writing the adapter"), atomic.building(out, options.force) as work:
+        adapter = AdapterFormat()
+        adapter.set_parameters({name: OrtValue.ortvalue_from_numpy(value) for name, value in weights.items()})
+        adapter.export_adapter(str(work / ADAPTER_FILE))
+        ranks = sorted({value.shape[1] for name, value in weights.items() if name.endswith("lora_A")})
+        result = manifest.write(work, {
+            "kind": "lora",
+            "source": origin,
+            "versions": package_versions(),
+            "lora": {"rank": max(ranks), "ranks": ranks, "alpha": config.lora_alpha, "targets": sorted({n.split(".", 3)[3].rsplit(".", 1)[0] for n in weights}),
+                     "layers": cfg.n_layer, "n_embd": cfg.n_embd, "max_relative_diff": worst},
+        })
     return result
 
 

@@ -29,6 +29,17 @@ INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS_TO_KEEP, LOGITS = "input_ids", "
 # A graph with the cache in place (graph.cache_in_place) has no attention mask: each row's length is given by
 # GroupQueryAttention's inputs, named as onnxruntime names them.
 SEQLENS_K, TOTAL_SEQUENCE_LENGTH = "seqlens_k", "total_sequence_length"
+# LoRA (export --lora): the linear layers that take an adapter at run time, by their names in GPT-2 and in PEFT, and
+# the graph inputs that carry one: per row, A (rows, in, rank) and B (rows, rank, out), the adapter's scale in B.
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+ADAPTER_FILE = "adapter.onnx_adapter"  # a LoRA adapter folder's weights, in onnxruntime's adapter format, by graph input name
+
+
+def lora_names(layer: int, target: str) -> tuple[str, str]:
+    """The graph inputs of one layer's target: its A and B."""
+    return f"transformer.h.{layer}.{target}.lora_A", f"transformer.h.{layer}.{target}.lora_B"
+
+
 # The cache's and the logits' element types, as onnxruntime names them; an int8 cache is quantize --kv-cache int8's (CPU).
 ELEMENT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16), "tensor(int8)": np.dtype(np.int8)}
 
@@ -74,6 +85,9 @@ class ModelFolder:
         """The folder as its manifest describes it, after checking that its files are there with the sizes the
         manifest gives and that the manifest's dims are the config's (the graph's are checked at load)."""
         record = manifest.read(path)
+        if record.get("kind") == "lora":
+            raise ModelFolderError(f"{path} is a LoRA adapter, not a model: load its base model with it, "
+                                   f"onnxgen.load(BASE, adapters={{...: {str(path)!r}}}) (--adapter on the command line)")
         for name, described in record.get("files", {}).items():
             size = (path / name).stat().st_size
             if size != described.get("bytes"):

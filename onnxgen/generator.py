@@ -105,7 +105,7 @@ class Generator:
         self.rules = StopRules.of(opts, self.start)
         self.scoring = Scoring(opts, constraint(opts, tokenizer))
         self.rng = np.random.default_rng(opts.seed)
-        self.rows = Rows(runtime, prompts, pad_id, opts.max_new_tokens)
+        self.rows = Rows(runtime, prompts, pad_id, opts.max_new_tokens, opts.adapter)
         self.generated: list[list[int]] = [[] for _ in prompts]
         self.logprobs: list[list[float]] = [[] for _ in prompts]
         self.top_logprobs: list[list[dict[int, float]]] = [[] for _ in prompts]

@@ -14,6 +14,8 @@
 - The cache in place (the default): each MultiHeadAttention becomes a GroupQueryAttention that reads and
   writes a buffer the runtime allocates once per call, each row at its own length, instead of returning a
   new, longer copy of the whole cache at every step.
+- LoRA at run time (export --lora): each of a layer's four linear layers adds x @ A @ B, A and B graph inputs with a
+  row each, so that one loaded model serves many adapters, each row its own (none: rank 0, nothing added).
 - An int8 cache (quantize --kv-cache int8): GroupQueryAttention stores keys and values in int8 with a
   calibrated scale per channel and reads them back through it.
 - The head in parts of at most 16 MiB (a Concat of their logits): onnxruntime packs every weight for its
@@ -36,8 +38,10 @@ from .folder import (
     ATTENTION_MASK,
     LOGITS,
     LOGITS_TO_KEEP,
+    LORA_TARGETS,
     SEQLENS_K,
     TOTAL_SEQUENCE_LENGTH,
+    lora_names,
 )
 
 HEAD_PART_BYTES = 16 << 20  # the most of the head onnxruntime holds twice while it packs it at load
@@ -277,6 +281,41 @@ def cache_in_place(model: onnx.ModelProto) -> int:
             value.type.tensor_type.shape.dim[2].dim_param = "capacity"
     _remove_dead_nodes(g)  # the Splits, and the mask's Cast
     return len(layers)
+
+
+def add_lora(model: onnx.ModelProto, n_layer: int) -> int:
+    """Give every layer's c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj a LoRA term: their output gains x @ A @ B,
+    where A (rows, in, rank) and B (rows, rank, out) are graph inputs, so each row of a batch has its own adapter
+    (vLLM's multi-LoRA batches, as a batched MatMul) and a row without one has rank 0, which adds nothing. The
+    adapter's scale (alpha / r) is in B. The term goes on the MatMul's output before anything reads it (the bias
+    Add, or the fused op that adds it), so the quantizers still see the weight's MatMul alone and leave the
+    LoRA MatMuls, whose B is not a weight, in float. Returns how many linear layers took one."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    matmuls = {node.input[1]: node for node in g.node if node.op_type == "MatMul" and len(node.input) == 2}
+    added = 0
+    for layer in range(n_layer):
+        for target in LORA_TARGETS:
+            weight = inits.get(f"transformer.h.{layer}.{target}.weight")
+            node = matmuls.get(weight.name) if weight is not None else None
+            if node is None:
+                raise ValueError(f"no MatMul reads transformer.h.{layer}.{target}.weight: not an onnxgen GPT-2 graph")
+            n_in, n_out = weight.dims
+            a, b = lora_names(layer, target)
+            out, low, delta, total = node.output[0], f"{a}/x", f"{b}/x", f"{node.output[0]}/lora"
+            for consumer in _consumers(g, out):
+                consumer.input[:] = [total if name == out else name for name in consumer.input]
+            at = list(g.node).index(node) + 1
+            g.node.insert(at, helper.make_node("Add", [out, delta], [total], name=f"{b}/Add"))
+            g.node.insert(at, helper.make_node("MatMul", [low, b], [delta], name=f"{b}/MatMul"))
+            g.node.insert(at, helper.make_node("MatMul", [node.input[0], a], [low], name=f"{a}/MatMul"))
+            # Rows: the batch's, or 1 where every row has the same adapter (MatMul broadcasts it); a rank for each layer
+            # and target, as an adapter may have other ranks for some or none at all.
+            rank = f"lora_rank.{layer}.{target}"
+            g.input.extend([helper.make_tensor_value_info(a, TensorProto.FLOAT, ["lora_rows", n_in, rank]),
+                            helper.make_tensor_value_info(b, TensorProto.FLOAT, ["lora_rows", rank, n_out])])
+            added += 1
+    return added
 
 
 def quantize_cache(model: onnx.ModelProto, scales: dict[str, np.ndarray]) -> None:

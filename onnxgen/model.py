@@ -81,7 +81,7 @@ class Score:
 class Model:
     def __init__(self, path: Path, provider: Provider = "cpu", threads: int | None = None, verify: bool = False,
                  mapped_weights: bool = False, cuda_graph: bool = False, spinning: bool = True, prompt_cache_mib: int = 0,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None, adapters: dict[str, str | Path] | None = None) -> None:
         self.folder = ModelFolder.read(path)
         if chat_template is not None and not isinstance(chat_template, str):
             raise OptionsError(f"chat_template is a Jinja template's text, got {type(chat_template).__name__}")
@@ -95,7 +95,9 @@ class Model:
             raise ModelFolderError(f"{self.folder.tokenizer_file} has {self.tokenizer.vocab_size} tokens, more than the model's "
                                    f"vocabulary of {self.dims.vocab_size}")
         self.defaults = GenerationOptions.from_folder(path)
-        self.runtime = Runtime(self.folder, provider, threads, mapped_weights, cuda_graph, spinning, prompt_cache_mib)
+        self.runtime = Runtime(self.folder, provider, threads, mapped_weights, cuda_graph, spinning, prompt_cache_mib, adapters)
+        # The LoRA adapters loaded, by name: a call's `adapter` option names one (a server's `model` field)
+        self.adapters: dict[str, Path] = dict(self.runtime.lora.folders) if self.runtime.lora is not None else {}
         self._calls = threading.local()  # each thread's latest finished call, for last_stats
 
     def __repr__(self) -> str:
@@ -104,7 +106,8 @@ class Model:
         cache = quantized.get("options", {}).get("kv_cache", "float")  # "float": the activations' type
         return (f"<onnxgen.Model {self.folder.path.name!r}: {quantized.get('mode', self.manifest['dtype'])} weights"
                 f"{f', {cache} cache' if cache != 'float' else ''}, {d.n_layer} layers x {d.n_embd} ({d.n_head} heads), vocabulary "
-                f"{d.vocab_size}, context {d.n_positions}, on {self.runtime.device}>")
+                f"{d.vocab_size}, context {d.n_positions}{f', LoRA adapters {sorted(self.adapters)}' if self.adapters else ''}, "
+                f"on {self.runtime.device}>")
 
     @property
     def last_stats(self) -> Stats | None:
@@ -276,14 +279,16 @@ class Model:
 
     # -- scoring ---------------------------------------------------------------------------------
     def score(self, texts: Prompt | Sequence[Prompt], top_logprobs: int = 0, stride: int | None = None,
-              progress: Callable[[int, int], None] | None = None) -> list[Score]:
+              progress: Callable[[int, int], None] | None = None, adapter: str | None = None) -> list[Score]:
         """Each text's tokens' log-probabilities, each given the tokens before it (perplexity, reranking, the
         log-likelihoods of evaluation harnesses), with the `top_logprobs` (0-20) most likely tokens at every
         position. A text longer than the context window needs `stride`: it is scored in windows of the context's
         length that start `stride` tokens apart, each token given the window's tokens before it (at least
         context - stride of them: the usual way to measure perplexity past the window). One pass per window,
         which holds every position's scores: positions x vocabulary floats (200 MB for GPT-2 at 1,024 tokens).
-        `progress(scored, tokens)` is called after each window: the text's tokens scored so far, and its tokens."""
+        `progress(scored, tokens)` is called after each window: the text's tokens scored so far, and its tokens.
+        `adapter`: scored under that LoRA adapter (one the model was loaded with)."""
+        self.runtime.check_adapter(adapter)
         if not (is_int(top_logprobs) and 0 <= top_logprobs <= MAX_LOGPROBS):
             raise OptionsError(f"top_logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {top_logprobs!r}")
         if stride is not None and not (is_int(stride) and 1 <= stride < self.context_length):  # windows overlap: every token has one before it
@@ -301,7 +306,7 @@ class Model:
             for begin in range(0, len(ids), stride or len(ids)):
                 end = min(begin + self.context_length, len(ids))
                 window = ids[begin:end]
-                every = self.runtime.all_logits(np.asarray([window]))[0, :-1]  # position i scores token i + 1
+                every = self.runtime.all_logits(np.asarray([window]), adapter)[0, :-1]  # position i scores token i + 1
                 chosen, best = token_logprobs(every, np.asarray(window[1:], dtype=np.int64), top_logprobs)
                 new = len(logprobs) - begin - 1  # the window's tokens scored already, by earlier windows
                 logprobs += map(float, chosen[new:])
@@ -316,7 +321,7 @@ class Model:
 
 def load(path: str | Path | None = None, provider: Provider = "cpu", threads: int | None = None, verify: bool = False,
          mapped_weights: bool = False, cuda_graph: bool = False, spinning: bool = True, prompt_cache_mib: int = 0,
-         chat_template: str | None = None) -> Model:
+         chat_template: str | None = None, adapters: dict[str, str | Path] | None = None) -> Model:
     """Load an onnxgen model folder; with no path, the small model that ships with onnxgen. `verify` also
     checks every file's sha256 against the manifest (a few seconds a GB). `mapped_weights` (CPU) maps the
     weights packed for this machine from a file (made at the first such load; prepacked.py) instead of packing
@@ -330,13 +335,14 @@ def load(path: str | Path | None = None, provider: Provider = "cpu", threads: in
     starts with one's tokens (a chat's next turn: the conversation so far, then a new message) takes it and
     computes only the rest of its prompt; 0 (the default) keeps none. `chat_template`: a Jinja chat template (its
     text) that apply_chat_template, chat and the server use instead of the checkpoint's, or where it had none (vLLM's
-    --chat-template)."""
+    --chat-template). `adapters` (a model exported with --lora): LoRA adapter folders (`onnxgen export ADAPTER --lora`)
+    by the names calls give as their `adapter` option; every row of a batch may have its own."""
     if path is not None and not isinstance(path, (str, Path)):
         raise ModelFolderError(f"a model folder is a path (str or Path), got {type(path).__name__}")
     folder = Path(path) if path is not None else BUNDLED
     if path is None and not (folder / MANIFEST).is_file():
         raise ModelFolderError("this onnxgen install has no bundled model: pass a model folder")
-    return Model(folder, provider, threads, verify, mapped_weights, cuda_graph, spinning, prompt_cache_mib, chat_template)
+    return Model(folder, provider, threads, verify, mapped_weights, cuda_graph, spinning, prompt_cache_mib, chat_template, adapters)
 
 
 # transformers' text-generation pipeline generates with defaults of its own, over the model's: up to 256 new tokens,

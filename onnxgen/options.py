@@ -120,6 +120,9 @@ class GenerationOptions:
     json_schema: dict[str, Any] | str | None = None
     regex: str | None = None
     grammar: str | None = None
+    # A LoRA adapter the model was loaded with (onnxgen.load(..., adapters={name: folder})), by name: every row of the
+    # call runs with it; None runs the base model.
+    adapter: str | None = None
     # transformers' conventions on numpy arrays: processor(input_ids, scores) -> scores, after the built-in
     # processors and before temperature/top-k/top-p; criterion(input_ids, scores) -> bool per row (or one bool).
     logits_processors: list[Callable[[Any, Any], Any]] = field(default_factory=list)
@@ -358,7 +361,7 @@ def _typed(name: str, value: Any) -> Any:
         if value is not None and not isinstance(value, (dict, str)):
             raise refuse("a JSON schema: a dict, or its JSON text")
         return value
-    if name in ("regex", "grammar"):
+    if name in ("regex", "grammar", "adapter"):
         if value is not None and not isinstance(value, str):
             raise refuse("a string")
         return value

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import prepacked
+from .adapters import Lora
 from .cache import Cache, GrowingCache, InPlaceCache
 from .errors import ModelFolderError, OptionsError, ProviderError
 from .folder import (
@@ -126,7 +127,8 @@ class Runtime:
     that move cache rows on the device. Everything a call changes lives in its cache (cache.py)."""
 
     def __init__(self, folder: ModelFolder, provider: Provider = "cpu", threads: int | None = None,
-                 mapped_weights: bool = False, cuda_graph: bool = False, spinning: bool = True, prompt_cache_mib: int = 0) -> None:
+                 mapped_weights: bool = False, cuda_graph: bool = False, spinning: bool = True, prompt_cache_mib: int = 0,
+                 adapters: dict[str, str | Path] | None = None) -> None:
         ort = import_onnxruntime()
         self.ort = ort
         dims = folder.dims
@@ -186,6 +188,7 @@ class Runtime:
         self.in_place, self.cache_dtype, self.logits_dtype = self._check_graph(folder)
         self._options, self._providers = options, providers  # for the small graphs below, loaded when first used
         self.cuda_graph = cuda_graph
+        self.lora = self._lora(model_path, adapters or {})
         self._graph_ids = itertools.count(1)
         self._uncaptured = self._run_options(-1) if cuda_graph else None  # prompt passes: never captured
         # With CUDA graphs, all device work goes one call at a time: while onnxruntime captures a step, any other
@@ -229,22 +232,48 @@ class Runtime:
         logits_type = next(o.type for o in self.session.get_outputs() if o.name == LOGITS)
         return in_place, ELEMENT_TYPES[cache_type], ELEMENT_TYPES.get(logits_type, np.dtype(np.float32))
 
-    def new_cache(self, rows: int, capacity: int, pad_id: int = 0) -> Cache:
-        """An empty cache for `rows` rows of up to `capacity` positions (pad_id: a growing cache's padding).
+    def _lora(self, model_path: Path, adapters: dict[str, str | Path]) -> Lora | None:
+        """The graph's LoRA inputs (export --lora) with the adapters loaded for them; None for a graph without."""
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        shapes = {name: (name.removesuffix("lora_A") + "lora_B", i.shape[1], inputs[name.removesuffix("lora_A") + "lora_B"].shape[2])
+                  for name, i in inputs.items() if name.endswith(".lora_A")}
+        if not shapes:
+            if adapters:
+                raise OptionsError(f"{model_path} was exported without --lora: it takes no LoRA adapters (export the base with --lora, "
+                                   "or the adapter merged into it)")
+            return None
+        if adapters and self.cuda_graph:
+            raise OptionsError("cuda_graph with LoRA adapters is not supported: a captured step needs inputs of fixed shapes, and an "
+                               "adapter's rank and rows change them")
+        return Lora(self.ort, shapes, ELEMENT_TYPES[inputs[next(iter(shapes))].type], adapters)
+
+    def check_adapter(self, name: str | None) -> None:
+        """An OptionsError unless `name` is None or the name of an adapter this model was loaded with."""
+        if name is not None and not isinstance(name, str):
+            raise OptionsError(f"adapter must be an adapter's name (a string) or None, got {name!r}")
+        if name is not None and self.lora is None:
+            raise OptionsError(f"adapter {name!r}: this model takes no LoRA adapters (it was exported without --lora)")
+        if self.lora is not None:
+            self.lora.check(name)
+
+    def new_cache(self, rows: int, capacity: int, pad_id: int = 0, adapter: str | None = None) -> Cache:
+        """An empty cache for `rows` rows of up to `capacity` positions (pad_id: a growing cache's padding), each row
+        with `adapter` (a LoRA adapter's name, or None).
 
         With CUDA graphs, capacities round up to a multiple of 64 and finished calls hand their caches back
         (release): a later call of the same shape replays the graph captured on those buffers instead of
         capturing another one (onnxruntime keeps every graph it has captured)."""
         capacity = self.check_cache(rows, capacity)
+        cache: Cache | None = None
         if not self.in_place:
-            return GrowingCache(self, rows, pad_id)  # it grows a position a step: no capacity to allocate
-        if not self.cuda_graph:
-            return InPlaceCache(self, rows, capacity)
-        with self._lock:
-            for i in reversed(range(len(self._idle))):
-                if (self._idle[i].rows, self._idle[i].capacity) == (rows, capacity):
-                    return self._idle.pop(i)  # its lengths are the prompts' once prefill runs
-        return InPlaceCache(self, rows, capacity)
+            cache = GrowingCache(self, rows, pad_id)  # it grows a position a step: no capacity to allocate
+        elif self.cuda_graph:
+            with self._lock:
+                found = [i for i, idle in enumerate(self._idle) if (idle.rows, idle.capacity) == (rows, capacity)]
+                cache = self._idle.pop(found[-1]) if found else None  # its lengths are the prompts' once prefill runs
+        cache = cache or InPlaceCache(self, rows, capacity)
+        cache.adapters = [adapter] * rows
+        return cache
 
     def check_cache(self, rows: int, capacity: int) -> int:
         """The capacity a new cache gets (with CUDA graphs, a multiple of 64); raises OptionsError where its
@@ -284,20 +313,20 @@ class Runtime:
         enough for a later call to take (MIN_RESUMED)."""
         return bool(self.prompt_cache_bytes) and positions >= MIN_RESUMED
 
-    def take_kept(self, prompt: list[int]) -> tuple[InPlaceCache, int] | None:
-        """The kept cache (release) that shares the longest start with `prompt`, and how many of the prompt's first
-        tokens it holds: at least MIN_RESUMED and at most all but the prompt's last (whose scores the call needs).
-        It leaves the pool: the caller owns it."""
+    def take_kept(self, prompt: list[int], adapter: str | None = None) -> tuple[InPlaceCache, int] | None:
+        """The kept cache (release) made with `adapter` that shares the longest start with `prompt`, and how many of
+        the prompt's first tokens it holds: at least MIN_RESUMED and at most all but the prompt's last (whose scores
+        the call needs). It leaves the pool: the caller owns it."""
         with self._lock:
-            shared = [(_shared_start(tokens, prompt), i) for i, (tokens, _) in enumerate(self._kept)]
+            shared = [(_shared_start(tokens, prompt), i) for i, (tokens, cache) in enumerate(self._kept) if cache.adapters[0] == adapter]
             start, i = max(shared, default=(0, -1))
             start = min(start, len(prompt) - 1)
             return (self._kept.pop(i)[1], start) if start >= MIN_RESUMED else None
 
-    def resume(self, prompt: list[int], capacity: int) -> tuple[InPlaceCache, int] | None:
-        """A cache for a one-row call of `prompt` that holds its first tokens already (take_kept), and how many:
-        the kept one, or where that is too short for `capacity`, a new one with its shared positions copied."""
-        taken = self.take_kept(prompt)
+    def resume(self, prompt: list[int], capacity: int, adapter: str | None = None) -> tuple[InPlaceCache, int] | None:
+        """A cache for a one-row call of `prompt` with `adapter` that holds its first tokens already (take_kept), and
+        how many: the kept one, or where that is too short for `capacity`, a new one with its shared positions copied."""
+        taken = self.take_kept(prompt, adapter)
         if taken is None:
             return None
         kept, start = taken
@@ -328,9 +357,9 @@ class Runtime:
         options.add_run_config_entry("gpu_graph_id", str(graph_id))
         return options
 
-    def all_logits(self, input_ids: np.ndarray) -> np.ndarray:
+    def all_logits(self, input_ids: np.ndarray, adapter: str | None = None) -> np.ndarray:
         """Logits at every position of `input_ids` (batch, n) with no cache: for scoring text, not generating."""
-        cache = self.new_cache(input_ids.shape[0], input_ids.shape[1])
+        cache = self.new_cache(input_ids.shape[0], input_ids.shape[1], adapter=adapter)
         return cache.all_logits(np.ascontiguousarray(input_ids, dtype=np.int64)).astype(np.float32, copy=False)
 
     # Beam search's helpers, each a small graph of onnxgen/graphs: 7-13 ms to load, so not at every load of a model.

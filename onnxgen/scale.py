@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .adapters import named
 from .errors import OptionsError
 from .model import load
 from .options import is_int
@@ -46,28 +47,31 @@ def replica_options(provider: Provider, threads: int | None, num_replicas: int |
 
 
 def _build_app(model_dir: str, name: str | None, provider: Provider, threads: int | None, api_key: str | None,
-               limits: Limits | None, mapped_weights: bool, cuda_graph: bool, chat_template: str | None) -> Any:
+               limits: Limits | None, mapped_weights: bool, cuda_graph: bool, chat_template: str | None,
+               adapters: dict[str, Path] | None) -> Any:
     """Runs on each replica: load the model there and build the same app `onnxgen serve` runs."""
     model = load(model_dir, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph,
-                 chat_template=chat_template)
+                 chat_template=chat_template, adapters=adapters)
     return create_app(model, name or Path(model_dir).name, api_key, limits, ray_metrics=True)
 
 
 def deployment(model_dir: str, name: str | None = None, provider: Provider = "cpu", threads: int | None = None,
                num_replicas: int | Literal["auto"] = 1, api_key: str | None = None, limits: Limits | None = None,
-               mapped_weights: bool = False, cuda_graph: bool = False, max_replicas: int = 4, chat_template: str | None = None) -> Any:
+               mapped_weights: bool = False, cuda_graph: bool = False, max_replicas: int = 4, chat_template: str | None = None,
+               adapters: dict[str, Path] | None = None) -> Any:
     """A Ray Serve application: `num_replicas` copies of the app (or "auto": 1 to `max_replicas` by load;
     replica_options), each with its model, behind Ray's proxy. Run it with `serve.run(deployment(...))`; the
     routes are onnxgen serve's. `mapped_weights`: the replicas that Ray places on one machine share one copy of
     the weights; `cuda_graph`: on CUDA, each replica replays its decode steps as CUDA graphs; `chat_template`: a
-    Jinja template's text, in place of the checkpoint's (all three onnxgen.load's)."""
+    Jinja template's text, in place of the checkpoint's; `adapters`: LoRA adapter folders by name, which a request's
+    "model" names (all onnxgen.load's; folders, as model_dir, at the same path on every node)."""
     from ray import serve
 
     limits = limits or Limits()
     options = replica_options(provider, threads, num_replicas, max_replicas, limits)  # checked before Ray sees them
 
     def build() -> Any:  # a function, not a partial: Ray tells a builder from an ASGI app that way
-        return _build_app(model_dir, name, provider, threads, api_key, limits, mapped_weights, cuda_graph, chat_template)
+        return _build_app(model_dir, name, provider, threads, api_key, limits, mapped_weights, cuda_graph, chat_template, adapters)
 
     return serve.deployment(serve.ingress(build)(), name="onnxgen", **options).bind()
 
@@ -78,7 +82,7 @@ def _flag(args: dict[str, str], name: str) -> bool:
 
 def app(args: dict[str, str]) -> Any:
     """The builder `serve run onnxgen.scale:app model_dir=DIR [num_replicas=N|auto] [max_replicas=M] [max_batch=B]
-    [threads=T] [provider=cuda] [mapped_weights=1] [cuda_graph=1] [chat_template=FILE]` calls."""
+    [threads=T] [provider=cuda] [mapped_weights=1] [cuda_graph=1] [chat_template=FILE] [adapters=NAME=DIR,NAME=DIR]` calls."""
     replicas = args.get("num_replicas", "1")
     template = None
     if "chat_template" in args:  # read here, where the command runs: the replicas may run on machines without the file
@@ -89,7 +93,8 @@ def app(args: dict[str, str]) -> Any:
     return deployment(args["model_dir"], args.get("name"), args.get("provider", "cpu"),  # type: ignore[arg-type]
                       _int(args, "threads", None), replicas if replicas == "auto" else _int(args, "num_replicas", 1), args.get("api_key"),
                       Limits(max_batch=_int(args, "max_batch", Limits.max_batch)), mapped_weights=_flag(args, "mapped_weights"),
-                      cuda_graph=_flag(args, "cuda_graph"), max_replicas=_int(args, "max_replicas", 4), chat_template=template)
+                      cuda_graph=_flag(args, "cuda_graph"), max_replicas=_int(args, "max_replicas", 4), chat_template=template,
+                      adapters=named(args["adapters"].split(",")) if args.get("adapters") else None)
 
 
 def _int(args: dict[str, str], name: str, default: Any) -> Any:

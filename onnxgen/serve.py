@@ -123,7 +123,8 @@ class DetokenizeRequest(BaseModel):
 
 UNSUPPORTED = {"suffix": None, "best_of": None}  # refused unless default
 # onnxgen's names for what OpenAI's fields say (and the server's limits hold), refused as extra fields.
-OPENAIS = {"max_new_tokens": "max_tokens", "max_length": "max_tokens", "min_length": "max_tokens", "num_return_sequences": "n"}
+OPENAIS = {"max_new_tokens": "max_tokens", "max_length": "max_tokens", "min_length": "max_tokens", "num_return_sequences": "n",
+           "adapter": "model"}
 
 
 def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
@@ -171,10 +172,12 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         return Response(body, media_type=content_type)
 
     def other_model(asked: str | None) -> JSONResponse | None:
-        """A request naming another model gets a 404: answering with this one would be a wrong answer."""
-        if asked is None or asked == name:
+        """A request naming another model gets a 404: answering with this one would be a wrong answer. A LoRA adapter
+        the server was started with is a model of its own (vLLM's --lora-modules): `model` names it."""
+        if asked is None or asked == name or asked in model.adapters:
             return None
-        return error(404, f"the model {asked!r} does not exist: this server has {name!r}", "model", code="model_not_found")
+        served = ", ".join(repr(n) for n in [name, *model.adapters])
+        return error(404, f"the model {asked!r} does not exist: this server has {served}", "model", code="model_not_found")
 
     def refused(response: JSONResponse) -> JSONResponse:
         """A completion or chat completion refused before it started, as the metrics count it."""
@@ -200,8 +203,11 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         # max_model_len: the context window, as vLLM names it (clients that budget a prompt read it there)
+        # LoRA adapters as vLLM lists them: their own id, the base model as parent, their folder as root
+        adapters = [{"id": adapter, "object": "model", "created": 0, "owned_by": "onnxgen", "root": str(folder), "parent": name,
+                     "max_model_len": model.context_length} for adapter, folder in model.adapters.items()]
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "onnxgen",
-                                            "max_model_len": model.context_length}]}
+                                            "max_model_len": model.context_length}, *adapters]}
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -212,11 +218,11 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
             prompts, options = _job_input(model, body, limits, draft)
         except (OnnxgenError, ValueError) as e:
             return refused(error(400, str(e)))
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model or name}
         echoed = None
         if body.echo and body.logprobs is not None:
             async with scoring:
-                echoed = await asyncio.to_thread(_prompt_logprobs, model, prompts, body.logprobs)
+                echoed = await asyncio.to_thread(_prompt_logprobs, model, prompts, body.logprobs, options.adapter)
         if body.max_tokens == 0:
             asked = [] if body.logprobs is not None else None
             done = [Completion("", [], "length", i, asked, asked) for i in range(len(prompts)) for _ in range(body.n)]
@@ -252,7 +258,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         if isinstance(started, JSONResponse):
             return started
         job, channel, prompts, calls = started
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model or name}
         if body.stream:
             readers = [ToolCalls(calls.named) for _ in range(body.n)]
 
@@ -291,7 +297,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         if isinstance(started, JSONResponse):
             return started
         job, channel, prompts, calls = started
-        reply = Reply(body, name, calls, len(prompts[0]))
+        reply = Reply(body, body.model or name, calls, len(prompts[0]))
         if body.stream:
             return StreamingResponse(reply.events(news(job, channel, request)), media_type="text/event-stream")
         done = await ended(job, channel, request)
@@ -425,7 +431,9 @@ def _job_input(model: Model, body: CompletionRequest, limits: Limits, draft: Mod
         raise ValueError("response_format, or one of json_schema, regex and grammar: not both")
     sampling = body.temperature > 0 and int(extra.get("num_beams", 1)) == 1  # OpenAI: temperature 0 is greedy
     # max_tokens 0 generates nothing: its options are checked as for 1
-    overrides: dict[str, Any] = {"max_new_tokens": max(body.max_tokens, 1), "num_return_sequences": body.n, "do_sample": sampling,
+    # `model` naming a LoRA adapter the server was started with runs it (other names are refused before this)
+    overrides: dict[str, Any] = {"adapter": body.model if body.model in model.adapters else None,
+                                 "max_new_tokens": max(body.max_tokens, 1), "num_return_sequences": body.n, "do_sample": sampling,
                                  "top_k": 0, "top_p": body.top_p, "stop": body.stop, "seed": body.seed, "logprobs": body.logprobs,
                                  "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
                                  **({"temperature": body.temperature} if sampling else {}), **constraint, **extra}
@@ -564,10 +572,10 @@ def _by_text(model: Model, alternatives: dict[int, float], chosen: tuple[int, fl
     return by_text
 
 
-def _prompt_logprobs(model: Model, prompts: list[list[int]], top: int) -> list[dict[str, Any]]:
+def _prompt_logprobs(model: Model, prompts: list[list[int]], top: int, adapter: str | None) -> list[dict[str, Any]]:
     """echo with logprobs: each prompt token's log-probability given the tokens before it (the first has none),
     and the `top` most likely tokens there, as OpenAI's logprobs object (Model.score: one pass at a time)."""
-    return [_logprobs_object(model, s.token_ids, s.logprobs, s.top_logprobs, 0) for s in model.score(prompts, top)]
+    return [_logprobs_object(model, s.token_ids, s.logprobs, s.top_logprobs, 0) for s in model.score(prompts, top, adapter=adapter)]
 
 
 def _choice(model: Model, body: CompletionRequest, prompts: list[list[int]], c: Completion, index: int,

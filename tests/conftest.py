@@ -48,6 +48,25 @@ def make_checkpoint(folder: Path, n_layer: int = 2, n_embd: int = 64, n_head: in
     return folder
 
 
+def make_adapter(base: Path, folder: Path, seed: int = 1, **lora: Any) -> Path:
+    """A LoRA adapter of `base` as peft saves one (adapter_config.json naming the base, the adapter's weights); its B
+    matrices random, as after training (peft starts them at zero: an adapter that changes nothing would prove nothing)."""
+    import peft
+    from transformers import GPT2LMHeadModel
+
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"], **lora}
+    model = peft.get_peft_model(GPT2LMHeadModel.from_pretrained(base), peft.LoraConfig(fan_in_fan_out=True, **lora))  # GPT-2's Conv1D
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session", autouse=True)
 def onnxgen_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Where mapped_weights keeps its packed copies (prepacked.py): a folder of the test run, never the user's

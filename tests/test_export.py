@@ -21,7 +21,7 @@ from onnxgen import manifest as manifest_mod
 from onnxgen.errors import ExportError, OnnxgenError
 from onnxgen.export import ExportOptions, export
 
-from .conftest import make_checkpoint
+from .conftest import make_adapter, make_checkpoint
 
 EXPECTED_FILES = {"model.onnx", "model.onnx.data", "config.json", "generation_config.json", "tokenizer.json", "onnxgen.json"}
 
@@ -423,23 +423,6 @@ def test_optimum_runs_the_exported_folder(exported_growing: Path, model, torch_m
         reference = torch_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)
     assert ours[0, 5:].tolist() == reference[0, 5:].tolist() == model.generate([ids[0].tolist()], max_new_tokens=10, eos_token_id=None)[0].token_ids
     assert "logits_to_keep" in json.loads((exported / "onnxgen.json").read_text())["inputs"]
-
-
-def make_adapter(base: Path, folder: Path, seed: int = 1, **lora: Any) -> Path:
-    """A LoRA adapter of `base` as peft saves one (adapter_config.json naming the base, the adapter's weights); its B
-    matrices random, as after training (peft starts them at zero: an adapter that changes nothing would prove nothing)."""
-    import peft
-    from transformers import GPT2LMHeadModel
-
-    model = peft.get_peft_model(GPT2LMHeadModel.from_pretrained(base), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, **lora))  # GPT-2's Conv1D
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.3)
-    model.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
