@@ -171,6 +171,10 @@ def _probe(session: Any, folder: ModelFolder) -> dict[str, np.ndarray]:
             feed[value.name] = np.array(n, np.int32)
         elif value.name == LOGITS_TO_KEEP:  # the first position or every one, by the graph's kind: both sessions alike
             feed[value.name] = np.array([0], np.int64)
+        elif value.name.endswith(".lora_A"):  # a LoRA base's inputs (graph.add_lora): no adapter, rank 0
+            feed[value.name] = np.zeros((1, value.shape[1], 0), ELEMENT_TYPES[value.type])
+        elif value.name.endswith(".lora_B"):
+            feed[value.name] = np.zeros((1, 0, value.shape[2]), ELEMENT_TYPES[value.type])
         else:  # a layer's past: empty for a growing cache, a buffer of n positions for one in place
             feed[value.name] = np.zeros((1, dims.n_head, n if SEQLENS_K in names else 0, dims.head_dim), ELEMENT_TYPES[value.type])
     return feed

@@ -103,6 +103,20 @@ def test_each_adapter_generates_as_peft_does(served: onnxgen.Model, reference: A
     assert len({tuple(texts[a, PROMPTS[0]]) for a in ("one", "two", None)}) == 3
 
 
+def test_other_layouts_of_a_lora_base_take_adapters_too(checkpoint: Path, base: Path, adapters: dict[str, Path], served: onnxgen.Model,
+                                                         tmp_path: Path) -> None:
+    """A LoRA base exported with --growing-cache (its beams reordered by copying), and one whose weights are mapped
+    packed (prepacked.py, which runs the graph to check its copy), give an adapter's text as the default one does."""
+    export(str(checkpoint), tmp_path / "growing", ExportOptions(lora=True, cache_in_place=False), quiet=True)
+    growing = onnxgen.load(tmp_path / "growing", threads=1, adapters=adapters)
+    mapped = onnxgen.load(base, threads=1, adapters=adapters, mapped_weights=True)
+    for adapter in ("one", "two"):
+        for options in (GREEDY, {"num_beams": 3, "eos_token_id": None}):
+            expected = served.generate(PROMPTS[2], max_new_tokens=8, adapter=adapter, **options)[0].token_ids
+            assert growing.generate(PROMPTS[2], max_new_tokens=8, adapter=adapter, **options)[0].token_ids == expected
+            assert mapped.generate(PROMPTS[2], max_new_tokens=8, adapter=adapter, **options)[0].token_ids == expected
+
+
 def test_rows_with_different_adapters_run_in_one_pass(served: onnxgen.Model, reference: Any) -> None:
     """One cache whose rows have different adapters (and one none): a prompt pass of rows of different lengths and a
     decode step give each row the logits peft gives it alone with its adapter."""
