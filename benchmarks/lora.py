@@ -141,8 +141,8 @@ def measure(folders: dict[str, Path], threads: int, new_tokens: int, rounds: int
 def markdown(result: dict[str, Any], shape: str, threads: int) -> str:
     speed, sizes = result["tok_s"], result["bytes"]
     lines = [f"# LoRA adapters at run time against the plain base and a merged folder (CPU, {shape} shape, int8)", "",
-             f"{host()}; {threads} threads; greedy, {result['new_tokens']} new tokens after a 32-token prompt; batch 8: 8 requests "
-             f"at once through the server's batcher; median of {result['rounds']} alternating rounds. `python benchmarks/lora.py`.", "",
+             (f"{host()}; {threads} threads; greedy, {result['new_tokens']} new tokens after a 32-token prompt; batch 8: 8 requests "
+              f"at once through the server's batcher; median of {result['rounds']} alternating rounds. `python benchmarks/lora.py`."), "",
              "| case | tok/s | against the plain base |", "| --- | ---: | ---: |"]
     for name, value in speed.items():
         base = speed["batch 1: plain base" if name.startswith("batch 1") else "batch 8: plain base"]

@@ -11,6 +11,7 @@ adapter, or an adapter without that layer, gets rank 0 there: the term adds noth
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +24,58 @@ from .folder import ADAPTER_FILE
 FEEDS_KEPT = 16  # combinations of rows' adapters whose inputs are kept made (a batcher's rows change now and then)
 
 
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: an adapter loaded again under its name is another
+class Adapter:
+    """A loaded adapter: what a row runs with. A row keeps its Adapter while it runs, so unloading the name (or loading
+    it again) changes later calls only, and a prompt cache's kept rows match only the very adapter they were made with."""
+
+    name: str
+    folder: Path
+    weights: dict[str, np.ndarray]  # graph input name -> A (in, rank) or B (rank, out), in the graph's element type
+
+
 class Lora:
     """The graph's LoRA inputs (`shapes`: A's name -> (B's name, in, out)) and the adapters loaded for them, by name."""
 
     def __init__(self, ort: Any, shapes: dict[str, tuple[str, int, int]], dtype: np.dtype, adapters: dict[str, str | Path]) -> None:
-        self.shapes, self.dtype = shapes, dtype
-        if not isinstance(adapters, dict) or not all(isinstance(k, str) and k and isinstance(v, (str, Path)) for k, v in adapters.items()):
+        self.ort, self.shapes, self.dtype = ort, shapes, dtype
+        if not isinstance(adapters, dict):
             raise OptionsError(f"adapters must be a dict of name to adapter folder, got {adapters!r}")
-        self.adapters = {name: self._read(ort, name, Path(path)) for name, path in adapters.items()}
-        self.folders = {name: Path(path) for name, path in adapters.items()}
-        self._feeds: dict[tuple[str | None, ...], dict[str, np.ndarray]] = {}
-        self._lock = threading.Lock()  # calls in several threads share the made inputs
+        self._lock = threading.Lock()  # calls in several threads share the adapters and the made inputs
+        self.adapters: dict[str, Adapter] = {}
+        self._feeds: dict[tuple[Adapter | None, ...], dict[str, np.ndarray]] = {}
+        for name, folder in adapters.items():
+            self.load(name, folder)
 
-    def _read(self, ort: Any, name: str, path: Path) -> dict[str, np.ndarray]:
+    def load(self, name: str, folder: str | Path) -> Adapter:
+        """Read an adapter folder and make it available as `name` (which must be new)."""
+        if not (isinstance(name, str) and name and isinstance(folder, (str, Path))):
+            raise OptionsError(f"an adapter is a name (a string) and a folder, got {name!r}: {folder!r}")
+        adapter = Adapter(name, Path(folder), self._read(name, Path(folder)))
+        with self._lock:
+            if name in self.adapters:
+                raise OptionsError(f"adapter {name!r} is loaded already (unload it first)")
+            self.adapters[name] = adapter
+        return adapter
+
+    def unload(self, name: str) -> None:
+        """Later calls can no longer name it; calls running with it finish with it."""
+        with self._lock:
+            if self.adapters.pop(name, None) is None:
+                raise OptionsError(f"adapter {name!r} is not loaded")
+            self._feeds = {rows: feeds for rows, feeds in self._feeds.items() if all(a is None or a.name != name for a in rows)}
+
+    def get(self, name: str | None) -> Adapter | None:
+        """The loaded adapter called `name` (None: none), or an OptionsError naming those loaded."""
+        if name is None:
+            return None
+        with self._lock:
+            adapter = self.adapters.get(name)
+            if adapter is None:
+                raise OptionsError(f"adapter {name!r} is not loaded (loaded: {', '.join(map(repr, self.adapters)) or 'none'})")
+            return adapter
+
+    def _read(self, name: str, path: Path) -> dict[str, np.ndarray]:
         """An adapter folder's A and B by input name, in the graph's element type, checked against the graph."""
         try:
             record = manifest.read(path)
@@ -44,7 +84,7 @@ class Lora:
         if record.get("kind") != "lora":
             raise ModelFolderError(f"adapter {name!r}: {path} is not a LoRA adapter folder (`onnxgen export ADAPTER --lora` makes one)")
         try:
-            parameters = ort.AdapterFormat.read_adapter(str(path / ADAPTER_FILE)).get_parameters()
+            parameters = self.ort.AdapterFormat.read_adapter(str(path / ADAPTER_FILE)).get_parameters()
         except Exception as e:  # onnxruntime's own errors for a damaged file
             raise ModelFolderError(f"adapter {name!r}: cannot read {path / ADAPTER_FILE}: {str(e).splitlines()[0]}") from None
         weights = {key: np.array(value.numpy(), dtype=self.dtype) for key, value in parameters.items()}
@@ -62,7 +102,7 @@ class Lora:
                                        "another model (its sizes differ)")
         return weights
 
-    def feeds(self, rows: tuple[str | None, ...]) -> dict[str, np.ndarray]:
+    def feeds(self, rows: tuple[Adapter | None, ...]) -> dict[str, np.ndarray]:
         """Every LoRA input for rows with these adapters (None: none), in row order."""
         with self._lock:
             feeds = self._feeds.get(rows)
@@ -72,30 +112,23 @@ class Lora:
                 feeds = self._feeds[rows] = self._make(rows)
             return feeds
 
-    def _make(self, rows: tuple[str | None, ...]) -> dict[str, np.ndarray]:
-        names = sorted(set(rows), key=str)
-        alike = len(names) == 1  # one adapter for every row: (1, ...) inputs, broadcast over the rows
+    def _make(self, rows: tuple[Adapter | None, ...]) -> dict[str, np.ndarray]:
+        held = list(dict.fromkeys(a for a in rows if a is not None))
+        alike = len(set(rows)) == 1  # one adapter (or none) for every row: (1, ...) inputs, broadcast over the rows
         feeds = {}
         for a, (b, n_in, n_out) in self.shapes.items():
-            held = [self.adapters[name] for name in names if name is not None and a in self.adapters[name]]
-            rank = max((weights[a].shape[1] for weights in held), default=0)
+            rank = max((adapter.weights[a].shape[1] for adapter in held if a in adapter.weights), default=0)
             if alike:
-                feeds[a] = held[0][a][None] if held else np.zeros((1, n_in, 0), self.dtype)
-                feeds[b] = held[0][b][None] if held else np.zeros((1, 0, n_out), self.dtype)
+                weights = held[0].weights if held else {}
+                feeds[a] = weights[a][None] if a in weights else np.zeros((1, n_in, 0), self.dtype)
+                feeds[b] = weights[b][None] if a in weights else np.zeros((1, 0, n_out), self.dtype)
                 continue
             feeds[a], feeds[b] = np.zeros((len(rows), n_in, rank), self.dtype), np.zeros((len(rows), rank, n_out), self.dtype)
-            for row, name in enumerate(rows):
-                weights = self.adapters[name] if name is not None else {}
-                if a in weights:
-                    r = weights[a].shape[1]
-                    feeds[a][row, :, :r], feeds[b][row, :r] = weights[a], weights[b]
+            for row, adapter in enumerate(rows):
+                if adapter is not None and a in adapter.weights:
+                    r = adapter.weights[a].shape[1]
+                    feeds[a][row, :, :r], feeds[b][row, :r] = adapter.weights[a], adapter.weights[b]
         return feeds
-
-    def check(self, name: str | None) -> None:
-        """An OptionsError unless `name` is None or a loaded adapter's name."""
-        if name is not None and name not in self.adapters:
-            loaded = ", ".join(map(repr, self.adapters)) or "none"
-            raise OptionsError(f"adapter {name!r} is not loaded (loaded: {loaded})")
 
 
 def named(specs: list[str]) -> dict[str, Path]:

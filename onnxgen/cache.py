@@ -13,7 +13,7 @@
 
 Both answer `prefill(prompts)` and `decode(tokens)` with the last position's scores, (rows, vocab)
 float32, and `reorder(source)` (row i becomes a copy of row source[i]: beam search). Each row has a LoRA adapter
-(`adapters`: its name, or None; a graph exported with --lora), whose inputs every run binds (adapters.py).
+(`adapters`: a loaded Adapter, or None; a graph exported with --lora), whose inputs every run binds (adapters.py).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from .folder import (
 from .pages import give_back
 
 if TYPE_CHECKING:
+    from .adapters import Adapter
     from .runtime import Runtime
 
 
@@ -72,7 +73,7 @@ class InPlaceCache:
             with rt.exclusive():  # with CUDA graphs, no allocation while another thread captures
                 self.buffer = rt.ort.OrtValue.ortvalue_from_shape_and_type(shape, rt.cache_dtype, rt.device, 0)
         self.lengths = np.zeros(rows, dtype=np.int64)  # positions written, per row
-        self.adapters: list[str | None] = [None] * rows  # each row's LoRA adapter
+        self.adapters: list[Adapter | None] = [None] * rows  # each row's LoRA adapter
         self._steps: dict[int, DecodeStep] = {}  # by how many leading rows a decode runs (a batcher's rows come and go)
 
     def layers(self) -> np.ndarray:
@@ -208,7 +209,7 @@ class DecodeStep:
     def __init__(self, cache: InPlaceCache, rows: int) -> None:
         rt = self.runtime = cache.runtime
         self.cache, self.rows = cache, rows
-        self.lora: tuple[str | None, ...] | None = None  # the rows' adapters bound (run binds them when they change)
+        self.lora: tuple[Adapter | None, ...] | None = None  # the rows' adapters bound (run binds them when they change)
         self.lora_feeds: dict[str, np.ndarray] = {}  # and their arrays, held while bound
         ort = rt.ort
         shape = (rows, *cache.shape[1:])
@@ -256,7 +257,7 @@ class GrowingCache:
         self.mask = np.zeros((rows, 0), dtype=np.int64)
         self.positions = np.zeros((rows, 1), dtype=np.int64)  # of the last token run
         self._buffers: list[np.ndarray] = []  # reorder's targets, kept across steps (see reorder)
-        self.adapters: list[str | None] = [None] * rows  # each row's LoRA adapter
+        self.adapters: list[Adapter | None] = [None] * rows  # each row's LoRA adapter
 
     def prefill(self, prompts: list[list[int]]) -> np.ndarray:
         ids, self.mask, positions = left_pad(prompts, self.pad_id)
@@ -324,7 +325,7 @@ class GrowingCache:
         return rt.session.run([LOGITS], feed)[0]
 
 
-def bind_lora(runtime: Runtime, io: Any, adapters: list[str | None] | tuple[str | None, ...]) -> dict[str, np.ndarray]:
+def bind_lora(runtime: Runtime, io: Any, adapters: list[Adapter | None] | tuple[Adapter | None, ...]) -> dict[str, np.ndarray]:
     """Bind the LoRA inputs of rows with these adapters, where the graph has them (adapters.py); returns the arrays
     bound, which must outlive the binding (on the CPU onnxruntime reads them where they are)."""
     feeds = runtime.lora.feeds(tuple(adapters)) if runtime.lora is not None else {}

@@ -433,6 +433,8 @@ def serve(
     adapter: Annotated[list[str] | None, typer.Option(help="a LoRA adapter folder served as a model of its own, which a request's "
                                                       "\"model\" names (a model exported with --lora): NAME=FOLDER, or FOLDER named "
                                                       "after it; repeatable")] = None,
+    adapter_loading: Annotated[bool, typer.Option("--adapter-loading", help="take LoRA adapters while running: POST "
+                                                  "/v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; behind --api-key)")] = False,
 ) -> None:
     """Serve OpenAI's completions, chat completions and responses APIs over HTTP.
 
@@ -461,7 +463,7 @@ def serve(
                               spinning=spinning, prompt_cache_mib=prompt_cache_mib, chat_template=template, adapters=adapters))
     draft = None if spinning else run(lambda: load(assistant_model, provider=provider, threads=threads, spinning=False))  # type: ignore[arg-type]
     app_ = run(lambda: create_app(loaded, name or folder.name, api_key, Limits(max_tokens=max_tokens, max_batch=max_batch, prefill_chunk=prefill_chunk),
-                                  draft, allowed_origins=allowed_origin))
+                                  draft, allowed_origins=allowed_origin, adapter_loading=adapter_loading))
     where = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     print(f"serving {folder} as {name or folder.name!r} on http{'s' if tls else ''}://{where}:{port}/v1", file=sys.stderr)
     uvicorn.Server(uvicorn.Config(app_, log_level="warning", **tls)).run(sockets=[listening])

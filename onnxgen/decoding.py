@@ -34,8 +34,7 @@ def sample(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 class Rows:
     def __init__(self, runtime: Runtime, prompts: list[list[int]], pad_id: int, max_new_tokens: int, adapter: str | None = None) -> None:
-        runtime.check_adapter(adapter)
-        self.adapter = adapter  # every row's LoRA adapter (a name the model was loaded with), or None
+        self.adapter = runtime.adapter(adapter)  # every row's LoRA adapter, as loaded when the call was made (or None)
         self._prompts = left_pad(prompts, pad_id)[0]
         self._new = np.full((len(prompts), max_new_tokens), pad_id, dtype=np.int64)  # a column a step
         self.steps = 0  # tokens appended to every row

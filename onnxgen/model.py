@@ -96,8 +96,6 @@ class Model:
                                    f"vocabulary of {self.dims.vocab_size}")
         self.defaults = GenerationOptions.from_folder(path)
         self.runtime = Runtime(self.folder, provider, threads, mapped_weights, cuda_graph, spinning, prompt_cache_mib, adapters)
-        # The LoRA adapters loaded, by name: a call's `adapter` option names one (a server's `model` field)
-        self.adapters: dict[str, Path] = dict(self.runtime.lora.folders) if self.runtime.lora is not None else {}
         self._calls = threading.local()  # each thread's latest finished call, for last_stats
 
     def __repr__(self) -> str:
@@ -108,6 +106,23 @@ class Model:
                 f"{f', {cache} cache' if cache != 'float' else ''}, {d.n_layer} layers x {d.n_embd} ({d.n_head} heads), vocabulary "
                 f"{d.vocab_size}, context {d.n_positions}{f', LoRA adapters {sorted(self.adapters)}' if self.adapters else ''}, "
                 f"on {self.runtime.device}>")
+
+    @property
+    def adapters(self) -> dict[str, Path]:
+        """The LoRA adapters loaded, name -> folder: a call's `adapter` option names one (a server's `model` field)."""
+        lora = self.runtime.lora
+        return {name: adapter.folder for name, adapter in lora.adapters.items()} if lora is not None else {}
+
+    def load_adapter(self, name: str, folder: str | Path) -> None:
+        """Load a LoRA adapter folder beside the model (one exported with --lora) for later calls to name; the
+        adapters given to load() are loaded so. Raises OptionsError where the name is taken."""
+        self.runtime.load_adapter(name, folder)
+
+    def unload_adapter(self, name: str) -> None:
+        """Later calls can no longer name the adapter; calls running with it finish with it."""
+        if self.runtime.lora is None:
+            raise OptionsError(f"adapter {name!r}: this model takes no LoRA adapters (it was exported without --lora)")
+        self.runtime.lora.unload(name)
 
     @property
     def last_stats(self) -> Stats | None:
@@ -288,7 +303,7 @@ class Model:
         which holds every position's scores: positions x vocabulary floats (200 MB for GPT-2 at 1,024 tokens).
         `progress(scored, tokens)` is called after each window: the text's tokens scored so far, and its tokens.
         `adapter`: scored under that LoRA adapter (one the model was loaded with)."""
-        self.runtime.check_adapter(adapter)
+        lora = self.runtime.adapter(adapter)
         if not (is_int(top_logprobs) and 0 <= top_logprobs <= MAX_LOGPROBS):
             raise OptionsError(f"top_logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {top_logprobs!r}")
         if stride is not None and not (is_int(stride) and 1 <= stride < self.context_length):  # windows overlap: every token has one before it
@@ -306,7 +321,7 @@ class Model:
             for begin in range(0, len(ids), stride or len(ids)):
                 end = min(begin + self.context_length, len(ids))
                 window = ids[begin:end]
-                every = self.runtime.all_logits(np.asarray([window]), adapter)[0, :-1]  # position i scores token i + 1
+                every = self.runtime.all_logits(np.asarray([window]), lora)[0, :-1]  # position i scores token i + 1
                 chosen, best = token_logprobs(every, np.asarray(window[1:], dtype=np.int64), top_logprobs)
                 new = len(logprobs) - begin - 1  # the window's tokens scored already, by earlier windows
                 logprobs += map(float, chosen[new:])

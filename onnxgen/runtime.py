@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import prepacked
-from .adapters import Lora
+from .adapters import Adapter, Lora
 from .cache import Cache, GrowingCache, InPlaceCache
 from .errors import ModelFolderError, OptionsError, ProviderError
 from .folder import (
@@ -242,23 +242,33 @@ class Runtime:
                 raise OptionsError(f"{model_path} was exported without --lora: it takes no LoRA adapters (export the base with --lora, "
                                    "or the adapter merged into it)")
             return None
-        if adapters and self.cuda_graph:
-            raise OptionsError("cuda_graph with LoRA adapters is not supported: a captured step needs inputs of fixed shapes, and an "
-                               "adapter's rank and rows change them")
+        if adapters:
+            self._no_cuda_graph()
         return Lora(self.ort, shapes, ELEMENT_TYPES[inputs[next(iter(shapes))].type], adapters)
 
-    def check_adapter(self, name: str | None) -> None:
-        """An OptionsError unless `name` is None or the name of an adapter this model was loaded with."""
+    def _no_cuda_graph(self) -> None:
+        if self.cuda_graph:
+            raise OptionsError("cuda_graph with LoRA adapters is not supported: a captured step needs inputs of fixed shapes, and an "
+                               "adapter's rank and rows change them")
+
+    def load_adapter(self, name: str, folder: str | Path) -> None:
+        """Make the LoRA adapter in `folder` available to later calls as `name`."""
+        if self.lora is None:
+            raise OptionsError(f"adapter {name!r}: this model takes no LoRA adapters (it was exported without --lora)")
+        self._no_cuda_graph()
+        self.lora.load(name, folder)
+
+    def adapter(self, name: str | None) -> Adapter | None:
+        """The loaded adapter a call names (None: none), or an OptionsError."""
         if name is not None and not isinstance(name, str):
             raise OptionsError(f"adapter must be an adapter's name (a string) or None, got {name!r}")
         if name is not None and self.lora is None:
             raise OptionsError(f"adapter {name!r}: this model takes no LoRA adapters (it was exported without --lora)")
-        if self.lora is not None:
-            self.lora.check(name)
+        return self.lora.get(name) if self.lora is not None else None
 
-    def new_cache(self, rows: int, capacity: int, pad_id: int = 0, adapter: str | None = None) -> Cache:
+    def new_cache(self, rows: int, capacity: int, pad_id: int = 0, adapter: Adapter | None = None) -> Cache:
         """An empty cache for `rows` rows of up to `capacity` positions (pad_id: a growing cache's padding), each row
-        with `adapter` (a LoRA adapter's name, or None).
+        with `adapter` (a loaded LoRA adapter, or None).
 
         With CUDA graphs, capacities round up to a multiple of 64 and finished calls hand their caches back
         (release): a later call of the same shape replays the graph captured on those buffers instead of
@@ -313,17 +323,17 @@ class Runtime:
         enough for a later call to take (MIN_RESUMED)."""
         return bool(self.prompt_cache_bytes) and positions >= MIN_RESUMED
 
-    def take_kept(self, prompt: list[int], adapter: str | None = None) -> tuple[InPlaceCache, int] | None:
+    def take_kept(self, prompt: list[int], adapter: Adapter | None = None) -> tuple[InPlaceCache, int] | None:
         """The kept cache (release) made with `adapter` that shares the longest start with `prompt`, and how many of
         the prompt's first tokens it holds: at least MIN_RESUMED and at most all but the prompt's last (whose scores
         the call needs). It leaves the pool: the caller owns it."""
         with self._lock:
-            shared = [(_shared_start(tokens, prompt), i) for i, (tokens, cache) in enumerate(self._kept) if cache.adapters[0] == adapter]
+            shared = [(_shared_start(tokens, prompt), i) for i, (tokens, cache) in enumerate(self._kept) if cache.adapters[0] is adapter]
             start, i = max(shared, default=(0, -1))
             start = min(start, len(prompt) - 1)
             return (self._kept.pop(i)[1], start) if start >= MIN_RESUMED else None
 
-    def resume(self, prompt: list[int], capacity: int, adapter: str | None = None) -> tuple[InPlaceCache, int] | None:
+    def resume(self, prompt: list[int], capacity: int, adapter: Adapter | None = None) -> tuple[InPlaceCache, int] | None:
         """A cache for a one-row call of `prompt` with `adapter` that holds its first tokens already (take_kept), and
         how many: the kept one, or where that is too short for `capacity`, a new one with its shared positions copied."""
         taken = self.take_kept(prompt, adapter)
@@ -357,7 +367,7 @@ class Runtime:
         options.add_run_config_entry("gpu_graph_id", str(graph_id))
         return options
 
-    def all_logits(self, input_ids: np.ndarray, adapter: str | None = None) -> np.ndarray:
+    def all_logits(self, input_ids: np.ndarray, adapter: Adapter | None = None) -> np.ndarray:
         """Logits at every position of `input_ids` (batch, n) with no cache: for scoring text, not generating."""
         cache = self.new_cache(input_ids.shape[0], input_ids.shape[1], adapter=adapter)
         return cache.all_logits(np.ascontiguousarray(input_ids, dtype=np.int64)).astype(np.float32, copy=False)

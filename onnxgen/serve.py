@@ -15,7 +15,10 @@
     POST /tokenize         text -> its token ids, count and the context window (vLLM's shape), so that a client
                            can fit a prompt with the served model's own tokenizer (a fine-tune's added tokens)
     POST /detokenize       token ids -> text
-    GET  /v1/models        the one model served (max_model_len: its context window, as vLLM gives it)
+    GET  /v1/models        the model served (max_model_len: its context window, as vLLM gives it), and its LoRA adapters,
+                           each a model a request's "model" names (adapters.py; vLLM's --lora-modules)
+    POST /v1/load_lora_adapter, /v1/unload_lora_adapter  vLLM's: an adapter loaded or let go while the server runs
+                           (create_app's adapter_loading, serve's --adapter-loading; off by default)
     GET  /health           200 once the model is loaded
     GET  /metrics          Prometheus' text format (metrics.py): requests by outcome, tokens, time to first token,
                            the batcher's queue and rows; like /health, no API key (as vLLM's)
@@ -40,11 +43,16 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .batcher import Batcher, Full, Job
-from .errors import OnnxgenError, told
+from .errors import ModelFolderError, OnnxgenError, OptionsError, told
 from .generator import Completion, Event
 from .guidance import CONSTRAINTS
 from .metrics import Metrics
@@ -121,6 +129,17 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+class LoadAdapterRequest(BaseModel):  # vLLM's /v1/load_lora_adapter
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str
+    lora_path: str
+
+
+class UnloadAdapterRequest(BaseModel):  # vLLM's /v1/unload_lora_adapter
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str
+
+
 UNSUPPORTED = {"suffix": None, "best_of": None}  # refused unless default
 # onnxgen's names for what OpenAI's fields say (and the server's limits hold), refused as extra fields.
 OPENAIS = {"max_new_tokens": "max_tokens", "max_length": "max_tokens", "min_length": "max_tokens", "num_return_sequences": "n",
@@ -132,11 +151,15 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
 
 
 def create_app(model: Model, name: str, api_key: str | None = None, limits: Limits | None = None,
-               draft: Model | None = None, ray_metrics: bool = False, allowed_origins: list[str] | None = None) -> FastAPI:
+               draft: Model | None = None, ray_metrics: bool = False, allowed_origins: list[str] | None = None,
+               adapter_loading: bool = False) -> FastAPI:
     """The app over `model`; `draft`: a draft model that requests ask for with "assistant_model": true;
     `ray_metrics`: a Ray Serve replica's app, whose requests Ray's metrics count too (metrics.py); `allowed_origins`:
-    the web pages (scheme://host:port, or "*") whose scripts may call it from a browser (CORS)."""
+    the web pages (scheme://host:port, or "*") whose scripts may call it from a browser (CORS); `adapter_loading`: LoRA
+    adapters loaded and unloaded while it runs, by vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter."""
     limits = limits or Limits()
+    if adapter_loading and model.runtime.lora is None:
+        raise OptionsError(f"adapter loading: {model.folder.path} takes no LoRA adapters (export the base with --lora)")
     batcher = Batcher(model, limits.max_batch, limits.max_queue, limits.prefill_chunk)
     scoring = asyncio.Semaphore(1)  # prompts scored for echo with logprobs, one request at a time (_prompt_logprobs)
     app = FastAPI(title="onnxgen", docs_url=None, redoc_url=None)
@@ -199,6 +222,28 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         if outside:
             return error(400, f"tokens: {outside[0]} is not a token id (0 to {model.tokenizer.vocab_size - 1})", "tokens")
         return {"prompt": model.tokenizer.decode(body.tokens)}
+
+    if adapter_loading:
+        @app.post("/v1/load_lora_adapter", response_model=None)
+        async def load_adapter(body: LoadAdapterRequest) -> Any:
+            """An adapter folder on the server's machine (the request names a path there: behind the API key) becomes a
+            model that later requests name."""
+            if body.lora_name == name:
+                return error(400, f"lora_name {name!r} is the served model's own name", "lora_name")
+            try:
+                await asyncio.to_thread(model.load_adapter, body.lora_name, body.lora_path)
+            except OnnxgenError as e:
+                return error(400, str(e), "lora_path" if isinstance(e, ModelFolderError) else "lora_name")
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter", response_model=None)
+        async def unload_adapter(body: UnloadAdapterRequest) -> Any:
+            """Later requests cannot name it; those running with it finish with it."""
+            try:
+                model.unload_adapter(body.lora_name)
+            except OnnxgenError as e:
+                return error(404, str(e), "lora_name")
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

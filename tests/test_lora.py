@@ -123,7 +123,7 @@ def test_rows_with_different_adapters_run_in_one_pass(served: onnxgen.Model, ref
     rows = ["one", None, "two", "one"]
     prompts = [served.tokenizer.encode(p) for p in (PROMPTS[0], PROMPTS[0], PROMPTS[2], PROMPTS[1])]
     cache = served.runtime.new_cache(len(rows), 32)
-    cache.adapters = list(rows)
+    cache.adapters = [served.runtime.adapter(name) for name in rows]
     first = cache.prefill(prompts)
     step = cache.decode(first.argmax(-1))
     for row, (adapter, ids) in enumerate(zip(rows, prompts)):
@@ -156,7 +156,8 @@ def test_a_prompt_cache_keeps_each_adapters_caches_apart(base: Path, adapters: d
     cached = onnxgen.load(base, threads=1, adapters=adapters, prompt_cache_mib=16)
     prompt = cached.tokenizer.encode(" ".join([PROMPTS[2]] * 8))[:48]
     cached.generate([prompt], max_new_tokens=4, adapter="one", **GREEDY)
-    assert cached.runtime.take_kept(prompt + [5], "two") is None and cached.runtime.take_kept(prompt + [5], None) is None
+    two = cached.runtime.adapter("two")
+    assert cached.runtime.take_kept(prompt + [5], two) is None and cached.runtime.take_kept(prompt + [5], None) is None
     for adapter in ("two", None, "one"):
         tokens = cached.generate([prompt + [5]], max_new_tokens=8, adapter=adapter, **GREEDY)[0].token_ids
         assert tokens == served.generate([prompt + [5]], max_new_tokens=8, adapter=adapter, **GREEDY)[0].token_ids
@@ -272,3 +273,56 @@ def test_the_server_serves_each_adapter_as_a_model(served: onnxgen.Model) -> Non
         assert reply.json()["model"] == adapter or (adapter is None and reply.json()["model"] == "tiny")
     assert unknown.status_code == 404 and "this server has 'tiny', 'one', 'two'" in unknown.json()["error"]["message"]
     assert extra.status_code == 400 and extra.json()["error"]["message"] == "adapter is OpenAI's model here"
+
+
+def test_adapters_load_and_unload_while_the_model_serves(base: Path, adapters: dict[str, Path], served: onnxgen.Model) -> None:
+    """load_adapter and unload_adapter change what later calls may name; a stream already running with an adapter that
+    is let go finishes with it, and a name loaded again with other weights is another adapter (its kept caches too)."""
+    model = onnxgen.load(base, threads=1, adapters={"one": adapters["one"]}, prompt_cache_mib=16)
+    prompt = model.tokenizer.encode(" ".join([PROMPTS[2]] * 8))[:48]  # long enough for the prompt cache to keep
+    expected = {a: served.generate([prompt], max_new_tokens=12, adapter=a, **GREEDY)[0].text for a in ("one", "two")}
+    model.load_adapter("two", adapters["two"])
+    assert model.adapters == adapters and model.generate([prompt], max_new_tokens=12, adapter="two", **GREEDY)[0].text == expected["two"]
+    with pytest.raises(OptionsError, match="adapter 'two' is loaded already"):
+        model.load_adapter("two", adapters["one"])
+    stream = model.stream([prompt], max_new_tokens=12, adapter="one", **GREEDY)
+    first = next(stream)
+    model.unload_adapter("one")
+    assert first + "".join(stream) == expected["one"]  # went on with the adapter it started with; its cache is kept
+    with pytest.raises(OptionsError, match=r"adapter 'one' is not loaded \(loaded: 'two'\)"):
+        model.generate("It", adapter="one")
+    with pytest.raises(OptionsError, match="adapter 'one' is not loaded"):
+        model.unload_adapter("one")
+    model.load_adapter("one", adapters["two"])  # the name again, other weights: the old "one"'s kept cache is not its
+    assert model.generate([prompt], max_new_tokens=12, adapter="one", **GREEDY)[0].text == expected["two"]
+
+
+def test_the_server_loads_and_unloads_adapters_when_allowed(base: Path, adapters: dict[str, Path], exported: Path,
+                                                              served: onnxgen.Model) -> None:
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: an adapter loaded is a model requests name (listed, its
+    answer generate's with it), one let go is a 404; a folder that is not an adapter, or the served model's own name, is
+    a 400; without adapter_loading the routes do not exist."""
+    from onnxgen.serve import create_app
+
+    model = onnxgen.load(base, threads=1)
+    app = create_app(model, "tiny", adapter_loading=True)
+    ask = {"model": "sql", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0, "eos_token_id": None}
+    load = {"lora_name": "sql", "lora_path": str(adapters["two"])}
+
+    async def run(app: Any, *calls: tuple[str, dict[str, Any] | None]) -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as http:
+            return [await (http.get(path) if body is None else http.post(path, json=body)) for path, body in calls]
+
+    loaded, listed, answered, unloaded, gone, bad, taken = asyncio.run(run(
+        app, ("/v1/load_lora_adapter", load), ("/v1/models", None), ("/v1/completions", ask),
+        ("/v1/unload_lora_adapter", {"lora_name": "sql"}), ("/v1/completions", ask),
+        ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(exported)}), ("/v1/load_lora_adapter", {**load, "lora_name": "tiny"})))
+    assert loaded.status_code == 200 and loaded.text == "Success: LoRA adapter 'sql' added successfully."
+    assert [m["id"] for m in listed.json()["data"]] == ["tiny", "sql"]
+    assert answered.json()["choices"][0]["text"] == served.generate(PROMPTS[0], max_new_tokens=6, adapter="two", **GREEDY)[0].text
+    assert unloaded.text == "Success: LoRA adapter 'sql' removed successfully." and gone.status_code == 404
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "lora_path" and "not a LoRA adapter folder" in bad.json()["error"]["message"]
+    assert taken.status_code == 400 and "the served model's own name" in taken.json()["error"]["message"]
+    assert asyncio.run(run(create_app(model, "tiny"), ("/v1/load_lora_adapter", load)))[0].status_code == 404
+    with pytest.raises(OptionsError, match="adapter loading: .* takes no LoRA adapters"):
+        create_app(onnxgen.load(exported, threads=1), "tiny", adapter_loading=True)
