@@ -13,6 +13,7 @@ import ray
 
 import onnxgen
 
+from .test_lora import adapters, base, peft_adapters  # noqa: F401  (fixtures: a LoRA base and its adapters)
 from .test_serve import _free_port
 
 METRICS_PORT = _free_port()  # where the node's Ray exports the metrics of its workers (replicas included)
@@ -89,6 +90,27 @@ def test_ray_serve_deployment_answers_like_onnxgen_serve(local_ray: None, export
         serve.shutdown()
 
 
+def test_ray_serve_deployment_serves_lora_adapters(local_ray: None, base: Path, adapters: dict[str, Path]) -> None:
+    """`adapters=NAME=DIR,...`: each replica loads them beside the base, and a request's "model" names one."""
+    from ray import serve
+
+    from onnxgen.scale import app
+
+    served = onnxgen.load(base, threads=1, adapters=adapters)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(app({"model_dir": str(base), "name": "tiny", "adapters": f"one={adapters['one']},{adapters['two']}"}),
+                  name="onnxgen", route_prefix="/")
+        for model, adapter in (("one", "one"), ("two", "two"), ("tiny", None)):
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                           json={"model": model, "prompt": "It is a truth", "max_tokens": 8, "temperature": 0})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == served.generate("It is a truth", max_new_tokens=8, do_sample=False, adapter=adapter)[0].text
+    finally:
+        serve.shutdown()
+
+
 def test_replicas_take_as_many_requests_as_they_decode_rows(exported: Path) -> None:
     """Ray's default of 5 requests a replica left batcher rows idle; "auto" scales by rows in use."""
     from onnxgen.scale import app, deployment, replica_options
@@ -110,6 +132,8 @@ def test_replicas_take_as_many_requests_as_they_decode_rows(exported: Path) -> N
         app({"model_dir": str(exported), "max_batch": "lots"})
     with pytest.raises(onnxgen.OptionsError, match="cannot read chat_template /no/such.jinja: No such file"):
         app({"model_dir": str(exported), "chat_template": "/no/such.jinja"})
+    with pytest.raises(onnxgen.OptionsError, match="adapter 'a=': give NAME=FOLDER or FOLDER, each name once"):
+        app({"model_dir": str(exported), "adapters": "a="})
 
 
 def test_replicas_on_cuda_ask_for_a_gpu_each() -> None:
