@@ -326,3 +326,22 @@ def test_the_server_loads_and_unloads_adapters_when_allowed(base: Path, adapters
     assert asyncio.run(run(create_app(model, "tiny"), ("/v1/load_lora_adapter", load)))[0].status_code == 404
     with pytest.raises(OptionsError, match="adapter loading: .* takes no LoRA adapters"):
         create_app(onnxgen.load(exported, threads=1), "tiny", adapter_loading=True)
+
+
+def test_a_batchers_prompt_cache_and_guesses_keep_to_each_adapter(base: Path, adapters: dict[str, Path], served: onnxgen.Model) -> None:
+    """In the server's batcher, a request resumes from a kept row only of its own adapter (the kept row's copy brings
+    the adapter with it); prompt lookup's passes of several positions run with the call's adapter too."""
+    model = onnxgen.load(base, threads=1, adapters=adapters, prompt_cache_mib=16)
+    batcher = Batcher(model, max_batch=4)
+    prompt = model.tokenizer.encode(" ".join([PROMPTS[2]] * 8))[:48]
+    turns = [("one", prompt), ("two", [*prompt, 7, 9]), ("one", [*prompt, 7, 9]), (None, [*prompt, 7, 9])]
+    resumed = []
+    for adapter, ids in turns:
+        inbox = submit(batcher, model, [ids], adapter=adapter, max_new_tokens=6, **GREEDY)  # type: ignore[list-item]
+        assert [c.token_ids for c in result(inbox)] == [c.token_ids for c in served.generate([ids], max_new_tokens=6, adapter=adapter, **GREEDY)]
+        resumed.append(batcher.resumed)
+    assert resumed == [0, 0, 1, 1]  # only the second "one" took a kept row
+    for adapter in ("one", "two"):
+        ids = served.tokenizer.encode(" ".join([PROMPTS[0]] * 6))
+        plain = served.generate([ids], max_new_tokens=16, adapter=adapter, **GREEDY)[0].token_ids
+        assert served.generate([ids], max_new_tokens=16, adapter=adapter, prompt_lookup_num_tokens=4, **GREEDY)[0].token_ids == plain
