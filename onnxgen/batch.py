@@ -110,7 +110,8 @@ def run(model: Model, requests: list[Request], output: str | Path, name: str, li
     from .serve import Limits, create_app
 
     limits = limits or Limits()
-    app, start = create_app(model, name, limits=limits), time.perf_counter()
+    # nothing kept for previous_response_id: a file's requests run together, in no order one could refer back along
+    app, start = create_app(model, name, limits=limits, stored_responses=0), time.perf_counter()
     with counter("Requests", quiet) as progress:
         if str(output) == "-":
             counts = asyncio.run(_answers(app, requests, limits.max_queue, sys.stdout.write, progress))

@@ -435,6 +435,8 @@ def serve(
                                                       "after it; repeatable")] = None,
     adapter_loading: Annotated[bool, typer.Option("--adapter-loading", help="take LoRA adapters while running: POST "
                                                   "/v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; behind --api-key)")] = False,
+    stored_responses: Annotated[int, typer.Option(min=0, help="finished /v1/responses answers kept in memory for "
+                                                  "previous_response_id and GET /v1/responses/ID (0: none)")] = 1000,
 ) -> None:
     """Serve OpenAI's completions, chat completions and responses APIs over HTTP.
 
@@ -463,7 +465,8 @@ def serve(
                               spinning=spinning, prompt_cache_mib=prompt_cache_mib, chat_template=template, adapters=adapters))
     draft = None if spinning else run(lambda: load(assistant_model, provider=provider, threads=threads, spinning=False))  # type: ignore[arg-type]
     app_ = run(lambda: create_app(loaded, name or folder.name, api_key, Limits(max_tokens=max_tokens, max_batch=max_batch, prefill_chunk=prefill_chunk),
-                                  draft, allowed_origins=allowed_origin, adapter_loading=adapter_loading))
+                                  draft, allowed_origins=allowed_origin, adapter_loading=adapter_loading,
+                                  stored_responses=stored_responses))
     where = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     print(f"serving {folder} as {name or folder.name!r} on http{'s' if tls else ''}://{where}:{port}/v1", file=sys.stderr)
     uvicorn.Server(uvicorn.Config(app_, log_level="warning", **tls)).run(sockets=[listening])

@@ -4,8 +4,10 @@ A request becomes a chat request (`chat_request`): `instructions` the system mes
 messages, function calls and their outputs) the conversation, `max_output_tokens`, `text.format` (text, json_object,
 json_schema) the response_format, function `tools` and `tool_choice` the chat's (tools.py). Its answer (`Reply`)
 comes back as a response object whose `output` is a message of text, or the function calls made; streamed, as the
-Responses API's events (response.created, .output_item.added, .output_text.delta, ..., response.completed).
-Nothing is stored: `previous_response_id` is refused (send the conversation in `input`), `store` is ignored.
+Responses API's events (response.created, .output_item.added, .output_text.delta, ..., response.completed), each
+text piece with its tokens' log-probabilities where `include` asks for them. Finished responses are kept in memory
+(`Store`, the most recent few: `store: false` keeps none) for `previous_response_id`, which continues the conversation
+a kept response ended, and for GET and DELETE /v1/responses/{id}.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,35 +42,48 @@ class ResponsesRequest(BaseModel):
     tool_choice: str | dict[str, Any] | None = None  # "none", "auto", "required" or {"type": "function", "name": ...}
     parallel_tool_calls: bool = True
     stream: bool = False
-    store: bool = True  # nothing is stored either way
+    store: bool = True  # kept for previous_response_id (where the server keeps responses)
     metadata: dict[str, str] | None = None  # given back in the response
     previous_response_id: str | None = None
+    include: list[str] | None = None  # LOGPROBS only
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # with LOGPROBS: each token's most likely alternatives
     user: str | None = None
 
 
-def chat_request(body: ResponsesRequest) -> dict[str, Any]:
-    """The chat request (serve.ChatRequest's fields) that says what `body` says; a ValueError for what it cannot."""
-    if body.previous_response_id is not None:
-        raise ValueError("previous_response_id: onnxgen stores no responses; send the conversation so far in input")
+LOGPROBS = "message.output_text.logprobs"  # what `include` may ask for: each output token's log-probability
+
+
+def input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's input as a list of items (a text is a user's message)."""
+    return [{"type": "message", "role": "user", "content": body.input}] if isinstance(body.input, str) else list(body.input)
+
+
+def chat_request(body: ResponsesRequest, previous: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The chat request (serve.ChatRequest's fields) that says what `body` says, after the conversation a previous
+    response ended (`previous`: its items, Store.conversation); a ValueError for what it cannot."""
     if body.tools is not None and not all(isinstance(t, dict) and t.get("type") == "function" for t in body.tools):
         raise ValueError('tools: function tools only ({"type": "function", "name": ..., "parameters": {...}})')
+    # As OpenAI does it: a previous response's instructions are not carried over, its input and output are
     messages = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
-    messages += [{"role": "user", "content": body.input}] if isinstance(body.input, str) else _messages(body.input)
+    messages += _messages([*(previous or []), *input_items(body)])
     if not messages:
         raise ValueError("input holds no message")
     choice = body.tool_choice
     if isinstance(choice, dict) and choice.get("type") == "function":  # the Responses API names it flat
         choice = {"type": "function", "function": {"name": choice.get("name")}}
     tools = [{"type": "function", "function": {k: v for k, v in t.items() if k != "type"}} for t in body.tools] if body.tools else None
-    extra = {k: v for k, v in (body.model_extra or {}).items() if k not in ("reasoning", "include", "truncation", "background")}
-    for field in ("reasoning", "include", "background"):  # what onnxgen does not do: refused rather than ignored
+    extra = {k: v for k, v in (body.model_extra or {}).items() if k not in ("reasoning", "truncation", "background")}
+    for field in ("reasoning", "background"):  # what onnxgen does not do: refused rather than ignored
         if (body.model_extra or {}).get(field):
             raise ValueError(f"{field} is not supported")
+    if set(body.include or []) - {LOGPROBS}:
+        raise ValueError(f"include: only {LOGPROBS!r} is supported, got {sorted(set(body.include or []) - {LOGPROBS})}")
     if (body.model_extra or {}).get("truncation", "disabled") != "disabled":
         raise ValueError('truncation is "disabled": a conversation longer than the context is refused')
     return {**extra, "model": body.model, "messages": messages, "max_completion_tokens": body.max_output_tokens,
             "temperature": body.temperature, "top_p": body.top_p, "stream": body.stream, "response_format": _format(body.text),
-            "tools": tools, "tool_choice": choice, "parallel_tool_calls": body.parallel_tool_calls, "user": body.user}
+            "tools": tools, "tool_choice": choice, "parallel_tool_calls": body.parallel_tool_calls, "user": body.user,
+            "logprobs": LOGPROBS in (body.include or []), "top_logprobs": body.top_logprobs}
 
 
 def _messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -107,26 +123,71 @@ def _format(text: dict[str, Any] | None) -> dict[str, Any] | None:
     return shape
 
 
-class Reply:
-    """A request's response object, whole (`whole`) or as streamed events (`events`)."""
+class Store:
+    """Finished responses, the most recently used `limit` of them, in this process's memory: each with its own input
+    items and the response it continued, so a conversation is read back along its chain (`conversation`)."""
 
-    def __init__(self, body: ResponsesRequest, name: str, calls: ToolChoice, prompt_tokens: int) -> None:
-        self.body, self.calls, self.prompt_tokens = body, calls, prompt_tokens
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._kept: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]], str | None]] = OrderedDict()
+
+    def keep(self, response: dict[str, Any], items: list[dict[str, Any]], previous: str | None) -> None:
+        self._kept[response["id"]] = (response, items, previous)
+        while len(self._kept) > self.limit:
+            self._kept.popitem(last=False)
+
+    def get(self, response_id: str) -> dict[str, Any] | None:
+        if response_id not in self._kept:
+            return None
+        self._kept.move_to_end(response_id)  # used: a conversation's earlier responses stay while it goes on
+        return self._kept[response_id][0]
+
+    def delete(self, response_id: str) -> bool:
+        return self._kept.pop(response_id, None) is not None
+
+    def conversation(self, response_id: str) -> list[dict[str, Any]] | None:
+        """Every input item and output item of the conversation that response ended, in order; None where it, or a
+        response before it, is not kept."""
+        items: list[dict[str, Any]] = []
+        while response_id is not None:
+            response = self.get(response_id)
+            if response is None:
+                return None
+            _, given, previous = self._kept[response_id]
+            items = [*given, *response["output"], *items]
+            response_id = previous  # type: ignore[assignment]
+        return items
+
+
+class Reply:
+    """A request's response object, whole (`whole`) or as streamed events (`events`). `scored(source)`: the log-
+    probabilities of an event's or completion's tokens, OpenAI's entries, or None where not asked for; `kept(response)`
+    is called with the finished response, to store it."""
+
+    def __init__(self, body: ResponsesRequest, name: str, calls: ToolChoice, prompt_tokens: int,
+                 scored: Callable[[Any], list[dict[str, Any]] | None], kept: Callable[[dict[str, Any]], None] | None) -> None:
+        self.body, self.calls, self.prompt_tokens, self.scored, self.kept = body, calls, prompt_tokens, scored, kept
         self.head = {"id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()), "model": name,
                      "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "temperature": body.temperature,
                      "top_p": body.top_p, "tools": body.tools or [], "tool_choice": body.tool_choice or ("auto" if body.tools else "none"),
                      "parallel_tool_calls": body.parallel_tool_calls, "text": body.text or {"format": {"type": "text"}},
-                     "metadata": body.metadata or {}, "previous_response_id": None, "store": False, "error": None}
+                     "metadata": body.metadata or {}, "previous_response_id": body.previous_response_id, "store": kept is not None,
+                     "top_logprobs": body.top_logprobs, "error": None}
 
     def whole(self, done: Completion) -> dict[str, Any]:
         status = "incomplete" if done.finish_reason in ("length", "time") else "completed"
         if self.calls.schema is None:
-            items = [_message(done.text, status)]
+            items = [_message(done.text, status, self.scored(done) or [])]
         else:
             reader = ToolCalls(self.calls.named)
             reader.push(done.text)
             items = [_call(c.name, c.arguments, status) for c in reader.calls]
-        return self._response(items, done)
+        return self._finished(self._response(items, done))
+
+    def _finished(self, response: dict[str, Any]) -> dict[str, Any]:
+        if self.kept is not None:
+            self.kept(response)
+        return response
 
     def _response(self, items: list[dict[str, Any]], done: Completion | None) -> dict[str, Any]:
         cut = done is not None and done.finish_reason in ("length", "time")
@@ -177,10 +238,13 @@ class Reply:
             if kind == "event":
                 text = value[1].text
                 if reader is None:
-                    items[-1]["content"][0]["text"] += text
-                    if text:
+                    part = items[-1]["content"][0]
+                    part["text"] += text
+                    scored = self.scored(value[1]) or []
+                    part["logprobs"] += scored
+                    if text or scored:
                         yield event("response.output_text.delta", item_id=items[-1]["id"], output_index=0, content_index=0, delta=text,
-                                    logprobs=[])
+                                    logprobs=scored)
                     continue
                 for _, name, arguments in reader.push(text):
                     if name is not None:
@@ -197,13 +261,13 @@ class Reply:
                 status = "incomplete" if done.finish_reason in ("length", "time") else "completed"
                 for said in closed(status) if items else []:
                     yield said
-                final = self._response(items, done)
+                final = self._finished(self._response(items, done))
                 yield event("response.incomplete" if status == "incomplete" else "response.completed", response=final)
 
 
-def _message(text: str, status: str) -> dict[str, Any]:
+def _message(text: str, status: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}]}
 
 
 def _call(name: str, arguments: str, status: str) -> dict[str, Any]:

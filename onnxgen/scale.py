@@ -52,7 +52,8 @@ def _build_app(model_dir: str, name: str | None, provider: Provider, threads: in
     """Runs on each replica: load the model there and build the same app `onnxgen serve` runs."""
     model = load(model_dir, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph,
                  chat_template=chat_template, adapters=adapters)
-    return create_app(model, name or Path(model_dir).name, api_key, limits, ray_metrics=True)
+    # No responses kept for previous_response_id: Ray's router would send the next turn to any replica.
+    return create_app(model, name or Path(model_dir).name, api_key, limits, ray_metrics=True, stored_responses=0)
 
 
 def deployment(model_dir: str, name: str | None = None, provider: Provider = "cpu", threads: int | None = None,

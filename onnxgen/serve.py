@@ -11,7 +11,9 @@
                            function or "none" (tools.py: the reply is then tool_calls; "auto" is a 400), and extra
                            fields as above; 400 for a model without a template
     POST /v1/responses     OpenAI's Responses API over the same (responses.py): input, instructions, max_output_tokens,
-                           temperature, top_p, text.format, function tools and tool_choice, stream (its events)
+                           temperature, top_p, text.format, function tools and tool_choice, stream (its events),
+                           include logprobs, previous_response_id (a kept response's conversation goes on)
+    GET, DELETE /v1/responses/ID  a kept response (the last --stored-responses, in memory), or forget it
     POST /tokenize         text -> its token ids, count and the context window (vLLM's shape), so that a client
                            can fit a prompt with the served model's own tokenizer (a fine-tune's added tokens)
     POST /detokenize       token ids -> text
@@ -57,7 +59,7 @@ from .generator import Completion, Event
 from .guidance import CONSTRAINTS
 from .metrics import Metrics
 from .model import Model
-from .responses import Reply, ResponsesRequest, chat_request
+from .responses import Reply, ResponsesRequest, Store, chat_request, input_items
 from .tokenizer import TextStream
 from .tools import ToolCalls, ToolChoice, tool_choice
 
@@ -152,15 +154,17 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
 
 def create_app(model: Model, name: str, api_key: str | None = None, limits: Limits | None = None,
                draft: Model | None = None, ray_metrics: bool = False, allowed_origins: list[str] | None = None,
-               adapter_loading: bool = False) -> FastAPI:
+               adapter_loading: bool = False, stored_responses: int = 1000) -> FastAPI:
     """The app over `model`; `draft`: a draft model that requests ask for with "assistant_model": true;
     `ray_metrics`: a Ray Serve replica's app, whose requests Ray's metrics count too (metrics.py); `allowed_origins`:
     the web pages (scheme://host:port, or "*") whose scripts may call it from a browser (CORS); `adapter_loading`: LoRA
-    adapters loaded and unloaded while it runs, by vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter."""
+    adapters loaded and unloaded while it runs, by vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter;
+    `stored_responses`: how many finished /v1/responses answers are kept for previous_response_id (0: none)."""
     limits = limits or Limits()
     if adapter_loading and model.runtime.lora is None:
         raise OptionsError(f"adapter loading: {model.folder.path} takes no LoRA adapters (export the base with --lora)")
     batcher = Batcher(model, limits.max_batch, limits.max_queue, limits.prefill_chunk)
+    store = Store(stored_responses)
     scoring = asyncio.Semaphore(1)  # prompts scored for echo with logprobs, one request at a time (_prompt_logprobs)
     app = FastAPI(title="onnxgen", docs_url=None, redoc_url=None)
     metrics = Metrics(batcher, ray=ray_metrics)
@@ -168,7 +172,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
 
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
     if allowed_origins:  # added last, so outermost: a browser's preflight is answered before the API key is asked for
-        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(RequestValidationError)
@@ -222,6 +226,17 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         if outside:
             return error(400, f"tokens: {outside[0]} is not a token id (0 to {model.tokenizer.vocab_size - 1})", "tokens")
         return {"prompt": model.tokenizer.decode(body.tokens)}
+
+    @app.get("/v1/responses/{response_id}", response_model=None)
+    async def stored(response_id: str) -> Any:
+        response = store.get(response_id)
+        return response if response is not None else error(404, f"no response {response_id!r} is kept here", code="not_found")
+
+    @app.delete("/v1/responses/{response_id}", response_model=None)
+    async def forget(response_id: str) -> Any:
+        if not store.delete(response_id):
+            return error(404, f"no response {response_id!r} is kept here", code="not_found")
+        return {"id": response_id, "object": "response", "deleted": True}
 
     if adapter_loading:
         @app.post("/v1/load_lora_adapter", response_model=None)
@@ -331,8 +346,15 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         """OpenAI's Responses API (responses.py): the request as a chat completion, its answer as a response object."""
         if wrong := other_model(body.model):
             return refused(wrong)
+        previous = None
+        if body.previous_response_id is not None:
+            previous = store.conversation(body.previous_response_id)
+            if previous is None:
+                kept = f"keeps the last {store.limit} responses" if store.limit else "keeps no responses"
+                return refused(error(404, f"previous_response_id: no response {body.previous_response_id!r} is kept here (this server "
+                                          f"{kept}); send the conversation in input", "previous_response_id", code="previous_response_not_found"))
         try:
-            chat = ChatRequest(**chat_request(body))
+            chat = ChatRequest(**chat_request(body, previous))
         except ValidationError as e:  # a message of the input that chat's fields refuse
             first = e.errors()[0]
             return refused(error(400, f"input: {'.'.join(str(p) for p in first.get('loc', ()))}: {first.get('msg')}"))
@@ -342,7 +364,16 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         if isinstance(started, JSONResponse):
             return started
         job, channel, prompts, calls = started
-        reply = Reply(body, body.model or name, calls, len(prompts[0]))
+        asked = input_items(body)
+
+        def scored(source: Event | Completion) -> list[dict[str, Any]] | None:
+            logprobs = _chat_logprobs(model, source)
+            return logprobs["content"] if logprobs else None
+
+        def kept(response: dict[str, Any]) -> None:
+            store.keep(response, asked, body.previous_response_id)
+
+        reply = Reply(body, body.model or name, calls, len(prompts[0]), scored, kept if body.store and store.limit else None)
         if body.stream:
             return StreamingResponse(reply.events(news(job, channel, request)), media_type="text/event-stream")
         done = await ended(job, channel, request)

@@ -438,12 +438,70 @@ def test_responses_call_functions_as_chat_completions_do(chat_server: tuple[str,
     assert out.output_text == expected.choices[0].message.content
 
 
+def test_responses_go_on_from_a_kept_response(chat_server: tuple[str, str]) -> None:
+    """previous_response_id: a kept response's conversation (its input, and its output, text or calls) comes before the
+    new input, without its instructions (as OpenAI does it), blocking and streamed, along a chain of them; the
+    answer is chat completions' on that whole conversation. GET gives a kept response back, DELETE forgets it (and
+    the chain through it), and store: false keeps none."""
+    import openai
+
+    client = _client(chat_server[0])
+
+    def chat(messages: list[dict[str, Any]], **options: Any) -> str:
+        return client.chat.completions.create(model="tiny-chat", messages=messages, temperature=0, max_tokens=10, **options).choices[0].message.content
+
+    first = client.responses.create(model="tiny-chat", instructions="Be brief.", input="Hello there", temperature=0, max_output_tokens=10)
+    second = client.responses.create(model="tiny-chat", previous_response_id=first.id, input="And then?", temperature=0, max_output_tokens=10)
+    said = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "And then?"}]
+    assert second.output_text == chat(said) and second.previous_response_id == first.id and second.store
+    third = list(client.responses.create(model="tiny-chat", previous_response_id=second.id, input=[{"role": "user", "content": "Why?"}],
+                                         temperature=0, max_output_tokens=10, stream=True))[-1].response
+    assert third.output_text == chat([*said, {"role": "assistant", "content": second.output_text}, {"role": "user", "content": "Why?"}])
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    assert client.responses.retrieve(third.id).previous_response_id == second.id  # a streamed response is kept too
+    called = client.responses.create(model="tiny-chat", input="Paris?", tools=RESPONSES_TOOLS, temperature=0,
+                                     tool_choice={"type": "function", "name": "get_weather"})
+    call = called.output[0]
+    after = client.responses.create(model="tiny-chat", previous_response_id=called.id, tools=RESPONSES_TOOLS, tool_choice="none",
+                                    input=[{"type": "function_call_output", "call_id": call.call_id, "output": "18"}], temperature=0,
+                                    max_output_tokens=10)
+    assert after.output_text == chat([*ASKED, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": "18"}], tools=TOOLS, tool_choice="none")
+    assert client.responses.delete(first.id) is None  # the client returns nothing for a deletion that succeeded
+    for gone in (lambda: client.responses.retrieve(first.id), lambda: client.responses.delete(first.id),
+                 lambda: client.responses.create(model="tiny-chat", previous_response_id=third.id, input="Hi")):
+        with pytest.raises(openai.NotFoundError):
+            gone()
+    unkept = client.responses.create(model="tiny-chat", input="Hi", store=False, max_output_tokens=2)
+    assert not unkept.store
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unkept.id)
+
+
+def test_responses_give_log_probabilities_when_included(chat_server: tuple[str, str]) -> None:
+    """include ["message.output_text.logprobs"] with top_logprobs: each output token's, chat completions' entries,
+    whole and on the stream's text deltas."""
+    client = _client(chat_server[0])
+    expected = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hello there"}], temperature=0,
+                                              max_tokens=6, logprobs=True, top_logprobs=2).choices[0].logprobs.content
+    asked = {"model": "tiny-chat", "input": "Hello there", "temperature": 0, "max_output_tokens": 6,
+             "include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    whole = client.responses.create(**asked).output[0].content[0].logprobs
+    streamed = [lp for e in client.responses.create(**asked, stream=True) if e.type == "response.output_text.delta" for lp in e.logprobs]
+    for got in (whole, streamed):
+        assert [(g.token, round(g.logprob, 5), [(a.token, round(a.logprob, 5)) for a in g.top_logprobs]) for g in got] == [
+            (e.token, round(e.logprob, 5), [(a.token, round(a.logprob, 5)) for a in e.top_logprobs]) for e in expected]
+    assert client.responses.create(**{**asked, "include": []}).output[0].content[0].logprobs == []
+
+
 def test_responses_refuse_what_they_cannot_do(chat_server: tuple[str, str]) -> None:
     import openai
 
     client = _client(chat_server[0])
     refusals: list[tuple[dict[str, Any], str]] = [
-        ({"previous_response_id": "resp_1"}, "onnxgen stores no responses; send the conversation so far in input"),
+        ({"include": ["file_search_call.results"]}, r"include: only 'message.output_text.logprobs' is supported"),
         ({"tools": [{"type": "web_search"}]}, "function tools only"),
         ({"tools": RESPONSES_TOOLS}, 'tool_choice "auto"'),
         ({"reasoning": {"effort": "low"}}, "reasoning is not supported"),
@@ -457,6 +515,8 @@ def test_responses_refuse_what_they_cannot_do(chat_server: tuple[str, str]) -> N
             client.responses.create(model="tiny-chat", **{"input": "Hi", **fields})
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="other", input="Hi")
+    with pytest.raises(openai.NotFoundError, match="previous_response_id: no response 'resp_1' is kept here"):
+        client.responses.create(model="tiny-chat", input="Hi", previous_response_id="resp_1")
     with pytest.raises(openai.BadRequestError, match="has no chat template"):
         _client(chat_server[1]).responses.create(model="tiny", input="Hi")
 
