@@ -9,6 +9,7 @@
 __version__ = "0.1.0"
 
 from .errors import (
+    AdapterWarning,
     ContextLengthError,
     IgnoredOptionWarning,
     ModelFolderError,
@@ -23,6 +24,6 @@ from .model import Model, Score, TextGenerationPipeline, load, pipeline
 from .options import STRATEGIES, GenerationOptions
 
 __all__ = [
-    "STRATEGIES", "BeamSearch", "Completion", "ContextLengthError", "Event", "GenerationOptions", "Generator", "IgnoredOptionWarning", "Model",
+    "STRATEGIES", "AdapterWarning", "BeamSearch", "Completion", "ContextLengthError", "Event", "GenerationOptions", "Generator", "IgnoredOptionWarning", "Model",
     "ModelFolderError", "OnnxgenError", "OptionsError", "PerformanceWarning", "ProviderError", "Score", "Stats", "TextGenerationPipeline", "load", "pipeline",
 ]

@@ -11,6 +11,7 @@ adapter, or an adapter without that layer, gets rank 0 there: the term adds noth
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import manifest
-from .errors import ModelFolderError, OptionsError
+from .errors import AdapterWarning, ModelFolderError, OptionsError
 from .folder import ADAPTER_FILE
 
 FEEDS_KEPT = 16  # combinations of rows' adapters whose inputs are kept made (a batcher's rows change now and then)
@@ -35,10 +36,12 @@ class Adapter:
 
 
 class Lora:
-    """The graph's LoRA inputs (`shapes`: A's name -> (B's name, in, out)) and the adapters loaded for them, by name."""
+    """The graph's LoRA inputs (`shapes`: A's name -> (B's name, in, out)) and the adapters loaded for them, by name;
+    `base`: the fingerprint of the model's weights (its manifest's), which each adapter's record of its base should match."""
 
-    def __init__(self, ort: Any, shapes: dict[str, tuple[str, int, int]], dtype: np.dtype, adapters: dict[str, str | Path]) -> None:
-        self.ort, self.shapes, self.dtype = ort, shapes, dtype
+    def __init__(self, ort: Any, shapes: dict[str, tuple[str, int, int]], dtype: np.dtype, adapters: dict[str, str | Path],
+                 base: str | None = None) -> None:
+        self.ort, self.shapes, self.dtype, self.base = ort, shapes, dtype, base
         if not isinstance(adapters, dict):
             raise OptionsError(f"adapters must be a dict of name to adapter folder, got {adapters!r}")
         self._lock = threading.Lock()  # calls in several threads share the adapters and the made inputs
@@ -83,6 +86,10 @@ class Lora:
             raise ModelFolderError(f"adapter {name!r}: {e}") from None
         if record.get("kind") != "lora":
             raise ModelFolderError(f"adapter {name!r}: {path} is not a LoRA adapter folder (`onnxgen export ADAPTER --lora` makes one)")
+        trained_on = (record.get("source") or {}).get("base") or {}
+        if self.base and trained_on.get("weights") and trained_on["weights"] != self.base:  # where both were recorded
+            warnings.warn(f"adapter {name!r} was trained on {trained_on.get('model')!r}, whose weights are not this model's: its "
+                          "changes were learned against other weights (load it beside the base it names)", AdapterWarning, stacklevel=4)
         try:
             parameters = self.ort.AdapterFormat.read_adapter(str(path / ADAPTER_FILE)).get_parameters()
         except Exception as e:  # onnxruntime's own errors for a damaged file

@@ -21,7 +21,7 @@ try:
 except ImportError:  # the embedding install (`pip install onnxgen onnxruntime`) has the API, not the command line
     sys.exit("onnxgen: error: the command line needs typer and rich: pip install 'onnxgen[cpu]' (or 'onnxgen[gpu]', or 'onnxgen[cli]')")
 
-from .errors import ContextLengthError, IgnoredOptionWarning, OnnxgenError, PerformanceWarning
+from .errors import AdapterWarning, ContextLengthError, IgnoredOptionWarning, OnnxgenError, PerformanceWarning
 from .options import STRATEGIES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -572,7 +572,7 @@ _python_format = warnings.formatwarning
 def _warning_line(message: Warning | str, category: type[Warning], *rest: Any) -> str:
     """onnxgen's warnings as the command line prints them: one line, like its errors (Python's format adds the file
     and source line); other libraries' as Python prints them."""
-    if issubclass(category, (IgnoredOptionWarning, PerformanceWarning)):
+    if issubclass(category, (IgnoredOptionWarning, PerformanceWarning, AdapterWarning)):
         return f"onnxgen: warning: {' '.join(str(message).split())}\n"
     return _python_format(message, category, *rest)
 

@@ -40,3 +40,7 @@ class IgnoredOptionWarning(UserWarning):
 
 class PerformanceWarning(UserWarning):
     """A call will run, but much slower than it could (how to set it up better is in the message)."""
+
+
+class AdapterWarning(UserWarning):
+    """A LoRA adapter loaded beside a model whose weights are not those of the base it was trained on."""

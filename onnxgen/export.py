@@ -221,6 +221,7 @@ def _merged(folder: Path, source: str, commit: str | None, base: str | None, apa
             raise ExportError(f"{source} adds {len(tokenizer) - model.config.vocab_size} tokens to {base}'s vocabulary: its "
                               "embeddings are not the base's, so it cannot run on the base's folder; export it merged (without --lora)")
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the rows come from the adapter
+    origin = {**origin, "weights": weights_fingerprint(model)}  # what an adapter kept apart is checked against at load
     try:
         merged = peft.PeftModel.from_pretrained(model, str(folder))
     except Exception as e:  # weights of other shapes, a tuner this peft does not know
@@ -338,6 +339,7 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
             return export_adapter(model, origin, out, options, progress)
         if options.lora and not options.optimize:
             raise ExportError("--lora edits the optimized graph (each linear layer's MatMul on 3-D activations): drop --no-optimize")
+        origin["weights"] = weights_fingerprint(model)
         cfg = model.config
         n_params = sum(p.numel() for p in model.parameters())
         atomic.check_disk(out, n_params * 4 * 3)  # optimum's raw export, the final folder, slack
@@ -418,6 +420,19 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
                     "export_options": {k: v for k, v in asdict(options).items() if k != "force"},
                 })
     return result
+
+
+def weights_fingerprint(model: Any) -> str:
+    """A short hash of a GPT-2's weights (a few rows of its embeddings, first layer and last norm): the base a LoRA
+    adapter was trained on, as its folder records it, against the model it is loaded beside (adapters.py)."""
+    import hashlib
+
+    import torch
+
+    m = model.transformer
+    parts = [m.wte.weight[:64], m.wpe.weight[:16], m.h[0].attn.c_attn.weight[:16], m.h[-1].mlp.c_proj.weight[:16], m.ln_f.weight]
+    with torch.no_grad():
+        return hashlib.sha256(b"".join(p.detach().float().contiguous().numpy().tobytes() for p in parts)).hexdigest()[:16]
 
 
 def export_adapter(model: Any, origin: dict[str, Any], out: Path, options: ExportOptions, progress: Any) -> dict[str, Any]:

@@ -188,7 +188,7 @@ class Runtime:
         self.in_place, self.cache_dtype, self.logits_dtype = self._check_graph(folder)
         self._options, self._providers = options, providers  # for the small graphs below, loaded when first used
         self.cuda_graph = cuda_graph
-        self.lora = self._lora(model_path, adapters or {})
+        self.lora = self._lora(folder, adapters or {})
         self._graph_ids = itertools.count(1)
         self._uncaptured = self._run_options(-1) if cuda_graph else None  # prompt passes: never captured
         # With CUDA graphs, all device work goes one call at a time: while onnxruntime captures a step, any other
@@ -232,19 +232,20 @@ class Runtime:
         logits_type = next(o.type for o in self.session.get_outputs() if o.name == LOGITS)
         return in_place, ELEMENT_TYPES[cache_type], ELEMENT_TYPES.get(logits_type, np.dtype(np.float32))
 
-    def _lora(self, model_path: Path, adapters: dict[str, str | Path]) -> Lora | None:
+    def _lora(self, folder: ModelFolder, adapters: dict[str, str | Path]) -> Lora | None:
         """The graph's LoRA inputs (export --lora) with the adapters loaded for them; None for a graph without."""
         inputs = {i.name: i for i in self.session.get_inputs()}
         shapes = {name: (name.removesuffix("lora_A") + "lora_B", i.shape[1], inputs[name.removesuffix("lora_A") + "lora_B"].shape[2])
                   for name, i in inputs.items() if name.endswith(".lora_A")}
         if not shapes:
             if adapters:
-                raise OptionsError(f"{model_path} was exported without --lora: it takes no LoRA adapters (export the base with --lora, "
+                raise OptionsError(f"{folder.model_file} was exported without --lora: it takes no LoRA adapters (export the base with --lora, "
                                    "or the adapter merged into it)")
             return None
         if adapters:
             self._no_cuda_graph()
-        return Lora(self.ort, shapes, ELEMENT_TYPES[inputs[next(iter(shapes))].type], adapters)
+        base = (folder.manifest.get("source") or {}).get("weights")  # its weights' fingerprint (export.weights_fingerprint)
+        return Lora(self.ort, shapes, ELEMENT_TYPES[inputs[next(iter(shapes))].type], adapters, base)
 
     def _no_cuda_graph(self) -> None:
         if self.cuda_graph:

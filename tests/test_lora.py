@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 
 import onnxgen
 from onnxgen.batcher import Batcher
-from onnxgen.errors import ExportError, ModelFolderError, OptionsError
+from onnxgen.errors import AdapterWarning, ExportError, ModelFolderError, OptionsError
 from onnxgen.export import ExportOptions, export
 
 from .conftest import make_adapter, make_checkpoint
@@ -183,7 +184,9 @@ def test_quantized_lora_bases_keep_the_adapter_in_float(base: Path, adapters: di
     graph = onnx.load(str(tmp_path / mode / "model.onnx"), load_external_data=False).graph
     lora = [n for n in graph.node if n.op_type == "MatMul" and n.input[1].endswith((".lora_A", ".lora_B"))]
     assert len(lora) == 2 * 4 * 2 and made["quantization"]["quantized_matrices"] == made["quantization"]["weight_matrices"]
-    model = onnxgen.load(tmp_path / mode, threads=1, adapters=adapters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AdapterWarning)  # the quantized folder records its parent's weights: the adapters' base
+        model = onnxgen.load(tmp_path / mode, threads=1, adapters=adapters)
     texts = {a: model.generate(PROMPTS[0], max_new_tokens=10, adapter=a, **GREEDY)[0].token_ids for a in ("one", "two", None)}
     assert len(set(map(tuple, texts.values()))) == 3
 
@@ -345,3 +348,17 @@ def test_a_batchers_prompt_cache_and_guesses_keep_to_each_adapter(base: Path, ad
         ids = served.tokenizer.encode(" ".join([PROMPTS[0]] * 6))
         plain = served.generate([ids], max_new_tokens=16, adapter=adapter, **GREEDY)[0].token_ids
         assert served.generate([ids], max_new_tokens=16, adapter=adapter, prompt_lookup_num_tokens=4, **GREEDY)[0].token_ids == plain
+
+
+def test_an_adapter_beside_other_weights_than_its_bases_is_warned_of(adapters: dict[str, Path], tmp_path: Path) -> None:
+    """The adapter's folder records its base's weights (a fingerprint), the model's folder its own: an adapter loaded
+    beside a model of the same shapes but other weights (another fine-tune) runs, with an AdapterWarning; beside its
+    own base, none (the quantized bases above too). The command line says it in a line."""
+    other = make_checkpoint(tmp_path / "other", initializer_range=0.2)  # gpt2's shapes, other weights
+    export(str(other), tmp_path / "other-base", ExportOptions(lora=True), quiet=True)
+    with pytest.warns(AdapterWarning, match="adapter 'one' was trained on .*whose weights are not this model's"):
+        model = onnxgen.load(tmp_path / "other-base", threads=1, adapters={"one": adapters["one"]})
+    assert model.generate("It", max_new_tokens=2, adapter="one")  # it runs
+    said = run_cli("generate", "It", "--model", str(tmp_path / "other-base"), "--adapter", str(adapters["one"]), "--max-new-tokens", "2")
+    assert said.returncode == 0 and said.stderr.startswith("onnxgen: warning: adapter 'one' was trained on"), said.stderr
+    assert len(said.stderr.strip().splitlines()) == 1
