@@ -41,7 +41,8 @@ class BeamSearch:
         self.rules = StopRules.of(opts, self.start)
         self.eos = np.asarray(sorted(self.rules.eos), dtype=np.int64)
         self.keep = max(2, 1 + len(self.eos)) * k  # candidates looked at per step
-        self.scoring = Scoring(opts, constraint(opts, tokenizer))  # guidance.py: each new beam goes on from its parent's state
+        # guidance.py: each new beam goes on from its parent's state
+        self.scoring = Scoring(opts, constraint(opts, tokenizer), tokenizer, vocab_size=runtime.vocab_size)
         self.top = runtime.top_k
         self.rows = Rows(runtime, [p for p in prompts for _ in range(k)], pad_id, opts.max_new_tokens, opts.adapter)
         self.top_n = opts.logprobs or 0

@@ -191,6 +191,12 @@ def generate(
     no_repeat_ngram_size: Annotated[int | None, typer.Option()] = None,
     presence_penalty: Annotated[float | None, typer.Option(help="OpenAI's: lowers every token generated so far")] = None,
     frequency_penalty: Annotated[float | None, typer.Option(help="OpenAI's: lowers each token by how often it was generated")] = None,
+    dry_multiplier: Annotated[float | None, typer.Option(help="DRY: lowers a token that would extend a repeat of earlier text, "
+                                                         "more the longer the repeat (0.8 is usual; llama.cpp's)")] = None,
+    dry_base: Annotated[float | None, typer.Option(help="DRY: the penalty's growth per token of repeat")] = None,
+    dry_allowed_length: Annotated[int | None, typer.Option(help="DRY: repeats this long go free")] = None,
+    xtc_probability: Annotated[float | None, typer.Option(help="sampling: XTC's chance a step of excluding the most likely tokens")] = None,
+    xtc_threshold: Annotated[float | None, typer.Option(help="sampling: XTC excludes the tokens this likely, but the least of them")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     max_time: Annotated[float | None, typer.Option(help="seconds: end the text after this long (finish reason time)")] = None,
@@ -217,7 +223,8 @@ def generate(
     given = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k,
                  top_p=top_p, min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, num_beams=num_beams, length_penalty=length_penalty, num_return_sequences=num_return_sequences,
                  repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, presence_penalty=presence_penalty,
-                 frequency_penalty=frequency_penalty, stop=stop, seed=seed, max_time=max_time, logprobs=logprobs,
+                 frequency_penalty=frequency_penalty, dry_multiplier=dry_multiplier, dry_base=dry_base, dry_allowed_length=dry_allowed_length,
+                 xtc_probability=xtc_probability, xtc_threshold=xtc_threshold, stop=stop, seed=seed, max_time=max_time, logprobs=logprobs,
                  prompt_lookup_num_tokens=prompt_lookup_num_tokens, truncate_prompt=truncate_prompt, regex=regex,
                  json_schema=json_schema if json_schema is None or json_schema.lstrip().startswith("{") else _read(json_schema),
                  grammar=None if grammar is None else _read(grammar))

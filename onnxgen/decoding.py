@@ -16,6 +16,7 @@ from .errors import OptionsError
 from .guidance import Constraint
 from .options import GenerationOptions, returned
 from .runtime import Runtime
+from .tokenizer import Tokenizer
 
 
 def sample(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -118,8 +119,13 @@ class Scoring:
     then the caller's `logits_processors` (transformers' order), then a constraint's mask (guidance.py: last, so
     that none of them can bring back a token it bans), then sampling's warpers."""
 
-    def __init__(self, opts: GenerationOptions, constraint: Constraint | None = None) -> None:
-        self.processors, self.warpers = logits.processors_for(opts), logits.warpers_for(opts)
+    def __init__(self, opts: GenerationOptions, constraint: Constraint | None = None, tokenizer: Tokenizer | None = None,
+                 rng: np.random.Generator | None = None, vocab_size: int = 0) -> None:
+        breakers = None
+        if opts.dry_multiplier > 0 and tokenizer is not None:  # the tokens that hold a breaker, over the model's whole vocabulary
+            held = tokenizer.holding(tuple(opts.dry_sequence_breakers))
+            breakers = np.concatenate([held, np.zeros(max(0, vocab_size - len(held)), bool)])
+        self.processors, self.warpers = logits.processors_for(opts, breakers), logits.warpers_for(opts, rng)
         self.user = opts.logits_processors
         self.constraint = constraint
 

@@ -103,8 +103,8 @@ class Generator:
         self.prompt_index = prompt_index
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.rules = StopRules.of(opts, self.start)
-        self.scoring = Scoring(opts, constraint(opts, tokenizer))
         self.rng = np.random.default_rng(opts.seed)
+        self.scoring = Scoring(opts, constraint(opts, tokenizer), tokenizer, self.rng, runtime.vocab_size)
         self.rows = Rows(runtime, prompts, pad_id, opts.max_new_tokens, opts.adapter)
         self.generated: list[list[int]] = [[] for _ in prompts]
         self.logprobs: list[list[float]] = [[] for _ in prompts]

@@ -115,6 +115,73 @@ def presence_frequency(presence: float, frequency: float) -> Filter:
     return apply
 
 
+DRY_LONGEST = 50  # a repeat is followed back this many tokens at most (text-generation-webui's cap: base ** n stays finite)
+
+
+def dry(multiplier: float, base: float, allowed_length: int, last_n: int, breakers: np.ndarray) -> Filter:
+    """DRY, "don't repeat yourself" (p-e-w's sampler, as text-generation-webui and llama.cpp run it): where the row's last
+    n tokens occurred before and were followed by token t, t would extend that repeat, and loses
+    multiplier x base ** (n - allowed_length) if n >= allowed_length (the longest such n for each t). A repeat is not
+    followed back across a token that holds a sequence breaker (`breakers`: a mask over the vocabulary), nor does one
+    that ends with such a token, or would go on with one, count: names in a dialogue, a list's markers, newlines repeat
+    freely. `last_n`: the tokens looked back over (-1: all). Where transformers' repetition penalty lowers every token
+    seen, this lowers only those that would copy a passage, more the longer it is."""
+
+    def apply(scores: np.ndarray, history: History, _: int) -> np.ndarray:
+        scores = scores.copy()
+        for row, seen in enumerate(history):
+            tokens = np.asarray(seen[-last_n:] if last_n > 0 else seen, dtype=np.int64)
+            followers, lengths = repeats(tokens, breakers)
+            long = lengths >= allowed_length
+            penalty = np.float32(multiplier) * np.float32(base) ** (lengths[long] - allowed_length).astype(np.float32)
+            scores[row, followers[long]] -= penalty
+        return scores
+
+    return apply
+
+
+def repeats(tokens: np.ndarray, breakers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each token that followed an earlier occurrence of the text's end, and the length of the longest such repeat
+    before it (in tokens, up to DRY_LONGEST): the tokens that would extend a repeat, and how long it already is."""
+    none = np.empty(0, np.int64)
+    if len(tokens) < 2 or breakers[tokens[-1]]:
+        return none, none
+    at = np.flatnonzero(tokens[:-1] == tokens[-1])  # where the last token occurred before
+    at = at[~breakers[tokens[at + 1]]]
+    lengths = np.ones(len(at), np.int64)
+    alive = np.ones(len(at), bool)
+    for back in range(1, DRY_LONGEST):
+        earlier = len(tokens) - 1 - back
+        if earlier < 0 or breakers[tokens[earlier]] or not alive.any():
+            break
+        alive &= (at >= back) & (tokens[np.maximum(at - back, 0)] == tokens[earlier])
+        lengths += alive
+    followers = tokens[at + 1]
+    order = np.lexsort((-lengths, followers))  # each follower once, with its longest repeat
+    followers, lengths = followers[order], lengths[order]
+    first = np.concatenate([[True], followers[1:] != followers[:-1]]) if len(followers) else np.empty(0, bool)
+    return followers[first], lengths[first]
+
+
+def xtc(probability: float, threshold: float, rng: np.random.Generator) -> Filter:
+    """XTC, "exclude top choices" (llama.cpp's): for each row, with `probability`, the tokens at least `threshold`
+    likely are removed, all but the least likely of them, so the text leaves its most obvious path where several
+    continuations are likely; a row with fewer than two such tokens is left as it is. A draw from the call's random
+    numbers for each row at each step (seeded calls repeat)."""
+
+    def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
+        probs = softmax(scores)
+        out = scores.copy()
+        for row, u in enumerate(rng.random(len(scores))):
+            likely = np.flatnonzero(probs[row] >= np.float32(threshold))
+            if u < probability and len(likely) > 1:
+                keep = likely[np.argmin(probs[row, likely])]
+                out[row, likely[likely != keep]] = -np.inf
+        return out
+
+    return apply
+
+
 def bad_words(sequences: list[list[int]], eos_ids: list[int]) -> Filter:
     """Never complete a banned sequence: its last token goes wherever the row ends with the rest of it (a
     one-token sequence always). transformers' NoBadWordsLogitsProcessor, which leaves the end token alone."""
@@ -379,9 +446,10 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def processors_for(opts: GenerationOptions) -> list[Filter]:
-    """The processors the options call for, in the order transformers applies them (the caller's own
-    processors run after these, then the warpers)."""
+def processors_for(opts: GenerationOptions, breakers: np.ndarray | None = None) -> list[Filter]:
+    """The processors the options call for, in the order transformers applies them, DRY after its repetition
+    penalties (the caller's own processors run after these, then the warpers); `breakers`: DRY's sequence breakers,
+    a mask over the vocabulary of the tokens that hold one (Tokenizer.holding)."""
     chain: list[Filter] = []
     biases = [((token,), b) for token, b in opts.logit_bias.items()] + list(opts.sequence_bias.items())
     if biases:
@@ -392,6 +460,9 @@ def processors_for(opts: GenerationOptions) -> list[Filter]:
         chain.append(repetition_penalty(opts.repetition_penalty))
     if opts.presence_penalty or opts.frequency_penalty:
         chain.append(presence_frequency(opts.presence_penalty, opts.frequency_penalty))
+    if opts.dry_multiplier > 0 and opts.dry_penalty_last_n != 0:
+        assert breakers is not None, "DRY needs its breakers' tokens"
+        chain.append(dry(opts.dry_multiplier, opts.dry_base, opts.dry_allowed_length, opts.dry_penalty_last_n, breakers))
     if opts.no_repeat_ngram_size > 0:
         chain.append(no_repeat_ngram(opts.no_repeat_ngram_size))
     if opts.encoder_no_repeat_ngram_size > 0:
@@ -413,9 +484,10 @@ def processors_for(opts: GenerationOptions) -> list[Filter]:
     return chain
 
 
-def warpers_for(opts: GenerationOptions) -> list[Filter]:
-    """Sampling's reshaping of the distribution: temperature, top-k, top-p, min-p, typical-p, epsilon, eta (none
-    without do_sample); then the renormalisation, if asked, for every strategy."""
+def warpers_for(opts: GenerationOptions, rng: np.random.Generator | None = None) -> list[Filter]:
+    """Sampling's reshaping of the distribution: temperature, top-k, top-p, min-p, typical-p, epsilon, eta, then XTC
+    (with `rng`, the call's random numbers; none of them without do_sample); then the renormalisation, if asked, for
+    every strategy."""
     chain: list[Filter] = []
     if opts.do_sample:
         if opts.temperature != 1.0:
@@ -432,6 +504,9 @@ def warpers_for(opts: GenerationOptions) -> list[Filter]:
             chain.append(epsilon_cutoff(opts.epsilon_cutoff))
         if opts.eta_cutoff > 0.0:
             chain.append(eta_cutoff(opts.eta_cutoff))
+        if opts.xtc_probability > 0.0:
+            assert rng is not None, "XTC draws from the call's random numbers"
+            chain.append(xtc(opts.xtc_probability, opts.xtc_threshold, rng))
     if opts.renormalize_logits:
         chain.append(lambda scores, _h, _g: log_softmax(scores))
     return chain

@@ -36,11 +36,12 @@ MAX_REPETITION_PENALTY = 100.0
 MAX_LENGTH_PENALTY = 10.0
 MAX_OPENAI_PENALTY = 2.0  # presence_penalty and frequency_penalty
 INTS = {"max_new_tokens", "min_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size", "num_assistant_tokens",
-        "encoder_no_repeat_ngram_size"}
+        "encoder_no_repeat_ngram_size", "dry_allowed_length", "dry_penalty_last_n"}
 OPTIONAL_INTS = {"pad_token_id", "seed", "logprobs", "prompt_lookup_num_tokens", "max_matching_ngram_size", "max_length", "min_length"}
 OPTIONAL_FLOATS = {"max_time"}
 FLOATS = {"temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "length_penalty", "repetition_penalty", "encoder_repetition_penalty",
-          "presence_penalty", "frequency_penalty", "assistant_confidence_threshold"}
+          "presence_penalty", "frequency_penalty", "assistant_confidence_threshold", "dry_multiplier", "dry_base", "xtc_probability",
+          "xtc_threshold"}
 BOOLS = {"do_sample", "truncate_prompt", "remove_invalid_values", "renormalize_logits"}
 TOKEN_LISTS = {"suppress_tokens", "begin_suppress_tokens"}
 SequenceBias = dict[tuple[int, ...], float]
@@ -114,6 +115,19 @@ class GenerationOptions:
     # once per time it was (frequency); [-2, 2], negative values encourage repeats.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # DRY, "don't repeat yourself" (llama.cpp's and text-generation-webui's dry_* options; logits.dry): a token that would
+    # extend a repeat of earlier text, n tokens long so far with n >= dry_allowed_length, loses
+    # dry_multiplier x dry_base ** (n - dry_allowed_length); repeats do not reach across a token holding one of the
+    # sequence breakers; dry_penalty_last_n: tokens looked back over (-1: all, 0: DRY off). dry_multiplier 0 is off.
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
+    dry_sequence_breakers: list[str] = field(default_factory=lambda: ["\n", ":", '"', "*"])
+    # XTC, "exclude top choices" (llama.cpp's xtc_*; sampling only): at each step, with xtc_probability, the tokens at least
+    # xtc_threshold likely go but the least likely of them, so the text leaves its most obvious path. 0 is off.
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
     # Constrained decoding (guidance.py, llguidance): the text held to a JSON schema (a dict, or its JSON text; compact
     # JSON unless the schema's "x-guidance" says otherwise), a regular expression, or a Lark grammar (llguidance's
     # dialect). At most one; greedy decoding or sampling; the end token ends the text where it is complete.
@@ -208,6 +222,12 @@ class GenerationOptions:
             raise OptionsError("guesses come from prompt_lookup_num_tokens or from assistant_model, not both")
         if any(not s for s in self.stop):
             raise OptionsError("stop strings must not be empty")
+        if self.dry_multiplier < 0 or self.dry_base < 1 or self.dry_allowed_length < 1 or self.dry_penalty_last_n < -1:
+            raise OptionsError(f"DRY takes dry_multiplier >= 0, dry_base >= 1, dry_allowed_length >= 1 and dry_penalty_last_n >= -1, got "
+                               f"{self.dry_multiplier}, {self.dry_base}, {self.dry_allowed_length} and {self.dry_penalty_last_n}")
+        if not (0 <= self.xtc_probability <= 1 and 0 < self.xtc_threshold <= 1):
+            raise OptionsError(f"XTC takes xtc_probability in [0, 1] and xtc_threshold in (0, 1], got {self.xtc_probability} and "
+                               f"{self.xtc_threshold}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise OptionsError(f"seed must be in [0, 2**64), got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
@@ -324,6 +344,10 @@ def _typed(name: str, value: Any) -> Any:
         if not isinstance(ids, (list, tuple, np.ndarray)) or not all(is_int(i) for i in ids):
             raise refuse("a token id, a list of token ids, or None")
         return int(ids[0]) if is_int(value) else [int(i) for i in ids]
+    if name == "dry_sequence_breakers":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) and s for s in value):
+            raise refuse("a list of non-empty strings")
+        return list(value)
     if name == "stop":
         stops = [] if value is None else [value] if isinstance(value, str) else value
         if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):

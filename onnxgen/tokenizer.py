@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer as _Tokenizer
 
 from .errors import ModelFolderError
@@ -52,6 +54,12 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    @functools.lru_cache(maxsize=8)  # noqa: B019  (a model's tokenizer lives as long as the model; a few breaker sets)
+    def holding(self, texts: tuple[str, ...]) -> np.ndarray:
+        """A mask over the vocabulary: the tokens whose text holds one of `texts` (DRY's sequence breakers: logits.dry)."""
+        spelled = self._tok.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+        return np.array([any(t in token for t in texts) for token in spelled], dtype=bool)
 
 
 class TextStream:
