@@ -30,6 +30,9 @@ STRATEGIES: dict[str, dict[str, Any]] = {  # `onnxgen bench`'s, and the filters 
     "top-k 50 + top-p 0.9": PRESETS["top-k-top-p"],
     "top-p 0.9 alone": {**PRESETS["top-k-top-p"], "top_k": 0},  # the bundled model's choice
     "sampling, no filter": {**PRESETS["top-k-top-p"], "top_k": 0, "top_p": 1.0, "temperature": 1.0},
+    # llama.cpp's samplers (logits.dry, logits.xtc), at their usual settings
+    "greedy + DRY 0.8": {**PRESETS["greedy"], "dry_multiplier": 0.8},
+    "top-k 50 + top-p 0.9 + XTC 0.5": {**PRESETS["top-k-top-p"], "xtc_probability": 0.5},
     # constrained decoding's mask (guidance.py), on a text that cannot end early: a string of 200 characters or more
     "greedy, held to a JSON schema": {**PRESETS["greedy"], "json_schema": {"type": "object", "required": ["text"],
                                                                           "properties": {"text": {"type": "string", "minLength": 200}}}},
