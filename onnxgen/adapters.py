@@ -138,6 +138,17 @@ class Lora:
         return feeds
 
 
+def check_folder(folder: Path) -> None:
+    """An adapter folder's files against its manifest (sizes, sha256), and onnxruntime's reading of its weights."""
+    from .runtime import import_onnxruntime
+
+    manifest.verify(folder, manifest.read(folder))
+    try:
+        import_onnxruntime().AdapterFormat.read_adapter(str(folder / ADAPTER_FILE)).get_parameters()
+    except Exception as e:  # onnxruntime's own errors for a damaged file
+        raise ModelFolderError(f"cannot read {folder / ADAPTER_FILE}: {str(e).splitlines()[0]}") from None
+
+
 def named(specs: list[str]) -> dict[str, Path]:
     """Adapters as a command line gives them, `NAME=FOLDER` or `FOLDER` (named after the folder), by name."""
     adapters: dict[str, Path] = {}

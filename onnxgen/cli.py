@@ -565,12 +565,18 @@ def _listen(host: str, port: int) -> socket.socket:
 
 @app.command()
 def verify(model: ModelOption = None) -> None:
-    """Check a model folder against its manifest: files, sizes, sha256, dims, graph and tokenizer."""
-    from . import load
+    """Check a model folder against its manifest: files, sizes, sha256, dims, graph and tokenizer (a LoRA adapter
+    folder: its files and sha256, and that onnxruntime reads it)."""
+    from . import load, manifest
+    from .adapters import check_folder
     from .model import BUNDLED
 
-    run(lambda: load(model or BUNDLED, verify=True))
-    print(f"{model or BUNDLED}: every file matches the manifest")
+    folder = model or BUNDLED
+    if folder.is_dir() and (folder / manifest.MANIFEST).is_file() and run(lambda: manifest.read(folder)).get("kind") == "lora":
+        run(lambda: check_folder(folder))
+    else:
+        run(lambda: load(folder, verify=True))
+    print(f"{folder}: every file matches the manifest")
 
 
 _python_format = warnings.formatwarning

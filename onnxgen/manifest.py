@@ -32,6 +32,14 @@ def cache_in_place(record: dict[str, Any]) -> bool:
     return bool(record.get("graph", {}).get("cache_in_place"))
 
 
+def verify(folder: Path, manifest: dict[str, Any]) -> None:
+    """Hash every file and compare with the manifest (a few seconds a GB): corrupted weights that still parse would
+    otherwise give wrong text without an error."""
+    for name, described in manifest["files"].items():
+        if sha256(folder / name) != described.get("sha256"):
+            raise ModelFolderError(f"{folder / name} does not match its sha256 in the manifest: the file is corrupted or was replaced")
+
+
 def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
     return {
         p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)}

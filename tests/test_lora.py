@@ -250,6 +250,13 @@ def test_the_command_line_exports_and_runs_an_adapter(base: Path, peft_adapters:
     assert out.returncode == 0 and out.stdout == expected + "\n", out.stderr
     two = run_cli("generate", "It", "--model", str(base), "--adapter", f"a={tmp_path / 'two'}", "--adapter", f"b={tmp_path / 'two'}")
     assert two.returncode == 1 and two.stderr.strip() == "onnxgen: error: --adapter: one adapter for this command (serve and run-batch take several)"
+    checked = run_cli("verify", "--model", str(tmp_path / "two"))
+    assert checked.returncode == 0 and checked.stdout.strip() == f"{tmp_path / 'two'}: every file matches the manifest", checked.stderr
+    data = bytearray((tmp_path / "two" / "adapter.onnx_adapter").read_bytes())
+    data[-1] ^= 1  # a bit of its last weight
+    (tmp_path / "two" / "adapter.onnx_adapter").write_bytes(bytes(data))
+    broken = run_cli("verify", "--model", str(tmp_path / "two"))
+    assert broken.returncode == 1 and "adapter.onnx_adapter does not match its sha256" in broken.stderr
     wrong = run_cli("serve", "--model", str(base), "--name", "two", "--adapter", str(tmp_path / "two"), "--port", "1")
     assert wrong.returncode != 0 and "'two' is the model's own name here" in wrong.stderr and "Traceback" not in wrong.stderr
 
