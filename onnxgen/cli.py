@@ -464,7 +464,8 @@ def serve(
     listening = _listen(host, port)
     if api_key is None and not ipaddress.ip_address(listening.getsockname()[0]).is_loopback:
         print(f"onnxgen: warning: {host} takes requests from other machines, and without --api-key anyone who reaches "
-              "the port can use the model", file=sys.stderr)
+              "the port can use the model" + (" and have it read folders of this machine (--adapter-loading)" if adapter_loading else ""),
+              file=sys.stderr)
     folder = model or BUNDLED
     spinning = assistant_model is None  # a model and its draft take turns (load's `spinning`)
     template, adapters = _template_file(chat_template), _adapters(adapter, name or folder.name)
