@@ -14,8 +14,9 @@
                            temperature, top_p, text.format, function tools and tool_choice, stream (its events),
                            include logprobs, previous_response_id (a kept response's conversation goes on)
     GET, DELETE /v1/responses/ID  a kept response (the last --stored-responses, in memory), or forget it
-    POST /tokenize         text -> its token ids, count and the context window (vLLM's shape), so that a client
-                           can fit a prompt with the served model's own tokenizer (a fine-tune's added tokens)
+    POST /tokenize         text, or a chat's messages (through the template) -> its token ids, count and the context
+                           window (vLLM's shape), so that a client can fit a prompt with the served model's own
+                           tokenizer (a fine-tune's added tokens)
     POST /detokenize       token ids -> text
     GET  /v1/models        the model served (max_model_len: its context window, as vLLM gives it), and its LoRA adapters,
                            each a model a request's "model" names (adapters.py; vLLM's --lora-modules)
@@ -119,10 +120,19 @@ class ChatRequest(OpenAIRequest):
     parallel_tool_calls: bool = True
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(BaseModel):  # vLLM's: a prompt, or a chat's messages through the model's template
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    prompt: str
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give prompt or messages (a chat's, through the model's template)")
+        return self
 
 
 class DetokenizeRequest(BaseModel):
@@ -215,7 +225,12 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
     async def tokenize(body: TokenizeRequest) -> Any:
         if wrong := other_model(body.model):
             return wrong
-        tokens = model.tokenizer.encode(body.prompt)
+        try:
+            text = body.prompt if body.messages is None else model.apply_chat_template(
+                [_template_message(m) for m in body.messages], add_generation_prompt=body.add_generation_prompt, tools=body.tools)
+        except OnnxgenError as e:  # no template, or one that refuses these messages
+            return error(400, str(e), "messages")
+        tokens = model.tokenizer.encode(text or "")
         return {"count": len(tokens), "max_model_len": model.context_length, "tokens": tokens}
 
     @app.post("/detokenize", response_model=None)

@@ -666,3 +666,25 @@ def test_a_chat_template_given_at_load_is_the_one_used(exported: Path, chat_fold
     missing = subprocess.run([*command, str(tmp_path / "none.jinja")], input="Hi\n", capture_output=True, text=True)
     assert missing.returncode == 1 and missing.stderr.strip().splitlines() == [
         f"onnxgen: error: cannot read the chat template {tmp_path / 'none.jinja'}: No such file or directory"]
+
+
+def test_tokenize_takes_a_chats_messages(chat_server: tuple[str, str], chat_folder: Path) -> None:
+    """vLLM's /tokenize with messages: the template's prompt (tools too), as many tokens as a chat completion's
+    prompt_tokens; without the generation prompt, fewer; a model without a template, or both fields or none, a 400."""
+    import httpx
+
+    model = onnxgen.load(chat_folder, threads=1)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hello there"}]}]
+    r = httpx.post(chat_server[0] + "/tokenize", json={"messages": messages}).json()
+    expected = model.tokenizer.encode(model.apply_chat_template([messages[0], {"role": "user", "content": "Hello there"}]))
+    assert r["tokens"] == expected and r["count"] == _client(chat_server[0]).chat.completions.create(
+        model="tiny-chat", messages=messages, max_tokens=1).usage.prompt_tokens
+    bare = httpx.post(chat_server[0] + "/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert bare["count"] < r["count"]
+    with_tools = httpx.post(chat_server[0] + "/tokenize", json={"messages": ASKED, "tools": TOOLS}).json()
+    assert with_tools["tokens"] == model.tokenizer.encode(model.apply_chat_template(ASKED, tools=TOOLS))
+    none = httpx.post(chat_server[1] + "/tokenize", json={"messages": messages})
+    assert none.status_code == 400 and "has no chat template" in none.json()["error"]["message"]
+    for body in ({}, {"prompt": "Hi", "messages": messages}):
+        wrong = httpx.post(chat_server[0] + "/tokenize", json=body)
+        assert wrong.status_code == 400 and "give prompt or messages" in wrong.json()["error"]["message"]
