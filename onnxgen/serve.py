@@ -539,7 +539,9 @@ GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choi
 def _vllms_names(extra: dict[str, Any], model: Model) -> None:
     """vLLM's extra fields that say what onnxgen options say, as its clients and its benchmark send them: min_tokens
     (min_new_tokens), ignore_eos (no end token: every row runs to max_tokens), stop_token_ids (end tokens besides
-    the model's), top_k -1 (vLLM's "off", onnxgen's 0), and its structured outputs (_vllms_constraint): guided_json,
+    the model's), top_k -1 (vLLM's "off", onnxgen's 0), allowed_token_ids (every other token suppressed), bad_words (texts
+    never generated: each as it is tokenized alone and after a space, as vLLM bans them, onnxgen's bad_words_ids), and
+    its structured outputs (_vllms_constraint): guided_json,
     guided_regex, guided_choice (one of the texts), guided_grammar (Lark, as vLLM's guidance backend reads it), or
     structured_outputs {"json"|"regex"|"choice"|"grammar": ...} / {"json_object": true}."""
     if "min_tokens" in extra:
@@ -557,6 +559,16 @@ def _vllms_names(extra: dict[str, Any], model: Model) -> None:
         if "eos_token_id" in extra:
             raise ValueError("ignore_eos and stop_token_ids (vLLM's) say what eos_token_id says: give one of them")
         extra["eos_token_id"] = ([] if ignore_eos else model.defaults.eos_ids) + (stop_ids or []) or None
+    allowed, words = extra.pop("allowed_token_ids", None), extra.pop("bad_words", None)
+    if allowed is not None:
+        if not (isinstance(allowed, list) and allowed and all(isinstance(t, int) and not isinstance(t, bool) for t in allowed)):
+            raise ValueError("allowed_token_ids is a non-empty list of token ids")
+        extra["suppress_tokens"] = sorted(set(range(model.dims.vocab_size)) - set(allowed) | set(extra.get("suppress_tokens") or []))
+    if words is not None:
+        if not (isinstance(words, list) and all(isinstance(w, str) and w.strip() for w in words)):
+            raise ValueError("bad_words is a list of texts")
+        sequences = {tuple(model.tokenizer.encode(text)) for w in words for text in (w.strip(), " " + w.strip())}
+        extra["bad_words_ids"] = [*(extra.get("bad_words_ids") or []), *map(list, sorted(sequences))]
     _vllms_constraint(extra)
 
 

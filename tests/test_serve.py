@@ -114,6 +114,27 @@ def test_vllms_names_for_onnxgens_options(client: openai.OpenAI, model: onnxgen.
             client.completions.create(model="tiny", prompt="Hi", max_tokens=5, extra_body=extra)
 
 
+def test_vllms_allowed_token_ids_and_bad_words(client: openai.OpenAI, model: onnxgen.Model) -> None:
+    """allowed_token_ids: the text holds only those tokens (each step's choice among them, as generate's with every
+    other suppressed); bad_words: the text never holds the word's tokens, alone or after a space (vLLM's two spellings)."""
+    plain = model.generate("Call me", max_new_tokens=12, do_sample=False, eos_token_id=None)[0].token_ids
+    allowed = sorted(set(plain[::2]))  # some of the tokens it would choose, not all
+    out = client.completions.create(model="tiny", prompt="Call me", max_tokens=12, temperature=0,
+                                    extra_body={"allowed_token_ids": allowed, "eos_token_id": None})
+    kept = model.generate("Call me", max_new_tokens=12, do_sample=False, eos_token_id=None,
+                          suppress_tokens=sorted(set(range(model.dims.vocab_size)) - set(allowed)))[0]
+    assert out.choices[0].text == kept.text and set(kept.token_ids) <= set(allowed) and kept.token_ids != plain
+    word = model.tokenizer.decode([plain[3]]).strip()
+    banned = {tuple(model.tokenizer.encode(w)) for w in (word, " " + word)}
+    out = client.completions.create(model="tiny", prompt="Call me", max_tokens=12, temperature=0, extra_body={"bad_words": [word], "eos_token_id": None})
+    expected = model.generate("Call me", max_new_tokens=12, do_sample=False, eos_token_id=None, bad_words_ids=[list(b) for b in sorted(banned)])[0]
+    assert out.choices[0].text == expected.text and expected.token_ids != plain
+    assert not any(tuple(expected.token_ids[i : i + len(b)]) == b for b in banned for i in range(len(expected.token_ids)))
+    for extra, message in [({"allowed_token_ids": []}, "allowed_token_ids is a non-empty list"), ({"bad_words": [" "]}, "bad_words is a list of texts")]:
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.completions.create(model="tiny", prompt="Hi", max_tokens=5, extra_body=extra)
+
+
 def test_vllms_structured_outputs(client: openai.OpenAI, model: onnxgen.Model) -> None:
     """vLLM's guided_json, guided_regex, guided_choice, guided_grammar and structured_outputs: the text generate gives
     under onnxgen's json_schema, regex or grammar; a choice is one of its texts whole (a Lark grammar of the same
