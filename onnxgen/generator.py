@@ -224,7 +224,7 @@ class Generator:
         return Event(text[emitted:], row, self.prompt_index[row], token, logprob, top, reason)
 
     def _keep_tokens_before(self, row: int, cut: int) -> None:
-        """After a stop string at character `cut`: keep the tokens whose text lies wholly before it."""
+        """After a stop string, the text ending at character `cut`: keep the tokens whose text lies wholly before it."""
         ids = self.generated[row]
         keep = len(ids)
         while keep and len(self.tokenizer.decode(ids[:keep])) > cut:

@@ -42,7 +42,7 @@ OPTIONAL_FLOATS = {"max_time"}
 FLOATS = {"temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "length_penalty", "repetition_penalty", "encoder_repetition_penalty",
           "presence_penalty", "frequency_penalty", "assistant_confidence_threshold", "dry_multiplier", "dry_base", "xtc_probability",
           "xtc_threshold"}
-BOOLS = {"do_sample", "truncate_prompt", "remove_invalid_values", "renormalize_logits"}
+BOOLS = {"do_sample", "truncate_prompt", "remove_invalid_values", "renormalize_logits", "include_stop_str_in_output"}
 TOKEN_LISTS = {"suppress_tokens", "begin_suppress_tokens"}
 SequenceBias = dict[tuple[int, ...], float]
 
@@ -107,6 +107,7 @@ class GenerationOptions:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     stop: list[str] = field(default_factory=list)  # stop strings: generation ends when the text contains one
+    include_stop_str_in_output: bool = False  # the text goes on to the end of the stop string that ended it (vLLM's name)
     seed: int | None = None  # makes sampling reproducible
     truncate_prompt: bool = False  # drop the prompt's oldest tokens instead of refusing a too-long prompt
     logprobs: int | None = None  # per new token its log-probability, and this many most likely alternatives

@@ -27,11 +27,13 @@ class StopRules:
     stop: tuple[str, ...]
     criteria: tuple[StoppingCriterion, ...]
     deadline: float | None  # time.perf_counter() past which rows end (max_time after the call's start)
+    include_stop: bool = False  # the text ends after the stop string that ended it, not before (vLLM's include_stop_str_in_output)
 
     @classmethod
     def of(cls, opts: GenerationOptions, start: float) -> StopRules:
         deadline = None if opts.max_time is None else start + opts.max_time
-        return cls(frozenset(opts.eos_ids), opts.max_new_tokens, tuple(opts.stop), tuple(opts.stopping_criteria), deadline)
+        return cls(frozenset(opts.eos_ids), opts.max_new_tokens, tuple(opts.stop), tuple(opts.stopping_criteria), deadline,
+                   opts.include_stop_str_in_output)
 
     def after_token(self, token: int, generated: int) -> str | None:
         """The reason a row ends with `token`, its `generated`-th new token, if it does."""
@@ -60,6 +62,10 @@ class StopRules:
         return max((len(s) for s in self.stop), default=1) - 1
 
     def first_stop(self, text: str, start: int = 0) -> int | None:
-        """Where the first stop string in `text` begins, looking from `start`."""
-        found = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
-        return min(found) if found else None
+        """Where the text ends at the first stop string in it, looking from `start`: where the stop string begins, or
+        with include_stop, where it ends (of those that begin first, the shortest)."""
+        found = [(i, len(s)) for s in self.stop if (i := text.find(s, start)) >= 0]
+        if not found:
+            return None
+        begin, length = min(found)
+        return begin + length if self.include_stop else begin

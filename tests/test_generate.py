@@ -413,6 +413,14 @@ def test_stop_strings(model: onnxgen.Model) -> None:
     c = model.generate("It is a truth", max_new_tokens=30, stop=[stop])[0]
     assert c.finish_reason == "stop" and c.text == full[: full.index(stop)]
     assert "".join(model.stream("It is a truth", max_new_tokens=30, stop=stop)) == c.text
+    # vLLM's include_stop_str_in_output: the text goes on to the stop string's end; its tokens those wholly within it
+    kept = model.generate("It is a truth", max_new_tokens=30, stop=[stop], include_stop_str_in_output=True)[0]
+    assert kept.finish_reason == "stop" and kept.text == full[: full.index(stop) + len(stop)]
+    assert model.tokenizer.decode(kept.token_ids) == kept.text[: len(model.tokenizer.decode(kept.token_ids))]
+    assert len(kept.token_ids) >= len(c.token_ids)
+    assert "".join(model.stream("It is a truth", max_new_tokens=30, stop=[stop], include_stop_str_in_output=True)) == kept.text
+    longer = full[full.index(stop) : full.index(stop) + 4]  # two stop strings beginning at one place: the shorter ends it
+    assert model.generate("It is a truth", max_new_tokens=30, stop=[longer, stop], include_stop_str_in_output=True)[0].text == kept.text
 
 
 def test_context_window_is_enforced(model: onnxgen.Model) -> None:
