@@ -24,28 +24,16 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 from make_models import make  # noqa: E402
 from run import environment, host, write_results  # noqa: E402
+
+from tests.conftest import make_adapter  # noqa: E402  (the tests' adapter maker: peft's LoRA, random B matrices)
 
 EVAL = HERE.parent / "onnxgen" / "data" / "eval.txt"
 ADAPTERS = {"all-r16": {"r": 16, "lora_alpha": 32, "target_modules": ["c_attn", "c_proj", "c_fc"]},
             "attn-r8": {"r": 8, "lora_alpha": 16, "target_modules": ["c_attn"]}}
 MIXED = 4  # adapters in the mixed batch (all-r16 with other random B matrices)
-
-
-def _adapter(checkpoint: Path, folder: Path, seed: int, config: dict[str, Any]) -> Path:
-    import peft
-    import torch
-    from transformers import GPT2LMHeadModel
-
-    model = peft.get_peft_model(GPT2LMHeadModel.from_pretrained(checkpoint), peft.LoraConfig(fan_in_fan_out=True, **config))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.02)
-    model.save_pretrained(folder)
-    return folder
 
 
 def prepare(shape: str, work: Path) -> dict[str, Path]:
@@ -65,7 +53,7 @@ def prepare(shape: str, work: Path) -> dict[str, Path]:
     for seed, (name, config) in enumerate(configs.items()):
         peft_folder = work / f"peft-{name}"
         if not (work / f"adapter-{name}").is_dir():
-            export(str(peft_folder if peft_folder.is_dir() else _adapter(checkpoint, peft_folder, seed, config)), work / f"adapter-{name}",
+            export(str(peft_folder if peft_folder.is_dir() else make_adapter(checkpoint, peft_folder, seed, **config)), work / f"adapter-{name}",
                    ExportOptions(lora=True))
         made[f"adapter-{name}"] = work / f"adapter-{name}"
     if not (work / "merged-int8").is_dir():
