@@ -120,9 +120,7 @@ class Model:
 
     def unload_adapter(self, name: str) -> None:
         """Later calls can no longer name the adapter; calls running with it finish with it."""
-        if self.runtime.lora is None:
-            raise OptionsError(f"adapter {name!r}: this model takes no LoRA adapters (it was exported without --lora)")
-        self.runtime.lora.unload(name)
+        self.runtime.unload_adapter(name)
 
     @property
     def last_stats(self) -> Stats | None:

@@ -252,20 +252,28 @@ class Runtime:
             raise OptionsError("cuda_graph with LoRA adapters is not supported: a captured step needs inputs of fixed shapes, and an "
                                "adapter's rank and rows change them")
 
-    def load_adapter(self, name: str, folder: str | Path) -> None:
-        """Make the LoRA adapter in `folder` available to later calls as `name`."""
+    def _takes_adapters(self, name: str) -> Lora:
         if self.lora is None:
             raise OptionsError(f"adapter {name!r}: this model takes no LoRA adapters (it was exported without --lora)")
+        return self.lora
+
+    def load_adapter(self, name: str, folder: str | Path) -> None:
+        """Make the LoRA adapter in `folder` available to later calls as `name`."""
+        lora = self._takes_adapters(name)
         self._no_cuda_graph()
-        self.lora.load(name, folder)
+        lora.load(name, folder)
+
+    def unload_adapter(self, name: str) -> None:
+        """Later calls can no longer name the adapter; calls running with it finish with it."""
+        self._takes_adapters(name).unload(name)
 
     def adapter(self, name: str | None) -> Adapter | None:
         """The loaded adapter a call names (None: none), or an OptionsError."""
-        if name is not None and not isinstance(name, str):
+        if name is None:
+            return None
+        if not isinstance(name, str):
             raise OptionsError(f"adapter must be an adapter's name (a string) or None, got {name!r}")
-        if name is not None and self.lora is None:
-            raise OptionsError(f"adapter {name!r}: this model takes no LoRA adapters (it was exported without --lora)")
-        return self.lora.get(name) if self.lora is not None else None
+        return self._takes_adapters(name).get(name)
 
     def new_cache(self, rows: int, capacity: int, pad_id: int = 0, adapter: Adapter | None = None) -> Cache:
         """An empty cache for `rows` rows of up to `capacity` positions (pad_id: a growing cache's padding), each row
@@ -282,7 +290,8 @@ class Runtime:
             with self._lock:
                 found = [i for i, idle in enumerate(self._idle) if (idle.rows, idle.capacity) == (rows, capacity)]
                 cache = self._idle.pop(found[-1]) if found else None  # its lengths are the prompts' once prefill runs
-        cache = cache or InPlaceCache(self, rows, capacity)
+        if cache is None:
+            cache = InPlaceCache(self, rows, capacity)
         cache.adapters = [adapter] * rows
         return cache
 
