@@ -74,8 +74,9 @@ def peak_rss_mb() -> float:
 
 
 def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = None, provider: Provider = "cpu",
-        quiet: bool = False, mapped_weights: bool = False, cuda_graph: bool = False) -> dict[str, Any]:
-    """Every figure is the median (with min and max) of `runs` timed runs after one warm-up."""
+        quiet: bool = False, mapped_weights: bool = False, cuda_graph: bool = False, adapter: Path | None = None) -> dict[str, Any]:
+    """Every figure is the median (with min and max) of `runs` timed runs after one warm-up; with `adapter` (a LoRA
+    adapter folder, for a model exported with --lora), every call runs with it."""
     from rich.progress import Progress
 
     if runs < 1:
@@ -86,7 +87,8 @@ def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = No
         raise OptionsError(f"batch, prompt tokens and new tokens must be at least 1, got batch {case.batch}, "
                            f"{case.prompt_tokens} prompt tokens, {case.new_tokens} new tokens")
     start = time.perf_counter()
-    model = load(folder, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph)
+    model = load(folder, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph,
+                 adapters={"bench": adapter} if adapter is not None else None)
     load_s = time.perf_counter() - start
     load_peak = peak_rss_mb()
     model.folder.verify()  # timing a corrupted folder helps nobody (hashed outside the load time)
@@ -101,7 +103,8 @@ def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = No
             if case.prompt_tokens + case.new_tokens > model.context_length:
                 raise OptionsError(f"prompt {case.prompt_tokens} + new {case.new_tokens} tokens exceed the context window of {model.context_length}")
             prompts = rng.integers(0, model.dims.vocab_size, size=(case.batch, case.prompt_tokens)).tolist()
-            opts = model.options(max_new_tokens=case.new_tokens, eos_token_id=None, min_new_tokens=0, **STRATEGIES[case.strategy])
+            opts = model.options(max_new_tokens=case.new_tokens, eos_token_id=None, min_new_tokens=0, **STRATEGIES[case.strategy],
+                                 adapter="bench" if adapter is not None else None)
             ttft, tps = [], []
             reset_peak_rss()  # this case's own peak (the load's is reported apart)
             for i in range(runs + 1):
@@ -114,7 +117,8 @@ def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = No
             results.append({**asdict(case), "time_to_first_token_ms": spread(ttft), "decode_tokens_per_s": spread(tps),
                             "peak_rss_mb": peak, "peak_rss_over_model_file": peak / model_mb})
     peak = max([load_peak, *(c["peak_rss_mb"] for c in results)])
-    return {"model": str(folder), "machine": machine(), "provider": provider, "threads": threads, "mapped_weights": mapped_weights, "runs": runs, "load_s": load_s,
+    return {"model": str(folder), "adapter": str(adapter) if adapter is not None else None, "machine": machine(), "provider": provider,
+            "threads": threads, "mapped_weights": mapped_weights, "runs": runs, "load_s": load_s,
             "load_peak_rss_mb": load_peak, "peak_rss_mb": peak, "model_file_mb": model_mb,
             "peak_rss_over_model_file": peak / model_mb, "cases": results}
 
@@ -122,7 +126,8 @@ def run(folder: Path, cases: list[Case], runs: int = 3, threads: int | None = No
 def table(result: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    t = Table(title=f"{result['model']} ({result['provider']}{', weights mapped' if result['mapped_weights'] else ''}, "
+    t = Table(title=f"{result['model']}{' + ' + result['adapter'] if result.get('adapter') else ''} ({result['provider']}"
+                    f"{', weights mapped' if result['mapped_weights'] else ''}, "
                     f"load {result['load_s']:.2f} s, peak RSS while loading "
                     f"{result['load_peak_rss_mb']:.0f} MiB, {result['load_peak_rss_mb'] / result['model_file_mb']:.2f}x the "
                     f"{result['model_file_mb']:.0f} MiB model file)", caption=result["machine"])

@@ -397,6 +397,7 @@ def bench(
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
     mapped_weights: MappedWeightsOption = False,
     cuda_graph: CudaGraphOption = False,
+    adapter: Annotated[Path | None, typer.Option(help="a LoRA adapter folder every call runs with (a model exported with --lora)")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Time a model folder: decode tok/s, time to first token, load time, peak memory."""
@@ -406,7 +407,8 @@ def bench(
     from .model import BUNDLED
 
     cases = [b.Case(n, p, new_tokens, s) for n in batch or [1] for p in prompt_tokens or [32] for s in strategy or ["greedy"]]
-    result = run(lambda: b.run(model or BUNDLED, cases, runs, threads, provider, mapped_weights=mapped_weights, cuda_graph=cuda_graph))  # type: ignore[arg-type]
+    result = run(lambda: b.run(model or BUNDLED, cases, runs, threads, provider, mapped_weights=mapped_weights, cuda_graph=cuda_graph,  # type: ignore[arg-type]
+                               adapter=adapter))
     if as_json:
         print(json.dumps(result, indent=2))
     else:  # piped or redirected, rich would fit the table to 80 columns and cut its figures short ("260.…")

@@ -248,6 +248,8 @@ def test_the_command_line_exports_and_runs_an_adapter(base: Path, peft_adapters:
     out = run_cli("generate", PROMPTS[0], "--model", str(base), "--adapter", str(tmp_path / "two"), "--strategy", "greedy",
                   "--max-new-tokens", "8")
     assert out.returncode == 0 and out.stdout == expected + "\n", out.stderr
+    timed = run_cli("bench", "--model", str(base), "--adapter", str(tmp_path / "two"), "--new-tokens", "4", "--runs", "1", "--json")
+    assert timed.returncode == 0 and json.loads(timed.stdout)["adapter"] == str(tmp_path / "two"), timed.stderr
     two = run_cli("generate", "It", "--model", str(base), "--adapter", f"a={tmp_path / 'two'}", "--adapter", f"b={tmp_path / 'two'}")
     assert two.returncode == 1 and two.stderr.strip() == "onnxgen: error: --adapter: one adapter for this command (serve and run-batch take several)"
     checked = run_cli("verify", "--model", str(tmp_path / "two"))
