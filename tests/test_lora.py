@@ -136,6 +136,9 @@ def test_rows_with_different_adapters_run_in_one_pass(served: onnxgen.Model, ref
                 reference.set_adapter(adapter)
                 logits = reference(torch.tensor([[*ids, int(first[row].argmax())]])).logits[0, -2:].numpy()
         assert np.abs(first[row] - logits[0]).max() < 1e-4 and np.abs(step[row] - logits[1]).max() < 1e-4
+        alone = served.runtime.new_cache(1, 32, adapter=cache.adapters[row])  # the same bits as in the mixed pass (fp32)
+        assert np.array_equal(alone.prefill([ids]), first[row : row + 1])
+        assert np.array_equal(alone.decode(first[row : row + 1].argmax(-1)), step[row : row + 1])
 
 
 def test_the_batcher_runs_requests_of_different_adapters_together(served: onnxgen.Model) -> None:
