@@ -20,7 +20,12 @@ def make_checkpoint(folder: Path, n_layer: int = 2, n_embd: int = 64, n_head: in
     GPT2Config fields."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import (
+        GenerationConfig,
+        GPT2Config,
+        GPT2LMHeadModel,
+        PreTrainedTokenizerFast,
+    )
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -117,6 +122,35 @@ def exported_parts(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     finally:
         graph.HEAD_PART_BYTES = saved
     return out
+
+
+@pytest.fixture(scope="session")
+def lora_base(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint exported with --lora: its graph takes LoRA adapters at run time (tests/test_lora.py)."""
+    from onnxgen.export import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("lora") / "base"
+    export(str(checkpoint), out, ExportOptions(lora=True), quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def peft_adapters(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two adapters as peft saves them: rank 4 on every linear layer, and rank 2 on c_attn alone (peft's default for GPT-2)."""
+    folder = tmp_path_factory.mktemp("peft")
+    return {"one": make_adapter(checkpoint, folder / "one", seed=1),
+            "two": make_adapter(checkpoint, folder / "two", seed=2, r=2, lora_alpha=4, target_modules=["c_attn"])}
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(peft_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Those adapters exported apart (--lora), for lora_base."""
+    from onnxgen.export import ExportOptions, export
+
+    folder = tmp_path_factory.mktemp("adapters")
+    for name, adapter in peft_adapters.items():
+        export(str(adapter), folder / name, ExportOptions(lora=True), quiet=True)
+    return {name: folder / name for name in peft_adapters}
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ import onnxgen
 
 from .conftest import EVAL_TEXT
 from .test_generate import PROMPTS
-from .test_lora import adapters, base, peft_adapters  # noqa: F401  (fixtures: a LoRA base and its adapters)
 
 pytestmark = pytest.mark.cuda
 
@@ -214,7 +213,7 @@ def test_assisted_generation_on_cuda_gives_plain_decodings_text(folders: dict[st
     assert gpu.last_stats is not None and 0 < gpu.last_stats.guesses_taken < gpu.last_stats.guessed_tokens
 
 
-def test_lora_adapters_on_cuda(base: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
+def test_lora_adapters_on_cuda(lora_base: Path, lora_adapters: dict[str, Path], tmp_path: Path) -> None:
     """An fp16 LoRA base on the device with two adapters: each adapter's greedy and beam tokens the CPU's, rows of
     different adapters in the batcher each what it gives alone; CUDA graphs with adapters refused."""
     from onnxgen.batcher import Batcher
@@ -223,9 +222,9 @@ def test_lora_adapters_on_cuda(base: Path, adapters: dict[str, Path], tmp_path: 
 
     from .test_batcher import GREEDY, alone, result, submit, together
 
-    quantize(base, tmp_path / "fp16", QuantizeOptions(mode="fp16", max_ppl_increase=0.5), quiet=True)
-    cpu = onnxgen.load(tmp_path / "fp16", threads=1, adapters=adapters)
-    gpu = onnxgen.load(tmp_path / "fp16", provider="cuda", adapters=adapters)
+    quantize(lora_base, tmp_path / "fp16", QuantizeOptions(mode="fp16", max_ppl_increase=0.5), quiet=True)
+    cpu = onnxgen.load(tmp_path / "fp16", threads=1, adapters=lora_adapters)
+    gpu = onnxgen.load(tmp_path / "fp16", provider="cuda", adapters=lora_adapters)
     for adapter in ("one", "two", None):
         for options in ({"do_sample": False}, {"do_sample": False, "num_beams": 3}):
             assert _tokens(gpu, PROMPTS, adapter=adapter, **options) == _tokens(cpu, PROMPTS, adapter=adapter, **options)
@@ -235,4 +234,4 @@ def test_lora_adapters_on_cuda(base: Path, adapters: dict[str, Path], tmp_path: 
     for (adapter, prompt), inbox in zip(asks, inboxes):
         assert [c.token_ids for c in result(inbox)] == alone(gpu, [prompt], adapter=adapter, max_new_tokens=12, **GREEDY)
     with pytest.raises(OptionsError, match="cuda_graph with LoRA adapters is not supported"):
-        onnxgen.load(tmp_path / "fp16", provider="cuda", cuda_graph=True, adapters=adapters)
+        onnxgen.load(tmp_path / "fp16", provider="cuda", cuda_graph=True, adapters=lora_adapters)

@@ -29,31 +29,8 @@ PROMPTS = ["It is a truth", "Call me", "Once upon a time there was"]
 
 
 @pytest.fixture(scope="module")
-def base(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("lora") / "base"
-    export(str(checkpoint), out, ExportOptions(lora=True), quiet=True)
-    return out
-
-
-@pytest.fixture(scope="module")
-def peft_adapters(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two adapters as peft saves them: rank 4 on every linear layer, and rank 2 on c_attn alone (peft's default for GPT-2)."""
-    folder = tmp_path_factory.mktemp("peft")
-    return {"one": make_adapter(checkpoint, folder / "one", seed=1),
-            "two": make_adapter(checkpoint, folder / "two", seed=2, r=2, lora_alpha=4, target_modules=["c_attn"])}
-
-
-@pytest.fixture(scope="module")
-def adapters(peft_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("adapters")
-    for name, adapter in peft_adapters.items():
-        export(str(adapter), folder / name, ExportOptions(lora=True), quiet=True)
-    return {name: folder / name for name in peft_adapters}
-
-
-@pytest.fixture(scope="module")
-def served(base: Path, adapters: dict[str, Path]) -> onnxgen.Model:
-    return onnxgen.load(base, threads=1, adapters=adapters)
+def served(lora_base: Path, lora_adapters: dict[str, Path]) -> onnxgen.Model:
+    return onnxgen.load(lora_base, threads=1, adapters=lora_adapters)
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +56,13 @@ def peft_generate(reference: Any, ids: list[int], adapter: str | None, **options
     return out[0, len(ids):].tolist()
 
 
-def test_a_lora_base_without_an_adapter_is_the_base(base: Path, exported: Path) -> None:
+def test_a_lora_base_without_an_adapter_is_the_base(lora_base: Path, exported: Path) -> None:
     """The LoRA inputs at rank 0 add nothing: every position's logits are the plain export's, and the manifest counts
     the four linear layers of each layer."""
-    plain, lora = onnxgen.load(exported, threads=1), onnxgen.load(base, threads=1)
+    plain, lora = onnxgen.load(exported, threads=1), onnxgen.load(lora_base, threads=1)
     ids = np.asarray([plain.tokenizer.encode(PROMPTS[2])])
     assert np.abs(lora.runtime.all_logits(ids) - plain.runtime.all_logits(ids)).max() < 1e-5
-    assert json.loads((base / "onnxgen.json").read_text())["graph"]["lora_layers"] == 4 * lora.dims.n_layer
+    assert json.loads((lora_base / "onnxgen.json").read_text())["graph"]["lora_layers"] == 4 * lora.dims.n_layer
     assert lora.adapters == {} and plain.runtime.lora is None
 
 
@@ -104,13 +81,13 @@ def test_each_adapter_generates_as_peft_does(served: onnxgen.Model, reference: A
     assert len({tuple(texts[a, PROMPTS[0]]) for a in ("one", "two", None)}) == 3
 
 
-def test_other_layouts_of_a_lora_base_take_adapters_too(checkpoint: Path, base: Path, adapters: dict[str, Path], served: onnxgen.Model,
+def test_other_layouts_of_a_lora_base_take_adapters_too(checkpoint: Path, lora_base: Path, lora_adapters: dict[str, Path], served: onnxgen.Model,
                                                          tmp_path: Path) -> None:
     """A LoRA base exported with --growing-cache (its beams reordered by copying), and one whose weights are mapped
     packed (prepacked.py, which runs the graph to check its copy), give an adapter's text as the default one does."""
     export(str(checkpoint), tmp_path / "growing", ExportOptions(lora=True, cache_in_place=False), quiet=True)
-    growing = onnxgen.load(tmp_path / "growing", threads=1, adapters=adapters)
-    mapped = onnxgen.load(base, threads=1, adapters=adapters, mapped_weights=True)
+    growing = onnxgen.load(tmp_path / "growing", threads=1, adapters=lora_adapters)
+    mapped = onnxgen.load(lora_base, threads=1, adapters=lora_adapters, mapped_weights=True)
     for adapter in ("one", "two"):
         for options in (GREEDY, {"num_beams": 3, "eos_token_id": None}):
             expected = served.generate(PROMPTS[2], max_new_tokens=8, adapter=adapter, **options)[0].token_ids
@@ -154,10 +131,10 @@ def test_the_batcher_runs_requests_of_different_adapters_together(served: onnxge
     assert batcher.steps < 2 * 10 and batcher.jobs == 5 and batcher.moved >= 1  # the held job, then four sharing their steps
 
 
-def test_a_prompt_cache_keeps_each_adapters_caches_apart(base: Path, adapters: dict[str, Path], served: onnxgen.Model) -> None:
+def test_a_prompt_cache_keeps_each_adapters_caches_apart(lora_base: Path, lora_adapters: dict[str, Path], served: onnxgen.Model) -> None:
     """A cache kept after a call with one adapter holds that adapter's keys and values: a call with another adapter (or
     none) on the same text does not take it, and its text is what it gives without a prompt cache."""
-    cached = onnxgen.load(base, threads=1, adapters=adapters, prompt_cache_mib=16)
+    cached = onnxgen.load(lora_base, threads=1, adapters=lora_adapters, prompt_cache_mib=16)
     prompt = cached.tokenizer.encode(" ".join([PROMPTS[2]] * 8))[:48]
     cached.generate([prompt], max_new_tokens=4, adapter="one", **GREEDY)
     two = cached.runtime.adapter("two")
@@ -178,34 +155,34 @@ def test_scores_under_an_adapter_are_peft_s(served: onnxgen.Model, reference: An
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "fp16"])
-def test_quantized_lora_bases_keep_the_adapter_in_float(base: Path, adapters: dict[str, Path], tmp_path: Path, mode: str) -> None:
+def test_quantized_lora_bases_keep_the_adapter_in_float(lora_base: Path, lora_adapters: dict[str, Path], tmp_path: Path, mode: str) -> None:
     """Quantizing a LoRA base quantizes its weights and leaves the LoRA MatMuls, whose B is an input, as they are; the
     adapters then run on it (QLoRA's arrangement), changing its text as they change the fp32 base's."""
     from onnxgen.quantize import QuantizeOptions, quantize
 
-    made = quantize(base, tmp_path / mode, QuantizeOptions(mode=mode, max_ppl_increase=0.5), quiet=True)  # type: ignore[arg-type]
+    made = quantize(lora_base, tmp_path / mode, QuantizeOptions(mode=mode, max_ppl_increase=0.5), quiet=True)  # type: ignore[arg-type]
     graph = onnx.load(str(tmp_path / mode / "model.onnx"), load_external_data=False).graph
     lora = [n for n in graph.node if n.op_type == "MatMul" and n.input[1].endswith((".lora_A", ".lora_B"))]
     assert len(lora) == 2 * 4 * 2 and made["quantization"]["quantized_matrices"] == made["quantization"]["weight_matrices"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", AdapterWarning)  # the quantized folder records its parent's weights: the adapters' base
-        model = onnxgen.load(tmp_path / mode, threads=1, adapters=adapters)
+        model = onnxgen.load(tmp_path / mode, threads=1, adapters=lora_adapters)
     texts = {a: model.generate(PROMPTS[0], max_new_tokens=10, adapter=a, **GREEDY)[0].token_ids for a in ("one", "two", None)}
     assert len(set(map(tuple, texts.values()))) == 3
 
 
-def test_what_cannot_be_loaded_is_refused(base: Path, adapters: dict[str, Path], exported: Path, served: onnxgen.Model,
+def test_what_cannot_be_loaded_is_refused(lora_base: Path, lora_adapters: dict[str, Path], exported: Path, served: onnxgen.Model,
                                           tmp_path: Path) -> None:
     with pytest.raises(OptionsError, match="exported without --lora: it takes no LoRA adapters"):
-        onnxgen.load(exported, adapters={"one": adapters["one"]})
+        onnxgen.load(exported, adapters={"one": lora_adapters["one"]})
     with pytest.raises(ModelFolderError, match="is a LoRA adapter, not a model: load its base model with it"):
-        onnxgen.load(adapters["one"])
+        onnxgen.load(lora_adapters["one"])
     with pytest.raises(ModelFolderError, match="adapter 'x': .* is not a LoRA adapter folder"):
-        onnxgen.load(base, adapters={"x": exported})
+        onnxgen.load(lora_base, adapters={"x": exported})
     with pytest.raises(ModelFolderError, match="adapter 'x': model folder not found"):
-        onnxgen.load(base, adapters={"x": tmp_path / "nowhere"})
+        onnxgen.load(lora_base, adapters={"x": tmp_path / "nowhere"})
     with pytest.raises(OptionsError, match="adapters must be a dict of name to adapter folder"):
-        onnxgen.load(base, adapters=[adapters["one"]])  # type: ignore[arg-type]
+        onnxgen.load(lora_base, adapters=[lora_adapters["one"]])  # type: ignore[arg-type]
     with pytest.raises(OptionsError, match=r"adapter 'three' is not loaded \(loaded: 'one', 'two'\)"):
         served.generate("It", adapter="three")
     with pytest.raises(OptionsError, match="adapter must be an adapter's name"):
@@ -217,7 +194,7 @@ def test_what_cannot_be_loaded_is_refused(base: Path, adapters: dict[str, Path],
     deeper = make_checkpoint(tmp_path / "deeper", n_layer=3)  # an adapter of another model: a layer this one lacks
     export(str(make_adapter(deeper, tmp_path / "peft-deeper")), tmp_path / "deeper-adapter", ExportOptions(lora=True), quiet=True)
     with pytest.raises(ModelFolderError, match=r"has transformer\.h\.2\..*which this model's graph does not take"):
-        onnxgen.load(base, adapters={"deeper": tmp_path / "deeper-adapter"})
+        onnxgen.load(lora_base, adapters={"deeper": tmp_path / "deeper-adapter"})
 
 
 def test_what_cannot_run_apart_is_refused_at_export(checkpoint: Path, tmp_path: Path) -> None:
@@ -243,17 +220,17 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "onnxgen", *args], capture_output=True, text=True, timeout=300, check=False)
 
 
-def test_the_command_line_exports_and_runs_an_adapter(base: Path, peft_adapters: dict[str, Path], served: onnxgen.Model,
+def test_the_command_line_exports_and_runs_an_adapter(lora_base: Path, peft_adapters: dict[str, Path], served: onnxgen.Model,
                                                       tmp_path: Path) -> None:
     made = run_cli("export", str(peft_adapters["two"]), "-o", str(tmp_path / "two"), "--lora")
     assert made.returncode == 0 and f"--adapter {tmp_path / 'two'}" in made.stdout, made.stderr
     expected = served.generate(PROMPTS[0], max_new_tokens=8, adapter="two", **GREEDY)[0].text
-    out = run_cli("generate", PROMPTS[0], "--model", str(base), "--adapter", str(tmp_path / "two"), "--strategy", "greedy",
+    out = run_cli("generate", PROMPTS[0], "--model", str(lora_base), "--adapter", str(tmp_path / "two"), "--strategy", "greedy",
                   "--max-new-tokens", "8")
     assert out.returncode == 0 and out.stdout == expected + "\n", out.stderr
-    timed = run_cli("bench", "--model", str(base), "--adapter", str(tmp_path / "two"), "--new-tokens", "4", "--runs", "1", "--json")
+    timed = run_cli("bench", "--model", str(lora_base), "--adapter", str(tmp_path / "two"), "--new-tokens", "4", "--runs", "1", "--json")
     assert timed.returncode == 0 and json.loads(timed.stdout)["adapter"] == str(tmp_path / "two"), timed.stderr
-    two = run_cli("generate", "It", "--model", str(base), "--adapter", f"a={tmp_path / 'two'}", "--adapter", f"b={tmp_path / 'two'}")
+    two = run_cli("generate", "It", "--model", str(lora_base), "--adapter", f"a={tmp_path / 'two'}", "--adapter", f"b={tmp_path / 'two'}")
     assert two.returncode == 1 and two.stderr.strip() == "onnxgen: error: --adapter: one adapter for this command (serve and run-batch take several)"
     checked = run_cli("verify", "--model", str(tmp_path / "two"))
     assert checked.returncode == 0 and checked.stdout.strip() == f"{tmp_path / 'two'}: every file matches the manifest", checked.stderr
@@ -262,7 +239,7 @@ def test_the_command_line_exports_and_runs_an_adapter(base: Path, peft_adapters:
     (tmp_path / "two" / "adapter.onnx_adapter").write_bytes(bytes(data))
     broken = run_cli("verify", "--model", str(tmp_path / "two"))
     assert broken.returncode == 1 and "adapter.onnx_adapter does not match its sha256" in broken.stderr
-    wrong = run_cli("serve", "--model", str(base), "--name", "two", "--adapter", str(tmp_path / "two"), "--port", "1")
+    wrong = run_cli("serve", "--model", str(lora_base), "--name", "two", "--adapter", str(tmp_path / "two"), "--port", "1")
     assert wrong.returncode != 0 and "'two' is the model's own name here" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
@@ -290,16 +267,16 @@ def test_the_server_serves_each_adapter_as_a_model(served: onnxgen.Model) -> Non
     assert extra.status_code == 400 and extra.json()["error"]["message"] == "adapter is OpenAI's model here"
 
 
-def test_adapters_load_and_unload_while_the_model_serves(base: Path, adapters: dict[str, Path], served: onnxgen.Model) -> None:
+def test_adapters_load_and_unload_while_the_model_serves(lora_base: Path, lora_adapters: dict[str, Path], served: onnxgen.Model) -> None:
     """load_adapter and unload_adapter change what later calls may name; a stream already running with an adapter that
     is let go finishes with it, and a name loaded again with other weights is another adapter (its kept caches too)."""
-    model = onnxgen.load(base, threads=1, adapters={"one": adapters["one"]}, prompt_cache_mib=16)
+    model = onnxgen.load(lora_base, threads=1, adapters={"one": lora_adapters["one"]}, prompt_cache_mib=16)
     prompt = model.tokenizer.encode(" ".join([PROMPTS[2]] * 8))[:48]  # long enough for the prompt cache to keep
     expected = {a: served.generate([prompt], max_new_tokens=12, adapter=a, **GREEDY)[0].text for a in ("one", "two")}
-    model.load_adapter("two", adapters["two"])
-    assert model.adapters == adapters and model.generate([prompt], max_new_tokens=12, adapter="two", **GREEDY)[0].text == expected["two"]
+    model.load_adapter("two", lora_adapters["two"])
+    assert model.adapters == lora_adapters and model.generate([prompt], max_new_tokens=12, adapter="two", **GREEDY)[0].text == expected["two"]
     with pytest.raises(OptionsError, match="adapter 'two' is loaded already"):
-        model.load_adapter("two", adapters["one"])
+        model.load_adapter("two", lora_adapters["one"])
     stream = model.stream([prompt], max_new_tokens=12, adapter="one", **GREEDY)
     first = next(stream)
     model.unload_adapter("one")
@@ -308,21 +285,21 @@ def test_adapters_load_and_unload_while_the_model_serves(base: Path, adapters: d
         model.generate("It", adapter="one")
     with pytest.raises(OptionsError, match="adapter 'one' is not loaded"):
         model.unload_adapter("one")
-    model.load_adapter("one", adapters["two"])  # the name again, other weights: the old "one"'s kept cache is not its
+    model.load_adapter("one", lora_adapters["two"])  # the name again, other weights: the old "one"'s kept cache is not its
     assert model.generate([prompt], max_new_tokens=12, adapter="one", **GREEDY)[0].text == expected["two"]
 
 
-def test_the_server_loads_and_unloads_adapters_when_allowed(base: Path, adapters: dict[str, Path], exported: Path,
+def test_the_server_loads_and_unloads_adapters_when_allowed(lora_base: Path, lora_adapters: dict[str, Path], exported: Path,
                                                               served: onnxgen.Model) -> None:
     """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: an adapter loaded is a model requests name (listed, its
     answer generate's with it), one let go is a 404; a folder that is not an adapter, or the served model's own name, is
     a 400; without adapter_loading the routes do not exist."""
     from onnxgen.serve import create_app
 
-    model = onnxgen.load(base, threads=1)
+    model = onnxgen.load(lora_base, threads=1)
     app = create_app(model, "tiny", adapter_loading=True)
     ask = {"model": "sql", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0, "eos_token_id": None}
-    load = {"lora_name": "sql", "lora_path": str(adapters["two"])}
+    load = {"lora_name": "sql", "lora_path": str(lora_adapters["two"])}
 
     async def run(app: Any, *calls: tuple[str, dict[str, Any] | None]) -> list[httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as http:
@@ -343,10 +320,10 @@ def test_the_server_loads_and_unloads_adapters_when_allowed(base: Path, adapters
         create_app(onnxgen.load(exported, threads=1), "tiny", adapter_loading=True)
 
 
-def test_a_batchers_prompt_cache_and_guesses_keep_to_each_adapter(base: Path, adapters: dict[str, Path], served: onnxgen.Model) -> None:
+def test_a_batchers_prompt_cache_and_guesses_keep_to_each_adapter(lora_base: Path, lora_adapters: dict[str, Path], served: onnxgen.Model) -> None:
     """In the server's batcher, a request resumes from a kept row only of its own adapter (the kept row's copy brings
     the adapter with it); prompt lookup's passes of several positions run with the call's adapter too."""
-    model = onnxgen.load(base, threads=1, adapters=adapters, prompt_cache_mib=16)
+    model = onnxgen.load(lora_base, threads=1, adapters=lora_adapters, prompt_cache_mib=16)
     batcher = Batcher(model, max_batch=4)
     prompt = model.tokenizer.encode(" ".join([PROMPTS[2]] * 8))[:48]
     turns = [("one", prompt), ("two", [*prompt, 7, 9]), ("one", [*prompt, 7, 9]), (None, [*prompt, 7, 9])]
@@ -362,15 +339,15 @@ def test_a_batchers_prompt_cache_and_guesses_keep_to_each_adapter(base: Path, ad
         assert served.generate([ids], max_new_tokens=16, adapter=adapter, prompt_lookup_num_tokens=4, **GREEDY)[0].token_ids == plain
 
 
-def test_an_adapter_beside_other_weights_than_its_bases_is_warned_of(adapters: dict[str, Path], tmp_path: Path) -> None:
+def test_an_adapter_beside_other_weights_than_its_bases_is_warned_of(lora_adapters: dict[str, Path], tmp_path: Path) -> None:
     """The adapter's folder records its base's weights (a fingerprint), the model's folder its own: an adapter loaded
     beside a model of the same shapes but other weights (another fine-tune) runs, with an AdapterWarning; beside its
     own base, none (the quantized bases above too). The command line says it in a line."""
     other = make_checkpoint(tmp_path / "other", initializer_range=0.2)  # gpt2's shapes, other weights
     export(str(other), tmp_path / "other-base", ExportOptions(lora=True), quiet=True)
     with pytest.warns(AdapterWarning, match="adapter 'one' was trained on .*whose weights are not this model's"):
-        model = onnxgen.load(tmp_path / "other-base", threads=1, adapters={"one": adapters["one"]})
+        model = onnxgen.load(tmp_path / "other-base", threads=1, adapters={"one": lora_adapters["one"]})
     assert model.generate("It", max_new_tokens=2, adapter="one")  # it runs
-    said = run_cli("generate", "It", "--model", str(tmp_path / "other-base"), "--adapter", str(adapters["one"]), "--max-new-tokens", "2")
+    said = run_cli("generate", "It", "--model", str(tmp_path / "other-base"), "--adapter", str(lora_adapters["one"]), "--max-new-tokens", "2")
     assert said.returncode == 0 and said.stderr.startswith("onnxgen: warning: adapter 'one' was trained on"), said.stderr
     assert len(said.stderr.strip().splitlines()) == 1

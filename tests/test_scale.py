@@ -13,7 +13,6 @@ import ray
 
 import onnxgen
 
-from .test_lora import adapters, base, peft_adapters  # noqa: F401  (fixtures: a LoRA base and its adapters)
 from .test_serve import _free_port
 
 METRICS_PORT = _free_port()  # where the node's Ray exports the metrics of its workers (replicas included)
@@ -90,17 +89,17 @@ def test_ray_serve_deployment_answers_like_onnxgen_serve(local_ray: None, export
         serve.shutdown()
 
 
-def test_ray_serve_deployment_serves_lora_adapters(local_ray: None, base: Path, adapters: dict[str, Path]) -> None:
+def test_ray_serve_deployment_serves_lora_adapters(local_ray: None, lora_base: Path, lora_adapters: dict[str, Path]) -> None:
     """`adapters=NAME=DIR,...`: each replica loads them beside the base, and a request's "model" names one."""
     from ray import serve
 
     from onnxgen.scale import app
 
-    served = onnxgen.load(base, threads=1, adapters=adapters)
+    served = onnxgen.load(lora_base, threads=1, adapters=lora_adapters)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(app({"model_dir": str(base), "name": "tiny", "adapters": f"one={adapters['one']},{adapters['two']}"}),
+        serve.run(app({"model_dir": str(lora_base), "name": "tiny", "adapters": f"one={lora_adapters['one']},{lora_adapters['two']}"}),
                   name="onnxgen", route_prefix="/")
         for model, adapter in (("one", "one"), ("two", "two"), ("tiny", None)):
             r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
@@ -120,7 +119,9 @@ def test_replicas_take_as_many_requests_as_they_decode_rows(exported: Path) -> N
         "num_replicas": 3, "max_ongoing_requests": 12, "ray_actor_options": {"num_cpus": 2, "num_gpus": 0}}
     auto = replica_options("cpu", None, "auto", 6, Limits())
     assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 6, "target_ongoing_requests": 4} and "num_replicas" not in auto
-    from ray.serve.config import AutoscalingConfig  # Ray ignores keys it does not know: each must be one of its fields
+    from ray.serve.config import (
+        AutoscalingConfig,  # Ray ignores keys it does not know: each must be one of its fields
+    )
 
     assert set(auto["autoscaling_config"]) <= set(getattr(AutoscalingConfig, "model_fields", None) or AutoscalingConfig.__fields__)
     deployment(str(exported), num_replicas="auto", max_replicas=6)  # and takes their values: it checks them when made
