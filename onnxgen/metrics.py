@@ -65,6 +65,9 @@ class Metrics:
             self.requests.labels(outcome)
         self.prompt_tokens = counter("onnxgen_prompt_tokens", "Prompt tokens of the requests that ended")
         self.generation_tokens = counter("onnxgen_generation_tokens", "Tokens generated")
+        # Per LoRA adapter (a request's model naming one): what each fine-tune served, for those who share one base
+        self.adapter_requests = counter("onnxgen_adapter_requests", "Requests that ended with completions, by LoRA adapter", ("adapter",))
+        self.adapter_tokens = counter("onnxgen_adapter_generation_tokens", "Tokens generated, by LoRA adapter", ("adapter",))
         self.first_token = histogram("onnxgen_time_to_first_token_seconds", "From a request's start to its first token "
                                      "(beam search: none, its tokens come at its end)", FIRST_TOKEN_BUCKETS)
         self.duration = histogram("onnxgen_request_duration_seconds", "From a request's start to its end", DURATION_BUCKETS)
@@ -73,8 +76,9 @@ class Metrics:
         if ray:
             threading.Thread(target=_RayState(state).run, name="onnxgen-ray-metrics", daemon=True).start()
 
-    def tracked(self, deliver: Deliver, prompts: list[list[int]]) -> Deliver:
-        """`deliver` (a Job's), counting what passes through it for the request of `prompts`; its clock starts now."""
+    def tracked(self, deliver: Deliver, prompts: list[list[int]], adapter: str | None = None) -> Deliver:
+        """`deliver` (a Job's), counting what passes through it for the request of `prompts` (run with `adapter`); its
+        clock starts now."""
         start, first = time.perf_counter(), True
 
         def tracking(kind: str, value: Any) -> None:
@@ -83,7 +87,7 @@ class Metrics:
                 first = False
                 self.first_token.observe(time.perf_counter() - start)
             elif kind == "done":
-                self.finished(prompts, value[0], time.perf_counter() - start)
+                self.finished(prompts, value[0], time.perf_counter() - start, adapter)
             elif kind == "error":  # an option the model refused at the start is the request's fault, anything else ours
                 self.requests.labels("invalid" if isinstance(value, OnnxgenError) else "error").inc()
                 self.duration.observe(time.perf_counter() - start)
@@ -93,11 +97,14 @@ class Metrics:
 
         return tracking
 
-    def finished(self, prompts: list[list[int]], completions: list[Completion], seconds: float) -> None:
+    def finished(self, prompts: list[list[int]], completions: list[Completion], seconds: float, adapter: str | None = None) -> None:
         """A request that ended with completions (usage's prompt tokens: each prompt once, whatever its n)."""
         cancelled = any(c.finish_reason == "cancelled" for c in completions)
         self.requests.labels("cancelled" if cancelled else "completed").inc()
         self.generation_tokens.inc(sum(len(c.token_ids) for c in completions))
+        if adapter is not None:
+            self.adapter_requests.labels(adapter).inc()
+            self.adapter_tokens.labels(adapter).inc(sum(len(c.token_ids) for c in completions))
         self.prompt_tokens.inc(sum(len(p) for p in prompts))
         self.duration.observe(seconds)
 

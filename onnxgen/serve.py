@@ -301,7 +301,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         if body.max_tokens == 0:
             asked = [] if body.logprobs is not None else None
             done = [Completion("", [], "length", i, asked, asked) for i in range(len(prompts)) for _ in range(body.n)]
-            metrics.finished(prompts, done, time.perf_counter() - start)
+            metrics.finished(prompts, done, time.perf_counter() - start, options.adapter)
             return {**meta, "object": "text_completion", "choices": [_choice(model, body, prompts, c, i, echoed) for i, c in enumerate(done)],
                     "usage": _usage(prompts, done)}
         submitted = submit(prompts, options)
@@ -409,7 +409,8 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         """The request's job, queued for the batcher, and the channel its news come back by; or a 429."""
         channel: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        job = Job(prompts, options, metrics.tracked(lambda kind, value: loop.call_soon_threadsafe(channel.put_nowait, (kind, value)), prompts))
+        job = Job(prompts, options, metrics.tracked(lambda kind, value: loop.call_soon_threadsafe(channel.put_nowait, (kind, value)), prompts,
+                                                    options.adapter))
         try:
             batcher.submit(job)
         except Full as e:

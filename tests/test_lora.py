@@ -255,9 +255,12 @@ def test_the_server_serves_each_adapter_as_a_model(served: onnxgen.Model) -> Non
             asks = [{"model": m, "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "eos_token_id": None} for m in ("one", "tiny", "two")]
             replies = await asyncio.gather(*(http.post("/v1/completions", json=a) for a in asks))
             return [await http.get("/v1/models"), *replies, await http.post("/v1/completions", json={**asks[0], "model": "three"}),
-                    await http.post("/v1/completions", json={**asks[0], "model": "tiny", "adapter": "one"})]
+                    await http.post("/v1/completions", json={**asks[0], "model": "tiny", "adapter": "one"}), await http.get("/metrics")]
 
-    models, one, plain, two, unknown, extra = asyncio.run(run())
+    models, one, plain, two, unknown, extra, metrics = asyncio.run(run())
+    for adapter, reply in (("one", one), ("two", two)):  # what each fine-tune served, in the server's metrics
+        assert f'onnxgen_adapter_requests_total{{adapter="{adapter}"}} 1.0' in metrics.text
+        assert f'onnxgen_adapter_generation_tokens_total{{adapter="{adapter}"}} {float(reply.json()["usage"]["completion_tokens"])}' in metrics.text
     listed = {m["id"]: m for m in models.json()["data"]}
     assert set(listed) == {"tiny", "one", "two"} and listed["one"]["parent"] == "tiny" and listed["two"]["root"] == str(served.adapters["two"])
     for reply, adapter in ((one, "one"), (plain, None), (two, "two")):
