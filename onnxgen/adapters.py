@@ -68,6 +68,11 @@ class Lora:
                 raise OptionsError(f"adapter {name!r} is not loaded")
             self._feeds = {rows: feeds for rows, feeds in self._feeds.items() if all(a is None or a.name != name for a in rows)}
 
+    def folders(self) -> dict[str, Path]:
+        """The loaded adapters' folders by name, as they are now (another thread may load or unload one meanwhile)."""
+        with self._lock:
+            return {name: adapter.folder for name, adapter in self.adapters.items()}
+
     def get(self, name: str | None) -> Adapter | None:
         """The loaded adapter called `name` (None: none), or an OptionsError naming those loaded."""
         if name is None:

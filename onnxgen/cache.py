@@ -231,9 +231,10 @@ class DecodeStep:
             io.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(cache.capacity, dtype=np.int32))
 
     def run(self, ids: np.ndarray, positions: np.ndarray, seqlens: np.ndarray, total: int) -> np.ndarray:
-        adapters = tuple(self.cache.adapters[: self.rows])
-        if self.runtime.lora is not None and adapters != self.lora:
-            self.lora_feeds, self.lora = bind_lora(self.runtime, self.io, adapters), adapters
+        if self.runtime.lora is not None:  # a graph without LoRA inputs pays nothing for them at each step
+            adapters = tuple(self.cache.adapters[: self.rows])
+            if adapters != self.lora:
+                self.lora_feeds, self.lora = bind_lora(self.runtime, self.io, adapters), adapters
         self.ids.update_inplace(ids)
         self.positions.update_inplace(np.ascontiguousarray(positions))
         self.seqlens.update_inplace(seqlens)

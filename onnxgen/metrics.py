@@ -101,10 +101,11 @@ class Metrics:
         """A request that ended with completions (usage's prompt tokens: each prompt once, whatever its n)."""
         cancelled = any(c.finish_reason == "cancelled" for c in completions)
         self.requests.labels("cancelled" if cancelled else "completed").inc()
-        self.generation_tokens.inc(sum(len(c.token_ids) for c in completions))
+        generated = sum(len(c.token_ids) for c in completions)
+        self.generation_tokens.inc(generated)
         if adapter is not None:
             self.adapter_requests.labels(adapter).inc()
-            self.adapter_tokens.labels(adapter).inc(sum(len(c.token_ids) for c in completions))
+            self.adapter_tokens.labels(adapter).inc(generated)
         self.prompt_tokens.inc(sum(len(p) for p in prompts))
         self.duration.observe(seconds)
 

@@ -110,8 +110,7 @@ class Model:
     @property
     def adapters(self) -> dict[str, Path]:
         """The LoRA adapters loaded, name -> folder: a call's `adapter` option names one (a server's `model` field)."""
-        lora = self.runtime.lora
-        return {name: adapter.folder for name, adapter in lora.adapters.items()} if lora is not None else {}
+        return self.runtime.lora.folders() if self.runtime.lora is not None else {}
 
     def load_adapter(self, name: str, folder: str | Path) -> None:
         """Load a LoRA adapter folder beside the model (one exported with --lora) for later calls to name; the

@@ -57,12 +57,11 @@ def make_adapter(base: Path, folder: Path, seed: int = 1, **lora: Any) -> Path:
     """A LoRA adapter of `base` as peft saves one (adapter_config.json naming the base, the adapter's weights); its B
     matrices random, as after training (peft starts them at zero: an adapter that changes nothing would prove nothing)."""
     import peft
+    import torch
     from transformers import GPT2LMHeadModel
 
     lora = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"], **lora}
     model = peft.get_peft_model(GPT2LMHeadModel.from_pretrained(base), peft.LoraConfig(fan_in_fan_out=True, **lora))  # GPT-2's Conv1D
-    import torch
-
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
