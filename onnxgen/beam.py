@@ -1,7 +1,8 @@
 """Beam search, step for step the algorithm of transformers' `generate` (4.57), so results match it.
 
 Per prompt, `num_beams` running beams; each step looks at the best 2 x num_beams continuations so that
-enough stay alive when some end. Ended candidates compete for `num_beams` finished slots on their
+enough stay alive when some end (with do_sample, beam sampling: that many continuations drawn, without
+replacement, from the softmax of the beams' summed, warped log-probabilities). Ended candidates compete for `num_beams` finished slots on their
 length-penalised score; the search stops when no running beam can beat the finished ones (the
 `early_stopping` rule), when the finished slots are full (`early_stopping=True`), or at max_new_tokens.
 `BeamSearch` has the generator's nouns (generator.py); its steps return no events, since a beam revises
@@ -15,7 +16,7 @@ import time
 import numpy as np
 
 from . import logits
-from .decoding import Rows, Scoring
+from .decoding import Rows, Scoring, sample_distinct
 from .generator import Completion, Event, Stats, call_stats
 from .guidance import constraint
 from .options import GenerationOptions
@@ -40,9 +41,13 @@ class BeamSearch:
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.rules = StopRules.of(opts, self.start)
         self.eos = np.asarray(sorted(self.rules.eos), dtype=np.int64)
-        self.keep = max(2, 1 + len(self.eos)) * k  # candidates looked at per step
+        # Per beam, a token besides every end token: what the candidates looked at per step must hold, and what
+        # beam sampling's warpers leave at least (transformers' min_tokens_to_keep)
+        per_beam = max(2, 1 + len(self.eos))
+        self.keep = per_beam * k
+        self.rng = np.random.default_rng(opts.seed)
         # guidance.py: each new beam goes on from its parent's state
-        self.scoring = Scoring(opts, constraint(opts, tokenizer), tokenizer, vocab_size=runtime.vocab_size)
+        self.scoring = Scoring(opts, constraint(opts, tokenizer), tokenizer, self.rng, runtime.vocab_size, per_beam)
         self.top = runtime.top_k
         self.rows = Rows(runtime, [p for p in prompts for _ in range(k)], pad_id, opts.max_new_tokens, opts.adapter)
         self.top_n = opts.logprobs or 0
@@ -86,8 +91,8 @@ class BeamSearch:
         vocab = processed.shape[-1]
         scores = (processed.reshape(b, k, -1) + self.running_scores[:, :, None]).reshape(b, -1)
 
-        # The best `keep` continuations over all beams of each prompt, and what each one carries.
-        top = self.top(scores, self.keep)
+        # The best `keep` continuations over all beams of each prompt (or `keep` drawn), and what each one carries.
+        top = sample_distinct(scores, self.keep, self.rng) if opts.do_sample else self.top(scores, self.keep)
         top_scores = np.take_along_axis(scores, top, axis=-1)
         top_beams, top_tokens = top // vocab, top % vocab
         top_seqs, top_lp, top_alt = _take(self.running, top_beams), _take(self.running_lp, top_beams), _take(self.running_alt, top_beams)

@@ -33,6 +33,20 @@ def sample(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return tokens
 
 
+def sample_distinct(scores: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n different draws per row from softmax(scores), in the order drawn (beam sampling's, as transformers'
+    torch.multinomial without replacement): the n largest of score - log(E), E exponential, which is sampling
+    without replacement one draw after another (the Gumbel top-k trick), in one pass over the row: 3 ms for 4 beams
+    of GPT-2's vocabulary here, where the same with uniform numbers and two logs took 15. One random number per score,
+    so that a step takes as many of the call's random numbers whatever the filters left."""
+    # Drawn in float64: numpy's float32 exponentials are coarse near 0, where an unlikely token is drawn early
+    # (its second draws were 3 standard errors off over 10^5 rows); the log in float32 is twice as fast.
+    with np.errstate(divide="ignore"):  # an exponential of 0: that score's key is +inf, drawn first, as it should be
+        keys = scores - np.log(rng.standard_exponential(scores.shape).astype(np.float32))
+    top = np.argpartition(keys, keys.shape[-1] - n, axis=-1)[:, -n:]
+    return np.take_along_axis(top, np.argsort(-np.take_along_axis(keys, top, axis=-1), axis=-1, kind="stable"), axis=-1)
+
+
 class Rows:
     def __init__(self, runtime: Runtime, prompts: list[list[int]], pad_id: int, max_new_tokens: int, adapter: str | None = None) -> None:
         self.adapter = runtime.adapter(adapter)  # every row's LoRA adapter, as loaded when the call was made (or None)
@@ -120,12 +134,12 @@ class Scoring:
     that none of them can bring back a token it bans), then sampling's warpers."""
 
     def __init__(self, opts: GenerationOptions, constraint: Constraint | None = None, tokenizer: Tokenizer | None = None,
-                 rng: np.random.Generator | None = None, vocab_size: int = 0) -> None:
+                 rng: np.random.Generator | None = None, vocab_size: int = 0, keep: int = 1) -> None:
         breakers = None
         if opts.dry_multiplier > 0 and tokenizer is not None:  # the tokens that hold a breaker, over the model's whole vocabulary
             held = tokenizer.holding(tuple(opts.dry_sequence_breakers))
             breakers = np.concatenate([held, np.zeros(max(0, vocab_size - len(held)), bool)])
-        self.processors, self.warpers = logits.processors_for(opts, breakers), logits.warpers_for(opts, rng)
+        self.processors, self.warpers = logits.processors_for(opts, breakers), logits.warpers_for(opts, rng, keep)
         self.user = opts.logits_processors
         self.constraint = constraint
 

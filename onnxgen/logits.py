@@ -292,63 +292,65 @@ def kth_largest(row: np.ndarray, k: int) -> np.floating:
     return np.partition(row, len(row) - k)[len(row) - k]
 
 
-def top_p(p: float) -> Filter:
-    """Keep the smallest set of most likely tokens whose probability reaches p (always at least one)."""
+def top_p(p: float, keep: int = 1) -> Filter:
+    """Keep the smallest set of most likely tokens whose probability reaches p, and at least the `keep` most likely."""
 
     def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
         out = np.full_like(scores, -np.inf)
         for row in range(scores.shape[0]):
             kept = nucleus(scores[row], p)
             out[row, kept] = scores[row, kept]
+        if keep > 1:
+            out = np.where(scores >= _kth(scores, keep), scores, out)
         return out
 
     return apply
 
 
-def min_p(fraction: float) -> Filter:
+def min_p(fraction: float, keep: int = 1) -> Filter:
     """Keep the tokens at least `fraction` as likely as the row's most likely one (transformers' MinPLogitsWarper,
     llama.cpp's min-p): a cut that follows the model's confidence, where top-k's is fixed."""
 
     def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
         probs = softmax(scores)
-        return _below(scores, probs, np.float32(fraction) * probs.max(axis=-1, keepdims=True))
+        return _below(scores, probs, np.float32(fraction) * probs.max(axis=-1, keepdims=True), keep)
 
     return apply
 
 
-def typical_p(mass: float) -> Filter:
+def typical_p(mass: float, keep: int = 1) -> Filter:
     """Locally typical sampling (transformers' TypicalLogitsWarper): keep the tokens whose information content
-    is closest to the row's entropy, in that order, until they hold `mass` of the probability."""
+    is closest to the row's entropy, in that order, until they hold `mass` of the probability (at least `keep`)."""
 
     def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
         logp = log_softmax(scores)
         distance = np.abs(-logp - _entropy(logp))
         order = np.argsort(distance, axis=-1, kind="stable")
         cumulative = np.cumsum(softmax(np.take_along_axis(scores, order, axis=-1)), axis=-1, dtype=np.float64).astype(np.float32)
-        last = np.minimum(np.count_nonzero(cumulative < np.float32(mass), axis=-1), scores.shape[-1] - 1)
+        last = np.minimum(np.maximum(np.count_nonzero(cumulative < np.float32(mass), axis=-1), keep - 1), scores.shape[-1] - 1)
         cut = np.take_along_axis(np.take_along_axis(distance, order, axis=-1), last[:, None], axis=-1)
         return np.where(distance > cut, -np.inf, scores).astype(scores.dtype)
 
     return apply
 
 
-def epsilon_cutoff(epsilon: float) -> Filter:
-    """Drop the tokens less likely than `epsilon`, the most likely one always kept (transformers' EpsilonLogitsWarper)."""
+def epsilon_cutoff(epsilon: float, keep: int = 1) -> Filter:
+    """Drop the tokens less likely than `epsilon`, the `keep` most likely always kept (transformers' EpsilonLogitsWarper)."""
 
     def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
-        return _below(scores, softmax(scores), np.float32(epsilon))
+        return _below(scores, softmax(scores), np.float32(epsilon), keep)
 
     return apply
 
 
-def eta_cutoff(epsilon: float) -> Filter:
+def eta_cutoff(epsilon: float, keep: int = 1) -> Filter:
     """Drop the tokens less likely than min(epsilon, sqrt(epsilon) x exp(-entropy)): a cut that loosens where the row
     is flat (transformers' EtaLogitsWarper)."""
 
     def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
         logp = log_softmax(scores)
         eps = np.float32(epsilon)
-        return _below(scores, np.exp(logp), np.minimum(eps, np.sqrt(eps) * np.exp(-_entropy(logp))).astype(np.float32))
+        return _below(scores, np.exp(logp), np.minimum(eps, np.sqrt(eps) * np.exp(-_entropy(logp))).astype(np.float32), keep)
 
     return apply
 
@@ -359,10 +361,19 @@ def _entropy(logp: np.ndarray) -> np.ndarray:
         return -np.nansum(logp * np.exp(logp), axis=-1, keepdims=True)
 
 
-def _below(scores: np.ndarray, probs: np.ndarray, cut: np.floating | np.ndarray) -> np.ndarray:
-    """-inf for every token less likely than `cut`, except the row's most likely."""
-    drop = (probs < cut) & (scores < scores.max(axis=-1, keepdims=True))
+def _below(scores: np.ndarray, probs: np.ndarray, cut: np.floating | np.ndarray, keep: int = 1) -> np.ndarray:
+    """-inf for every token less likely than `cut`, except the row's `keep` most likely."""
+    drop = (probs < cut) & (scores < _kth(scores, keep))
     return np.where(drop, -np.inf, scores).astype(scores.dtype)
+
+
+def _kth(scores: np.ndarray, k: int) -> np.ndarray:
+    """Each row's k-th largest score, (rows, 1): the warpers keep the scores at or above it, as transformers'
+    min_tokens_to_keep (beam sampling keeps a token besides every end token per beam)."""
+    if k == 1:
+        return scores.max(axis=-1, keepdims=True)
+    at = scores.shape[-1] - min(k, scores.shape[-1])
+    return np.partition(scores, at, axis=-1)[:, at : at + 1]
 
 
 def nucleus(scores: np.ndarray, p: float) -> np.ndarray:
@@ -484,26 +495,26 @@ def processors_for(opts: GenerationOptions, breakers: np.ndarray | None = None) 
     return chain
 
 
-def warpers_for(opts: GenerationOptions, rng: np.random.Generator | None = None) -> list[Filter]:
-    """Sampling's reshaping of the distribution: temperature, top-k, top-p, min-p, typical-p, epsilon, eta, then XTC
-    (with `rng`, the call's random numbers; none of them without do_sample); then the renormalisation, if asked, for
-    every strategy."""
+def warpers_for(opts: GenerationOptions, rng: np.random.Generator | None = None, keep: int = 1) -> list[Filter]:
+    """Sampling's reshaping of the distribution: temperature, top-k, top-p, min-p, typical-p, epsilon, eta, each
+    leaving at least `keep` tokens (transformers' min_tokens_to_keep), then XTC (with `rng`, the call's random numbers;
+    none of them without do_sample); then the renormalisation, if asked, for every strategy."""
     chain: list[Filter] = []
     if opts.do_sample:
         if opts.temperature != 1.0:
             chain.append(temperature(opts.temperature))
         if opts.top_k > 0:
-            chain.append(top_k(opts.top_k))
+            chain.append(top_k(max(opts.top_k, keep)))
         if opts.top_p < 1.0:
-            chain.append(top_p(opts.top_p))
+            chain.append(top_p(opts.top_p, keep))
         if opts.min_p > 0.0:
-            chain.append(min_p(opts.min_p))
+            chain.append(min_p(opts.min_p, keep))
         if opts.typical_p < 1.0:
-            chain.append(typical_p(opts.typical_p))
+            chain.append(typical_p(opts.typical_p, keep))
         if opts.epsilon_cutoff > 0.0:
-            chain.append(epsilon_cutoff(opts.epsilon_cutoff))
+            chain.append(epsilon_cutoff(opts.epsilon_cutoff, keep))
         if opts.eta_cutoff > 0.0:
-            chain.append(eta_cutoff(opts.eta_cutoff))
+            chain.append(eta_cutoff(opts.eta_cutoff, keep))
         if opts.xtc_probability > 0.0:
             assert rng is not None, "XTC draws from the call's random numbers"
             chain.append(xtc(opts.xtc_probability, opts.xtc_threshold, rng))

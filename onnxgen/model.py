@@ -381,8 +381,6 @@ class TextGenerationPipeline:
         # models that are not GPT-2s) is not an option, then what pipeline() was given. A call's own go over these.
         own = {k: v for k, v in PIPELINE_DEFAULTS.items() if k != "max_new_tokens" or model.defaults.max_length is None}
         task = {k: v for k, v in model.folder.text_generation_params.items() if k != "prefix"}
-        if (options.get("num_beams") or task.get("num_beams") or model.defaults.num_beams) > 1:
-            del own["do_sample"]  # beams asked for stay beam search: onnxgen has no beam sampling, which transformers' would run
         self.defaults = model.defaults.with_overrides(**{**own, **task, **options})
 
     def __call__(self, text_inputs: str | list[str] | list[dict[str, Any]] | list[list[dict[str, Any]]],

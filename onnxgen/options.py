@@ -182,8 +182,6 @@ class GenerationOptions:
             raise OptionsError(f"top_k must be >= 0, got {self.top_k}")
         if self.num_beams < 1:
             raise OptionsError(f"num_beams must be at least 1, got {self.num_beams}")
-        if self.num_beams > 1 and self.do_sample:
-            raise OptionsError("beam search with sampling is not supported: use num_beams=1 with do_sample, or do_sample=False with beams")
         if self.num_return_sequences < 1:
             raise OptionsError(f"num_return_sequences must be at least 1, got {self.num_return_sequences}")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:

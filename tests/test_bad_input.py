@@ -56,7 +56,7 @@ BAD_OPTIONS: list[tuple[dict[str, Any], str]] = [
     ({"suppress_tokens": [-1]}, "suppress_tokens"), ({"suppress_tokens": list(range(400))}, "nothing is left"),
     ({"frequency_penalty": "high"}, "frequency_penalty"),
     ({"num_return_sequences": 0}, "num_return_sequences"), ({"num_beams": 2, "num_return_sequences": 5}, "num_return_sequences"),
-    ({"num_return_sequences": 2}, "greedy"), ({"do_sample": True, "num_beams": 2}, "beam search with sampling"),
+    ({"num_return_sequences": 2}, "greedy"),
     ({"num_beams": 2, "stop": ["x"]}, "stop strings"), ({"max_new_tokens": 10**6}, "context window"), ({"foo": 1}, "unknown"),
     ({"num_beams": 2, "stopping_criteria": [lambda ids, scores: True]}, "stopping_criteria are not supported with beam search"),
     ({"epsilon_cutoff": 1.0}, "epsilon_cutoff"), ({"epsilon_cutoff": -0.1}, "epsilon_cutoff"), ({"eta_cutoff": NAN}, "eta_cutoff"),

@@ -20,7 +20,7 @@ import onnxgen
 from onnxgen import logits
 from onnxgen.cache import DecodeStep
 from onnxgen.cache import InPlaceCache
-from onnxgen.decoding import sample
+from onnxgen.decoding import sample, sample_distinct
 from onnxgen.errors import ContextLengthError, ModelFolderError, OptionsError, ProviderError
 from onnxgen.options import GenerationOptions
 from onnxgen.tokenizer import TextStream, Tokenizer
@@ -111,6 +111,64 @@ def test_beam_search_with_ending_beams_matches_transformers(model: onnxgen.Model
     assert [c.token_ids for c in ours] == hf_generate(torch_model, PROMPTS, eos, do_sample=False, **kw)
 
 
+def _draws_like_ours(seed: int):  # type: ignore[no-untyped-def]
+    """A stand-in for torch.multinomial without replacement that draws as onnxgen's beam sampling does (one exponential
+    number per score, from numpy's generator of `seed`): transformers' beam sampling and onnxgen's then see the same
+    random numbers, and must agree on everything else, token for token."""
+    rng = np.random.default_rng(seed)
+
+    def multinomial(probs: torch.Tensor, num_samples: int, replacement: bool = False) -> torch.Tensor:
+        assert not replacement
+        exponential = rng.standard_exponential(tuple(probs.shape)).astype(np.float32)
+        with np.errstate(divide="ignore"):
+            keys = np.log(probs.double().numpy()) - np.log(exponential.astype(np.float64))
+        return torch.from_numpy(np.argsort(-keys, axis=-1, kind="stable")[:, :num_samples].copy())
+
+    return multinomial
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_beams=3, num_return_sequences=2, top_k=0),
+    dict(num_beams=4, num_return_sequences=3, temperature=0.6, top_k=20, top_p=0.9, length_penalty=0.5, early_stopping=True),
+    # cuts that leave a beam one token: min_tokens_to_keep's second one changes the text here
+    dict(num_beams=3, temperature=1.5, top_k=0, min_p=0.6, early_stopping="never"),
+    dict(num_beams=2, temperature=0.7, top_k=0, top_p=0.3),
+])
+def test_beam_sampling_matches_transformers(model: onnxgen.Model, torch_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch,
+                                            options: dict) -> None:
+    """num_beams with do_sample: transformers' beam sampling (warpers keeping a token besides the end token per beam,
+    2 x num_beams continuations drawn without replacement over all beams' summed scores, the beam bookkeeping of beam
+    search), here on the same random numbers: transformers' draw replaced by onnxgen's own (_draws_like_ours), whose
+    distribution test_sample_distinct_draws_without_replacement holds. A token the model often picks serves as eos."""
+    greedy = [t for c in model.generate(PROMPTS, max_new_tokens=15) for t in c.token_ids]
+    eos = int(np.bincount(greedy).argmax())
+    kw = dict(max_new_tokens=15, do_sample=True, **options)
+    ours = model.generate(PROMPTS, eos_token_id=eos, pad_token_id=eos, seed=7, **kw)
+    monkeypatch.setattr(torch, "multinomial", _draws_like_ours(7))
+    assert [c.token_ids for c in ours] == hf_generate(torch_model, PROMPTS, eos, **kw)
+    beams = [c.token_ids for c in model.generate(PROMPTS, eos_token_id=eos, pad_token_id=eos, do_sample=False,
+                                                  **{k: v for k, v in kw.items() if k != "do_sample"})]
+    assert [c.token_ids for c in ours] != beams  # sampling changed the beams
+    assert [c.token_ids for c in model.generate(PROMPTS, eos_token_id=eos, pad_token_id=eos, seed=7, **kw)] == [c.token_ids for c in ours]
+
+
+def test_sample_distinct_draws_without_replacement() -> None:
+    """sample_distinct's ordered draws follow sampling without replacement one draw after another: over 100,000 seeded
+    rows of 4 tokens, the first draw's frequencies are the probabilities, and the second's given the first are the
+    rest renormalised (within 0.01, over 2.5 standard errors); a banned (-inf) token is never drawn."""
+    probs = np.array([0.5, 0.3, 0.15, 0.05, 0.0])  # an unlikely token drawn first is where float32 exponentials fell short
+    with np.errstate(divide="ignore"):
+        scores = np.tile(np.log(probs).astype(np.float32), (100000, 1))
+    drawn = sample_distinct(scores, 3, np.random.default_rng(0))
+    assert not (drawn == 4).any() and all(len(set(row)) == 3 for row in drawn.tolist())
+    np.testing.assert_allclose(np.bincount(drawn[:, 0], minlength=5) / len(drawn), probs, atol=0.01)
+    for first in range(3):
+        given = drawn[drawn[:, 0] == first, 1]
+        rest = probs.copy()
+        rest[first] = 0
+        np.testing.assert_allclose(np.bincount(given, minlength=5) / len(given), rest / rest.sum(), atol=0.01)
+
+
 def test_eos_ends_a_row(model: onnxgen.Model) -> None:
     eos = model.defaults.eos_ids[0]
     first = model.generate(PROMPTS[0], max_new_tokens=1)[0].token_ids[0]
@@ -167,6 +225,25 @@ def test_filters_match_transformers(make, random_scores: np.ndarray) -> None:  #
     ref = _hf(getattr(lp, name)(*args), HISTORY, random_scores)
     np.testing.assert_allclose(ours, ref, rtol=1e-6)
     assert np.isneginf(ours).sum() == np.isneginf(ref).sum()
+
+
+@pytest.mark.parametrize(("ours", "name", "args", "keep"), [
+    (logits.top_p, "TopPLogitsWarper", (0.05,), 3),
+    (logits.min_p, "MinPLogitsWarper", (0.9,), 3),
+    (logits.typical_p, "TypicalLogitsWarper", (0.2,), 8),
+    (logits.typical_p, "TypicalLogitsWarper", (1e-4,), 3),
+    (logits.epsilon_cutoff, "EpsilonLogitsWarper", (0.5,), 3),
+    (logits.eta_cutoff, "EtaLogitsWarper", (0.2,), 8),
+])
+def test_warpers_keep_as_many_tokens_as_transformers(ours: Any, name: str, args: tuple, keep: int, random_scores: np.ndarray) -> None:
+    """min_tokens_to_keep (beam sampling's: a token besides every end token per beam), each warper set to keep fewer."""
+    import transformers.generation.logits_process as lp
+
+    got = ours(*args, keep)(random_scores, HISTORY, 5)
+    ref = _hf(getattr(lp, name)(*args, min_tokens_to_keep=keep), HISTORY, random_scores)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    assert np.isneginf(got).sum() == np.isneginf(ref).sum()
+    assert (np.isfinite(ours(*args)(random_scores, HISTORY, 5)).sum(axis=-1) < keep).any()  # without it, a row keeps fewer
 
 
 @pytest.mark.parametrize(("ours", "name", "args"), [
@@ -551,8 +628,10 @@ def test_pipeline_takes_options_for_every_call(exported: Path, model: onnxgen.Mo
     assert len(lengths("Call me", return_tensors=True, eos_token_id=None)[0]["generated_token_ids"]) == len(model.tokenizer.encode("Call me")) + 4
     with pytest.raises(OptionsError, match="unknown generation option.*torch_dtype"):
         onnxgen.pipeline("text-generation", model=exported, torch_dtype="float16")
-    beams = onnxgen.pipeline("text-generation", model=exported, num_beams=3, max_new_tokens=4)  # not the default's sampling
-    assert beams("Call me") == [{"generated_text": "Call me" + model.generate("Call me", num_beams=3, max_new_tokens=4)[0].text}]
+    # beams over the pipeline's sampling default: beam sampling at its temperature, as transformers' pipeline runs it
+    beams = onnxgen.pipeline("text-generation", model=exported, num_beams=3, max_new_tokens=4)
+    assert beams("Call me", seed=2) == [{"generated_text": "Call me" + model.generate(
+        "Call me", num_beams=3, max_new_tokens=4, do_sample=True, temperature=0.7, seed=2)[0].text}]
 
 
 def test_the_pipelines_defaults_are_transformers_pipelines(checkpoint: Path, exported: Path, tmp_path: Path) -> None:
@@ -569,9 +648,9 @@ def test_the_pipelines_defaults_are_transformers_pipelines(checkpoint: Path, exp
     config = json.loads((checkpoint / "config.json").read_text())
     cases = [({}, None), ({"max_length": 40, "temperature": 0.9, "do_sample": False, "top_k": 5}, None),
              ({"max_new_tokens": 12, "top_p": 0.8, "repetition_penalty": 1.3}, None),
-             ({}, {"do_sample": True, "max_length": 50}),
+             ({}, {"do_sample": True, "max_length": 50}), ({"num_beams": 3}, None),
              ({"max_length": 40}, {"do_sample": False, "max_length": 50, "temperature": 0.5})]
-    names = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+    names = ("do_sample", "num_beams", "temperature", "top_k", "top_p", "repetition_penalty")
     for generation, task in cases:
         for f in (source, folder):
             (f / "generation_config.json").write_text(json.dumps({**base, **generation}))

@@ -255,6 +255,14 @@ def test_response_format_holds_the_text_to_json(client: openai.OpenAI, model: on
 def test_beam_search_as_an_extra_field(client: openai.OpenAI, model: onnxgen.Model) -> None:
     out = client.completions.create(model="tiny", prompt="Call me", max_tokens=8, temperature=0, n=2, extra_body={"num_beams": 3})
     assert [c.text for c in out.choices] == [c.text for c in model.generate("Call me", max_new_tokens=8, num_beams=3, num_return_sequences=2)]
+    # beams at a temperature stay beam search (vLLM's); do_sample asks for beam sampling, at the request's temperature
+    assert client.completions.create(model="tiny", prompt="Call me", max_tokens=8, temperature=0.8, n=2,
+                                     extra_body={"num_beams": 3}).choices == out.choices
+    sampled = client.completions.create(model="tiny", prompt="Call me", max_tokens=8, temperature=1.5, n=2, seed=4,
+                                        extra_body={"num_beams": 3, "do_sample": True})
+    assert [c.text for c in sampled.choices] == [c.text for c in model.generate(
+        "Call me", max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=True, temperature=1.5, top_k=0, seed=4)]
+    assert [c.text for c in sampled.choices] != [c.text for c in out.choices]
 
 
 def test_prompt_lookup_as_an_extra_field(client: openai.OpenAI, model: onnxgen.Model) -> None:
