@@ -31,6 +31,7 @@ from .options import GenerationOptions, is_int
 from .runtime import Runtime
 from .stopping import StopRules
 from .tokenizer import TextStream, Tokenizer
+from .unconditional import Unconditional
 
 
 @dataclass
@@ -97,7 +98,8 @@ class Generator:
     """Greedy decoding and sampling; see the module's docstring."""
 
     def __init__(self, runtime: Runtime, tokenizer: Tokenizer, prompts: list[list[int]], prompt_index: list[int],
-                 opts: GenerationOptions, pad_id: int, guesser: PromptLookup | Assistant | None = None) -> None:
+                 opts: GenerationOptions, pad_id: int, guesser: PromptLookup | Assistant | None = None,
+                 unconditional: Unconditional | None = None) -> None:
         self.start = time.perf_counter()
         self.opts, self.pad_id, self.tokenizer = opts, pad_id, tokenizer
         self.prompt_index = prompt_index
@@ -114,6 +116,7 @@ class Generator:
         self.step_ends: list[float] = []  # perf_counter() after each forward
         self.guessed_tokens = self.guesses_taken = 0  # guesses run, and those chosen (Stats)
         self.guesser = guesser
+        self.unconditional = unconditional  # classifier-free guidance's twin rows (unconditional.py)
         self._streams = [TextStream(tokenizer) for _ in prompts]
         self._emitted = [0] * len(prompts)  # characters of each row's text already in events
 
@@ -171,10 +174,15 @@ class Generator:
         self.rows.release()
         if self.guesser is not None:
             self.guesser.release()
+        if self.unconditional is not None:
+            self.unconditional.release()
 
     def take(self, raw: np.ndarray) -> list[Event]:
         """A step after its forward: choose each row's token from `raw`, the scores the forward gave (rows,
-        vocab). step() runs the forward itself; a batcher runs one for the rows of several generators."""
+        vocab). step() runs the forward itself; a batcher runs one for the rows of several generators. With
+        classifier-free guidance, the unconditional rows' forward runs here, the call's own."""
+        if self.unconditional is not None:
+            raw = self.unconditional(raw)
         self.step_ends.append(time.perf_counter())
         return self._choose(raw)
 
@@ -194,6 +202,8 @@ class Generator:
         if len(reasons) < len(tokens):  # finished rows run on with padding
             tokens[[row for row in range(len(tokens)) if row not in reasons]] = self.pad_id
         self.rows.advance(tokens)
+        if self.unconditional is not None:
+            self.unconditional.advance(tokens)
         if self.rules.criteria:  # the caller's criteria see every row's tokens, the new one included
             for row in np.flatnonzero(self.rules.criteria_met(self.rows.input_ids, scores)).tolist():
                 if row in reasons and reasons[row] is None:

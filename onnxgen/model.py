@@ -23,6 +23,7 @@ from .lookup import PromptLookup
 from .options import MAX_LOGPROBS, GenerationOptions, is_int
 from .runtime import Provider, Runtime
 from .tokenizer import Tokenizer
+from .unconditional import Unconditional
 
 BUNDLED = Path(__file__).parent / "bundled" / "prose-mini"
 # Encoded by a model and its draft alike where they share a tokenizer: words, digits, punctuation, a non-ASCII letter.
@@ -237,8 +238,19 @@ class Model:
         if opts.num_beams > 1:
             return BeamSearch(self.runtime, self.tokenizer, ids, opts, self._pad_id(opts))
         n = opts.num_return_sequences
-        return Generator(self.runtime, self.tokenizer, [p for p in ids for _ in range(n)],
-                         [i for i in range(len(ids)) for _ in range(n)], opts, self._pad_id(opts), self._guesser(ids, opts))
+        rows = [p for p in ids for _ in range(n)]
+        return Generator(self.runtime, self.tokenizer, rows, [i for i in range(len(ids)) for _ in range(n)], opts,
+                         self._pad_id(opts), self._guesser(ids, opts), self._unconditional(rows, opts))
+
+    def _unconditional(self, rows: list[list[int]], opts: GenerationOptions) -> Unconditional | None:
+        """Classifier-free guidance's twin rows: each starts from the negative prompt, else from its row's prompt's last
+        token (transformers' default)."""
+        if not opts.guided:
+            return None
+        negative = None if opts.negative_prompt is None else self.prompt_ids(opts.negative_prompt, opts)[0]
+        assert opts.guidance_scale is not None
+        return Unconditional(self.runtime, [negative or row[-1:] for row in rows], self._pad_id(opts), opts.max_new_tokens,
+                             opts.guidance_scale, opts.adapter)
 
     def _guesser(self, ids: list[list[int]], opts: GenerationOptions) -> PromptLookup | Assistant | None:
         """Where a call's guesses come from (prompt lookup, a draft model), checked against the call."""
@@ -247,6 +259,8 @@ class Model:
             return None
         if len(ids) * opts.num_return_sequences != 1:
             raise OptionsError(f"{name} decodes one sequence a call, as in transformers: pass one prompt and num_return_sequences=1")
+        if opts.guided:
+            raise OptionsError(f"{name} and guidance_scale: a guess would need the unconditional rows' guesses too; use one of them")
         if not self.runtime.in_place:
             raise OptionsError(f"{name} needs a folder with the cache in place (the export default); {self.folder.path} was "
                                "exported with --growing-cache")

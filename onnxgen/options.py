@@ -29,7 +29,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 # defaults: a folder that sets one to something else gets a warning, not a silent difference.
 NOT_TAKEN = {"stop_strings": None, "num_beam_groups": 1, "diversity_penalty": 0.0,
              "penalty_alpha": None, "force_words_ids": None, "constraints": None, "forced_bos_token_id": None,
-             "guidance_scale": None, "token_healing": False, "dola_layers": None, "watermarking_config": None}
+             "token_healing": False, "dola_layers": None, "watermarking_config": None}
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 100.0
@@ -38,7 +38,8 @@ MAX_OPENAI_PENALTY = 2.0  # presence_penalty and frequency_penalty
 INTS = {"max_new_tokens", "min_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size", "num_assistant_tokens",
         "encoder_no_repeat_ngram_size", "dry_allowed_length", "dry_penalty_last_n"}
 OPTIONAL_INTS = {"pad_token_id", "seed", "logprobs", "prompt_lookup_num_tokens", "max_matching_ngram_size", "max_length", "min_length"}
-OPTIONAL_FLOATS = {"max_time"}
+OPTIONAL_FLOATS = {"max_time", "guidance_scale"}
+MAX_GUIDANCE_SCALE = 100.0
 FLOATS = {"temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "length_penalty", "repetition_penalty", "encoder_repetition_penalty",
           "presence_penalty", "frequency_penalty", "assistant_confidence_threshold", "dry_multiplier", "dry_base", "xtc_probability",
           "xtc_threshold"}
@@ -135,6 +136,13 @@ class GenerationOptions:
     json_schema: dict[str, Any] | str | None = None
     regex: str | None = None
     grammar: str | None = None
+    # Classifier-free guidance (transformers' guidance_scale and its generate's negative_prompt_ids; Sanchez et al.
+    # 2023): each step also runs the model on `negative_prompt` (text or token ids, for every row; by default each
+    # prompt's last token) followed by the tokens generated so far, and the log-probabilities become
+    # unconditional + guidance_scale x (conditional - unconditional): above 1 the text holds closer to its prompt and
+    # away from the negative one (a second pass a step). None or 1 is off; greedy decoding or sampling.
+    guidance_scale: float | None = None
+    negative_prompt: str | list[int] | None = None
     # A LoRA adapter the model was loaded with (onnxgen.load(..., adapters={name: folder})), by name: every row of the
     # call runs with it; None runs the base model.
     adapter: str | None = None
@@ -174,6 +182,13 @@ class GenerationOptions:
             start, factor = self.exponential_decay_length_penalty
             if start < 0 or not factor > 0:
                 raise OptionsError(f"exponential_decay_length_penalty must be (start >= 0, factor > 0), got {self.exponential_decay_length_penalty}")
+        if self.guidance_scale is not None and not 0 <= self.guidance_scale <= MAX_GUIDANCE_SCALE:
+            raise OptionsError(f"guidance_scale must be in [0, {MAX_GUIDANCE_SCALE}] (1 is off), got {self.guidance_scale}")
+        if self.negative_prompt is not None and not self.guided:
+            raise OptionsError("negative_prompt is classifier-free guidance's: give guidance_scale (other than 1) too")
+        if self.guided and self.num_beams > 1:
+            raise OptionsError("guidance_scale guides greedy decoding or sampling, not beam search (its second pass does not "
+                               "follow the beams, as in transformers)")
         if self.max_time is not None and not self.max_time > 0:
             raise OptionsError(f"max_time must be a number of seconds > 0, got {self.max_time}")
         if any(not words for words in self.bad_words_ids):
@@ -268,6 +283,11 @@ class GenerationOptions:
         return replace(self, max_new_tokens=new, min_new_tokens=least, max_length=None, min_length=None).validate()
 
     @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance is on."""
+        return self.guidance_scale is not None and self.guidance_scale != 1
+
+    @property
     def eos_ids(self) -> list[int]:
         return _ids(self.eos_token_id)
 
@@ -347,6 +367,12 @@ def _typed(name: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) and s for s in value):
             raise refuse("a list of non-empty strings")
         return list(value)
+    if name == "negative_prompt":
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, (list, tuple, np.ndarray)) or not all(is_int(t) for t in value):
+            raise refuse("text or a list of token ids")
+        return [int(t) for t in value]
     if name == "stop":
         stops = [] if value is None else [value] if isinstance(value, str) else value
         if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):

@@ -555,10 +555,11 @@ def test_generation_config_keys_onnxgen_does_not_take_are_warned_of(tmp_path: Pa
     with pytest.warns(onnxgen.IgnoredOptionWarning, match=r"sets num_beam_groups=2, stop_strings=\['x'\], which onnxgen does not take"):
         options = GenerationOptions.from_folder(tmp_path)
     assert options.do_sample and options.top_k == 7  # the keys it takes still count
-    (tmp_path / "generation_config.json").write_text(json.dumps({"max_length": 20, "num_beam_groups": 1, "eos_token_id": 3}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_length": 20, "num_beam_groups": 1, "eos_token_id": 3,
+                                                                 "guidance_scale": 1.5}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        GenerationOptions.from_folder(tmp_path)
+        assert GenerationOptions.from_folder(tmp_path).guided  # taken: classifier-free guidance
     line = cli._warning_line(onnxgen.IgnoredOptionWarning("a\n  b"), onnxgen.IgnoredOptionWarning, "options.py", 1)
     assert line == "onnxgen: warning: a b\n"
     assert "UserWarning" in cli._warning_line(UserWarning("other"), UserWarning, "x.py", 1)  # other libraries': Python's
@@ -699,6 +700,14 @@ def test_cli_generate(exported: Path, model: onnxgen.Model) -> None:
     assert len(result["completions"]) == 2 and result["stats"]["new_tokens"] > 0
     r = subprocess.run(base + ["--strategy", "top-p", "--top-p", "2"], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr == "onnxgen: error: top_p must be in (0, 1], got 2.0\n"
+    guided = model.generate("It is a truth", max_new_tokens=15, do_sample=False, guidance_scale=3.0, negative_prompt="Call me")[0].text
+    assert guided != expected
+    r = subprocess.run(base + ["--strategy", "greedy", "--guidance-scale", "3", "--negative-prompt", "Call me"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == guided + "\n", r.stderr
+    # a preset's do_sample with --num-beams: beam sampling
+    sampled = model.generate("It is a truth", max_new_tokens=15, seed=1, **onnxgen.STRATEGIES["top-k"] | {"num_beams": 3})[0].text
+    r = subprocess.run(base + ["--strategy", "top-k", "--num-beams", "3", "--seed", "1"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == sampled + "\n", r.stderr
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

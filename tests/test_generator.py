@@ -180,6 +180,47 @@ def test_sampled_logprobs_equal_transformers_warpers(model: onnxgen.Model, torch
     assert ours.top_logprobs == [{}] * len(ours.token_ids)
 
 
+@pytest.mark.parametrize(("scale", "negative"), [(1.5, None), (3.0, [7, 99, 150]), (0.5, [200, 201])])
+def test_classifier_free_guidance_equals_transformers(model: onnxgen.Model, torch_model: torch.nn.Module, scale: float,
+                                                      negative: list[int] | None) -> None:
+    """guidance_scale, with transformers' unconditional branch: each prompt's last token, or negative_prompt_ids (one
+    negative prompt for every row of a left-padded batch): greedy's tokens and each step's guided log-probabilities."""
+    eos = model.defaults.eos_ids[0]
+    options = dict(max_new_tokens=12, guidance_scale=scale)
+    ours = model.generate(PROMPTS, logprobs=0, negative_prompt=negative, **options)
+    theirs = {} if negative is None else {"negative_prompt_ids": torch.tensor([negative] * len(PROMPTS))}
+    scores, out = _transition_scores(torch_model, PROMPTS, eos, do_sample=False, **options, **theirs)
+    width = max(map(len, PROMPTS))
+    for row, c in enumerate(ours):
+        n = len(c.token_ids)
+        assert c.token_ids == out.sequences[row, width : width + n].tolist()
+        np.testing.assert_allclose(c.logprobs, scores[row, :n].numpy(), atol=2e-4)
+    assert [c.token_ids for c in ours] != [c.token_ids for c in model.generate(PROMPTS, max_new_tokens=12)]  # it guided
+
+
+def test_classifier_free_guidance_when_sampling(model: onnxgen.Model, torch_model: torch.nn.Module) -> None:
+    """Sampled tokens (numpy's draws, not torch's), each scored as transformers' guidance processor and warpers score
+    it; a negative prompt as text is its tokens; seeded calls repeat."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
+    from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
+
+    prompt, negative = PROMPTS[0], "It is a truth"
+    options = dict(max_new_tokens=10, do_sample=True, temperature=0.8, top_k=30, seed=3, eos_token_id=None, guidance_scale=2.0)
+    ours = model.generate([prompt], logprobs=0, negative_prompt=negative, **options)[0]
+    negative_ids = model.tokenizer.encode(negative)
+    assert model.generate([prompt], logprobs=0, negative_prompt=negative_ids, **options)[0] == ours
+    processors = LogitsProcessorList([UnbatchedClassifierFreeGuidanceLogitsProcessor(2.0, torch_model, torch.tensor([negative_ids])),
+                                      TemperatureLogitsWarper(0.8), TopKLogitsWarper(30)])
+    sequence = torch.tensor([prompt + ours.token_ids])
+    reference = []
+    with torch.no_grad():
+        raw = torch_model(sequence).logits[0, len(prompt) - 1 : -1]
+        for i, token in enumerate(ours.token_ids):
+            processed = processors(sequence[:, : len(prompt) + i], raw[i : i + 1].clone())
+            reference.append(torch.log_softmax(processed, dim=-1)[0, token].item())
+    np.testing.assert_allclose(ours.logprobs, reference, atol=2e-4)
+
+
 @pytest.mark.parametrize("processed", [{}, {"repetition_penalty": 1.5, "renormalize_logits": True}])
 def test_beam_scores_equal_transformers(model: onnxgen.Model, torch_model: torch.nn.Module, processed: dict) -> None:
     """Also with a processor that moves the scores, renormalised (the log-probabilities sum to 1 again); on the

@@ -265,6 +265,19 @@ def test_beam_search_as_an_extra_field(client: openai.OpenAI, model: onnxgen.Mod
     assert [c.text for c in sampled.choices] != [c.text for c in out.choices]
 
 
+def test_classifier_free_guidance_as_extra_fields(client: openai.OpenAI, model: onnxgen.Model) -> None:
+    """guidance_scale and negative_prompt: the request's twin rows run beside the server's shared step, the same
+    text as model.generate, also with another request in the same steps."""
+    guided = {"guidance_scale": 2.5, "negative_prompt": "It is a truth"}
+    expected = [c.text for c in model.generate(["Call me", "Once upon"], max_new_tokens=10, **guided)]
+    assert expected != [c.text for c in model.generate(["Call me", "Once upon"], max_new_tokens=10)]
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(client.completions.create, model="tiny", prompt=["Call me", "Once upon"], max_tokens=10, temperature=0,
+                            extra_body=body) for body in (guided, {})]
+        assert [c.text for c in runs[0].result().choices] == expected
+        assert [c.text for c in runs[1].result().choices] == [c.text for c in model.generate(["Call me", "Once upon"], max_new_tokens=10)]
+
+
 def test_prompt_lookup_as_an_extra_field(client: openai.OpenAI, model: onnxgen.Model) -> None:
     """Run apart by the server (its steps write several positions of its row): plain decoding's text, streamed too."""
     prompt = "It is a truth. It is a truth. It is"
