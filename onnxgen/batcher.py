@@ -32,7 +32,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,9 +40,11 @@ from .beam import BeamSearch
 from .cache import InPlaceCache, SharedRows
 from .errors import OptionsError
 from .generator import Generator
-from .model import Model
 from .options import GenerationOptions
 from .pages import small_pages
+
+if TYPE_CHECKING:  # model.py runs a batcher of its own for load(max_batch=N): it imports this module
+    from .model import Model
 
 
 @dataclass
@@ -79,6 +81,9 @@ class Occupancy:
     rows_busy: int  # rows of the shared cache in use
 
 
+IDLE_SECONDS = 1.0
+
+
 class Full(Exception):
     """The queue of waiting jobs is full."""
 
@@ -106,7 +111,10 @@ class Batcher:
         self.parts = 0  # parts of long prompts written
         self.resumed = 0  # jobs whose prompt's start came from a kept cache (prompt cache)
         self.cancelled_rows = 0  # rows ended because their client went away
-        threading.Thread(target=self._work, name="onnxgen-batcher", daemon=True).start()
+        # The worker thread runs while there is work, and ends after IDLE_SECONDS without any; the next job starts
+        # another. So a batcher nothing uses (with its model and cache) can be freed: a running thread would hold it.
+        self._lock = threading.Lock()  # between submit and a worker that is ending
+        self._worker: threading.Thread | None = None
 
     def _shared_cache(self) -> InPlaceCache:
         runtime = self.model.runtime
@@ -142,12 +150,13 @@ class Batcher:
         return all(np.array_equal(alone, together) for alone, together in zip(*runs))
 
     def submit(self, job: Job) -> None:
-        try:
+        with self._lock:
             if self._waiting.qsize() + len(self._apart_waiting) >= self._waiting.maxsize:
-                raise queue.Full
+                raise Full(f"{self._waiting.maxsize} requests are already waiting")
             self._waiting.put_nowait(job)
-        except queue.Full:
-            raise Full(f"{self._waiting.maxsize} requests are already waiting") from None
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="onnxgen-batcher", daemon=True)
+                self._worker.start()
 
     def occupancy(self) -> Occupancy:
         """The worker's state, read from another thread (metrics.py): each number as it was when read."""
@@ -156,8 +165,7 @@ class Batcher:
                          sum(holder is not None for holder in self._slots))
 
     def _work(self) -> None:
-        while True:
-            self._start_waiting()
+        while self._start_waiting():
             if self._apart is not None:
                 self._step_apart(self._apart)
             if self._prefilling:
@@ -168,8 +176,9 @@ class Batcher:
     def _can_share(self, job: Job) -> bool:
         return self.cache is not None and (job.options.seed is None or self.seeds_share) and job.rows <= self.max_batch
 
-    def _start_waiting(self) -> None:
-        """Start waiting jobs while there is room, oldest first; wait for one when nothing runs or waits to."""
+    def _start_waiting(self) -> bool:
+        """Start waiting jobs while there is room, oldest first; wait for one when nothing runs or waits to. False
+        when nothing came for IDLE_SECONDS: the worker ends."""
         joining: list[Job] = []
         room = sum(holder is None for holder in self._slots)
         while True:
@@ -178,9 +187,15 @@ class Batcher:
             if self._held is None:
                 busy = self._shared or self._prefilling or joining or self._apart is not None
                 try:
-                    self._held = self._waiting.get(block=not busy)
+                    self._held = self._waiting.get_nowait() if busy else self._waiting.get(timeout=IDLE_SECONDS)
                 except queue.Empty:
-                    break
+                    if busy:
+                        break
+                    with self._lock:  # a job submitted meanwhile is in the queue, or finds no worker and starts one
+                        if self._waiting.empty():
+                            self._worker = None
+                            return False
+                    continue
             job = self._held
             guesses = job.options.prompt_lookup_num_tokens is not None or job.options.assistant_model is not None
             if job.cancelled.is_set():
@@ -196,6 +211,7 @@ class Batcher:
                 joining.append(job)
         if joining:
             self._join(joining)
+        return True
 
     def _generator(self, job: Job, shared: bool = False) -> Generator | BeamSearch | None:
         """The job's generator; in the shared rows without guesses (their steps run one token a row: the same text)."""

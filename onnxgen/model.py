@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import math
+import queue
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Generator as GeneratorType
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from .assistant import Assistant
+from .batcher import Batcher, Full, Job
 from .beam import BeamSearch
 from .chat import ChatTemplate
-from .errors import ContextLengthError, ModelFolderError, OptionsError, PerformanceWarning
+from .errors import ContextLengthError, ModelFolderError, OnnxgenError, OptionsError, PerformanceWarning
 from .folder import MANIFEST, ModelFolder
 from .generator import Completion, Event, Generator, Stats, token_logprobs
 from .lookup import PromptLookup
@@ -26,6 +29,8 @@ from .tokenizer import Tokenizer
 from .unconditional import Unconditional
 
 BUNDLED = Path(__file__).parent / "bundled" / "prose-mini"
+# load(max_batch=N): calls that wait for the batcher beyond those decoding; past this a call is refused (OnnxgenError)
+WAITING_CALLS = 1024
 # Encoded by a model and its draft alike where they share a tokenizer: words, digits, punctuation, a non-ASCII letter.
 _PROBE = "The 1,024 quick brown foxes — naïvely — jumped: 'over' the lazy dogs!"
 
@@ -82,7 +87,8 @@ class Score:
 class Model:
     def __init__(self, path: Path, provider: Provider = "cpu", threads: int | None = None, verify: bool = False,
                  mapped_weights: bool = False, cuda_graph: bool = False, spinning: bool = True, prompt_cache_mib: int = 0,
-                 chat_template: str | None = None, adapters: dict[str, str | Path] | None = None) -> None:
+                 chat_template: str | None = None, adapters: dict[str, str | Path] | None = None,
+                 max_batch: int | None = None) -> None:
         self.folder = ModelFolder.read(path)
         if chat_template is not None and not isinstance(chat_template, str):
             raise OptionsError(f"chat_template is a Jinja template's text, got {type(chat_template).__name__}")
@@ -98,6 +104,16 @@ class Model:
         self.defaults = GenerationOptions.from_folder(path)
         self.runtime = Runtime(self.folder, provider, threads, mapped_weights, cuda_graph, spinning, prompt_cache_mib, adapters)
         self._calls = threading.local()  # each thread's latest finished call, for last_stats
+        self._batcher = None if max_batch is None else self._batching(max_batch)
+
+    def _batching(self, max_batch: int) -> Batcher:
+        """load(max_batch=N): generate and stream calls go through the server's continuous batcher (batcher.py)."""
+        if not (is_int(max_batch) and max_batch >= 1):
+            raise OptionsError(f"max_batch must be an integer >= 1 (or None: each call runs alone), got {max_batch!r}")
+        if not self.runtime.in_place:
+            raise OptionsError(f"max_batch: {self.folder.path} was exported with --growing-cache, whose rows share one width: "
+                               "calls could not join each other's steps (export it again without --growing-cache)")
+        return Batcher(self, max_batch, WAITING_CALLS)
 
     def __repr__(self) -> str:
         """What a notebook shows: the folder, its weights (and cache where quantized), shape and device."""
@@ -232,9 +248,16 @@ class Model:
                   **overrides: Any) -> Generator | BeamSearch:
         """The decode loop for these prompts, for the caller to drive (see generator.py); options and
         prompts are checked now. Rows go prompt by prompt, num_return_sequences rows each."""
+        return self._made(*self._call(prompts, options, overrides))
+
+    def _call(self, prompts: Prompt | Sequence[Prompt], options: GenerationOptions | None,
+              overrides: dict[str, Any]) -> tuple[list[list[int]], GenerationOptions]:
+        """A call's prompts as token ids and its options, checked, its lengths worked out from its prompts."""
         opts = self.options(options, **overrides)
         ids = self.prompt_ids(prompts, opts)
-        opts = opts.for_prompts(max(len(p) for p in ids))
+        return ids, opts.for_prompts(max(len(p) for p in ids))
+
+    def _made(self, ids: list[list[int]], opts: GenerationOptions) -> Generator | BeamSearch:
         if opts.num_beams > 1:
             return BeamSearch(self.runtime, self.tokenizer, ids, opts, self._pad_id(opts))
         n = opts.num_return_sequences
@@ -284,7 +307,10 @@ class Model:
 
     def generate(self, prompts: Prompt | Sequence[Prompt], options: GenerationOptions | None = None, **overrides: Any) -> list[Completion]:
         """Generate for one or many prompts; returns num_return_sequences completions per prompt, in order."""
-        generator = self.generator(prompts, options, **overrides)
+        ids, opts = self._call(prompts, options, overrides)
+        generator = self._made(ids, opts)
+        if self._batcher is not None:
+            return _result(self._batched(generator, ids, opts))
         while not generator.done:
             generator.step()
         self._calls.stats = generator.stats
@@ -293,15 +319,43 @@ class Model:
     def stream(self, prompts: Prompt | Sequence[Prompt], options: GenerationOptions | None = None, **overrides: Any) -> Iterator[Event]:
         """Yield every row's new text as it is decoded, one Event (a str, tagged with its row) per row and
         step; stop iterating to cancel. Options are checked now, before the first piece is asked for."""
-        generator = self.generator(prompts, options, **overrides)
+        ids, opts = self._call(prompts, options, overrides)
+        generator = self._made(ids, opts)
         if isinstance(generator, BeamSearch):
             raise OptionsError("stream() cannot stream beam search, which revises earlier tokens: use generate()")
-        return self._stream(generator)
+        return self._stream(generator) if self._batcher is None else self._batched(generator, ids, opts)
 
     def _stream(self, generator: Generator) -> Iterator[Event]:
         while not generator.done:
             yield from generator.step()
         self._calls.stats = generator.stats
+
+    def _batched(self, checked: Generator | BeamSearch, ids: list[list[int]],
+                 opts: GenerationOptions) -> GeneratorType[Event, None, list[Completion]]:
+        """A call through load(max_batch)'s batcher, which makes a generator of its own from the same prompts and
+        options (`checked`, made from them to check the call as it would run alone, runs nothing): its events,
+        then its completions as the iterator's return value. Handed over at the first next(); stopping early
+        cancels it."""
+        checked.cancel()
+        assert self._batcher is not None
+        news: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        job = Job(ids, opts, lambda kind, value: news.put((kind, value)))
+        try:
+            self._batcher.submit(job)
+        except Full as e:
+            raise OnnxgenError(f"{e}: this model takes {WAITING_CALLS} calls waiting at once") from None
+        try:
+            while True:
+                kind, value = news.get()
+                if kind == "event":
+                    yield value[1]
+                elif kind == "error":
+                    raise value
+                else:  # "done" ("dropped" only follows a cancel, which ends the iteration first)
+                    completions, self._calls.stats = value
+                    return completions
+        finally:
+            job.cancelled.set()  # a caller that stopped iterating: its rows end at the batcher's next step
 
     # -- scoring ---------------------------------------------------------------------------------
     def score(self, texts: Prompt | Sequence[Prompt], top_logprobs: int = 0, stride: int | None = None,
@@ -347,7 +401,7 @@ class Model:
 
 def load(path: str | Path | None = None, provider: Provider = "cpu", threads: int | None = None, verify: bool = False,
          mapped_weights: bool = False, cuda_graph: bool = False, spinning: bool = True, prompt_cache_mib: int = 0,
-         chat_template: str | None = None, adapters: dict[str, str | Path] | None = None) -> Model:
+         chat_template: str | None = None, adapters: dict[str, str | Path] | None = None, max_batch: int | None = None) -> Model:
     """Load an onnxgen model folder; with no path, the small model that ships with onnxgen. `verify` also
     checks every file's sha256 against the manifest (a few seconds a GB). `mapped_weights` (CPU) maps the
     weights packed for this machine from a file (made at the first such load; prepacked.py) instead of packing
@@ -362,13 +416,26 @@ def load(path: str | Path | None = None, provider: Provider = "cpu", threads: in
     computes only the rest of its prompt; 0 (the default) keeps none. `chat_template`: a Jinja chat template (its
     text) that apply_chat_template, chat and the server use instead of the checkpoint's, or where it had none (vLLM's
     --chat-template). `adapters` (a model exported with --lora): LoRA adapter folders (`onnxgen export ADAPTER --lora`)
-    by the names calls give as their `adapter` option; every row of a batch may have its own."""
+    by the names calls give as their `adapter` option; every row of a batch may have its own. `max_batch` (a folder with
+    the cache in place): generate() and stream() calls made at once, from several threads, share steps, up to this
+    many rows decoding together, as the server's requests do (batcher.py: continuous batching; a call joins at the
+    next step); None (the default): each call runs on its own. A generator() loop is the caller's and runs alone."""
     if path is not None and not isinstance(path, (str, Path)):
         raise ModelFolderError(f"a model folder is a path (str or Path), got {type(path).__name__}")
     folder = Path(path) if path is not None else BUNDLED
     if path is None and not (folder / MANIFEST).is_file():
         raise ModelFolderError("this onnxgen install has no bundled model: pass a model folder")
-    return Model(folder, provider, threads, verify, mapped_weights, cuda_graph, spinning, prompt_cache_mib, chat_template, adapters)
+    return Model(folder, provider, threads, verify, mapped_weights, cuda_graph, spinning, prompt_cache_mib, chat_template, adapters,
+                 max_batch)
+
+
+def _result(events: GeneratorType[Event, None, list[Completion]]) -> list[Completion]:
+    """Run an iterator of events to its end: its return value."""
+    while True:
+        try:
+            next(events)
+        except StopIteration as done:
+            return done.value
 
 
 # transformers' text-generation pipeline generates with defaults of its own, over the model's: up to 256 new tokens,

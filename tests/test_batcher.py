@@ -10,6 +10,7 @@ import queue
 import re
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -426,3 +427,77 @@ def test_a_processor_that_raises_ends_its_own_request_only(model: onnxgen.Model)
         kind, value = stuck.get(timeout=60)
     assert kind == "error" and "no token to choose" in str(value)
     assert [c.token_ids for c in result(good)] == alone(model, ["It is a truth"], max_new_tokens=20, **GREEDY)
+
+
+# -- load(max_batch=N): the batcher in-process, under generate() and stream() ---------------------------------------
+
+def test_calls_from_threads_share_steps_with_each_ones_own_answer(exported: Path, model: onnxgen.Model) -> None:
+    """A model loaded with max_batch: calls made at once from several threads (greedy, seeded sampling, beams, a
+    stream) decode in shared steps, each answer what the model alone gives; each thread's last_stats is its own."""
+    batched = onnxgen.load(exported, threads=1, max_batch=4)
+    calls = [("generate", "It is a truth", {"max_new_tokens": 12, **GREEDY}),
+             ("generate", ["Call me", "Once upon a time"], {"max_new_tokens": 9, "do_sample": True, "seed": 4, "top_k": 20}),
+             ("generate", "The sea", {"max_new_tokens": 7, "num_beams": 2, "num_return_sequences": 2}),
+             ("stream", "Whales are", {"max_new_tokens": 10, **GREEDY})] * 3
+    barrier = threading.Barrier(len(calls))
+
+    def run(call: tuple[str, Any, dict[str, Any]]) -> tuple[Any, onnxgen.Stats | None]:
+        how, prompts, options = call
+        barrier.wait()
+        if how == "stream":
+            return "".join(batched.stream(prompts, **options)), batched.last_stats
+        return [c.token_ids for c in batched.generate(prompts, **options)], batched.last_stats
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        got = list(pool.map(run, calls))
+    for (how, prompts, options), (answer, stats) in zip(calls, got):
+        expected = model.generate(prompts, **options)
+        assert answer == ("".join(c.text for c in expected) if how == "stream" else [c.token_ids for c in expected])
+        assert stats is not None and stats.new_tokens == sum(len(c.token_ids) for c in expected)
+    batcher = batched._batcher
+    assert batcher is not None and batcher.jobs == len(calls) and batcher.joined > 0
+    assert batcher.steps < sum(options["max_new_tokens"] for _, _, options in calls)  # steps were shared
+
+
+def test_a_batched_call_is_checked_at_once_and_its_errors_reach_the_caller(exported: Path, exported_growing: Path) -> None:
+    batched = onnxgen.load(exported, threads=1, max_batch=2)
+    with pytest.raises(OptionsError, match="top_p"):
+        batched.stream("Hello", top_p=2.0)  # before the first piece is asked for, as without max_batch
+    with pytest.raises(OptionsError, match="cannot stream beam search"):
+        batched.stream("Hello", num_beams=2)
+    with pytest.raises(OptionsError, match=r"logits_processors\[0\] returned NoneType"):  # raised in the batcher's thread
+        batched.generate("Hello", max_new_tokens=3, logits_processors=[lambda ids, scores: None])
+    assert len(batched.generate("Hello", max_new_tokens=3)[0].token_ids) == 3  # and the batcher goes on
+    for path, max_batch, message in [(exported, 0, "max_batch must be an integer"), (exported, 2.5, "max_batch must be an integer"),
+                                     (exported_growing, 2, "growing-cache")]:
+        with pytest.raises(OptionsError, match=message):
+            onnxgen.load(path, threads=1, max_batch=max_batch)
+
+
+def test_a_stream_let_go_of_ends_its_rows_and_an_idle_batcher_lets_its_model_go(exported: Path) -> None:
+    """Closing a stream (or dropping it) cancels its rows at the next step; a batcher with nothing to do ends its
+    thread, so that a model nobody holds is freed, batcher and cache with it."""
+    import gc
+    import time
+    import weakref
+
+    from onnxgen.batcher import IDLE_SECONDS
+
+    batched = onnxgen.load(exported, threads=1, max_batch=2)
+    stream = batched.stream("Hello", max_new_tokens=100, eos_token_id=None)
+    next(stream)
+    stream.close()
+    batcher = batched._batcher
+    assert batcher is not None
+    deadline = time.monotonic() + 10
+    while batcher.cancelled_rows < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batcher.cancelled_rows == 1
+    time.sleep(IDLE_SECONDS + 0.5)
+    assert batcher._worker is None
+    assert batched.generate("Hello", max_new_tokens=2)  # a call after the idle end starts a worker again
+    time.sleep(IDLE_SECONDS + 0.5)
+    ref = weakref.ref(batched)
+    del batched, batcher
+    gc.collect()
+    assert ref() is None
