@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
 import math
 import queue
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from collections.abc import Generator as GeneratorType
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,35 +309,66 @@ class Model:
 
     def generate(self, prompts: Prompt | Sequence[Prompt], options: GenerationOptions | None = None, **overrides: Any) -> list[Completion]:
         """Generate for one or many prompts; returns num_return_sequences completions per prompt, in order."""
-        ids, opts = self._call(prompts, options, overrides)
-        generator = self._made(ids, opts)
-        if self._batcher is not None:
-            return _result(self._batched(generator, ids, opts))
-        while not generator.done:
-            generator.step()
-        self._calls.stats = generator.stats
-        return generator.completions()
+        return self._finished(_result(self._events(prompts, options, overrides)))
 
     def stream(self, prompts: Prompt | Sequence[Prompt], options: GenerationOptions | None = None, **overrides: Any) -> Iterator[Event]:
         """Yield every row's new text as it is decoded, one Event (a str, tagged with its row) per row and
         step; stop iterating to cancel. Options are checked now, before the first piece is asked for."""
+        events = self._events(prompts, options, overrides, streamed=True)
+        return self._streamed(events)
+
+    async def agenerate(self, prompts: Prompt | Sequence[Prompt], options: GenerationOptions | None = None,
+                        **overrides: Any) -> list[Completion]:
+        """generate() for asyncio: the call's steps run in worker threads, so the event loop stays free (with
+        load(max_batch), calls made at once share steps); a cancelled task ends its rows."""
+        events = self._events(prompts, options, overrides)
+        async for _ in _in_threads(events):
+            pass
+        return self._finished(events.result)
+
+    async def astream(self, prompts: Prompt | Sequence[Prompt], options: GenerationOptions | None = None,
+                      **overrides: Any) -> AsyncIterator[Event]:
+        """stream() for asyncio (`async for piece in model.astream(...)`): as agenerate, piece by piece; stopping
+        early, or a cancelled task, ends the rows. Options are checked when the first piece is asked for."""
+        events = self._events(prompts, options, overrides, streamed=True)
+        async for event in _in_threads(events):
+            yield event
+        self._finished(events.result)
+
+    def _streamed(self, events: Events) -> Iterator[Event]:
+        yield from events
+        self._finished(events.result)
+
+    def _finished(self, result: tuple[list[Completion], Stats] | None) -> list[Completion]:
+        """A call's completions; its timings become this thread's last_stats."""
+        assert result is not None
+        self._calls.stats = result[1]
+        return result[0]
+
+    def _events(self, prompts: Prompt | Sequence[Prompt], options: GenerationOptions | None, overrides: dict[str, Any],
+                streamed: bool = False) -> Events:
+        """A call's events, run alone or through load(max_batch)'s batcher; its completions and timings at the end."""
         ids, opts = self._call(prompts, options, overrides)
         generator = self._made(ids, opts)
-        if isinstance(generator, BeamSearch):
+        if streamed and isinstance(generator, BeamSearch):
             raise OptionsError("stream() cannot stream beam search, which revises earlier tokens: use generate()")
-        return self._stream(generator) if self._batcher is None else self._batched(generator, ids, opts)
+        return Events(self._alone(generator) if self._batcher is None else self._batched(generator, ids, opts))
 
-    def _stream(self, generator: Generator) -> Iterator[Event]:
-        while not generator.done:
-            yield from generator.step()
-        self._calls.stats = generator.stats
+    @staticmethod
+    def _alone(generator: Generator | BeamSearch) -> GeneratorType[Event, None, tuple[list[Completion], Stats]]:
+        try:
+            while not generator.done:
+                yield from generator.step()
+        finally:
+            if not generator.done:  # a caller that stopped iterating: the cache goes back now
+                generator.cancel()
+        return generator.completions(), generator.stats
 
     def _batched(self, checked: Generator | BeamSearch, ids: list[list[int]],
-                 opts: GenerationOptions) -> GeneratorType[Event, None, list[Completion]]:
+                 opts: GenerationOptions) -> GeneratorType[Event, None, tuple[list[Completion], Stats]]:
         """A call through load(max_batch)'s batcher, which makes a generator of its own from the same prompts and
-        options (`checked`, made from them to check the call as it would run alone, runs nothing): its events,
-        then its completions as the iterator's return value. Handed over at the first next(); stopping early
-        cancels it."""
+        options (`checked`, made from them to check the call as it would run alone, runs nothing). Handed over at
+        the first next(); stopping early cancels it."""
         checked.cancel()
         assert self._batcher is not None
         news: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -352,8 +385,7 @@ class Model:
                 elif kind == "error":
                     raise value
                 else:  # "done" ("dropped" only follows a cancel, which ends the iteration first)
-                    completions, self._calls.stats = value
-                    return completions
+                    return value
         finally:
             job.cancelled.set()  # a caller that stopped iterating: its rows end at the batcher's next step
 
@@ -429,13 +461,53 @@ def load(path: str | Path | None = None, provider: Provider = "cpu", threads: in
                  max_batch)
 
 
-def _result(events: GeneratorType[Event, None, list[Completion]]) -> list[Completion]:
-    """Run an iterator of events to its end: its return value."""
-    while True:
+class Events:
+    """A call's events, one step's at a time; once they are all out, `result` holds its completions and timings (the
+    return value of the generator function that makes them)."""
+
+    def __init__(self, steps: GeneratorType[Event, None, tuple[list[Completion], Stats]]) -> None:
+        self._steps = steps
+        self.result: tuple[list[Completion], Stats] | None = None
+
+    def __iter__(self) -> Events:
+        return self
+
+    def __next__(self) -> Event:
         try:
-            next(events)
+            return next(self._steps)
         except StopIteration as done:
-            return done.value
+            self.result = done.value
+            raise
+
+    def close(self) -> None:
+        self._steps.close()
+
+
+def _result(events: Events) -> tuple[list[Completion], Stats] | None:
+    for _ in events:
+        pass
+    return events.result
+
+
+async def _in_threads(events: Events) -> AsyncIterator[Event]:
+    """`events`, each next() in a worker thread; let go of early (a break, a cancelled task), the call is closed,
+    which ends its rows, once the step in flight is over (a generator cannot be closed while it runs)."""
+    step: concurrent.futures.Future[Event | None] | None = None
+    try:
+        while True:
+            step = _STEPS.submit(next, events, None)
+            event = await asyncio.wrap_future(step)
+            if event is None:
+                return
+            yield event
+    finally:
+        if step is None or step.done():
+            events.close()
+        else:
+            step.add_done_callback(lambda _: events.close())
+
+
+_STEPS = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="onnxgen-async")  # agenerate's and astream's steps
 
 
 # transformers' text-generation pipeline generates with defaults of its own, over the model's: up to 256 new tokens,

@@ -368,3 +368,53 @@ def test_generator_stats_belong_to_the_call(model: onnxgen.Model) -> None:
     s = g.stats
     assert s.new_tokens == 15 and s.prompt_tokens == sum(map(len, PROMPTS)) and s.time_to_first_token_s > 0
     assert 0 < s.time_to_first_token_s <= s.total_s and s.decode_tokens_per_s > 0
+
+
+def test_agenerate_and_astream_leave_the_event_loop_free(exported: Path, model: onnxgen.Model) -> None:
+    """asyncio: the same answers as generate and stream, calls at once (sharing steps on a model loaded with max_batch),
+    the event loop ticking all the while; a task cancelled mid-stream ends its rows; bad options raise as usual."""
+    import asyncio
+
+    batched = onnxgen.load(exported, threads=1, max_batch=4)
+    prompts = ["It is a truth", "Call me", "Once upon a time"]
+    expected = [model.generate(p, max_new_tokens=15, eos_token_id=None)[0] for p in prompts]
+
+    async def main() -> None:
+        for m in (model, batched):
+            ticks = 0
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.001)
+                    ticks += 1
+
+            tick = asyncio.create_task(ticker())
+            got = await asyncio.gather(*[m.agenerate(p, max_new_tokens=15, eos_token_id=None) for p in prompts])
+            assert [g[0].token_ids for g in got] == [c.token_ids for c in expected]
+            streamed = [piece async for piece in m.astream(prompts[0], max_new_tokens=15, eos_token_id=None)]
+            assert "".join(streamed) == expected[0].text and m.last_stats is not None and m.last_stats.new_tokens == 15
+            tick.cancel()
+            assert ticks > 5  # the loop ran other work while the calls decoded
+            with pytest.raises(OptionsError, match="top_p"):
+                await m.agenerate("Hello", top_p=2.0)
+
+        started = asyncio.Event()
+
+        async def cut_short() -> None:
+            async for _ in batched.astream("Hello", max_new_tokens=100, eos_token_id=None):
+                started.set()
+                await asyncio.sleep(0.01)  # a slow reader: the call is still running when its task is cancelled
+
+        task = asyncio.create_task(cut_short())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):
+            if batched._batcher is not None and batched._batcher.cancelled_rows:
+                break
+            await asyncio.sleep(0.01)
+        assert batched._batcher is not None and batched._batcher.cancelled_rows == 1
+
+    asyncio.run(main())
