@@ -23,6 +23,7 @@ except ImportError:  # the embedding install (`pip install onnxgen onnxruntime`)
 
 from .errors import AdapterWarning, ContextLengthError, IgnoredOptionWarning, OnnxgenError, PerformanceWarning
 from .options import STRATEGIES
+from .tools import PARSERS
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="GPT-2 text generation on onnxruntime: export, quantize, generate, chat, serve, bench.")
@@ -451,6 +452,8 @@ def serve(
                                                   "/v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; behind --api-key)")] = False,
     stored_responses: Annotated[int, typer.Option(min=0, help="finished /v1/responses answers kept in memory for "
                                                   "previous_response_id and GET /v1/responses/ID (0: none)")] = 1000,
+    tool_call_parser: Annotated[str | None, typer.Option(help="hermes: the model writes tool calls as <tool_call>{...}</tool_call> "
+                                                         "(Hermes-style fine-tunes); tool_choice \"auto\" then reads them (vLLM's)")] = None,
 ) -> None:
     """Serve OpenAI's completions, chat completions and responses APIs over HTTP.
 
@@ -467,6 +470,8 @@ def serve(
 
     if (ssl_certfile is None) != (ssl_keyfile is None):
         fail("HTTPS needs both --ssl-certfile and --ssl-keyfile")
+    if tool_call_parser is not None and tool_call_parser not in PARSERS:
+        fail(f"--tool-call-parser: onnxgen reads {', '.join(PARSERS)}, not {tool_call_parser!r}")
     tls = _tls(ssl_certfile, ssl_keyfile) if ssl_certfile and ssl_keyfile else {}
     listening = _listen(host, port)
     if api_key is None and not ipaddress.ip_address(listening.getsockname()[0]).is_loopback:
@@ -481,7 +486,7 @@ def serve(
     draft = None if spinning else run(lambda: load(assistant_model, provider=provider, threads=threads, spinning=False))  # type: ignore[arg-type]
     app_ = run(lambda: create_app(loaded, name or folder.name, api_key, Limits(max_tokens=max_tokens, max_batch=max_batch, prefill_chunk=prefill_chunk),
                                   draft, allowed_origins=allowed_origin, adapter_loading=adapter_loading,
-                                  stored_responses=stored_responses))
+                                  stored_responses=stored_responses, tool_call_parser=tool_call_parser))
     where = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     print(f"serving {folder} as {name or folder.name!r} on http{'s' if tls else ''}://{where}:{port}/v1", file=sys.stderr)
     uvicorn.Server(uvicorn.Config(app_, log_level="warning", **tls)).run(sockets=[listening])

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import told
 from .generator import Completion
-from .tools import ToolCalls, ToolChoice
+from .tools import HermesCalls, ToolCalls, ToolChoice
 
 
 class ResponsesRequest(BaseModel):
@@ -176,7 +176,13 @@ class Reply:
 
     def whole(self, done: Completion) -> dict[str, Any]:
         status = "incomplete" if done.finish_reason in ("length", "time") else "completed"
-        if self.calls.schema is None:
+        if self.calls.auto is not None:  # the text outside the calls (if any) as a message, then the calls
+            parser = HermesCalls(self.calls.auto, self.calls.parallel)
+            news = parser.push(done.text) + parser.end()
+            content = "".join(n[1] for n in news if n[0] == "content")
+            items = ([_message(content, status, [] if parser.calls else self.scored(done) or [])] if content else [])
+            items += [_call(n[1], n[2], status) for n in news if n[0] == "call"]
+        elif self.calls.schema is None:
             items = [_message(done.text, status, self.scored(done) or [])]
         else:
             reader = ToolCalls(self.calls.named)
@@ -228,15 +234,37 @@ class Reply:
             return [event("response.function_call_arguments.done", item_id=item["id"], output_index=index, arguments=item["arguments"]),
                     event("response.output_item.done", output_index=index, item=item)]
 
+        def parsed(found: list[tuple[str, ...]]) -> list[str]:
+            """An "auto" reply's news (tools.py's HermesCalls): content into a message item, opened at its first text,
+            and each call an item of its own, whole."""
+            said: list[str] = []
+            for news_ in found:
+                if news_[0] == "content":
+                    if not items or items[-1]["type"] != "message":
+                        said += (closed("completed") if items else []) + opened(_message("", "in_progress"))
+                    items[-1]["content"][0]["text"] += news_[1]
+                    said.append(event("response.output_text.delta", item_id=items[-1]["id"], output_index=len(items) - 1,
+                                      content_index=0, delta=news_[1], logprobs=[]))
+                else:
+                    said += (closed("completed") if items else []) + opened(_call(news_[1], news_[2], "in_progress"))
+                    said.append(event("response.function_call_arguments.delta", item_id=items[-1]["id"], output_index=len(items) - 1,
+                                      delta=news_[2]))
+            return said
+
         yield event("response.created", response=self._response([], None))
         yield event("response.in_progress", response=self._response([], None))
         reader = ToolCalls(self.calls.named) if self.calls.schema is not None else None
-        if reader is None:
+        parser = HermesCalls(self.calls.auto, self.calls.parallel) if self.calls.auto is not None else None
+        if reader is None and parser is None:
             for said in opened(_message("", "in_progress")):
                 yield said
         async for kind, value in news:
             if kind == "event":
                 text = value[1].text
+                if parser is not None:
+                    for said in parsed(parser.push(text) + (parser.end() if value[1].finish_reason else [])):
+                        yield said
+                    continue
                 if reader is None:
                     part = items[-1]["content"][0]
                     part["text"] += text
@@ -259,6 +287,8 @@ class Reply:
             else:
                 done = value[0][0]
                 status = "incomplete" if done.finish_reason in ("length", "time") else "completed"
+                for said in parsed(parser.end()) if parser is not None else []:  # none left once its last piece came
+                    yield said
                 for said in closed(status) if items else []:
                     yield said
                 final = self._finished(self._response(items, done))

@@ -8,7 +8,8 @@
     POST /v1/chat/completions  messages (the model's chat template makes them the prompt text: chat.py), max_tokens or
                            max_completion_tokens, temperature, top_p, n, stop, seed, the penalties, logprobs and
                            top_logprobs, stream, response_format, tools with tool_choice "required", a named
-                           function or "none" (tools.py: the reply is then tool_calls; "auto" is a 400), and extra
+                           function or "none" (tools.py: the reply is then tool_calls; "auto" reads the calls a
+                           model writes, with --tool-call-parser hermes, else is a 400), and extra
                            fields as above; 400 for a model without a template
     POST /v1/responses     OpenAI's Responses API over the same (responses.py): input, instructions, max_output_tokens,
                            temperature, top_p, text.format, function tools and tool_choice, stream (its events),
@@ -62,7 +63,7 @@ from .metrics import Metrics
 from .model import Model
 from .responses import Reply, ResponsesRequest, Store, chat_request, input_items
 from .tokenizer import TextStream
-from .tools import ToolCalls, ToolChoice, tool_choice
+from .tools import PARSERS, HermesCalls, ToolCalls, ToolChoice, tool_choice
 
 
 @dataclass(frozen=True)
@@ -164,13 +165,17 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
 
 def create_app(model: Model, name: str, api_key: str | None = None, limits: Limits | None = None,
                draft: Model | None = None, ray_metrics: bool = False, allowed_origins: list[str] | None = None,
-               adapter_loading: bool = False, stored_responses: int = 1000) -> FastAPI:
+               adapter_loading: bool = False, stored_responses: int = 1000, tool_call_parser: str | None = None) -> FastAPI:
     """The app over `model`; `draft`: a draft model that requests ask for with "assistant_model": true;
     `ray_metrics`: a Ray Serve replica's app, whose requests Ray's metrics count too (metrics.py); `allowed_origins`:
     the web pages (scheme://host:port, or "*") whose scripts may call it from a browser (CORS); `adapter_loading`: LoRA
     adapters loaded and unloaded while it runs, by vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter;
-    `stored_responses`: how many finished /v1/responses answers are kept for previous_response_id (0: none)."""
+    `stored_responses`: how many finished /v1/responses answers are kept for previous_response_id (0: none);
+    `tool_call_parser`: the format ("hermes") in which the model writes tool calls, which makes tool_choice "auto"
+    possible (tools.py; vLLM's --tool-call-parser)."""
     limits = limits or Limits()
+    if tool_call_parser is not None and tool_call_parser not in PARSERS:
+        raise OptionsError(f"tool call parser {tool_call_parser!r}: onnxgen reads {', '.join(PARSERS)}")
     if adapter_loading and model.runtime.lora is None:
         raise OptionsError(f"adapter loading: {model.folder.path} takes no LoRA adapters (export the base with --lora)")
     batcher = Batcher(model, limits.max_batch, limits.max_queue, limits.prefill_chunk)
@@ -336,15 +341,20 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model or name}
         if body.stream:
             readers = [ToolCalls(calls.named) for _ in range(body.n)]
+            parsers = [HermesCalls(calls.auto, calls.parallel) for _ in range(body.n)] if calls.auto is not None else []
 
             def piece(index: int, text: str, source: Event | Completion) -> dict[str, Any]:
-                delta: dict[str, Any] = {"content": text} if text and calls.schema is None else {}
+                delta: dict[str, Any] = {"content": text} if text and calls.schema is None and calls.auto is None else {}
                 if calls.schema is not None and (news := readers[index].push(text)):
                     delta["tool_calls"] = [{"index": call, **({"id": _call_id(), "type": "function"} if name else {}),
                                             "function": {**({"name": name} if name else {}), "arguments": arguments}}
                                            for call, name, arguments in news]
+                if parsers:  # "auto": the text read for the format's calls
+                    before = parsers[index].calls
+                    delta = _parsed(parsers[index].push(text) + (parsers[index].end() if source.finish_reason else []), before)
+                called = bool(parsers) and parsers[index].calls > 0
                 return {"index": index, "delta": delta, "logprobs": _chat_logprobs(model, source),
-                        "finish_reason": _finish(source.finish_reason, calls)}
+                        "finish_reason": _finish(source.finish_reason, calls, called)}
 
             opening = [{"index": i, "delta": {"role": "assistant", "content": "" if calls.schema is None else None}, "logprobs": None,
                         "finish_reason": None} for i in range(body.n)]
@@ -352,8 +362,10 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         done = await ended(job, channel, request)
         if isinstance(done, JSONResponse):
             return done
-        choices = [{"index": i, "message": _message(c.text, calls), "logprobs": _chat_logprobs(model, c),
-                    "finish_reason": _finish(c.finish_reason, calls)} for i, c in enumerate(done)]
+        messages = [_message(c.text, calls) for c in done]
+        choices = [{"index": i, "message": message, "logprobs": _chat_logprobs(model, c),
+                    "finish_reason": _finish(c.finish_reason, calls, calls.auto is not None and bool(message.get("tool_calls")))}
+                   for i, (c, message) in enumerate(zip(done, messages))]
         return {**meta, "object": "chat.completion", "choices": choices, "usage": _usage(prompts, done)}
 
     @app.post("/v1/responses", response_model=None)
@@ -399,7 +411,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
     def start_chat(body: ChatRequest) -> tuple[Job, asyncio.Queue[tuple[str, Any]], list[list[int]], ToolChoice] | JSONResponse:
         """A chat request's job queued, with its channel, prompt and what tool_choice asks for; or why it was not."""
         try:
-            prompts, options, calls = _chat_input(model, body, limits, draft)
+            prompts, options, calls = _chat_input(model, body, limits, draft, tool_call_parser)
         except (OnnxgenError, ValueError) as e:
             return refused(error(400, str(e)))
         submitted = submit(prompts, options)
@@ -475,10 +487,11 @@ async def ended(job: Job, channel: asyncio.Queue[tuple[str, Any]], request: Requ
     return value[0]
 
 
-def _chat_input(model: Model, body: ChatRequest, limits: Limits, draft: Model | None) -> tuple[list[list[int]], Any, ToolChoice]:
+def _chat_input(model: Model, body: ChatRequest, limits: Limits, draft: Model | None,
+                parser: str | None) -> tuple[list[list[int]], Any, ToolChoice]:
     """A chat request as the completion it runs as: the template's prompt (tools included), onnxgen options (a tool
-    call's JSON as the constraint), and what tool_choice asks for."""
-    calls = tool_choice(body.tools, body.tool_choice, body.parallel_tool_calls)
+    call's JSON as the constraint), and what tool_choice asks for (`parser`: the server's for "auto")."""
+    calls = tool_choice(body.tools, body.tool_choice, body.parallel_tool_calls, parser)
     messages = [_template_message(m) for m in body.messages]
     prompt = model.tokenizer.encode(model.apply_chat_template(messages, add_generation_prompt=True, tools=body.tools))
     # OpenAI's default is as many tokens as the context leaves; the server's limit caps it
@@ -610,18 +623,39 @@ def _response_format(value: dict[str, Any] | None) -> dict[str, Any]:
     return {"json_schema": schema["schema"]}
 
 
-def _finish(reason: str | None, calls: ToolChoice | None = None) -> str | None:
-    """OpenAI's finish reasons: "length", "stop", and "tool_calls" where a "required" reply ends whole (a named
-    function's call ends with "stop", as OpenAI's does)."""
+def _finish(reason: str | None, calls: ToolChoice | None = None, called: bool = False) -> str | None:
+    """OpenAI's finish reasons: "length", "stop", and "tool_calls" where a "required" reply ends whole, or an "auto"
+    one that made calls (`called`) ends (a named function's call ends with "stop", as OpenAI's does)."""
     if reason is None:
         return None
     if reason in ("length", "time"):
         return "length"
-    return "tool_calls" if reason == "eos" and calls is not None and calls.schema is not None and calls.named is None else "stop"
+    required = calls is not None and calls.schema is not None and calls.named is None
+    return "tool_calls" if reason in ("eos", "stop") and (required and reason == "eos" or called) else "stop"
+
+
+def _parsed(news: list[tuple[str, ...]], before: int) -> dict[str, Any]:
+    """A chat delta of what an "auto" reply's reader found in a piece (tools.py's HermesCalls): its content, and each
+    call whole (the calls before it in the reply: `before`)."""
+    delta: dict[str, Any] = {}
+    content = "".join(news_[1] for news_ in news if news_[0] == "content")
+    if content:
+        delta["content"] = content
+    found = [news_ for news_ in news if news_[0] == "call"]
+    if found:
+        delta["tool_calls"] = [{"index": before + i, "id": _call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+                               for i, (_, name, arguments) in enumerate(found)]
+    return delta
 
 
 def _message(text: str, calls: ToolChoice) -> dict[str, Any]:
-    """A chat reply's message: its text, or the calls it makes (tools.py; arguments as far as they were written)."""
+    """A chat reply's message: its text, or the calls it makes (tools.py; arguments as far as they were written); an
+    "auto" reply's, the text outside its calls (None if none) and the calls."""
+    if calls.auto is not None:
+        reader = HermesCalls(calls.auto, calls.parallel)
+        delta = _parsed(reader.push(text) + reader.end(), 0)
+        return {"role": "assistant", "content": delta.get("content"), **({"tool_calls": [
+            {k: v for k, v in call.items() if k != "index"} for call in delta["tool_calls"]]} if "tool_calls" in delta else {})}
     if calls.schema is None:
         return {"role": "assistant", "content": text}
     reader = ToolCalls(calls.named)

@@ -1,7 +1,6 @@
 """Tool calls (OpenAI's `tools` and `tool_choice`): the reply held to a call's JSON, then read back as calls.
 
-A model is not asked to choose between text and a call in a format of its own ("auto", which needs a parser for
-each model family's format): the caller says which, as vLLM does without a tool parser.
+Where the caller says which, as vLLM does without a tool parser:
     "none"                                   text, as without tools (the template still sees them)
     {"type": "function", "function": {...}}  one call of that function: the reply is its arguments, JSON that
                                              its `parameters` schema allows
@@ -10,6 +9,11 @@ each model family's format): the caller says which, as vLLM does without a tool 
                                              parallel_tool_calls false), each item held to its tool's schema
 The constraint is guidance.py's json_schema, so the JSON is compact and its properties come in the schema's order:
 a call's name comes before its arguments, and `ToolCalls` can hand out each call's arguments as they are written.
+
+"auto" (OpenAI's default with tools) lets the model choose between text and calls in the format it was fine-tuned
+on, which a server reads only where it is started with a parser for it (vLLM's --tool-call-parser): "hermes", the
+format of Hermes-style fine-tunes (and Qwen's), each call a `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
+block in free text (`HermesCalls`). Without one, "auto" is refused, as vLLM refuses it.
 """
 
 from __future__ import annotations
@@ -24,18 +28,25 @@ NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": Fal
 ARGUMENTS_KEY = ',"parameters":'  # what ends a call's name in "required"'s compact JSON
 
 
+PARSERS = ("hermes",)  # the formats "auto" can read (a server's --tool-call-parser)
+
+
 @dataclass(frozen=True)
 class ToolChoice:
     """What a request's tools and tool_choice ask for: `schema` None is free text; `named` the one function the
-    whole reply calls (its arguments); neither: "required"'s list of calls."""
+    whole reply calls (its arguments); neither: "required"'s list of calls. `auto`: free text, read for calls in
+    the parser's format (the functions it may call, and whether more than one)."""
 
     schema: dict[str, Any] | None
     named: str | None = None
+    auto: tuple[str, ...] | None = None
+    parallel: bool = True
 
 
-def tool_choice(tools: list[dict[str, Any]] | None, choice: str | dict[str, Any] | None, parallel: bool = True) -> ToolChoice:
-    """The constraint that OpenAI's `tools`, `tool_choice` and `parallel_tool_calls` ask for; an OptionsError for what
-    cannot be done or is malformed."""
+def tool_choice(tools: list[dict[str, Any]] | None, choice: str | dict[str, Any] | None, parallel: bool = True,
+                parser: str | None = None) -> ToolChoice:
+    """The constraint that OpenAI's `tools`, `tool_choice` and `parallel_tool_calls` ask for, with the server's
+    `parser` for "auto" (None: "auto" is refused); an OptionsError for what cannot be done or is malformed."""
     functions = _functions(tools or [])
     if choice is None:
         choice = "auto" if functions else "none"
@@ -44,9 +55,11 @@ def tool_choice(tools: list[dict[str, Any]] | None, choice: str | dict[str, Any]
     if not functions:
         raise OptionsError("tool_choice names a call, but the request gives no tools")
     if choice == "auto":
-        raise OptionsError('tool_choice "auto" (OpenAI\'s default with tools) asks the model to choose between text and a call '
-                           'in a format of its own, which onnxgen does not read: give tool_choice "required", a function '
-                           '({"type": "function", "function": {"name": ...}}) or "none"')
+        if parser is None:
+            raise OptionsError('tool_choice "auto" (OpenAI\'s default with tools) asks the model to choose between text and a call '
+                               'in a format of its own, which this server reads only where started with --tool-call-parser (hermes): '
+                               'give tool_choice "required", a function ({"type": "function", "function": {"name": ...}}) or "none"')
+        return ToolChoice(None, auto=tuple(functions), parallel=parallel)
     if choice == "required":
         # Each schema's "$defs" go to the root, where its "#/$defs/..." references point once it is nested (pydantic's
         # schemas of nested models have them); one name defined two ways cannot be.
@@ -143,3 +156,74 @@ class ToolCalls:
             self._depth += 1
         elif ch in "}]":
             self._depth -= 1
+
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+
+@dataclass
+class HermesCalls:
+    """A reply in the Hermes format read as its text grows: what is outside the `<tool_call>...</tool_call>` blocks
+    is content; each block that holds {"name": one of `functions`, "arguments": {...}} (JSON) is a call; a block that
+    does not is content, as written. `push` gives each piece's news, ("content", text) and ("call", name,
+    arguments as JSON text), in order, and `end` the rest at the reply's end (an unclosed last block is read as if
+    closed: a reply cut at max_tokens inside a call ends there). Whitespace before a block, and at the end of a reply
+    with calls, is not content; held back until it is known, as is text that may be the start of a block."""
+
+    functions: tuple[str, ...]
+    parallel: bool = True  # False: the first call only, later blocks dropped
+    calls: int = 0  # calls given out
+    _text: str = ""  # read, not yet given out
+    _in_block: bool = False
+
+    def push(self, text: str) -> list[tuple[str, ...]]:
+        self._text += text
+        news: list[tuple[str, ...]] = []
+        while True:
+            if self._in_block:
+                end = self._text.find(CLOSE)
+                if end < 0:
+                    return news
+                news += self._block(self._text[:end])
+                self._text, self._in_block = self._text[end + len(CLOSE) :], False
+                continue
+            start = self._text.find(OPEN)
+            if start >= 0:
+                news += self._content(self._text[:start].rstrip())
+                self._text, self._in_block = self._text[start + len(OPEN) :], True
+                continue
+            held = _held(self._text)
+            news += self._content(self._text[: len(self._text) - held])
+            self._text = self._text[len(self._text) - held :]
+            return news
+
+    def end(self) -> list[tuple[str, ...]]:
+        text, self._text = self._text, ""
+        if self._in_block:
+            self._in_block = False
+            return self._block(text, closed=False)
+        return self._content(text.rstrip() if self.calls else text)
+
+    def _content(self, text: str) -> list[tuple[str, ...]]:
+        return [("content", text)] if text else []
+
+    def _block(self, body: str, closed: bool = True) -> list[tuple[str, ...]]:
+        try:
+            call = json.loads(body)
+        except ValueError:
+            call = None
+        arguments = call.get("arguments", {}) if isinstance(call, dict) else None
+        if not (isinstance(call, dict) and call.get("name") in self.functions and isinstance(arguments, dict)):
+            return self._content(OPEN + body + (CLOSE if closed else ""))
+        if self.calls and not self.parallel:
+            return []
+        self.calls += 1
+        return [("call", call["name"], json.dumps(arguments))]
+
+
+def _held(text: str) -> int:
+    """How many characters at the end of `text` are held back: trailing whitespace, and before it what may be the
+    start of a block's tag."""
+    partial = next((n for n in range(min(len(OPEN) - 1, len(text)), 0, -1) if OPEN.startswith(text[-n:])), 0)
+    body = text[: len(text) - partial]
+    return partial + len(body) - len(body.rstrip())

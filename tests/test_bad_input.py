@@ -318,6 +318,7 @@ CLI_CASES: list[tuple[list[str], int, str]] = [
     (["serve", "--port", "70000"], 2, "--port"),  # was taken: "serving ... on :70000"
     (["serve", "--port", "0"], 2, "--port"),
     (["serve", "--max-tokens", "0"], 2, "--max-tokens"),
+    (["serve", "--tool-call-parser", "mistral"], 1, "--tool-call-parser: onnxgen reads hermes, not 'mistral'"),
     (["export", "/nope", "-o", "/tmp/onnxgen-never"], 1, "no such folder"),
     (["generate", "x", "--threads", "1000000"], 1, "threads"),
     (["generate", "x", "--threads", "-1"], 1, "threads"),

@@ -688,3 +688,98 @@ def test_tokenize_takes_a_chats_messages(chat_server: tuple[str, str], chat_fold
     for body in ({}, {"prompt": "Hi", "messages": messages}):
         wrong = httpx.post(chat_server[0] + "/tokenize", json=body)
         assert wrong.status_code == 400 and "give prompt or messages" in wrong.json()["error"]["message"]
+
+
+def test_hermes_calls_are_read_the_same_whatever_the_pieces() -> None:
+    """tools.HermesCalls ("auto" with --tool-call-parser hermes): content outside the <tool_call> blocks, each block of a
+    known function a call, read alike piece by piece (a character, a few, all at once); whitespace before a block and
+    at the end of a reply with calls is no content; a block that is not a call stays content; an unclosed last
+    block is read as if closed; parallel false keeps the first call."""
+    from onnxgen.tools import HermesCalls
+
+    def read(text: str, size: int, **kw: Any) -> list[tuple[str, ...]]:
+        reader, news = HermesCalls(("get_weather", "now"), **kw), []
+        for at in range(0, len(text), size):
+            news += reader.push(text[at : at + size])
+        news += reader.end()
+        merged: list[tuple[str, ...]] = []
+        for item in news:
+            if item[0] == "content" and merged and merged[-1][0] == "content":
+                merged[-1] = ("content", merged[-1][1] + item[1])
+            else:
+                merged.append(item)
+        return merged
+
+    two = 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n<tool_call>{"name":"now","arguments":{}}</tool_call>\n'
+    cases = [
+        (two, {}, [("content", "Let me look."), ("call", "get_weather", '{"city": "Paris"}'), ("call", "now", "{}")]),
+        (two, {"parallel": False}, [("content", "Let me look."), ("call", "get_weather", '{"city": "Paris"}')]),
+        ("No call here, <tool> tags \n", {}, [("content", "No call here, <tool> tags \n")]),
+        ('<tool_call>{"name": "fly", "arguments": {}}</tool_call>', {}, [("content", '<tool_call>{"name": "fly", "arguments": {}}</tool_call>')]),
+        ('<tool_call>{"name": "now"', {}, [("content", '<tool_call>{"name": "now"')]),
+        ('<tool_call>{"name": "now", "arguments": {"a": [1, 2]}}', {}, [("call", "now", '{"a": [1, 2]}')]),
+        ('<tool_call>{"name": "now"}</tool_call> Done.', {}, [("call", "now", "{}"), ("content", " Done.")]),
+    ]
+    for text, options, expected in cases:
+        for size in (1, 2, 5, len(text)):
+            assert read(text, size, **options) == expected, (text, size)
+
+
+@pytest.fixture(scope="module")
+def hermes_server(chat_folder: Path) -> Iterator[str]:
+    """The chat folder served with --tool-call-parser hermes."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from onnxgen.serve import create_app
+
+    from .test_serve import _free_port
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(onnxgen.load(chat_folder, threads=1), "tiny-chat", tool_call_parser="hermes"),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+
+
+# At most 59 tokens (a character each) after the 58 of the prompt: within the tiny model's context of 128
+HERMES_REPLY = r'Ok<tool_call>\{"name":"add","arguments":\{"a":5\}\}</tool_call>'
+
+
+def test_auto_reads_the_calls_a_model_writes_in_the_hermes_format(hermes_server: str) -> None:
+    """tool_choice "auto" (and OpenAI's default with tools) on a server started with --tool-call-parser hermes: the
+    reply's text outside its calls is the content and its calls are tool_calls, finish reason "tool_calls"; streamed,
+    the same content and calls; a reply without calls is text. The tiny model is held to a Hermes reply by a regex."""
+    client = _client(hermes_server)
+    for choice in ({"tool_choice": "auto"}, {}):
+        out = client.chat.completions.create(model="tiny-chat", messages=ASKED, tools=TOOLS, temperature=0, max_tokens=64,
+                                             extra_body={"regex": HERMES_REPLY}, **choice)
+        message = out.choices[0].message
+        assert message.content == "Ok" and out.choices[0].finish_reason == "tool_calls"
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [("add", {"a": 5})]
+    chunks = list(client.chat.completions.create(model="tiny-chat", messages=ASKED, tools=TOOLS, temperature=0, max_tokens=64,
+                                                 extra_body={"regex": HERMES_REPLY}, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = [call for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or []]
+    assert content == "Ok" and [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        (0, "add", {"a": 5})] and calls[0].id
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    plain = client.chat.completions.create(model="tiny-chat", messages=ASKED, tools=TOOLS, temperature=0, max_tokens=64,
+                                           extra_body={"regex": "Rome is warm[.]"})
+    assert plain.choices[0].message.content == "Rome is warm." and not plain.choices[0].message.tool_calls
+    assert plain.choices[0].finish_reason == "stop"
+    response = client.responses.create(model="tiny-chat", input="Paris?", tools=RESPONSES_TOOLS, max_output_tokens=64,
+                                       extra_body={"regex": HERMES_REPLY})
+    assert [(item.type, getattr(item, "name", None)) for item in response.output] == [("message", None), ("function_call", "add")]
+    assert response.output[0].content[0].text == "Ok" and json.loads(response.output[1].arguments) == {"a": 5}
+    events = list(client.responses.create(model="tiny-chat", input="Paris?", tools=RESPONSES_TOOLS, max_output_tokens=64,
+                                          extra_body={"regex": HERMES_REPLY}, stream=True))
+    final = events[-1].response
+    assert [(item.type, getattr(item, "name", None)) for item in final.output] == [("message", None), ("function_call", "add")]
+    assert final.output[0].content[0].text == "Ok" and json.loads(final.output[1].arguments) == {"a": 5}
