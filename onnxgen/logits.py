@@ -223,10 +223,35 @@ def min_new_tokens(count: int, eos_ids: list[int]) -> Filter:
     return apply
 
 
-def begin_suppress(tokens: list[int]) -> Filter:
-    """Ban these tokens as a row's first new token (transformers' SuppressTokensAtBeginLogitsProcessor)."""
+def begin_suppress(tokens: list[int], forced_bos: bool = False) -> Filter:
+    """Ban these tokens as a row's first new token (transformers' SuppressTokensAtBeginLogitsProcessor); with
+    `forced_bos` (a forced_bos_token_id), its second where the first was forced (prompts of one token)."""
     banned = suppress(tokens)
-    return lambda scores, history, generated: banned(scores, history, generated) if generated == 0 else scores
+
+    def apply(scores: np.ndarray, history: History, generated: int) -> np.ndarray:
+        first = 1 if forced_bos and _one_token_prompts(history, generated) else 0
+        return banned(scores, history, generated) if generated == first else scores
+
+    return apply
+
+
+def forced_bos(token: int) -> Filter:
+    """The first new token is `token` where the prompts are one token long (transformers' ForcedBOSTokenLogitsProcessor,
+    whose cur_len == 1 is the padded batch's width)."""
+
+    def apply(scores: np.ndarray, history: History, generated: int) -> np.ndarray:
+        if generated != 0 or not _one_token_prompts(history, generated):
+            return scores
+        forced = np.full_like(scores, -np.inf)
+        forced[:, token] = 0
+        return forced
+
+    return apply
+
+
+def _one_token_prompts(history: History, generated: int) -> bool:
+    """Whether the longest prompt of the rows is one token (each row's history: its prompt, then `generated` tokens)."""
+    return max(map(len, history)) - generated == 1
 
 
 def forced_eos(eos_ids: list[int], max_new_tokens: int) -> Filter:
@@ -482,6 +507,8 @@ def processors_for(opts: GenerationOptions, breakers: np.ndarray | None = None) 
         chain.append(bad_words(opts.bad_words_ids, opts.eos_ids))
     if opts.min_new_tokens > 0 and opts.eos_ids:
         chain.append(min_new_tokens(opts.min_new_tokens, opts.eos_ids))
+    if opts.forced_bos_token_id is not None:
+        chain.append(forced_bos(opts.forced_bos_token_id))
     if opts.forced_eos_ids:
         chain.append(forced_eos(opts.forced_eos_ids, opts.max_new_tokens))
     if opts.remove_invalid_values:
@@ -491,7 +518,7 @@ def processors_for(opts: GenerationOptions, breakers: np.ndarray | None = None) 
     if opts.suppress_tokens:
         chain.append(suppress(opts.suppress_tokens))
     if opts.begin_suppress_tokens:
-        chain.append(begin_suppress(opts.begin_suppress_tokens))
+        chain.append(begin_suppress(opts.begin_suppress_tokens, opts.forced_bos_token_id is not None))
     return chain
 
 

@@ -205,6 +205,7 @@ class Model:
                           ("logit_bias", list(opts.logit_bias)), ("suppress_tokens", opts.suppress_tokens),
                           ("begin_suppress_tokens", opts.begin_suppress_tokens),
                           ("forced_eos_token_id", opts.forced_eos_ids),
+                          ("forced_bos_token_id", [] if opts.forced_bos_token_id is None else [opts.forced_bos_token_id]),
                           ("sequence_bias", [t for sequence in opts.sequence_bias for t in sequence]),
                           ("bad_words_ids", [t for words in opts.bad_words_ids for t in words])):
             outside = [t for t in ids if not 0 <= t < vocab]

@@ -28,8 +28,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 # generation_config.json keys that change transformers' output and that onnxgen does not take, with transformers'
 # defaults: a folder that sets one to something else gets a warning, not a silent difference.
 NOT_TAKEN = {"stop_strings": None, "num_beam_groups": 1, "diversity_penalty": 0.0,
-             "penalty_alpha": None, "force_words_ids": None, "constraints": None, "forced_bos_token_id": None,
-             "token_healing": False, "dola_layers": None, "watermarking_config": None}
+             "penalty_alpha": None, "force_words_ids": None, "constraints": None, "token_healing": False, "dola_layers": None, "watermarking_config": None}
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 100.0
@@ -37,7 +36,8 @@ MAX_LENGTH_PENALTY = 10.0
 MAX_OPENAI_PENALTY = 2.0  # presence_penalty and frequency_penalty
 INTS = {"max_new_tokens", "min_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size", "num_assistant_tokens",
         "encoder_no_repeat_ngram_size", "dry_allowed_length", "dry_penalty_last_n"}
-OPTIONAL_INTS = {"pad_token_id", "seed", "logprobs", "prompt_lookup_num_tokens", "max_matching_ngram_size", "max_length", "min_length"}
+OPTIONAL_INTS = {"pad_token_id", "seed", "logprobs", "prompt_lookup_num_tokens", "max_matching_ngram_size", "max_length", "min_length",
+                 "forced_bos_token_id"}
 OPTIONAL_FLOATS = {"max_time", "guidance_scale"}
 MAX_GUIDANCE_SCALE = 100.0
 FLOATS = {"temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "length_penalty", "repetition_penalty", "encoder_repetition_penalty",
@@ -87,6 +87,9 @@ class GenerationOptions:
     # (n new tokens so far), so that text tends to end soon after `start` without a hard cut.
     exponential_decay_length_penalty: tuple[int, float] | None = None
     forced_eos_token_id: int | list[int] | None = None  # the token(s) forced as the last one at max_new_tokens
+    # transformers': forced as the first new token where the prompts are one token long (its cur_len == 1: text from the
+    # beginning-of-text token alone); begin_suppress_tokens then ban the second new token instead of the first
+    forced_bos_token_id: int | None = None
     remove_invalid_values: bool = False  # NaN scores become 0 and infinite ones float32's limits (fp16 overflow)
     # Log-softmax the scores after every processor and warper: beam search then ranks continuations by probabilities
     # that sum to 1 again (transformers' advice where processors change scores); a token's choice is unchanged.

@@ -73,6 +73,21 @@ def test_more_generation_config_options_match_transformers(model: onnxgen.Model,
     assert ours == hf_generate(torch_model, PROMPTS[:1], eos, max_new_tokens=12, do_sample=False, **kw)
 
 
+@pytest.mark.parametrize("prompts", [[[5], [9]], [[5], [9, 40, 7]], [[5]]])
+def test_forced_bos_token_matches_transformers(model: onnxgen.Model, torch_model: torch.nn.Module, prompts: list[list[int]]) -> None:
+    """forced_bos_token_id, with begin_suppress_tokens: transformers forces the token first where the padded prompts are
+    one token long (then bans the suppressed tokens second), and not otherwise (then bans them first); greedy and beams."""
+    eos = model.defaults.eos_ids[0]
+    plain = [c.token_ids for c in model.generate(prompts, max_new_tokens=6)]
+    forced = 1 + max(t for row in plain for t in row)  # a token plain search does not pick
+    kw = dict(max_new_tokens=6, forced_bos_token_id=forced, begin_suppress_tokens=[plain[0][0], plain[0][1]])
+    ours = [c.token_ids for c in model.generate(prompts, **kw)]
+    assert ours == hf_generate(torch_model, prompts, eos, do_sample=False, **kw)
+    assert all(row[0] == forced for row in ours) == (max(map(len, prompts)) == 1)
+    beams = [c.token_ids for c in model.generate(prompts, num_beams=2, **kw)]
+    assert beams == hf_generate(torch_model, prompts, eos, do_sample=False, num_beams=2, **kw)
+
+
 @pytest.mark.parametrize("options", [{"encoder_repetition_penalty": 3.0}, {"encoder_repetition_penalty": 0.3},
                                      {"encoder_no_repeat_ngram_size": 2}, {"encoder_no_repeat_ngram_size": 1}])
 def test_prompt_options_match_transformers(model: onnxgen.Model, torch_model: torch.nn.Module, options: dict) -> None:
