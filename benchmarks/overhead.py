@@ -33,6 +33,11 @@ STRATEGIES: dict[str, dict[str, Any]] = {  # `onnxgen bench`'s, and the filters 
     # llama.cpp's samplers (logits.dry, logits.xtc), at their usual settings
     "greedy + DRY 0.8": {**PRESETS["greedy"], "dry_multiplier": 0.8},
     "top-k 50 + top-p 0.9 + XTC 0.5": {**PRESETS["top-k-top-p"], "xtc_probability": 0.5},
+    # beam search and beam sampling (4 beams: 4 rows a step; beam sampling draws 8 continuations from 4 x vocabulary)
+    "4 beams": {**PRESETS["greedy"], "num_beams": 4},
+    "4 beams, sampling top-k 50": {**PRESETS["greedy"], "num_beams": 4, "do_sample": True, "top_k": 50},
+    # classifier-free guidance: a second forward a step (its twin rows'), counted outside the step's first forward
+    "greedy + guidance 1.5": {**PRESETS["greedy"], "guidance_scale": 1.5},
     # constrained decoding's mask (guidance.py), on a text that cannot end early: a string of 200 characters or more
     "greedy, held to a JSON schema": {**PRESETS["greedy"], "json_schema": {"type": "object", "required": ["text"],
                                                                           "properties": {"text": {"type": "string", "minLength": 200}}}},

@@ -310,31 +310,43 @@ class Model:
 
     def generate(self, prompts: Prompt | Sequence[Prompt], options: GenerationOptions | None = None, **overrides: Any) -> list[Completion]:
         """Generate for one or many prompts; returns num_return_sequences completions per prompt, in order."""
-        return self._finished(_result(self._events(prompts, options, overrides)))
+        events = self._events(*self._checked(prompts, options, overrides))
+        for _ in events:
+            pass
+        return self._finished(events.result)
 
     def stream(self, prompts: Prompt | Sequence[Prompt], options: GenerationOptions | None = None, **overrides: Any) -> Iterator[Event]:
         """Yield every row's new text as it is decoded, one Event (a str, tagged with its row) per row and
         step; stop iterating to cancel. Options are checked now, before the first piece is asked for."""
-        events = self._events(prompts, options, overrides, streamed=True)
-        return self._streamed(events)
+        return self._streamed(self._events(*self._checked(prompts, options, overrides, streamed=True)))
 
     async def agenerate(self, prompts: Prompt | Sequence[Prompt], options: GenerationOptions | None = None,
                         **overrides: Any) -> list[Completion]:
-        """generate() for asyncio: the call's steps run in worker threads, so the event loop stays free (with
-        load(max_batch), calls made at once share steps); a cancelled task ends its rows."""
-        events = self._events(prompts, options, overrides)
-        async for _ in _in_threads(events):
-            pass
-        return self._finished(events.result)
+        """generate() for asyncio: the event loop stays free while the call runs (its steps in worker threads, or with
+        load(max_batch) in the batcher's, sharing steps with the calls made at once); a cancelled task ends its rows."""
+        async for item in self._aevents(*self._checked(prompts, options, overrides)):
+            if isinstance(item, tuple):
+                return self._finished(item)
+        raise AssertionError("a call's events end with its result")
 
     async def astream(self, prompts: Prompt | Sequence[Prompt], options: GenerationOptions | None = None,
                       **overrides: Any) -> AsyncIterator[Event]:
-        """stream() for asyncio (`async for piece in model.astream(...)`): as agenerate, piece by piece; stopping
-        early, or a cancelled task, ends the rows. Options are checked when the first piece is asked for."""
-        events = self._events(prompts, options, overrides, streamed=True)
-        async for event in _in_threads(events):
-            yield event
-        self._finished(events.result)
+        """stream() for asyncio (`async for piece in model.astream(...)`), as agenerate runs it; stopping early, or a
+        cancelled task, ends the rows. Options are checked when the first piece is asked for."""
+        async for item in self._aevents(*self._checked(prompts, options, overrides, streamed=True)):
+            if isinstance(item, tuple):
+                self._finished(item)
+            else:
+                yield item
+
+    def _checked(self, prompts: Prompt | Sequence[Prompt], options: GenerationOptions | None, overrides: dict[str, Any],
+                 streamed: bool = False) -> tuple[Generator | BeamSearch, list[list[int]], GenerationOptions]:
+        """A call's generator, prompts as token ids and options, all checked as the call will run them."""
+        ids, opts = self._call(prompts, options, overrides)
+        generator = self._made(ids, opts)
+        if streamed and isinstance(generator, BeamSearch):
+            raise OptionsError("stream() cannot stream beam search, which revises earlier tokens: use generate()")
+        return generator, ids, opts
 
     def _streamed(self, events: Events) -> Iterator[Event]:
         yield from events
@@ -346,49 +358,58 @@ class Model:
         self._calls.stats = result[1]
         return result[0]
 
-    def _events(self, prompts: Prompt | Sequence[Prompt], options: GenerationOptions | None, overrides: dict[str, Any],
-                streamed: bool = False) -> Events:
-        """A call's events, run alone or through load(max_batch)'s batcher; its completions and timings at the end."""
-        ids, opts = self._call(prompts, options, overrides)
-        generator = self._made(ids, opts)
-        if streamed and isinstance(generator, BeamSearch):
-            raise OptionsError("stream() cannot stream beam search, which revises earlier tokens: use generate()")
-        return Events(self._alone(generator) if self._batcher is None else self._batched(generator, ids, opts))
-
-    @staticmethod
-    def _alone(generator: Generator | BeamSearch) -> GeneratorType[Event, None, tuple[list[Completion], Stats]]:
-        try:
-            while not generator.done:
-                yield from generator.step()
-        finally:
-            if not generator.done:  # a caller that stopped iterating: the cache goes back now
-                generator.cancel()
-        return generator.completions(), generator.stats
-
-    def _batched(self, checked: Generator | BeamSearch, ids: list[list[int]],
-                 opts: GenerationOptions) -> GeneratorType[Event, None, tuple[list[Completion], Stats]]:
-        """A call through load(max_batch)'s batcher, which makes a generator of its own from the same prompts and
-        options (`checked`, made from them to check the call as it would run alone, runs nothing). Handed over at
-        the first next(); stopping early cancels it."""
-        checked.cancel()
-        assert self._batcher is not None
+    def _events(self, generator: Generator | BeamSearch, ids: list[list[int]], opts: GenerationOptions) -> Events:
+        """A call's events, run alone, or through load(max_batch)'s batcher, which makes a generator of its own from
+        the same prompts and options (the one made to check them runs nothing); stopping early ends the call."""
+        if self._batcher is None:
+            return Events(_alone(generator))
+        generator.cancel()
         news: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        job = Job(ids, opts, lambda kind, value: news.put((kind, value)))
+        return Events(_pulled(self._job(ids, opts, news.put), news.get))
+
+    async def _aevents(self, generator: Generator | BeamSearch, ids: list[list[int]],
+                       opts: GenerationOptions) -> AsyncIterator[Event | tuple[list[Completion], Stats]]:
+        """_events for asyncio, the call's result last: a call alone steps in worker threads; the batcher's news come
+        into the event loop as its thread sends them (no thread waits for them)."""
+        if self._batcher is None:
+            events = Events(_alone(generator))
+            async for event in _in_threads(events):
+                yield event
+            assert events.result is not None
+            yield events.result
+            return
+        generator.cancel()
+        loop, news = asyncio.get_running_loop(), asyncio.Queue[tuple[str, Any]]()
+        job = self._job(ids, opts, lambda item: loop.call_soon_threadsafe(news.put_nowait, item))
+        try:
+            next(job)
+            while True:
+                yield job.send(await news.get())
+        except StopIteration as done:
+            yield done.value
+        finally:
+            job.close()
+
+    def _job(self, ids: list[list[int]], opts: GenerationOptions,
+             put: Callable[[tuple[str, Any]], Any]) -> GeneratorType[Event | None, tuple[str, Any], tuple[list[Completion], Stats]]:
+        """A call handed to load(max_batch)'s batcher, whose thread gives each piece of its news to `put`: yields None
+        once the job is handed over, then, for each piece of news sent in, its event; returns the completions and
+        timings (or raises the call's error). Closed early, the job's rows end at the batcher's next step."""
+        assert self._batcher is not None
+        job = Job(ids, opts, lambda kind, value: put((kind, value)))
         try:
             self._batcher.submit(job)
         except Full as e:
             raise OnnxgenError(f"{e}: this model takes {WAITING_CALLS} calls waiting at once") from None
         try:
-            while True:
-                kind, value = news.get()
-                if kind == "event":
-                    yield value[1]
-                elif kind == "error":
-                    raise value
-                else:  # "done" ("dropped" only follows a cancel, which ends the iteration first)
-                    return value
+            kind, value = yield None
+            while kind == "event":
+                kind, value = yield value[1]
+            if kind == "error":
+                raise value
+            return value  # "done" ("dropped" only follows a cancel, which ends the iteration first)
         finally:
-            job.cancelled.set()  # a caller that stopped iterating: its rows end at the batcher's next step
+            job.cancelled.set()
 
     # -- scoring ---------------------------------------------------------------------------------
     def score(self, texts: Prompt | Sequence[Prompt], top_logprobs: int = 0, stride: int | None = None,
@@ -484,10 +505,30 @@ class Events:
         self._steps.close()
 
 
-def _result(events: Events) -> tuple[list[Completion], Stats] | None:
-    for _ in events:
-        pass
-    return events.result
+def _pulled(job: GeneratorType[Event | None, tuple[str, Any], tuple[list[Completion], Stats]],
+            get: Callable[[], tuple[str, Any]]) -> GeneratorType[Event, None, tuple[list[Completion], Stats]]:
+    """A batcher's job (Model._job) run by a thread that waits for each piece of its news with `get`."""
+    try:
+        next(job)
+        while True:
+            event = job.send(get())
+            assert event is not None
+            yield event
+    except StopIteration as done:
+        return done.value
+    finally:
+        job.close()
+
+
+def _alone(generator: Generator | BeamSearch) -> GeneratorType[Event, None, tuple[list[Completion], Stats]]:
+    """A call run on its own: its events step by step, then its completions and timings."""
+    try:
+        while not generator.done:
+            yield from generator.step()
+    finally:
+        if not generator.done:  # a caller that stopped iterating: the cache goes back now
+            generator.cancel()
+    return generator.completions(), generator.stats
 
 
 async def _in_threads(events: Events) -> AsyncIterator[Event]:
