@@ -56,6 +56,9 @@ ChatTemplateOption = Annotated[Path | None, typer.Option(
 AdapterOption = Annotated[list[str] | None, typer.Option(
     "--adapter", help="a LoRA adapter folder (onnxgen export ADAPTER --lora) for a model exported with --lora: NAME=FOLDER, or FOLDER "
     "named after it")]
+ToolCallParserOption = Annotated[str | None, typer.Option(
+    "--tool-call-parser", help="hermes: the model writes tool calls as <tool_call>{...}</tool_call> (Hermes-style fine-tunes); "
+    "tool_choice \"auto\" then reads them (vLLM's)")]
 CudaGraphOption = Annotated[bool, typer.Option("--cuda-graph", help="CUDA: replay the decode step as one captured CUDA graph (a folder with the cache in place)")]
 
 
@@ -452,8 +455,7 @@ def serve(
                                                   "/v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; behind --api-key)")] = False,
     stored_responses: Annotated[int, typer.Option(min=0, help="finished /v1/responses answers kept in memory for "
                                                   "previous_response_id and GET /v1/responses/ID (0: none)")] = 1000,
-    tool_call_parser: Annotated[str | None, typer.Option(help="hermes: the model writes tool calls as <tool_call>{...}</tool_call> "
-                                                         "(Hermes-style fine-tunes); tool_choice \"auto\" then reads them (vLLM's)")] = None,
+    tool_call_parser: ToolCallParserOption = None,
 ) -> None:
     """Serve OpenAI's completions, chat completions and responses APIs over HTTP.
 
@@ -470,8 +472,7 @@ def serve(
 
     if (ssl_certfile is None) != (ssl_keyfile is None):
         fail("HTTPS needs both --ssl-certfile and --ssl-keyfile")
-    if tool_call_parser is not None and tool_call_parser not in PARSERS:
-        fail(f"--tool-call-parser: onnxgen reads {', '.join(PARSERS)}, not {tool_call_parser!r}")
+    _check_parser(tool_call_parser)
     tls = _tls(ssl_certfile, ssl_keyfile) if ssl_certfile and ssl_keyfile else {}
     listening = _listen(host, port)
     if api_key is None and not ipaddress.ip_address(listening.getsockname()[0]).is_loopback:
@@ -520,6 +521,7 @@ def run_batch(
     chat_template: ChatTemplateOption = None,
     adapter: Annotated[list[str] | None, typer.Option(help="a LoRA adapter folder that a request's \"model\" names (a model exported "
                                                       "with --lora): NAME=FOLDER, or FOLDER named after it; repeatable")] = None,
+    tool_call_parser: ToolCallParserOption = None,
     force: Annotated[bool, typer.Option(help="replace OUTPUT if it exists")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -535,6 +537,7 @@ def run_batch(
     from . import atomic, load
     from .model import BUNDLED
 
+    _check_parser(tool_call_parser)
     requests = run(lambda: read(input_file))  # what is wrong with the file or the output is said before a model loads
     if output != "-":
         run(lambda: atomic.check_destination(Path(output), force))
@@ -542,7 +545,7 @@ def run_batch(
     adapters = _adapters(adapter, name or folder.name)
     loaded = run(lambda: load(folder, provider=provider, threads=threads, chat_template=template, adapters=adapters))
     counts = run(lambda: run_requests(loaded, requests, output, name or folder.name, Limits(max_tokens=max_tokens, max_batch=max_batch),
-                                      force))
+                                      force, tool_call_parser=tool_call_parser))
     summary = (f"answered {counts['requests']} requests ({counts['failed']} refused or failed) in {counts['seconds']:.1f} s: "
                f"{counts['prompt_tokens']} prompt and {counts['completion_tokens']} completion tokens")
     print(json.dumps(counts) if as_json else summary, file=sys.stderr if output == "-" else sys.stdout)  # stdout may hold the responses
@@ -556,6 +559,12 @@ def _adapters(specs: list[str] | None, served: str) -> dict[str, Path]:
     if served in adapters:
         fail(f"--adapter: {served!r} is the model's own name here; name the adapter otherwise (NAME=FOLDER)")
     return adapters
+
+
+def _check_parser(parser: str | None) -> None:
+    """--tool-call-parser, checked before a model loads."""
+    if parser is not None and parser not in PARSERS:
+        fail(f"--tool-call-parser: onnxgen reads {', '.join(PARSERS)}, not {parser!r}")
 
 
 def _template_file(path: Path | None) -> str | None:
