@@ -238,17 +238,17 @@ class Reply:
             """An "auto" reply's news (tools.py's HermesCalls): content into a message item, opened at its first text,
             and each call an item of its own, whole."""
             said: list[str] = []
-            for news_ in found:
-                if news_[0] == "content":
+            for item in found:
+                if item[0] == "content":
                     if not items or items[-1]["type"] != "message":
                         said += (closed("completed") if items else []) + opened(_message("", "in_progress"))
-                    items[-1]["content"][0]["text"] += news_[1]
+                    items[-1]["content"][0]["text"] += item[1]
                     said.append(event("response.output_text.delta", item_id=items[-1]["id"], output_index=len(items) - 1,
-                                      content_index=0, delta=news_[1], logprobs=[]))
+                                      content_index=0, delta=item[1], logprobs=[]))
                 else:
-                    said += (closed("completed") if items else []) + opened(_call(news_[1], news_[2], "in_progress"))
+                    said += (closed("completed") if items else []) + opened(_call(item[1], item[2], "in_progress"))
                     said.append(event("response.function_call_arguments.delta", item_id=items[-1]["id"], output_index=len(items) - 1,
-                                      delta=news_[2]))
+                                      delta=item[2]))
             return said
 
         yield event("response.created", response=self._response([], None))

@@ -631,17 +631,19 @@ def _finish(reason: str | None, calls: ToolChoice | None = None, called: bool = 
     if reason in ("length", "time"):
         return "length"
     required = calls is not None and calls.schema is not None and calls.named is None
-    return "tool_calls" if reason in ("eos", "stop") and (required and reason == "eos" or called) else "stop"
+    if (required and reason == "eos") or (called and reason in ("eos", "stop")):
+        return "tool_calls"
+    return "stop"
 
 
 def _parsed(news: list[tuple[str, ...]], before: int) -> dict[str, Any]:
     """A chat delta of what an "auto" reply's reader found in a piece (tools.py's HermesCalls): its content, and each
     call whole (the calls before it in the reply: `before`)."""
     delta: dict[str, Any] = {}
-    content = "".join(news_[1] for news_ in news if news_[0] == "content")
+    content = "".join(item[1] for item in news if item[0] == "content")
     if content:
         delta["content"] = content
-    found = [news_ for news_ in news if news_[0] == "call"]
+    found = [item for item in news if item[0] == "call"]
     if found:
         delta["tool_calls"] = [{"index": before + i, "id": _call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
                                for i, (_, name, arguments) in enumerate(found)]
