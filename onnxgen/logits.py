@@ -7,10 +7,12 @@ the ones an option set needs, so a plain greedy step pays for none of them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
-from .options import GenerationOptions
+from .errors import OptionsError
+from .options import GenerationOptions, returned
 
 History = list[list[int]]  # per row: the tokens seen so far (prompt without padding, then generated)
 Filter = Callable[[np.ndarray, History, int], np.ndarray]  # (scores, history, new-token count) -> scores
@@ -231,6 +233,26 @@ def begin_suppress(tokens: list[int], forced_bos: bool = False) -> Filter:
     def apply(scores: np.ndarray, history: History, generated: int) -> np.ndarray:
         first = 1 if forced_bos and _one_token_prompts(history, generated) else 0
         return banned(scores, history, generated) if generated == first else scores
+
+    return apply
+
+
+def prefix_allowed(fn: Callable[[int, np.ndarray], Any], num_beams: int, pad_id: int) -> Filter:
+    """Only the tokens fn(batch_id, input_ids) allows, per row (transformers' PrefixConstrainedLogitsProcessor: batch_id
+    the row's index // num_beams; input_ids its tokens so far, left-padded to the longest row with pad_id, as
+    transformers' rows are). What fn returns is checked: token ids of the vocabulary, at least one."""
+
+    def apply(scores: np.ndarray, history: History, _: int) -> np.ndarray:
+        width = max(map(len, history))
+        mask = np.full_like(scores, -np.inf)
+        for row, seen in enumerate(history):
+            allowed = fn(row // num_beams, np.asarray([pad_id] * (width - len(seen)) + seen, dtype=np.int64))
+            ids = np.asarray(allowed).reshape(-1) if isinstance(allowed, (list, tuple, np.ndarray)) else None
+            if ids is None or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer) or not ((ids >= 0) & (ids < scores.shape[-1])).all():
+                raise OptionsError(f"prefix_allowed_tokens_fn returned {returned(allowed)} for row {row}: expected a non-empty list of "
+                                   f"token ids below {scores.shape[-1]}")
+            mask[row, ids] = 0
+        return scores + mask
 
     return apply
 
@@ -507,6 +529,8 @@ def processors_for(opts: GenerationOptions, breakers: np.ndarray | None = None) 
         chain.append(bad_words(opts.bad_words_ids, opts.eos_ids))
     if opts.min_new_tokens > 0 and opts.eos_ids:
         chain.append(min_new_tokens(opts.min_new_tokens, opts.eos_ids))
+    if opts.prefix_allowed_tokens_fn is not None:
+        chain.append(prefix_allowed(opts.prefix_allowed_tokens_fn, opts.num_beams, opts.pad_id))
     if opts.forced_bos_token_id is not None:
         chain.append(forced_bos(opts.forced_bos_token_id))
     if opts.forced_eos_ids:

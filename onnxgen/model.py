@@ -241,11 +241,6 @@ class Model:
     def has_chat_template(self) -> bool:
         return self._chat_template is not None or self.folder.chat_template is not None
 
-    def _pad_id(self, opts: GenerationOptions) -> int:
-        if opts.pad_token_id is not None:
-            return opts.pad_token_id
-        return opts.eos_ids[0] if opts.eos_ids else 0  # GPT-2 has no pad token; transformers pads with eos too
-
     # -- generation ------------------------------------------------------------------------------
     def generator(self, prompts: Prompt | Sequence[Prompt], options: GenerationOptions | None = None,
                   **overrides: Any) -> Generator | BeamSearch:
@@ -262,11 +257,11 @@ class Model:
 
     def _made(self, ids: list[list[int]], opts: GenerationOptions) -> Generator | BeamSearch:
         if opts.num_beams > 1:
-            return BeamSearch(self.runtime, self.tokenizer, ids, opts, self._pad_id(opts))
+            return BeamSearch(self.runtime, self.tokenizer, ids, opts, opts.pad_id)
         n = opts.num_return_sequences
         rows = [p for p in ids for _ in range(n)]
         return Generator(self.runtime, self.tokenizer, rows, [i for i in range(len(ids)) for _ in range(n)], opts,
-                         self._pad_id(opts), self._guesser(ids, opts), self._unconditional(rows, opts))
+                         opts.pad_id, self._guesser(ids, opts), self._unconditional(rows, opts))
 
     def _unconditional(self, rows: list[list[int]], opts: GenerationOptions) -> Unconditional | None:
         """Classifier-free guidance's twin rows: each starts from the negative prompt, else from its row's prompt's last
@@ -275,7 +270,7 @@ class Model:
             return None
         negative = None if opts.negative_prompt is None else self.prompt_ids(opts.negative_prompt, opts)[0]
         assert opts.guidance_scale is not None
-        return Unconditional(self.runtime, [negative or row[-1:] for row in rows], self._pad_id(opts), opts.max_new_tokens,
+        return Unconditional(self.runtime, [negative or row[-1:] for row in rows], opts.pad_id, opts.max_new_tokens,
                              opts.guidance_scale, opts.adapter)
 
     def _guesser(self, ids: list[list[int]], opts: GenerationOptions) -> PromptLookup | Assistant | None:

@@ -153,6 +153,10 @@ class GenerationOptions:
     # processors and before temperature/top-k/top-p; criterion(input_ids, scores) -> bool per row (or one bool).
     logits_processors: list[Callable[[Any, Any], Any]] = field(default_factory=list)
     stopping_criteria: list[Callable[[Any, Any], Any]] = field(default_factory=list)
+    # transformers' generate(prefix_allowed_tokens_fn=...): fn(batch_id, input_ids) -> the token ids allowed next, for
+    # each row (batch_id: the row's index, or its prompt's with beams; input_ids: its tokens so far, left-padded with
+    # the pad token as transformers hands them), among the built-in processors where transformers runs it.
+    prefix_allowed_tokens_fn: Callable[[int, Any], Any] | None = None
 
     def validate(self) -> GenerationOptions:
         """Check every option's type and range; returns the options with numpy numbers made plain Python ones."""
@@ -291,6 +295,13 @@ class GenerationOptions:
         return self.guidance_scale is not None and self.guidance_scale != 1
 
     @property
+    def pad_id(self) -> int:
+        """The token rows are padded with: pad_token_id, else the end token (transformers pads GPT-2 so), else 0."""
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return self.eos_ids[0] if self.eos_ids else 0
+
+    @property
     def eos_ids(self) -> list[int]:
         return _ids(self.eos_token_id)
 
@@ -416,6 +427,10 @@ def _typed(name: str, value: Any) -> Any:
     if name in ("regex", "grammar", "adapter"):
         if value is not None and not isinstance(value, str):
             raise refuse("a string")
+        return value
+    if name == "prefix_allowed_tokens_fn":
+        if value is not None and not callable(value):
+            raise refuse("a function (batch_id, input_ids) -> allowed token ids")
         return value
     if name in ("logits_processors", "stopping_criteria"):
         if not isinstance(value, (list, tuple)) or not all(callable(f) for f in value):

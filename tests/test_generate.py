@@ -88,6 +88,28 @@ def test_forced_bos_token_matches_transformers(model: onnxgen.Model, torch_model
     assert beams == hf_generate(torch_model, prompts, eos, do_sample=False, num_beams=2, **kw)
 
 
+@pytest.mark.parametrize("options", [{}, {"num_beams": 2, "num_return_sequences": 2}, {"forced_bos_token_id": 7}])
+def test_prefix_allowed_tokens_fn_matches_transformers(model: onnxgen.Model, torch_model: torch.nn.Module, options: dict) -> None:
+    """transformers' generate(prefix_allowed_tokens_fn=fn): fn(batch_id, input_ids) -> the tokens allowed next, on a
+    left-padded batch (fn sees the padding, as transformers' rows hold it), with beams (batch_id: the prompt), and
+    before forced_bos_token_id (which then wins where it acts: not here, the prompts being longer than a token)."""
+    eos = model.defaults.eos_ids[0]
+    seen: list[tuple[int, int]] = []
+
+    def allowed(batch_id: int, input_ids: Any) -> list[int]:
+        ids = [int(t) for t in input_ids]
+        seen.append((batch_id, len(ids)))
+        return [ids[-1] + 1, ids[-1] + 2, (ids[-1] * 7) % 300, 3 + batch_id]
+
+    kw = dict(max_new_tokens=8, prefix_allowed_tokens_fn=allowed, **options)
+    ours = [c.token_ids for c in model.generate(PROMPTS, **kw)]
+    assert ours == hf_generate(torch_model, PROMPTS, eos, do_sample=False, **kw)
+    assert all(length >= max(map(len, PROMPTS)) for _, length in seen)  # every row padded to the longest
+    assert {b for b, _ in seen} == set(range(len(PROMPTS)))  # with beams too: each prompt's
+    with pytest.raises(OptionsError, match="prefix_allowed_tokens_fn returned"):
+        model.generate(PROMPTS, max_new_tokens=2, prefix_allowed_tokens_fn=lambda b, ids: [])
+
+
 @pytest.mark.parametrize("options", [{"encoder_repetition_penalty": 3.0}, {"encoder_repetition_penalty": 0.3},
                                      {"encoder_no_repeat_ngram_size": 2}, {"encoder_no_repeat_ngram_size": 1}])
 def test_prompt_options_match_transformers(model: onnxgen.Model, torch_model: torch.nn.Module, options: dict) -> None:
