@@ -395,7 +395,7 @@ class Model:
         try:
             self._batcher.submit(job)
         except Full as e:
-            raise OnnxgenError(f"{e}: this model takes {WAITING_CALLS} calls waiting at once") from None
+            raise OnnxgenError(f"this model's batcher (load's max_batch) is full: {e}; make fewer calls at once") from None
         try:
             kind, value = yield None
             while kind == "event":

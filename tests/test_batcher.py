@@ -468,6 +468,11 @@ def test_a_batched_call_is_checked_at_once_and_its_errors_reach_the_caller(expor
     with pytest.raises(OptionsError, match=r"logits_processors\[0\] returned NoneType"):  # raised in the batcher's thread
         batched.generate("Hello", max_new_tokens=3, logits_processors=[lambda ids, scores: None])
     assert len(batched.generate("Hello", max_new_tokens=3)[0].token_ids) == 3  # and the batcher goes on
+    with pytest.MonkeyPatch.context() as patch:  # a batcher with no room for calls waiting: refused, and said so
+        patch.setattr("onnxgen.model.WAITING_CALLS", 0)
+        full = onnxgen.load(exported, threads=1, max_batch=1)
+    with pytest.raises(onnxgen.OnnxgenError, match="batcher .* is full: 0 requests are already waiting"):
+        full.generate("Hello", max_new_tokens=2)
     for path, max_batch, message in [(exported, 0, "max_batch must be an integer"), (exported, 2.5, "max_batch must be an integer"),
                                      (exported_growing, 2, "growing-cache")]:
         with pytest.raises(OptionsError, match=message):
