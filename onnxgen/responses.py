@@ -177,11 +177,9 @@ class Reply:
     def whole(self, done: Completion) -> dict[str, Any]:
         status = "incomplete" if done.finish_reason in ("length", "time") else "completed"
         if self.calls.auto is not None:  # the text outside the calls (if any) as a message, then the calls
-            parser = HermesCalls(self.calls.auto, self.calls.parallel)
-            news = parser.push(done.text) + parser.end()
-            content = "".join(n[1] for n in news if n[0] == "content")
-            items = ([_message(content, status, [] if parser.calls else self.scored(done) or [])] if content else [])
-            items += [_call(n[1], n[2], status) for n in news if n[0] == "call"]
+            content, found = HermesCalls(self.calls.auto, self.calls.parallel).whole(done.text)
+            items = [_message(content, status, [] if found else self.scored(done) or [])] if content else []
+            items += [_call(name, arguments, status) for name, arguments in found]
         elif self.calls.schema is None:
             items = [_message(done.text, status, self.scored(done) or [])]
         else:

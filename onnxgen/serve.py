@@ -654,16 +654,18 @@ def _message(text: str, calls: ToolChoice) -> dict[str, Any]:
     """A chat reply's message: its text, or the calls it makes (tools.py; arguments as far as they were written); an
     "auto" reply's, the text outside its calls (None if none) and the calls."""
     if calls.auto is not None:
-        reader = HermesCalls(calls.auto, calls.parallel)
-        delta = _parsed(reader.push(text) + reader.end(), 0)
-        return {"role": "assistant", "content": delta.get("content"), **({"tool_calls": [
-            {k: v for k, v in call.items() if k != "index"} for call in delta["tool_calls"]]} if "tool_calls" in delta else {})}
+        content, found = HermesCalls(calls.auto, calls.parallel).whole(text)
+        return {"role": "assistant", "content": content or None, **({"tool_calls": _calls(found)} if found else {})}
     if calls.schema is None:
         return {"role": "assistant", "content": text}
     reader = ToolCalls(calls.named)
     reader.push(text)
-    return {"role": "assistant", "content": None, "tool_calls": [
-        {"id": _call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in reader.calls]}
+    return {"role": "assistant", "content": None, "tool_calls": _calls([(c.name, c.arguments) for c in reader.calls])}
+
+
+def _calls(found: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """OpenAI's tool_calls of a message: (name, arguments as JSON text) each, with an id."""
+    return [{"id": _call_id(), "type": "function", "function": {"name": name, "arguments": arguments}} for name, arguments in found]
 
 
 def _call_id() -> str:

@@ -197,6 +197,11 @@ class HermesCalls:
             self._text = self._text[len(self._text) - held :]
             return news
 
+    def whole(self, text: str) -> tuple[str, list[tuple[str, str]]]:
+        """A whole reply read at once: its content (outside the calls), and its calls as (name, arguments)."""
+        news = self.push(text) + self.end()
+        return "".join(n[1] for n in news if n[0] == "content"), [(n[1], n[2]) for n in news if n[0] == "call"]
+
     def end(self) -> list[tuple[str, ...]]:
         text, self._text = self._text, ""
         if self._in_block:
