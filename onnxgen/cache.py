@@ -63,15 +63,17 @@ class InPlaceCache:
         # One buffer, layer after layer (past_names' order), so that beam search moves every layer's rows in one
         # run on CUDA (144 small runs a step for gpt2-large otherwise).
         shape = (len(rt.past_names) * rows, *self.shape[1:])
+        # Zeroed: GroupQueryAttention weighs the positions past a row's length by zero, and zero times garbage that
+        # happens to be NaN is NaN (on CUDA too: a new buffer's memory held other tensors, and rows of fp16 NaN
+        # scores came of it).
         if rt.device == "cpu":
-            # Zeroed (calloc: pages appear as they are written): GroupQueryAttention weighs the positions past a
-            # row's length by zero, and zero times garbage that happens to be NaN is NaN. A numpy view of the
-            # same memory lets beam search move rows in place.
+            # calloc: pages appear as they are written. A numpy view of the same memory lets beam search move rows in place.
             self.array = np.zeros(shape, rt.cache_dtype)
             self.buffer = rt.ort.OrtValue.ortvalue_from_numpy(self.array)
-        else:  # the CUDA kernels read each row only up to its length
-            with rt.exclusive():  # with CUDA graphs, no allocation while another thread captures
+        else:
+            with rt.exclusive():  # with CUDA graphs, no device work while another thread captures
                 self.buffer = rt.ort.OrtValue.ortvalue_from_shape_and_type(shape, rt.cache_dtype, rt.device, 0)
+                rt.zero(self.buffer)
         self.lengths = np.zeros(rows, dtype=np.int64)  # positions written, per row
         self.adapters: list[Adapter | None] = [None] * rows  # each row's LoRA adapter
         self._steps: dict[int, DecodeStep] = {}  # by how many leading rows a decode runs (a batcher's rows come and go)

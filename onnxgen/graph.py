@@ -497,6 +497,16 @@ def copy_model(elem_type: int) -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8, producer_name="onnxgen")
 
 
+def zeros_model(elem_type: int) -> onnx.ModelProto:
+    """ConstantOfShape(shape) -> target: with `target` bound to an existing buffer, zeros written into it on the
+    device (a new CUDA cache: shipped in onnxgen/graphs like select_rows)."""
+    zero = helper.make_tensor("zero", elem_type, [1], [0])
+    node = helper.make_node("ConstantOfShape", ["shape"], ["target"], name="Zeros", value=zero)
+    g = helper.make_graph([node], "zeros", [helper.make_tensor_value_info("shape", TensorProto.INT64, [4])],
+                          [helper.make_tensor_value_info("target", elem_type, ["batch", "heads", "positions", "head_size"])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8, producer_name="onnxgen")
+
+
 def top_k_model() -> onnx.ModelProto:
     """TopK(scores, k) on the last axis, largest first (equal scores: the lower index first): beam search's
     selections. onnxruntime's heap over 8 x 201,028 scores takes about 1 ms, numpy's argpartition and sort 19."""

@@ -43,9 +43,11 @@ Provider = Literal["cpu", "cuda"]
 
 ONNXRUNTIME_PACKAGES = ("onnxruntime", "onnxruntime-gpu")
 # Gather(cache, rows) on axis 0 and Identity, one graph per cache type (made by graph.select_rows_model and
-# graph.copy_model): beam search moves the rows of a CUDA cache with them, on the device.
+# graph.copy_model): beam search moves the rows of a CUDA cache with them, on the device. ConstantOfShape
+# (graph.zeros_model) zeroes a new CUDA cache there.
 SELECT_ROWS = {np.dtype(np.float32): "select_rows_float32.onnx", np.dtype(np.float16): "select_rows_float16.onnx"}
 COPY = {np.dtype(np.float32): "copy_float32.onnx", np.dtype(np.float16): "copy_float16.onnx"}
+ZEROS = {np.dtype(np.float32): "zeros_float32.onnx", np.dtype(np.float16): "zeros_float16.onnx"}
 TOP_K = "top_k.onnx"  # beam search's selections, on the host (graph.top_k_model)
 GRAPHS = Path(__file__).parent / "graphs"
 IDLE_CACHE_BYTES = 2 << 30  # CUDA graphs: finished calls' caches kept for later calls of their shape
@@ -162,7 +164,9 @@ class Runtime:
                                     "float16 only: make an fp16 folder (onnxgen quantize --mode fp16), or export with --growing-cache")
             if cuda_graph and not cache_in_place(folder.manifest):  # refused before a load of GBs
                 raise OptionsError(f"cuda_graph needs a folder with the cache in place; {model_path} was exported with --growing-cache")
-            providers: list[Any] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            # fp32 means fp32, as in PyTorch: onnxruntime's CUDA provider multiplies float32 matrices in TF32 (10-bit
+            # mantissas) unless told not to, and greedy text then parts from the CPU's at near-ties.
+            providers: list[Any] = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
             library_notes = _load_cuda_libraries(ort)
         elif provider == "cpu":
             providers = ["CPUExecutionProvider"]
@@ -170,7 +174,7 @@ class Runtime:
             raise ProviderError(f"unknown provider {provider!r}: use 'cpu' or 'cuda'")
         # The model's session alone captures CUDA graphs. The small graphs below never do: a capture replays the
         # addresses it was made with, and they run on new tensors every time.
-        model_providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), *providers[1:]] if cuda_graph else providers
+        model_providers = [("CUDAExecutionProvider", {"use_tf32": "0", "enable_cuda_graph": "1"}), *providers[1:]] if cuda_graph else providers
         try:
             self.session = ort.InferenceSession(str(model_path), options, providers=model_providers)
         except Exception as e:  # onnxruntime raises its own untyped errors for unreadable models
@@ -395,6 +399,10 @@ class Runtime:
     def _copy(self) -> Any:
         return self.ort.InferenceSession(str(GRAPHS / COPY[self.cache_dtype]), self._options, providers=self._providers)
 
+    @functools.cached_property
+    def _zeros(self) -> Any:
+        return self.ort.InferenceSession(str(GRAPHS / ZEROS[self.cache_dtype]), self._options, providers=self._providers)
+
     def top_k(self, scores: np.ndarray, k: int) -> np.ndarray:
         """Indices of the k largest scores of each row, best first (equal scores: the lower index first)."""
         return self._top_k.run(["indices"], {"scores": np.ascontiguousarray(scores, dtype=np.float32),
@@ -413,6 +421,13 @@ class Runtime:
             self._select_rows.run_with_iobinding(io)
             selected.append(io.get_outputs()[0])
         return selected
+
+    def zero(self, value: Any) -> None:
+        """Write zeros over a 4-D tensor of the cache's type where it lives (one fill on the device)."""
+        io = self._zeros.io_binding()
+        io.bind_cpu_input("shape", np.array(value.shape(), dtype=np.int64))
+        io.bind_ortvalue_output("target", value)
+        self._zeros.run_with_iobinding(io)
 
     def move_rows(self, value: Any, rows: np.ndarray) -> None:
         """Row i of the tensor becomes its row rows[i], in place on the device: gathered into a new tensor,

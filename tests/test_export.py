@@ -72,6 +72,32 @@ def test_attention_is_one_node_per_layer(exported: Path, exported_growing: Path)
         assert [n.op_type for n in model.graph.node] == ops
 
 
+def test_a_raw_graph_with_its_constants_in_a_data_file_fuses_as_fully(checkpoint: Path, exported: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """optimum writes a model over 2 GB with its large tensors in a data file, graph constants too (eager attention's
+    causal mask in gpt2-large); onnxruntime's shape inference could not read one there and its fusions that check
+    shapes were skipped without a word. Here the tiny model's raw export is written that way: the same graph results."""
+    from onnxgen import export as export_mod
+
+    optimize = export_mod._optimize
+    raw = tmp_path / "raw" / "model.onnx"
+
+    def from_data_file(path: Path, cfg: Any, fuse: bool) -> Any:
+        raw.parent.mkdir()
+        model = onnx.load(str(path))
+        assert any(a.type == onnx.AttributeProto.TENSOR for n in model.graph.node if n.op_type == "Constant" for a in n.attribute)
+        onnx.save_model(model, str(raw), save_as_external_data=True, location="model.onnx_data", size_threshold=0,
+                        convert_attribute=True)
+        return optimize(raw, cfg, fuse)
+
+    monkeypatch.setattr(export_mod, "_optimize", from_data_file)
+    export(str(checkpoint), tmp_path / "out", quiet=True)
+    assert raw.exists()
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node]
+    assert ops == [n.op_type for n in onnx.load(str(exported / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("SkipLayerNormalization") == 4 and "Reshape" not in ops
+
+
 def test_tied_head_is_stored_once(exported: Path, torch_model: torch.nn.Module) -> None:
     graph = onnx.load(str(exported / "model.onnx")).graph
     weight_bytes = sum(t.ByteSize() for t in graph.initializer)

@@ -751,13 +751,22 @@ def test_cli_generate(exported: Path, model: onnxgen.Model) -> None:
 def test_shipped_row_graphs_are_what_graph_py_makes(dtype: str) -> None:
     import onnx
 
-    from onnxgen.graph import copy_model, select_rows_model
-    from onnxgen.runtime import COPY, GRAPHS, SELECT_ROWS
+    from onnxgen.graph import copy_model, select_rows_model, zeros_model
+    from onnxgen.runtime import COPY, GRAPHS, SELECT_ROWS, ZEROS
 
-    for shipped, make in ((SELECT_ROWS, select_rows_model), (COPY, copy_model)):
+    for shipped, make in ((SELECT_ROWS, select_rows_model), (COPY, copy_model), (ZEROS, zeros_model)):
         on_disk = onnx.load(str(GRAPHS / shipped[np.dtype(dtype)]))
         made = make(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
         assert on_disk.graph == made.graph and on_disk.opset_import == made.opset_import
+
+
+def test_zero_writes_over_a_buffer_where_it_lives(model: onnxgen.Model) -> None:
+    """What a new CUDA cache gets (the zeros graph, its output bound to the buffer): run here on a host buffer."""
+    rt = model.runtime
+    array = np.full((6, 4, 9, 16), np.nan, rt.cache_dtype)
+    value = rt.ort.OrtValue.ortvalue_from_numpy(array)
+    rt.zero(value)
+    assert not array.any() and not np.isnan(array).any()
 
 
 @pytest.mark.parametrize("layout", ["in place", "growing"])
