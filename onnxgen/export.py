@@ -16,7 +16,9 @@ de-duplication on the graph instead.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import json
 import logging
 import os
@@ -32,7 +34,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from . import __version__, atomic, llmc, manifest, nanogpt
-from .errors import ExportError
+from .errors import ExportError, PerformanceWarning
 from .folder import (
     ADAPTER_FILE,
     CHAT_TEMPLATE,
@@ -530,9 +532,14 @@ def _optimize(path: Path, cfg: Any, optimize: bool) -> Any:
         level = shape_inference.level
         shape_inference.setLevel(logging.ERROR)
         try:
-            model = optimize_model(model, model_type="gpt2", num_heads=cfg.n_head, hidden_size=cfg.n_embd, opt_level=0).model
+            with contextlib.redirect_stdout(io.StringIO()):  # where it prints that its shape inference failed: said below
+                optimized = optimize_model(model, model_type="gpt2", num_heads=cfg.n_head, hidden_size=cfg.n_embd, opt_level=0)
         finally:
             shape_inference.setLevel(level)
+        if not optimized.enable_shape_infer:  # it failed, and onnxruntime skipped the fusions that check shapes
+            warnings.warn("onnxruntime's shape inference failed on this graph, so the fusions that need it (SkipLayerNormalization) "
+                          "were left out: the folder is right but runs slower; please report the checkpoint", PerformanceWarning, stacklevel=2)
+        model = optimized.model
         # The fused ops live in onnxruntime's domain; declare it, or onnx's shape inference (which the
         # quantizers run) rejects the graph.
         if not any(o.domain == "com.microsoft" for o in model.opset_import):

@@ -17,6 +17,7 @@ import onnx
 import pytest
 import torch
 
+import onnxgen
 from onnxgen import manifest as manifest_mod
 from onnxgen.errors import ExportError, OnnxgenError
 from onnxgen.export import ExportOptions, export
@@ -96,6 +97,25 @@ def test_a_raw_graph_with_its_constants_in_a_data_file_fuses_as_fully(checkpoint
     ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node]
     assert ops == [n.op_type for n in onnx.load(str(exported / "model.onnx"), load_external_data=False).graph.node]
     assert ops.count("SkipLayerNormalization") == 4 and "Reshape" not in ops
+
+
+def test_an_export_whose_fusions_lose_shape_inference_says_so(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Should onnxruntime's shape inference fail on some other graph, the export still works, and says it runs slower
+    (onnxruntime itself only prints a line to stdout, where results go, and leaves the fusions out)."""
+    import onnxruntime.transformers.onnx_model  # noqa: F401  (puts its folder on sys.path, where shape_infer_helper lives)
+    import shape_infer_helper
+
+    def fail(*args: Any, **kwargs: Any) -> bool:
+        raise onnx.checker.ValidationError("simulated")
+
+    monkeypatch.setattr(shape_infer_helper.SymbolicShapeInferenceHelper, "infer", fail)
+    capsys.readouterr()
+    with pytest.warns(onnxgen.PerformanceWarning, match="shape inference failed .* runs slower"):
+        export(str(checkpoint), tmp_path / "out", quiet=True)
+    assert capsys.readouterr().out == ""
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("SkipLayerNormalization") < 4  # what the warning is about
 
 
 def test_tied_head_is_stored_once(exported: Path, torch_model: torch.nn.Module) -> None:
