@@ -2,11 +2,8 @@
 # The GPU checks as one device call (see the developers' guide): run from the project's root on a machine
 # with an NVIDIA GPU, after ../shared/tools/gpu-carry.sh's part calls, with .gpu5 and .gpuenv carried:
 #     OUT=$OUT bash benchmarks/gpu_session.sh
-# Before the part calls, here: the GPU image has no llguidance (the constrained-decoding tests need it) and no GPT-2
-# tokenizer; gpu-setup.sh installs every wheel in .gpuenv/whl, so put them there:
-#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#         --platform manylinux_2_31_x86_64 -d .gpuenv/whl llguidance==1.9.1
-#     cp -r ../shared/data/gpt2-tokenizer .gpuenv/
+# Before the part calls, here: `bash benchmarks/gpu_prepare.sh` (gpu-carry.sh, plus llguidance and the tokenizer that
+# the GPU image lacks); it prints the calls.
 # In order, each step bounded by a timeout so that the call ends with what it measured: the `pytest -m cuda`
 # log (while the gpt2-large folders are made on the CPU); benchmarks/gpu_variants.py's candidate changes to
 # the fp16 step with CUDA graphs; benchmarks/gpu_kernels.py's list of the kernels of a batch-1 step (the
