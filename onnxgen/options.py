@@ -27,7 +27,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 }
 # generation_config.json keys that change transformers' output and that onnxgen does not take, with transformers'
 # defaults: a folder that sets one to something else gets a warning, not a silent difference.
-NOT_TAKEN = {"stop_strings": None, "num_beam_groups": 1, "diversity_penalty": 0.0,
+NOT_TAKEN = {"num_beam_groups": 1, "diversity_penalty": 0.0,
              "penalty_alpha": None, "force_words_ids": None, "constraints": None, "token_healing": False, "dola_layers": None, "watermarking_config": None}
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 MAX_TEMPERATURE = 100.0
@@ -112,6 +112,8 @@ class GenerationOptions:
     pad_token_id: int | None = None
     stop: list[str] = field(default_factory=list)  # stop strings: generation ends when the text contains one
     include_stop_str_in_output: bool = False  # the text goes on to the end of the stop string that ended it (vLLM's name)
+    # transformers' stop strings: a row ends with the token that completes one, kept whole (stopping.py)
+    stop_strings: list[str] = field(default_factory=list)
     seed: int | None = None  # makes sampling reproducible
     truncate_prompt: bool = False  # drop the prompt's oldest tokens instead of refusing a too-long prompt
     logprobs: int | None = None  # per new token its log-probability, and this many most likely alternatives
@@ -225,6 +227,8 @@ class GenerationOptions:
                 raise OptionsError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.num_beams > 1 and self.stop:
             raise OptionsError("stop strings are not supported with beam search")
+        if self.num_beams > 1 and self.stop_strings:
+            raise OptionsError("stop_strings are not supported with beam search")
         if self.num_beams > 1 and self.stopping_criteria:
             raise OptionsError("stopping_criteria are not supported with beam search")
         if self.num_beams > 1 and self.max_time is not None:
@@ -241,7 +245,7 @@ class GenerationOptions:
                 raise OptionsError(f"{name} works with greedy decoding and sampling, not beam search")
         if self.prompt_lookup_num_tokens is not None and self.assistant_model is not None:
             raise OptionsError("guesses come from prompt_lookup_num_tokens or from assistant_model, not both")
-        if any(not s for s in self.stop):
+        if any(not s for s in self.stop + self.stop_strings):
             raise OptionsError("stop strings must not be empty")
         if self.dry_multiplier < 0 or self.dry_base < 1 or self.dry_allowed_length < 1 or self.dry_penalty_last_n < -1:
             raise OptionsError(f"DRY takes dry_multiplier >= 0, dry_base >= 1, dry_allowed_length >= 1 and dry_penalty_last_n >= -1, got "
@@ -318,7 +322,7 @@ class GenerationOptions:
         differs = {k: v for k, v in saved.items() if k in NOT_TAKEN and v != NOT_TAKEN[k]}
         if differs:
             warnings.warn(f"{path} sets {', '.join(f'{k}={v!r}' for k, v in differs.items())}, which onnxgen does not take: "
-                          "its generation may differ from transformers' (stop strings are `stop`)", IgnoredOptionWarning, stacklevel=2)
+                          "its generation may differ from transformers'", IgnoredOptionWarning, stacklevel=2)
         names = {f.name for f in fields(cls)}
         # max_length 20 is transformers' default, written by configs made from a model's config: not a choice.
         taken = {k: v for k, v in saved.items() if k in names and v is not None and (k, v) != ("max_length", 20)}
@@ -387,7 +391,7 @@ def _typed(name: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple, np.ndarray)) or not all(is_int(t) for t in value):
             raise refuse("text or a list of token ids")
         return [int(t) for t in value]
-    if name == "stop":
+    if name in ("stop", "stop_strings"):
         stops = [] if value is None else [value] if isinstance(value, str) else value
         if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
             raise refuse("a string or a list of strings")

@@ -28,12 +28,13 @@ class StopRules:
     criteria: tuple[StoppingCriterion, ...]
     deadline: float | None  # time.perf_counter() past which rows end (max_time after the call's start)
     include_stop: bool = False  # the text ends after the stop string that ended it, not before (vLLM's include_stop_str_in_output)
+    stop_strings: tuple[str, ...] = ()  # transformers': the token that completes one ends its row (completes_stop_string)
 
     @classmethod
     def of(cls, opts: GenerationOptions, start: float) -> StopRules:
         deadline = None if opts.max_time is None else start + opts.max_time
         return cls(frozenset(opts.eos_ids), opts.max_new_tokens, tuple(opts.stop), tuple(opts.stopping_criteria), deadline,
-                   opts.include_stop_str_in_output)
+                   opts.include_stop_str_in_output, tuple(opts.stop_strings))
 
     def after_token(self, token: int, generated: int) -> str | None:
         """The reason a row ends with `token`, its `generated`-th new token, if it does."""
@@ -55,6 +56,17 @@ class StopRules:
                 raise OptionsError(f"stopping_criteria[{i}] returned {returned(result)}: expected a bool, or one per row ({len(met)})")
             met |= verdict
         return met
+
+    def completes_stop_string(self, tokens: list[int], spelled: Callable[[int], str]) -> bool:
+        """transformers' StopStringCriteria: whether the last of a row's tokens (its prompt's, then its new ones; `spelled`:
+        a token's text alone) completes a stop string, one that the tokens' texts hold and that ends past where the
+        last token begins; that token may run on past it, and the string may begin in earlier tokens. The row's
+        text keeps the whole token (onnxgen's `stop` cuts the text instead)."""
+        longest = max(len(s) for s in self.stop_strings)
+        last = spelled(tokens[-1])
+        tail = "".join(spelled(t) for t in tokens[-longest - 1 : -1]) + last  # each token spells a character at least
+        begins = len(tail) - len(last)
+        return any((at := tail.rfind(s)) >= 0 and at + len(s) > begins for s in self.stop_strings)
 
     @property
     def hold(self) -> int:

@@ -52,6 +52,10 @@ class Tokenizer:
         text = self._tok.decode(ids, skip_special_tokens=True)
         return clean_up(text) if clean and self.clean_up_spaces else text
 
+    def spell(self, token_id: int) -> str:
+        """One token's text alone, as transformers' stop strings read it: special tokens as written, no clean-up."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

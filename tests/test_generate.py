@@ -521,6 +521,50 @@ def test_clean_up_tokenization_spaces_as_transformers(exported: Path, checkpoint
     assert Tokenizer(exported / "tokenizer.json").decode(ids) == hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+def test_stop_strings_match_transformers_criterion(model: onnxgen.Model, checkpoint: Path) -> None:
+    """transformers' stop_strings (StopStringCriteria, with the checkpoint's tokenizer) against onnxgen's: which token
+    sequences end, over random sequences and stop strings taken from their texts (across, inside and before the last token)."""
+    from transformers import AutoTokenizer
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    from onnxgen.stopping import StopRules
+
+    hf = AutoTokenizer.from_pretrained(checkpoint)
+    rng = np.random.default_rng(0)
+    ends, spelled = 0, model.tokenizer.spell
+    for _ in range(40):
+        sequences = [rng.integers(0, model.tokenizer.vocab_size, rng.integers(1, 8)).tolist() for _ in range(30)]
+        texts = ["".join(spelled(t) for t in seq) for seq in sequences]
+        text = texts[int(rng.integers(len(texts)))]
+        start = int(rng.integers(max(1, len(text) - 6)))
+        stops = [text[start : start + int(rng.integers(1, 6))] or "e", str(rng.choice(["e", "th", " a", "ing", "!"]))]
+        criterion, rules = StopStringCriteria(hf, stops), StopRules(frozenset(), 1, (), (), None, stop_strings=tuple(stops))
+        for seq in sequences:
+            expected = bool(criterion(torch.tensor([seq]), None)[0])
+            assert rules.completes_stop_string(seq, spelled) == expected, (stops, seq, [spelled(t) for t in seq])
+            ends += expected
+    assert 50 < ends < 1100  # both kinds of case occur
+
+
+def test_stop_strings_generate_as_transformers(model: onnxgen.Model, torch_model: torch.nn.Module, checkpoint: Path) -> None:
+    """Greedy on a padded batch with stop strings: each row as transformers' generate(stop_strings=..., tokenizer=...)
+    ends it, the completing token kept whole (and a row no string ends runs to max_new_tokens)."""
+    from transformers import AutoTokenizer
+
+    eos = model.defaults.eos_ids[0]
+    plain = model.generate(PROMPTS, max_new_tokens=24)
+    stops = [plain[0].text[6:9], plain[2].text[10:12]]
+    ours = model.generate(PROMPTS, max_new_tokens=24, stop_strings=stops)
+    theirs = hf_generate(torch_model, PROMPTS, eos, max_new_tokens=24, do_sample=False, stop_strings=stops,
+                         tokenizer=AutoTokenizer.from_pretrained(checkpoint))
+    assert [c.finish_reason for c in ours].count("stop") >= 2
+    for c, row in zip(ours, theirs, strict=True):
+        assert c.token_ids == (row[:-1] if c.finish_reason == "stop" and row[-1] == eos else row)  # theirs pads a stopped row
+        if c.finish_reason == "stop":
+            assert any(s in c.text for s in stops) and c.text == model.tokenizer.decode(c.token_ids)
+    assert "".join(model.stream(PROMPTS[0], max_new_tokens=24, stop_strings=stops)) == ours[0].text
+
+
 def test_stop_strings(model: onnxgen.Model) -> None:
     full = model.generate("It is a truth", max_new_tokens=30)[0].text
     stop = full[len(full) // 2 : len(full) // 2 + 2]
@@ -588,10 +632,10 @@ def test_generation_config_keys_onnxgen_does_not_take_are_warned_of(tmp_path: Pa
     from onnxgen import cli
 
     (tmp_path / "generation_config.json").write_text(json.dumps({"num_beam_groups": 2, "do_sample": True, "top_k": 7,
-                                                                 "stop_strings": ["x"]}))
-    with pytest.warns(onnxgen.IgnoredOptionWarning, match=r"sets num_beam_groups=2, stop_strings=\['x'\], which onnxgen does not take"):
+                                                                 "penalty_alpha": 0.6, "stop_strings": "x"}))
+    with pytest.warns(onnxgen.IgnoredOptionWarning, match=r"sets num_beam_groups=2, penalty_alpha=0.6, which onnxgen does not take"):
         options = GenerationOptions.from_folder(tmp_path)
-    assert options.do_sample and options.top_k == 7  # the keys it takes still count
+    assert options.do_sample and options.top_k == 7 and options.stop_strings == ["x"]  # the keys it takes still count
     (tmp_path / "generation_config.json").write_text(json.dumps({"max_length": 20, "num_beam_groups": 1, "eos_token_id": 3,
                                                                  "guidance_scale": 1.5}))
     with warnings.catch_warnings():
