@@ -55,6 +55,8 @@ class Job:
     # ("dropped", None) for a job whose client went away before it started.
     deliver: Callable[[str, Any], None]
     cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away
+    # Made, and its options checked, by the caller (load(max_batch)): run as it is where it can be, instead of made again
+    generator: Generator | BeamSearch | None = None
 
     @property
     def rows(self) -> int:
@@ -215,6 +217,11 @@ class Batcher:
 
     def _generator(self, job: Job, shared: bool = False) -> Generator | BeamSearch | None:
         """The job's generator; in the shared rows without guesses (their steps run one token a row: the same text)."""
+        made, job.generator = job.generator, None
+        if made is not None:
+            if not (shared and isinstance(made, Generator) and made.guesser is not None):
+                return made
+            made.cancel()  # its guesser's cache (a draft model's) goes back
         options = replace(job.options, prompt_lookup_num_tokens=None, assistant_model=None) if shared else job.options
         try:
             return self.model.generator(job.prompts, options)

@@ -354,13 +354,12 @@ class Model:
         return result[0]
 
     def _events(self, generator: Generator | BeamSearch, ids: list[list[int]], opts: GenerationOptions) -> Events:
-        """A call's events, run alone, or through load(max_batch)'s batcher, which makes a generator of its own from
-        the same prompts and options (the one made to check them runs nothing); stopping early ends the call."""
+        """A call's events, run alone, or through load(max_batch)'s batcher, which runs the generator in its thread;
+        stopping early ends the call."""
         if self._batcher is None:
             return Events(_alone(generator))
-        generator.cancel()
         news: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        return Events(_pulled(self._job(ids, opts, news.put), news.get))
+        return Events(_pulled(self._job(generator, ids, opts, news.put), news.get))
 
     async def _aevents(self, generator: Generator | BeamSearch, ids: list[list[int]],
                        opts: GenerationOptions) -> AsyncIterator[Event | tuple[list[Completion], Stats]]:
@@ -373,9 +372,8 @@ class Model:
             assert events.result is not None
             yield events.result
             return
-        generator.cancel()
         loop, news = asyncio.get_running_loop(), asyncio.Queue[tuple[str, Any]]()
-        job = self._job(ids, opts, lambda item: loop.call_soon_threadsafe(news.put_nowait, item))
+        job = self._job(generator, ids, opts, lambda item: loop.call_soon_threadsafe(news.put_nowait, item))
         try:
             next(job)
             while True:
@@ -385,13 +383,13 @@ class Model:
         finally:
             job.close()
 
-    def _job(self, ids: list[list[int]], opts: GenerationOptions,
+    def _job(self, generator: Generator | BeamSearch, ids: list[list[int]], opts: GenerationOptions,
              put: Callable[[tuple[str, Any]], Any]) -> GeneratorType[Event | None, tuple[str, Any], tuple[list[Completion], Stats]]:
         """A call handed to load(max_batch)'s batcher, whose thread gives each piece of its news to `put`: yields None
         once the job is handed over, then, for each piece of news sent in, its event; returns the completions and
         timings (or raises the call's error). Closed early, the job's rows end at the batcher's next step."""
         assert self._batcher is not None
-        job = Job(ids, opts, lambda kind, value: put((kind, value)))
+        job = Job(ids, opts, lambda kind, value: put((kind, value)), generator=generator)
         try:
             self._batcher.submit(job)
         except Full as e:

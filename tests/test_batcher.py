@@ -479,6 +479,28 @@ def test_a_batched_call_is_checked_at_once_and_its_errors_reach_the_caller(expor
             onnxgen.load(path, threads=1, max_batch=max_batch)
 
 
+def test_a_batched_call_makes_its_generator_once(exported: Path, model: onnxgen.Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The generator made to check a call is the one the batcher runs (a constraint compiled once, a draft's cache made
+    once), also for a call with guesses, which runs apart with them."""
+    from onnxgen.beam import BeamSearch
+    from onnxgen.generator import Generator
+
+    made: list[str] = []
+    for kind in (Generator, BeamSearch):
+        original = kind.__init__
+
+        def counting(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> None:
+            made.append(type(self).__name__)
+            _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(kind, "__init__", counting)
+    batched = onnxgen.load(exported, threads=1, max_batch=2)
+    for options in ({**GREEDY, "max_new_tokens": 6}, {"num_beams": 2, "max_new_tokens": 6}, {**GREEDY, "max_new_tokens": 6, "prompt_lookup_num_tokens": 2}):
+        made.clear()
+        assert [c.token_ids for c in batched.generate("It is a truth", **options)] == [c.token_ids for c in model.generate("It is a truth", **options)]
+        assert len(made) == 2  # the model alone's one, and the batched call's one
+
+
 def test_a_stream_let_go_of_ends_its_rows_and_an_idle_batcher_lets_its_model_go(exported: Path) -> None:
     """Closing a stream (or dropping it) cancels its rows at the next step; a batcher with nothing to do ends its
     thread, so that a model nobody holds is freed, batcher and cache with it."""
