@@ -11,6 +11,7 @@ its past: the results come from `completions()` once it is done.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -41,6 +42,9 @@ class BeamSearch:
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.rules = StopRules.of(opts, self.start)
         self.eos = np.asarray(sorted(self.rules.eos), dtype=np.int64)
+        # stop_strings read a candidate's last tokens: its prompt's last ones, then its new ones
+        reach = max((len(s) for s in self.rules.stop_strings), default=0) + 1
+        self._prompt_tails, self._spelled = [p[-reach:] for p in prompts], functools.cache(tokenizer.spell)
         # Per beam, a token besides every end token: what the candidates looked at per step must hold, and what
         # beam sampling's warpers leave at least (transformers' min_tokens_to_keep)
         per_beam = max(2, 1 + len(self.eos))
@@ -103,6 +107,8 @@ class BeamSearch:
             alt = np.stack([alt_ids, np.take_along_axis(processed, alt_ids, -1)], axis=-1).reshape(b, k, self.top_n, 2)
             top_alt[:, :, cur] = _take(alt, top_beams)
         ends = np.isin(top_tokens, self.eos) | (cur + 1 >= opts.max_new_tokens)
+        if self.rules.stop_strings:  # transformers': a candidate that completes one ends as an end token's would
+            ends |= np.array([[self._stops(i, seq[: cur + 1]) for seq in top_seqs[i]] for i in range(b)], dtype=bool).reshape(ends.shape)
 
         # Running beams for the next step: the best candidates that did not end.
         live_scores = top_scores + ends.astype(np.float32) * NEG
@@ -146,12 +152,17 @@ class BeamSearch:
             for j in range(self.opts.num_return_sequences):
                 n = int(self.finished_lens[i, j])
                 tokens = self.finished[i, j, :n].tolist()
-                reason = "cancelled" if self.cancelled else ("eos" if tokens and tokens[-1] in self.rules.eos else "length")
+                reason = "cancelled" if self.cancelled else ("eos" if tokens and tokens[-1] in self.rules.eos else
+                                                             "stop" if tokens and self._stops(i, tokens) else "length")
                 alternatives = [{int(t): float(v) for t, v in step} for step in self.finished_alt[i, j, :n]] if asked else None
                 results.append(Completion(self.tokenizer.decode(tokens), tokens, reason, i,
                                           self.finished_lp[i, j, :n].tolist() if asked else None, alternatives,
                                           float(self.finished_scores[i, j])))
         return results
+
+    def _stops(self, prompt: int, new: np.ndarray | list[int]) -> bool:
+        """Whether the last of these new tokens after prompt `prompt`'s completes one of stop_strings."""
+        return bool(self.rules.stop_strings) and self.rules.completes_stop_string([*self._prompt_tails[prompt], *map(int, new)], self._spelled)
 
     @property
     def stats(self) -> Stats:

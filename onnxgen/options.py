@@ -227,8 +227,6 @@ class GenerationOptions:
                 raise OptionsError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.num_beams > 1 and self.stop:
             raise OptionsError("stop strings are not supported with beam search")
-        if self.num_beams > 1 and self.stop_strings:
-            raise OptionsError("stop_strings are not supported with beam search")
         if self.num_beams > 1 and self.stopping_criteria:
             raise OptionsError("stopping_criteria are not supported with beam search")
         if self.num_beams > 1 and self.max_time is not None:

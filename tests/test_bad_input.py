@@ -87,7 +87,7 @@ BAD_OPTIONS: list[tuple[dict[str, Any], str]] = [
     ({"guidance_scale": 2.0, "negative_prompt": [10**9]}, "token ids"),
     ({"guidance_scale": 2.0, "prompt_lookup_num_tokens": 3}, "prompt_lookup_num_tokens and guidance_scale"),
     ({"guidance_scale": 2.0, "negative_prompt": [1] * 5000}, "context window"),
-    ({"stop_strings": ["ab"], "num_beams": 2}, "stop_strings are not supported with beam search"), ({"stop_strings": [""]}, "must not be empty"),
+    ({"stop_strings": [""]}, "must not be empty"),
     ({"stop_strings": [3]}, "stop_strings"),
     ({"prefix_allowed_tokens_fn": [1, 2]}, "prefix_allowed_tokens_fn must be a function"),
     ({"prefix_allowed_tokens_fn": lambda b, ids: [10**9]}, "prefix_allowed_tokens_fn returned"),

@@ -565,6 +565,26 @@ def test_stop_strings_generate_as_transformers(model: onnxgen.Model, torch_model
     assert "".join(model.stream(PROMPTS[0], max_new_tokens=24, stop_strings=stops)) == ours[0].text
 
 
+def test_stop_strings_in_beam_search_as_transformers(model: onnxgen.Model, torch_model: torch.nn.Module, checkpoint: Path) -> None:
+    """Beam search with stop strings: a candidate that completes one ends as one ending in an end token does (a
+    finished hypothesis, out of the running beams), as transformers' beam search treats its stopping criteria."""
+    from transformers import AutoTokenizer
+
+    eos, beams = model.defaults.eos_ids[0], {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 20, "do_sample": False}
+    hf = AutoTokenizer.from_pretrained(checkpoint)
+    plain = model.generate(PROMPTS, **beams)
+    # Strings from the beams' own texts, and single letters, which also end candidates below the best k
+    changed, reasons = 0, set()
+    for stops in ([plain[0].text[4:6], plain[4].text[8:10]], [plain[2].text[3:5]], ["e"], ["a", "o"], ["t"]):
+        ours = model.generate(PROMPTS, stop_strings=stops, **beams)
+        theirs = hf_generate(torch_model, PROMPTS, eos, stop_strings=stops, tokenizer=hf, **beams)
+        for c, row in zip(ours, theirs, strict=True):
+            assert c.token_ids == (row[:-1] if c.finish_reason == "stop" and row[-1] == eos else row), stops
+        changed += [c.token_ids for c in ours] != [c.token_ids for c in plain]
+        reasons |= {c.finish_reason for c in ours}
+    assert changed >= 4 and "stop" in reasons
+
+
 def test_stop_strings(model: onnxgen.Model) -> None:
     full = model.generate("It is a truth", max_new_tokens=30)[0].text
     stop = full[len(full) // 2 : len(full) // 2 + 2]
