@@ -11,7 +11,6 @@ its past: the results come from `completions()` once it is done.
 
 from __future__ import annotations
 
-import functools
 import time
 
 import numpy as np
@@ -44,7 +43,7 @@ class BeamSearch:
         self.eos = np.asarray(sorted(self.rules.eos), dtype=np.int64)
         # stop_strings read a candidate's last tokens: its prompt's last ones, then its new ones
         reach = max((len(s) for s in self.rules.stop_strings), default=0) + 1
-        self._prompt_tails, self._spelled = [p[-reach:] for p in prompts], functools.cache(tokenizer.spell)
+        self._prompt_tails = [p[-reach:] for p in prompts]
         # Per beam, a token besides every end token: what the candidates looked at per step must hold, and what
         # beam sampling's warpers leave at least (transformers' min_tokens_to_keep)
         per_beam = max(2, 1 + len(self.eos))
@@ -162,7 +161,7 @@ class BeamSearch:
 
     def _stops(self, prompt: int, new: np.ndarray | list[int]) -> bool:
         """Whether the last of these new tokens after prompt `prompt`'s completes one of stop_strings."""
-        return bool(self.rules.stop_strings) and self.rules.completes_stop_string([*self._prompt_tails[prompt], *map(int, new)], self._spelled)
+        return bool(self.rules.stop_strings) and self.rules.completes_stop_string([*self._prompt_tails[prompt], *map(int, new)], self.tokenizer.spell)
 
     @property
     def stats(self) -> Stats:

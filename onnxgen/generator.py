@@ -16,7 +16,6 @@ guessed ones in one pass and keeps each guess the model chooses itself: the same
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass, replace
 
@@ -106,7 +105,6 @@ class Generator:
         self.prompt_index = prompt_index
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.rules = StopRules.of(opts, self.start)
-        self._spelled = functools.cache(tokenizer.spell)  # tokens' texts, for stop_strings
         self.rng = np.random.default_rng(opts.seed)
         self.scoring = Scoring(opts, constraint(opts, tokenizer), tokenizer, self.rng, runtime.vocab_size)
         self.rows = Rows(runtime, prompts, pad_id, opts.max_new_tokens, opts.adapter)
@@ -212,7 +210,7 @@ class Generator:
                     reasons[row] = "stop"
         if self.rules.stop_strings:
             for row, reason in reasons.items():
-                if reason is None and self.rules.completes_stop_string(self.rows.history(row), self._spelled):
+                if reason is None and self.rules.completes_stop_string(self.rows.history(row), self.tokenizer.spell):
                     reasons[row] = "stop"
         events = [self._event(row, reason) for row, reason in reasons.items()]
         if self.done:

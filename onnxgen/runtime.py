@@ -50,6 +50,7 @@ COPY = {np.dtype(np.float32): "copy_float32.onnx", np.dtype(np.float16): "copy_f
 ZEROS = {np.dtype(np.float32): "zeros_float32.onnx", np.dtype(np.float16): "zeros_float16.onnx"}
 TOP_K = "top_k.onnx"  # beam search's selections, on the host (graph.top_k_model)
 GRAPHS = Path(__file__).parent / "graphs"
+CUDA_OPTIONS = {"use_tf32": "0"}  # the CUDA provider's options for every session (see Runtime.__init__)
 IDLE_CACHE_BYTES = 2 << 30  # CUDA graphs: finished calls' caches kept for later calls of their shape
 MIN_RESUMED = 32  # tokens: a kept cache is taken by a call that starts with at least this many of its tokens
 
@@ -166,7 +167,7 @@ class Runtime:
                 raise OptionsError(f"cuda_graph needs a folder with the cache in place; {model_path} was exported with --growing-cache")
             # fp32 means fp32, as in PyTorch: onnxruntime's CUDA provider multiplies float32 matrices in TF32 (10-bit
             # mantissas) unless told not to, and greedy text then parts from the CPU's at near-ties.
-            providers: list[Any] = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+            providers: list[Any] = [("CUDAExecutionProvider", CUDA_OPTIONS), "CPUExecutionProvider"]
             library_notes = _load_cuda_libraries(ort)
         elif provider == "cpu":
             providers = ["CPUExecutionProvider"]
@@ -174,7 +175,7 @@ class Runtime:
             raise ProviderError(f"unknown provider {provider!r}: use 'cpu' or 'cuda'")
         # The model's session alone captures CUDA graphs. The small graphs below never do: a capture replays the
         # addresses it was made with, and they run on new tensors every time.
-        model_providers = [("CUDAExecutionProvider", {"use_tf32": "0", "enable_cuda_graph": "1"}), *providers[1:]] if cuda_graph else providers
+        model_providers = [("CUDAExecutionProvider", {**CUDA_OPTIONS, "enable_cuda_graph": "1"}), *providers[1:]] if cuda_graph else providers
         try:
             self.session = ort.InferenceSession(str(model_path), options, providers=model_providers)
         except Exception as e:  # onnxruntime raises its own untyped errors for unreadable models

@@ -33,6 +33,7 @@ class Tokenizer:
     def __init__(self, path: Path, clean_up_spaces: bool = False) -> None:
         """`clean_up_spaces`: decode as transformers does with clean_up_tokenization_spaces (the folder's manifest says)."""
         self.clean_up_spaces, self.path = clean_up_spaces, path
+        self._spelled: dict[int, str] = {}  # spell's answers
         if not path.is_file():
             raise ModelFolderError(f"no tokenizer.json in {path.parent}")
         try:
@@ -53,8 +54,12 @@ class Tokenizer:
         return clean_up(text) if clean and self.clean_up_spaces else text
 
     def spell(self, token_id: int) -> str:
-        """One token's text alone, as transformers' stop strings read it: special tokens as written, no clean-up."""
-        return self._tok.decode([token_id], skip_special_tokens=False)
+        """One token's text alone, as transformers' stop strings read it: special tokens as written, no clean-up
+        (kept for the model's life: stop strings read the last few tokens of every row at every step)."""
+        spelled = self._spelled.get(token_id)
+        if spelled is None:
+            spelled = self._spelled[token_id] = self._tok.decode([token_id], skip_special_tokens=False)
+        return spelled
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
