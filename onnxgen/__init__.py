@@ -21,9 +21,10 @@ from .errors import (
 from .beam import BeamSearch
 from .generator import Completion, Event, Generator, Stats
 from .model import Model, Score, TextGenerationPipeline, load, pipeline
-from .options import STRATEGIES, GenerationOptions
+from .options import STRATEGIES, GenerationOptions, WatermarkingConfig
+from .watermark import WatermarkDetection
 
 __all__ = [
     "STRATEGIES", "AdapterWarning", "BeamSearch", "Completion", "ContextLengthError", "Event", "GenerationOptions", "Generator", "IgnoredOptionWarning", "Model",
-    "ModelFolderError", "OnnxgenError", "OptionsError", "PerformanceWarning", "ProviderError", "Score", "Stats", "TextGenerationPipeline", "load", "pipeline",
+    "ModelFolderError", "OnnxgenError", "OptionsError", "PerformanceWarning", "ProviderError", "Score", "Stats", "TextGenerationPipeline", "WatermarkDetection", "WatermarkingConfig", "load", "pipeline",
 ]

@@ -1,4 +1,4 @@
-"""The `onnxgen` command: export, quantize, generate, chat, score, bench, serve, run-batch, verify. Results on stdout, progress and errors on
+"""The `onnxgen` command: export, quantize, generate, chat, score, detect-watermark, bench, serve, run-batch, verify. Results on stdout, progress and errors on
 stderr. Every error is one line, `onnxgen: error: ...`: exit 2 for a usage error, 1 for anything else, 130 on
 Ctrl-C. No traceback reaches the user unless ONNXGEN_DEBUG=1 is set.
 """
@@ -22,7 +22,7 @@ except ImportError:  # the embedding install (`pip install onnxgen onnxruntime`)
     sys.exit("onnxgen: error: the command line needs typer and rich: pip install 'onnxgen[cpu]' (or 'onnxgen[gpu]', or 'onnxgen[cli]')")
 
 from .errors import AdapterWarning, ContextLengthError, IgnoredOptionWarning, OnnxgenError, PerformanceWarning
-from .options import STRATEGIES
+from .options import STRATEGIES, under_key
 from .tools import PARSERS
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -59,6 +59,9 @@ AdapterOption = Annotated[list[str] | None, typer.Option(
 ToolCallParserOption = Annotated[str | None, typer.Option(
     "--tool-call-parser", help="hermes: the model writes tool calls as <tool_call>{...}</tool_call> (Hermes-style fine-tunes); "
     "tool_choice \"auto\" then reads them (vLLM's)")]
+WatermarkKeyOption = Annotated[int | None, typer.Option(
+    envvar="ONNXGEN_WATERMARK_KEY", help="watermark the text under this private key (transformers' watermark, the folder's "
+    "watermarking_config or transformers' defaults otherwise; detect-watermark finds it)", show_default=False)]
 CudaGraphOption = Annotated[bool, typer.Option("--cuda-graph", help="CUDA: replay the decode step as one captured CUDA graph (a folder with the cache in place)")]
 
 
@@ -222,6 +225,7 @@ def generate(
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
     mapped_weights: MappedWeightsOption = False,
     cuda_graph: CudaGraphOption = False,
+    watermark_key: WatermarkKeyOption = None,
     stats: Annotated[bool, typer.Option("--stats", help="print tokens, time to first token and tok/s on stderr")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -249,6 +253,7 @@ def generate(
                  adapters=adapters)
         draft = None if spinning else load(assistant_model, provider=provider, threads=threads, spinning=False)  # type: ignore[arg-type]
         opts = m.options(**strategy_options(strategy, given), **({"assistant_model": draft} if draft is not None else {}),
+                         **({"watermarking_config": under_key(m.defaults.watermarking_config, watermark_key)} if watermark_key is not None else {}),
                          adapter=next(iter(adapters), None))
         if as_json:
             completions = m.generate(prompt, opts)
@@ -394,6 +399,37 @@ def score(
     run(body)
 
 
+@app.command("detect-watermark")
+def detect_watermark(
+    files: Annotated[list[str], typer.Argument(help="text files, each a generated text without its prompt (- reads standard input)",
+                                               show_default=False)],
+    model: ModelOption = None,
+    watermark_key: Annotated[int | None, typer.Option(envvar="ONNXGEN_WATERMARK_KEY", show_default=False, help="the private key "
+                                                      "the text was written under (generate and serve's --watermark-key)")] = None,
+    z_threshold: Annotated[float, typer.Option(help="a z-score above this says watermarked")] = 3.0,
+    ignore_repeated_ngrams: Annotated[bool, typer.Option("--ignore-repeated-ngrams", help="a token after the same context counts once")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Whether each text was written under the watermark (generate --watermark-key): its share of green tokens and
+    how unlikely that is without the key."""
+    from . import load
+
+    def body() -> None:
+        m = load(model, threads=1)
+        config = under_key(m.defaults.watermarking_config, watermark_key) if watermark_key is not None else None
+        results = []
+        for name in files:
+            found = m.detect_watermark(_read(name), config, z_threshold, ignore_repeated_ngrams)[0]
+            results.append({"file": name, **asdict(found)})
+            if not as_json:
+                print(f"{name}: {'watermarked' if found.prediction else 'not watermarked'} (z-score {found.z_score:.2f}, p-value "
+                      f"{found.p_value:.2g}; {found.num_green_tokens} of {found.num_tokens_scored} tokens green)")
+        if as_json:
+            print(json.dumps(results, indent=2))
+
+    run(body)
+
+
 @app.command()
 def bench(
     model: ModelOption = None,
@@ -456,6 +492,7 @@ def serve(
     stored_responses: Annotated[int, typer.Option(min=0, help="finished /v1/responses answers kept in memory for "
                                                   "previous_response_id and GET /v1/responses/ID (0: none)")] = 1000,
     tool_call_parser: ToolCallParserOption = None,
+    watermark_key: WatermarkKeyOption = None,
 ) -> None:
     """Serve OpenAI's completions, chat completions and responses APIs over HTTP.
 
@@ -487,7 +524,8 @@ def serve(
     draft = None if spinning else run(lambda: load(assistant_model, provider=provider, threads=threads, spinning=False))  # type: ignore[arg-type]
     app_ = run(lambda: create_app(loaded, name or folder.name, api_key, Limits(max_tokens=max_tokens, max_batch=max_batch, prefill_chunk=prefill_chunk),
                                   draft, allowed_origins=allowed_origin, adapter_loading=adapter_loading,
-                                  stored_responses=stored_responses, tool_call_parser=tool_call_parser))
+                                  stored_responses=stored_responses, tool_call_parser=tool_call_parser,
+                                  watermark_key=watermark_key))
     where = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     print(f"serving {folder} as {name or folder.name!r} on http{'s' if tls else ''}://{where}:{port}/v1", file=sys.stderr)
     uvicorn.Server(uvicorn.Config(app_, log_level="warning", **tls)).run(sockets=[listening])

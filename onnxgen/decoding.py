@@ -138,7 +138,7 @@ class Rows:
 class Scoring:
     """What turns a step's raw scores into the ones a token is chosen from: the built-in processors,
     then the caller's `logits_processors` (transformers' order), then a constraint's mask (guidance.py: last, so
-    that none of them can bring back a token it bans), then sampling's warpers."""
+    that none of them can bring back a token it bans), then sampling's warpers and the watermark."""
 
     def __init__(self, opts: GenerationOptions, constraint: Constraint | None = None, tokenizer: Tokenizer | None = None,
                  rng: np.random.Generator | None = None, vocab_size: int = 0, keep: int = 1) -> None:
@@ -149,11 +149,12 @@ class Scoring:
         self.processors, self.warpers = logits.processors_for(opts, breakers), logits.warpers_for(opts, rng, keep)
         self.user = opts.logits_processors
         self.constraint = constraint
+        self.reads_history = bool(self.processors or constraint or opts.watermarking_config)
 
     def __call__(self, raw: np.ndarray, rows: Rows, step: int) -> np.ndarray:
         if not (self.processors or self.user or self.constraint or self.warpers):  # greedy's usual case: the raw scores
             return raw
-        history = [rows.history(r) for r in range(len(raw))] if self.processors or self.constraint else []
+        history = [rows.history(r) for r in range(len(raw))] if self.reads_history else []
         scores = logits.apply(self.processors, raw, history, step)
         for i, processor in enumerate(self.user):
             scores = _checked(processor(rows.input_ids, scores), scores.shape, f"logits_processors[{i}]")

@@ -13,6 +13,7 @@ import numpy as np
 
 from .errors import OptionsError
 from .options import GenerationOptions, returned
+from .watermark import watermark
 
 History = list[list[int]]  # per row: the tokens seen so far (prompt without padding, then generated)
 Filter = Callable[[np.ndarray, History, int], np.ndarray]  # (scores, history, new-token count) -> scores
@@ -549,7 +550,7 @@ def processors_for(opts: GenerationOptions, breakers: np.ndarray | None = None) 
 def warpers_for(opts: GenerationOptions, rng: np.random.Generator | None = None, keep: int = 1) -> list[Filter]:
     """Sampling's reshaping of the distribution: temperature, top-k, top-p, min-p, typical-p, epsilon, eta, each
     leaving at least `keep` tokens (transformers' min_tokens_to_keep), then XTC (with `rng`, the call's random numbers;
-    none of them without do_sample); then the renormalisation, if asked, for every strategy."""
+    none of them without do_sample); then, for every strategy, the watermark and the renormalisation, where asked."""
     chain: list[Filter] = []
     if opts.do_sample:
         if opts.temperature != 1.0:
@@ -569,6 +570,8 @@ def warpers_for(opts: GenerationOptions, rng: np.random.Generator | None = None,
         if opts.xtc_probability > 0.0:
             assert rng is not None, "XTC draws from the call's random numbers"
             chain.append(xtc(opts.xtc_probability, opts.xtc_threshold, rng))
+    if opts.watermarking_config is not None:  # after all of them, as transformers' (its #34630)
+        chain.append(watermark(opts.watermarking_config, opts.pad_id))
     if opts.renormalize_logits:
         chain.append(lambda scores, _h, _g: log_softmax(scores))
     return chain

@@ -25,10 +25,11 @@ from .errors import ContextLengthError, ModelFolderError, OnnxgenError, OptionsE
 from .folder import MANIFEST, ModelFolder
 from .generator import Completion, Event, Generator, Stats, token_logprobs
 from .lookup import PromptLookup
-from .options import MAX_LOGPROBS, GenerationOptions, is_int
+from .options import MAX_LOGPROBS, GenerationOptions, WatermarkingConfig, is_int, is_number
 from .runtime import Provider, Runtime
 from .tokenizer import Tokenizer
 from .unconditional import Unconditional
+from .watermark import WatermarkDetection, detect
 
 BUNDLED = Path(__file__).parent / "bundled" / "prose-mini"
 # load(max_batch=N): calls that wait for the batcher beyond those decoding; past this a call is refused (OnnxgenError)
@@ -444,6 +445,23 @@ class Model:
                     break
             scores.append(Score(ids, logprobs, top))
         return scores
+
+    def detect_watermark(self, texts: Prompt | Sequence[Prompt], watermarking_config: WatermarkingConfig | dict[str, Any] | None = None,
+                         z_threshold: float = 3.0, ignore_repeated_ngrams: bool = False) -> list[WatermarkDetection]:
+        """Whether each text (or token ids) was written under a watermark (generate's watermarking_config; by default
+        the folder's own): how many of its tokens are green, and the z-score that says how unlikely that is without
+        it (above z_threshold: watermarked), as transformers' WatermarkDetector counts. Give the generated text
+        without its prompt. `ignore_repeated_ngrams`: a token after the same context counts once."""
+        config = self.defaults.watermarking_config if watermarking_config is None else WatermarkingConfig.of(watermarking_config)
+        if config is None:
+            raise OptionsError("no watermarking_config: give the one the text was written with (the command line's "
+                               "--watermark-key); this folder's generation_config.json has none")
+        if not is_number(z_threshold):
+            raise OptionsError(f"z_threshold must be a finite number, got {z_threshold!r}")
+        if not isinstance(ignore_repeated_ngrams, bool):
+            raise OptionsError(f"ignore_repeated_ngrams must be True or False, got {ignore_repeated_ngrams!r}")
+        return [detect(self._encode(text), config, self.dims.vocab_size, float(z_threshold), ignore_repeated_ngrams)
+                for text in _prompt_list(texts)]
 
 
 def load(path: str | Path | None = None, provider: Provider = "cpu", threads: int | None = None, verify: bool = False,

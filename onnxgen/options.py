@@ -6,7 +6,7 @@ import json
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +28,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 # generation_config.json keys that change transformers' output and that onnxgen does not take, with transformers'
 # defaults: a folder that sets one to something else gets a warning, not a silent difference.
 NOT_TAKEN = {"num_beam_groups": 1, "diversity_penalty": 0.0,
-             "penalty_alpha": None, "force_words_ids": None, "constraints": None, "token_healing": False, "dola_layers": None, "watermarking_config": None}
+             "penalty_alpha": None, "force_words_ids": None, "constraints": None, "token_healing": False, "dola_layers": None}
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 100.0
@@ -46,6 +46,52 @@ FLOATS = {"temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_c
 BOOLS = {"do_sample", "truncate_prompt", "remove_invalid_values", "renormalize_logits", "include_stop_str_in_output"}
 TOKEN_LISTS = {"suppress_tokens", "begin_suppress_tokens"}
 SequenceBias = dict[tuple[int, ...], float]
+
+
+@dataclass(frozen=True)
+class WatermarkingConfig:
+    """transformers' WatermarkingConfig: its names, defaults and meaning (a dict of them is taken too, as
+    generation_config.json holds it)."""
+
+    greenlist_ratio: float = 0.25  # the vocabulary's share that is green each step
+    bias: float = 2.0  # added to the green tokens' scores (transformers advises 0.5 to 2.0)
+    hashing_key: int = 15485863  # transformers' default, the millionth prime: deploy your own, and keep it private
+    # "lefthash": the green list follows from the last token; "selfhash": a token is green where it is in the list its
+    # own hash and those of the context_width - 1 tokens before it make (the best 40 scores are tried)
+    seeding_scheme: Literal["lefthash", "selfhash"] = "lefthash"
+    context_width: int = 1  # tokens the seed looks at; a row shorter than this is left as it is
+
+    @classmethod
+    def of(cls, value: Any) -> WatermarkingConfig:
+        """`value` (a WatermarkingConfig, or a dict of its fields) checked, or an OptionsError that says what is wrong."""
+        if isinstance(value, cls):
+            given = asdict(value)
+        elif isinstance(value, dict):
+            given = dict(value)
+        else:
+            raise OptionsError(f"watermarking_config must be a WatermarkingConfig or a dict of its fields, got {type(value).__name__}")
+        unknown = sorted(set(given) - {f.name for f in fields(cls)})
+        if unknown:
+            raise OptionsError(f"watermarking_config has no field(s) {', '.join(map(repr, unknown))}")
+        config = cls(**given)
+        ratio, bias, key, width = config.greenlist_ratio, config.bias, config.hashing_key, config.context_width
+        if not (is_number(ratio) and 0 < ratio < 1):
+            raise OptionsError(f"watermarking_config's greenlist_ratio must be in (0, 1), got {ratio!r}")
+        if not is_number(bias):
+            raise OptionsError(f"watermarking_config's bias must be a finite number, got {bias!r}")
+        if not (is_int(key) and 0 <= key < 2**63):  # torch multiplies it in int64
+            raise OptionsError(f"watermarking_config's hashing_key must be an integer in [0, 2**63), got {key!r}")
+        if config.seeding_scheme not in ("lefthash", "selfhash"):
+            raise OptionsError(f"watermarking_config's seeding_scheme must be 'lefthash' or 'selfhash', got {config.seeding_scheme!r}")
+        if not (is_int(width) and width >= 1):
+            raise OptionsError(f"watermarking_config's context_width must be an integer >= 1, got {width!r}")
+        return cls(float(ratio), float(bias), int(key), config.seeding_scheme, int(width))
+
+
+def under_key(config: WatermarkingConfig | None, key: Any) -> WatermarkingConfig:
+    """A command's or server's private watermark key (--watermark-key) over the folder's watermarking_config, or over
+    transformers' defaults where it has none."""
+    return WatermarkingConfig.of(replace(config or WatermarkingConfig(), hashing_key=key))
 
 
 @dataclass(frozen=True)
@@ -94,6 +140,10 @@ class GenerationOptions:
     # Log-softmax the scores after every processor and warper: beam search then ranks continuations by probabilities
     # that sum to 1 again (transformers' advice where processors change scores); a token's choice is unchanged.
     renormalize_logits: bool = False
+    # transformers' watermark (watermark.py; a WatermarkingConfig or a dict of its fields): a key's pseudo-random green
+    # part of the vocabulary, seeded by the tokens before, gets a bias each step, after every other processor, so that
+    # detect_watermark can tell the text from text written without the key. Every strategy.
+    watermarking_config: WatermarkingConfig | None = None
     max_time: float | None = None  # seconds: rows still running after this long since the call began end ("time")
     # Prompt lookup decoding (transformers'): each step also runs up to this many tokens guessed from the text so far
     # (what followed the last max_matching_ngram_size tokens (default 2) where they occurred before) and keeps those
@@ -422,6 +472,8 @@ def _typed(name: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not all(isinstance(w, (list, tuple)) and all(is_int(t) for t in w) for w in value):
             raise refuse("a list of token id lists")
         return [[int(t) for t in words] for words in value]
+    if name == "watermarking_config":
+        return None if value is None else WatermarkingConfig.of(value)
     if name == "json_schema":
         if value is not None and not isinstance(value, (dict, str)):
             raise refuse("a JSON schema: a dict, or its JSON text")

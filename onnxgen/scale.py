@@ -17,7 +17,7 @@ import numpy as np
 from .adapters import named
 from .errors import OptionsError
 from .model import load
-from .options import is_int
+from .options import is_int, under_key
 from .runtime import Provider
 from .serve import Limits, create_app
 from .tools import PARSERS
@@ -49,36 +49,39 @@ def replica_options(provider: Provider, threads: int | None, num_replicas: int |
 
 def _build_app(model_dir: str, name: str | None, provider: Provider, threads: int | None, api_key: str | None,
                limits: Limits | None, mapped_weights: bool, cuda_graph: bool, chat_template: str | None,
-               adapters: dict[str, Path] | None, tool_call_parser: str | None) -> Any:
+               adapters: dict[str, Path] | None, tool_call_parser: str | None, watermark_key: int | None) -> Any:
     """Runs on each replica: load the model there and build the same app `onnxgen serve` runs."""
     model = load(model_dir, provider=provider, threads=threads, mapped_weights=mapped_weights, cuda_graph=cuda_graph,
                  chat_template=chat_template, adapters=adapters)
     # No responses kept for previous_response_id: Ray's router would send the next turn to any replica.
     return create_app(model, name or Path(model_dir).name, api_key, limits, ray_metrics=True, stored_responses=0,
-                      tool_call_parser=tool_call_parser)
+                      tool_call_parser=tool_call_parser, watermark_key=watermark_key)
 
 
 def deployment(model_dir: str, name: str | None = None, provider: Provider = "cpu", threads: int | None = None,
                num_replicas: int | Literal["auto"] = 1, api_key: str | None = None, limits: Limits | None = None,
                mapped_weights: bool = False, cuda_graph: bool = False, max_replicas: int = 4, chat_template: str | None = None,
-               adapters: dict[str, Path] | None = None, tool_call_parser: str | None = None) -> Any:
+               adapters: dict[str, Path] | None = None, tool_call_parser: str | None = None,
+               watermark_key: int | None = None) -> Any:
     """A Ray Serve application: `num_replicas` copies of the app (or "auto": 1 to `max_replicas` by load;
     replica_options), each with its model, behind Ray's proxy. Run it with `serve.run(deployment(...))`; the
     routes are onnxgen serve's. `mapped_weights`: the replicas that Ray places on one machine share one copy of
     the weights; `cuda_graph`: on CUDA, each replica replays its decode steps as CUDA graphs; `chat_template`: a
     Jinja template's text, in place of the checkpoint's; `adapters`: LoRA adapter folders by name, which a request's
     "model" names (all onnxgen.load's; folders, as model_dir, at the same path on every node); `tool_call_parser`:
-    onnxgen serve's --tool-call-parser."""
+    onnxgen serve's --tool-call-parser; `watermark_key`: onnxgen serve's --watermark-key."""
     from ray import serve
 
     limits = limits or Limits()
     if tool_call_parser is not None and tool_call_parser not in PARSERS:  # checked before Ray starts replicas
         raise OptionsError(f"tool_call_parser {tool_call_parser!r}: onnxgen reads {', '.join(PARSERS)}")
     options = replica_options(provider, threads, num_replicas, max_replicas, limits)  # checked before Ray sees them
+    if watermark_key is not None:  # checked before Ray starts replicas
+        under_key(None, watermark_key)
 
     def build() -> Any:  # a function, not a partial: Ray tells a builder from an ASGI app that way
         return _build_app(model_dir, name, provider, threads, api_key, limits, mapped_weights, cuda_graph, chat_template, adapters,
-                          tool_call_parser)
+                          tool_call_parser, watermark_key)
 
     return serve.deployment(serve.ingress(build)(), name="onnxgen", **options).bind()
 
@@ -90,7 +93,7 @@ def _flag(args: dict[str, str], name: str) -> bool:
 def app(args: dict[str, str]) -> Any:
     """The builder `serve run onnxgen.scale:app model_dir=DIR [num_replicas=N|auto] [max_replicas=M] [max_batch=B]
     [threads=T] [provider=cuda] [mapped_weights=1] [cuda_graph=1] [chat_template=FILE] [adapters=NAME=DIR,NAME=DIR]
-    [tool_call_parser=hermes]` calls."""
+    [tool_call_parser=hermes] [watermark_key=KEY]` calls."""
     replicas = args.get("num_replicas", "1")
     template = None
     if "chat_template" in args:  # read here, where the command runs: the replicas may run on machines without the file
@@ -103,7 +106,8 @@ def app(args: dict[str, str]) -> Any:
                       Limits(max_batch=_int(args, "max_batch", Limits.max_batch)), mapped_weights=_flag(args, "mapped_weights"),
                       cuda_graph=_flag(args, "cuda_graph"), max_replicas=_int(args, "max_replicas", 4), chat_template=template,
                       adapters=named(args["adapters"].split(",")) if args.get("adapters") else None,
-                      tool_call_parser=args.get("tool_call_parser"))
+                      tool_call_parser=args.get("tool_call_parser"),
+                      watermark_key=_int(args, "watermark_key", None))
 
 
 def _int(args: dict[str, str], name: str, default: Any) -> Any:

@@ -61,6 +61,7 @@ from .generator import Completion, Event
 from .guidance import CONSTRAINTS
 from .metrics import Metrics
 from .model import Model
+from .options import WatermarkingConfig, under_key
 from .responses import Reply, ResponsesRequest, Store, chat_request, input_items
 from .tokenizer import TextStream
 from .tools import PARSERS, HermesCalls, ToolCalls, ToolChoice, tool_choice
@@ -165,15 +166,19 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
 
 def create_app(model: Model, name: str, api_key: str | None = None, limits: Limits | None = None,
                draft: Model | None = None, ray_metrics: bool = False, allowed_origins: list[str] | None = None,
-               adapter_loading: bool = False, stored_responses: int = 1000, tool_call_parser: str | None = None) -> FastAPI:
+               adapter_loading: bool = False, stored_responses: int = 1000, tool_call_parser: str | None = None,
+               watermark_key: int | None = None) -> FastAPI:
     """The app over `model`; `draft`: a draft model that requests ask for with "assistant_model": true;
     `ray_metrics`: a Ray Serve replica's app, whose requests Ray's metrics count too (metrics.py); `allowed_origins`:
     the web pages (scheme://host:port, or "*") whose scripts may call it from a browser (CORS); `adapter_loading`: LoRA
     adapters loaded and unloaded while it runs, by vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter;
     `stored_responses`: how many finished /v1/responses answers are kept for previous_response_id (0: none);
     `tool_call_parser`: the format ("hermes") in which the model writes tool calls, which makes tool_choice "auto"
-    possible (tools.py; vLLM's --tool-call-parser)."""
+    possible (tools.py; vLLM's --tool-call-parser); `watermark_key`: every text written under a watermark with this
+    private key (options.under_key, watermark.py), which no request can change (as none can where the folder's
+    generation_config.json has a watermarking_config)."""
     limits = limits or Limits()
+    watermark = None if watermark_key is None else under_key(model.defaults.watermarking_config, watermark_key)
     if tool_call_parser is not None and tool_call_parser not in PARSERS:
         raise OptionsError(f"tool call parser {tool_call_parser!r}: onnxgen reads {', '.join(PARSERS)}")
     if adapter_loading and model.runtime.lora is None:
@@ -295,7 +300,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         if wrong := other_model(body.model):
             return refused(wrong)
         try:
-            prompts, options = _job_input(model, body, limits, draft)
+            prompts, options = _job_input(model, body, limits, draft, watermark)
         except (OnnxgenError, ValueError) as e:
             return refused(error(400, str(e)))
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model or name}
@@ -411,7 +416,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
     def start_chat(body: ChatRequest) -> tuple[Job, asyncio.Queue[tuple[str, Any]], list[list[int]], ToolChoice] | JSONResponse:
         """A chat request's job queued, with its channel, prompt and what tool_choice asks for; or why it was not."""
         try:
-            prompts, options, calls = _chat_input(model, body, limits, draft, tool_call_parser)
+            prompts, options, calls = _chat_input(model, body, limits, draft, tool_call_parser, watermark)
         except (OnnxgenError, ValueError) as e:
             return refused(error(400, str(e)))
         submitted = submit(prompts, options)
@@ -487,8 +492,8 @@ async def ended(job: Job, channel: asyncio.Queue[tuple[str, Any]], request: Requ
     return value[0]
 
 
-def _chat_input(model: Model, body: ChatRequest, limits: Limits, draft: Model | None,
-                parser: str | None) -> tuple[list[list[int]], Any, ToolChoice]:
+def _chat_input(model: Model, body: ChatRequest, limits: Limits, draft: Model | None, parser: str | None,
+                watermark: WatermarkingConfig | None) -> tuple[list[list[int]], Any, ToolChoice]:
     """A chat request as the completion it runs as: the template's prompt (tools included), onnxgen options (a tool
     call's JSON as the constraint), and what tool_choice asks for (`parser`: the server's for "auto")."""
     calls = tool_choice(body.tools, body.tool_choice, body.parallel_tool_calls, parser)
@@ -504,12 +509,16 @@ def _chat_input(model: Model, body: ChatRequest, limits: Limits, draft: Model | 
         extra["json_schema"] = calls.schema
     completion = CompletionRequest.model_construct(**shared, **extra, prompt=prompt, max_tokens=asked, echo=False,
                                                    logprobs=(body.top_logprobs or 0) if body.logprobs else None)
-    return (*_job_input(model, completion, limits, draft), calls)
+    return (*_job_input(model, completion, limits, draft, watermark), calls)
 
 
-def _job_input(model: Model, body: CompletionRequest, limits: Limits, draft: Model | None) -> tuple[list[list[int]], Any]:
-    """The request as token ids and onnxgen options: OpenAI's names mapped, onnxgen's extras passed on."""
+def _job_input(model: Model, body: CompletionRequest, limits: Limits, draft: Model | None,
+               watermark: WatermarkingConfig | None) -> tuple[list[list[int]], Any]:
+    """The request as token ids and onnxgen options: OpenAI's names mapped, onnxgen's extras passed on (the server's
+    watermark, where it has one, over them)."""
     extra = dict(body.model_extra or {})
+    if "watermarking_config" in extra and (watermark or model.defaults.watermarking_config) is not None:
+        raise ValueError("this server watermarks its text: watermarking_config is the server's, not a request's")
     if extra.get("assistant_model") is not None:  # JSON cannot carry a model: true asks for the server's draft
         if extra["assistant_model"] is not True or draft is None:
             raise ValueError("assistant_model is true (the server's draft model: onnxgen serve --assistant-model DIR) or "
@@ -542,7 +551,8 @@ def _job_input(model: Model, body: CompletionRequest, limits: Limits, draft: Mod
                                  "max_new_tokens": max(body.max_tokens, 1), "num_return_sequences": body.n, "do_sample": sampling,
                                  "top_k": 0, "top_p": body.top_p, "stop": body.stop, "seed": body.seed, "logprobs": body.logprobs,
                                  "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
-                                 **({"temperature": body.temperature} if sampling else {}), **constraint, **extra}
+                                 **({"temperature": body.temperature} if sampling else {}), **constraint, **extra,
+                                 **({"watermarking_config": watermark} if watermark is not None else {})}
     options = model.options(**overrides)
     return model.prompt_ids(batch, options), options  # the same checks as generate()
 

@@ -100,6 +100,10 @@ BAD_OPTIONS: list[tuple[dict[str, Any], str]] = [
     ({"regex": "a", "grammar": 'start: "a"'}, "one constraint a call: got regex and grammar"),
     ({"regex": "a", "eos_token_id": None}, "regex needs an end token"),
     ({"regex": "a", "min_new_tokens": 3}, "leave row 0 no token"),  # the text is complete at "a": only the end is left
+    ({"watermarking_config": 5}, "watermarking_config must be"), ({"watermarking_config": {"bias": INF}}, "bias"),
+    ({"watermarking_config": {"greenlist_ratio": 0}}, "greenlist_ratio"), ({"watermarking_config": {"hashing_key": 1.5}}, "hashing_key"),
+    ({"watermarking_config": {"hashing_key": True}}, "hashing_key"), ({"watermarking_config": {"context_width": 2.0}}, "context_width"),
+    ({"watermarking_config": {"seeding_scheme": None}}, "seeding_scheme"), ({"watermarking_config": {"salt": 1}}, "no field"),
 ]
 
 # a caller's processor or criterion that breaks transformers' contract: (options, the error's message must contain this)
@@ -341,6 +345,14 @@ CLI_CASES: list[tuple[list[str], int, str]] = [
     (["score", str(Path(__file__)), "--stride", "0"], 1, "stride must be"),
     (["generate", "x", "--json-schema", "/nope.json"], 1, "cannot read /nope.json: No such file"),
     (["generate", "x", "--regex", "(", "--max-new-tokens", "3"], 1, "regex is not usable"),
+    (["generate", "x", "--watermark-key", "abc"], 2, "--watermark-key"),
+    (["generate", "x", "--watermark-key", str(2**63)], 1, "hashing_key must be an integer in [0, 2**63)"),
+    (["detect-watermark"], 2, "Missing argument 'files'"),
+    (["detect-watermark", "/nope.txt", "--watermark-key", "1"], 1, "cannot read /nope.txt: No such file"),
+    (["detect-watermark", str(Path(__file__).parent / "__init__.py")], 1, "no watermarking_config"),
+    (["detect-watermark", str(Path(__file__).parent / "__init__.py"), "--watermark-key", "1"], 1, "needs at least 2 tokens"),
+    (["detect-watermark", str(Path(__file__)), "--watermark-key", "1", "--z-threshold", "nan"], 1, "z_threshold"),
+    (["serve", "--watermark-key", "-1"], 1, "hashing_key"),
 ]
 
 

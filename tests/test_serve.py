@@ -98,15 +98,15 @@ def test_vllms_names_for_onnxgens_options(client: openai.OpenAI, model: onnxgen.
     expected = model.generate("Call me", max_new_tokens=20, do_sample=False, eos_token_id=end, min_new_tokens=9)[0]
     assert out.choices[0].text == expected.text and len(expected.token_ids) > 6
     request = CompletionRequest(prompt="Call me", ignore_eos=True)
-    assert _job_input(model, request, Limits(), None)[1].eos_token_id is None and model.defaults.eos_token_id is not None
+    assert _job_input(model, request, Limits(), None, None)[1].eos_token_id is None and model.defaults.eos_token_id is not None
     # stop_token_ids: end tokens besides the model's (with ignore_eos, instead of them); top_k -1: vLLM's "off"
     out = client.completions.create(model="tiny", prompt="Call me", max_tokens=20, temperature=0, extra_body={"stop_token_ids": [end]})
     expected = model.generate("Call me", max_new_tokens=20, do_sample=False, eos_token_id=[*model.defaults.eos_ids, end])[0]
     assert out.choices[0].text == expected.text and expected.token_ids == plain[:6] and out.choices[0].finish_reason == "stop"
-    ends = [_job_input(model, CompletionRequest(prompt="Hi", **extra), Limits(), None)[1].eos_ids
+    ends = [_job_input(model, CompletionRequest(prompt="Hi", **extra), Limits(), None, None)[1].eos_ids
             for extra in ({"stop_token_ids": [end]}, {"stop_token_ids": [end], "ignore_eos": True}, {"stop_token_ids": []})]
     assert ends == [[*model.defaults.eos_ids, end], [end], model.defaults.eos_ids]
-    assert _job_input(model, CompletionRequest(prompt="Hi", top_k=-1, temperature=0.5), Limits(), None)[1].top_k == 0
+    assert _job_input(model, CompletionRequest(prompt="Hi", top_k=-1, temperature=0.5), Limits(), None, None)[1].top_k == 0
     for extra, message in [({"ignore_eos": "yes"}, "ignore_eos is true or false"), ({"ignore_eos": True, "eos_token_id": 3}, "give one of them"),
                            ({"min_tokens": 2, "min_new_tokens": 2}, "give one of them"), ({"stop_token_ids": [end], "eos_token_id": 3}, "give one of them"),
                            ({"stop_token_ids": "3"}, "stop_token_ids is a list of token ids")]:
