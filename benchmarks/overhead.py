@@ -41,6 +41,11 @@ STRATEGIES: dict[str, dict[str, Any]] = {  # `onnxgen bench`'s, and the filters 
     # constrained decoding's mask (guidance.py), on a text that cannot end early: a string of 200 characters or more
     "greedy, held to a JSON schema": {**PRESETS["greedy"], "json_schema": {"type": "object", "required": ["text"],
                                                                           "properties": {"text": {"type": "string", "minLength": 200}}}},
+    # the watermark (watermark.py): a green list a step (a shuffle of the vocabulary's first quarter, kept by seed);
+    # selfhash judges the 40 best tokens each by a list of its own
+    "greedy + watermark": {**PRESETS["greedy"], "watermarking_config": {"hashing_key": 1}},
+    "top-p 0.9 alone + watermark": {**PRESETS["top-k-top-p"], "top_k": 0, "watermarking_config": {"hashing_key": 1}},
+    "greedy + watermark, selfhash": {**PRESETS["greedy"], "watermarking_config": {"hashing_key": 1, "seeding_scheme": "selfhash"}},
 }
 
 
@@ -99,15 +104,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--cuda-graph", action="store_true", help="CUDA: replay the decode step as a captured CUDA graph")
+    ap.add_argument("--strategy", action="append", choices=list(STRATEGIES), help="only these (repeatable; default: all)")
+    ap.add_argument("--name", default="overhead", help="results file name, without its extension")
     args = ap.parse_args()
+    strategies = {name: STRATEGIES[name] for name in args.strategy} if args.strategy else STRATEGIES
     result: dict[str, Any] = {"threads": args.threads, "new_tokens": args.new_tokens, "runs": args.runs, "provider": args.provider,
                               "cuda_graph": args.cuda_graph, "models": []}
     for folder in args.folders:
         print(f"{folder} ...", file=sys.stderr, flush=True)
-        result["models"].append({"name": str(folder), "rows": measure(folder, args.threads, args.new_tokens, args.runs, args.provider, args.cuda_graph)})
+        result["models"].append({"name": str(folder), "rows": measure(folder, args.threads, args.new_tokens, args.runs, args.provider, args.cuda_graph,
+                                                                          strategies)})
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "overhead.json").write_text(json.dumps(result, indent=2))
-    (args.out / "overhead.md").write_text(markdown(result))
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"{args.name}.md").write_text(markdown(result))
     print(markdown(result))
 
 
