@@ -26,6 +26,7 @@ from .options import WatermarkingConfig
 TABLE_SIZE = 1_000_003  # selfhash's table of token hashes (transformers')
 CANDIDATES = 40  # selfhash: the best-scored tokens tried each step (transformers', from the paper's code)
 KEPT_LISTS = 128  # green lists a call keeps by seed: a step's list is often one an earlier token had
+KEPT_ANSWERS = 65536  # selfhash's (seed, token) answers a call keeps: with context_width 1 a token's is the same every step
 
 
 class Greenlists:
@@ -37,6 +38,7 @@ class Greenlists:
         self._bits = np.random.MT19937()
         self._legacy = np.random.RandomState(self._bits)  # seeds the Twister as torch does (RandomState.seed)
         self._kept: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._answers: dict[tuple[int, int], bool] = {}
         # selfhash hashes a token t as table[t] + 1, table a shuffle of TABLE_SIZE seeded with the key (transformers')
         self._hashes = (self._shuffled_prefix(config.hashing_key, TABLE_SIZE, vocab_size) + 1
                         if config.seeding_scheme == "selfhash" else None)
@@ -54,16 +56,23 @@ class Greenlists:
         return ids
 
     def holds(self, context: list[int], token: int) -> bool:
-        """Whether `token` is green after `context` (selfhash: `context` ends with `token`), from a list kept or else
-        by following the token through the shuffle: selfhash's filter asks this of 40 tokens a step, the detector of
-        every token, each under a seed of its own."""
+        """Whether `token` is green after `context` (selfhash: `context` ends with `token`): selfhash's filter asks this
+        of 40 tokens a step, the detector of every token, each under a seed of its own. Answers are kept by seed."""
         seed = self._seed(context[-self.config.context_width:])
-        kept = self._kept.get(seed)
-        if kept is not None:
-            return bool((kept == token).any())
+        answer = self._answers.get((seed, token))
+        if answer is None:
+            kept = self._kept.get(seed)
+            answer = bool((kept == token).any()) if kept is not None else self._lands_in_list(seed, token)
+            if len(self._answers) >= KEPT_ANSWERS:
+                self._answers.clear()
+            self._answers[seed, token] = answer
+        return answer
+
+    def _lands_in_list(self, seed: int, token: int) -> bool:
+        """Follow `token` through the shuffle: it starts at position `token`, and the first later swap that touches its
+        position either targets it (the token lands at that swap's position, in the list) or is the position's own
+        (the token moves on to its target)."""
         j = self._targets(seed, self.vocab_size, self.size)
-        # The token starts at position `token`. The first later swap that touches its position either targets it (the
-        # token lands at that swap's position, in the list) or is the position's own (the token moves on to its target).
         at, turn = int(token), 0
         while True:
             touching = np.flatnonzero(j[turn:at + 1] == at) if at < self.size else np.flatnonzero(j[turn:] == at)
