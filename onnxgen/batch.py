@@ -103,15 +103,17 @@ async def _answers(app: Any, requests: list[Request], in_flight: int, write: Cal
 
 
 def run(model: Model, requests: list[Request], output: str | Path, name: str, limits: Any = None, force: bool = False,
-        quiet: bool = False, tool_call_parser: str | None = None) -> dict[str, Any]:
+        quiet: bool = False, tool_call_parser: str | None = None, watermark_key: int | None = None) -> dict[str, Any]:
     """Answer `requests` (read's) into `output` ("-": standard output) with `model`, served as `name` (what the
-    requests' "model" may say; `tool_call_parser`: serve's); returns the counts: requests, failed (not 200), tokens, seconds."""
+    requests' "model" may say; `tool_call_parser` and `watermark_key`: serve's); returns the counts: requests, failed
+    (not 200), tokens, seconds."""
     from .progress import counter
     from .serve import Limits, create_app
 
     limits = limits or Limits()
     # nothing kept for previous_response_id: a file's requests run together, in no order one could refer back along
-    app, start = create_app(model, name, limits=limits, stored_responses=0, tool_call_parser=tool_call_parser), time.perf_counter()
+    app = create_app(model, name, limits=limits, stored_responses=0, tool_call_parser=tool_call_parser, watermark_key=watermark_key)
+    start = time.perf_counter()
     with counter("Requests", quiet) as progress:
         if str(output) == "-":
             counts = asyncio.run(_answers(app, requests, limits.max_queue, sys.stdout.write, progress))

@@ -316,6 +316,7 @@ def chat(
                                                   "computes only its new tokens (0: none)")] = 0,
     chat_template: ChatTemplateOption = None,
     adapter: AdapterOption = None,
+    watermark_key: WatermarkKeyOption = None,
 ) -> None:
     """Talk with a chat model (a checkpoint with a chat template), a line a turn.
 
@@ -331,7 +332,8 @@ def chat(
         adapters = _one_adapter(adapter)
         m = load(model, provider=provider, threads=threads, prompt_cache_mib=prompt_cache_mib,  # type: ignore[arg-type]
                  chat_template=_template_file(chat_template), adapters=adapters)
-        opts = m.options(**strategy_options(strategy, given), adapter=next(iter(adapters), None))
+        opts = m.options(**strategy_options(strategy, given), adapter=next(iter(adapters), None),
+                         **({"watermarking_config": under_key(m.defaults.watermarking_config, watermark_key)} if watermark_key is not None else {}))
         messages = [{"role": "system", "content": system}] if system else []
         if not m.has_chat_template:
             fail(f"onnxgen chat needs a model whose checkpoint has a chat template; {m.folder.path.name!r} has none: use onnxgen "
@@ -560,6 +562,7 @@ def run_batch(
     adapter: Annotated[list[str] | None, typer.Option(help="a LoRA adapter folder that a request's \"model\" names (a model exported "
                                                       "with --lora): NAME=FOLDER, or FOLDER named after it; repeatable")] = None,
     tool_call_parser: ToolCallParserOption = None,
+    watermark_key: WatermarkKeyOption = None,
     force: Annotated[bool, typer.Option(help="replace OUTPUT if it exists")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -583,7 +586,7 @@ def run_batch(
     adapters = _adapters(adapter, name or folder.name)
     loaded = run(lambda: load(folder, provider=provider, threads=threads, chat_template=template, adapters=adapters))
     counts = run(lambda: run_requests(loaded, requests, output, name or folder.name, Limits(max_tokens=max_tokens, max_batch=max_batch),
-                                      force, tool_call_parser=tool_call_parser))
+                                      force, tool_call_parser=tool_call_parser, watermark_key=watermark_key))
     summary = (f"answered {counts['requests']} requests ({counts['failed']} refused or failed) in {counts['seconds']:.1f} s: "
                f"{counts['prompt_tokens']} prompt and {counts['completion_tokens']} completion tokens")
     print(json.dumps(counts) if as_json else summary, file=sys.stderr if output == "-" else sys.stdout)  # stdout may hold the responses

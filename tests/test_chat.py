@@ -572,6 +572,20 @@ def test_the_pipeline_takes_chats_as_transformers_does(chat_folder: Path, chat_c
         model.apply_chat_template(begun, continue_final_message=True)
 
 
+def test_the_chat_command_watermarks_with_a_key(chat_folder: Path) -> None:
+    """`onnxgen chat --watermark-key`: each reply what generate gives under that watermark (not the plain reply)."""
+    import subprocess
+    import sys
+
+    model = onnxgen.load(chat_folder, threads=1)
+    prompt = model.apply_chat_template([{"role": "user", "content": "Hello"}])
+    marked = model.generate(prompt, max_new_tokens=8, do_sample=False, watermarking_config={"hashing_key": 3})[0].text
+    assert marked != model.generate(prompt, max_new_tokens=8, do_sample=False)[0].text
+    r = subprocess.run([sys.executable, "-m", "onnxgen", "chat", "--model", str(chat_folder), "--strategy", "greedy", "--max-new-tokens", "8",
+                        "--threads", "1", "--watermark-key", "3"], input="Hello\n", capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == marked + "\n", r.stderr
+
+
 def test_the_chat_command_keeps_the_conversation(chat_folder: Path, exported: Path) -> None:
     """`onnxgen chat`: a line a turn, each reply what generate gives for the conversation so far; blank lines skipped;
     a model without a template is one line of error."""

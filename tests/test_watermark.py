@@ -23,6 +23,7 @@ from transformers import GenerationConfig, WatermarkDetector
 from transformers.generation.logits_process import WatermarkLogitsProcessor
 
 import onnxgen
+from onnxgen import batch
 from onnxgen.errors import OptionsError
 from onnxgen.options import GenerationOptions, WatermarkingConfig
 from onnxgen.serve import create_app
@@ -185,9 +186,9 @@ def test_the_commands_write_and_find_the_watermark(tmp_path: Path) -> None:
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "hashing_key must be an integer" in bad.stderr
 
 
-def test_a_servers_watermark_is_its_own(exported: Path, model: onnxgen.Model) -> None:
+def test_a_servers_watermark_is_its_own(exported: Path, model: onnxgen.Model, tmp_path: Path) -> None:
     """create_app(watermark_key=...) (serve --watermark-key): every completion written under it, and a request cannot
-    set watermarking_config; a server without one lets a request bring its own."""
+    set watermarking_config; a server without one lets a request bring its own; run-batch's --watermark-key too."""
     def post(app: Any, body: dict[str, Any]) -> httpx.Response:
         async def send() -> httpx.Response:
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as http:
@@ -205,3 +206,7 @@ def test_a_servers_watermark_is_its_own(exported: Path, model: onnxgen.Model) ->
     plain = create_app(onnxgen.load(exported, threads=1), "tiny")
     own = post(plain, {**body, "watermarking_config": {"hashing_key": 77}})
     assert own.json()["choices"][0]["text"] == expected
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"custom_id": "a", "url": "/v1/completions", "body": body}) + "\n")
+    batch.run(onnxgen.load(exported, threads=1), batch.read(requests), tmp_path / "out.jsonl", "tiny", quiet=True, watermark_key=77)
+    assert json.loads((tmp_path / "out.jsonl").read_text())["response"]["body"]["choices"][0]["text"] == expected  # run-batch
