@@ -94,7 +94,8 @@ class Greenlists:
     def _targets(self, seed: int, n: int, count: int) -> np.ndarray:
         """The positions torch.randperm(n)'s first `count` swaps exchange with positions 0, 1, ...: i + draw_i % (n - i)."""
         self._legacy.seed(seed & 0xFFFFFFFF)
-        return np.arange(count) + self._bits.random_raw(count).astype(np.int64) % (n - np.arange(count))
+        i = np.arange(count, dtype=np.int64)
+        return i + self._bits.random_raw(count).astype(np.int64) % (n - i)
 
     def _shuffled_prefix(self, seed: int, n: int, count: int) -> np.ndarray:
         """The first `count` ids of torch.randperm(n) under a generator given manual_seed(seed).

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +203,9 @@ def test_a_servers_watermark_is_its_own(exported: Path, model: onnxgen.Model, tm
     assert reply.json()["choices"][0]["text"] == expected != model.generate("Call me", max_new_tokens=10)[0].text
     refused = post(marked, {**body, "watermarking_config": None})
     assert refused.status_code == 400 and "watermarks its text" in refused.json()["error"]["message"]
+    folders = onnxgen.load(exported, threads=1)  # as a folder whose generation_config.json has a watermarking_config loads
+    folders.defaults = replace(folders.defaults, watermarking_config=WatermarkingConfig(hashing_key=5))
+    assert post(create_app(folders, "tiny"), {**body, "watermarking_config": None}).status_code == 400
     plain = create_app(onnxgen.load(exported, threads=1), "tiny")
     own = post(plain, {**body, "watermarking_config": {"hashing_key": 77}})
     assert own.json()["choices"][0]["text"] == expected
