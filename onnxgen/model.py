@@ -29,7 +29,7 @@ from .options import MAX_LOGPROBS, GenerationOptions, WatermarkingConfig, is_int
 from .runtime import Provider, Runtime
 from .tokenizer import Tokenizer
 from .unconditional import Unconditional
-from .watermark import WatermarkDetection, detect
+from .watermark import Greenlists, WatermarkDetection, detect
 
 BUNDLED = Path(__file__).parent / "bundled" / "prose-mini"
 # load(max_batch=N): calls that wait for the batcher beyond those decoding; past this a call is refused (OnnxgenError)
@@ -460,8 +460,8 @@ class Model:
             raise OptionsError(f"z_threshold must be a finite number, got {z_threshold!r}")
         if not isinstance(ignore_repeated_ngrams, bool):
             raise OptionsError(f"ignore_repeated_ngrams must be True or False, got {ignore_repeated_ngrams!r}")
-        return [detect(self._encode(text), config, self.dims.vocab_size, float(z_threshold), ignore_repeated_ngrams)
-                for text in _prompt_list(texts)]
+        lists = Greenlists(config, self.dims.vocab_size)
+        return [detect(self._encode(text), lists, float(z_threshold), ignore_repeated_ngrams) for text in _prompt_list(texts)]
 
 
 def load(path: str | Path | None = None, provider: Provider = "cpu", threads: int | None = None, verify: bool = False,

@@ -161,16 +161,15 @@ class WatermarkDetection:
     prediction: bool  # z_score > z_threshold: watermarked
 
 
-def detect(ids: list[int], config: WatermarkingConfig, vocab_size: int, z_threshold: float = 3.0,
-           ignore_repeated_ngrams: bool = False) -> WatermarkDetection:
-    """Count the green tokens of `ids`, each judged by the tokens before it as the watermark chose them (the prompt
-    left out: it was not written under the watermark). `ignore_repeated_ngrams`: each distinct (context, token) counts
-    once, so that repeated text weighs no more than it says."""
+def detect(ids: list[int], lists: Greenlists, z_threshold: float = 3.0, ignore_repeated_ngrams: bool = False) -> WatermarkDetection:
+    """Count the green tokens of `ids` under `lists` (a key's, kept across the texts of one call), each judged by the
+    tokens before it as the watermark chose them (the prompt left out: it was not written under the watermark).
+    `ignore_repeated_ngrams`: each distinct (context, token) counts once, so that repeated text weighs no more than it says."""
+    config = lists.config
     selfhash = config.seeding_scheme == "selfhash"
     n = config.context_width + (0 if selfhash else 1)  # context and token
     if len(ids) < config.context_width + 1:
         raise OptionsError(f"watermark detection needs at least {config.context_width + 1} tokens (context_width + 1), got {len(ids)}")
-    lists = Greenlists(config, vocab_size)
     grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
     if ignore_repeated_ngrams:
         grams = list(dict.fromkeys(grams))

@@ -134,11 +134,12 @@ def test_repeated_ngrams_count_once_when_asked(model: onnxgen.Model) -> None:
     """ignore_repeated_ngrams: each (context, token) once, so a text repeating itself counts as its distinct pairs do."""
     config = WatermarkingConfig(hashing_key=5)
     a, b, c = 17, 42, 99
-    repeated = detect([a, b, a, b, a, b, c], config, model.dims.vocab_size, ignore_repeated_ngrams=True)
-    parts = [detect(pair, config, model.dims.vocab_size) for pair in ([a, b], [b, a], [b, c])]
+    lists = Greenlists(config, model.dims.vocab_size)
+    repeated = detect([a, b, a, b, a, b, c], lists, ignore_repeated_ngrams=True)
+    parts = [detect(pair, Greenlists(config, model.dims.vocab_size)) for pair in ([a, b], [b, a], [b, c])]
     assert repeated.num_tokens_scored == 3 == sum(p.num_tokens_scored for p in parts)
     assert repeated.num_green_tokens == sum(p.num_green_tokens for p in parts)
-    assert detect([a, b, a, b, a, b, c], config, model.dims.vocab_size).num_tokens_scored == 6
+    assert detect([a, b, a, b, a, b, c], lists).num_tokens_scored == 6
 
 
 def test_the_folders_watermark_and_bad_values(model: onnxgen.Model, tmp_path: Path) -> None:
