@@ -377,7 +377,9 @@ def test_agenerate_and_astream_leave_the_event_loop_free(exported: Path, model: 
 
     batched = onnxgen.load(exported, threads=1, max_batch=4)
     prompts = ["It is a truth", "Call me", "Once upon a time"]
-    expected = [model.generate(p, max_new_tokens=15, eos_token_id=None)[0] for p in prompts]
+    # Calls long enough that a free loop ticks many times while they decode (at 15 tokens a loaded machine once gave 4).
+    length = 60
+    expected = [model.generate(p, max_new_tokens=length, eos_token_id=None)[0] for p in prompts]
 
     async def main() -> None:
         for m in (model, batched):
@@ -390,10 +392,10 @@ def test_agenerate_and_astream_leave_the_event_loop_free(exported: Path, model: 
                     ticks += 1
 
             tick = asyncio.create_task(ticker())
-            got = await asyncio.gather(*[m.agenerate(p, max_new_tokens=15, eos_token_id=None) for p in prompts])
+            got = await asyncio.gather(*[m.agenerate(p, max_new_tokens=length, eos_token_id=None) for p in prompts])
             assert [g[0].token_ids for g in got] == [c.token_ids for c in expected]
-            streamed = [piece async for piece in m.astream(prompts[0], max_new_tokens=15, eos_token_id=None)]
-            assert "".join(streamed) == expected[0].text and m.last_stats is not None and m.last_stats.new_tokens == 15
+            streamed = [piece async for piece in m.astream(prompts[0], max_new_tokens=length, eos_token_id=None)]
+            assert "".join(streamed) == expected[0].text and m.last_stats is not None and m.last_stats.new_tokens == length
             tick.cancel()
             assert ticks > 5  # the loop ran other work while the calls decoded
             with pytest.raises(OptionsError, match="top_p"):
