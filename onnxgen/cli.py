@@ -22,7 +22,7 @@ except ImportError:  # the embedding install (`pip install onnxgen onnxruntime`)
     sys.exit("onnxgen: error: the command line needs typer and rich: pip install 'onnxgen[cpu]' (or 'onnxgen[gpu]', or 'onnxgen[cli]')")
 
 from .errors import AdapterWarning, ContextLengthError, IgnoredOptionWarning, OnnxgenError, PerformanceWarning
-from .options import STRATEGIES, under_key
+from .options import STRATEGIES, GenerationOptions, under_key
 from .tools import PARSERS
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -253,8 +253,7 @@ def generate(
                  adapters=adapters)
         draft = None if spinning else load(assistant_model, provider=provider, threads=threads, spinning=False)  # type: ignore[arg-type]
         opts = m.options(**strategy_options(strategy, given), **({"assistant_model": draft} if draft is not None else {}),
-                         **({"watermarking_config": under_key(m.defaults.watermarking_config, watermark_key)} if watermark_key is not None else {}),
-                         adapter=next(iter(adapters), None))
+                         **_watermarked(m.defaults, watermark_key), adapter=next(iter(adapters), None))
         if as_json:
             completions = m.generate(prompt, opts)
             print(json.dumps({"prompt": prompt, "completions": [asdict(c) for c in completions],
@@ -280,6 +279,11 @@ def generate(
                   file=sys.stderr)
 
     run(body)
+
+
+def _watermarked(defaults: GenerationOptions, key: int | None) -> dict[str, Any]:
+    """generate's and chat's --watermark-key as a call's option (none without a key)."""
+    return {} if key is None else {"watermarking_config": under_key(defaults.watermarking_config, key)}
 
 
 def _one_adapter(specs: list[str] | None) -> dict[str, Path]:
@@ -332,8 +336,7 @@ def chat(
         adapters = _one_adapter(adapter)
         m = load(model, provider=provider, threads=threads, prompt_cache_mib=prompt_cache_mib,  # type: ignore[arg-type]
                  chat_template=_template_file(chat_template), adapters=adapters)
-        opts = m.options(**strategy_options(strategy, given), adapter=next(iter(adapters), None),
-                         **({"watermarking_config": under_key(m.defaults.watermarking_config, watermark_key)} if watermark_key is not None else {}))
+        opts = m.options(**strategy_options(strategy, given), **_watermarked(m.defaults, watermark_key), adapter=next(iter(adapters), None))
         messages = [{"role": "system", "content": system}] if system else []
         if not m.has_chat_template:
             fail(f"onnxgen chat needs a model whose checkpoint has a chat template; {m.folder.path.name!r} has none: use onnxgen "

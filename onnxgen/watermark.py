@@ -61,8 +61,7 @@ class Greenlists:
         seed = self._seed(context[-self.config.context_width:])
         answer = self._answers.get((seed, token))
         if answer is None:
-            kept = self._kept.get(seed)
-            answer = bool((kept == token).any()) if kept is not None else self._lands_in_list(seed, token)
+            answer = self._lands_in_list(seed, token)
             if len(self._answers) >= KEPT_ANSWERS:
                 self._answers.clear()
             self._answers[seed, token] = answer
