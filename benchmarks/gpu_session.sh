@@ -6,8 +6,10 @@
 # the GPU image lacks); it prints the calls.
 # In order, each step bounded by a timeout so that the call ends with what it measured: the `pytest -m cuda`
 # log (while the gpt2-large folders are made on the CPU); benchmarks/gpu_variants.py's candidate changes to
-# the fp16 step with CUDA graphs; benchmarks/gpu_kernels.py's list of the kernels of a batch-1 step (the
-# folder as made, and transposed if a variant made it); benchmarks/gpu.py's tables against PyTorch (COMPETITORS="..." to choose).
+# the fp16 step with CUDA graphs, after 32- and 512-token prompts (VARIANTS="..." to choose); benchmarks/gpu_kernels.py's
+# list of the kernels of a batch-1 step after a 512-token prompt (the folder as made, and with the fastest
+# variant's environment where one beat it); the host's side of that step under cProfile; then
+# benchmarks/gpu.py's tables (COMPETITORS="..." to choose), as made and again with the fastest variant's environment.
 # The device sends back at most 8 files: each step's JSON lands in $OUT as it finishes, and everything
 # (Markdown, logs) in $OUT/gpu-results.tar at the end.
 set -u
@@ -17,7 +19,7 @@ mkdir -p "$OUT" "$RES"
 source .gpuenv/gpu-setup.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$RES/device.txt"
 read -r -a COMPETITORS <<< "${COMPETITORS:-onnxgen-fp16+graph pytorch-fp16}"
-read -r -a VARIANTS <<< "${VARIANTS:-base transb no-flash transb-no-flash}"
+read -r -a VARIANTS <<< "${VARIANTS:-base flash-decode cudnn}"
 FP16=/tmp/onnxgen-gpu/onnx/fp16
 (python3 benchmarks/gpu.py --tokenizer .gpuenv/gpt2-tokenizer --prepare --competitors onnxgen-fp16 \
     && python3 benchmarks/gpu_variants.py $FP16 --make --variants "${VARIANTS[@]}") > "$RES/prepare.log" 2>&1 &
@@ -25,12 +27,38 @@ prepare=$!
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -m cuda -q -p no:cacheprovider --tb=short -rf tests/test_cuda.py > "$OUT/pytest-cuda.log" 2>&1
 tail -4 "$OUT/pytest-cuda.log"
 wait $prepare || tail -20 "$RES/prepare.log"
-timeout 150 python3 benchmarks/gpu_variants.py $FP16 --out "$RES" --variants "${VARIANTS[@]}" 2>&1 | grep -v Warning | tail -8
+timeout 150 python3 benchmarks/gpu_variants.py $FP16 --out "$RES" --variants "${VARIANTS[@]}" 2>&1 | grep -v Warning | tail -12
 cp "$RES/variants.json" "$OUT/" 2>/dev/null
-for folder in $FP16 $(ls -d $FP16-transb 2>/dev/null); do
-  timeout 60 python3 benchmarks/gpu_kernels.py $folder --out "$RES/kernels-${folder##*/}" 2>&1 | grep -v Warning | head -14
-done
-timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/gpu.py --tokenizer .gpuenv/gpt2-tokenizer --out "$RES" --new-tokens 64 --runs 2 \
+read -r -a BEST <<< "$(python3 benchmarks/gpu_variants.py $FP16 --best "$RES/variants.json" 2>/dev/null)"
+echo "fastest variant's environment: ${BEST[*]:-none beat base}"
+timeout 60 python3 benchmarks/gpu_kernels.py $FP16 --prompt-tokens 512 --out "$RES/kernels-p512" 2>&1 | grep -v Warning | head -16
+if [ ${#BEST[@]} -gt 0 ]; then
+  timeout 60 env "${BEST[@]}" python3 benchmarks/gpu_kernels.py $FP16 --prompt-tokens 512 --out "$RES/kernels-p512-best" 2>&1 | grep -v Warning | head -16
+fi
+# The host's side of a batch-1 greedy step after a 512-token prompt, with CUDA graphs: 4 calls of 64 tokens under cProfile
+timeout 60 python3 - "$FP16" cuda > "$RES/host-profile-p512.txt" 2>&1 <<'PY'
+import cProfile, pstats, sys
+import onnxgen
+model = onnxgen.load(sys.argv[1], provider=sys.argv[2], cuda_graph=sys.argv[2] == "cuda")
+def call():
+    generator = model.generator([list(range(100, 612))], max_new_tokens=64, do_sample=False, eos_token_id=None, min_new_tokens=0)
+    while not generator.done:
+        generator.step()
+call(), call()
+profile = cProfile.Profile()
+profile.enable()
+for _ in range(4):
+    call()
+profile.disable()
+pstats.Stats(profile).sort_stats("tottime").print_stats(30)
+PY
+head -60 "$RES/host-profile-p512.txt" | grep -v Warning | head -40
+timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/gpu.py --tokenizer .gpuenv/gpt2-tokenizer --out "$RES" --new-tokens 64 --runs 2 \
     --competitors "${COMPETITORS[@]}" 2>&1 | grep -v Warning | tail -14
 cp "$RES/gpu.json" "$OUT/" 2>/dev/null
+if [ ${#BEST[@]} -gt 0 ]; then
+  timeout "${BENCH_TIMEOUT:-150}" env "${BEST[@]}" python3 benchmarks/gpu.py --tokenizer .gpuenv/gpt2-tokenizer --out "$RES/best" --new-tokens 64 \
+      --runs 2 --competitors onnxgen-fp16+graph 2>&1 | grep -v Warning | tail -14
+  cp "$RES/best/gpu.json" "$OUT/gpu-best.json" 2>/dev/null
+fi
 tar -cf "$OUT/gpu-results.tar" -C "$RES" .

@@ -1,5 +1,6 @@
 """Candidate changes to an fp16 folder's decode step on CUDA, timed side by side with CUDA graphs (issue 14:
-gpt2-large fp16 replays its batch-1 step in 1.62 ms on an H100; 600 tok/s needs the whole step under 1.67 ms).
+gpt2-large fp16 replays its batch-1 step in 1.62 ms on an H200 after a 32-token prompt and in 1.70 after a
+512-token one; 600 tok/s needs the whole step under 1.67 ms).
 
     python benchmarks/gpu_variants.py /tmp/onnxgen-gpu/onnx/fp16 --out benchmarks/results/gpu
 
@@ -9,9 +10,12 @@ Variants (each made once, next to the folder, then timed in a process of its own
   FusedMatMul(transB=1): at batch 1 cuBLAS then reads each output's weights as one contiguous row. The tied
   head multiplies the embedding itself (no transposed copy folded at load: 129 MB less GPU memory for
   gpt2-large).
-- `no-flash`: the folder as it is with ORT_DISABLE_FLASH_ATTENTION=1 (GroupQueryAttention's other kernels);
-  `transb-no-flash` both.
-Each is timed as benchmarks/overhead.py times a greedy step at batch 1 after a 32-token prompt.
+- GroupQueryAttention's decode kernels, chosen by onnxruntime's environment variables (read when a session
+  is made): by default onnxruntime 1.31 runs XQA (`kernel_mha`); `flash-decode` turns XQA off
+  (ORT_ENABLE_XQA=0: flash attention's split-KV decoding), `cudnn` turns XQA off and cuDNN's attention on
+  (ORT_ENABLE_CUDNN_FLASH_ATTENTION=1), `no-flash` is the memory-efficient kernel (ORT_DISABLE_FLASH_ATTENTION=1,
+  which on onnxruntime 1.31 leaves XQA on), `transb-no-flash` both.
+Each is timed as benchmarks/overhead.py times a greedy step at batch 1, after each of --prompt-tokens.
 Results: <out>/variants.{json,md}.
 """
 
@@ -28,7 +32,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 NO_FLASH = {"ORT_DISABLE_FLASH_ATTENTION": "1"}
-VARIANTS = {"base": (False, {}), "transb": (True, {}), "no-flash": (False, NO_FLASH), "transb-no-flash": (True, NO_FLASH)}  # name -> (transposed, environment)
+NO_XQA = {"ORT_ENABLE_XQA": "0", "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"}
+VARIANTS = {"base": (False, {}), "transb": (True, {}), "no-flash": (False, NO_FLASH), "transb-no-flash": (True, NO_FLASH),
+            "flash-decode": (False, NO_XQA), "cudnn": (False, {**NO_XQA, "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "1"})}  # name -> (transposed, environment)
 
 
 def transposed(folder: Path, out: Path) -> None:
@@ -75,12 +81,32 @@ def transposed(folder: Path, out: Path) -> None:
     manifest.write(out, {k: v for k, v in record.items() if k not in ("format_version", "files")})
 
 
-def time_step(folder: Path, runs: int, device: str) -> dict[str, Any]:
+def time_step(folder: Path, runs: int, device: str, prompt_tokens: list[int]) -> dict[str, Any]:
+    """Each prompt length's greedy step (keyed by the length as text: JSON's keys are), timed in this process."""
     sys.path.insert(0, str(HERE))
     from overhead import STRATEGIES, measure
 
-    row = measure(folder, 1, 64, runs, device, cuda_graph=device == "cuda", strategies={"greedy": STRATEGIES["greedy"]})[0]
-    return {k: row[k] for k in ("step_ms", "run_ms", "outside_ms", "tokens_per_s")}
+    timed = {}
+    for n in prompt_tokens:
+        row = measure(folder, 1, 64, runs, device, cuda_graph=device == "cuda", strategies={"greedy": STRATEGIES["greedy"]}, prompt_tokens=n)[0]
+        timed[str(n)] = {k: row[k] for k in ("step_ms", "run_ms", "outside_ms", "tokens_per_s")}
+    return timed
+
+
+def best(results: dict[str, Any]) -> str:
+    """The environment of the fastest variant that changes nothing but the environment, as `KEY=VALUE ...`, where it
+    beats base (see --best); "" otherwise."""
+    if "error" in results.get("base", {"error": ""}):
+        return ""
+    base = results["base"]
+    longest = max(base, key=int)
+    winners = [name for name, timed in results.items() if name in VARIANTS and not VARIANTS[name][0] and VARIANTS[name][1] and "error" not in timed
+               and timed[longest]["step_ms"] <= 0.99 * base[longest]["step_ms"]
+               and all(timed[n]["step_ms"] <= 1.01 * base[n]["step_ms"] for n in base)]
+    if not winners:
+        return ""
+    fastest = min(winners, key=lambda name: results[name][longest]["step_ms"])
+    return " ".join(f"{k}={v}" for k, v in VARIANTS[fastest][1].items())
 
 
 def main() -> None:
@@ -88,13 +114,20 @@ def main() -> None:
     ap.add_argument("folder", type=Path, help="an fp16 onnxgen folder")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--prompt-tokens", type=int, nargs="+", default=[32, 512])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of this script")
     ap.add_argument("--make", action="store_true", help="only make the variants' folders (on the CPU)")
+    ap.add_argument("--best", type=Path, metavar="VARIANTS_JSON",
+                    help="only print the environment (KEY=VALUE ...) of the fastest environment-only variant in a saved result, "
+                         "where it beats base by 1%% or more at the longest prompt and is not 1%% slower at any other; nothing otherwise")
     ap.add_argument("--time", action="store_true", help=argparse.SUPPRESS)  # one folder, in this process: JSON on stdout
     ap.add_argument("--out", type=Path, default=HERE / "results" / "gpu")
     args = ap.parse_args()
+    if args.best:
+        print(best(json.loads(args.best.read_text())))
+        return
     if args.time:
-        print(json.dumps(time_step(args.folder, args.runs, args.device)))
+        print(json.dumps(time_step(args.folder, args.runs, args.device, args.prompt_tokens)))
         return
     transb = args.folder.with_name(f"{args.folder.name}-transb")
     folders = {name: transb if VARIANTS[name][0] else args.folder for name in args.variants}
@@ -104,16 +137,20 @@ def main() -> None:
         return
     results = {}
     for name, folder in folders.items():
-        done = subprocess.run([sys.executable, __file__, str(folder), "--time", "--runs", str(args.runs), "--device", args.device], check=False, capture_output=True,
-                              text=True, env={**os.environ, **VARIANTS[name][1]})
+        done = subprocess.run([sys.executable, __file__, str(folder), "--time", "--runs", str(args.runs), "--device", args.device,
+                               "--prompt-tokens", *map(str, args.prompt_tokens)], check=False, capture_output=True, text=True,
+                              env={**os.environ, **VARIANTS[name][1]})
         results[name] = json.loads(done.stdout.splitlines()[-1]) if done.returncode == 0 else {"error": done.stderr.strip()[-500:]}
         print(name, results[name], flush=True)
-    lines = ["# fp16 decode-step variants with CUDA graphs (batch 1, 32-token prompt, greedy)", "",
+    lines = ["# fp16 decode-step variants with CUDA graphs (batch 1, greedy)", "",
              f"`python benchmarks/gpu_variants.py {args.folder}`; medians of {args.runs} runs of 64 tokens.", "",
-             "| variant | step ms | session.run ms | outside ms | tok/s |", "| --- | ---: | ---: | ---: | ---: |"]
-    for name, r in results.items():
-        lines.append(f"| {name} | " + (" | ".join(f"{r[k]:.3f}" for k in ("step_ms", "run_ms", "outside_ms")) + f" | {r['tokens_per_s']:.0f} |"
-                                       if "error" not in r else f"failed: {r['error'][-200:]} | | | |"))
+             "| variant | prompt tokens | step ms | session.run ms | outside ms | tok/s |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, timed in results.items():
+        if "error" in timed:
+            lines.append(f"| {name} | failed: {' '.join(timed['error'][-200:].split())} | | | | |")
+            continue
+        for n, r in timed.items():
+            lines.append(f"| {name} | {n} | " + " | ".join(f"{r[k]:.3f}" for k in ("step_ms", "run_ms", "outside_ms")) + f" | {r['tokens_per_s']:.0f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "variants.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "variants.md").write_text("\n".join(lines) + "\n")

@@ -3,8 +3,8 @@
     python benchmarks/overhead.py onnxgen/bundled/prose-mini benchmarks/exports/gpt2/int8 --threads 2
 
 A decode step is onnxruntime's forward plus onnxgen's Python around it: the IO binding, the score filters,
-the draw, the stop checks and the streaming detokenizer. For each folder and strategy (batch 1, 32-token
-prompt, transformers' default options otherwise) this times whole steps (the generator's clock after each
+the draw, the stop checks and the streaming detokenizer. For each folder and strategy (batch 1, a 32-token
+prompt or --prompt-tokens, transformers' default options otherwise) this times whole steps (the generator's clock after each
 forward) and the `run_with_iobinding` call inside each, and reports the medians and their difference. On a
 small or quantized model that difference decides the speed: the model's forward is short, and the filters
 work on the whole vocabulary (50,257 scores for GPT-2). Results: benchmarks/results/overhead.{json,md}.
@@ -50,7 +50,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {  # `onnxgen bench`'s, and the filters 
 
 
 def measure(folder: Path, threads: int, new_tokens: int, runs: int, provider: str = "cpu", cuda_graph: bool = False,
-            strategies: dict[str, dict[str, Any]] = STRATEGIES) -> list[dict[str, Any]]:
+            strategies: dict[str, dict[str, Any]] = STRATEGIES, prompt_tokens: int = 32) -> list[dict[str, Any]]:
     model = onnxgen.load(folder, threads=threads, provider=provider, cuda_graph=cuda_graph)  # type: ignore[arg-type]
     session = model.runtime.session
     run = session.run_with_iobinding
@@ -62,7 +62,7 @@ def measure(folder: Path, threads: int, new_tokens: int, runs: int, provider: st
         inside.append(time.perf_counter() - start)
 
     session.run_with_iobinding = timed  # the runtime calls it once per forward
-    prompt = list(range(100, 132))
+    prompt = list(range(100, 100 + prompt_tokens))
     rows = []
     for name, options in strategies.items():
         steps, forwards = [], []
@@ -84,7 +84,7 @@ def measure(folder: Path, threads: int, new_tokens: int, runs: int, provider: st
 
 def markdown(result: dict[str, Any]) -> str:
     where = "CUDA" + (" with CUDA graphs" if result.get("cuda_graph") else "") if result.get("provider") == "cuda" else f"{result['threads']} threads"
-    lines = [f"{where}, batch 1, 32-token prompt, {result['new_tokens']} new tokens; medians of "
+    lines = [f"{where}, batch 1, {result.get('prompt_tokens', 32)}-token prompt, {result['new_tokens']} new tokens; medians of "
              f"{result['runs']} runs.", "",
              "| model | strategy | step ms | session.run ms | outside ms | outside share | tok/s |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("folders", nargs="*", type=Path, default=[BUNDLED], help="onnxgen model folders (default: the bundled model)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
@@ -108,12 +109,13 @@ def main() -> None:
     ap.add_argument("--name", default="overhead", help="results file name, without its extension")
     args = ap.parse_args()
     strategies = {name: STRATEGIES[name] for name in args.strategy} if args.strategy else STRATEGIES
-    result: dict[str, Any] = {"threads": args.threads, "new_tokens": args.new_tokens, "runs": args.runs, "provider": args.provider,
+    result: dict[str, Any] = {"threads": args.threads, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "runs": args.runs,
+                              "provider": args.provider,
                               "cuda_graph": args.cuda_graph, "models": []}
     for folder in args.folders:
         print(f"{folder} ...", file=sys.stderr, flush=True)
         result["models"].append({"name": str(folder), "rows": measure(folder, args.threads, args.new_tokens, args.runs, args.provider, args.cuda_graph,
-                                                                          strategies)})
+                                                                          strategies, args.prompt_tokens)})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     (args.out / f"{args.name}.md").write_text(markdown(result))
