@@ -51,8 +51,8 @@ def profile(folder: Path, steps: int, batch: int, prompt_tokens: int) -> dict[st
 
 def markdown(result: dict[str, Any], top: int = 30) -> str:
     total = result["kernel_ms_per_step"] * 1e3 or 1.0
-    lines = [f"# CUDA kernels of a decode step: {Path(result['folder']).name}, batch {result['batch']}, "
-             f"{result.get('prompt_tokens', 32)}-token prompt", "",
+    title = f"# CUDA kernels of a decode step: {Path(result['folder']).name}, batch {result['batch']}, {result.get('prompt_tokens', 32)}-token prompt"
+    lines = [title, "",
              f"{result['device']}, onnxruntime {result['onnxruntime']}, {result['steps']} steps without CUDA graphs; "
              f"kernels {result['kernel_ms_per_step']:.3f} ms a step on the GPU, the step {result['step_wall_ms']:.3f} ms of wall time. "
              "`python benchmarks/gpu_kernels.py FOLDER`.", "",

@@ -19,7 +19,7 @@ mkdir -p "$OUT" "$RES"
 source .gpuenv/gpu-setup.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$RES/device.txt"
 read -r -a COMPETITORS <<< "${COMPETITORS:-onnxgen-fp16+graph pytorch-fp16}"
-read -r -a VARIANTS <<< "${VARIANTS:-base flash-decode cudnn}"
+read -r -a VARIANTS <<< "${VARIANTS:-base xqa flash-decode}"
 FP16=/tmp/onnxgen-gpu/onnx/fp16
 (python3 benchmarks/gpu.py --tokenizer .gpuenv/gpt2-tokenizer --prepare --competitors onnxgen-fp16 \
     && python3 benchmarks/gpu_variants.py $FP16 --make --variants "${VARIANTS[@]}") > "$RES/prepare.log" 2>&1 &

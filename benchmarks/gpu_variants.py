@@ -1,6 +1,5 @@
-"""Candidate changes to an fp16 folder's decode step on CUDA, timed side by side with CUDA graphs (issue 14:
-gpt2-large fp16 replays its batch-1 step in 1.62 ms on an H200 after a 32-token prompt and in 1.70 after a
-512-token one; 600 tok/s needs the whole step under 1.67 ms).
+"""Candidate changes to an fp16 folder's decode step on CUDA, timed side by side with CUDA graphs (issue 14: 600
+tok/s for gpt2-large fp16 at batch 1 needs the whole step under 1.67 ms, after a 32-token prompt and after 512).
 
     python benchmarks/gpu_variants.py /tmp/onnxgen-gpu/onnx/fp16 --out benchmarks/results/gpu
 
@@ -10,11 +9,11 @@ Variants (each made once, next to the folder, then timed in a process of its own
   FusedMatMul(transB=1): at batch 1 cuBLAS then reads each output's weights as one contiguous row. The tied
   head multiplies the embedding itself (no transposed copy folded at load: 129 MB less GPU memory for
   gpt2-large).
-- GroupQueryAttention's decode kernels, chosen by onnxruntime's environment variables (read when a session
-  is made): by default onnxruntime 1.31 runs XQA (`kernel_mha`); `flash-decode` turns XQA off
-  (ORT_ENABLE_XQA=0: flash attention's split-KV decoding), `cudnn` turns XQA off and cuDNN's attention on
-  (ORT_ENABLE_CUDNN_FLASH_ATTENTION=1), `no-flash` is the memory-efficient kernel (ORT_DISABLE_FLASH_ATTENTION=1,
-  which on onnxruntime 1.31 leaves XQA on), `transb-no-flash` both.
+- GroupQueryAttention's kernels, chosen by onnxruntime's environment variables (read when a session is made;
+  onnxgen sets runtime.CUDA_ATTENTION where the user set nothing: cuDNN's attention, which `base` runs):
+  `xqa` is onnxruntime 1.31's own default for a decode step (XQA, `kernel_mha`), `flash-decode` flash attention's
+  split-KV decoding, `no-flash` onnxgen's choice with flash attention off besides (ORT_DISABLE_FLASH_ATTENTION=1),
+  `transb-no-flash` that and `transb`.
 Each is timed as benchmarks/overhead.py times a greedy step at batch 1, after each of --prompt-tokens.
 Results: <out>/variants.{json,md}.
 """
@@ -32,9 +31,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 NO_FLASH = {"ORT_DISABLE_FLASH_ATTENTION": "1"}
-NO_XQA = {"ORT_ENABLE_XQA": "0", "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"}
 VARIANTS = {"base": (False, {}), "transb": (True, {}), "no-flash": (False, NO_FLASH), "transb-no-flash": (True, NO_FLASH),
-            "flash-decode": (False, NO_XQA), "cudnn": (False, {**NO_XQA, "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "1"})}  # name -> (transposed, environment)
+            "xqa": (False, {"ORT_ENABLE_XQA": "1", "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"}),
+            "flash-decode": (False, {"ORT_ENABLE_XQA": "0", "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"})}  # name -> (transposed, environment)
 
 
 def transposed(folder: Path, out: Path) -> None:
