@@ -8,8 +8,8 @@
 # log (while the gpt2-large folders are made on the CPU); benchmarks/gpu_variants.py's candidate changes to
 # the fp16 step with CUDA graphs, after 32- and 512-token prompts (VARIANTS="..." to choose); benchmarks/gpu_kernels.py's
 # list of the kernels of a batch-1 step after a 512-token prompt (the folder as made, and with the fastest
-# variant's environment where one beat it); the host's side of that step under cProfile; then
-# benchmarks/gpu.py's tables (COMPETITORS="..." to choose), as made and again with the fastest variant's environment.
+# variant's environment where one beat it); then benchmarks/gpu.py's tables (COMPETITORS="..." to choose), as made
+# and again with the fastest variant's environment.
 # The device sends back at most 8 files: each step's JSON lands in $OUT as it finishes, and everything
 # (Markdown, logs) in $OUT/gpu-results.tar at the end.
 set -u
@@ -19,7 +19,7 @@ mkdir -p "$OUT" "$RES"
 source .gpuenv/gpu-setup.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$RES/device.txt"
 read -r -a COMPETITORS <<< "${COMPETITORS:-onnxgen-fp16+graph pytorch-fp16}"
-read -r -a VARIANTS <<< "${VARIANTS:-base xqa flash-decode}"
+read -r -a VARIANTS <<< "${VARIANTS:-base flash-decode cudnn}"
 FP16=/tmp/onnxgen-gpu/onnx/fp16
 (python3 benchmarks/gpu.py --tokenizer .gpuenv/gpt2-tokenizer --prepare --competitors onnxgen-fp16 \
     && python3 benchmarks/gpu_variants.py $FP16 --make --variants "${VARIANTS[@]}") > "$RES/prepare.log" 2>&1 &
@@ -35,24 +35,6 @@ timeout 60 python3 benchmarks/gpu_kernels.py $FP16 --prompt-tokens 512 --out "$R
 if [ ${#BEST[@]} -gt 0 ]; then
   timeout 60 env "${BEST[@]}" python3 benchmarks/gpu_kernels.py $FP16 --prompt-tokens 512 --out "$RES/kernels-p512-best" 2>&1 | grep -v Warning | head -16
 fi
-# The host's side of a batch-1 greedy step after a 512-token prompt, with CUDA graphs: 4 calls of 64 tokens under cProfile
-timeout 60 python3 - "$FP16" cuda > "$RES/host-profile-p512.txt" 2>&1 <<'PY'
-import cProfile, pstats, sys
-import onnxgen
-model = onnxgen.load(sys.argv[1], provider=sys.argv[2], cuda_graph=sys.argv[2] == "cuda")
-def call():
-    generator = model.generator([list(range(100, 612))], max_new_tokens=64, do_sample=False, eos_token_id=None, min_new_tokens=0)
-    while not generator.done:
-        generator.step()
-call(), call()
-profile = cProfile.Profile()
-profile.enable()
-for _ in range(4):
-    call()
-profile.disable()
-pstats.Stats(profile).sort_stats("tottime").print_stats(30)
-PY
-head -60 "$RES/host-profile-p512.txt" | grep -v Warning | head -40
 timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/gpu.py --tokenizer .gpuenv/gpt2-tokenizer --out "$RES" --new-tokens 64 --runs 2 \
     --competitors "${COMPETITORS[@]}" 2>&1 | grep -v Warning | tail -14
 cp "$RES/gpu.json" "$OUT/" 2>/dev/null

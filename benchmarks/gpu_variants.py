@@ -9,13 +9,14 @@ Variants (each made once, next to the folder, then timed in a process of its own
   FusedMatMul(transB=1): at batch 1 cuBLAS then reads each output's weights as one contiguous row. The tied
   head multiplies the embedding itself (no transposed copy folded at load: 129 MB less GPU memory for
   gpt2-large).
-- GroupQueryAttention's kernels, chosen by onnxruntime's environment variables (read when a session is made;
-  onnxgen sets runtime.CUDA_ATTENTION where the user set nothing: cuDNN's attention, which `base` runs):
-  `xqa` is onnxruntime 1.31's own default for a decode step (XQA, `kernel_mha`), `flash-decode` flash attention's
-  split-KV decoding, `no-flash` onnxgen's choice with flash attention off besides (ORT_DISABLE_FLASH_ATTENTION=1),
-  `transb-no-flash` that and `transb`.
+- GroupQueryAttention's kernels, chosen by onnxruntime's environment variables (read when a session is made):
+  onnxruntime 1.31 runs a decode step's attention as XQA (`kernel_mha`) by default; `flash-decode` turns XQA off
+  (ORT_ENABLE_XQA=0: flash attention's split-KV decoding), `cudnn` turns XQA off and cuDNN's attention on
+  (ORT_ENABLE_CUDNN_FLASH_ATTENTION=1), `no-flash` turns flash attention off (ORT_DISABLE_FLASH_ATTENTION=1; on
+  onnxruntime 1.31 XQA runs the decode step still), `transb-no-flash` that and `transb`.
 Each is timed as benchmarks/overhead.py times a greedy step at batch 1, after each of --prompt-tokens.
-Results: <out>/variants.{json,md}.
+Results: <out>/variants.{json,md}. A win on one machine is one machine's: cuDNN's attention beat XQA by 9% on one
+H200 and by nothing on another (results/gpu/h200-s25.md); confirm on a second before changing a default.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 NO_FLASH = {"ORT_DISABLE_FLASH_ATTENTION": "1"}
 VARIANTS = {"base": (False, {}), "transb": (True, {}), "no-flash": (False, NO_FLASH), "transb-no-flash": (True, NO_FLASH),
-            "xqa": (False, {"ORT_ENABLE_XQA": "1", "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"}),
-            "flash-decode": (False, {"ORT_ENABLE_XQA": "0", "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"})}  # name -> (transposed, environment)
+            "flash-decode": (False, {"ORT_ENABLE_XQA": "0", "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"}),
+            "cudnn": (False, {"ORT_ENABLE_XQA": "0", "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "1"})}  # name -> (transposed, environment)
 
 
 def transposed(folder: Path, out: Path) -> None:

@@ -51,11 +51,6 @@ ZEROS = {np.dtype(np.float32): "zeros_float32.onnx", np.dtype(np.float16): "zero
 TOP_K = "top_k.onnx"  # beam search's selections, on the host (graph.top_k_model)
 GRAPHS = Path(__file__).parent / "graphs"
 CUDA_OPTIONS = {"use_tf32": "0"}  # the CUDA provider's options for every session (see Runtime.__init__)
-# GroupQueryAttention's kernels on CUDA: cuDNN's attention, where onnxruntime 1.31 runs XQA for a decode step by default.
-# gpt2-large fp16 with CUDA graphs on an H200 (benchmarks/gpu_variants.py, gpu.py; benchmarks/results/gpu/h200-s25-*):
-# batch 1 decodes 615 tok/s after a 512-token prompt instead of 574, 660 instead of 606 after 32 tokens. onnxruntime
-# reads the choice from the environment alone, when a session is made: a value the user set there stands.
-CUDA_ATTENTION = {"ORT_ENABLE_XQA": "0", "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "1"}
 IDLE_CACHE_BYTES = 2 << 30  # CUDA graphs: finished calls' caches kept for later calls of their shape
 MIN_RESUMED = 32  # tokens: a kept cache is taken by a call that starts with at least this many of its tokens
 
@@ -174,8 +169,6 @@ class Runtime:
             # mantissas) unless told not to, and greedy text then parts from the CPU's at near-ties.
             providers: list[Any] = [("CUDAExecutionProvider", CUDA_OPTIONS), "CPUExecutionProvider"]
             library_notes = _load_cuda_libraries(ort)
-            for key, value in CUDA_ATTENTION.items():
-                os.environ.setdefault(key, value)
         elif provider == "cpu":
             providers = ["CPUExecutionProvider"]
         else:
