@@ -59,10 +59,11 @@ def _greedy_matches(gpu: onnxgen.Model, cpu: onnxgen.Model, prompts: list[list[i
 
 
 def _beams_match(gpu: onnxgen.Model, cpu: onnxgen.Model, prompts: list[list[int]], tolerance: float = 0.03, **options: object) -> None:
-    """Beam search's sequences on CUDA are the CPU's, or, where a near-tie sent the beams their own ways (an LoRA
+    """Beam search's sequences on CUDA are the CPU's, or, where a near-tie sent the beams their own ways (a LoRA
     adapter's fp16 terms on an H200: the GPU's sequence scored 1.2 nats better under the CPU's model than the CPU's
-    own), one that the CPU's model scores no worse than its own sequence, by more than `tolerance` a token, and
-    whose score on CUDA is the CPU's of it: beam search on the device ranks what it keeps as the CPU would."""
+    own), one whose score on CUDA is the CPU's score of its tokens (each beam's cache held its own row: a mixed-up
+    row scores its tokens under another's context) and which the CPU's model scores no worse than its own sequence,
+    by more than `tolerance` a token (the search on the device is as good)."""
     options = {"max_new_tokens": 20, "do_sample": False, "num_beams": 3, **options}
     for prompt, g, c in zip(prompts, gpu.generate(prompts, **options), cpu.generate(prompts, **options), strict=True):
         if g.token_ids == c.token_ids:
