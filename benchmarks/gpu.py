@@ -5,8 +5,9 @@
 Makes a random-weight checkpoint of the gpt2-large shape (speed does not depend on weight values), exports
 it, quantizes it (accuracy checked on the GPU), and times each competitor one at a time: PyTorch eager (no
 compile; transformers' default attention) in fp16 and fp32; onnxgen fp16 with the cache in place, with and
-without CUDA graphs (`onnxgen-fp16+graph`); onnxgen fp32 and int4 with the growing cache (GroupQueryAttention
-runs on CUDA in fp16 only); at batch 1 and 8, 32- and 512-token prompts, greedy and 4 beams. Decode tok/s is
+without CUDA graphs (`onnxgen-fp16+graph`); onnxgen int4 weights in an fp16 graph with the cache in place
+(`onnxgen-int4-fp16+graph`, quantize --float16); onnxgen fp32 and int4 with the growing cache
+(GroupQueryAttention runs on CUDA in fp16 only); at batch 1 and 8, 32- and 512-token prompts, greedy and 4 beams. Decode tok/s is
 batch x (N - 1) / (T(N) - T(1)), where T(n) is the fastest of --runs wall times of a whole generate call
 making n tokens per prompt (no eos): the prompt pass cancels out. The first-token time is T(1). The fastest
 run, not the median: on the H200 one run in two of a PyTorch case now and then took 3-4x the other.
@@ -107,8 +108,9 @@ BUILDS = {
     "growing-fp32": (["export", "{checkpoint}", "-o", "{out}", "--growing-cache"], None),
     "fp16": (["quantize", "-m", "{parent}", "-o", "{out}", "--mode", "fp16", "--provider", "{device}"], "in-place-fp32"),
     "int4": (["quantize", "-m", "{parent}", "-o", "{out}", "--mode", "int4", "--provider", "{device}"], "growing-fp32"),
+    "int4-fp16": (["quantize", "-m", "{parent}", "-o", "{out}", "--mode", "int4", "--float16", "--provider", "{device}"], "in-place-fp32"),
 }
-FOLDERS = {"fp32": "growing-fp32", "fp16": "fp16", "int4": "int4"}  # a competitor's variant -> its folder
+FOLDERS = {"fp32": "growing-fp32", "fp16": "fp16", "int4": "int4", "int4-fp16": "int4-fp16"}  # a competitor's variant -> its folder
 
 
 def build(checkpoint: Path, folders: Path, name: str, device: str) -> None:
@@ -159,7 +161,8 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", help="only these cases, as b1-p32-greedy (default: all eight)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of this script")
     ap.add_argument("--competitors", nargs="+",
-                    default=["pytorch-fp16", "pytorch-fp32", "onnxgen-fp32", "onnxgen-fp16", "onnxgen-fp16+graph", "onnxgen-int4"])
+                    default=["pytorch-fp16", "pytorch-fp32", "onnxgen-fp32", "onnxgen-fp16", "onnxgen-fp16+graph", "onnxgen-int4-fp16+graph",
+                             "onnxgen-int4"])
     ap.add_argument("--report", type=Path, help="only render the Markdown of a saved JSON result")
     ap.add_argument("--prepare", action="store_true",
                     help="only make the competitors' folders, side by side (on the CPU, while the GPU does something else)")
@@ -175,15 +178,17 @@ def main() -> None:
     if not (checkpoint / "config.json").is_file():
         make(args.shape, args.work / "models", args.tokenizer)
     if args.prepare:
-        names = {FOLDERS[n.split("-")[1].partition("+")[0]] for n in args.competitors if n.startswith("onnxgen-")}
-        with ThreadPoolExecutor() as pool:  # each build is a process of its own
-            list(pool.map(lambda name: build(checkpoint, args.work / "onnx", name, args.device), names))
+        names = {FOLDERS[n.partition("-")[2].partition("+")[0]] for n in args.competitors if n.startswith("onnxgen-")}
+        parents = {BUILDS[name][1] or name for name in names}  # first, or two folders made from one would both make it
+        for batch in (parents, names):
+            with ThreadPoolExecutor() as pool:  # each build is a process of its own
+                list(pool.map(lambda name: build(checkpoint, args.work / "onnx", name, args.device), batch))
         return
     vocab = 50257
     report: dict[str, Any] = {"shape": args.shape, "device": device_name() if args.device == "cuda" else "CPU", "new_tokens": args.new_tokens, "runs": args.runs,
                               "versions": package_versions(), "competitors": {}, "accuracy": {}}
     for name in args.competitors:
-        runtime, variant = name.split("-")
+        runtime, _, variant = name.partition("-")
         if runtime == "pytorch":
             generate = pytorch(checkpoint, {"fp16": "float16", "fp32": "float32"}[variant], args.device)
         else:

@@ -15,5 +15,5 @@ echo "device calls, back to back (ask for nvidia-h200 in the first):"
 for d in $(ls -d .gpu[0-9]* | sort -V); do
     [ "$d" = "$last" ] || echo "  run(carry=[\"$d\"], command=\"mkdir -p /tmp/chunks && cp $d/part-* /tmp/chunks/\")"
 done
-echo "  run(carry=[\"$last\", \".gpuenv\"], command=\"COMPETITORS='onnxgen-fp16+graph' OUT=\$OUT bash benchmarks/gpu_session.sh\", timeout_s=540)"
+echo "  run(carry=[\"$last\", \".gpuenv\"], command=\"COMPETITORS='onnxgen-fp16+graph onnxgen-int4-fp16+graph' OUT=\$OUT bash benchmarks/gpu_session.sh\", timeout_s=540)"
 echo "then give_back; the tree ($(git ls-files -z | du -ch --files0-from=- | tail -1 | cut -f1)) + $last + .gpuenv ($(du -sh .gpuenv | cut -f1)) must stay under 64 MiB"

@@ -18,10 +18,10 @@ RES=/tmp/gpu-results
 mkdir -p "$OUT" "$RES"
 source .gpuenv/gpu-setup.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$RES/device.txt"
-read -r -a COMPETITORS <<< "${COMPETITORS:-onnxgen-fp16+graph pytorch-fp16}"
+read -r -a COMPETITORS <<< "${COMPETITORS:-onnxgen-fp16+graph onnxgen-int4-fp16+graph pytorch-fp16}"
 read -r -a VARIANTS <<< "${VARIANTS:-base flash-decode cudnn}"
 FP16=/tmp/onnxgen-gpu/onnx/fp16
-(python3 benchmarks/gpu.py --tokenizer .gpuenv/gpt2-tokenizer --prepare --competitors onnxgen-fp16 \
+(python3 benchmarks/gpu.py --tokenizer .gpuenv/gpt2-tokenizer --prepare --competitors "${COMPETITORS[@]}" onnxgen-fp16 \
     && python3 benchmarks/gpu_variants.py $FP16 --make --variants "${VARIANTS[@]}") > "$RES/prepare.log" 2>&1 &
 prepare=$!
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -m cuda -q -p no:cacheprovider --tb=short -rf tests/test_cuda.py > "$OUT/pytest-cuda.log" 2>&1

@@ -151,6 +151,7 @@ def quantize(
     per_channel: Annotated[bool, typer.Option(help="int8: one scale per output channel")] = False,
     block_size: Annotated[int, typer.Option(help="int4: weights per scale")] = 32,
     accuracy_level: Annotated[int, typer.Option(help="int4: compute type, 4 = int8 (fastest on CPU), 1 = fp32")] = 4,
+    float16: Annotated[bool, typer.Option("--float16", help="int4: fp16 around the int4 weights (activations, cache): the int4 folder for CUDA")] = False,
     max_ppl_increase: Annotated[float, typer.Option(help="refuse if perplexity on the evaluation text grows by more than this fraction")] = 0.10,
     provider: Annotated[str, typer.Option(help="where the accuracy check runs: cpu or cuda")] = "cpu",
     kv_cache: Annotated[KvCache, typer.Option(help="int8: keep the key/value cache in int8 (CPU; a quarter of the memory)")] = KvCache.float,
@@ -162,7 +163,7 @@ def quantize(
     from .quantize import QuantizeOptions, quantize as do_quantize, summary
 
     options = QuantizeOptions(mode=mode.value, per_channel=per_channel, block_size=block_size,
-                              accuracy_level=accuracy_level, max_ppl_increase=max_ppl_increase,
+                              accuracy_level=accuracy_level, float16=float16, max_ppl_increase=max_ppl_increase,
                               provider=provider, kv_cache=kv_cache.value, force=force)  # type: ignore[arg-type]
     result = run(lambda: do_quantize(model, output, options))
     print(json.dumps(result, indent=2) if as_json else summary(result))

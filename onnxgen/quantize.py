@@ -2,7 +2,11 @@
 
 - int8: dynamic quantization (weights int8 once, activations quantized per call) of every weight
   MatMul and of the embedding Gather.
-- int4: weight-only block quantization into onnxruntime's MatMulNBits (block size, accuracy level).
+- int4: weight-only block quantization into onnxruntime's MatMulNBits (block size, accuracy level). With
+  `float16` the rest of the graph is then made fp16 as fp16 mode makes it (activations, scales, the key/value
+  cache): the int4 folder for CUDA, where GroupQueryAttention runs in fp16 only and a batch-1 step reads a
+  quarter of fp16's weight bytes (onnxruntime-genai's usual CUDA model). Its embedding stays fp16 (a Gather
+  reads one row a token) and its head stays one matrix (nothing packs it on CUDA).
 - `kv_cache="int8"` (int8 and int4 modes, folders with the cache in place; the CPU's): the key/value cache
   in int8 with one scale per channel, calibrated on text the parent model samples itself (the evaluation
   text stays unseen), so that the accuracy report below measures it honestly.
@@ -57,6 +61,7 @@ class QuantizeOptions:
     per_channel: bool = False  # int8: one scale per output channel instead of per tensor
     block_size: int = 32  # int4: weights per scale
     accuracy_level: int = 4  # int4: MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
+    float16: bool = False  # int4: fp16 around the int4 weights (activations, scales, cache): the int4 folder for CUDA
     max_ppl_increase: float = 0.10  # refuse when perplexity grows by more than this fraction
     provider: Provider = "cpu"  # where the accuracy check runs: cuda measures fp16 as it will be used, and fast
     kv_cache: KvCache = "float"  # int8: the key/value cache in int8 (a quarter of fp32's memory and reads)
@@ -127,10 +132,11 @@ def _int8(src: Path, dst: Path, options: QuantizeOptions, large: bool) -> None:
 def _int4(model: Any, options: QuantizeOptions) -> Any:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    ops = ("MatMul",) if options.float16 else ("MatMul", "Gather")  # fp16's embedding is read a row a token: left as it is
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=options.block_size, is_symmetric=True,
-                                     accuracy_level=options.accuracy_level, op_types_to_quantize=("MatMul", "Gather"))
+                                     accuracy_level=options.accuracy_level, op_types_to_quantize=ops)
     quantizer.process()
-    return quantizer.model.model
+    return _fp16(quantizer.model.model) if options.float16 else quantizer.model.model
 
 
 def _fp16(model: Any) -> Any:
@@ -191,8 +197,12 @@ def quantize(source: str | Path, out: str | Path, options: QuantizeOptions | Non
         raise QuantizeError(f"max_ppl_increase must be a finite fraction, got {options.max_ppl_increase}")
     if options.provider not in ("cpu", "cuda"):
         raise QuantizeError(f"unknown provider {options.provider!r} for the accuracy check: use cpu or cuda")
+    if options.float16 and options.mode != "int4":
+        raise QuantizeError(f"float16 (--float16) is int4's: fp16 around int4 weights; {options.mode} mode "
+                            + ("is fp16 throughout" if options.mode == "fp16" else "is the CPU's"))
+    half = options.mode == "fp16" or options.float16
     int8_cache = options.kv_cache == "int8"
-    if int8_cache and options.mode == "fp16":
+    if int8_cache and half:
         raise QuantizeError("an int8 key/value cache is for the CPU (int8 or int4 modes); fp16 folders keep an fp16 cache on CUDA")
     if int8_cache and not manifest.cache_in_place(parent):
         raise QuantizeError(f"an int8 key/value cache needs the cache in place; {source} was exported with --growing-cache")
@@ -215,7 +225,8 @@ def quantize(source: str | Path, out: str | Path, options: QuantizeOptions | Non
             head_parts = 1
             if options.mode != "fp16":  # fp16 keeps the tied head: Transpose of an fp16 embedding
                 graph.materialize_tied_head(model)
-                head_parts = graph.split_head(model, _bytes_per_weight(options))
+                if not half:  # on CUDA nothing packs the head: one matrix, one kernel
+                    head_parts = graph.split_head(model, _bytes_per_weight(options))
             expected = _weight_matmuls(model)
             if options.mode == "int8":
                 prepared = Path(tmp) / MODEL_FILE
@@ -241,7 +252,7 @@ def quantize(source: str | Path, out: str | Path, options: QuantizeOptions | Non
         with progress.step("Measuring accuracy against fp32"):
             record = {
                 **{k: v for k, v in parent.items() if k not in ("files", "format_version")},
-                "dtype": "float16" if options.mode == "fp16" else "float32",
+                "dtype": "float16" if half else "float32",
                 "graph": {**parent.get("graph", {}), "head_parts": head_parts},
                 "quantization": {"mode": options.mode, "parent": str(source), "parent_sha256": parent["files"][MODEL_FILE]["sha256"],
                                  "quantized_matrices": done, "weight_matrices": expected,
@@ -271,7 +282,8 @@ def summary(result: dict[str, Any]) -> str:
     a = q["accuracy"]
     size = sum(f["bytes"] for f in result["files"].values()) / 1e6
     return "\n".join([
-        f"{q['mode']}: {size:.1f} MB, {q['quantized_matrices']}/{q['weight_matrices']} weight matrices quantized",
+        f"{q['mode']}{' (fp16 around it)' if q['options'].get('float16') else ''}: {size:.1f} MB, "
+        f"{q['quantized_matrices']}/{q['weight_matrices']} weight matrices quantized",
         f"perplexity {a['perplexity_fp32']:.3f} (fp32) -> {a['perplexity_quantized']:.3f} ({a['perplexity_increase']:+.2%})",
         f"top-1 next-token agreement {a['top1_agreement']:.2%}; logit diff max {a['max_abs_logit_diff']:.3g}, mean {a['mean_abs_logit_diff']:.3g}",
         f"greedy: {a['greedy_tokens_agreeing']} of {a['greedy_tokens']} tokens agree before the first divergence",

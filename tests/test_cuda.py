@@ -28,14 +28,15 @@ def _needs_cuda() -> None:
 
 @pytest.fixture(scope="module")
 def folders(exported_growing: Path, quantized_folder, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # type: ignore[no-untyped-def]
-    """fp16 with the cache in place (GroupQueryAttention runs on CUDA in fp16 only); fp32 and int4 with the
-    growing cache, as a CUDA user exports them (--growing-cache)."""
+    """fp16 and int4 in an fp16 graph (--float16) with the cache in place (GroupQueryAttention runs on CUDA in fp16
+    only); fp32 and int4 with the growing cache, as a CUDA user exports them (--growing-cache)."""
     from onnxgen.quantize import QuantizeOptions, quantize
 
     int4 = tmp_path_factory.mktemp("cuda") / "int4-growing"
     # int4 with fp32 compute (accuracy level 1): the CPU's default int8 compute would differ from CUDA's by design.
     quantize(exported_growing, int4, QuantizeOptions(mode="int4", accuracy_level=1, max_ppl_increase=0.5), quiet=True)
-    return {"fp32": exported_growing, "fp16": quantized_folder("fp16"), "int4": int4}
+    return {"fp32": exported_growing, "fp16": quantized_folder("fp16"), "int4": int4,
+            "int4-fp16": quantized_folder("int4", float16=True, accuracy_level=1)}
 
 
 def _tokens(model: onnxgen.Model, prompts: list[list[int]], **options: object) -> list[list[int]]:
@@ -75,7 +76,7 @@ def _beams_match(gpu: onnxgen.Model, cpu: onnxgen.Model, prompts: list[list[int]
         assert per_token >= c.score - tolerance
 
 
-@pytest.mark.parametrize("variant", ["fp32", "fp16", "int4", "fp16 cuda graph"])
+@pytest.mark.parametrize("variant", ["fp32", "fp16", "int4", "fp16 cuda graph", "int4-fp16 cuda graph"])
 def test_cuda_generates_the_cpu_tokens(folders: dict[str, Path], variant: str) -> None:
     """Greedy, beam search, and greedy and beam search held to a regex (guidance.py; beams reordered on the device) on
     prompts of different lengths: the same tokens as the same folder on CPU."""

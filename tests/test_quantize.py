@@ -19,9 +19,11 @@ from .conftest import EVAL_TEXT
 from .test_generate import PROMPTS
 
 
-@pytest.fixture(scope="session", params=["int8", "int4", "fp16"])
+@pytest.fixture(scope="session", params=["int8", "int4", "fp16", "int4 float16"])
 def quantized(request: pytest.FixtureRequest, quantized_folder) -> tuple[str, Path]:  # type: ignore[no-untyped-def]
-    return request.param, quantized_folder(request.param)
+    """(mode, folder); "int4 float16" is int4 with float16=True, the int4 folder for CUDA."""
+    mode, *half = request.param.split()
+    return mode, quantized_folder(mode, **({"float16": True} if half else {}))
 
 
 def test_quantized_folder_is_smaller_and_reports_accuracy(quantized: tuple[str, Path], exported: Path) -> None:
@@ -62,6 +64,9 @@ def test_accuracy_budget_refuses_and_leaves_nothing(exported: Path, tmp_path: Pa
     ({"mode": "int4", "accuracy_level": 9}, "accuracy_level must be 0 to 4"),  # was taken
     ({"mode": "int8", "max_ppl_increase": float("nan")}, "max_ppl_increase"),  # was taken: it refused nothing
     ({"mode": "int8", "provider": "tpu"}, "unknown provider 'tpu'"),  # was taken
+    ({"mode": "int8", "float16": True}, "float16 .* is int4's.*int8 mode is the CPU's"),
+    ({"mode": "fp16", "float16": True}, "fp16 mode is fp16 throughout"),
+    ({"mode": "int4", "float16": True, "kv_cache": "int8"}, "for the CPU"),
 ])
 def test_bad_quantize_options_are_refused_before_any_work(exported: Path, tmp_path: Path, options: dict[str, object], message: str) -> None:
     with pytest.raises(QuantizeError, match=message):
@@ -177,6 +182,39 @@ def test_int8_cache_holds_a_quarter_and_decode_reads_what_the_prompt_wrote(quant
     assert np.abs(whole - a.runtime.all_logits(ids)[0]).mean() < 0.5 * np.abs(a.runtime.all_logits(ids)[0] - reference).mean()
     beams = b.generate(PROMPTS, max_new_tokens=8, num_beams=3, num_return_sequences=2)
     assert len(beams) == 2 * len(PROMPTS) and all(len(c.token_ids) >= 1 for c in beams)
+
+
+def test_int4_float16_is_int4_weights_in_an_fp16_graph(quantized_folder) -> None:  # type: ignore[no-untyped-def]
+    """--float16: the weight matrices in MatMulNBits as int4 quantizes them (the same 4-bit values, the scales in
+    fp16), the head one matrix, the embedding and the cache fp16 (what GroupQueryAttention needs on CUDA), logits
+    float32; decode steps score as a prompt pass over the same tokens, to fp16's precision."""
+    import onnx
+    from onnx import numpy_helper
+
+    folder, plain = quantized_folder("int4", float16=True), quantized_folder("int4")
+    half = onnxgen.load(folder, threads=1)
+    record = json.loads((folder / "onnxgen.json").read_text())
+    assert record["dtype"] == "float16" and record["graph"]["head_parts"] == 1 and record["quantization"]["options"]["float16"]
+    assert half.runtime.cache_dtype == np.float16 and half.runtime.logits_dtype == np.float32
+    assert repr(half).startswith(f"<onnxgen.Model {folder.name!r}: int4 weights, ")
+    graphs = [onnx.load(str(f / "model.onnx")).graph for f in (folder, plain)]
+    inits = [{t.name: numpy_helper.to_array(t) for t in g.initializer} for g in graphs]
+    nbits = [{n.name: n for n in g.node if n.op_type == "MatMulNBits"} for g in graphs]
+    ops = collections.Counter(n.op_type for n in graphs[0].node)
+    assert len(nbits[0]) == 4 * half.dims.n_layer + 1 and ops["MatMul"] == 0 and ops["GatherBlockQuantized"] == 0
+    for name, node in nbits[0].items():
+        if name in nbits[1]:  # the layers' matrices (the head is split into parts without --float16)
+            other = nbits[1][name]
+            assert np.array_equal(inits[0][node.input[1]], inits[1][other.input[1]])
+            np.testing.assert_allclose(inits[0][node.input[2]], inits[1][other.input[2]], rtol=1e-3)
+        assert inits[0][node.input[2]].dtype == np.float16
+    embedding = [inits[0][n.input[0]] for n in graphs[0].node if n.op_type == "Gather" and n.input[0] in inits[0]]
+    assert embedding and all(e.dtype == np.float16 for e in embedding)
+    ids = np.asarray([half.tokenizer.encode(EVAL_TEXT.read_text())[:48]])
+    whole = half.runtime.all_logits(ids)[0]
+    cache = half.runtime.new_cache(1, 48)
+    steps = [cache.prefill([ids[0, :40].tolist()])[0]] + [cache.decode(ids[0, 40 + i : 41 + i])[0] for i in range(7)]
+    assert max(np.abs(step - whole[39 + i]).max() for i, step in enumerate(steps)) < 0.01 * np.abs(whole).max()
 
 
 def test_int8_cache_is_refused_where_it_cannot_run(exported: Path, exported_growing: Path, tmp_path: Path) -> None:
