@@ -4,8 +4,8 @@
   MatMul and of the embedding Gather.
 - int4: weight-only block quantization into onnxruntime's MatMulNBits (block size, accuracy level). With
   `float16` the rest of the graph is then made fp16 as fp16 mode makes it (activations, scales, the key/value
-  cache): the int4 folder for CUDA, where GroupQueryAttention runs in fp16 only and a batch-1 step reads a
-  quarter of fp16's weight bytes (onnxruntime-genai's usual CUDA model). Its embedding stays fp16 (a Gather
+  cache): the int4 folder for CUDA, where GroupQueryAttention runs in fp16 only and a batch-1 step reads
+  under a third of fp16's weight bytes (onnxruntime-genai's usual CUDA model). Its embedding stays fp16 (a Gather
   reads one row a token) and its head stays one matrix (nothing packs it on CUDA).
 - `kv_cache="int8"` (int8 and int4 modes, folders with the cache in place; the CPU's): the key/value cache
   in int8 with one scale per channel, calibrated on text the parent model samples itself (the evaluation
@@ -21,9 +21,9 @@
 Before quantizing, the head's Transpose(embedding) (graph.py; its parts joined first) is materialized as
 its own weight, or the largest matrix of the model would stay float, and split into parts of at most 16 MiB
 once quantized (graph.split_head: what onnxruntime holds twice while it packs it at load). fp16 keeps the
-tied head in one piece: it is for CUDA, where nothing packs it. After quantizing, the quantized nodes are
-counted against the weight MatMuls there were: a mode that did not take is an error, never a silent fp32
-model.
+tied head in one piece, and int4 with `float16` its own head: they are for CUDA, where nothing packs it.
+After quantizing, the quantized nodes are counted against the weight MatMuls there were: a mode that did
+not take is an error, never a silent fp32 model.
 """
 
 from __future__ import annotations
