@@ -7,8 +7,8 @@
 # In order, each step bounded by a timeout so that the call ends with what it measured: the `pytest -m cuda`
 # log (while the gpt2-large folders are made on the CPU); benchmarks/gpu_variants.py's candidate changes to
 # the fp16 step with CUDA graphs, after 32- and 512-token prompts (VARIANTS="..." to choose); benchmarks/gpu_kernels.py's
-# list of the kernels of a batch-1 step after a 512-token prompt (the folder as made, and with the fastest
-# variant's environment where one beat it); then benchmarks/gpu.py's tables (COMPETITORS="..." to choose), as made
+# list of the kernels of a batch-1 step after a 512-token prompt (fp16 and int4-fp16 as made, and fp16 with the
+# fastest variant's environment where one beat it); then benchmarks/gpu.py's tables (COMPETITORS="..." to choose), as made
 # and again with the fastest variant's environment.
 # The device sends back at most 8 files: each step's JSON lands in $OUT as it finishes, and everything
 # (Markdown, logs) in $OUT/gpu-results.tar at the end.
@@ -19,7 +19,7 @@ mkdir -p "$OUT" "$RES"
 source .gpuenv/gpu-setup.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$RES/device.txt"
 read -r -a COMPETITORS <<< "${COMPETITORS:-onnxgen-fp16+graph onnxgen-int4-fp16+graph pytorch-fp16}"
-read -r -a VARIANTS <<< "${VARIANTS:-base flash-decode cudnn}"
+read -r -a VARIANTS <<< "${VARIANTS:-base}"
 FP16=/tmp/onnxgen-gpu/onnx/fp16
 (python3 benchmarks/gpu.py --tokenizer .gpuenv/gpt2-tokenizer --prepare --competitors "${COMPETITORS[@]}" onnxgen-fp16 \
     && python3 benchmarks/gpu_variants.py $FP16 --make --variants "${VARIANTS[@]}") > "$RES/prepare.log" 2>&1 &
@@ -31,7 +31,9 @@ timeout 150 python3 benchmarks/gpu_variants.py $FP16 --out "$RES" --variants "${
 cp "$RES/variants.json" "$OUT/" 2>/dev/null
 read -r -a BEST <<< "$(python3 benchmarks/gpu_variants.py $FP16 --best "$RES/variants.json" 2>/dev/null)"
 echo "fastest variant's environment: ${BEST[*]:-none beat base}"
-timeout 60 python3 benchmarks/gpu_kernels.py $FP16 --prompt-tokens 512 --out "$RES/kernels-p512" 2>&1 | grep -v Warning | head -16
+for folder in $FP16 $(ls -d ${FP16%/*}/int4-fp16 2>/dev/null); do
+  timeout 60 python3 benchmarks/gpu_kernels.py $folder --prompt-tokens 512 --out "$RES/kernels-p512-${folder##*/}" 2>&1 | grep -v Warning | head -16
+done
 if [ ${#BEST[@]} -gt 0 ]; then
   timeout 60 env "${BEST[@]}" python3 benchmarks/gpu_kernels.py $FP16 --prompt-tokens 512 --out "$RES/kernels-p512-best" 2>&1 | grep -v Warning | head -16
 fi
