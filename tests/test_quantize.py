@@ -196,7 +196,7 @@ def test_int4_float16_is_int4_weights_in_an_fp16_graph(quantized_folder) -> None
     record = json.loads((folder / "onnxgen.json").read_text())
     assert record["dtype"] == "float16" and record["graph"]["head_parts"] == 1 and record["quantization"]["options"]["float16"]
     assert half.runtime.cache_dtype == np.float16 and half.runtime.logits_dtype == np.float32
-    assert repr(half).startswith(f"<onnxgen.Model {folder.name!r}: int4 weights, ")
+    assert repr(half).startswith(f"<onnxgen.Model {folder.name!r}: int4 weights in float16, ")
     graphs = [onnx.load(str(f / "model.onnx")).graph for f in (folder, plain)]
     inits = [{t.name: numpy_helper.to_array(t) for t in g.initializer} for g in graphs]
     nbits = [{n.name: n for n in g.node if n.op_type == "MatMulNBits"} for g in graphs]
