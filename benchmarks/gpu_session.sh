@@ -37,11 +37,11 @@ done
 if [ ${#BEST[@]} -gt 0 ]; then
   timeout 60 env "${BEST[@]}" python3 benchmarks/gpu_kernels.py $FP16 --prompt-tokens 512 --out "$RES/kernels-p512-best" 2>&1 | grep -v Warning | head -16
 fi
-timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/gpu.py --tokenizer .gpuenv/gpt2-tokenizer --out "$RES" --new-tokens 64 --runs 2 \
+timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/gpu.py --tokenizer .gpuenv/gpt2-tokenizer --out "$RES" --new-tokens 64 --runs 2 \
     --competitors "${COMPETITORS[@]}" 2>&1 | grep -v Warning | tail -14
 cp "$RES/gpu.json" "$OUT/" 2>/dev/null
 if [ ${#BEST[@]} -gt 0 ]; then
-  timeout "${BENCH_TIMEOUT:-150}" env "${BEST[@]}" python3 benchmarks/gpu.py --tokenizer .gpuenv/gpt2-tokenizer --out "$RES/best" --new-tokens 64 \
+  timeout "${BENCH_TIMEOUT:-240}" env "${BEST[@]}" python3 benchmarks/gpu.py --tokenizer .gpuenv/gpt2-tokenizer --out "$RES/best" --new-tokens 64 \
       --runs 2 --competitors onnxgen-fp16+graph 2>&1 | grep -v Warning | tail -14
   cp "$RES/best/gpu.json" "$OUT/gpu-best.json" 2>/dev/null
 fi
