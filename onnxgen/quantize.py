@@ -136,7 +136,7 @@ def _int4(model: Any, options: QuantizeOptions) -> Any:
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=options.block_size, is_symmetric=True,
                                      accuracy_level=options.accuracy_level, op_types_to_quantize=ops)
     quantizer.process()
-    return _fp16(quantizer.model.model) if options.float16 else quantizer.model.model
+    return quantizer.model.model
 
 
 def _fp16(model: Any) -> Any:
@@ -237,8 +237,10 @@ def quantize(source: str | Path, out: str | Path, options: QuantizeOptions | Non
                 (work / MODEL_FILE).unlink(missing_ok=True)
                 (work / DATA_FILE).unlink(missing_ok=True)
             else:
-                quantized = _int4(model, options) if options.mode == "int4" else _fp16(model)
+                quantized = _int4(model, options) if options.mode == "int4" else model
                 del model  # or the fp32 weights stay in memory through the accuracy check
+                if half:  # fp16 mode, and int4's float16: everything left float becomes fp16
+                    quantized = _fp16(quantized)
             done = _quantized_count(quantized, options.mode)
             if done < expected:
                 raise QuantizeError(f"{options.mode} did not take: {done} of {expected} weight matrices quantized")
