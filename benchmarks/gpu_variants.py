@@ -14,6 +14,12 @@ Variants (each made once, next to the folder, then timed in a process of its own
   (ORT_ENABLE_XQA=0: flash attention's split-KV decoding), `cudnn` turns XQA off and cuDNN's attention on
   (ORT_ENABLE_CUDNN_FLASH_ATTENTION=1), `no-flash` turns flash attention off (ORT_DISABLE_FLASH_ATTENTION=1; on
   onnxruntime 1.31 XQA runs the decode step still), `transb-no-flash` that and `transb`.
+- The weights' products, fp16 MatMuls that cuBLAS runs at ~1.7 TB/s for one row (a third of an H200's bandwidth).
+  onnxruntime 1.31's CUDA MatMul has two kernels of its own for few rows besides cuBLAS, off by default:
+  `small-n-gemv` forces its GEMV wherever the shape allows (ORT_ENABLE_SMALL_N_GEMV=1); `gemm-tune` times cuBLAS,
+  that GEMV and `tinygemm2` (a Hopper kernel) once per shape and keeps the fastest, if 5% ahead of cuBLAS
+  (ORT_CUDA_GEMM_AUTO_TUNE=1, the session config `ep.cuda.enable_gemm_auto_tune`'s fallback); `gemm-tune-replay`
+  times them inside a replayed CUDA graph, as a captured step runs them (ORT_CUDA_GEMM_GRAPH_REPLAY_TUNING=1).
 Each is timed as benchmarks/overhead.py times a greedy step at batch 1, after each of --prompt-tokens.
 Results: <out>/variants.{json,md}. A win on one machine is one machine's: cuDNN's attention beat XQA by 9% on one
 H200 and by nothing on another (results/gpu/h200-s25.md); confirm on a second before changing a default.
@@ -34,7 +40,10 @@ HERE = Path(__file__).resolve().parent
 NO_FLASH = {"ORT_DISABLE_FLASH_ATTENTION": "1"}
 VARIANTS = {"base": (False, {}), "transb": (True, {}), "no-flash": (False, NO_FLASH), "transb-no-flash": (True, NO_FLASH),
             "flash-decode": (False, {"ORT_ENABLE_XQA": "0", "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"}),
-            "cudnn": (False, {"ORT_ENABLE_XQA": "0", "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "1"})}  # name -> (transposed, environment)
+            "cudnn": (False, {"ORT_ENABLE_XQA": "0", "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "1"}),
+            "small-n-gemv": (False, {"ORT_ENABLE_SMALL_N_GEMV": "1"}),
+            "gemm-tune": (False, {"ORT_CUDA_GEMM_AUTO_TUNE": "1"}),
+            "gemm-tune-replay": (False, {"ORT_CUDA_GEMM_AUTO_TUNE": "1", "ORT_CUDA_GEMM_GRAPH_REPLAY_TUNING": "1"})}  # name -> (transposed, environment)
 
 
 def transposed(folder: Path, out: Path) -> None:

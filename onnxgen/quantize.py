@@ -6,7 +6,9 @@
   `float16` the rest of the graph is then made fp16 as fp16 mode makes it (activations, scales, the key/value
   cache): the int4 folder for CUDA, where GroupQueryAttention runs in fp16 only and a batch-1 step reads
   under a third of fp16's weight bytes (onnxruntime-genai's usual CUDA model). Its embedding stays fp16 (a Gather
-  reads one row a token) and its head stays one matrix (nothing packs it on CUDA).
+  reads one row a token) and its head stays the tied fp16 one: onnxruntime's CUDA MatMulNBits takes a head of
+  50,257 columns by dequantizing all of it every step (43 us, then a 52 us GEMV, on an H200) where fp16's
+  tied head is one 41 us GEMV (benchmarks/results/gpu/h200-s26.md).
 - `kv_cache="int8"` (int8 and int4 modes, folders with the cache in place; the CPU's): the key/value cache
   in int8 with one scale per channel, calibrated on text the parent model samples itself (the evaluation
   text stays unseen), so that the accuracy report below measures it honestly.
@@ -20,8 +22,8 @@
 
 Before quantizing, the head's Transpose(embedding) (graph.py; its parts joined first) is materialized as
 its own weight, or the largest matrix of the model would stay float, and split into parts of at most 16 MiB
-once quantized (graph.split_head: what onnxruntime holds twice while it packs it at load). fp16 keeps the
-tied head in one piece, and int4 with `float16` its own head: they are for CUDA, where nothing packs it.
+once quantized (graph.split_head: what onnxruntime holds twice while it packs it at load). fp16, and int4 with
+`float16`, keep the tied head: they are for CUDA, where nothing packs it.
 After quantizing, the quantized nodes are counted against the weight MatMuls there were: a mode that did
 not take is an error, never a silent fp32 model.
 """
@@ -223,10 +225,9 @@ def quantize(source: str | Path, out: str | Path, options: QuantizeOptions | Non
             graph.join_tied_head(model)  # before the weights load: the head's parts would each load a copy
             onnx.load_external_data_for_model(model, str(source))
             head_parts = 1
-            if options.mode != "fp16":  # fp16 keeps the tied head: Transpose of an fp16 embedding
+            if not half:  # fp16 folders keep the tied head, Transpose of the fp16 embedding (see the module's docstring)
                 graph.materialize_tied_head(model)
-                if not half:  # on CUDA nothing packs the head: one matrix, one kernel
-                    head_parts = graph.split_head(model, _bytes_per_weight(options))
+                head_parts = graph.split_head(model, _bytes_per_weight(options))
             expected = _weight_matmuls(model)
             if options.mode == "int8":
                 prepared = Path(tmp) / MODEL_FILE

@@ -127,7 +127,8 @@ def test_fp16_generates_like_fp32_on_cpu(quantized_folder, model: onnxgen.Model)
 def test_quantized_heads_come_in_parts(exported: Path, exported_parts: Path, quantized_folder, tmp_path: Path,  # type: ignore[no-untyped-def]
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """From an fp32 folder whose head is in parts: int8 and int4 heads in parts of at most HEAD_PART_BYTES once
-    quantized (their own, from the joined head); int4 (block-wise along each column) gives the whole head's logits; fp16 keeps one tied head."""
+    quantized (their own, from the joined head); int4 (block-wise along each column) gives the whole head's logits; fp16, and
+    int4 with float16, keep one tied head."""
     import onnx
 
     from onnxgen import graph
@@ -145,10 +146,12 @@ def test_quantized_heads_come_in_parts(exported: Path, exported_parts: Path, qua
     whole, split = (onnxgen.load(f, threads=1).runtime for f in (quantized_folder("int4"), tmp_path / "int4"))
     ids = np.random.default_rng(2).integers(0, 400, size=(1, 12))
     assert np.allclose(whole.all_logits(ids), split.all_logits(ids), atol=1e-5)
-    out = tmp_path / "fp16"
-    quantize(exported_parts, out, QuantizeOptions(mode="fp16", max_ppl_increase=0.5), quiet=True)
-    names = [n.name for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
-    assert "/lm_head/TiedTranspose" in names and not any(n.startswith("/lm_head/Part.") for n in names)
+    for name, options in (("fp16", QuantizeOptions(mode="fp16", max_ppl_increase=0.5)),
+                          ("int4-fp16", QuantizeOptions(mode="int4", float16=True, max_ppl_increase=0.5))):
+        m = quantize(exported_parts, tmp_path / name, options, quiet=True)
+        names = [n.name for n in onnx.load(str(tmp_path / name / "model.onnx"), load_external_data=False).graph.node]
+        assert "/lm_head/TiedTranspose" in names and not any(n.startswith("/lm_head/Part.") for n in names)
+        assert m["graph"]["head_parts"] == 1
 
 
 def test_int8_cache_holds_a_quarter_and_decode_reads_what_the_prompt_wrote(quantized_folder, exported: Path) -> None:  # type: ignore[no-untyped-def]
@@ -185,9 +188,10 @@ def test_int8_cache_holds_a_quarter_and_decode_reads_what_the_prompt_wrote(quant
 
 
 def test_int4_float16_is_int4_weights_in_an_fp16_graph(quantized_folder) -> None:  # type: ignore[no-untyped-def]
-    """--float16: the weight matrices in MatMulNBits as int4 quantizes them (the same 4-bit values, the scales in
-    fp16), the head one matrix, the embedding and the cache fp16 (what GroupQueryAttention needs on CUDA), logits
-    float32; decode steps score as a prompt pass over the same tokens, to fp16's precision."""
+    """--float16: the layers' weight matrices in MatMulNBits as int4 quantizes them (the same 4-bit values, the
+    scales in fp16), the head the tied fp16 embedding's (one MatMul: CUDA's MatMulNBits would dequantize a whole 4-bit
+    head every step), the cache fp16 (what GroupQueryAttention needs on CUDA), logits float32; decode steps score as
+    a prompt pass over the same tokens, to fp16's precision."""
     import onnx
     from onnx import numpy_helper
 
@@ -201,8 +205,11 @@ def test_int4_float16_is_int4_weights_in_an_fp16_graph(quantized_folder) -> None
     inits = [{t.name: numpy_helper.to_array(t) for t in g.initializer} for g in graphs]
     nbits = [{n.name: n for n in g.node if n.op_type == "MatMulNBits"} for g in graphs]
     ops = collections.Counter(n.op_type for n in graphs[0].node)
-    assert len(nbits[0]) == 4 * half.dims.n_layer + 1 and ops["MatMul"] == 0 and ops["GatherBlockQuantized"] == 0
-    assert nbits[0].keys() == nbits[1].keys()  # the tiny head is one part either way
+    assert len(nbits[0]) == 4 * half.dims.n_layer and ops["MatMul"] == 1 and ops["GatherBlockQuantized"] == 0
+    assert nbits[0].keys() == {name for name in nbits[1] if not name.startswith("/lm_head/")}  # int4's head is its own
+    head = next(n for n in graphs[0].node if n.op_type == "MatMul")
+    tie = next(n for n in graphs[0].node if n.output[0] == head.input[1])
+    assert tie.op_type == "Transpose" and inits[0][tie.input[0]].dtype == np.float16
     for name, node in nbits[0].items():
         other = nbits[1][name]
         assert np.array_equal(inits[0][node.input[1]], inits[1][other.input[1]])
