@@ -121,7 +121,9 @@ def build(checkpoint: Path, folders: Path, name: str, device: str) -> None:
     if parent:
         build(checkpoint, folders, parent, device)
     values = {"checkpoint": checkpoint, "out": folders / name, "parent": folders / (parent or name), "device": device}
+    start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "onnxgen", *(part.format(**values) for part in command)], check=True)
+    print(f"{name}: made in {time.perf_counter() - start:.0f} s", flush=True)  # a device call's time goes mostly here
 
 
 def device_name() -> str:
@@ -176,7 +178,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = args.work / "models" / args.shape
     if not (checkpoint / "config.json").is_file():
+        start = time.perf_counter()
         make(args.shape, args.work / "models", args.tokenizer)
+        print(f"{args.shape} checkpoint: made in {time.perf_counter() - start:.0f} s", flush=True)
     if args.prepare:
         names = {FOLDERS[n.partition("-")[2].partition("+")[0]] for n in args.competitors if n.startswith("onnxgen-")}
         parents = {BUILDS[name][1] or name for name in names}  # first, or two folders made from one would both make it
