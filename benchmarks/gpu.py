@@ -26,8 +26,9 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -121,9 +122,16 @@ def build(checkpoint: Path, folders: Path, name: str, device: str) -> None:
     if parent:
         build(checkpoint, folders, parent, device)
     values = {"checkpoint": checkpoint, "out": folders / name, "parent": folders / (parent or name), "device": device}
+    with making(name):
+        subprocess.run([sys.executable, "-m", "onnxgen", *(part.format(**values) for part in command)], check=True)
+
+
+@contextmanager
+def making(what: str) -> Iterator[None]:
+    """Say how long making `what` took: a device call's time goes mostly to making the folders."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "onnxgen", *(part.format(**values) for part in command)], check=True)
-    print(f"{name}: made in {time.perf_counter() - start:.0f} s", flush=True)  # a device call's time goes mostly here
+    yield
+    print(f"{what}: made in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def device_name() -> str:
@@ -178,9 +186,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = args.work / "models" / args.shape
     if not (checkpoint / "config.json").is_file():
-        start = time.perf_counter()
-        make(args.shape, args.work / "models", args.tokenizer)
-        print(f"{args.shape} checkpoint: made in {time.perf_counter() - start:.0f} s", flush=True)
+        with making(f"{args.shape} checkpoint"):
+            make(args.shape, args.work / "models", args.tokenizer)
     if args.prepare:
         names = {FOLDERS[n.partition("-")[2].partition("+")[0]] for n in args.competitors if n.startswith("onnxgen-")}
         parents = {BUILDS[name][1] or name for name in names}  # first, or two folders made from one would both make it

@@ -121,8 +121,9 @@ class Model:
     def __repr__(self) -> str:
         """What a notebook shows: the folder, its weights (and cache where quantized), shape and device."""
         d, quantized = self.dims, self.manifest.get("quantization") or {}
-        cache = quantized.get("options", {}).get("kv_cache", "float")  # "float": the activations' type
-        around = " in float16" if quantized.get("options", {}).get("float16") else ""  # int4 for CUDA (quantize --float16)
+        options = quantized.get("options", {})
+        cache = options.get("kv_cache", "float")  # "float": the activations' type
+        around = " in float16" if options.get("float16") else ""  # int4 for CUDA (quantize --float16)
         return (f"<onnxgen.Model {self.folder.path.name!r}: {quantized.get('mode', self.manifest['dtype'])} weights{around}"
                 f"{f', {cache} cache' if cache != 'float' else ''}, {d.n_layer} layers x {d.n_embd} ({d.n_head} heads), vocabulary "
                 f"{d.vocab_size}, context {d.n_positions}{f', LoRA adapters {sorted(self.adapters)}' if self.adapters else ''}, "
