@@ -228,10 +228,15 @@ def weight_bytes(competitor: str, folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(prefix))
 
 
-def import_seconds(statement: str) -> float:
+IMPORTS = {"onnxgen": "import onnxgen", "optimum": "from optimum.onnxruntime import ORTModelForCausalLM",
+           "pytorch": "import torch, transformers; transformers.GPT2LMHeadModel"}  # what each kind of competitor imports
+
+
+def import_seconds(statement: str, runs: int) -> float:
+    """The median time of `statement` in `runs` fresh interpreters."""
     code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
-    runs = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout) for _ in range(3)]
-    return statistics.median(runs)
+    return statistics.median(float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+                             for _ in range(runs))
 
 
 def write_results(out: Path, name: str, result: dict[str, Any], table: str) -> None:
@@ -405,9 +410,8 @@ def main() -> None:
             measured["bound_tps"] = entry["bandwidth_gbs"]["read"]["median"] * 1e9 / (measured["weights_mb"] * 1e6)
             entry["competitors"].append(measured)
         result["models"].append(entry)
-    result["import_s"] = {"import onnxgen": import_seconds("import onnxgen"),
-                          "from optimum.onnxruntime import ORTModelForCausalLM": import_seconds("from optimum.onnxruntime import ORTModelForCausalLM"),
-                          "import torch, transformers": import_seconds("import torch, transformers; transformers.GPT2LMHeadModel")}
+    kinds = dict.fromkeys(c.split("-")[0] for c in args.competitors)  # the run's own competitors', in their order
+    result["import_s"] = {IMPORTS[kind].split(";")[0]: import_seconds(IMPORTS[kind], args.runs) for kind in kinds}
     sizes = HERE / "results" / "install_sizes.json"  # written by install_sizes.sh
     if sizes.exists():
         result["install_mb"] = json.loads(sizes.read_text())

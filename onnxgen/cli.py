@@ -79,13 +79,19 @@ def run(action: Any) -> Any:
 
 
 def _export_stack() -> None:
+    """Refuse at once, naming the fix, where the export stack is not installed. Looked up, not imported: importing
+    transformers (and torch with it) takes seconds, which a quantize run, or a command refused for its arguments,
+    never needs."""
+    from importlib.util import find_spec
+
     from .runtime import import_onnxruntime
 
     run(import_onnxruntime)
     try:
-        import optimum.exporters.onnx  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
+        installed = all(find_spec(name) for name in ("optimum.exporters.onnx", "transformers", "onnx"))
+    except ImportError:  # find_spec imports a dotted name's parents: optimum itself missing
+        installed = False
+    if not installed:
         fail("export and quantize need the export stack: pip install 'onnxgen[export,cpu]' (or 'onnxgen[export,gpu]')")
 
 

@@ -97,16 +97,15 @@ def _load(source: str, revision: str | None, base: str | None = None, tokenizer:
     """Load model and fast tokenizer from a hub id (at `revision`) or local folder, with one-line errors; and where
     they came from, as the manifest's source says it. A PEFT adapter comes merged into its base (or `base`), or with
     `apart` as peft's model of the two, unmerged; a nanoGPT checkpoint file with `tokenizer` (GPT-2's by default)."""
+    path = Path(source)
+    if not path.exists() and source.startswith((".", "/", "~")):  # a path, not a hub id: refused before seconds of imports
+        raise ExportError(f"{source}: no such folder")
     from huggingface_hub.utils import logging as hub_logging
     from transformers import AutoConfig, GPT2LMHeadModel
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # progress is ours; transformers' notices would interleave with it
     hub_logging.set_verbosity_error()  # and huggingface_hub's: 12 lines of retries where the hub is unreachable
-
-    path = Path(source)
-    if not path.exists() and source.startswith((".", "/", "~")):  # a path, not a hub id
-        raise ExportError(f"{source}: no such folder")
     trainer = nanogpt if nanogpt.is_checkpoint(path) else llmc if llmc.is_checkpoint(path) else None
     if trainer is not None:
         if revision is not None or base is not None:

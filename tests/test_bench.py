@@ -83,10 +83,16 @@ def test_reset_peak_rss_starts_the_peak_afresh() -> None:
     assert peak_rss_mb() < before - 64
 
 
-def test_suite_harness_writes_json_markdown_and_chart(checkpoint: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def bench_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The harness's --work folder, shared by its tests: the folders it makes once are reused, as in real runs."""
+    return tmp_path_factory.mktemp("bench-work")
+
+
+def test_suite_harness_writes_json_markdown_and_chart(checkpoint: Path, bench_work: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--models", "--checkpoint", str(checkpoint),
            "--competitors", "pytorch", "onnxgen-fp32", "onnxgen-int8", "--threads", "1", "--runs", "2", "--new-tokens", "4",
-           "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work")]
+           "--out", str(tmp_path / "results"), "--work", str(bench_work)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT / "benchmarks")
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads((tmp_path / "results" / "latest.json").read_text())
@@ -100,13 +106,15 @@ def test_suite_harness_writes_json_markdown_and_chart(checkpoint: Path, tmp_path
         assert all(0 < c["decode_tps"]["min"] <= c["decode_tps"]["median"] <= c["decode_tps"]["max"] for c in comp["cases"])
         assert comp["peak_rss_mb"] >= max(comp["load_peak_rss_mb"], *(c["peak_rss_mb"] for c in comp["cases"])) > 0
     assert "| onnxgen-int8 |" in (tmp_path / "results" / "latest.md").read_text()
+    assert list(result["import_s"]) == ["import torch, transformers", "import onnxgen"]  # the run's competitors' imports
+    assert all(seconds > 0 for seconds in result["import_s"].values())
     assert (tmp_path / "results" / "latest.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_suite_harness_pairs_two_competitors(checkpoint: Path, tmp_path: Path) -> None:
+def test_suite_harness_pairs_two_competitors(checkpoint: Path, bench_work: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--models", "--checkpoint", str(checkpoint),
            "--pair", "pytorch", "onnxgen-fp32", "--threads", "1", "--runs", "2", "--new-tokens", "4",
-           "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work")]
+           "--out", str(tmp_path / "results"), "--work", str(bench_work)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT / "benchmarks")
     assert r.returncode == 0, r.stderr[-2000:]
     (pair,) = json.loads((tmp_path / "results" / "pair-pytorch-onnxgen-fp32.json").read_text())["pairs"]

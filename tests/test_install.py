@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,20 +19,38 @@ from onnxgen.runtime import onnxruntime_conflict
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.mark.parametrize(("extras", "expected"), [
+EXTRAS = [
     ("cpu", {"onnxruntime"}), ("gpu", {"onnxruntime-gpu"}),
     ("cpu,export", {"onnxruntime"}), ("gpu,export", {"onnxruntime-gpu"}),
     ("export", set()),  # export needs cpu or gpu beside it; the CLI says so
     ("gpu,export,bench,serve,ray,test", {"onnxruntime-gpu"}),  # the README's GPU install line
-])
-def test_extras_resolve_to_one_onnxruntime(extras: str, expected: set[str], tmp_path: Path) -> None:
-    """pip's resolver on the real index (as a user's `pip install ".[gpu,export]"`), nothing installed."""
-    report = tmp_path / "report.json"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                        "--report", str(report), f"{ROOT}[{extras}]"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    names = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
-    assert names & {"onnxruntime", "onnxruntime-gpu"} == expected
+]
+EMBEDDING = (str(ROOT), "onnxruntime>=1.31,<1.33")  # `pip install onnxgen onnxruntime`
+
+
+@pytest.fixture(scope="module")
+def resolve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., set[str]]]:
+    """resolve(*requirements): the names of what pip's resolver on the real index would install (as a user's
+    `pip install ".[gpu,export]"`), nothing installed. Every resolution this module asks for starts at once, each in a
+    pip of its own: pip spends them downloading wheels whole (GBs for the CUDA ones), two minutes one after another."""
+    wanted = [(f"{ROOT}[{extras}]",) for extras, _ in EXTRAS] + [EMBEDDING]
+    reports = tmp_path_factory.mktemp("pip-reports")
+
+    def names(i: int, requirements: tuple[str, ...]) -> set[str]:
+        report = reports / f"{i}.json"
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                            "--report", str(report), *requirements], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
+
+    with ThreadPoolExecutor(len(wanted)) as pool:
+        resolutions = {requirements: pool.submit(names, i, requirements) for i, requirements in enumerate(wanted)}
+        yield lambda *requirements: resolutions[requirements].result()
+
+
+@pytest.mark.parametrize(("extras", "expected"), EXTRAS)
+def test_extras_resolve_to_one_onnxruntime(extras: str, expected: set[str], resolve: Callable[..., set[str]]) -> None:
+    assert resolve(f"{ROOT}[{extras}]") & {"onnxruntime", "onnxruntime-gpu"} == expected
 
 
 def _resolves(requirement: str, python: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -89,28 +109,25 @@ def test_missing_onnxruntime_names_the_fix(exported: Path) -> None:
     assert issubclass(ProviderError, onnxgen.OnnxgenError)
 
 
-def test_the_embedding_install_has_no_command_line_stack(tmp_path: Path) -> None:
-    """`pip install onnxgen onnxruntime` (pip's resolver on the real index): the runtime without typer, rich and
-    what they bring; the cpu extra adds them."""
-    def resolve(*requirements: str) -> set[str]:
-        report = tmp_path / "report.json"
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                            "--report", str(report), *requirements], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-2000:]
-        return {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
-
+def test_the_embedding_install_has_no_command_line_stack(resolve: Callable[..., set[str]]) -> None:
+    """`pip install onnxgen onnxruntime`: the runtime without typer, rich and what they bring; the cpu extra adds them."""
     cli = {"typer", "rich", "pydantic", "pygments"}  # (click comes anyway: huggingface_hub, which tokenizers needs, has a CLI)
-    assert not resolve(str(ROOT), "onnxruntime>=1.31,<1.33") & cli
+    assert not resolve(*EMBEDDING) & cli
     assert cli <= resolve(f"{ROOT}[cpu]")
+
+
+def _not_installed(*packages: str) -> str:
+    """Python code that makes these packages' imports fail, as where they are not installed."""
+    return ("import sys, importlib.abc\n"
+            "class Block(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            f"        if name.split('.')[0] in {packages!r}: raise ImportError(name)\n"
+            "sys.meta_path.insert(0, Block())\n")
 
 
 def test_api_runs_without_typer_and_rich_and_the_cli_names_the_fix() -> None:
     """What the embedding install can do: load and generate; the `onnxgen` command says what to install."""
-    block = ("import sys, importlib.abc\n"
-             "class Block(importlib.abc.MetaPathFinder):\n"
-             "    def find_spec(self, name, path=None, target=None):\n"
-             "        if name.split('.')[0] in ('typer', 'rich'): raise ImportError(name)\n"
-             "sys.meta_path.insert(0, Block())\n")
+    block = _not_installed("typer", "rich")
     api = block + "import onnxgen; print(onnxgen.load(threads=1).generate('It is', max_new_tokens=3)[0].token_ids)"
     r = subprocess.run([sys.executable, "-c", api], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("["), r.stderr[-2000:]
@@ -118,3 +135,14 @@ def test_api_runs_without_typer_and_rich_and_the_cli_names_the_fix() -> None:
     r = subprocess.run([sys.executable, "-c", cli], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         "onnxgen: error: the command line needs typer and rich: pip install 'onnxgen[cpu]' (or 'onnxgen[gpu]', or 'onnxgen[cli]')"]
+
+
+@pytest.mark.parametrize("missing", ["optimum", "transformers"])
+def test_export_and_quantize_without_the_export_stack_name_the_fix(missing: str, exported: Path, tmp_path: Path) -> None:
+    """A runtime-only install (`[cpu]`): export and quantize refuse in one line, before reading their arguments' folders."""
+    expected = ["onnxgen: error: export and quantize need the export stack: pip install 'onnxgen[export,cpu]' (or 'onnxgen[export,gpu]')"]
+    for argv in (["export", "gpt2", "-o", str(tmp_path / "e")], ["quantize", "-m", str(exported), "-o", str(tmp_path / "q")]):
+        code = _not_installed(missing) + f"import runpy; sys.argv = ['onnxgen', *{argv!r}]; runpy.run_module('onnxgen', run_name='__main__')"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.strip().splitlines() == expected, r.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
