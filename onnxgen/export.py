@@ -97,28 +97,32 @@ def _load(source: str, revision: str | None, base: str | None = None, tokenizer:
     """Load model and fast tokenizer from a hub id (at `revision`) or local folder, with one-line errors; and where
     they came from, as the manifest's source says it. A PEFT adapter comes merged into its base (or `base`), or with
     `apart` as peft's model of the two, unmerged; a nanoGPT checkpoint file with `tokenizer` (GPT-2's by default)."""
+    # What the arguments say wrong is refused first: importing transformers (and torch) takes seconds.
     path = Path(source)
-    if not path.exists() and source.startswith((".", "/", "~")):  # a path, not a hub id: refused before seconds of imports
+    if not path.exists() and source.startswith((".", "/", "~")):  # a path, not a hub id
         raise ExportError(f"{source}: no such folder")
+    trainer = nanogpt if nanogpt.is_checkpoint(path) else llmc if llmc.is_checkpoint(path) else None
+    adapter_folder = path.exists() and not (path / CONFIG).is_file() and (path / ADAPTER_CONFIG).is_file()
+    if trainer is not None:
+        if revision is not None or base is not None:
+            raise ExportError(f"{source} is a checkpoint file: a revision is for a hub id, a base for a PEFT adapter")
+    elif tokenizer is not None:
+        raise ExportError(f"{source} has a tokenizer of its own: --tokenizer is for a nanoGPT or llm.c checkpoint file")
+    elif path.exists() and revision is not None:
+        raise ExportError(f"{source} is a folder: a revision names a commit of a hub id")
+    elif path.exists() and not (path / CONFIG).is_file() and not adapter_folder:
+        raise ExportError(f"{source} is not a transformers checkpoint folder (no {CONFIG})")
+
     from huggingface_hub.utils import logging as hub_logging
     from transformers import AutoConfig, GPT2LMHeadModel
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # progress is ours; transformers' notices would interleave with it
     hub_logging.set_verbosity_error()  # and huggingface_hub's: 12 lines of retries where the hub is unreachable
-    trainer = nanogpt if nanogpt.is_checkpoint(path) else llmc if llmc.is_checkpoint(path) else None
     if trainer is not None:
-        if revision is not None or base is not None:
-            raise ExportError(f"{source} is a checkpoint file: a revision is for a hub id, a base for a PEFT adapter")
         return _trained(path, trainer, tokenizer or "gpt2")
-    if tokenizer is not None:
-        raise ExportError(f"{source} has a tokenizer of its own: --tokenizer is for a nanoGPT or llm.c checkpoint file")
-    if path.exists() and revision is not None:
-        raise ExportError(f"{source} is a folder: a revision names a commit of a hub id")
-    if path.exists() and not (path / CONFIG).is_file():
-        if (path / ADAPTER_CONFIG).is_file():
-            return _merged(path, source, None, base, apart)
-        raise ExportError(f"{source} is not a transformers checkpoint folder (no {CONFIG})")
+    if adapter_folder:
+        return _merged(path, source, None, base, apart)
     cached_only = not path.exists() and _hub_out_of_reach()
     try:
         config = AutoConfig.from_pretrained(source, revision=revision, local_files_only=cached_only)
