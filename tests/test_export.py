@@ -371,6 +371,27 @@ def test_input_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpoin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "bert", "empty"]
 
 
+def test_arguments_are_refused_before_the_export_stack_is_imported(checkpoint: Path, tmp_path: Path) -> None:
+    """A mistyped folder, a folder without config.json, a revision for a folder: refused before transformers (and torch,
+    seconds of imports) is loaded, in a fresh interpreter as a user's command runs."""
+    (tmp_path / "empty").mkdir()
+    code = ("import sys\n"
+            "from onnxgen.errors import ExportError\n"
+            "from onnxgen.export import ExportOptions, export\n"
+            "for source, revision in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+            "    try:\n"
+            "        export(source, sys.argv[0] + '-out', ExportOptions(revision=revision or None), quiet=True)\n"
+            "    except ExportError as e:\n"
+            "        print(e)\n"
+            "print(sorted(m for m in ('transformers', 'torch', 'optimum') if m in sys.modules))\n")
+    cases = [str(tmp_path / "nope"), "", str(tmp_path / "empty"), "", str(checkpoint), "main"]
+    r = subprocess.run([sys.executable, "-c", code, *cases], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines() == [f"{tmp_path / 'nope'}: no such folder",
+                                     f"{tmp_path / 'empty'} is not a transformers checkpoint folder (no config.json)",
+                                     f"{checkpoint} is a folder: a revision names a commit of a hub id", "[]"]
+
+
 def test_a_checkpoint_that_cleans_up_spaces_decodes_as_transformers(checkpoint: Path, exported: Path, tmp_path: Path) -> None:
     """Checkpoints saved before transformers 4.45 say clean_up_tokenization_spaces: true in tokenizer_config.json, and
     transformers' text then drops the space before punctuation and contractions: the export records it, and the

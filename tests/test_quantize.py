@@ -96,6 +96,21 @@ def test_cli_quantize(exported: Path, tmp_path: Path) -> None:
     assert r.returncode == 1 and "no onnxgen.json" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_quantize_runs_without_importing_transformers_or_torch(exported: Path, tmp_path: Path) -> None:
+    """The command checks that the export stack is installed without importing it: transformers brings torch, seconds of
+    imports that a quantize run never uses (onnx and onnxruntime's quantizers are all it needs)."""
+    argv = ["onnxgen", "quantize", "-m", str(exported), "-o", str(tmp_path / "q"), "--mode", "int8", "--max-ppl-increase", "0.5"]
+    code = (f"import runpy, sys; sys.argv = {argv!r}\n"
+            "try:\n"
+            "    runpy.run_module('onnxgen', run_name='__main__')\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print(sorted(m for m in ('transformers', 'torch') if m in sys.modules))\n")  # (optimum's bare package: looked up)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "[]", r.stdout + r.stderr[-2000:]
+    assert (tmp_path / "q" / "onnxgen.json").exists()
+
+
 def test_fp16_is_a_native_half_graph(quantized_folder, exported: Path) -> None:  # type: ignore[no-untyped-def]
     """Weights and cache in fp16, with one Cast added, the logits' to fp32 at the edge: otherwise the same
     nodes as fp32, so a CUDA step launches no more kernels (onnxruntime 1.31's converter also wrote
