@@ -375,17 +375,17 @@ def test_arguments_are_refused_before_the_export_stack_is_imported(checkpoint: P
     """A mistyped folder, a folder without config.json, a revision for a folder: refused before transformers (and torch,
     seconds of imports) is loaded, in a fresh interpreter as a user's command runs."""
     (tmp_path / "empty").mkdir()
+    cases = [(str(tmp_path / "nope"), None), (str(tmp_path / "empty"), None), (str(checkpoint), "main")]  # (source, revision)
     code = ("import sys\n"
             "from onnxgen.errors import ExportError\n"
             "from onnxgen.export import ExportOptions, export\n"
-            "for source, revision in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+            f"for source, revision in {cases!r}:\n"
             "    try:\n"
-            "        export(source, sys.argv[0] + '-out', ExportOptions(revision=revision or None), quiet=True)\n"
+            f"        export(source, {str(tmp_path / 'out')!r}, ExportOptions(revision=revision), quiet=True)\n"
             "    except ExportError as e:\n"
             "        print(e)\n"
             "print(sorted(m for m in ('transformers', 'torch', 'optimum') if m in sys.modules))\n")
-    cases = [str(tmp_path / "nope"), "", str(tmp_path / "empty"), "", str(checkpoint), "main"]
-    r = subprocess.run([sys.executable, "-c", code, *cases], capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines() == [f"{tmp_path / 'nope'}: no such folder",
                                      f"{tmp_path / 'empty'} is not a transformers checkpoint folder (no config.json)",
