@@ -112,6 +112,12 @@ def _load(source: str, revision: str | None, base: str | None = None, tokenizer:
         raise ExportError(f"{source} is a folder: a revision names a commit of a hub id")
     elif path.exists() and not (path / CONFIG).is_file() and not adapter_folder:
         raise ExportError(f"{source} is not a transformers checkpoint folder (no {CONFIG})")
+    cached_only = not path.exists() and _hub_out_of_reach()
+    if cached_only and not _cached(source, revision):
+        from huggingface_hub import constants
+
+        hub = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the hub ({constants.ENDPOINT}) cannot be reached"
+        raise ExportError(f"cannot load {source!r}: {hub} and {source!r} is not in the local cache ({constants.HF_HUB_CACHE})")
 
     from huggingface_hub.utils import logging as hub_logging
     from transformers import AutoConfig, GPT2LMHeadModel
@@ -123,18 +129,12 @@ def _load(source: str, revision: str | None, base: str | None = None, tokenizer:
         return _trained(path, trainer, tokenizer or "gpt2")
     if adapter_folder:
         return _merged(path, source, None, base, apart)
-    cached_only = not path.exists() and _hub_out_of_reach()
     try:
         config = AutoConfig.from_pretrained(source, revision=revision, local_files_only=cached_only)
     except (OSError, ValueError) as e:
         adapter = None if path.exists() else _hub_adapter(source, revision, cached_only)
         if adapter is not None:
             return _merged(adapter, source, adapter.name, base, apart)
-        if cached_only:
-            from huggingface_hub import constants
-
-            hub = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the hub ({constants.ENDPOINT}) cannot be reached"
-            raise ExportError(f"cannot load {source!r}: {hub} and {source!r} is not in the local cache ({constants.HF_HUB_CACHE})") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"cannot load {source!r} (unknown model id, no network, or not a checkpoint): {first}") from None
     if config.model_type != "gpt2":
@@ -188,6 +188,18 @@ def _tokenizer(source: str, revision: str | None, cached_only: bool) -> Any:
     if not tokenizer.is_fast:
         raise ExportError(f"{source} has no fast tokenizer (tokenizer.json or vocab.json + merges.txt)")
     return tokenizer
+
+
+def _cached(source: str, revision: str | None) -> bool:
+    """Whether the local hub cache holds a checkpoint's or an adapter's config for hub id `source` at `revision`
+    (a branch, tag or commit): asked before transformers is imported, so an id that cannot load without the hub
+    is refused in a second, not after seconds of imports."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return any(isinstance(try_to_load_from_cache(source, name, revision=revision), str) for name in (CONFIG, ADAPTER_CONFIG))
+    except ValueError:  # not a repository id at all ("a/b/c"): huggingface_hub validates it
+        return False
 
 
 def _hub_adapter(source: str, revision: str | None, cached_only: bool) -> Path | None:

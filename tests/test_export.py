@@ -306,9 +306,20 @@ def test_a_hub_out_of_reach_loads_from_the_cache_without_retrying(checkpoint: Pa
         closed.close()
     assert missing.returncode == 1 and missing.stderr.strip().endswith(f"is not in the local cache ({tmp_path / 'hub'})"), missing.stderr
     assert "cannot load 'onnxgen-tests/other': the hub (http://127.0.0.1:" in missing.stderr
-    offline = subprocess.run([sys.executable, "-m", "onnxgen", "export", "onnxgen-tests/other", "-o", str(tmp_path / "o3")],
-                             env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
-    assert "cannot load 'onnxgen-tests/other': HF_HUB_OFFLINE is set and 'onnxgen-tests/other' is not in the local cache" in offline.stderr
+    # Offline, an id or a revision the cache lacks is refused before transformers (seconds of imports) is loaded.
+    cases = [("onnxgen-tests/other", None), ("onnxgen-tests/tiny", "v9")]  # (source, revision)
+    code = ("import sys\n"
+            "from onnxgen.errors import ExportError\n"
+            "from onnxgen.export import ExportOptions, export\n"
+            f"for source, revision in {cases!r}:\n"
+            "    try:\n"
+            f"        export(source, {str(tmp_path / 'o3')!r}, ExportOptions(revision=revision), quiet=True)\n"
+            "    except ExportError as e:\n"
+            "        print(e)\n"
+            "print(sorted(m for m in ('transformers', 'torch', 'optimum') if m in sys.modules))\n")
+    offline = subprocess.run([sys.executable, "-c", code], env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert offline.stdout.splitlines() == [f"cannot load {source!r}: HF_HUB_OFFLINE is set and {source!r} is not in the local cache "
+                                           f"({tmp_path / 'hub'})" for source, _ in cases] + ["[]"], offline.stderr[-2000:]
 
 
 def test_a_hub_id_exports_the_revision_asked_for_and_records_its_commit(checkpoint: Path, tmp_path: Path) -> None:
