@@ -284,6 +284,23 @@ def _hub_cache(checkpoint: Path, root: Path) -> tuple[str, str]:
     return older, newer
 
 
+def _refusals(cases: list[tuple[str, str | None]], out: Path, env: dict[str, str] | None = None) -> list[str]:
+    """In a fresh interpreter, as a user's command runs: the ExportError of exporting each (source, revision) to `out`,
+    then which of transformers, torch and optimum that imported (none, where each was refused before the imports)."""
+    code = ("import sys\n"
+            "from onnxgen.errors import ExportError\n"
+            "from onnxgen.export import ExportOptions, export\n"
+            f"for source, revision in {cases!r}:\n"
+            "    try:\n"
+            f"        export(source, {str(out)!r}, ExportOptions(revision=revision), quiet=True)\n"
+            "    except ExportError as e:\n"
+            "        print(e)\n"
+            "print(sorted(m for m in ('transformers', 'torch', 'optimum') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.splitlines()
+
+
 def test_a_hub_out_of_reach_loads_from_the_cache_without_retrying(checkpoint: Path, tmp_path: Path) -> None:
     """No network and no HF_HUB_OFFLINE (an edge box, an air-gapped server): a cached hub id exports from the cache
     without huggingface_hub's 5 retries (~23 s; here a retry ends the process), and an id not cached says so at once."""
@@ -308,18 +325,9 @@ def test_a_hub_out_of_reach_loads_from_the_cache_without_retrying(checkpoint: Pa
     assert "cannot load 'onnxgen-tests/other': the hub (http://127.0.0.1:" in missing.stderr
     # Offline, an id or a revision the cache lacks is refused before transformers (seconds of imports) is loaded.
     cases = [("onnxgen-tests/other", None), ("onnxgen-tests/tiny", "v9")]  # (source, revision)
-    code = ("import sys\n"
-            "from onnxgen.errors import ExportError\n"
-            "from onnxgen.export import ExportOptions, export\n"
-            f"for source, revision in {cases!r}:\n"
-            "    try:\n"
-            f"        export(source, {str(tmp_path / 'o3')!r}, ExportOptions(revision=revision), quiet=True)\n"
-            "    except ExportError as e:\n"
-            "        print(e)\n"
-            "print(sorted(m for m in ('transformers', 'torch', 'optimum') if m in sys.modules))\n")
-    offline = subprocess.run([sys.executable, "-c", code], env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
-    assert offline.stdout.splitlines() == [f"cannot load {source!r}: HF_HUB_OFFLINE is set and {source!r} is not in the local cache "
-                                           f"({tmp_path / 'hub'})" for source, _ in cases] + ["[]"], offline.stderr[-2000:]
+    assert _refusals(cases, tmp_path / "o3", {**env, "HF_HUB_OFFLINE": "1"}) == [
+        f"cannot load {source!r}: HF_HUB_OFFLINE is set and {source!r} is not in the local cache ({tmp_path / 'hub'})"
+        for source, _ in cases] + ["[]"]
 
 
 def test_a_hub_id_exports_the_revision_asked_for_and_records_its_commit(checkpoint: Path, tmp_path: Path) -> None:
@@ -387,20 +395,9 @@ def test_arguments_are_refused_before_the_export_stack_is_imported(checkpoint: P
     seconds of imports) is loaded, in a fresh interpreter as a user's command runs."""
     (tmp_path / "empty").mkdir()
     cases = [(str(tmp_path / "nope"), None), (str(tmp_path / "empty"), None), (str(checkpoint), "main")]  # (source, revision)
-    code = ("import sys\n"
-            "from onnxgen.errors import ExportError\n"
-            "from onnxgen.export import ExportOptions, export\n"
-            f"for source, revision in {cases!r}:\n"
-            "    try:\n"
-            f"        export(source, {str(tmp_path / 'out')!r}, ExportOptions(revision=revision), quiet=True)\n"
-            "    except ExportError as e:\n"
-            "        print(e)\n"
-            "print(sorted(m for m in ('transformers', 'torch', 'optimum') if m in sys.modules))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.splitlines() == [f"{tmp_path / 'nope'}: no such folder",
-                                     f"{tmp_path / 'empty'} is not a transformers checkpoint folder (no config.json)",
-                                     f"{checkpoint} is a folder: a revision names a commit of a hub id", "[]"]
+    assert _refusals(cases, tmp_path / "out") == [f"{tmp_path / 'nope'}: no such folder",
+                                                  f"{tmp_path / 'empty'} is not a transformers checkpoint folder (no config.json)",
+                                                  f"{checkpoint} is a folder: a revision names a commit of a hub id", "[]"]
 
 
 def test_a_checkpoint_that_cleans_up_spaces_decodes_as_transformers(checkpoint: Path, exported: Path, tmp_path: Path) -> None:
