@@ -13,11 +13,13 @@ benchmarks/exports/<model>/<layout>-<variant>), then:
   bandwidth drifts by up to a third within minutes, so folders timed one after the other (the first version
   of this script) could rank either way; taken in turns they cannot drift apart;
 - the ceiling those figures are held to: a decode step reads the weights and, once, the cache, so at the
-  read bandwidth it can make at most bandwidth / (weight bytes + cache bytes) steps a second (the cache's
-  size at the middle of the 64 new tokens). The bandwidth drifts as the speeds do, so it is probed in the
-  timing process before every round of 512-token calls, and each call is held to the ceiling of its own
-  round (one probe a run, minutes away from the calls, put a layout at 0.65 of its ceiling in one run and
-  1.04 in the next);
+  read bandwidth it can make at most bandwidth / (weight bytes + cache bytes) steps a second (the weight bytes
+  a step reads, run.streamed_bytes, not the file's; the cache's size at the middle of the 64 new tokens). The
+  bandwidth drifts as the speeds do, so it is probed in the timing process before every round of calls, and
+  each call is held to the ceiling of its own round (one probe a run, minutes away from the calls, put a
+  layout at 0.65 of its ceiling in one run and 1.04 in the next). The fraction at 32 tokens is the weights'
+  own (the cache is a few % of the bytes there); the fraction at 512 falls below it where the cache costs
+  more than one read of it;
 - peak RSS of a batch 8 x 512-token call (64 new tokens), in a process of its own per folder.
 Results: benchmarks/results/cache.{json,md}. Run it on a quiet machine.
 """
@@ -35,7 +37,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import bandwidth_gbs, host, weight_bytes, write_results  # noqa: E402  (the suite's own measures)
+from run import bandwidth_gbs, host, streamed_bytes, write_results  # noqa: E402  (the suite's own measures)
 
 LAYOUTS = {"growing": ["--growing-cache"], "in-place": [], "in-place-kv8": []}  # kv8: quantize --kv-cache int8
 VARIANTS = {"fp32": [], "int8": ["--mode", "int8"], "int4": ["--mode", "int4"], "int4-b128": ["--mode", "int4", "--block-size", "128"]}
@@ -70,9 +72,9 @@ def prepare(name: str, checkpoint: Path, work: Path, variants: list[str]) -> dic
 
 
 def decode_speeds(folders: list[str], threads: int, runs: int, prompts: list[int]) -> dict[str, dict[str, Any]]:
-    """In this process: per folder and prompt length, decode tok/s at batch 1 (see the module's docstring); at
-    the last (longest) prompt also each round's read bandwidth, probed just before the round's calls, and the
-    fraction of the ceiling that bandwidth sets which each call reached (medians over the rounds)."""
+    """In this process: per folder and prompt length, decode tok/s at batch 1 (see the module's docstring), each
+    round's read bandwidth, probed just before the round's calls, and the fraction of the ceiling that bandwidth
+    sets which each call reached (medians over the rounds)."""
     import time
 
     import onnxgen
@@ -80,15 +82,14 @@ def decode_speeds(folders: list[str], threads: int, runs: int, prompts: list[int
     models = [onnxgen.load(folder, threads=threads) for folder in folders]
     rng = np.random.default_rng(0)
     steps: dict[tuple[int, int], list[float]] = {}
-    bandwidths: list[float] = []
+    bandwidths: dict[int, list[float]] = {prompt: [] for prompt in prompts}
     for prompt in prompts:
         ids = rng.integers(0, models[0].dims.vocab_size, size=(1, prompt)).tolist()
         for model in models:  # warm-up
             model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None, min_new_tokens=0)
         for round_ in range(runs):
-            if prompt == prompts[-1]:
-                time.sleep(0.05)  # onnxruntime's threads stop spinning: the probe has the cores to itself
-                bandwidths.append(bandwidth_gbs(threads)["read"])
+            time.sleep(0.05)  # onnxruntime's threads stop spinning: the probe has the cores to itself
+            bandwidths[prompt].append(bandwidth_gbs(threads)["read"])
             for i in range(len(models)) if round_ % 2 == 0 else reversed(range(len(models))):
                 generator = models[i].generator(ids, max_new_tokens=NEW, do_sample=False, eos_token_id=None, min_new_tokens=0,
                                                 repetition_penalty=1.0)
@@ -97,11 +98,15 @@ def decode_speeds(folders: list[str], threads: int, runs: int, prompts: list[int
                 steps.setdefault((i, prompt), []).append(float(np.median(np.diff(generator.step_ends))))
     result: dict[str, dict[str, Any]] = {}
     for i, folder in enumerate(folders):
-        step_bytes = weight_bytes("onnxgen", Path(folder)) + cache_bytes(Path(folder), prompts[-1] + NEW // 2)
-        ceilings = [bandwidth * 1e9 / step_bytes for bandwidth in bandwidths]
-        result[folder] = {**{str(p): 1 / float(np.median(steps[i, p])) for p in prompts}, "bandwidth_gbs": bandwidths,
-                          "ceiling": float(np.median(ceilings)),
-                          "of_ceiling": float(np.median([1 / (step * ceiling) for step, ceiling in zip(steps[i, prompts[-1]], ceilings)]))}
+        weights = streamed_bytes("onnxgen", Path(folder))
+        result[folder] = {"weight_bytes": weights, "bandwidth_gbs": {}, "ceiling": {}, "of_ceiling": {}}
+        for prompt in prompts:
+            ceilings = [bandwidth * 1e9 / (weights + cache_bytes(Path(folder), prompt + NEW // 2)) for bandwidth in bandwidths[prompt]]
+            key = str(prompt)
+            result[folder][key] = 1 / float(np.median(steps[i, prompt]))
+            result[folder]["bandwidth_gbs"][key] = bandwidths[prompt]
+            result[folder]["ceiling"][key] = float(np.median(ceilings))
+            result[folder]["of_ceiling"][key] = float(np.median([1 / (step * c) for step, c in zip(steps[i, prompt], ceilings)]))
     return result
 
 
@@ -133,18 +138,23 @@ def markdown(result: dict[str, Any]) -> str:
     lines = ["# The key/value cache in place against the growing cache, and in int8 (CPU)", "",
              (f"{result['environment']}; {result['threads']} threads, batch 1, {NEW} new tokens; decode tok/s = 1 / the median time "
              f"between decode steps, median of {result['runs']} calls taken in turns with the other layouts; the ceiling is the "
-             "read bandwidth over weights + one read of the cache at the middle of the new tokens, the bandwidth probed before "
-             "each round of 512-token calls and each call held to its round's ceiling (\"of ceiling\": the median of those "
-             "fractions; \"ceiling\": the median ceiling); int4-b128 is int4 at `--block-size 128`."), ""]
+             "read bandwidth over the weight bytes a step reads (the table's \"weights MB\": not an int8 or int4 folder's file, "
+             "which holds the token embedding twice, gathered a row a token and read whole as the head) + one read of the cache "
+             "at the middle of the new tokens, the bandwidth probed before every round of calls and each call held to its "
+             "round's ceiling (\"of ceiling\": the median of those fractions; \"ceiling\": the median ceiling). At 32 tokens the "
+             "cache is a few % of a step's bytes, so \"of ceiling @32\" is how near the weights' reads come to the bandwidth; "
+             "\"of ceiling @512\" below it is what the cache costs beyond one read of it. int4-b128 is int4 at "
+             "`--block-size 128`."), ""]
     for model in result["models"]:
         lines += [f"## {model['name']}", "",
-                  ("| variant | layout | tok/s @32 | tok/s @512 | @512 / @32 | read GB/s (rounds' min-max) | ceiling @512 | of ceiling "
-                  "| peak RSS b8x512 (MiB) |"),
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  ("| variant | layout | weights MB | tok/s @32 | of ceiling @32 | tok/s @512 | of ceiling @512 | @512 / @32 "
+                   "| read GB/s @512 (rounds' min-max) | ceiling @512 | peak RSS b8x512 (MiB) |"),
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in model["rows"]:
-            lines.append(f"| {row['variant']} | {row['layout']} | {row['32']:.1f} | {row['512']:.1f} | {row['512'] / row['32']:.2f} | "
-                         f"{min(row['bandwidth_gbs']):.1f}-{max(row['bandwidth_gbs']):.1f} | {row['ceiling']:.1f} | "
-                         f"{row['of_ceiling']:.2f} | {row['peak_rss_b8_mb']:.0f} |")
+            read = row["bandwidth_gbs"]["512"]
+            lines.append(f"| {row['variant']} | {row['layout']} | {row['weight_bytes'] / 1e6:.0f} | {row['32']:.1f} | "
+                         f"{row['of_ceiling']['32']:.2f} | {row['512']:.1f} | {row['of_ceiling']['512']:.2f} | {row['512'] / row['32']:.2f} | "
+                         f"{min(read):.1f}-{max(read):.1f} | {row['ceiling']['512']:.1f} | {row['peak_rss_b8_mb']:.0f} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -12,8 +12,8 @@ run (a shared host's does) slows all competitors alike instead of whichever ran 
 - peak RSS of the subprocess (the highest round), model load time;
 - medians with min and max over the rounds, each after a short warm-up.
 The machine's memory bandwidth is measured before every round and its median turned into each model's
-decode bound: weight bytes read per token / read bandwidth (decoding streams the weights and writes next to
-nothing, so a copy's rate, which counts writes, is no bound; it is reported beside for comparison).
+decode bound: read bandwidth / the weight bytes a token reads (streamed_bytes; decoding streams the weights
+and writes next to nothing, so a copy's rate, which counts writes, is no bound; it is reported beside).
 Results: benchmarks/results/latest.{json,md,png}.
 Run it on a quiet machine: any background job halves the figures (the ratios hold up better).
 """
@@ -223,9 +223,35 @@ def bandwidth_gbs(threads: int, mib: int = 512, repeats: int = 5) -> dict[str, f
 
 
 def weight_bytes(competitor: str, folder: Path) -> int:
-    """Bytes of weights read per decode step: the model file(s)."""
+    """Bytes of the model file(s): what a folder holds, the measure of memory against weights."""
     prefix = "model.safetensors" if competitor == "pytorch" else "model.onnx"
     return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(prefix))
+
+
+GATHERS = {"Gather", "GatherBlockQuantized"}  # ops that read a row of their first input per token, not all of it
+
+
+def streamed_bytes(competitor: str, folder: Path) -> int:
+    """Bytes of weights a decode step reads: the bound's numerator. Not the file's size: an int8 or int4 folder
+    keeps the token embedding twice, quantized for the Gather that reads one row of it per token and again as
+    the head that reads it whole (gpt2 int8: 163 MB of file, 124 MB read a step; counting the file flattered
+    every fraction of the bound). An ONNX graph's: every initializer that a node other than a gather reads (an
+    fp32 folder's tied head is row blocks pointing into the embedding's bytes: those count, the gathered
+    embedding does not). PyTorch's: its file (its tied head reads the embedding whole; the position table,
+    0.2-0.6% of it, is the only one gathered)."""
+    if competitor == "pytorch":
+        return weight_bytes(competitor, folder)
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    streamed = {name for node in graph.node for i, name in enumerate(node.input) if node.op_type not in GATHERS or i > 0}
+    total = 0
+    for tensor in (t for t in graph.initializer if t.name in streamed):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            total += int(next(entry.value for entry in tensor.external_data if entry.key == "length"))
+        else:
+            total += len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
+    return total
 
 
 IMPORTS = {"onnxgen": "import onnxgen", "optimum": "from optimum.onnxruntime import ORTModelForCausalLM",
@@ -268,7 +294,7 @@ def pair_markdown(result: dict[str, Any]) -> str:
     lines = [f"{env['machine']}, {env['threads']} threads. Batch 1, 32-token prompt, greedy, "
              f"{result['runs']} turns each, taken in alternation; medians (min-max).", "",
              "Bandwidth, measured before every turn, median (min-max): read (the bound) and copy (reads + writes). "
-             "Each side's fraction of its bound: decode tok/s x weight bytes / median read bandwidth.", "",
+             "Each side's fraction of its bound: decode tok/s x weight bytes read a step / median read bandwidth.", "",
              "| model | read GB/s | copy GB/s | A | A decode tok/s | A of bound | B | B decode tok/s | B of bound | B / A, turn by turn |",
              "| --- | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
     for p in result["pairs"]:
@@ -276,7 +302,7 @@ def pair_markdown(result: dict[str, Any]) -> str:
         sides = []
         for name in (p["a"], p["b"]):
             d = p["decode_tps"][name]
-            bound = read["median"] * 1e9 / p["weight_bytes"][name]
+            bound = read["median"] * 1e9 / p["streamed_bytes"][name]
             sides.append(f"{name} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | {d['median'] / bound:.2f}")
         lines.append(f"| {p['name']} | {read['median']:.1f} ({read['min']:.1f}-{read['max']:.1f}) | "
                      f"{copy['median']:.1f} ({copy['min']:.1f}-{copy['max']:.1f}) | {' | '.join(sides)} | "
@@ -287,7 +313,7 @@ def pair_markdown(result: dict[str, Any]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
     lines = [f"{env['machine']}, {env['threads']} threads. Medians of {result['runs']} interleaved rounds (min-max); "
-             "memory bandwidth measured before each round; the bound is weight bytes per token over the read bandwidth.", ""]
+             "memory bandwidth measured before each round; the bound is the read bandwidth over the weight bytes a step reads.", ""]
     for model in result["models"]:
         read, copy = model["bandwidth_gbs"]["read"], model["bandwidth_gbs"]["copy"]
         lines += [f"### {model['name']}", "", f"Bandwidth: read {read['median']:.1f} GB/s ({read['min']:.1f}-{read['max']:.1f}), "
@@ -342,7 +368,7 @@ def run_pairs(args: argparse.Namespace, targets: list[tuple[str, Path]], result:
         folders = prepare(name, checkpoint, args.work / name, args.pair, args.fresh)
         case = {"batch": 1, "prompt": 32, "new": args.new_tokens, "strategy": "greedy"}
         print(f"[{name}] {args.pair[0]} and {args.pair[1]}, {args.runs} turns each ...", file=sys.stderr, flush=True)
-        result["pairs"].append({"name": name, "weight_bytes": {c: weight_bytes(c, folders[c]) for c in args.pair},
+        result["pairs"].append({"name": name, "streamed_bytes": {c: streamed_bytes(c, folders[c]) for c in args.pair},
                                 **paired(*args.pair, folders, args.threads, case, args.runs)})
     stem = f"pair-{args.pair[0]}-{args.pair[1]}"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -407,7 +433,7 @@ def main() -> None:
         for competitor in args.competitors:
             measured = aggregate(competitor, cases, rounds[competitor])
             measured["weights_mb"] = weight_bytes(competitor, folders[competitor]) / 1e6
-            measured["bound_tps"] = entry["bandwidth_gbs"]["read"]["median"] * 1e9 / (measured["weights_mb"] * 1e6)
+            measured["bound_tps"] = entry["bandwidth_gbs"]["read"]["median"] * 1e9 / streamed_bytes(competitor, folders[competitor])
             entry["competitors"].append(measured)
         result["models"].append(entry)
     kinds = dict.fromkeys(c.split("-")[0] for c in args.competitors)  # the run's own competitors', in their order

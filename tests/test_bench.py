@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,6 +72,57 @@ def test_the_machine_names_its_cpu_and_widest_vector_instructions(tmp_path: Path
     assert machine(x86) == f"Some CPU, {os.cpu_count()} cores, AVX2"
 
 
+def _harness() -> Any:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run
+
+    return run
+
+
+def test_the_bound_counts_a_tied_heads_bytes_and_no_table_only_gathered_from(tmp_path: Path) -> None:
+    """The bandwidth bound's bytes are those a decode step reads: a table only gathered from (a row a token) is
+    not; row blocks that point into the embedding's bytes (the fp32 tied head, graph.split_tied_head) are read
+    whole."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    embedding, positions, weight = (np.ones(shape, np.float32) for shape in ((8, 4), (6, 4), (4, 4)))
+    (tmp_path / "model.onnx.data").write_bytes(embedding.tobytes() + positions.tobytes())
+
+    def stored(name: str, dims: list[int], offset: int) -> TensorProto:
+        tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=dims, data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", "model.onnx.data"), ("offset", offset), ("length", dims[0] * dims[1] * 4)):
+            tensor.external_data.add(key=key, value=str(value))
+        return tensor
+
+    initializers = [stored("wte", [8, 4], 0), stored("rows.0", [5, 4], 0), stored("rows.1", [3, 4], 80),  # 5 rows of 16 bytes
+                    stored("wpe", [6, 4], 128), numpy_helper.from_array(weight, "w")]
+    nodes = [helper.make_node("Gather", ["wte", "ids"], ["t"]), helper.make_node("Gather", ["wpe", "ids"], ["p"]),
+             helper.make_node("Add", ["t", "p"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["x"]),
+             helper.make_node("MatMul", ["x", "rows.0"], ["a"]), helper.make_node("MatMul", ["x", "rows.1"], ["b"]),
+             helper.make_node("Concat", ["a", "b"], ["logits"], axis=-1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], initializers)
+    onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    run = _harness()
+    assert run.streamed_bytes("onnxgen", tmp_path) == embedding.nbytes + weight.nbytes  # the head's rows and w; not wpe
+
+
+def test_the_bound_leaves_out_an_int8_folders_gathered_embeddings(quantized_folder: Any) -> None:
+    """An int8 folder keeps the token embedding as a uint8 table for the Gather and again as the transposed int8
+    head: a step reads the head whole and one row of the table, so the bound counts all but the tables."""
+    import onnx
+    from onnx import numpy_helper
+
+    folder = quantized_folder("int8")
+    tensors = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(folder / "model.onnx")).graph.initializer}
+    tables = tensors["transformer.wte.weight_quantized"].nbytes + tensors["transformer.wpe.weight_quantized"].nbytes
+    run = _harness()
+    assert run.streamed_bytes("onnxgen", folder) == sum(t.nbytes for t in tensors.values()) - tables
+    assert run.streamed_bytes("onnxgen", folder) <= run.weight_bytes("onnxgen", folder) - tables  # the file counted them
+
+
 def test_reset_peak_rss_starts_the_peak_afresh() -> None:
     import numpy as np
 
@@ -123,5 +175,5 @@ def test_suite_harness_pairs_two_competitors(checkpoint: Path, bench_work: Path,
     assert b["min"] / a["max"] <= pair["ratio"]["min"] <= pair["ratio"]["max"] <= b["max"] / a["min"]
     read = pair["bandwidth_gbs"]["read"]
     assert 0 < read["min"] <= read["median"] <= read["max"]
-    assert pair["weight_bytes"]["pytorch"] > 0 and pair["weight_bytes"]["onnxgen-fp32"] > 0
+    assert pair["streamed_bytes"]["pytorch"] > 0 and pair["streamed_bytes"]["onnxgen-fp32"] > 0
     assert "| onnxgen-fp32 |" in (tmp_path / "results" / "pair-pytorch-onnxgen-fp32.md").read_text()
