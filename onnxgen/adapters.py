@@ -91,10 +91,6 @@ class Lora:
             raise ModelFolderError(f"adapter {name!r}: {e}") from None
         if record.get("kind") != "lora":
             raise ModelFolderError(f"adapter {name!r}: {path} is not a LoRA adapter folder (`onnxgen export ADAPTER --lora` makes one)")
-        trained_on = (record.get("source") or {}).get("base") or {}
-        if self.base and trained_on.get("weights") and trained_on["weights"] != self.base:  # where both were recorded
-            warnings.warn(f"adapter {name!r} was trained on {trained_on.get('model')!r}, whose weights are not this model's: its "
-                          "changes were learned against other weights (load it beside the base it names)", AdapterWarning, stacklevel=4)
         try:
             parameters = self.ort.AdapterFormat.read_adapter(str(path / ADAPTER_FILE)).get_parameters()
         except Exception as e:  # onnxruntime's own errors for a damaged file
@@ -112,6 +108,10 @@ class Lora:
             if value.shape != want or b not in weights:
                 raise ModelFolderError(f"adapter {name!r} ({path}): {key} is {value.shape}, this model takes {want}: an adapter of "
                                        "another model (its sizes differ)")
+        trained_on = (record.get("source") or {}).get("base") or {}  # warned of once it loads: a refusal says enough
+        if self.base and trained_on.get("weights") and trained_on["weights"] != self.base:  # where both were recorded
+            warnings.warn(f"adapter {name!r} was trained on {trained_on.get('model')!r}, whose weights are not this model's: its "
+                          "changes were learned against other weights (load it beside the base it names)", AdapterWarning, stacklevel=4)
         return weights
 
     def feeds(self, rows: tuple[Adapter | None, ...]) -> dict[str, np.ndarray]:
