@@ -99,7 +99,7 @@ def decode_speeds(folders: list[str], threads: int, runs: int, prompts: list[int
     result: dict[str, dict[str, Any]] = {}
     for i, folder in enumerate(folders):
         weights = streamed_bytes("onnxgen", Path(folder))
-        result[folder] = {"weight_bytes": weights, "bandwidth_gbs": {}, "ceiling": {}, "of_ceiling": {}}
+        result[folder] = {"streamed_bytes": weights, "bandwidth_gbs": {}, "ceiling": {}, "of_ceiling": {}}
         for prompt in prompts:
             ceilings = [bandwidth * 1e9 / (weights + cache_bytes(Path(folder), prompt + NEW // 2)) for bandwidth in bandwidths[prompt]]
             key = str(prompt)
@@ -152,7 +152,7 @@ def markdown(result: dict[str, Any]) -> str:
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in model["rows"]:
             read = row["bandwidth_gbs"]["512"]
-            lines.append(f"| {row['variant']} | {row['layout']} | {row['weight_bytes'] / 1e6:.0f} | {row['32']:.1f} | "
+            lines.append(f"| {row['variant']} | {row['layout']} | {row['streamed_bytes'] / 1e6:.0f} | {row['32']:.1f} | "
                          f"{row['of_ceiling']['32']:.2f} | {row['512']:.1f} | {row['of_ceiling']['512']:.2f} | {row['512'] / row['32']:.2f} | "
                          f"{min(read):.1f}-{max(read):.1f} | {row['ceiling']['512']:.1f} | {row['peak_rss_b8_mb']:.0f} |")
         lines.append("")
