@@ -123,6 +123,18 @@ def test_the_bound_leaves_out_an_int8_folders_gathered_embeddings(quantized_fold
     assert run.streamed_bytes("onnxgen", folder) <= run.weight_bytes("onnxgen", folder) - tables  # the file counted them
 
 
+def test_the_cpu_profile_harness_splits_decode_steps_by_operator(exported: Path, tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_ops.py"), str(exported), "--prompt-tokens", "8", "--steps", "4",
+                        "--runs", "2", "--threads", "1", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (result,) = json.loads((tmp_path / "cpu_ops.json").read_text())["results"]
+    ops = result["op_ms_per_step"]
+    assert {"GroupQueryAttention", "SkipLayerNormalization"} <= set(ops) and all(ms > 0 for ms in ops.values())
+    assert sum(ops.values()) <= result["step_ms"]["profiled"]  # per step: the nodes' time fits in the step's
+    assert result["products_gbs"] > 0 and result["attention_gbs"] > 0
+    assert "| GroupQueryAttention |" in (tmp_path / "cpu_ops.md").read_text()
+
+
 def test_reset_peak_rss_starts_the_peak_afresh() -> None:
     import numpy as np
 
