@@ -61,7 +61,8 @@ def _resolves(requirement: str, python: str, tmp_path: Path) -> subprocess.Compl
 
 def test_requires_python_is_the_oldest_python_onnxruntime_has_wheels_for(tmp_path: Path) -> None:
     """onnxruntime 1.31 and 1.32 have no wheels for Python 3.10, so onnxgen's metadata starts at 3.11: pip then tells a
-    3.10 user which Python onnxgen needs, not that it found no onnxruntime (3.11 installs: the test above)."""
+    3.10 user which Python onnxgen needs, not that it found no onnxruntime (3.11 installs: the test above). A current pip
+    (the README's install upgrades it): Python 3.11's own pip 23.2 answers "no matching distribution" for onnxgen too."""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
