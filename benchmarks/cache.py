@@ -71,6 +71,16 @@ def prepare(name: str, checkpoint: Path, work: Path, variants: list[str]) -> dic
     return folders
 
 
+def step_seconds(model: Any, ids: list[list[int]], new_tokens: int) -> float:
+    """One greedy call of `new_tokens` (no end token, no penalty: every call the same length); the median time
+    between its decode steps (the generator's step_ends), which leaves the prompt pass out."""
+    generator = model.generator(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, min_new_tokens=0,
+                                repetition_penalty=1.0)
+    while not generator.done:
+        generator.step()
+    return float(np.median(np.diff(generator.step_ends)))
+
+
 def decode_speeds(folders: list[str], threads: int, runs: int, prompts: list[int]) -> dict[str, dict[str, Any]]:
     """In this process: per folder and prompt length, decode tok/s at batch 1 (see the module's docstring), each
     round's read bandwidth, probed just before the round's calls, and the fraction of the ceiling that bandwidth
@@ -91,11 +101,7 @@ def decode_speeds(folders: list[str], threads: int, runs: int, prompts: list[int
             time.sleep(0.05)  # onnxruntime's threads stop spinning: the probe has the cores to itself
             bandwidths[prompt].append(bandwidth_gbs(threads)["read"])
             for i in range(len(models)) if round_ % 2 == 0 else reversed(range(len(models))):
-                generator = models[i].generator(ids, max_new_tokens=NEW, do_sample=False, eos_token_id=None, min_new_tokens=0,
-                                                repetition_penalty=1.0)
-                while not generator.done:
-                    generator.step()
-                steps.setdefault((i, prompt), []).append(float(np.median(np.diff(generator.step_ends))))
+                steps.setdefault((i, prompt), []).append(step_seconds(models[i], ids, NEW))
     result: dict[str, dict[str, Any]] = {}
     for i, folder in enumerate(folders):
         weights = streamed_bytes("onnxgen", Path(folder))

@@ -27,7 +27,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from cache import cache_bytes  # noqa: E402  (the suite's own measures)
+from cache import cache_bytes, step_seconds  # noqa: E402  (the suite's own measures)
 from run import bandwidth_gbs, host, streamed_bytes, write_results  # noqa: E402
 
 PRODUCTS = {"MatMul", "FusedMatMul", "Gemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger", "MatMulNBits"}
@@ -56,14 +56,6 @@ def load(folder: Path, threads: int, profile_prefix: str | None) -> Any:
         ort.SessionOptions = plain
 
 
-def decode(model: Any, ids: list[list[int]], steps: int) -> float:
-    """One call; its median seconds between decode steps."""
-    generator = model.generator(ids, max_new_tokens=steps, do_sample=False, eos_token_id=None, min_new_tokens=0, repetition_penalty=1.0)
-    while not generator.done:
-        generator.step()
-    return float(np.median(np.diff(generator.step_ends)))
-
-
 def measure(folder: Path, threads: int, prompt_tokens: int, steps: int, runs: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         profiled, plain = load(folder, threads, f"{tmp}/ort"), load(folder, threads, None)
@@ -73,7 +65,7 @@ def measure(folder: Path, threads: int, prompt_tokens: int, steps: int, runs: in
         for round_ in range(runs):
             bandwidths.append(bandwidth_gbs(threads)["read"])
             for name, model in [("profiled", profiled), ("plain", plain)][:: 1 if round_ % 2 == 0 else -1]:
-                wall[name].append(decode(model, ids, steps))
+                wall[name].append(step_seconds(model, ids, steps))
         events = json.loads(Path(profiled.runtime.session.end_profiling()).read_text())
     runs_ = sorted((e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"), key=lambda e: e["ts"])
     # Each call is one prompt pass and then decode runs: keep the decode runs, every call's but its first run.
@@ -90,7 +82,7 @@ def measure(folder: Path, threads: int, prompt_tokens: int, steps: int, runs: in
     products_ms = sum(ms for op, ms in per_step.items() if op in PRODUCTS)
     attention_ms = sum(ms for op, ms in per_step.items() if op in ATTENTION)
     return {"folder": str(folder), "threads": threads, "prompt_tokens": prompt_tokens, "steps": steps, "runs": runs,
-            "read_gbs": bandwidths, "weight_bytes": weights, "cache_bytes": cache,
+            "read_gbs": bandwidths, "streamed_bytes": weights, "cache_bytes": cache,
             "step_ms": {name: statistics.median(v) * 1e3 for name, v in wall.items()},
             "op_ms_per_step": per_step, "products_gbs": weights / products_ms / 1e6, "attention_gbs": cache / attention_ms / 1e6}
 
@@ -104,7 +96,7 @@ def markdown(results: list[dict[str, Any]], environment: str) -> str:
         read = r["read_gbs"]
         lines += [f"## {Path(r['folder']).parent.name}/{Path(r['folder']).name}, {r['prompt_tokens']}-token prompt", "",
                   (f"Step {r['step_ms']['plain']:.2f} ms ({r['step_ms']['profiled']:.2f} profiled); the weights' products read "
-                   f"{r['weight_bytes'] / 1e6:.0f} MB at {r['products_gbs']:.1f} GB/s, attention {r['cache_bytes'] / 1e6:.0f} MB of "
+                   f"{r['streamed_bytes'] / 1e6:.0f} MB at {r['products_gbs']:.1f} GB/s, attention {r['cache_bytes'] / 1e6:.0f} MB of "
                    f"cache at {r['attention_gbs']:.1f} GB/s; the probe read {min(read):.1f}-{max(read):.1f} GB/s."), "",
                   "| operator | ms a step | share of the profiled step |", "| --- | ---: | ---: |"]
         lines += [f"| {op} | {ms:.3f} | {ms / r['step_ms']['profiled']:.1%} |" for op, ms in r["op_ms_per_step"].items()]
