@@ -259,6 +259,8 @@ class Model:
         return ids, opts.for_prompts(max(len(p) for p in ids))
 
     def _made(self, ids: list[list[int]], opts: GenerationOptions) -> Generator | BeamSearch:
+        rows = len(ids) * (opts.num_beams if opts.num_beams > 1 else opts.num_return_sequences)
+        self.runtime.check_cache(rows, max(len(p) for p in ids) + opts.max_new_tokens)  # before a row is made (10**20 beams)
         if opts.num_beams > 1:
             return BeamSearch(self.runtime, self.tokenizer, ids, opts, opts.pad_id)
         n = opts.num_return_sequences
@@ -634,7 +636,7 @@ class TextGenerationPipeline:
     def _chat(self, chats: list[list[dict[str, Any]]], one: bool, return_full_text: bool, continue_final_message: bool | None,
               **call: Any) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         """Each chat's prompt text from the template; its results as transformers' pipeline gives a chat's."""
-        goes_on = [chat[-1]["role"] == "assistant" if continue_final_message is None else continue_final_message for chat in chats]
+        goes_on = [chat[-1].get("role") == "assistant" if continue_final_message is None else continue_final_message for chat in chats]
         prompts = [self.model.apply_chat_template(chat, add_generation_prompt=not on, continue_final_message=on)
                    for chat, on in zip(chats, goes_on)]
         results = [self(prompt, return_full_text=False, **call) for prompt in prompts]

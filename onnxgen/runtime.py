@@ -304,10 +304,13 @@ class Runtime:
         """The capacity a new cache gets (with CUDA graphs, a multiple of 64); raises OptionsError where its
         memory is not available (on the CPU: else pages fill as the call runs, until the kernel kills the process)."""
         capacity = min(-(-capacity // 64) * 64 if self.cuda_graph else capacity, self.n_positions)
-        need = self.cache_bytes(rows, capacity)
-        free = available_memory() if self.device == "cpu" else None
+        # On CUDA the cache is the GPU's (onnxruntime refuses what does not fit there), but the host still holds each
+        # row's tokens: what keeps 10**20 beams from being built row by row until the host's memory runs out.
+        what, need = (("key/value cache", self.cache_bytes(rows, capacity)) if self.device == "cpu" else
+                      ("token rows", rows * capacity * np.dtype(np.int64).itemsize))
+        free = available_memory()
         if free is not None and need > free:
-            raise OptionsError(f"this call's key/value cache needs {need / 2**20:,.0f} MiB ({rows} rows x {capacity} positions), "
+            raise OptionsError(f"this call's {what} needs {need / 2**20:,.0f} MiB ({rows} rows x {capacity} positions), "
                                f"more than the {free / 2**20:,.0f} MiB of memory available: ask for fewer prompts, beams or "
                                "return sequences, or fewer new tokens")
         return capacity

@@ -435,3 +435,16 @@ def test_a_call_whose_cache_cannot_fit_in_memory_is_refused(model: onnxgen.Model
     with pytest.raises(OptionsError, match="key/value cache needs"):
         model.generate("It is", max_new_tokens=100, num_beams=64)
     assert model.generate("It is", max_new_tokens=2)  # a call that fits runs
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_call_of_absurdly_many_rows_is_refused_before_they_are_made(model: onnxgen.Model, monkeypatch: pytest.MonkeyPatch,
+                                                                       device: str) -> None:
+    """10**12 beams or return sequences: refused at once, where the rows used to be built one by one until the host's
+    memory ran out (a hang, then the kernel's kill; a server's extra field num_beams could do it). On CUDA, whose
+    cache is the GPU's, by the host memory the rows' tokens need (the session stays the CPU's: nothing runs)."""
+    monkeypatch.setattr(model.runtime, "device", device)
+    what = "key/value cache" if device == "cpu" else "token rows"
+    for options in ({"num_beams": 10**12}, {"do_sample": True, "num_return_sequences": 10**12}):
+        with pytest.raises(OptionsError, match=f"this call's {what} needs .* \\(1000000000000 rows x \\d+ positions\\)"):
+            model.generate("It is", max_new_tokens=4, **options)

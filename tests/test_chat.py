@@ -77,6 +77,8 @@ def test_what_a_template_refuses_is_an_options_error(chat_folder: Path, exported
     for bad in ([], [{"role": "user"}], "Hello", [{"role": "user", "content": 3}], [{"role": "assistant", "content": None}]):
         with pytest.raises(OptionsError, match="messages must be a non-empty list"):
             model.apply_chat_template(bad)  # type: ignore[arg-type]
+    with pytest.raises(OptionsError, match="messages must be a non-empty list"):  # the pipeline's chat too (was a KeyError)
+        onnxgen.pipeline(model=model)([{"content": "Hello"}])
     with pytest.raises(OptionsError, match="tools must be a list of JSON schemas"):
         model.apply_chat_template(CONVERSATIONS[0], tools={"name": "f"})  # type: ignore[arg-type]
     with pytest.raises(OptionsError, match="the last message has no content to go on with"):
