@@ -1,13 +1,21 @@
 """Every error onnxgen raises on purpose. The CLI prints these as one line; anything else is a bug."""
 
+import logging
+from typing import Any
+
 
 class OnnxgenError(Exception):
     """Base class: a problem with the user's input or environment, not a bug in onnxgen."""
 
 
-def told(e: BaseException) -> str:
-    """What a client or user is told of an error: onnxgen's own message, never a bug's."""
-    return str(e) if isinstance(e, OnnxgenError) else "internal error"
+def told(e: BaseException) -> dict[str, Any]:
+    """An error as the server tells its client (OpenAI's error object): onnxgen's own message; for a bug "internal
+    error (ItsType)", its traceback going to the server's log ("onnxgen" logger, stderr), where whoever runs the
+    server can read it."""
+    if isinstance(e, OnnxgenError):
+        return {"message": str(e), "type": "invalid_request_error", "param": None, "code": None}
+    logging.getLogger("onnxgen").error("internal error", exc_info=e)
+    return {"message": f"internal error ({type(e).__name__})", "type": "server_error", "param": None, "code": None}
 
 
 class ModelFolderError(OnnxgenError):

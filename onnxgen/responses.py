@@ -281,7 +281,7 @@ class Reply:
                         yield event("response.function_call_arguments.delta", item_id=items[-1]["id"], output_index=len(items) - 1,
                                     delta=arguments)
             elif kind == "error":
-                yield event("error", code=None, message=told(value), param=None)
+                yield event("error", code=None, message=told(value)["message"], param=None)
             else:
                 done = value[0][0]
                 status = "incomplete" if done.finish_reason in ("length", "time") else "completed"

@@ -164,6 +164,32 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """What error() sends: OpenAI's error shape."""
+
+    error: ErrorDetail
+
+
+# What the OpenAPI document (/openapi.json) says a route answers besides its 200, so that a client generated from it
+# knows the errors: OpenAI's shape for every 4xx and 5xx. A "4XX" entry also keeps FastAPI from listing its own 422,
+# which this server never sends (a refused body is a 400, as OpenAI's is: `invalid` below).
+ERRORS: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorBody, "description": "refused: 400 bad request, 401 API key, 404 no such model or response, "
+                                               "429 queue full"},
+    "5XX": {"model": ErrorBody, "description": "a bug in onnxgen"},
+}
+# A route that streams when the request asks ("stream": true) answers server-sent events instead of JSON.
+STREAMS: dict[int | str, dict[str, Any]] = {**ERRORS, 200: {"description": "the answer, or with stream: true its server-sent events",
+                                                              "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
 def create_app(model: Model, name: str, api_key: str | None = None, limits: Limits | None = None,
                draft: Model | None = None, ray_metrics: bool = False, allowed_origins: list[str] | None = None,
                adapter_loading: bool = False, stored_responses: int = 1000, tool_call_parser: str | None = None,
@@ -213,7 +239,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def scrape() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
@@ -231,7 +257,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         metrics.requests.labels("invalid").inc()
         return response
 
-    @app.post("/tokenize", response_model=None)
+    @app.post("/tokenize", response_model=None, responses=ERRORS)
     async def tokenize(body: TokenizeRequest) -> Any:
         if wrong := other_model(body.model):
             return wrong
@@ -243,7 +269,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         tokens = model.tokenizer.encode(text or "")
         return {"count": len(tokens), "max_model_len": model.context_length, "tokens": tokens}
 
-    @app.post("/detokenize", response_model=None)
+    @app.post("/detokenize", response_model=None, responses=ERRORS)
     async def detokenize(body: DetokenizeRequest) -> Any:
         if wrong := other_model(body.model):
             return wrong
@@ -252,19 +278,19 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
             return error(400, f"tokens: {outside[0]} is not a token id (0 to {model.tokenizer.vocab_size - 1})", "tokens")
         return {"prompt": model.tokenizer.decode(body.tokens)}
 
-    @app.get("/v1/responses/{response_id}", response_model=None)
+    @app.get("/v1/responses/{response_id}", response_model=None, responses=ERRORS)
     async def stored(response_id: str) -> Any:
         response = store.get(response_id)
         return response if response is not None else error(404, f"no response {response_id!r} is kept here", code="not_found")
 
-    @app.delete("/v1/responses/{response_id}", response_model=None)
+    @app.delete("/v1/responses/{response_id}", response_model=None, responses=ERRORS)
     async def forget(response_id: str) -> Any:
         if not store.delete(response_id):
             return error(404, f"no response {response_id!r} is kept here", code="not_found")
         return {"id": response_id, "object": "response", "deleted": True}
 
     if adapter_loading:
-        @app.post("/v1/load_lora_adapter", response_model=None)
+        @app.post("/v1/load_lora_adapter", response_model=None, responses=ERRORS)
         async def load_adapter(body: LoadAdapterRequest) -> Any:
             """An adapter folder on the server's machine (the request names a path there: behind the API key) becomes a
             model that later requests name."""
@@ -276,7 +302,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
                 return error(400, str(e), "lora_path" if isinstance(e, ModelFolderError) else "lora_name")
             return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-        @app.post("/v1/unload_lora_adapter", response_model=None)
+        @app.post("/v1/unload_lora_adapter", response_model=None, responses=ERRORS)
         async def unload_adapter(body: UnloadAdapterRequest) -> Any:
             """Later requests cannot name it; those running with it finish with it."""
             try:
@@ -285,7 +311,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
                 return error(404, str(e), "lora_name")
             return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=ERRORS)
     async def models() -> dict[str, Any]:
         # max_model_len: the context window, as vLLM names it (clients that budget a prompt read it there)
         # LoRA adapters as vLLM lists them: their own id, the base model as parent, their folder as root
@@ -294,7 +320,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "onnxgen",
                                             "max_model_len": model.context_length}, *adapters]}
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None, responses=STREAMS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         start = time.perf_counter()
         if wrong := other_model(body.model):
@@ -333,7 +359,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         choices = [_choice(model, body, prompts, c, i, echoed) for i, c in enumerate(done)]
         return {**meta, "object": "text_completion", "choices": choices, "usage": _usage(prompts, done)}
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses=STREAMS)
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         """OpenAI's chat completions over the model's chat template (chat.py): the conversation becomes the prompt
         text, which then runs as a completion does."""
@@ -373,7 +399,7 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
                    for i, (c, message) in enumerate(zip(done, messages))]
         return {**meta, "object": "chat.completion", "choices": choices, "usage": _usage(prompts, done)}
 
-    @app.post("/v1/responses", response_model=None)
+    @app.post("/v1/responses", response_model=None, responses=STREAMS)
     async def responses(body: ResponsesRequest, request: Request) -> Any:
         """OpenAI's Responses API (responses.py): the request as a chat completion, its answer as a response object."""
         if wrong := other_model(body.model):
@@ -469,7 +495,7 @@ class Guard:
         except Exception as e:  # a bug: one line to the client, never a traceback
             if started:  # a reply already on its way (a stream) cannot become another
                 raise
-            await error(500, f"internal error ({type(e).__name__})", kind="server_error")(scope, receive, send)
+            await JSONResponse({"error": told(e)}, status_code=500)(scope, receive, send)
 
 
 async def ended(job: Job, channel: asyncio.Queue[tuple[str, Any]], request: Request) -> list[Completion] | JSONResponse:
@@ -488,7 +514,7 @@ async def ended(job: Job, channel: asyncio.Queue[tuple[str, Any]], request: Requ
     finally:
         watch.cancel()
     if kind == "error":
-        return error(400, str(value)) if isinstance(value, OnnxgenError) else error(500, "internal error", kind="server_error")
+        return JSONResponse({"error": told(value)}, status_code=400 if isinstance(value, OnnxgenError) else 500)
     return value[0]
 
 
@@ -544,7 +570,7 @@ def _job_input(model: Model, body: CompletionRequest, limits: Limits, draft: Mod
     if constraint and extra.keys() & set(CONSTRAINTS):
         raise ValueError("response_format, or one of json_schema, regex and grammar: not both")
     # OpenAI: temperature 0 is greedy; beams are beam search unless do_sample asks for beam sampling
-    sampling = body.temperature > 0 and (int(extra.get("num_beams", 1)) == 1 or extra.get("do_sample") is True)
+    sampling = body.temperature > 0 and (extra.get("num_beams", 1) == 1 or extra.get("do_sample") is True)  # a bad num_beams: options' 400
     # max_tokens 0 generates nothing: its options are checked as for 1
     # `model` naming a LoRA adapter the server was started with runs it (other names are refused before this)
     overrides: dict[str, Any] = {"adapter": body.model if body.model in model.adapters else None,
@@ -768,7 +794,7 @@ async def _stream(job: Job, channel: asyncio.Queue[tuple[str, Any]], request: Re
             row, event = value
             yield data({**head, "choices": [piece(row, event.text, event)]})
         elif kind == "error":
-            yield data({"error": {"message": told(value), "type": "invalid_request_error", "param": None, "code": None}})
+            yield data({"error": told(value)})
         else:
             done, _ = value
             if job.options.num_beams > 1:  # beam search streams nothing until it ends: each choice whole

@@ -344,6 +344,7 @@ def test_models_and_health(client: openai.OpenAI, server: str, model: onnxgen.Mo
     ({"extra_body": {"max_new_tokens": 900}}, "max_new_tokens is OpenAI's max_tokens here"),  # would pass the max_tokens limit
     ({"extra_body": {"max_length": 40}}, "max_length is OpenAI's max_tokens"), ({"extra_body": {"num_return_sequences": 9}}, "n here"),
     ({"max_tokens": 0, "echo": True, "stream": True}, "not streamed"),
+    ({"extra_body": {"num_beams": None}}, "num_beams must be an integer"),  # was a 500 (a TypeError)
 ])
 def test_bad_requests_are_400_in_openais_shape(client: openai.OpenAI, options: dict[str, object], message: str) -> None:
     request = {"model": "tiny", "prompt": "Hello", "max_tokens": 5, **options}
@@ -371,6 +372,31 @@ def test_a_request_for_another_model_is_404(client: openai.OpenAI, server: Serve
     assert caught.value.body["code"] == "model_not_found" and "'tiny'" in caught.value.body["message"]  # type: ignore[index]
     r = httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, json={"prompt": "Hello", "max_tokens": 3})
     assert r.status_code == 200 and r.json()["model"] == "tiny"
+
+
+def test_the_openapi_document_says_what_the_server_answers(server: Served) -> None:
+    """/openapi.json, what clients and gateways are generated from: errors in OpenAI's shape for every route behind the
+    API, never FastAPI's 422 (this server answers a refused body 400), the event streams, /metrics' text."""
+    from onnxgen.serve import ErrorBody
+
+    document = httpx.get(server + "/openapi.json").json()
+    routes = {(method, path): operation["responses"] for path, methods in document["paths"].items() for method, operation in methods.items()}
+    assert "422" not in json.dumps(document) and "HTTPValidationError" not in document["components"]["schemas"]
+    for (method, path), responses in routes.items():
+        if path not in ("/health", "/metrics"):
+            assert responses["4XX"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}, (method, path)
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
+        assert set(routes["post", path]["200"]["content"]) == {"application/json", "text/event-stream"}
+    assert list(routes["get", "/metrics"]["200"]["content"]) == ["text/plain"]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    answers = [httpx.post(server + "/v1/completions", json={"prompt": "x", "max_tokens": 5}),  # no key
+               httpx.post(server + "/v1/completions", headers=headers, json={"prompt": "x", "top_p": 2}),
+               httpx.post(server + "/v1/completions", headers=headers, json={"max_tokens": 5}),  # no prompt
+               httpx.post(server + "/v1/completions", headers=headers, json={"prompt": "x", "model": "gpt-4"}),
+               httpx.get(server + "/v1/responses/resp_none", headers=headers)]
+    assert [r.status_code for r in answers] == [401, 400, 400, 404, 404]
+    for r in answers:
+        ErrorBody.model_validate(r.json())
 
 
 Samples = dict[tuple[str, tuple[str, ...]], float]
@@ -659,16 +685,27 @@ def test_a_client_that_goes_away_ends_its_rows(exported: Path) -> None:
     assert 'onnxgen_requests_total{outcome="cancelled"} 2.0' in scrape
 
 
-def test_a_bug_is_one_line_of_error_not_a_traceback(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bug_is_one_line_of_error_not_a_traceback(exported: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The client is told one line; the traceback goes to the server's log, for whoever runs it: a bug in a handler, and
+    one in the decode worker's thread, answered whole or streamed."""
     import asyncio
 
     model = onnxgen.load(exported, threads=1)
     app = create_app(model, "tiny")
-    monkeypatch.setattr(model.tokenizer, "encode", lambda *a, **k: [][1])  # an IndexError where none should be
 
-    async def run() -> httpx.Response:
+    async def run(path: str, body: dict[str, Any]) -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as http:
-            return await http.post("/tokenize", json={"prompt": "It is"})
+            return await http.post(path, json=body)
 
-    r = asyncio.run(run())
-    assert r.status_code == 500 and r.json()["error"] == {"message": "internal error (IndexError)", "type": "server_error", "param": None, "code": None}
+    bug = {"message": "internal error (IndexError)", "type": "server_error", "param": None, "code": None}
+    with monkeypatch.context() as patch:
+        patch.setattr(model.tokenizer, "encode", lambda *a, **k: [][1])  # an IndexError where none should be
+        r = asyncio.run(run("/tokenize", {"prompt": "It is"}))
+    assert r.status_code == 500 and r.json()["error"] == bug
+    monkeypatch.setattr(model, "generator", lambda *a, **k: [][1])  # the batcher's worker makes each request's generator
+    r = asyncio.run(run("/v1/completions", {"prompt": "It is", "max_tokens": 3}))
+    assert r.status_code == 500 and r.json()["error"] == bug
+    streamed = asyncio.run(run("/v1/completions", {"prompt": "It is", "max_tokens": 3, "stream": True}))
+    assert streamed.status_code == 200 and f"data: {json.dumps({'error': bug})}" in streamed.text
+    logged = [r for r in caplog.records if r.name == "onnxgen" and r.exc_info]
+    assert len(logged) == 3 and all(r.exc_info[0] is IndexError and "Traceback" in caplog.text for r in logged)  # type: ignore[index]
