@@ -54,6 +54,7 @@ from fastapi.responses import (
     StreamingResponse,
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import Batcher, Full, Job
 from .errors import ModelFolderError, OnnxgenError, OptionsError, told
@@ -187,7 +188,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 # A route that streams when the request asks ("stream": true) answers server-sent events instead of JSON.
 STREAMS: dict[int | str, dict[str, Any]] = {**ERRORS, 200: {"description": "the answer, or with stream: true its server-sent events",
-                                                              "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+                                                              "content": {"text/event-stream": {}}}}
 
 
 def create_app(model: Model, name: str, api_key: str | None = None, limits: Limits | None = None,
@@ -234,6 +235,14 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
             return error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))} (character {at})")
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         return error(400, f"{where or 'body'}: {first.get('msg')}", where)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def refused_by_starlette(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """What FastAPI and Starlette answer themselves (no such route, a method the route lacks, a body that is not UTF-8),
+        in OpenAI's shape too."""
+        response = error(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+        response.headers.update(e.headers or {})  # a 405's Allow: the methods the route has
+        return response
 
     @app.get("/health")
     async def health() -> dict[str, str]:
