@@ -207,9 +207,9 @@ class DecodeStep:
     needs (`cuda_graph=True`): onnxruntime captures the step once and then replays it as one launch, which
     requires every input and output at a fixed address with fixed shapes; total_sequence_length is then the
     capacity (each row's length is in seqlens_k), where otherwise it is the longest row's. It holds the cache's
-    addresses, not the cache: a step that held its cache, which holds its steps, would keep the buffer alive after
-    the call until Python's cycle collector ran, and the next call's buffer would come beside it (two caches' memory:
-    gpt2-large at batch 8 x 512, 3.8 GB more)."""
+    addresses, not the cache: a step that held its cache, which holds its steps, kept the buffer alive after the
+    call until Python's cycle collector ran, and later calls' buffers came beside it (gpt2-large at batch 8 x 512,
+    1,800 MiB a cache: five such calls left 10,423 MiB resident instead of 4,062)."""
 
     def __init__(self, cache: InPlaceCache, rows: int) -> None:
         rt = self.runtime = cache.runtime

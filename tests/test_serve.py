@@ -701,12 +701,15 @@ def test_a_bug_is_one_line_of_error_not_a_traceback(exported: Path, monkeypatch:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as http:
             return await http.post(path, json=body)
 
+    def broken(*args: Any, **kwargs: Any) -> Any:  # a bug's stand-in
+        raise IndexError("list index out of range")
+
     bug = {"message": "internal error (IndexError)", "type": "server_error", "param": None, "code": None}
     with monkeypatch.context() as patch:
-        patch.setattr(model.tokenizer, "encode", lambda *a, **k: [][1])  # an IndexError where none should be
+        patch.setattr(model.tokenizer, "encode", broken)
         r = asyncio.run(run("/tokenize", {"prompt": "It is"}))
     assert r.status_code == 500 and r.json()["error"] == bug
-    monkeypatch.setattr(model, "generator", lambda *a, **k: [][1])  # the batcher's worker makes each request's generator
+    monkeypatch.setattr(model, "generator", broken)  # the batcher's worker makes each request's generator
     r = asyncio.run(run("/v1/completions", {"prompt": "It is", "max_tokens": 3}))
     assert r.status_code == 500 and r.json()["error"] == bug
     streamed = asyncio.run(run("/v1/completions", {"prompt": "It is", "max_tokens": 3, "stream": True}))
