@@ -8,14 +8,18 @@ class OnnxgenError(Exception):
     """Base class: a problem with the user's input or environment, not a bug in onnxgen."""
 
 
+def openai_error(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object, as the server sends every error (under "error")."""
+    return {"message": message, "type": kind, "param": param, "code": code}
+
+
 def told(e: BaseException) -> dict[str, Any]:
-    """An error as the server tells its client (OpenAI's error object): onnxgen's own message; for a bug "internal
-    error (ItsType)", its traceback going to the server's log ("onnxgen" logger, stderr), where whoever runs the
-    server can read it."""
+    """An error as the server tells its client: onnxgen's own message; for a bug "internal error (ItsType)", its
+    traceback going to the server's log ("onnxgen" logger, stderr), where whoever runs the server can read it."""
     if isinstance(e, OnnxgenError):
-        return {"message": str(e), "type": "invalid_request_error", "param": None, "code": None}
+        return openai_error(str(e))
     logging.getLogger("onnxgen").error("internal error", exc_info=e)
-    return {"message": f"internal error ({type(e).__name__})", "type": "server_error", "param": None, "code": None}
+    return openai_error(f"internal error ({type(e).__name__})", "server_error")
 
 
 class ModelFolderError(OnnxgenError):

@@ -57,7 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import Batcher, Full, Job
-from .errors import ModelFolderError, OnnxgenError, OptionsError, told
+from .errors import ModelFolderError, OnnxgenError, OptionsError, openai_error, told
 from .generator import Completion, Event
 from .guidance import CONSTRAINTS
 from .metrics import Metrics
@@ -162,7 +162,7 @@ OPENAIS = {"max_new_tokens": "max_tokens", "max_length": "max_tokens", "min_leng
 
 
 def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+    return JSONResponse({"error": openai_error(message, kind, param, code)}, status_code=status)
 
 
 class ErrorDetail(BaseModel):
@@ -173,7 +173,7 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """What error() sends: OpenAI's error shape."""
+    """What error() sends: OpenAI's error object (errors.openai_error) under "error"."""
 
     error: ErrorDetail
 
