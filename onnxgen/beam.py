@@ -52,7 +52,7 @@ class BeamSearch:
         # guidance.py: each new beam goes on from its parent's state
         self.scoring = Scoring(opts, constraint(opts, tokenizer), tokenizer, self.rng, runtime.vocab_size, per_beam)
         self.top = runtime.top_k
-        self.rows = Rows(runtime, [p for p in prompts for _ in range(k)], pad_id, opts.max_new_tokens, opts.adapter)
+        self.rows = Rows(runtime, prompts, pad_id, opts.max_new_tokens, opts.adapter, repeat=k)
         self.top_n = opts.logprobs or 0
         new = opts.max_new_tokens
         # Per beam, running and finished: new tokens, each one's log-probability and best alternatives, score, length.

@@ -55,14 +55,17 @@ def sample_distinct(scores: np.ndarray, n: int, rng: np.random.Generator) -> np.
 
 
 class Rows:
-    def __init__(self, runtime: Runtime, prompts: list[list[int]], pad_id: int, max_new_tokens: int, adapter: str | None = None) -> None:
+    def __init__(self, runtime: Runtime, prompts: list[list[int]], pad_id: int, max_new_tokens: int, adapter: str | None = None,
+                 repeat: int = 1) -> None:
+        """A row for each prompt, `repeat` rows each in a row (return sequences, beams)."""
+        self._shape = (len(prompts) * repeat, max(len(p) for p in prompts) + max_new_tokens, pad_id)  # of the cache
+        # A call too large is refused now, not at its first step, and before its rows are made (10**12 beams)
+        runtime.check_cache(*self._shape[:2])
         self.adapter = runtime.adapter(adapter)  # every row's LoRA adapter, as loaded when the call was made (or None)
-        self._prompts = left_pad(prompts, pad_id)[0]
-        self._new = np.full((len(prompts), max_new_tokens), pad_id, dtype=np.int64)  # a column a step
+        self._tokens = [list(p) for p in prompts for _ in range(repeat)]  # without padding, as lists: what processors read
+        self._prompts = left_pad(self._tokens, pad_id)[0]
+        self._new = np.full((len(self._tokens), max_new_tokens), pad_id, dtype=np.int64)  # a column a step
         self.steps = 0  # tokens appended to every row
-        self._tokens = [list(p) for p in prompts]  # the same without padding, as lists: what processors read
-        self._shape = (len(prompts), max(len(p) for p in prompts) + max_new_tokens, pad_id)  # of the cache
-        runtime.check_cache(*self._shape[:2])  # a call too large is refused now, not at its first step
         # Made at the first forward: a batcher runs the rows of several calls in a cache of its own (batcher.py).
         self._cache: Cache | SharedRows | None = None
         self.pending: np.ndarray | None = None  # the tokens the next forward runs (None: the prompts)

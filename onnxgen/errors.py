@@ -8,6 +8,12 @@ class OnnxgenError(Exception):
     """Base class: a problem with the user's input or environment, not a bug in onnxgen."""
 
 
+def shown(value: Any) -> str:
+    """A bad value as a message shows it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def openai_error(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """OpenAI's error object, as the server sends every error (under "error")."""
     return {"message": message, "type": kind, "param": param, "code": code}

@@ -36,7 +36,7 @@ from .unconditional import Unconditional
 
 @dataclass
 class Stats:
-    prompt_tokens: int  # over all rows, without padding
+    prompt_tokens: int  # of the call's prompts, each counted once however many rows run it (as OpenAI's usage counts)
     new_tokens: int  # over all returned sequences
     time_to_first_token_s: float  # call start to the first token (the prompt pass)
     decode_tokens_per_s: float  # tokens after the first, per second, over all returned sequences
@@ -97,28 +97,29 @@ def token_logprobs(scores: np.ndarray, tokens: np.ndarray, top: int) -> tuple[np
 class Generator:
     """Greedy decoding and sampling; see the module's docstring."""
 
-    def __init__(self, runtime: Runtime, tokenizer: Tokenizer, prompts: list[list[int]], prompt_index: list[int],
-                 opts: GenerationOptions, pad_id: int, guesser: PromptLookup | Assistant | None = None,
-                 unconditional: Unconditional | None = None) -> None:
+    def __init__(self, runtime: Runtime, tokenizer: Tokenizer, prompts: list[list[int]], opts: GenerationOptions, pad_id: int,
+                 guesser: PromptLookup | Assistant | None = None, unconditional: Unconditional | None = None) -> None:
         self.start = time.perf_counter()
         self.opts, self.pad_id, self.tokenizer = opts, pad_id, tokenizer
-        self.prompt_index = prompt_index
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.rules = StopRules.of(opts, self.start)
         self.rng = np.random.default_rng(opts.seed)
         self.scoring = Scoring(opts, constraint(opts, tokenizer), tokenizer, self.rng, runtime.vocab_size)
-        self.rows = Rows(runtime, prompts, pad_id, opts.max_new_tokens, opts.adapter)
-        self.generated: list[list[int]] = [[] for _ in prompts]
-        self.logprobs: list[list[float]] = [[] for _ in prompts]
-        self.top_logprobs: list[list[dict[int, float]]] = [[] for _ in prompts]
-        self.finish_reasons: list[str | None] = [None] * len(prompts)
-        self.texts: list[str | None] = [None] * len(prompts)  # each row's whole text, once it has finished
+        n = opts.num_return_sequences
+        self.rows = Rows(runtime, prompts, pad_id, opts.max_new_tokens, opts.adapter, repeat=n)
+        rows = len(prompts) * n
+        self.prompt_index = [i for i in range(len(prompts)) for _ in range(n)]  # a row's prompt
+        self.generated: list[list[int]] = [[] for _ in range(rows)]
+        self.logprobs: list[list[float]] = [[] for _ in range(rows)]
+        self.top_logprobs: list[list[dict[int, float]]] = [[] for _ in range(rows)]
+        self.finish_reasons: list[str | None] = [None] * rows
+        self.texts: list[str | None] = [None] * rows  # each row's whole text, once it has finished
         self.step_ends: list[float] = []  # perf_counter() after each forward
         self.guessed_tokens = self.guesses_taken = 0  # guesses run, and those chosen (Stats)
         self.guesser = guesser
         self.unconditional = unconditional  # classifier-free guidance's twin rows (unconditional.py)
-        self._streams = [TextStream(tokenizer) for _ in prompts]
-        self._emitted = [0] * len(prompts)  # characters of each row's text already in events
+        self._streams = [TextStream(tokenizer) for _ in range(rows)]
+        self._emitted = [0] * rows  # characters of each row's text already in events
 
     @property
     def done(self) -> bool:

@@ -21,7 +21,7 @@ from .assistant import Assistant
 from .batcher import Batcher, Full, Job
 from .beam import BeamSearch
 from .chat import ChatTemplate
-from .errors import ContextLengthError, ModelFolderError, OnnxgenError, OptionsError, PerformanceWarning
+from .errors import ContextLengthError, ModelFolderError, OnnxgenError, OptionsError, PerformanceWarning, shown
 from .folder import MANIFEST, ModelFolder
 from .generator import Completion, Event, Generator, Stats, token_logprobs
 from .lookup import PromptLookup
@@ -59,12 +59,7 @@ def _prompt_list(prompts: Any) -> list[Any]:
     if isinstance(prompts, (list, tuple, np.ndarray)) and len(prompts) == 0:
         raise OptionsError("no prompt given")
     raise OptionsError("a prompt is text (str, or UTF-8 bytes) or a sequence of integer token ids; "
-                       f"several prompts are a list of those; got {type(prompts).__name__} {_short(prompts)}")
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+                       f"several prompts are a list of those; got {type(prompts).__name__} {shown(prompts)}")
 
 
 @dataclass
@@ -259,24 +254,19 @@ class Model:
         return ids, opts.for_prompts(max(len(p) for p in ids))
 
     def _made(self, ids: list[list[int]], opts: GenerationOptions) -> Generator | BeamSearch:
-        rows = len(ids) * (opts.num_beams if opts.num_beams > 1 else opts.num_return_sequences)
-        self.runtime.check_cache(rows, max(len(p) for p in ids) + opts.max_new_tokens)  # before a row is made (10**20 beams)
         if opts.num_beams > 1:
             return BeamSearch(self.runtime, self.tokenizer, ids, opts, opts.pad_id)
-        n = opts.num_return_sequences
-        rows = [p for p in ids for _ in range(n)]
-        return Generator(self.runtime, self.tokenizer, rows, [i for i in range(len(ids)) for _ in range(n)], opts,
-                         opts.pad_id, self._guesser(ids, opts), self._unconditional(rows, opts))
+        return Generator(self.runtime, self.tokenizer, ids, opts, opts.pad_id, self._guesser(ids, opts), self._unconditional(ids, opts))
 
-    def _unconditional(self, rows: list[list[int]], opts: GenerationOptions) -> Unconditional | None:
-        """Classifier-free guidance's twin rows: each starts from the negative prompt, else from its row's prompt's last
-        token (transformers' default)."""
+    def _unconditional(self, ids: list[list[int]], opts: GenerationOptions) -> Unconditional | None:
+        """Classifier-free guidance's twin rows, num_return_sequences for each prompt: each starts from the negative
+        prompt, else from its prompt's last token (transformers' default)."""
         if not opts.guided:
             return None
         negative = None if opts.negative_prompt is None else self.prompt_ids(opts.negative_prompt, opts)[0]
         assert opts.guidance_scale is not None
-        return Unconditional(self.runtime, [negative or row[-1:] for row in rows], opts.pad_id, opts.max_new_tokens,
-                             opts.guidance_scale, opts.adapter)
+        return Unconditional(self.runtime, [negative or p[-1:] for p in ids], opts.pad_id, opts.max_new_tokens,
+                             opts.guidance_scale, opts.adapter, opts.num_return_sequences)
 
     def _guesser(self, ids: list[list[int]], opts: GenerationOptions) -> PromptLookup | Assistant | None:
         """Where a call's guesses come from (prompt lookup, a draft model), checked against the call."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import warnings
@@ -320,7 +321,9 @@ class GenerationOptions:
         names = {f.name for f in fields(self)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise OptionsError(f"unknown generation option(s): {', '.join(unknown)}")
+            near = difflib.get_close_matches(unknown[0], names, n=1)  # a misspelt name (max_new_token)
+            raise OptionsError(f"unknown generation option(s): {', '.join(map(repr, unknown))}"
+                               + (f" (did you mean {near[0]!r}?)" if near else ""))
         # Asking for beams asks for beam search: a sampling default (the bundled model's) gives way, unless
         # sampling is asked for in the same call too (then the conflict is reported).
         if is_int(overrides.get("num_beams")) and overrides["num_beams"] > 1 and "do_sample" not in overrides:

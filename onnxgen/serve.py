@@ -55,6 +55,7 @@ from fastapi.responses import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from .batcher import Batcher, Full, Job
 from .errors import ModelFolderError, OnnxgenError, OptionsError, openai_error, told
@@ -241,7 +242,11 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
         """What FastAPI and Starlette answer themselves (no such route, a method the route lacks, a body that is not UTF-8),
         in OpenAI's shape too."""
         response = error(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
-        response.headers.update(e.headers or {})  # a 405's Allow: the methods the route has
+        response.headers.update(e.headers or {})
+        if e.status_code == 405:  # Allow: the methods of every route at this path (Starlette names the first route's only)
+            methods = {m for route in request.app.routes if route.matches(request.scope)[0] != Match.NONE
+                       for m in getattr(route, "methods", None) or ()}
+            response.headers["Allow"] = ", ".join(sorted(methods))
         return response
 
     @app.get("/health")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer as _Tokenizer
 
-from .errors import ModelFolderError
+from .errors import ModelFolderError, OptionsError, shown
 
 
 # transformers' clean_up_tokenization, in its order. A checkpoint's tokenizer_config.json can ask for it
@@ -46,11 +46,17 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise OptionsError(f"text to encode must be a string, got {type(text).__name__}")
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], clean: bool = True) -> str:
-        """The text of `ids`, cleaned up where the folder asks (`clean=False`: as the tokens spell it)."""
-        text = self._tok.decode(ids, skip_special_tokens=True)
+        """The text of `ids`, cleaned up where the folder asks (`clean=False`: as the tokens spell it). An id past the
+        vocabulary spells nothing, as in the tokenizers library."""
+        try:
+            text = self._tok.decode(ids, skip_special_tokens=True)
+        except (TypeError, OverflowError):  # checked here only when it fails: a stream decodes at every token
+            raise OptionsError(f"ids to decode must be a list of non-negative integer token ids, got {shown(ids)}") from None
         return clean_up(text) if clean and self.clean_up_spaces else text
 
     def spell(self, token_id: int) -> str:

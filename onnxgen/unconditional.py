@@ -19,8 +19,8 @@ from .runtime import Runtime
 
 class Unconditional:
     def __init__(self, runtime: Runtime, prompts: list[list[int]], pad_id: int, max_new_tokens: int, scale: float,
-                 adapter: str | None = None) -> None:
-        self.rows = Rows(runtime, prompts, pad_id, max_new_tokens, adapter)
+                 adapter: str | None = None, repeat: int = 1) -> None:
+        self.rows = Rows(runtime, prompts, pad_id, max_new_tokens, adapter, repeat)
         self.scale = np.float32(scale)
 
     def __call__(self, raw: np.ndarray) -> np.ndarray:

@@ -104,6 +104,8 @@ BAD_OPTIONS: list[tuple[dict[str, Any], str]] = [
     ({"watermarking_config": {"greenlist_ratio": 0}}, "greenlist_ratio"), ({"watermarking_config": {"hashing_key": 1.5}}, "hashing_key"),
     ({"watermarking_config": {"hashing_key": True}}, "hashing_key"), ({"watermarking_config": {"context_width": 2.0}}, "context_width"),
     ({"watermarking_config": {"seeding_scheme": None}}, "seeding_scheme"), ({"watermarking_config": {"salt": 1}}, "no field"),
+    ({"max_new_token": 3}, r"unknown generation option\(s\): 'max_new_token' \(did you mean 'max_new_tokens'\?\)$"),
+    ({"": 1, "zzz": 2}, r"unknown generation option\(s\): '', 'zzz'$"),  # a name shown even where it is empty
 ]
 
 # a caller's processor or criterion that breaks transformers' contract: (options, the error's message must contain this)
@@ -168,6 +170,14 @@ def test_api_misuse_gets_onnxgen_errors(model: onnxgen.Model) -> None:
         model.generate("Hello", {"max_new_tokens": 3})  # type: ignore[arg-type]
     with pytest.raises(ModelFolderError, match="a model folder is a path"):
         onnxgen.load(5)  # type: ignore[arg-type]
+    # The tokenizer's own calls: the tokenizers library's TypeError and OverflowError were what came out
+    for text in (5, None, b"Hello", ["Hello"]):
+        with pytest.raises(OptionsError, match=f"text to encode must be a string, got {type(text).__name__}"):
+            model.tokenizer.encode(text)  # type: ignore[arg-type]
+    for ids in ("Hello", 5, [1.5], [-1], [[1, 2]], None):
+        with pytest.raises(OptionsError, match="ids to decode must be a list of non-negative integer token ids, got "):
+            model.tokenizer.decode(ids)  # type: ignore[arg-type]
+    assert model.tokenizer.decode(np.array(model.tokenizer.encode("Hello there"))) == "Hello there"
 
 
 def test_an_output_that_is_or_nests_in_its_source_is_refused(exported: Path, checkpoint: Path, tmp_path: Path) -> None:

@@ -368,6 +368,11 @@ def test_generator_stats_belong_to_the_call(model: onnxgen.Model) -> None:
     s = g.stats
     assert s.new_tokens == 15 and s.prompt_tokens == sum(map(len, PROMPTS)) and s.time_to_first_token_s > 0
     assert 0 < s.time_to_first_token_s <= s.total_s and s.decode_tokens_per_s > 0
+    # A prompt counts once, however many rows run it (return sequences, beams, guidance's twins), as usage counts it
+    for options in ({"do_sample": True, "num_return_sequences": 3}, {"num_beams": 3}, {"guidance_scale": 1.5}):
+        g = model.generator(PROMPTS, max_new_tokens=2, **options)
+        drive(g)
+        assert g.stats.prompt_tokens == sum(map(len, PROMPTS)), options
 
 
 def test_agenerate_and_astream_leave_the_event_loop_free(exported: Path, model: onnxgen.Model) -> None:

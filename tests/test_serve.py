@@ -396,11 +396,12 @@ def test_the_openapi_document_says_what_the_server_answers(server: Served) -> No
                httpx.get(server + "/v1/responses/resp_none", headers=headers),
                # what FastAPI and Starlette answer themselves: no such route, a method the route lacks, a body not UTF-8
                httpx.get(server + "/v1/nothing", headers=headers), httpx.put(server + "/v1/completions", headers=headers),
-               httpx.post(server + "/v1/completions", headers={**headers, "Content-Type": "application/json"}, content=b'{"prompt": "\xff"}')]
-    assert [r.status_code for r in answers] == [401, 400, 400, 404, 404, 404, 405, 400]
+               httpx.post(server + "/v1/completions", headers={**headers, "Content-Type": "application/json"}, content=b'{"prompt": "\xff"}'),
+               httpx.post(server + "/v1/responses/resp_none", headers=headers)]  # a path with two routes, GET and DELETE
+    assert [r.status_code for r in answers] == [401, 400, 400, 404, 404, 404, 405, 400, 405]
     for r in answers:
         ErrorBody.model_validate(r.json())
-    assert answers[-2].headers["allow"] == "POST"
+    assert answers[6].headers["allow"] == "POST" and answers[-1].headers["allow"] == "DELETE, GET"
 
 
 Samples = dict[tuple[str, tuple[str, ...]], float]
