@@ -230,8 +230,8 @@ class DecodeStep:
             io.bind_input(past, rt.device, 0, rt.cache_dtype, shape, cache.address(layer))
             io.bind_output(present, rt.device, 0, rt.cache_dtype, shape, cache.address(layer))
         io.bind_ortvalue_output(LOGITS, self.logits)
-        self.graph = rt.graph_options() if rt.cuda_graph else None
-        if self.graph is not None:
+        self.options = rt.step_options()
+        if rt.cuda_graph:
             io.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(cache.capacity, dtype=np.int32))
 
     def run(self, ids: np.ndarray, positions: np.ndarray, seqlens: np.ndarray, total: int, adapters: list[Adapter | None]) -> np.ndarray:
@@ -242,14 +242,14 @@ class DecodeStep:
         self.ids.update_inplace(ids)
         self.positions.update_inplace(np.ascontiguousarray(positions))
         self.seqlens.update_inplace(seqlens)
-        if self.graph is None:
+        if not self.runtime.cuda_graph:
             self.io.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(total, dtype=np.int32))
         else:
             # The copies above go through CUDA's default stream and may still be in flight when they return; a
             # captured step replays on onnxruntime's own stream, which does not wait for it. Reading a value
             # back waits for them.
             self.seqlens.numpy()
-        self.runtime.run(self.io, self.graph)
+        self.runtime.run(self.io, self.options)
         scores = self.logits.numpy()[:, -1, :]  # from CUDA, a copy; on the CPU, the buffer the next step overwrites
         return np.array(scores, dtype=np.float32) if self.runtime.device == "cpu" else scores.astype(np.float32, copy=False)
 
@@ -271,9 +271,10 @@ class GrowingCache:
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         column = tokens.reshape(-1, 1).astype(np.int64)
         self.mask = np.concatenate([self.mask, np.ones_like(column)], axis=1)
-        return self._run(column, self.positions + 1)
+        return self._run(column, self.positions + 1, self.runtime.step_options())
 
-    def _run(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _run(self, ids: np.ndarray, positions: np.ndarray, step: Any = None) -> np.ndarray:
+        """A pass over prompts, or with `step` (Runtime.step_options()) a decode step."""
         rt = self.runtime
         io = rt.session.io_binding()
         io.bind_cpu_input(INPUT_IDS, ids)
@@ -286,7 +287,7 @@ class GrowingCache:
         io.bind_output(LOGITS, "cpu")
         for name in rt.present_names:
             io.bind_output(name, rt.device)
-        rt.run(io)
+        rt.run(io, step)
         outputs = io.get_outputs()
         self.values, self.positions = outputs[1:], positions[:, -1:]
         return outputs[0].numpy()[:, -1, :].astype(np.float32, copy=False)  # fp16 folders made before their Cast give fp16
@@ -327,7 +328,7 @@ class GrowingCache:
         feed.update({name: empty for name in rt.past_names})
         if rt.lora is not None:
             feed.update(rt.lora.feeds(tuple(self.adapters)))
-        return rt.session.run([LOGITS], feed)[0]
+        return rt.session.run([LOGITS], feed, rt.pass_options)[0]
 
 
 def bind_lora(runtime: Runtime, io: Any, adapters: list[Adapter | None] | tuple[Adapter | None, ...]) -> dict[str, np.ndarray]:

@@ -195,7 +195,8 @@ class Runtime:
         self.cuda_graph = cuda_graph
         self.lora = self._lora(folder, adapters or {})
         self._graph_ids = itertools.count(1)
-        self._uncaptured = self._run_options(-1) if cuda_graph else None  # prompt passes: never captured
+        self.pass_options = self._prompt_pass_options()  # the run options of a pass over prompts (not a decode step)
+        self._step_options = self.ort.RunOptions()  # a decode step's without CUDA graphs
         # With CUDA graphs, all device work goes one call at a time: while onnxruntime captures a step, any other
         # thread's copy or allocation on the device breaks the capture.
         self._lock = threading.RLock()
@@ -370,19 +371,31 @@ class Runtime:
         """Held around a cache's device work when CUDA graphs are on (see _lock); otherwise nothing."""
         return self._lock if self.cuda_graph else contextlib.nullcontext()
 
-    def run(self, io: Any, graph: Any = None) -> None:
-        """One run of the model graph (with CUDA graphs, under exclusive()); `graph`: a decode step's
-        graph_options(), which captures the step and then replays it; any other run is not captured."""
-        self.session.run_with_iobinding(io, graph or self._uncaptured)
+    def run(self, io: Any, step: Any = None) -> None:
+        """One run of the model graph (with CUDA graphs, under exclusive()). `step`: a decode step's step_options();
+        None: a pass over prompts (or guesses, or text scored), with pass_options."""
+        self.session.run_with_iobinding(io, self.pass_options if step is None else step)
 
-    def graph_options(self) -> Any:
-        """Run options naming a new CUDA graph: one per cache, as a capture is tied to the addresses of the
-        buffers it was captured with."""
-        return self._run_options(next(self._graph_ids))
+    def step_options(self) -> Any:
+        """Run options for a cache's decode steps. With CUDA graphs they name a new graph: one per cache, as a
+        capture is tied to the addresses of the buffers it was captured with; onnxruntime captures the step once,
+        then replays it."""
+        return self._graph_options(next(self._graph_ids)) if self.cuda_graph else self._step_options
 
-    def _run_options(self, graph_id: int) -> Any:
+    def _graph_options(self, graph_id: int) -> Any:
         options = self.ort.RunOptions()
         options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return options
+
+    def _prompt_pass_options(self) -> Any:
+        """A pass over prompts is never captured in a CUDA graph. On the CPU, what onnxruntime's memory arena grew by
+        for the pass goes back after it: a long prompt's activations would otherwise stay the process's until it
+        ended (gpt2-large int8, batch 8 x 512 tokens: 1,661 MiB resident after the call instead of 884; the next long
+        pass faults its pages in again, 0-5% of its time: benchmarks/arena.py). Decode steps, which reuse the same
+        memory every step, keep theirs."""
+        options = self._graph_options(-1) if self.cuda_graph else self.ort.RunOptions()
+        if self.device == "cpu" and self._options.enable_cpu_mem_arena:  # (onnxruntime refuses a run that names no arena)
+            options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         return options
 
     def all_logits(self, input_ids: np.ndarray, adapter: Adapter | None = None) -> np.ndarray:

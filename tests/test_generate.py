@@ -920,6 +920,37 @@ def test_a_calls_cache_goes_when_the_call_ends(model: onnxgen.Model, monkeypatch
     assert len(made) == 4 and live == [None] * 4
 
 
+@pytest.mark.parametrize("layout", ["in place", "growing"])
+def test_passes_over_prompts_give_the_arena_back_and_decode_steps_keep_it(exported: Path, exported_growing: Path, layout: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime's CPU arena keeps what a run grew it by: after a long prompt's pass, its activations' memory (gpt2-large
+    at batch 8 x 512: 800 MiB, benchmarks/arena.py). Passes over prompts, guesses and scored text shrink it after them;
+    decode steps, which reuse the same memory every step, do not."""
+    model = onnxgen.load(exported if layout == "in place" else exported_growing, threads=1)
+    session, shrunk = model.runtime.session, []
+
+    def shrinks(options: Any) -> bool:
+        try:
+            return options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+        except RuntimeError:  # no such entry
+            return False
+
+    run_bound, run_fed = session.run_with_iobinding, session.run
+    monkeypatch.setattr(session, "run_with_iobinding", lambda io, options=None: (shrunk.append(shrinks(options)), run_bound(io, options))[1])
+    monkeypatch.setattr(session, "run", lambda names, feed, options=None: (shrunk.append(shrinks(options)), run_fed(names, feed, options))[1])
+    model.generate(PROMPTS, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    # The prompt passes (in place, one a prompt length), then three steps (the fourth token is chosen, not run)
+    assert shrunk == [True] * (len(PROMPTS) if layout == "in place" else 1) + [False] * 3
+    shrunk.clear()
+    model.score(["It is a truth universally acknowledged"])
+    assert shrunk == [True]
+    if layout == "in place":  # guesses (prompt lookup's, a draft model's) run as a pass over several tokens
+        cache = model.runtime.new_cache(1, 16)
+        cache.prefill([PROMPTS[0]])
+        cache.append([5, 6, 7])  # type: ignore[union-attr]
+        assert shrunk == [True, True, True]
+
+
 def test_cuda_graph_needs_cuda(exported: Path) -> None:
     with pytest.raises(OptionsError, match="CUDA provider"):
         onnxgen.load(exported, cuda_graph=True)
