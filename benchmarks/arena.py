@@ -76,9 +76,9 @@ def child(folder: Path, option: str, threads: int) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# The CPU arena after a long prompt's pass", "",
-             f"{result['host']}; onnxruntime {result['onnxruntime']}; {result['threads']} threads; batch {BATCH} x {PROMPT} random "
-             f"tokens: {PASSES} calls of one new token (the prompt pass, median), then one of {NEW} (decode); each case in a process "
-             f"of its own, in turns for {result['runs']} rounds (memory: the largest; times: the median). `{result['command']}`", "",
+             (f"{result['host']}; onnxruntime {result['onnxruntime']}; {result['threads']} threads; batch {BATCH} x {PROMPT} random "
+              f"tokens: {PASSES} calls of one new token (the prompt pass, median), then one of {NEW} (decode); each case in a process "
+              f"of its own, in turns for {result['runs']} rounds (memory: the largest; times: the median). `{result['command']}`"), "",
              "| folder | option | RSS loaded MiB | RSS after MiB | peak MiB | prompt pass s | x keep | decode tok/s | x keep |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for folder, cases in result["folders"].items():
