@@ -29,7 +29,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import host, write_results  # noqa: E402  (the suite's own)
+from footprint import arena_off  # the suite's own, found through the path above
+from run import host, write_results
 
 OPTIONS = ["shrink", "keep", "no-arena"]
 BATCH, PROMPT, NEW, PASSES = 8, 512, 128, 3
@@ -51,14 +52,7 @@ def child(folder: Path, option: str, threads: int) -> dict[str, Any]:
     import onnxgen
 
     if option == "no-arena":
-        make = ort.SessionOptions
-
-        def options() -> Any:  # the runtime makes its SessionOptions through this name
-            o = make()
-            o.enable_cpu_mem_arena = False
-            return o
-
-        ort.SessionOptions = options
+        arena_off()
     model = onnxgen.load(folder, threads=threads)
     if option == "keep":
         model.runtime.pass_options = ort.RunOptions()

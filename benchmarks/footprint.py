@@ -105,9 +105,22 @@ def _status(*keys: str, source: str = "status", pid: str = "self") -> dict[str, 
     return values
 
 
+def arena_off() -> None:
+    """Every SessionOptions made from now on turns onnxruntime's CPU memory arena off (enable_cpu_mem_arena=False)."""
+    import onnxruntime as ort
+
+    make = ort.SessionOptions
+
+    def options() -> Any:  # the runtime makes its SessionOptions through this name
+        o = make()
+        o.enable_cpu_mem_arena = False
+        return o
+
+    ort.SessionOptions = options
+
+
 def child(folder: Path, option: str, threads: int, hold: bool = False) -> dict[str, Any]:
     import numpy as np
-    import onnxruntime as ort
 
     import onnxgen
     import onnxgen.runtime
@@ -115,14 +128,7 @@ def child(folder: Path, option: str, threads: int, hold: bool = False) -> dict[s
 
     before = _status("VmRSS")["VmRSS"]
     if option == "no-arena":
-        make = ort.SessionOptions
-
-        def options() -> Any:  # the runtime makes its SessionOptions through this name
-            o = make()
-            o.enable_cpu_mem_arena = False
-            return o
-
-        ort.SessionOptions = options
+        arena_off()
     if option == "no-paging":
         onnxgen.runtime.page_on_demand = lambda path, random: 0
     start = time.perf_counter()

@@ -57,7 +57,7 @@ def sample_distinct(scores: np.ndarray, n: int, rng: np.random.Generator) -> np.
 class Rows:
     def __init__(self, runtime: Runtime, prompts: list[list[int]], pad_id: int, max_new_tokens: int, adapter: str | None = None,
                  repeat: int = 1) -> None:
-        """A row for each prompt, `repeat` rows each in a row (return sequences, beams)."""
+        """`repeat` rows for each prompt, next to each other (return sequences, beams, guidance's twins)."""
         self._shape = (len(prompts) * repeat, max(len(p) for p in prompts) + max_new_tokens, pad_id)  # of the cache
         # A call too large is refused now, not at its first step, and before its rows are made (10**12 beams)
         runtime.check_cache(*self._shape[:2])
