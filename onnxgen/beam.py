@@ -17,7 +17,8 @@ import numpy as np
 
 from . import logits
 from .decoding import Rows, Scoring, sample_distinct
-from .generator import Completion, Event, Stats, call_stats
+from .errors import OptionsError
+from .generator import STILL_RUNNING, Completion, Event, Stats, call_stats
 from .guidance import constraint
 from .options import GenerationOptions
 from .runtime import Runtime
@@ -145,6 +146,8 @@ class BeamSearch:
 
     def completions(self) -> list[Completion]:
         """The best `num_return_sequences` beams of each prompt, best first, prompt by prompt."""
+        if not self.done:
+            raise OptionsError(STILL_RUNNING)
         asked = self.opts.logprobs is not None
         results = []
         for i in range(self.b):

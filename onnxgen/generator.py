@@ -34,6 +34,10 @@ from .tokenizer import TextStream, Tokenizer
 from .unconditional import Unconditional
 
 
+# completions() before the end: a running row has no finish reason yet (it used to read "length")
+STILL_RUNNING = "the generator is still running: step() until done, or cancel() (finish(row) for one row) first"
+
+
 @dataclass
 class Stats:
     prompt_tokens: int  # of the call's prompts, each counted once however many rows run it (as OpenAI's usage counts)
@@ -248,6 +252,8 @@ class Generator:
 
     def completions(self) -> list[Completion]:
         """One per row, in row order: prompt by prompt, each prompt's return sequences together."""
+        if not self.done:
+            raise OptionsError(STILL_RUNNING)
         asked = self.opts.logprobs is not None
         return [Completion(self.texts[row] if self.texts[row] is not None else self.tokenizer.decode(ids), list(ids),
                            self.finish_reasons[row] or "length", self.prompt_index[row],

@@ -166,6 +166,11 @@ def test_api_misuse_gets_onnxgen_errors(model: onnxgen.Model) -> None:
     assert generator.finish_reasons == [None, None]
     generator.finish(np.int64(1))
     assert generator.finish_reasons == [None, "cancelled"]
+    for running in (generator, model.generator("Hello", max_new_tokens=3, num_beams=2)):  # no finish reason yet: not "length"
+        with pytest.raises(OptionsError, match=r"the generator is still running: step\(\) until done, or cancel\(\)"):
+            running.completions()
+        running.cancel()
+        assert running.completions()
     with pytest.raises(OptionsError, match="options must be a GenerationOptions, got dict"):
         model.generate("Hello", {"max_new_tokens": 3})  # type: ignore[arg-type]
     with pytest.raises(ModelFolderError, match="a model folder is a path"):
