@@ -34,7 +34,7 @@ from .tokenizer import TextStream, Tokenizer
 from .unconditional import Unconditional
 
 # completions() before the end: a running row has no finish reason yet (it used to read "length")
-STILL_RUNNING = "the generator is still running: step() until done, or cancel() (finish(row) for one row) first"
+STILL_RUNNING = "the generator is still running: step() until done, or cancel() first"
 
 
 @dataclass

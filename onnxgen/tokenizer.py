@@ -68,6 +68,9 @@ class Tokenizer:
         return spelled
 
     def token_to_id(self, token: str) -> int | None:
+        """The id of a token as the vocabulary spells it ("Ġthe": GPT-2 writes a leading space as Ġ), or None."""
+        if not isinstance(token, str):
+            raise OptionsError(f"token must be a string (as the vocabulary spells it), got {type(token).__name__}")
         return self._tok.token_to_id(token)
 
     @functools.lru_cache(maxsize=8)  # noqa: B019  (a model's tokenizer lives as long as the model; a few breaker sets)

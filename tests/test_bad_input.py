@@ -183,6 +183,10 @@ def test_api_misuse_gets_onnxgen_errors(model: onnxgen.Model) -> None:
         with pytest.raises(OptionsError, match="ids to decode must be a list of non-negative integer token ids, got "):
             model.tokenizer.decode(ids)  # type: ignore[arg-type]
     assert model.tokenizer.decode(np.array(model.tokenizer.encode("Hello there"))) == "Hello there"
+    with pytest.raises(OptionsError, match="token must be a string"):
+        model.tokenizer.token_to_id(5)  # type: ignore[arg-type]
+    first = model.tokenizer.encode("Hello")[0]
+    assert model.tokenizer.token_to_id(model.tokenizer.spell(first)) == first  # "H": no leading space to spell as Ġ
 
 
 def test_an_output_that_is_or_nests_in_its_source_is_refused(exported: Path, checkpoint: Path, tmp_path: Path) -> None:
