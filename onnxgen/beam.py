@@ -4,7 +4,9 @@ Per prompt, `num_beams` running beams; each step looks at the best 2 x num_beams
 enough stay alive when some end (with do_sample, beam sampling: that many continuations drawn, without
 replacement, from the softmax of the beams' summed, warped log-probabilities). Ended candidates compete for `num_beams` finished slots on their
 length-penalised score; the search stops when no running beam can beat the finished ones (the
-`early_stopping` rule), when the finished slots are full (`early_stopping=True`), or at max_new_tokens.
+`early_stopping` rule), when the finished slots are full (`early_stopping=True`), at max_new_tokens, or when
+max_time is up (every candidate then ends). A stop string or a caller's criterion ends a candidate as an end token
+does (OpenAI's `stop` then cuts the text before the string, as the generator does).
 `BeamSearch` has the generator's nouns (generator.py); its steps return no events, since a beam revises
 its past: the results come from `completions()` once it is done.
 """
@@ -16,9 +18,10 @@ import time
 import numpy as np
 
 from . import logits
+from .cache import left_pad
 from .decoding import Rows, Scoring, sample_distinct
 from .errors import OptionsError
-from .generator import STILL_RUNNING, Completion, Event, Stats, call_stats
+from .generator import STILL_RUNNING, Completion, Event, Stats, call_stats, tokens_before
 from .guidance import constraint
 from .options import GenerationOptions
 from .runtime import Runtime
@@ -26,6 +29,9 @@ from .stopping import StopRules
 from .tokenizer import Tokenizer
 
 NEG = np.float32(-1.0e9)
+# Why a candidate ended, as the code that the finished slots keep (0: it runs on); by StopRules' order, first first
+REASONS = ("running", "eos", "length", "time", "stop")
+EOS, LENGTH, TIME, STOP = range(1, 5)
 
 
 def _take(array: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -45,6 +51,7 @@ class BeamSearch:
         # stop_strings read a candidate's last tokens: its prompt's last ones, then its new ones
         reach = max((len(s) for s in self.rules.stop_strings), default=0) + 1
         self._prompt_tails = [p[-reach:] for p in prompts]
+        self._padded = left_pad(prompts, pad_id)[0]  # what stopping_criteria see before a candidate's new tokens
         # Per beam, a token besides every end token: what the candidates looked at per step must hold, and what
         # beam sampling's warpers leave at least (transformers' min_tokens_to_keep)
         per_beam = max(2, 1 + len(self.eos))
@@ -66,6 +73,7 @@ class BeamSearch:
         self.finished_scores = np.full((b, k), NEG, dtype=np.float32)
         self.is_finished = np.zeros((b, k), dtype=bool)
         self.finished_lens = np.zeros((b, k), dtype=np.int64)
+        self.finished_why = np.zeros((b, k), dtype=np.int8)  # REASONS' codes
         self.improvable = np.ones((b, 1), dtype=bool)
         self.steps = 0
         self.step_ends: list[float] = []
@@ -106,9 +114,8 @@ class BeamSearch:
             alt_ids = self.top(processed, self.top_n)
             alt = np.stack([alt_ids, np.take_along_axis(processed, alt_ids, -1)], axis=-1).reshape(b, k, self.top_n, 2)
             top_alt[:, :, cur] = _take(alt, top_beams)
-        ends = np.isin(top_tokens, self.eos) | (cur + 1 >= opts.max_new_tokens)
-        if self.rules.stop_strings:  # transformers': a candidate that completes one ends as an end token's would
-            ends |= np.array([[self._stops(i, seq[: cur + 1]) for seq in top_seqs[i]] for i in range(b)], dtype=bool).reshape(ends.shape)
+        why = self._why(top_tokens, top_seqs, top_beams, processed, cur)
+        ends = why > 0
 
         # Running beams for the next step: the best candidates that did not end.
         live_scores = top_scores + ends.astype(np.float32) * NEG
@@ -130,6 +137,7 @@ class BeamSearch:
         self.finished_alt = _take(np.concatenate([self.finished_alt, top_alt], axis=1), best)
         self.finished_lens = _take(np.concatenate([self.finished_lens, np.full_like(top_tokens, cur + 1)], axis=1), best)
         self.is_finished = _take(np.concatenate([self.is_finished, just_ended], axis=1), best)
+        self.finished_why = _take(np.concatenate([self.finished_why, why], axis=1), best)
 
         self.steps = cur = cur + 1
         # Can a running beam still beat the worst finished one?
@@ -154,19 +162,50 @@ class BeamSearch:
             for j in range(self.opts.num_return_sequences):
                 n = int(self.finished_lens[i, j])
                 tokens = self.finished[i, j, :n].tolist()
-                reason = "cancelled" if self.cancelled else ("eos" if tokens and tokens[-1] in self.rules.eos else
-                                                             "stop" if tokens and self._stops(i, tokens) else "length")
+                reason = "cancelled" if self.cancelled else REASONS[self.finished_why[i, j]]
+                text = self.tokenizer.decode(tokens)
+                cut = self.rules.first_stop(text) if self.rules.stop else None
+                if cut is not None:  # as the generator cuts a row's text and tokens (ended by the length or the time too)
+                    reason, text, n = "stop", text[:cut], tokens_before(self.tokenizer, tokens, cut)
+                    tokens = tokens[:n]
                 alternatives = [{int(t): float(v) for t, v in step} for step in self.finished_alt[i, j, :n]] if asked else None
-                results.append(Completion(self.tokenizer.decode(tokens), tokens, reason, i,
+                results.append(Completion(text, tokens, reason, i,
                                           self.finished_lp[i, j, :n].tolist() if asked else None, alternatives,
                                           float(self.finished_scores[i, j])))
         return results
 
+    def _why(self, tokens: np.ndarray, seqs: np.ndarray, beams: np.ndarray, processed: np.ndarray, cur: int) -> np.ndarray:
+        """Why each candidate ends (REASONS' code; 0: it runs on), given each one's token, new tokens so far and beam,
+        all (prompts, candidates, ...), and the beams' scores (`processed`, a row per beam). As transformers' beam
+        search treats its stopping criteria, one that completes a stop string, meets a caller's criterion or is
+        chosen when max_time is up ends as one ending in an end token does: a finished hypothesis, out of the running
+        beams."""
+        b, keep = tokens.shape
+        why = np.where(np.isin(tokens, self.eos), EOS, 0).astype(np.int8)
+        if cur + 1 >= self.opts.max_new_tokens:
+            why[why == 0] = LENGTH
+        if self.rules.deadline is not None and time.perf_counter() > self.rules.deadline:
+            why[why == 0] = TIME
+        stopped = np.zeros(tokens.shape, dtype=bool)
+        if self.rules.stop_strings:
+            stopped |= np.array([[self._stops(i, seq[: cur + 1]) for seq in seqs[i]] for i in range(b)], dtype=bool).reshape(stopped.shape)
+        if self.rules.stop:  # OpenAI's stop: one in a candidate's new text (completions cut it there)
+            stopped |= np.array([[self.rules.first_stop(self.tokenizer.decode(seq[: cur + 1].tolist())) is not None for seq in seqs[i]]
+                                 for i in range(b)], dtype=bool).reshape(stopped.shape)
+        if self.rules.criteria:  # every candidate's tokens, left-padded as transformers' rows, one row per candidate
+            ids = np.concatenate([np.repeat(self._padded, keep, axis=0), seqs[:, :, : cur + 1].reshape(b * keep, -1)], axis=1)
+            scores = _take(processed.reshape(b, self.k, -1), beams).reshape(b * keep, -1)  # those its token was chosen from
+            stopped |= self.rules.criteria_met(ids, scores).reshape(stopped.shape)
+        why[(why == 0) & stopped] = STOP
+        return why
+
     def _stops(self, prompt: int, new: np.ndarray | list[int]) -> bool:
         """Whether the last of these new tokens after prompt `prompt`'s completes one of stop_strings."""
-        return bool(self.rules.stop_strings) and self.rules.completes_stop_string([*self._prompt_tails[prompt], *map(int, new)], self.tokenizer.spell)
+        return self.rules.completes_stop_string([*self._prompt_tails[prompt], *map(int, new)], self.tokenizer.spell)
 
     @property
     def stats(self) -> Stats:
-        lengths = [int(n) for n in self.finished_lens[:, : self.opts.num_return_sequences].reshape(-1)]
+        # Once done, the tokens each returned beam keeps (a stop string cuts its text), as the generator counts a row's
+        lengths = ([len(c.token_ids) for c in self.completions()] if self.done else
+                   [int(n) for n in self.finished_lens[:, : self.opts.num_return_sequences].reshape(-1)])
         return call_stats(self.start, self.step_ends, self.prompt_tokens, lengths)

@@ -231,7 +231,8 @@ class Generator:
         top = self.top_logprobs[row][-1] if self.top_logprobs[row] else None
         if cut is not None:
             reason, text = "stop", text[:cut]
-            self._keep_tokens_before(row, cut)
+            keep = tokens_before(self.tokenizer, self.generated[row], cut)
+            del self.generated[row][keep:], self.logprobs[row][keep:], self.top_logprobs[row][keep:]
         if reason is None:
             safe = max(emitted, len(text) - self.rules.hold)
             self._emitted[row] = safe
@@ -240,14 +241,6 @@ class Generator:
             text = self.tokenizer.decode(self.generated[row])  # flush bytes held back
         self.finish_reasons[row], self.texts[row] = reason, text
         return Event(text[emitted:], row, self.prompt_index[row], token, logprob, top, reason)
-
-    def _keep_tokens_before(self, row: int, cut: int) -> None:
-        """After a stop string, the text ending at character `cut`: keep the tokens whose text lies wholly before it."""
-        ids = self.generated[row]
-        keep = len(ids)
-        while keep and len(self.tokenizer.decode(ids[:keep])) > cut:
-            keep -= 1
-        del ids[keep:], self.logprobs[row][keep:], self.top_logprobs[row][keep:]
 
     def completions(self) -> list[Completion]:
         """One per row, in row order: prompt by prompt, each prompt's return sequences together."""
@@ -264,6 +257,14 @@ class Generator:
     def stats(self) -> Stats:
         stats = call_stats(self.start, self.step_ends, self.prompt_tokens, [len(ids) for ids in self.generated])
         return replace(stats, guessed_tokens=self.guessed_tokens, guesses_taken=self.guesses_taken)
+
+
+def tokens_before(tokenizer: Tokenizer, ids: list[int], cut: int) -> int:
+    """After a stop string, the text ending at character `cut`: how many of the first tokens lie wholly before it."""
+    keep = len(ids)
+    while keep and len(tokenizer.decode(ids[:keep])) > cut:
+        keep -= 1
+    return keep
 
 
 def call_stats(start: float, step_ends: list[float], prompt_tokens: int, lengths: list[int]) -> Stats:

@@ -276,12 +276,6 @@ class GenerationOptions:
         for name in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
             if getattr(self, name) < 0:
                 raise OptionsError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.num_beams > 1 and self.stop:
-            raise OptionsError("stop strings are not supported with beam search")
-        if self.num_beams > 1 and self.stopping_criteria:
-            raise OptionsError("stopping_criteria are not supported with beam search")
-        if self.num_beams > 1 and self.max_time is not None:
-            raise OptionsError("max_time is not supported with beam search")
         for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise OptionsError(f"{name} must be at least 1 (or None), got {getattr(self, name)}")

@@ -587,6 +587,82 @@ def test_stop_strings_in_beam_search_as_transformers(model: onnxgen.Model, torch
     assert changed >= 4 and "stop" in reasons
 
 
+def test_stop_in_beam_search_ends_where_stop_strings_do_and_cuts_the_text(model: onnxgen.Model) -> None:
+    """OpenAI's stop with beam search: a candidate whose new text holds a stop string ends as with stop_strings (the
+    same beams: tested against transformers above), and its text is cut before the first one (after it, with
+    include_stop_str_in_output), its tokens those wholly before that point, as the generator cuts a row's."""
+    beams = {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 20, "do_sample": False}
+    plain = model.generate(PROMPTS, **beams)
+    stopped = 0
+    for stops in ([plain[0].text[4:6], plain[4].text[8:10]], ["e"], ["a", "o"]):
+        ended = model.generate(PROMPTS, stop_strings=stops, **beams)
+        for include in (False, True):
+            cut = model.generate(PROMPTS, stop=stops, include_stop_str_in_output=include, **beams)
+            for c, e in zip(cut, ended, strict=True):
+                assert c.finish_reason == e.finish_reason and c.score == e.score, stops
+                if c.finish_reason != "stop":
+                    assert (c.text, c.token_ids) == (e.text, e.token_ids)
+                    continue
+                begin, length = min((e.text.find(s), len(s)) for s in stops if s in e.text)
+                assert c.text == e.text[: begin + length if include else begin]
+                n = len(c.token_ids)
+                assert c.token_ids == e.token_ids[:n] and len(model.tokenizer.decode(c.token_ids)) <= len(c.text)
+                assert n == len(e.token_ids) or len(model.tokenizer.decode(e.token_ids[: n + 1])) > len(c.text)
+                stopped += 1
+    assert stopped >= 6
+    # what a call's stats count: the tokens it returns (the last stops' beams, cut)
+    g = model.generator(PROMPTS, stop=stops, **beams)
+    while not g.done:
+        g.step()
+    assert g.stats.new_tokens == sum(len(c.token_ids) for c in g.completions()) < sum(len(e.token_ids) for e in ended)
+
+
+def test_stopping_criteria_in_beam_search_as_transformers(model: onnxgen.Model, torch_model: torch.nn.Module) -> None:
+    """A caller's stopping criterion with beam search sees every candidate (its prompt left-padded, then its new tokens)
+    with the scores its token was chosen from, and a candidate it ends is a finished hypothesis (finish reason
+    "stop"), as in transformers' beam search. It ends candidates on tokens that the plain beams choose, so that it acts."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    eos, beams = model.defaults.eos_ids[0], {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 16, "do_sample": False}
+    plain = model.generate(PROMPTS, **beams)
+    seen: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    changed, reasons = 0, set()
+    for stops in ([plain[0].token_ids[12]], [plain[2].token_ids[15], plain[4].token_ids[5]], [plain[3].token_ids[0]]):
+        def ours_criterion(ids: np.ndarray, scores: np.ndarray, stops: list[int] = stops) -> np.ndarray:
+            seen.append((ids.shape, scores.shape))
+            return np.isin(ids[:, -1], stops)
+
+        class TheirCriterion(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: Any, stops: list[int] = stops, **kwargs: Any) -> torch.Tensor:
+                return torch.isin(input_ids[:, -1], torch.tensor(stops))
+
+        ours = model.generate(PROMPTS, stopping_criteria=[ours_criterion], **beams)
+        theirs = hf_generate(torch_model, PROMPTS, eos, stopping_criteria=StoppingCriteriaList([TheirCriterion()]), **beams)
+        for c, row in zip(ours, theirs, strict=True):
+            assert c.token_ids == (row[:-1] if c.finish_reason == "stop" and row[-1] == eos else row), stops  # theirs pads
+            assert c.finish_reason != "stop" or c.token_ids[-1] in stops
+        changed += [c.token_ids for c in ours] != [c.token_ids for c in plain]
+        reasons |= {c.finish_reason for c in ours}
+    assert changed == 3 and "stop" in reasons
+    # 2 candidates a beam (one besides the end token), rows of the prompts' width and one more position a step
+    width, candidates = max(map(len, PROMPTS)), len(PROMPTS) * 2 * beams["num_beams"]
+    assert {ids[0] for ids, _ in seen} == {candidates} and {s for _, s in seen} == {(candidates, model.runtime.vocab_size)}
+    assert {ids[1] for ids, _ in seen} == set(range(width + 1, width + 1 + beams["max_new_tokens"]))
+
+
+def test_max_time_in_beam_search_as_transformers(model: onnxgen.Model, torch_model: torch.nn.Module) -> None:
+    """max_time with beam search: when it is up, every candidate ends (finish reason "time") and the best finished
+    beams are the results, as transformers' beam search ends them with its MaxTimeCriteria; up at the first step here."""
+    eos, beams = model.defaults.eos_ids[0], {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 16, "do_sample": False}
+    ours = model.generate(PROMPTS, max_time=1e-9, **beams)
+    assert [c.token_ids for c in ours] == hf_generate(torch_model, PROMPTS, eos, max_time=1e-9, **beams)
+    assert all(len(c.token_ids) == 1 for c in ours)
+    assert {c.finish_reason for c in ours if c.token_ids != [eos]} == {"time"}
+    roomy = model.generate(PROMPTS, max_time=600.0, **beams)
+    assert [c.token_ids for c in roomy] == [c.token_ids for c in model.generate(PROMPTS, **beams)]
+    assert "time" not in {c.finish_reason for c in roomy}
+
+
 def test_stop_strings(model: onnxgen.Model) -> None:
     full = model.generate("It is a truth", max_new_tokens=30)[0].text
     stop = full[len(full) // 2 : len(full) // 2 + 2]

@@ -263,6 +263,13 @@ def test_beam_search_as_an_extra_field(client: openai.OpenAI, model: onnxgen.Mod
     assert [c.text for c in sampled.choices] == [c.text for c in model.generate(
         "Call me", max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=True, temperature=1.5, top_k=0, seed=4)]
     assert [c.text for c in sampled.choices] != [c.text for c in out.choices]
+    # a stop string with beams: the beams that hold one end there and come back cut, as model.generate's
+    stop = out.choices[0].text[3:5]
+    stopped = client.completions.create(model="tiny", prompt="Call me", max_tokens=8, temperature=0, n=2, stop=[stop],
+                                        extra_body={"num_beams": 3})
+    ours = model.generate("Call me", max_new_tokens=8, num_beams=3, num_return_sequences=2, stop=[stop])
+    assert [c.text for c in stopped.choices] == [c.text for c in ours] != [c.text for c in out.choices]
+    assert "stop" in {c.finish_reason for c in ours} and not any(stop in c.text for c in stopped.choices)
 
 
 def test_classifier_free_guidance_as_extra_fields(client: openai.OpenAI, model: onnxgen.Model) -> None:
