@@ -4,7 +4,8 @@
   and value, each a (rows, heads, capacity, head size) slice of it, allocated once per call at the length
   the call needs (its longest prompt + max_new_tokens: never the whole context window). GroupQueryAttention
   writes each new position into it where it goes; each row has its own length, so no row is ever padded.
-  The prompt pass runs once per run of neighbouring rows of equal length, on their slice of the buffer.
+  The prompt pass runs once per run of neighbouring rows of equal length, on their slice of the buffer; a
+  prompt's beams or return sequences share one pass, copied to its other rows (`spread`).
   A server keeps one for all its requests instead (batcher.py): rows at the whole context, each written by
   its request's prompt pass when it joins and cleared when it ends, while the others go on decoding.
 - `GrowingCache` (graphs with MultiHeadAttention or optimum's own attention: `--growing-cache`, or
@@ -76,6 +77,8 @@ class InPlaceCache:
                 rt.zero(self.buffer)
         self.lengths = np.zeros(rows, dtype=np.int64)  # positions written, per row
         self.adapters: list[Adapter | None] = [None] * rows  # each row's LoRA adapter
+        # Positions that every row of a prompt holds alike since spread(): beam search's reorders leave them be
+        self.fixed = 0
         self._steps: dict[int, DecodeStep] = {}  # by how many leading rows a decode runs (a batcher's rows come and go)
 
     def layers(self) -> np.ndarray:
@@ -91,6 +94,7 @@ class InPlaceCache:
         in parts, after what the row holds); the last position's scores of each prompt. One pass per run of
         prompts of equal length in neighbouring rows."""
         rows = list(range(len(prompts))) if rows is None else rows
+        self.fixed = 0
         scores = np.empty((len(prompts), self.runtime.vocab_size), np.float32)
         first = 0
         while first < len(prompts):
@@ -105,6 +109,13 @@ class InPlaceCache:
             first = stop
         self.lengths[rows] = [start + len(p) for p in prompts]
         return scores
+
+    def spread(self, repeat: int) -> None:
+        """The first rows // repeat rows hold as many prompts' passes: each becomes `repeat` neighbouring rows (row i
+        takes row i // repeat). A prompt's beams or return sequences thus share one pass, and the positions it wrote
+        stay put when beam search reorders the rows (with a 512-token prompt, 4 beams of gpt2 copied 8x less a step)."""
+        self.reorder(np.repeat(np.arange(self.rows // repeat), repeat))
+        self.fixed = int(self.lengths.min())
 
     def decode(self, tokens: np.ndarray, advance: np.ndarray | None = None) -> np.ndarray:
         """One token for each of the first len(tokens) rows, written at the row's own length. Rows where `advance`
@@ -185,13 +196,14 @@ class InPlaceCache:
             return self._run(ids, np.broadcast_to(np.arange(n), ids.shape), 0, len(ids), seqlens, n, every)
 
     def reorder(self, source: np.ndarray) -> None:
-        """Copy only the rows that change, and only their written positions, within the buffers."""
+        """Copy only the rows that change, and on the CPU only their written positions past those that every row of
+        a prompt holds alike (`fixed`; row i's source is a row of its own prompt), within the buffers."""
         moved = np.flatnonzero(source != np.arange(self.rows))
         if moved.size:
             n = int(self.lengths.max())
             if self.runtime.device == "cpu":
                 layers = self.layers()  # the right side is gathered first: safe when rows swap
-                layers[:, moved, :, :n] = layers[:, source[moved], :, :n]
+                layers[:, moved, :, self.fixed : n] = layers[:, source[moved], :, self.fixed : n]
             else:  # row r of layer l is row l x rows + r of the buffer
                 every = (np.arange(len(self.runtime.past_names))[:, None] * self.rows + source).reshape(-1)
                 with self.runtime.exclusive():

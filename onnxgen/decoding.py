@@ -63,6 +63,7 @@ class Rows:
         runtime.check_cache(*self._shape[:2])
         self.adapter = runtime.adapter(adapter)  # every row's LoRA adapter, as loaded when the call was made (or None)
         self._tokens = [list(p) for p in prompts for _ in range(repeat)]  # without padding, as lists: what processors read
+        self._repeat = repeat
         self._prompts = left_pad(self._tokens, pad_id)[0]
         self._new = np.full((len(self._tokens), max_new_tokens), pad_id, dtype=np.int64)  # a column a step
         self.steps = 0  # tokens appended to every row
@@ -101,6 +102,10 @@ class Rows:
             self._cache = self._runtime.new_cache(*self._shape, adapter=self.adapter)
         assert not isinstance(self._cache, SharedRows), "a batcher runs the forwards of shared rows"
         if self.pending is None:
+            if self._repeat > 1 and isinstance(self._cache, InPlaceCache):  # one pass a prompt, copied to its other rows
+                scores = self._cache.prefill(self._tokens[:: self._repeat])
+                self._cache.spread(self._repeat)
+                return np.repeat(scores, self._repeat, axis=0)
             return self._cache.prefill(self._tokens)
         return self._cache.decode(self.pending)
 

@@ -945,6 +945,33 @@ def test_device_reorder_moves_the_same_rows_as_the_host_one(exported: Path, expo
             assert np.array_equal(got_device.numpy()[row], old[source])
 
 
+def test_a_prompts_rows_share_one_prompt_pass(model: onnxgen.Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beams and return sequences: a prompt's pass runs on one row and its other rows copy it (InPlaceCache.spread);
+    what that pass wrote then stays put in beam search's reorders, which copy only the positions past it. (That the
+    tokens stay transformers' is the parity tests' to say.)"""
+    passes: list[tuple[int, ...]] = []
+    run = InPlaceCache._run
+
+    def counted(cache: InPlaceCache, ids: np.ndarray, *args: Any) -> np.ndarray:
+        passes.append(ids.shape)
+        return run(cache, ids, *args)
+
+    monkeypatch.setattr(InPlaceCache, "_run", counted)
+    model.generate(PROMPTS, num_beams=3, max_new_tokens=4)
+    model.generate(PROMPTS, do_sample=True, num_return_sequences=2, max_new_tokens=4, seed=1)
+    assert passes == [(1, len(p)) for p in PROMPTS] * 2  # one row a prompt (of different lengths: a pass each)
+
+    cache = model.runtime.new_cache(4, 16)
+    cache.prefill(PROMPTS[1:])
+    cache.spread(2)
+    layers, short = cache.layers(), min(len(p) for p in PROMPTS[1:])
+    assert cache.lengths.tolist() == [len(PROMPTS[1])] * 2 + [len(PROMPTS[2])] * 2 and cache.fixed == short
+    assert np.array_equal(layers[:, 0, :, :2], layers[:, 1, :, :2]) and np.array_equal(layers[:, 2, :, :4], layers[:, 3, :, :4])
+    layers[:, 3] = 7.0  # a beam's positions that its source's replace, past `fixed` only
+    cache.reorder(np.array([0, 1, 2, 2]))
+    assert (layers[:, 3, :, :short] == 7.0).all() and np.array_equal(layers[:, 3, :, short:4], layers[:, 2, :, short:4])
+
+
 def test_rows_of_different_lengths_need_no_padding(exported: Path, exported_growing: Path, torch_model: torch.nn.Module) -> None:
     """The in-place cache runs each prompt at its own length (no padding anywhere): the same tokens as the
     growing cache's left-padded batch and as each prompt alone, for greedy, sampling and beams."""
