@@ -24,7 +24,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import host, write_results  # noqa: E402  (the suite's own)
+from run import host, write_results  # the suite's own
 
 
 def bench(checkout: Path, folder: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -52,8 +52,8 @@ def summary(runs: list[list[dict[str, Any]]], new_tokens: int) -> list[dict[str,
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# {result['name']}: this checkout against {result['baseline']}", "",
-             f"{result['environment']}; {result['threads']} threads, {result['new_tokens']} new tokens, medians of "
-             f"{result['rounds']} rounds in turns; `{result['command']}`.", "",
+             (f"{result['environment']}; {result['threads']} threads, {result['new_tokens']} new tokens, medians of "
+              f"{result['rounds']} rounds in turns; `{result['command']}`."), "",
              "| folder | case | first token ms (base -> this) | decode tok/s (base -> this) | call ms (base -> this) | call, base / this |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for folder, sides in result["folders"].items():

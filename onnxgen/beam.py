@@ -21,7 +21,14 @@ from . import logits
 from .cache import left_pad
 from .decoding import Rows, Scoring, sample_distinct
 from .errors import OptionsError
-from .generator import STILL_RUNNING, Completion, Event, Stats, call_stats, tokens_before
+from .generator import (
+    STILL_RUNNING,
+    Completion,
+    Event,
+    Stats,
+    call_stats,
+    tokens_before,
+)
 from .guidance import constraint
 from .options import GenerationOptions
 from .runtime import Runtime
