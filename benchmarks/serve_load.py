@@ -21,6 +21,7 @@ tokens long).
 earlier commit) or from this one with other `onnxgen serve` options, runs beside this one, the two taking
 the same runs in turns, so that the ratio is measured on the same machine state.
     python benchmarks/serve_load.py FOLDER --baseline-args "--prefill-chunk 100000" --long-prompt 600 --rates 2
+--beams N: every request is beam search with N beams (the text of each comes whole at its end).
 --seeded-every N: every Nth request sends a seed (1: all; clients that want reproducible text), which decides whether
 it can share steps (on int8 and CUDA it runs apart); with a mix, the unseeded requests' time to first token is
 reported apart too (what a request that could share waits behind those that cannot).
@@ -63,11 +64,12 @@ def prompt(i: int, long_tokens: int, long_every: int) -> str | list[int]:
     return PROMPTS[i % len(PROMPTS)]
 
 
-async def one(http: httpx.AsyncClient, i: int, max_tokens: int, text: str | list[int], seeded: bool) -> tuple[float, int, list[float]]:
+async def one(http: httpx.AsyncClient, i: int, max_tokens: int, text: str | list[int], seeded: bool, beams: int = 1) -> tuple[float, int, list[float]]:
     """(time to first token, completion tokens, the gaps between its pieces of text) of one streaming request
-    (with `seeded`, seed i); raises on any error."""
+    (with `seeded`, seed i; with `beams` > 1, beam search, whose text comes whole at its end); raises on any error."""
     body = {"prompt": text, "max_tokens": max_tokens, "temperature": 0.8, "stream": True,
-            "stream_options": {"include_usage": True}, "eos_token_id": None, **({"seed": i} if seeded else {})}
+            "stream_options": {"include_usage": True}, "eos_token_id": None, **({"seed": i} if seeded else {}),
+            **({"num_beams": beams} if beams > 1 else {})}
     start, first, tokens, gaps, last = time.perf_counter(), None, 0, [], 0.0
     async with http.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
@@ -91,7 +93,7 @@ async def one(http: httpx.AsyncClient, i: int, max_tokens: int, text: str | list
 
 
 async def load(base: str, clients: int, requests: int, max_tokens: list[int], rate: float | None = None,
-               long_tokens: int = 0, long_every: int = 0, seeded_every: int = 0) -> dict[str, Any]:
+               long_tokens: int = 0, long_every: int = 0, seeded_every: int = 0, beams: int = 1) -> dict[str, Any]:
     """`clients` clients sending requests one after another (closed loop), or with `rate`, requests arriving
     at that many a second on average (open loop: exponential gaps, the same seeded schedule for every server)."""
     ttft: list[float] = []
@@ -105,7 +107,7 @@ async def load(base: str, clients: int, requests: int, max_tokens: list[int], ra
         sent = time.perf_counter()
         try:
             seeded = seeded_every > 0 and i % seeded_every == 0
-            first, n, pauses = await one(http, i, max_tokens[i % len(max_tokens)], prompt(i, long_tokens, long_every), seeded)
+            first, n, pauses = await one(http, i, max_tokens[i % len(max_tokens)], prompt(i, long_tokens, long_every), seeded, beams)
             ttft.append(first)
             if not seeded:
                 ttft_plain.append(first)
@@ -137,7 +139,9 @@ async def load(base: str, clients: int, requests: int, max_tokens: list[int], ra
         await arrivals(rate)
     elapsed = time.perf_counter() - start
 
-    def q(values: list[float], at: int) -> float:
+    def q(values: list[float], at: int) -> float:  # NaN for none (beam search's text comes in one piece: no gaps)
+        if not values:
+            return float("nan")
         return (statistics.quantiles(values, n=100)[at - 1] if len(values) > 1 else values[0]) * 1000
 
     return {"clients": clients if rate is None else None, "rate": rate, "requests": requests, "errors": errors,
@@ -188,6 +192,7 @@ def main() -> None:
     ap.add_argument("--long-every", type=int, default=4)
     ap.add_argument("--seeded-every", type=int, default=0, help="every Nth request sends a seed (its index), as clients that want "
                     "reproducible text do (1: every request)")
+    ap.add_argument("--beams", type=int, default=1, help="every request asks for beam search with this many beams (temperature 0)")
     ap.add_argument("--server-args", default="", help="more `onnxgen serve` options for this checkout's server")
     ap.add_argument("--baseline", type=Path, help="another onnxgen checkout, served beside this one, in turns")
     ap.add_argument("--baseline-args", help="`onnxgen serve` options of a baseline server (from this checkout unless --baseline)")
@@ -197,7 +202,8 @@ def main() -> None:
     servers: dict[str, tuple[Path | None, list[str]]] = {"this": (None, args.server_args.split())}
     if args.baseline or args.baseline_args is not None:
         servers["baseline"] = (args.baseline.resolve() if args.baseline else None, (args.baseline_args or "").split())
-    long = {"long_tokens": args.long_prompt, "long_every": args.long_every if args.long_prompt else 0, "seeded_every": args.seeded_every}
+    long = {"long_tokens": args.long_prompt, "long_every": args.long_every if args.long_prompt else 0, "seeded_every": args.seeded_every,
+            "beams": args.beams}
     results = []
     for folder in args.folders:
         procs, bases = {}, {}
@@ -221,8 +227,8 @@ def main() -> None:
             n = max(args.clients)
             speedup = {}
             for label in servers:
-                sequential = asyncio.run(load(bases[label], 1, n, args.max_tokens, seeded_every=args.seeded_every))
-                together = asyncio.run(load(bases[label], n, n, args.max_tokens, seeded_every=args.seeded_every))
+                sequential = asyncio.run(load(bases[label], 1, n, args.max_tokens, seeded_every=args.seeded_every, beams=args.beams))
+                together = asyncio.run(load(bases[label], n, n, args.max_tokens, seeded_every=args.seeded_every, beams=args.beams))
                 speedup[label] = {"requests": n, "sequential_s": sequential["seconds"], "concurrent_s": together["seconds"],
                                   "ratio": sequential["seconds"] / together["seconds"]}
         finally:
@@ -239,6 +245,7 @@ def main() -> None:
     lengths = ", ".join(map(str, args.max_tokens))
     lines = [f"`onnxgen serve`, {args.threads} onnxruntime threads, max batch {args.max_batch}; streaming, sampled, "
              f"max_tokens {lengths} (request by request, cycling); {args.requests} requests per row" + (f"; every {args.seeded_every}th request seeded" if args.seeded_every else "")
+             + (f"; beam search, {args.beams} beams (a request's text comes at its end: first token = the whole request)" if args.beams > 1 else "")
              + (f"; every {args.long_every}th request a {args.long_prompt}-token prompt." if args.long_prompt else "."), "",
              "| model | server | load | tok/s | TTFT p50 ms | TTFT p99 ms | latency p50 ms | latency p99 ms | stall p99 ms | stall max ms | errors |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -74,6 +74,9 @@ class Running:
     # each row's last written position (its first token's, once the whole prompt is in). None after.
     written: list[int] | None = None
     first: np.ndarray | None = None
+    # Each row's row whose prompt pass it takes (itself for the first row of each of the job's prompts): a prompt's
+    # beams or return sequences share one pass, as a call's own rows do (InPlaceCache.spread)
+    source: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -237,11 +240,13 @@ class Batcher:
         for job in jobs:
             generator = self._generator(job, shared=True)
             if generator is not None:
-                started.append(Running(job, generator, [None] * job.rows))
+                repeat = job.rows // len(job.prompts)
+                started.append(Running(job, generator, [None] * job.rows, source=[row - row % repeat for row in range(job.rows)]))
                 generator.rows.share(SharedRows(self.cache, started[-1].slots))
-        # (job, its row, the row's prompt): nothing is generated yet, so a row's history is its prompt
+        # (job, its row, the row's prompt): nothing is generated yet, so a row's history is its prompt. The rows that
+        # run a pass come first among those of their length, so that they sit side by side too.
         rows = sorted(((running, row, running.generator.rows.history(row)) for running in started for row in range(running.job.rows)),
-                      key=lambda r: len(r[2]))
+                      key=lambda r: (len(r[2]), r[0].source[r[1]] != r[1]))
         free = [slot for slot, holder in enumerate(self._slots) if holder is None]
         for (running, row, _), slot in zip(rows, free):
             running.slots[row], self._slots[slot] = slot, running
@@ -253,21 +258,32 @@ class Batcher:
             if resumed or max(len(running.generator.rows.history(row)) for row in range(running.job.rows)) > self.prefill_chunk:
                 running.written, running.first = [resumed] * running.job.rows, np.empty((running.job.rows, self.model.dims.vocab_size), np.float32)
                 self._prefilling.append(running)
-        rows = [r for r in rows if r[0].written is None]
+        rows = [r for r in rows if r[0].written is None and r[0].source[r[1]] == r[1]]
         if not rows:
             return
+        now = [running for running in started if running.written is None]
         try:
             raw = self.cache.prefill([prompt for _, _, prompt in rows], [running.slots[row] for running, row, _ in rows])  # type: ignore[misc]
+            self._copy_passes(now)
         except Exception as e:  # a bug, or memory: these jobs' error, the others run on
-            for running in started:
-                if running.written is None:
-                    self._end(running, error=e)
+            for running in now:
+                self._end(running, error=e)
             return
         order = {(id(running), row): i for i, (running, row, _) in enumerate(rows)}
-        for running in started:
-            if running.written is None:
-                self._shared.append(running)
-                self._take(running, raw[[order[id(running), row] for row in range(running.job.rows)]])
+        for running in now:
+            self._shared.append(running)
+            self._take(running, raw[[order[id(running), source] for source in running.source]])
+
+    def _copy_passes(self, runs: list[Running]) -> None:
+        """The rows that share a prompt pass (Running.source) take what it wrote, in one reorder of the shared cache."""
+        assert self.cache is not None
+        every = np.arange(self.max_batch)
+        for running in runs:
+            for row, source in enumerate(running.source):
+                target, origin = running.slots[row], running.slots[source]
+                if source != row and target is not None and origin is not None:
+                    every[target] = origin
+        self.cache.reorder(every)
 
     def _resume(self, running: Running) -> int:
         """With a prompt cache (load's prompt_cache_mib), a one-row job whose prompt starts with a kept cache's
@@ -309,7 +325,7 @@ class Batcher:
         budget = self.prefill_chunk
         for row, slot in enumerate(running.slots):
             prompt, done = running.generator.rows.history(row), running.written[row]
-            if done == len(prompt) or budget == 0 or slot is None:
+            if done == len(prompt) or budget == 0 or slot is None or running.source[row] != row:
                 continue
             part = prompt[done : done + budget]
             try:
@@ -320,8 +336,13 @@ class Batcher:
             running.written[row] += len(part)
             budget -= len(part)
             self.parts += 1
-        if all(running.written[row] == len(running.generator.rows.history(row)) for row in range(running.job.rows)):
-            first, running.written, running.first = running.first, None, None
+        if all(running.written[row] == len(running.generator.rows.history(row)) for row in set(running.source)):
+            try:
+                self._copy_passes([running])
+            except Exception as e:  # a bug, or memory: this job's error, the others run on
+                self._end(running, error=e)
+                return
+            first, running.written, running.first = running.first[running.source], None, None
             self._prefilling.remove(running)
             self._shared.append(running)
             self._take(running, first)

@@ -201,7 +201,7 @@ class InPlaceCache:
         a prompt holds alike (`fixed`; row i's source is a row of its own prompt), within the buffers."""
         moved = np.flatnonzero(source != np.arange(self.rows))
         if moved.size:
-            n = int(self.lengths.max())
+            n = int(self.lengths[source[moved]].max())  # past its source's length a moved row is never read
             if self.runtime.device == "cpu":
                 layers = self.layers()  # the right side is gathered first: safe when rows swap
                 layers[:, moved, :, self.fixed : n] = layers[:, source[moved], :, self.fixed : n]

@@ -122,6 +122,26 @@ def test_a_long_prompt_is_written_a_part_a_step(model: onnxgen.Model) -> None:
     assert all("token" in log[a:b] for a, b in itertools.pairwise(written))  # a token of the other job between each two
 
 
+def test_a_prompts_beams_share_one_prompt_pass(model: onnxgen.Model) -> None:
+    """A beam request's rows take one pass a prompt, whole or written in parts (its other beams copy what it wrote,
+    as a call's own rows do); each answer is what the request gives alone."""
+    batcher = Batcher(model, max_batch=8, prefill_chunk=4)
+    assert batcher.cache is not None
+    written: list[int] = []  # rows a pass writes
+    write = batcher.cache.prefill
+    batcher.cache.prefill = lambda prompts, *args, **kw: (written.append(len(prompts)), write(prompts, *args, **kw))[1]  # type: ignore[method-assign]
+    short = ["The", "Once"]
+    assert max(len(model.tokenizer.encode(p)) for p in short) <= 4  # a pass each, not parts
+    beams = {"max_new_tokens": 8, "num_beams": 3, "num_return_sequences": 2}
+    assert [c.token_ids for c in result(submit(batcher, model, short, **beams))] == [c.token_ids for c in model.generate(short, **beams)]
+    assert sum(written) == len(short)
+    written.clear()
+    long_prompt = "It is a truth universally acknowledged that a single man"
+    assert [c.token_ids for c in result(submit(batcher, model, [long_prompt], **beams))] == [
+        c.token_ids for c in model.generate(long_prompt, **beams)]
+    assert sum(written) == len(written) == batcher.parts == -(-len(model.tokenizer.encode(long_prompt)) // 4)  # one row a part
+
+
 def test_requests_with_different_options_share_steps(model: onnxgen.Model) -> None:
     """Each request keeps its own options, processors and stop rules in a shared step."""
     batcher = Batcher(model, max_batch=8)
