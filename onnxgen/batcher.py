@@ -4,7 +4,8 @@ The rows of the running requests share one key/value cache of `max_batch` rows (
 at the model's whole context: on the CPU its memory comes as positions are written and goes back when a
 row ends), and one forward a step decodes them all, each row at its own length. A request joins at the
 next step: its prompt pass writes its rows into free rows of that cache, while the others wait for that
-one pass (requests that arrive together share passes, one per prompt length; a prompt longer than
+one pass (requests that arrive together share passes, one per prompt length, and a prompt's beams or return
+sequences one row of it, which the others copy; a prompt longer than
 `prefill_chunk` tokens is written that many positions a step, so that the others wait for a part and not
 for the whole prompt). A row that ends frees its place at once, and the last busy row moves down into it,
 so that a step computes no free row. Each request keeps a generator of its own (generator.py), so its
