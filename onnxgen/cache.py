@@ -77,8 +77,10 @@ class InPlaceCache:
                 rt.zero(self.buffer)
         self.lengths = np.zeros(rows, dtype=np.int64)  # positions written, per row
         self.adapters: list[Adapter | None] = [None] * rows  # each row's LoRA adapter
-        # Positions that every row of a prompt holds alike since spread(): beam search's reorders leave them be
-        self.fixed = 0
+        # Per row, the first positions it holds alike with every other row of its prompt (its beams, its return
+        # sequences), which were copied from one pass (spread, and a batcher's): a reorder between two such rows leaves
+        # them be. 0 for a row written by a pass of its own, cleared, or never written.
+        self.shared = np.zeros(rows, dtype=np.int64)
         self._steps: dict[int, DecodeStep] = {}  # by how many leading rows a decode runs (a batcher's rows come and go)
 
     def layers(self) -> np.ndarray:
@@ -94,7 +96,7 @@ class InPlaceCache:
         in parts, after what the row holds); the last position's scores of each prompt. One pass per run of
         prompts of equal length in neighbouring rows."""
         rows = list(range(len(prompts))) if rows is None else rows
-        self.fixed = 0
+        self.shared[rows] = 0
         scores = np.empty((len(prompts), self.runtime.vocab_size), np.float32)
         first = 0
         while first < len(prompts):
@@ -116,7 +118,7 @@ class InPlaceCache:
         stay put when beam search reorders the rows (4 beams after a 512-token prompt: a call 2.5x faster,
         benchmarks/results/beam-prompt.md)."""
         self.reorder(np.repeat(np.arange(self.rows // repeat), repeat))
-        self.fixed = int(self.lengths.min())
+        self.shared[:] = self.lengths
 
     def decode(self, tokens: np.ndarray, advance: np.ndarray | None = None) -> np.ndarray:
         """One token for each of the first len(tokens) rows, written at the row's own length. Rows where `advance`
@@ -152,13 +154,13 @@ class InPlaceCache:
         """Row `row` takes the first `positions` positions of `source`'s row `source_row`, every layer's, and that
         length (CPU buffers: the prompt cache moves kept rows in and out this way)."""
         self.layers()[:, row, :, :positions] = source.layers()[:, source_row, :, :positions]
-        self.lengths[row] = positions
+        self.lengths[row], self.shared[row] = positions, 0
         self.adapters[row] = source.adapters[source_row]
 
     def clear(self, rows: list[int]) -> None:
         """Rows that no call uses any more: empty again, and on the CPU their memory goes back to the system (it
         reads as zeros after, as a new buffer's does), so that a long call's positions are not held after it."""
-        self.lengths[rows] = 0
+        self.lengths[rows] = self.shared[rows] = 0
         for row in rows:
             self.adapters[row] = None
         if self.runtime.device == "cpu":
@@ -197,19 +199,25 @@ class InPlaceCache:
             return self._run(ids, np.broadcast_to(np.arange(n), ids.shape), 0, len(ids), seqlens, n, every)
 
     def reorder(self, source: np.ndarray) -> None:
-        """Copy only the rows that change, and on the CPU only their written positions past those that every row of
-        a prompt holds alike (`fixed`; row i's source is a row of its own prompt), within the buffers."""
+        """Copy only the rows that change, within the buffers, and on the CPU only their written positions past those
+        that the row and its source both hold alike with their prompt's other rows (`shared`: a beam and the beam
+        it becomes are rows of one prompt; a row moved into a cleared one, as the batcher moves rows down, shares
+        nothing with it)."""
         moved = np.flatnonzero(source != np.arange(self.rows))
         if moved.size:
             n = int(self.lengths[source[moved]].max())  # past its source's length a moved row is never read
             if self.runtime.device == "cpu":
-                layers = self.layers()  # the right side is gathered first: safe when rows swap
-                layers[:, moved, :, self.fixed : n] = layers[:, source[moved], :, self.fixed : n]
+                layers, starts = self.layers(), np.minimum(self.shared[moved], self.shared[source[moved]])
+                # Every right side is gathered before anything is written: safe when rows swap
+                copies = [(rows, start, layers[:, source[rows], :, start:n]) for start in np.unique(starts).tolist()
+                          if (rows := moved[starts == start]).size]
+                for rows, start, values in copies:
+                    layers[:, rows, :, start:n] = values
             else:  # row r of layer l is row l x rows + r of the buffer
                 every = (np.arange(len(self.runtime.past_names))[:, None] * self.rows + source).reshape(-1)
                 with self.runtime.exclusive():
                     self.runtime.move_rows(self.buffer, every)
-            self.lengths = self.lengths[source]
+            self.lengths, self.shared = self.lengths[source], self.shared[source]
             self.adapters = [self.adapters[s] for s in source.tolist()]
 
 

@@ -964,12 +964,17 @@ def test_a_prompts_rows_share_one_prompt_pass(model: onnxgen.Model, monkeypatch:
     cache = model.runtime.new_cache(4, 16)
     cache.prefill(PROMPTS[1:])
     cache.spread(2)
-    layers, short = cache.layers(), min(len(p) for p in PROMPTS[1:])
-    assert cache.lengths.tolist() == [len(PROMPTS[1])] * 2 + [len(PROMPTS[2])] * 2 and cache.fixed == short
+    layers = cache.layers()
+    lengths = [len(PROMPTS[1])] * 2 + [len(PROMPTS[2])] * 2
+    assert cache.lengths.tolist() == cache.shared.tolist() == lengths
     assert np.array_equal(layers[:, 0, :, :2], layers[:, 1, :, :2]) and np.array_equal(layers[:, 2, :, :4], layers[:, 3, :, :4])
-    layers[:, 3] = 7.0  # a beam's positions that its source's replace, past `fixed` only
+    cache.lengths[:] += 3  # three tokens each (what decode steps write)
+    layers[:, 3] = 7.0  # a beam's positions that its source's replace, past what both hold alike only
     cache.reorder(np.array([0, 1, 2, 2]))
-    assert (layers[:, 3, :, :short] == 7.0).all() and np.array_equal(layers[:, 3, :, short:4], layers[:, 2, :, short:4])
+    assert (layers[:, 3, :, :4] == 7.0).all() and np.array_equal(layers[:, 3, :, 4:7], layers[:, 2, :, 4:7])
+    cache.clear([1])  # a cleared row shares nothing: a row moved into it is copied whole
+    cache.reorder(np.array([0, 2, 2, 3]))
+    assert cache.shared.tolist() == [2, 4, 4, 4] and np.array_equal(layers[:, 1, :, :7], layers[:, 2, :, :7])
 
 
 def test_rows_of_different_lengths_need_no_padding(exported: Path, exported_growing: Path, torch_model: torch.nn.Module) -> None:
