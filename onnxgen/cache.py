@@ -208,9 +208,9 @@ class InPlaceCache:
             n = int(self.lengths[source[moved]].max())  # past its source's length a moved row is never read
             if self.runtime.device == "cpu":
                 layers, starts = self.layers(), np.minimum(self.shared[moved], self.shared[source[moved]])
+                groups = [(moved[starts == start], start) for start in np.unique(starts).tolist()]
                 # Every right side is gathered before anything is written: safe when rows swap
-                copies = [(rows, start, layers[:, source[rows], :, start:n]) for start in np.unique(starts).tolist()
-                          if (rows := moved[starts == start]).size]
+                copies = [(rows, start, layers[:, source[rows], :, start:n]) for rows, start in groups]
                 for rows, start, values in copies:
                     layers[:, rows, :, start:n] = values
             else:  # row r of layer l is row l x rows + r of the buffer
