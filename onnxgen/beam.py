@@ -18,7 +18,6 @@ import time
 import numpy as np
 
 from . import logits
-from .cache import left_pad
 from .decoding import Rows, Scoring, sample_distinct
 from .errors import OptionsError
 from .generator import (
@@ -58,7 +57,6 @@ class BeamSearch:
         # stop_strings read a candidate's last tokens: its prompt's last ones, then its new ones
         reach = max((len(s) for s in self.rules.stop_strings), default=0) + 1
         self._prompt_tails = [p[-reach:] for p in prompts]
-        self._padded = left_pad(prompts, pad_id)[0]  # what stopping_criteria see before a candidate's new tokens
         # Per beam, a token besides every end token: what the candidates looked at per step must hold, and what
         # beam sampling's warpers leave at least (transformers' min_tokens_to_keep)
         per_beam = max(2, 1 + len(self.eos))
@@ -199,8 +197,9 @@ class BeamSearch:
         if self.rules.stop:  # OpenAI's stop: one in a candidate's new text (completions cut it there)
             stopped |= np.array([[self.rules.first_stop(self.tokenizer.decode(seq[: cur + 1].tolist())) is not None for seq in seqs[i]]
                                  for i in range(b)], dtype=bool).reshape(stopped.shape)
-        if self.rules.criteria:  # every candidate's tokens, left-padded as transformers' rows, one row per candidate
-            ids = np.concatenate([np.repeat(self._padded, keep, axis=0), seqs[:, :, : cur + 1].reshape(b * keep, -1)], axis=1)
+        if self.rules.criteria:  # a row per candidate: its beam's row as processors see it (left-padded), then its token
+            parents = _take(self.rows.input_ids.reshape(b, self.k, -1), beams).reshape(b * keep, -1)
+            ids = np.concatenate([parents, tokens.reshape(-1, 1)], axis=1)
             scores = _take(processed.reshape(b, self.k, -1), beams).reshape(b * keep, -1)  # those its token was chosen from
             stopped |= self.rules.criteria_met(ids, scores).reshape(stopped.shape)
         why[(why == 0) & stopped] = STOP
