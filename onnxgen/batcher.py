@@ -276,18 +276,16 @@ class Batcher:
             self._take(running, raw[[order[id(running), source] for source in running.source]])
 
     def _copy_passes(self, runs: list[Running]) -> None:
-        """The rows that share a prompt pass (Running.source) take what it wrote, in one reorder of the shared cache;
-        a beam search's reorders then leave those positions be (InPlaceCache.shared)."""
+        """The rows that share a prompt pass (Running.source) take what it wrote, in one reorder of the shared cache
+        (a beam search's reorders then leave the positions its rows hold alike be: Rows.alike)."""
         assert self.cache is not None
-        every, grouped = np.arange(self.max_batch), []
+        every = np.arange(self.max_batch)
         for running in runs:
             for row, source in enumerate(running.source):
                 target, origin = running.slots[row], running.slots[source]
                 if source != row and target is not None and origin is not None:
                     every[target] = origin
-                    grouped += [target, origin]
         self.cache.reorder(every)
-        self.cache.shared[grouped] = self.cache.lengths[grouped]
 
     def _resume(self, running: Running) -> int:
         """With a prompt cache (load's prompt_cache_mib), a one-row job whose prompt starts with a kept cache's

@@ -13,7 +13,7 @@
   width and an attention mask says which positions are real.
 
 Both answer `prefill(prompts)` and `decode(tokens)` with the last position's scores, (rows, vocab)
-float32, and `reorder(source)` (row i becomes a copy of row source[i]: beam search). Each row has a LoRA adapter
+float32, and `reorder(source, alike)` (row i becomes a copy of row source[i]: beam search). Each row has a LoRA adapter
 (`adapters`: a loaded Adapter, or None; a graph exported with --lora), whose inputs every run binds (adapters.py).
 """
 
@@ -77,10 +77,6 @@ class InPlaceCache:
                 rt.zero(self.buffer)
         self.lengths = np.zeros(rows, dtype=np.int64)  # positions written, per row
         self.adapters: list[Adapter | None] = [None] * rows  # each row's LoRA adapter
-        # Per row, the first positions it holds alike with every other row of its prompt (its beams, its return
-        # sequences), which were copied from one pass (spread, and a batcher's): a reorder between two such rows leaves
-        # them be. 0 for a row written by a pass of its own, cleared, or never written.
-        self.shared = np.zeros(rows, dtype=np.int64)
         self._steps: dict[int, DecodeStep] = {}  # by how many leading rows a decode runs (a batcher's rows come and go)
 
     def layers(self) -> np.ndarray:
@@ -96,7 +92,6 @@ class InPlaceCache:
         in parts, after what the row holds); the last position's scores of each prompt. One pass per run of
         prompts of equal length in neighbouring rows."""
         rows = list(range(len(prompts))) if rows is None else rows
-        self.shared[rows] = 0
         scores = np.empty((len(prompts), self.runtime.vocab_size), np.float32)
         first = 0
         while first < len(prompts):
@@ -114,11 +109,9 @@ class InPlaceCache:
 
     def spread(self, repeat: int) -> None:
         """The first rows // repeat rows hold as many prompts' passes: each becomes `repeat` neighbouring rows (row i
-        takes row i // repeat). A prompt's beams or return sequences thus share one pass, and the positions it wrote
-        stay put when beam search reorders the rows (4 beams after a 512-token prompt: a call 2.5x faster,
-        benchmarks/results/beam-prompt.md)."""
+        takes row i // repeat). A prompt's beams or return sequences thus share one pass (4 beams after a 512-token
+        prompt: a call 2.5x faster, benchmarks/results/beam-prompt.md)."""
         self.reorder(np.repeat(np.arange(self.rows // repeat), repeat))
-        self.shared[:] = self.lengths
 
     def decode(self, tokens: np.ndarray, advance: np.ndarray | None = None) -> np.ndarray:
         """One token for each of the first len(tokens) rows, written at the row's own length. Rows where `advance`
@@ -154,13 +147,13 @@ class InPlaceCache:
         """Row `row` takes the first `positions` positions of `source`'s row `source_row`, every layer's, and that
         length (CPU buffers: the prompt cache moves kept rows in and out this way)."""
         self.layers()[:, row, :, :positions] = source.layers()[:, source_row, :, :positions]
-        self.lengths[row], self.shared[row] = positions, 0
+        self.lengths[row] = positions
         self.adapters[row] = source.adapters[source_row]
 
     def clear(self, rows: list[int]) -> None:
         """Rows that no call uses any more: empty again, and on the CPU their memory goes back to the system (it
         reads as zeros after, as a new buffer's does), so that a long call's positions are not held after it."""
-        self.lengths[rows] = self.shared[rows] = 0
+        self.lengths[rows] = 0
         for row in rows:
             self.adapters[row] = None
         if self.runtime.device == "cpu":
@@ -198,16 +191,15 @@ class InPlaceCache:
         with self.runtime.exclusive():
             return self._run(ids, np.broadcast_to(np.arange(n), ids.shape), 0, len(ids), seqlens, n, every)
 
-    def reorder(self, source: np.ndarray) -> None:
-        """Copy only the rows that change, within the buffers, and on the CPU only their written positions past those
-        that the row and its source both hold alike with their prompt's other rows (`shared`: a beam and the beam
-        it becomes are rows of one prompt; a row moved into a cleared one, as the batcher moves rows down, shares
-        nothing with it)."""
+    def reorder(self, source: np.ndarray, alike: np.ndarray | None = None) -> None:
+        """Copy only the rows that change, within the buffers, and on the CPU only their written positions past the
+        first alike[i], which row i already holds as row source[i] does (Rows.alike: beams that share their first
+        tokens; None: nothing, as for a row moved into a cleared one when the batcher moves rows down)."""
         moved = np.flatnonzero(source != np.arange(self.rows))
         if moved.size:
             n = int(self.lengths[source[moved]].max())  # past its source's length a moved row is never read
             if self.runtime.device == "cpu":
-                layers, starts = self.layers(), np.minimum(self.shared[moved], self.shared[source[moved]])
+                layers, starts = self.layers(), np.zeros(len(moved), np.int64) if alike is None else alike[moved]
                 groups = [(moved[starts == start], start) for start in np.unique(starts).tolist()]
                 # Every right side is gathered before anything is written: safe when rows swap
                 copies = [(rows, start, layers[:, source[rows], :, start:n]) for rows, start in groups]
@@ -217,7 +209,7 @@ class InPlaceCache:
                 every = (np.arange(len(self.runtime.past_names))[:, None] * self.rows + source).reshape(-1)
                 with self.runtime.exclusive():
                     self.runtime.move_rows(self.buffer, every)
-            self.lengths, self.shared = self.lengths[source], self.shared[source]
+            self.lengths = self.lengths[source]
             self.adapters = [self.adapters[s] for s in source.tolist()]
 
 
@@ -313,8 +305,8 @@ class GrowingCache:
         self.values, self.positions = outputs[1:], positions[:, -1:]
         return outputs[0].numpy()[:, -1, :].astype(np.float32, copy=False)  # fp16 folders made before their Cast give fp16
 
-    def reorder(self, source: np.ndarray) -> None:
-        """Select rows, copying the cache once.
+    def reorder(self, source: np.ndarray, alike: np.ndarray | None = None) -> None:
+        """Select rows, copying the cache once (each step's is a new array: what rows hold alike saves nothing).
 
         On CUDA a Gather runs on the device (`Runtime.select_rows`). On CPU numpy gathers straight from
         onnxruntime's memory (no `OrtValue.numpy()` copy) into buffers kept from step to step: fresh arrays
@@ -370,11 +362,13 @@ class SharedRows:
     def __init__(self, cache: InPlaceCache, slots: list[int | None]) -> None:
         self.cache, self.slots = cache, slots
 
-    def reorder(self, source: np.ndarray) -> None:
+    def reorder(self, source: np.ndarray, alike: np.ndarray | None = None) -> None:
         where = np.asarray(self.slots, dtype=np.int64)  # a beam search's rows all run until it ends: no None
-        every = np.arange(self.cache.rows)
+        every, held = np.arange(self.cache.rows), np.zeros(self.cache.rows, np.int64)
         every[where] = where[source]
-        self.cache.reorder(every)
+        if alike is not None:
+            held[where] = alike
+        self.cache.reorder(every, held)
 
 
 Cache = InPlaceCache | GrowingCache

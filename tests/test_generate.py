@@ -22,7 +22,7 @@ import onnxgen
 from onnxgen import logits
 from onnxgen.cache import DecodeStep
 from onnxgen.cache import InPlaceCache
-from onnxgen.decoding import sample, sample_distinct
+from onnxgen.decoding import Rows, sample, sample_distinct
 from onnxgen.errors import ContextLengthError, ModelFolderError, OptionsError, ProviderError
 from onnxgen.options import GenerationOptions
 from onnxgen.tokenizer import TextStream, Tokenizer
@@ -947,8 +947,8 @@ def test_device_reorder_moves_the_same_rows_as_the_host_one(exported: Path, expo
 
 def test_a_prompts_rows_share_one_prompt_pass(model: onnxgen.Model, monkeypatch: pytest.MonkeyPatch) -> None:
     """Beams and return sequences: a prompt's pass runs on one row and its other rows copy it (InPlaceCache.spread);
-    what that pass wrote then stays put in beam search's reorders, which copy only the positions past it. (That the
-    tokens stay transformers' is the parity tests' to say.)"""
+    a reorder then copies a moved row only past the positions it holds alike with its source. (That the tokens stay
+    transformers' is the parity tests' to say.)"""
     passes: list[tuple[int, ...]] = []
     run = InPlaceCache._run
 
@@ -965,16 +965,57 @@ def test_a_prompts_rows_share_one_prompt_pass(model: onnxgen.Model, monkeypatch:
     cache.prefill(PROMPTS[1:])
     cache.spread(2)
     layers = cache.layers()
-    lengths = [len(PROMPTS[1])] * 2 + [len(PROMPTS[2])] * 2
-    assert cache.lengths.tolist() == cache.shared.tolist() == lengths
+    assert cache.lengths.tolist() == [len(PROMPTS[1])] * 2 + [len(PROMPTS[2])] * 2
     assert np.array_equal(layers[:, 0, :, :2], layers[:, 1, :, :2]) and np.array_equal(layers[:, 2, :, :4], layers[:, 3, :, :4])
     cache.lengths[:] += 3  # three tokens each (what decode steps write)
     layers[:, 3] = 7.0  # a beam's positions that its source's replace, past what both hold alike only
-    cache.reorder(np.array([0, 1, 2, 2]))
-    assert (layers[:, 3, :, :4] == 7.0).all() and np.array_equal(layers[:, 3, :, 4:7], layers[:, 2, :, 4:7])
-    cache.clear([1])  # a cleared row shares nothing: a row moved into it is copied whole
-    cache.reorder(np.array([0, 2, 2, 3]))
-    assert cache.shared.tolist() == [2, 4, 4, 4] and np.array_equal(layers[:, 1, :, :7], layers[:, 2, :, :7])
+    cache.reorder(np.array([0, 1, 2, 2]), np.array([0, 0, 0, 5]))
+    assert (layers[:, 3, :, :5] == 7.0).all() and np.array_equal(layers[:, 3, :, 5:7], layers[:, 2, :, 5:7])
+    cache.reorder(np.array([0, 2, 2, 3]))  # nothing said alike (a row moved into a cleared one): copied whole
+    assert np.array_equal(layers[:, 1, :, :7], layers[:, 2, :, :7])
+
+
+@pytest.mark.parametrize("mode", ["fp32", "int8"])
+def test_beams_hold_their_common_history_alike(mode: str, exported: Path, quantized_folder: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows.alike, what a reorder leaves in place, is what the rows hold bit for bit: after every reorder of beam
+    search (a prompt's beams on several prompts; int8's one activation scale a run spans every row), each two rows of
+    a prompt hold the same keys and values over their common history. Skipping those copies changes no score, and
+    copies far fewer positions."""
+    model = onnxgen.load(exported if mode == "fp32" else quantized_folder(mode), threads=1)
+    advance, reorder = Rows.advance, InPlaceCache.reorder
+    copied: list[int] = []
+
+    def watched(rows: Rows, tokens: np.ndarray, source: np.ndarray | None = None) -> None:
+        advance(rows, tokens, source)
+        if source is None:
+            return
+        cache = rows._cache
+        assert isinstance(cache, InPlaceCache)
+        layers = cache.layers()
+        for a in range(cache.rows):
+            for b in range(cache.rows):
+                if a // 4 == b // 4:  # 4 beams a prompt
+                    held = int(rows.alike(np.array([b if r == a else r for r in range(cache.rows)]))[a])
+                    held = min(held, int(cache.lengths[a]))  # the token just chosen is not written yet
+                    assert np.array_equal(layers[:, a, :, :held], layers[:, b, :, :held]), (a, b, held)
+
+    def counting(cache: InPlaceCache, source: np.ndarray, alike: np.ndarray | None = None) -> None:
+        moved = np.flatnonzero(source != np.arange(cache.rows))
+        starts = np.zeros(len(moved), np.int64) if alike is None else alike[moved]
+        copied.append(int(np.maximum(cache.lengths[source[moved]] - starts, 0).sum()))
+        reorder(cache, source, alike)
+
+    monkeypatch.setattr(Rows, "advance", watched)
+    monkeypatch.setattr(InPlaceCache, "reorder", counting)
+    options = {"num_beams": 4, "num_return_sequences": 4, "max_new_tokens": 24, "min_new_tokens": 24}
+    skipped = model.generate(PROMPTS[:2], **options)
+    skipped_copies = sum(copied)
+    copied.clear()
+    monkeypatch.setattr(Rows, "alike", lambda rows, source: np.zeros(len(source), np.int64))
+    whole = model.generate(PROMPTS[:2], **options)
+    assert [c.token_ids for c in skipped] == [c.token_ids for c in whole]
+    assert [c.score for c in skipped] == [c.score for c in whole]  # bit for bit
+    assert skipped_copies < sum(copied) / 2, (skipped_copies, sum(copied))
 
 
 def test_rows_of_different_lengths_need_no_padding(exported: Path, exported_growing: Path, torch_model: torch.nn.Module) -> None:
