@@ -196,7 +196,7 @@ class Runtime:
         self.lora = self._lora(folder, adapters or {})
         self._graph_ids = itertools.count(1)
         self.pass_options = self._prompt_pass_options()  # the run options of a pass over prompts (not a decode step)
-        self._step_options = self.ort.RunOptions()  # a decode step's without CUDA graphs
+        self._step_options = self._graph_options(-1)  # a decode step's without CUDA graphs
         # With CUDA graphs, all device work goes one call at a time: while onnxruntime captures a step, any other
         # thread's copy or allocation on the device breaks the capture.
         self._lock = threading.RLock()
@@ -383,6 +383,9 @@ class Runtime:
         return self._graph_options(next(self._graph_ids)) if self.cuda_graph else self._step_options
 
     def _graph_options(self, graph_id: int) -> Any:
+        """Run options naming the CUDA graph a run captures or replays; -1: none. Every run's options name one: onnxruntime's
+        Python wrapper (1.31 and 1.32) reads gpu_graph_id at each run_with_iobinding, and options without it cost a
+        raised and caught RuntimeError, 24 us (a sixth of the bundled model's decode step)."""
         options = self.ort.RunOptions()
         options.add_run_config_entry("gpu_graph_id", str(graph_id))
         return options
@@ -393,7 +396,7 @@ class Runtime:
         ended (gpt2-large int8, batch 8 x 512 tokens: 1,661 MiB resident after the call instead of 884; the next long
         pass faults its pages in again, 0-5% of its time: benchmarks/arena.py). Decode steps, which reuse the same
         memory every step, keep theirs."""
-        options = self._graph_options(-1) if self.cuda_graph else self.ort.RunOptions()
+        options = self._graph_options(-1)
         if self.device == "cpu" and self._options.enable_cpu_mem_arena:  # (onnxruntime refuses a run that names no arena)
             options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         return options

@@ -1100,6 +1100,25 @@ def test_passes_over_prompts_give_the_arena_back_and_decode_steps_keep_it(export
         assert shrunk == [True, True, True]
 
 
+@pytest.mark.parametrize("layout", ["in place", "growing"])
+def test_every_run_names_its_cuda_graph(exported: Path, exported_growing: Path, layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every run's options name a CUDA graph (-1, none, on the CPU): onnxruntime's Python wrapper reads gpu_graph_id at
+    each run_with_iobinding, and options without it cost a raised and caught RuntimeError a step (24 us; the bundled
+    model decoded 1.19x faster without it, benchmarks/results/run-options.md)."""
+    model = onnxgen.load(exported if layout == "in place" else exported_growing, threads=1)
+    session, named = model.runtime.session, []
+    run_bound = session.run_with_iobinding
+
+    def run(io: Any, options: Any = None) -> None:
+        named.append(options.get_run_config_entry("gpu_graph_id"))  # raises where the options lack it
+        run_bound(io, options)
+
+    monkeypatch.setattr(session, "run_with_iobinding", run)
+    model.generate(PROMPTS, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    model.generate(PROMPTS[0], max_new_tokens=4, num_beams=2)
+    assert named and set(named) == {"-1"}
+
+
 def test_cuda_graph_needs_cuda(exported: Path) -> None:
     with pytest.raises(OptionsError, match="CUDA provider"):
         onnxgen.load(exported, cuda_graph=True)
