@@ -138,9 +138,10 @@ class Rows:
         longest common history (its prompt's at least, for a prompt's beams). A position's keys and values follow
         from the tokens up to it, and two rows with those tokens alike got them from the same runs, alike: a prompt's
         rows copy one pass (InPlaceCache.spread, the batcher's), and then each step writes every row's next position in
-        one run, where a row's numbers do not depend on which row it is (int8's one activation scale a run is every
-        row's). So beam search copies a moved beam only from where it parted from the beam it becomes, not its whole
-        length each step (4 beams, 256 tokens: a third of the call went to copies)."""
+        one run, where on the CPU a row's numbers do not depend on which row it is (int8's one activation scale a run
+        is every row's; tests/test_generate.py checks it bit for bit). So beam search copies a moved beam only from where
+        it parted from the beam it becomes, not its whole length each step (4 beams, 256 tokens: a third of the call went
+        to copies). CUDA's reorders gather whole rows."""
         ids = self.input_ids
         parted = ids != ids[source]
         first = np.where(parted.any(axis=1), parted.argmax(axis=1), ids.shape[1])
