@@ -19,6 +19,8 @@ import pytest
 
 import onnxgen
 from onnxgen.batcher import Batcher, Job
+from onnxgen.cache import SharedRows
+from onnxgen.decoding import Rows
 from onnxgen.errors import OptionsError
 
 Inbox = queue.Queue[tuple[str, Any]]
@@ -124,7 +126,8 @@ def test_a_long_prompt_is_written_a_part_a_step(model: onnxgen.Model) -> None:
 
 def test_a_prompts_beams_share_one_prompt_pass(model: onnxgen.Model) -> None:
     """A beam request's rows take one pass a prompt, whole or written in parts (its other beams copy what it wrote,
-    as a call's own rows do); each answer is what the request gives alone."""
+    as a call's own rows do); each answer is what the request gives alone, its beam scores to the last bit (the
+    shared cache's reorders copy a beam only past what it holds alike with the beam it becomes: Rows.alike)."""
     batcher = Batcher(model, max_batch=8, prefill_chunk=4)
     assert batcher.cache is not None
     written: list[int] = []  # rows a pass writes
@@ -133,13 +136,46 @@ def test_a_prompts_beams_share_one_prompt_pass(model: onnxgen.Model) -> None:
     short = ["The", "Once"]
     assert max(len(model.tokenizer.encode(p)) for p in short) <= 4  # a pass each, not parts
     beams = {"max_new_tokens": 8, "num_beams": 3, "num_return_sequences": 2}
-    assert [c.token_ids for c in result(submit(batcher, model, short, **beams))] == [c.token_ids for c in model.generate(short, **beams)]
+    answers, alone_answers = result(submit(batcher, model, short, **beams)), model.generate(short, **beams)
+    assert [(c.token_ids, c.score) for c in answers] == [(c.token_ids, c.score) for c in alone_answers]
     assert sum(written) == len(short)
     written.clear()
     long_prompt = "It is a truth universally acknowledged that a single man"
-    assert [c.token_ids for c in result(submit(batcher, model, [long_prompt], **beams))] == [
-        c.token_ids for c in model.generate(long_prompt, **beams)]
+    answers, alone_answers = result(submit(batcher, model, [long_prompt], **beams)), model.generate(long_prompt, **beams)
+    assert [(c.token_ids, c.score) for c in answers] == [(c.token_ids, c.score) for c in alone_answers]
     assert sum(written) == len(written) == batcher.parts == -(-len(model.tokenizer.encode(long_prompt)) // 4)  # one row a part
+
+
+def test_beams_in_the_shared_cache_hold_their_common_history_alike(model: onnxgen.Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After every reorder of a beam request in the server's shared cache, each two of its rows hold the same keys and
+    values over their common history (Rows.alike, through SharedRows' slots), bit for bit: what the reorder left in
+    place is what it would have copied."""
+    advance, checked = Rows.advance, []
+
+    def watched(rows: Rows, tokens: np.ndarray, source: np.ndarray | None = None) -> None:
+        advance(rows, tokens, source)
+        if source is None or not isinstance(rows._cache, SharedRows):  # model.generate's own cache below: not this test's
+            return
+        cache, slots = rows._cache.cache, rows._cache.slots
+        layers = cache.layers()
+        for a in range(len(slots)):
+            for b in range(len(slots)):
+                if a // 3 == b // 3:  # 3 beams a prompt
+                    held = int(rows.alike(np.array([b if r == a else r for r in range(len(slots))]))[a])
+                    held = min(held, int(cache.lengths[slots[a]]))  # the token just chosen is not written yet
+                    assert np.array_equal(layers[:, slots[a], :, :held], layers[:, slots[b], :, :held]), (a, b, held)
+                    checked.append(held)
+
+    monkeypatch.setattr(Rows, "advance", watched)
+    batcher = Batcher(model, max_batch=8)
+    gate = threading.Event()
+    held = submit(batcher, model, ["Once upon"], on_event=lambda _: gate.wait(30), max_new_tokens=20, **GREEDY)  # below the beams
+    beams = submit(batcher, model, ["The", "It is a truth"], max_new_tokens=12, num_beams=3, length_penalty=0.5)
+    gate.set()
+    expected = model.generate(["The", "It is a truth"], max_new_tokens=12, num_beams=3, length_penalty=0.5)
+    assert [(c.token_ids, c.score) for c in result(beams)] == [(c.token_ids, c.score) for c in expected]
+    result(held)
+    assert max(checked) > len(model.tokenizer.encode("It is a truth"))  # past the prompt: generated positions alike
 
 
 def test_requests_with_different_options_share_steps(model: onnxgen.Model) -> None:
