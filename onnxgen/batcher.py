@@ -42,7 +42,6 @@ from .cache import InPlaceCache, SharedRows
 from .errors import OptionsError
 from .generator import Generator
 from .options import GenerationOptions
-from .pages import small_pages
 
 if TYPE_CHECKING:  # model.py runs a batcher of its own for load(max_batch=N): it imports this module
     from .model import Model
@@ -132,10 +131,6 @@ class Batcher:
             raise OptionsError(f"max_batch {self.max_batch}: a key/value cache of {self.max_batch} rows at the model's context of "
                                f"{runtime.n_positions} positions ({need / 2**30:,.1f} GiB) cannot be allocated "
                                f"({type(e).__name__}: {reason}): serve fewer rows at once") from None
-        if runtime.device == "cpu":
-            # Measured with transparent huge pages on (gpt2 int8, 16 rows): an 8-token prompt pass brought its row's
-            # whole context into memory (72 MiB, 65-128 ms) instead of 1 MiB in 8 ms.
-            small_pages(cache.array.ctypes.data, cache.array.nbytes)
         return cache
 
     def _rows_alone(self) -> bool:

@@ -10,7 +10,7 @@ file). For those mappings, two madvise(2) hints:
 - MADV_DONTNEED: give back what the load read; what decoding reads again comes back from the page cache.
   Only for a mapping that holds no page of its own (copy-on-write), so nothing can be lost.
 `give_back` gives back the process's own memory the same way: the rows of a server's cache once their
-request has ended (cache.py); `small_pages` keeps that cache out of transparent huge pages.
+request has ended (cache.py); `small_pages` keeps every key/value cache out of transparent huge pages.
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ def give_back(address: int, size: int) -> None:
 
 def small_pages(address: int, size: int) -> None:
     """Keep [address, address + size) in 4 KiB pages (Linux's MADV_NOHUGEPAGE): memory written sparsely, such as
-    a server's cache rows (a few positions of each head of each row), where transparent huge pages would bring
-    in 2 MiB around every position written."""
+    a key/value cache (a position of each head of each row a step), where transparent huge pages would bring in
+    2 MiB around every position written."""
     _advise(address, size, MADV_NOHUGEPAGE)
 
 

@@ -15,6 +15,7 @@ import pytest
 
 import onnxgen
 from onnxgen import pages, prepacked, runtime
+from onnxgen.cache import InPlaceCache
 from onnxgen.errors import OnnxgenError, OptionsError
 from onnxgen.folder import ModelFolder
 
@@ -167,3 +168,24 @@ def test_cli_mapped_weights(quantized_folder, tmp_path: Path) -> None:  # type: 
     r = subprocess.run([sys.executable, "-m", "onnxgen", "generate", "It is", "-m", str(int8), "--mapped-weights"],
                        capture_output=True, text=True, env={**os.environ, "ONNXGEN_CACHE": str(blocked)})
     assert r.returncode == 1 and r.stderr.startswith("onnxgen: error: ") and r.stderr.count("\n") == 1 and "ONNXGEN_CACHE" in r.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="madvise(2) and /proc/self/smaps are Linux's")
+def test_a_key_value_cache_is_kept_in_small_pages(model: onnxgen.Model) -> None:
+    """Every CPU cache (a call's own, a server's) is advised out of transparent huge pages (MADV_NOHUGEPAGE: smaps'
+    VmFlags "nh"), which would zero 2 MiB around each position first written (cache.py)."""
+    cache = model.runtime.new_cache(16, 128)
+    assert isinstance(cache, InPlaceCache) and cache.array.nbytes >= 2**20
+    page = os.sysconf("SC_PAGE_SIZE")  # madvise takes whole pages: the buffer's first and last may be shared
+    start = -(-cache.array.ctypes.data // page) * page
+    end = (cache.array.ctypes.data + cache.array.nbytes) // page * page
+    flags: list[list[str]] = []  # VmFlags of each mapping that overlaps the buffer's whole pages
+    overlaps = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            overlaps = low < end and high > start
+        elif overlaps and fields and fields[0] == "VmFlags:":
+            flags.append(fields[1:])
+    assert flags and all("nh" in f for f in flags), flags
