@@ -40,12 +40,13 @@ def sequence_bias(biases: list[tuple[tuple[int, ...], float]]) -> Filter:
 
 
 def repetition_penalty(penalty: float) -> Filter:
-    """Divide positive (multiply negative) scores of every token already in the row (CTRL paper)."""
+    """Divide positive (multiply negative) scores of every token already in the row (CTRL paper). A token seen twice
+    is read twice and written twice with the same value, as in transformers' gather and scatter: no np.unique."""
 
     def apply(scores: np.ndarray, history: History, _: int) -> np.ndarray:
         scores = scores.copy()
         for row, seen in enumerate(history):
-            ids = np.unique(np.asarray(seen, dtype=np.int64))
+            ids = np.asarray(seen, dtype=np.int64)
             s = scores[row, ids]
             scores[row, ids] = np.where(s < 0, s * penalty, s / penalty)
         return scores
@@ -63,7 +64,7 @@ def encoder_repetition_penalty(penalty: float) -> Filter:
     def apply(scores: np.ndarray, history: History, generated: int) -> np.ndarray:
         scores = scores.copy()
         for row, seen in enumerate(history):
-            ids = np.unique(np.asarray(seen[: len(seen) - generated], dtype=np.int64))
+            ids = np.asarray(seen[: len(seen) - generated], dtype=np.int64)  # repeats read and write alike (above)
             s = scores[row, ids]
             scores[row, ids] = np.where(s < 0, s * np.float32(inverse), s / np.float32(inverse))
         return scores
