@@ -38,15 +38,15 @@ def bench(checkout: Path, folder: Path, args: argparse.Namespace) -> list[dict[s
 
 
 def summary(runs: list[list[dict[str, Any]]], new_tokens: int) -> list[dict[str, Any]]:
-    """Per case, the medians over the rounds."""
+    """Per case, the medians over the rounds, and each round's figure (a first token can vary far more than decoding)."""
     cases = []
     for i, case in enumerate(runs[0]):
-        ttft = statistics.median(r[i]["time_to_first_token_ms"]["median"] for r in runs)
-        tps = statistics.median(r[i]["decode_tokens_per_s"]["median"] for r in runs)
-        calls = [r[i]["time_to_first_token_ms"]["median"] + 1000 * (new_tokens - 1) * case["batch"] / r[i]["decode_tokens_per_s"]["median"]
-                 for r in runs]
-        cases.append({"case": f"b{case['batch']} p{case['prompt_tokens']} {case['strategy']}", "ttft_ms": ttft,
-                      "decode_tps": tps, "call_ms": statistics.median(calls)})
+        ttfts = [r[i]["time_to_first_token_ms"]["median"] for r in runs]
+        tpss = [r[i]["decode_tokens_per_s"]["median"] for r in runs]
+        calls = [ttft + 1000 * (new_tokens - 1) * case["batch"] / tps for ttft, tps in zip(ttfts, tpss)]
+        cases.append({"case": f"b{case['batch']} p{case['prompt_tokens']} {case['strategy']}", "ttft_ms": statistics.median(ttfts),
+                      "decode_tps": statistics.median(tpss), "call_ms": statistics.median(calls),
+                      "rounds": {"ttft_ms": ttfts, "decode_tps": tpss}})
     return cases
 
 
@@ -54,11 +54,13 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# {result['name']}: this checkout against {result['baseline']}", "",
              (f"{result['environment']}; {result['threads']} threads, {result['new_tokens']} new tokens, medians of "
               f"{result['rounds']} rounds in turns; `{result['command']}`."), "",
-             "| folder | case | first token ms (base -> this) | decode tok/s (base -> this) | call ms (base -> this) | call, base / this |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+             ("| folder | case | first token ms (base -> this) | its rounds' range | decode tok/s (base -> this) | call ms (base -> this) "
+              "| call, base / this |"),
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for folder, sides in result["folders"].items():
         for base, this in zip(sides["baseline"], sides["this"]):
-            lines.append(f"| {folder} | {this['case']} | {base['ttft_ms']:.0f} -> {this['ttft_ms']:.0f} | "
+            spans = [f"{min(side['rounds']['ttft_ms']):.0f}-{max(side['rounds']['ttft_ms']):.0f}" for side in (base, this)]
+            lines.append(f"| {folder} | {this['case']} | {base['ttft_ms']:.0f} -> {this['ttft_ms']:.0f} | {spans[0]} -> {spans[1]} | "
                          f"{base['decode_tps']:.1f} -> {this['decode_tps']:.1f} | {base['call_ms']:.0f} -> {this['call_ms']:.0f} | "
                          f"{base['call_ms'] / this['call_ms']:.2f}x |")
     return "\n".join(lines) + "\n"
