@@ -1,9 +1,10 @@
-"""onnxgen against transformers' PyTorch generate and optimum's ORTModelForCausalLM, in one run.
+"""onnxgen against transformers' PyTorch generate, optimum's ORTModelForCausalLM and CTranslate2, in one run.
 
     python benchmarks/run.py --models gpt2 gpt2-large --threads 2
 
 For each model (random weights of the real shapes, made by make_models.py; or --checkpoint DIR) it makes
-the onnxgen fp32/int8/int4 folders and optimum's own export once (kept in benchmarks/exports/), then runs
+the onnxgen fp32/int8/int4 folders, optimum's own export and CTranslate2's float32/int8 conversions once (kept
+in benchmarks/exports/), then runs
 every competitor in a subprocess of its own, with the same thread count, in --runs rounds: each round
 runs every competitor once, one after the other, so that a machine whose memory bandwidth drifts over the
 run (a shared host's does) slows all competitors alike instead of whichever ran last:
@@ -14,7 +15,7 @@ run (a shared host's does) slows all competitors alike instead of whichever ran 
 The machine's memory bandwidth is measured before every round and its median turned into each model's
 decode bound: read bandwidth / the weight bytes a token reads (streamed_bytes; decoding streams the weights
 and writes next to nothing, so a copy's rate, which counts writes, is no bound; it is reported beside).
-Results: benchmarks/results/latest.{json,md,png}.
+Results: benchmarks/results/latest.{json,md,png} (--name: another stem).
 Run it on a quiet machine: any background job halves the figures (the ratios hold up better).
 """
 
@@ -40,7 +41,8 @@ from onnxgen.options import STRATEGIES
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ["fp32", "int8", "int4", "fp16"]  # onnxgen's
-CHOICES = ["pytorch", "optimum", *(f"onnxgen-{v}" for v in VARIANTS)]
+CT2_TYPES = {"fp32": "float32", "int8": "int8"}  # CTranslate2's on the CPU (it has no int4 there), by onnxgen's name
+CHOICES = ["pytorch", "optimum", *(f"ctranslate2-{v}" for v in CT2_TYPES), *(f"onnxgen-{v}" for v in VARIANTS)]
 COMPETITORS = [c for c in CHOICES if c != "onnxgen-fp16"]  # the default run; fp16 on request (--competitors, --pair)
 SAMPLING = "top-k-top-p"  # the sampling case: a preset of onnxgen.options.STRATEGIES, as greedy and beam are
 
@@ -54,16 +56,21 @@ def cases_for(new_tokens: int, context: int) -> list[dict[str, Any]]:
 
 # -- one competitor, in its own process ---------------------------------------------------------------
 
-def load(competitor: str, folder: str, threads: int) -> tuple[Callable[[list[list[int]], int, str], None], int]:
+Generate = Callable[[list[list[int]], int, str], object]  # (prompts' ids, new tokens, strategy) -> what the library returns
+
+
+def load(competitor: str, folder: str, threads: int) -> tuple[Generate, int]:
     """Load one competitor; returns its generate(ids, new_tokens, strategy) and its vocabulary size."""
     if competitor.startswith("onnxgen"):
         import onnxgen
 
         model = onnxgen.load(folder, threads=threads)
 
-        def generate(ids: list[list[int]], new: int, strategy: str) -> None:
-            model.generate(ids, max_new_tokens=new, eos_token_id=None, **{"seed": 0, **STRATEGIES[strategy]})
+        def generate(ids: list[list[int]], new: int, strategy: str) -> object:
+            return model.generate(ids, max_new_tokens=new, eos_token_id=None, **{"seed": 0, **STRATEGIES[strategy]})
         return generate, model.dims.vocab_size
+    if competitor.startswith("ctranslate2"):
+        return ctranslate2_generate(folder, threads)
     import torch
 
     if competitor == "pytorch":
@@ -80,15 +87,34 @@ def load(competitor: str, folder: str, threads: int) -> tuple[Callable[[list[lis
         options.intra_op_num_threads = threads
         hf = ORTModelForCausalLM.from_pretrained(folder, session_options=options, use_io_binding=False)
 
-    def hf_generate(ids: list[list[int]], new: int, strategy: str) -> None:
+    def hf_generate(ids: list[list[int]], new: int, strategy: str) -> object:
         with torch.no_grad():
             t = torch.tensor(ids)
-            hf.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=new, min_new_tokens=new,
-                        pad_token_id=hf.config.eos_token_id, **{k: v for k, v in STRATEGIES[strategy].items() if k != "seed"})
+            return hf.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=new, min_new_tokens=new,
+                               pad_token_id=hf.config.eos_token_id, **{k: v for k, v in STRATEGIES[strategy].items() if k != "seed"})
     return hf_generate, hf.config.vocab_size
 
 
-def time_case(generate: Callable[[list[list[int]], int, str], None], vocab: int, case: dict[str, Any]) -> dict[str, float]:
+def ctranslate2_generate(folder: str, threads: int) -> tuple[Generate, int]:
+    """CTranslate2's Generator as its users run it: its own choice of kernels for this CPU, tokens given as the
+    vocabulary's strings (its API takes no ids), the prompt's tokens left out of the result."""
+    import ctranslate2
+
+    generator = ctranslate2.Generator(folder, device="cpu", compute_type="default", intra_threads=threads, inter_threads=1)
+    spelled = json.loads((Path(folder) / "vocabulary.json").read_text())
+
+    def generate(ids: list[list[int]], new: int, strategy: str) -> object:
+        options = STRATEGIES[strategy]
+        sampling = {"sampling_topk": options.get("top_k") or 0, "sampling_topp": options.get("top_p", 1.0),
+                    "sampling_temperature": options.get("temperature", 1.0)} if options["do_sample"] else {}
+        ctranslate2.set_random_seed(0)
+        # end_token=[]: no token ends a row, as eos_token_id=None and min_new_tokens do for the others
+        return generator.generate_batch([[spelled[i] for i in row] for row in ids], max_length=new, min_length=new, end_token=[],
+                                         beam_size=options["num_beams"], include_prompt_in_result=False, **sampling)
+    return generate, len(spelled)
+
+
+def time_case(generate: Generate, vocab: int, case: dict[str, Any]) -> dict[str, float]:
     """A warm-up, then a generate() of one new token (time to first token) and one of case["new"]."""
     ids = np.random.default_rng(0).integers(0, vocab, size=(case["batch"], case["prompt"])).tolist()
     generate(ids, 4, case["strategy"])
@@ -180,7 +206,8 @@ def prepare(name: str, checkpoint: Path, work: Path, competitors: list[str], fre
         from make_models import make
 
         make(name, checkpoint.parent)
-    folders = {"pytorch": checkpoint, "optimum": work / "optimum", **{f"onnxgen-{v}": work / v for v in VARIANTS}}
+    folders = {"pytorch": checkpoint, "optimum": work / "optimum", **{f"onnxgen-{v}": work / v for v in VARIANTS},
+               **{f"ctranslate2-{v}": work / "ctranslate2" / v for v in CT2_TYPES}}
     if fresh:
         for variant in VARIANTS:
             shutil.rmtree(folders[f"onnxgen-{variant}"], ignore_errors=True)
@@ -199,6 +226,16 @@ def prepare(name: str, checkpoint: Path, work: Path, competitors: list[str], fre
         code = ("from optimum.exporters.onnx import main_export; import sys; "
                 "main_export(sys.argv[1], sys.argv[2], task='text-generation-with-past', do_validation=False)")
         subprocess.run([sys.executable, "-c", code, str(checkpoint), str(folders["optimum"])], check=True, env=env)
+    for variant, kind in CT2_TYPES.items():
+        out = folders[f"ctranslate2-{variant}"]
+        if f"ctranslate2-{variant}" in competitors and not (out / "model.bin").exists():
+            # its converter, as its users run it (ct2-transformers-converter), into a folder renamed once whole
+            code = ("from ctranslate2.converters import TransformersConverter; import sys; "
+                    "TransformersConverter(sys.argv[1]).convert(sys.argv[2], quantization=sys.argv[3], force=True)")
+            part = out.with_name(out.name + ".part")
+            subprocess.run([sys.executable, "-c", code, str(checkpoint), str(part), kind], check=True)
+            shutil.rmtree(out, ignore_errors=True)
+            part.rename(out)
     return folders
 
 
@@ -224,7 +261,7 @@ def bandwidth_gbs(threads: int, mib: int = 512, repeats: int = 5) -> dict[str, f
 
 def weight_bytes(competitor: str, folder: Path) -> int:
     """Bytes of the model file(s): what a folder holds, the measure of memory against weights."""
-    prefix = "model.safetensors" if competitor == "pytorch" else "model.onnx"
+    prefix = {"pytorch": "model.safetensors", "ctranslate2": "model.bin"}.get(competitor.split("-")[0], "model.onnx")
     return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(prefix))
 
 
@@ -238,8 +275,8 @@ def streamed_bytes(competitor: str, folder: Path) -> int:
     every fraction of the bound). An ONNX graph's: every initializer that a node other than a gather reads (an
     fp32 folder's tied head is row blocks pointing into the embedding's bytes: those count, the gathered
     embedding does not). PyTorch's: its file (its tied head reads the embedding whole; the position table,
-    0.2-0.6% of it, is the only one gathered)."""
-    if competitor == "pytorch":
+    0.2-0.6% of it, is the only one gathered); CTranslate2's: its file, likewise."""
+    if not competitor.startswith(("onnxgen", "optimum")):
         return weight_bytes(competitor, folder)
     import onnx
 
@@ -255,7 +292,8 @@ def streamed_bytes(competitor: str, folder: Path) -> int:
 
 
 IMPORTS = {"onnxgen": "import onnxgen", "optimum": "from optimum.onnxruntime import ORTModelForCausalLM",
-           "pytorch": "import torch, transformers; transformers.GPT2LMHeadModel"}  # what each kind of competitor imports
+           "pytorch": "import torch, transformers; transformers.GPT2LMHeadModel",
+           "ctranslate2": "import ctranslate2"}  # what each kind of competitor imports
 
 
 def import_seconds(statement: str, runs: int) -> float:
@@ -312,15 +350,17 @@ def pair_markdown(result: dict[str, Any]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
-    lines = [f"{env['machine']}, {env['threads']} threads. Medians of {result['runs']} interleaved rounds (min-max); "
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if k != "onnxgen")
+    lines = [f"{env['machine']}, {env['threads']} threads ({versions}). Medians of {result['runs']} interleaved rounds (min-max); "
              "memory bandwidth measured before each round; the bound is the read bandwidth over the weight bytes a step reads.", ""]
     for model in result["models"]:
         read, copy = model["bandwidth_gbs"]["read"], model["bandwidth_gbs"]["copy"]
         lines += [f"### {model['name']}", "", f"Bandwidth: read {read['median']:.1f} GB/s ({read['min']:.1f}-{read['max']:.1f}), "
                   f"copy {copy['median']:.1f} ({copy['min']:.1f}-{copy['max']:.1f}).", "",
-                  "| competitor | weights MB | load s (peak RSS MiB) | case | decode tok/s | x PyTorch | first token ms | fraction of bound | peak RSS MiB (x weights) |",
+                  (f"| competitor | weights MB | load s (peak RSS MiB) | case | decode tok/s | x {model['competitors'][0]['competitor']} | "
+                   "first token ms | fraction of bound | peak RSS MiB (x weights) |"),
                   "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
-        base = {c["key"]: c["decode_tps"]["median"] for c in model["competitors"][0]["cases"]}  # the first competitor: PyTorch
+        base = {c["key"]: c["decode_tps"]["median"] for c in model["competitors"][0]["cases"]}  # the first competitor's (PyTorch by default)
         for comp in model["competitors"]:
             for c in comp["cases"]:
                 d, f = c["decode_tps"], c["ttft_ms"]
@@ -338,6 +378,9 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+COLORS = {"pytorch": "#999999", "optimum": "#7a9cc6", "ctranslate2": "#6aa56a", "onnxgen": "#e07b39"}
+
+
 def chart(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -349,7 +392,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
     for ax, model in zip(axes[0], models):
         names = [c["competitor"] for c in model["competitors"]]
         tps = [next(x for x in c["cases"] if x["key"] == "b1 p32 greedy")["decode_tps"]["median"] for c in model["competitors"]]
-        bars = ax.bar(names, tps, color=["#999999", "#7a9cc6"] + ["#e07b39"] * (len(names) - 2))
+        bars = ax.bar(names, tps, color=[COLORS[name.split("-")[0]] for name in names])
         ax.bar_label(bars, fmt="%.0f")
         for comp in model["competitors"]:
             if comp["competitor"] == "onnxgen-fp32" and comp.get("bound_tps"):
@@ -386,6 +429,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--name", default="latest", help="the results' file names: OUT/NAME.{json,md,png}")
     ap.add_argument("--work", type=Path, default=HERE / "exports")
     ap.add_argument("--fresh", action="store_true", help="remake onnxgen's folders (after a change to export or quantize)")
     ap.add_argument("--pair", nargs=2, choices=CHOICES, metavar="COMPETITOR",
@@ -409,6 +453,10 @@ def main() -> None:
         name, _, path = spec.rpartition("=")
         targets.append((name or Path(path).name, Path(path)))
     result: dict[str, Any] = {"environment": environment(args.threads), "runs": args.runs}
+    if any(c.startswith("ctranslate2") for c in args.pair or args.competitors):
+        from importlib.metadata import version
+
+        result["environment"]["versions"]["ctranslate2"] = version("ctranslate2")
     if args.pair:
         run_pairs(args, targets, result)
         return
@@ -442,9 +490,9 @@ def main() -> None:
     if sizes.exists():
         result["install_mb"] = json.loads(sizes.read_text())
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latest.json").write_text(json.dumps(result, indent=2))
-    (args.out / "latest.md").write_text(markdown(result))
-    chart(result, args.out / "latest.png")
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"{args.name}.md").write_text(markdown(result))
+    chart(result, args.out / f"{args.name}.png")
     print(markdown(result))
 
 

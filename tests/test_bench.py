@@ -189,3 +189,35 @@ def test_suite_harness_pairs_two_competitors(checkpoint: Path, bench_work: Path,
     assert 0 < read["min"] <= read["median"] <= read["max"]
     assert pair["streamed_bytes"]["pytorch"] > 0 and pair["streamed_bytes"]["onnxgen-fp32"] > 0
     assert "| onnxgen-fp32 |" in (tmp_path / "results" / "pair-pytorch-onnxgen-fp32.md").read_text()
+
+
+def test_the_ctranslate2_competitor_decodes_the_checkpoint_as_transformers_does(checkpoint: Path, torch_model: Any,
+                                                                                 tmp_path: Path) -> None:
+    """run.py's CTranslate2 side does the work the others are timed on: its conversion of the checkpoint (made by
+    prepare, as for a run) decodes greedily what transformers' generate does, and every strategy of the table makes
+    exactly the new tokens asked for in every row, in float32 and int8; no row ends early, even where its end token
+    is one that greedy decoding picks (a copy of the float32 folder told so)."""
+    import json
+    import shutil
+
+    import numpy as np
+    import torch
+
+    run = _harness()
+    folders = run.prepare("tiny", checkpoint, tmp_path, ["ctranslate2-fp32", "ctranslate2-int8"], fresh=False)
+    ids, new = np.random.default_rng(0).integers(0, torch_model.config.vocab_size, (2, 7)).tolist(), 6
+    with torch.no_grad():
+        expected = torch_model.generate(torch.tensor(ids), attention_mask=torch.ones(2, 7, dtype=torch.long), max_new_tokens=new,
+                                        do_sample=False, eos_token_id=None, pad_token_id=0)[:, 7:].tolist()
+    ends = shutil.copytree(folders["ctranslate2-fp32"], tmp_path / "ends-early")
+    spelled = json.loads((ends / "vocabulary.json").read_text())
+    config = json.loads((ends / "config.json").read_text())
+    (ends / "config.json").write_text(json.dumps({**config, "eos_token": spelled[expected[0][2]]}))
+    for folder in (folders["ctranslate2-fp32"], folders["ctranslate2-int8"], ends):
+        generate, vocab = run.load(f"ctranslate2-{folder.name}", str(folder), 1)
+        assert vocab == torch_model.config.vocab_size
+        for strategy in ("greedy", run.SAMPLING, "beam"):
+            made = [result.sequences_ids[0] for result in generate(ids, new, strategy)]  # type: ignore[attr-defined]
+            assert [len(row) for row in made] == [new, new], (folder.name, strategy)
+            if folder.name != "int8" and strategy == "greedy":
+                assert made == expected
