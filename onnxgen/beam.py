@@ -8,7 +8,9 @@ length-penalised score; the search stops when no running beam can beat the finis
 max_time is up (every candidate then ends). A stop string or a caller's criterion ends a candidate as an end token
 does (OpenAI's `stop` then cuts the text before the string, as the generator does).
 `BeamSearch` has the generator's nouns (generator.py); its steps return no events, since a beam revises
-its past: the results come from `completions()` once it is done.
+its past: the results come from `completions()` once it is done. `finish(row)` ends the search of the row's prompt
+(its num_return_sequences rows share one), `cancel()` every prompt's: the beams still running end then as candidates,
+as at max_time, so the results are the best beams found so far, finish reason "cancelled".
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .generator import (
     Event,
     Stats,
     call_stats,
+    check_row,
     tokens_before,
 )
 from .guidance import constraint
@@ -82,17 +85,35 @@ class BeamSearch:
         self.improvable = np.ones((b, 1), dtype=bool)
         self.steps = 0
         self.step_ends: list[float] = []
-        self.cancelled = False
+        self.cancelled = np.zeros(b, dtype=bool)  # prompts whose search the caller ended (finish, cancel)
         self._done = False
 
     @property
     def done(self) -> bool:
         return self._done
 
+    def finish(self, row: int) -> None:
+        """End the search of this row's prompt now: its beams still running become candidates beside those
+        finished (as at max_time), the best of them its results (finish reason "cancelled"). The other prompts
+        search on; its rows run with theirs until the call ends, as transformers' finished beams do."""
+        prompt = check_row(row, self.b * self.opts.num_return_sequences) // self.opts.num_return_sequences
+        if self.cancelled[prompt] or self._done:
+            return
+        self.cancelled[prompt] = True
+        if self.steps:  # before the first step no beam holds a token
+            ended = np.zeros((self.b, self.k), dtype=bool)
+            ended[prompt] = True
+            self._merge(ended, self.running, self.running_lp, self.running_alt, self.running_scores,
+                        np.full(ended.shape, self.steps), np.zeros(ended.shape, dtype=np.int8), self.steps)
+        self.improvable[prompt] = False
+        if not self.improvable.any():
+            self._done = True
+            self.rows.release()
+
     def cancel(self) -> None:
-        """Stop the search: the finished beams found so far are the results."""
-        self.cancelled = self._done = True
-        self.rows.release()
+        """End every prompt's search now (finish)."""
+        for prompt in range(self.b):
+            self.finish(prompt * self.opts.num_return_sequences)
 
     def step(self) -> list[Event]:
         if self._done:
@@ -130,19 +151,9 @@ class BeamSearch:
         source = (np.take_along_axis(top_beams, chosen, -1) + np.arange(b)[:, None] * k).reshape(-1)
 
         # Finished slots: ended candidates among the top k compete on length-penalised score.
-        penalised = top_scores / np.float32((cur + 1) ** opts.length_penalty)
         full = self.is_finished.all(axis=1, keepdims=True) & (opts.early_stopping is True)
-        just_ended = ends & (np.arange(self.keep) < k)[None, :]
-        penalised = penalised + full * NEG + (~self.improvable) * NEG + (~just_ended) * NEG
-        merged = np.concatenate([self.finished_scores, penalised], axis=1)
-        best = self.top(merged, k)
-        self.finished_scores = np.take_along_axis(merged, best, -1)
-        self.finished = _take(np.concatenate([self.finished, top_seqs], axis=1), best)
-        self.finished_lp = _take(np.concatenate([self.finished_lp, top_lp], axis=1), best)
-        self.finished_alt = _take(np.concatenate([self.finished_alt, top_alt], axis=1), best)
-        self.finished_lens = _take(np.concatenate([self.finished_lens, np.full_like(top_tokens, cur + 1)], axis=1), best)
-        self.is_finished = _take(np.concatenate([self.is_finished, just_ended], axis=1), best)
-        self.finished_why = _take(np.concatenate([self.finished_why, why], axis=1), best)
+        just_ended = ends & (np.arange(self.keep) < k)[None, :] & ~full & self.improvable
+        self._merge(just_ended, top_seqs, top_lp, top_alt, top_scores, np.full_like(top_tokens, cur + 1), why, cur + 1)
 
         self.steps = cur = cur + 1
         # Can a running beam still beat the worst finished one?
@@ -157,6 +168,21 @@ class BeamSearch:
             self.rows.advance(self.running[:, :, cur - 1].reshape(-1), source)
         return []
 
+    def _merge(self, ended: np.ndarray, seqs: np.ndarray, lp: np.ndarray, alt: np.ndarray, scores: np.ndarray,
+               lens: np.ndarray, why: np.ndarray, length: int) -> None:
+        """The `ended` candidates (prompts, candidates) enter the finished slots, each prompt's best k of them and
+        those already there kept, on their scores penalised for `length` new tokens."""
+        penalised = scores / np.float32(length**self.opts.length_penalty) + (~ended) * NEG
+        merged = np.concatenate([self.finished_scores, penalised], axis=1)
+        best = self.top(merged, self.k)
+        self.finished_scores = np.take_along_axis(merged, best, -1)
+        self.finished = _take(np.concatenate([self.finished, seqs], axis=1), best)
+        self.finished_lp = _take(np.concatenate([self.finished_lp, lp], axis=1), best)
+        self.finished_alt = _take(np.concatenate([self.finished_alt, alt], axis=1), best)
+        self.finished_lens = _take(np.concatenate([self.finished_lens, lens], axis=1), best)
+        self.is_finished = _take(np.concatenate([self.is_finished, ended], axis=1), best)
+        self.finished_why = _take(np.concatenate([self.finished_why, why], axis=1), best)
+
     def completions(self) -> list[Completion]:
         """The best `num_return_sequences` beams of each prompt, best first, prompt by prompt."""
         if not self.done:
@@ -167,7 +193,7 @@ class BeamSearch:
             for j in range(self.opts.num_return_sequences):
                 n = int(self.finished_lens[i, j])
                 tokens = self.finished[i, j, :n].tolist()
-                reason = "cancelled" if self.cancelled else REASONS[self.finished_why[i, j]]
+                reason = "cancelled" if self.cancelled[i] else REASONS[self.finished_why[i, j]]
                 text = self.tokenizer.decode(tokens)
                 cut = self.rules.first_stop(text) if self.rules.stop else None
                 if cut is not None:  # as the generator cuts a row's text and tokens (ended by the length or the time too)

@@ -37,6 +37,14 @@ from .unconditional import Unconditional
 STILL_RUNNING = "the generator is still running: step() until done, or cancel() first"
 
 
+def check_row(row: int, rows: int) -> int:
+    """A caller's row index (finish), checked: one of the generator's rows (-1 is not the last one; numpy's
+    integers are taken as Python's)."""
+    if not (is_int(row) and 0 <= row < rows):
+        raise OptionsError(f"row must be one of this generator's rows, 0 to {rows - 1}, got {row!r}")
+    return int(row)
+
+
 @dataclass
 class Stats:
     prompt_tokens: int  # of the call's prompts, each counted once however many rows run it (as OpenAI's usage counts)
@@ -130,8 +138,7 @@ class Generator:
 
     def finish(self, row: int) -> None:
         """End a row now (finish reason "cancelled"); its completion keeps what it generated."""
-        if not (is_int(row) and 0 <= row < len(self.finish_reasons)):
-            raise OptionsError(f"row must be one of this generator's rows, 0 to {len(self.finish_reasons) - 1}, got {row!r}")
+        row = check_row(row, len(self.finish_reasons))
         if self.finish_reasons[row] is None:
             self.finish_reasons[row] = "cancelled"
             self.texts[row] = self.tokenizer.decode(self.generated[row])

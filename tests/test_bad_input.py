@@ -162,6 +162,11 @@ def test_api_misuse_gets_onnxgen_errors(model: onnxgen.Model) -> None:
     assert generator.finish_reasons == [None, None]
     generator.finish(np.int64(1))
     assert generator.finish_reasons == [None, "cancelled"]
+    beams = model.generator(["Hello", "Hi"], max_new_tokens=3, num_beams=2, num_return_sequences=2)
+    for row in (4, -1, "0", 1.0, True):
+        with pytest.raises(OptionsError, match="row must be one of this generator's rows, 0 to 3"):
+            beams.finish(row)  # type: ignore[arg-type]
+    assert not beams.cancelled.any()
     for running in (generator, model.generator("Hello", max_new_tokens=3, num_beams=2)):  # no finish reason yet: not "length"
         with pytest.raises(OptionsError, match=r"the generator is still running: step\(\) until done, or cancel\(\)"):
             running.completions()

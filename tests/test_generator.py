@@ -73,6 +73,32 @@ def test_finish_and_cancel_end_rows_with_what_they_have(model: onnxgen.Model) ->
     assert [(c.finish_reason, len(c.token_ids)) for c in g.completions()] == [("cancelled", 3), ("cancelled", 2), ("cancelled", 3)]
 
 
+def test_finish_and_cancel_end_a_beam_search_with_its_best_beams_so_far(model: onnxgen.Model) -> None:
+    """Beam search's finish(row) ends the search of the row's prompt: its running beams end then as candidates, so
+    its results are what a search ending there by length gives (the same tokens and scores), finish reason
+    "cancelled"; the other prompt searches on as if nothing happened. cancel() ends every prompt's."""
+    options = dict(num_beams=3, num_return_sequences=2, max_new_tokens=12, eos_token_id=None)
+    whole, short = model.generate(PROMPTS[:2], **options), model.generate(PROMPTS[:2], **{**options, "max_new_tokens": 3})
+    g = model.generator(PROMPTS[:2], **options)
+    for _ in range(3):
+        g.step()
+    g.finish(3)  # prompt 1's second row: prompt 1's search
+    assert not g.done
+    drive(g)
+    ours = g.completions()
+    assert ours[:2] == whole[:2]
+    assert [(c.token_ids, c.score, c.finish_reason) for c in ours[2:]] == [(c.token_ids, c.score, "cancelled") for c in short[2:]]
+    g = model.generator(PROMPTS[:2], **options)
+    for _ in range(3):
+        g.step()
+    g.cancel()
+    assert g.done and g.step() == []
+    assert [(c.token_ids, c.score, c.finish_reason) for c in g.completions()] == [(c.token_ids, c.score, "cancelled") for c in short]
+    g = model.generator(PROMPTS[:2], **options)
+    g.cancel()  # before a step: no beam holds a token
+    assert [(c.token_ids, c.finish_reason) for c in g.completions()] == [([], "cancelled")] * 4
+
+
 def _transition_scores(torch_model: torch.nn.Module, prompts: list[list[int]], eos: int, **kwargs: object) -> tuple[torch.Tensor, object]:
     width = max(map(len, prompts))
     ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts])
