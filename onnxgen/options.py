@@ -32,7 +32,11 @@ NOT_TAKEN = {"num_beam_groups": 1, "diversity_penalty": 0.0,
              "penalty_alpha": None, "force_words_ids": None, "constraints": None, "token_healing": False, "dola_layers": None}
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 MAX_TEMPERATURE = 100.0
+# Scores are float32: divided by a temperature below this (after the strongest repetition penalty's 100x pull) they
+# could pass float32's largest and sample NaN; decoding reaches the greedy limit far above it (do_sample=False).
+MIN_TEMPERATURE = 1e-30
 MAX_REPETITION_PENALTY = 100.0
+MIN_REPETITION_PENALTY = 1 / MAX_REPETITION_PENALTY  # as strong a pull to seen tokens as the largest push away
 MAX_LENGTH_PENALTY = 10.0
 MAX_OPENAI_PENALTY = 2.0  # presence_penalty and frequency_penalty
 INTS = {"max_new_tokens", "min_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size", "num_assistant_tokens",
@@ -227,8 +231,9 @@ class GenerationOptions:
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise OptionsError(f"min_new_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}")
         # Past 100 every GPT-2 distribution is uniform to float32's precision: a typo, not a wish.
-        if self.do_sample and not 0 < self.temperature <= MAX_TEMPERATURE:
-            raise OptionsError(f"temperature must be in (0, {MAX_TEMPERATURE}] when sampling, got {self.temperature}")
+        if self.do_sample and not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
+            raise OptionsError(f"temperature must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] when sampling (do_sample=False for "
+                               f"greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise OptionsError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
@@ -266,13 +271,12 @@ class GenerationOptions:
         if not -MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:
             # Beam scores are divided by length ** length_penalty: past 10, a float overflows (transformers raises OverflowError).
             raise OptionsError(f"length_penalty must be in [-{MAX_LENGTH_PENALTY}, {MAX_LENGTH_PENALTY}], got {self.length_penalty}")
-        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
-            raise OptionsError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], got {self.repetition_penalty}")
+        for name in ("repetition_penalty", "encoder_repetition_penalty"):
+            if not MIN_REPETITION_PENALTY <= getattr(self, name) <= MAX_REPETITION_PENALTY:
+                raise OptionsError(f"{name} must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}], got {getattr(self, name)}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -MAX_OPENAI_PENALTY <= getattr(self, name) <= MAX_OPENAI_PENALTY:
                 raise OptionsError(f"{name} must be in [-{MAX_OPENAI_PENALTY}, {MAX_OPENAI_PENALTY}] (OpenAI's range), got {getattr(self, name)}")
-        if not 0 < self.encoder_repetition_penalty <= MAX_REPETITION_PENALTY:
-            raise OptionsError(f"encoder_repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], got {self.encoder_repetition_penalty}")
         for name in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
             if getattr(self, name) < 0:
                 raise OptionsError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -40,6 +40,8 @@ BAD_OPTIONS: list[tuple[dict[str, Any], str]] = [
     ({"repetition_penalty": -1.0}, "repetition_penalty"), ({"repetition_penalty": 1e9}, "repetition_penalty"),
     ({"do_sample": True, "temperature": 1e300}, "temperature"), ({"do_sample": True, "temperature": 0.0}, "temperature"),
     ({"do_sample": True, "temperature": NAN}, "temperature"), ({"temperature": "hot"}, "temperature"),
+    ({"do_sample": True, "temperature": 1e-50}, "temperature"), ({"repetition_penalty": 1e-50}, "repetition_penalty"),
+    ({"encoder_repetition_penalty": 0.009}, "encoder_repetition_penalty"),
     ({"length_penalty": NAN, "num_beams": 2}, "length_penalty"), ({"length_penalty": INF}, "length_penalty"),
     ({"length_penalty": 512, "num_beams": 2}, "length_penalty"),  # found by the property test below: an OverflowError
     ({"early_stopping": "yes"}, "early_stopping"), ({"early_stopping": 1}, "early_stopping"),
@@ -442,6 +444,19 @@ def test_any_option_values_give_a_completion_or_an_onnxgen_error(model: onnxgen.
         assert completions and all(isinstance(c.text, str) and c.finish_reason in ("eos", "length", "stop") for c in completions)
         assert all(math.isfinite(lp) for c in completions for lp in c.logprobs or [])
     assert time.perf_counter() - start < 10
+
+
+def test_the_smallest_temperature_and_penalties_sample_finite_log_probabilities(model: onnxgen.Model) -> None:
+    """Below these, float32 scores divided by them passed float32's largest: sampling drew NaN (a temperature of 1e-50
+    gave "!!!!!", the vocabulary's first token, with NaN log-probabilities). At them the greedy limit holds."""
+    from onnxgen.options import MIN_REPETITION_PENALTY, MIN_TEMPERATURE
+
+    penalties = {"repetition_penalty": MIN_REPETITION_PENALTY, "encoder_repetition_penalty": MIN_REPETITION_PENALTY}
+    greedy = model.generate("It is a truth", max_new_tokens=6, **penalties)[0]
+    for options in ({"temperature": MIN_TEMPERATURE}, {"temperature": MIN_TEMPERATURE, "top_k": 0, "top_p": 1.0}):
+        sampled = model.generate("It is a truth", max_new_tokens=6, do_sample=True, seed=0, logprobs=1, **penalties, **options)[0]
+        assert sampled.logprobs and all(math.isfinite(lp) for lp in sampled.logprobs), sampled.logprobs
+        assert sampled.token_ids == greedy.token_ids
 
 
 def test_a_call_whose_cache_cannot_fit_in_memory_is_refused(model: onnxgen.Model, monkeypatch: pytest.MonkeyPatch) -> None:
