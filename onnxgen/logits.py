@@ -320,7 +320,18 @@ def remove_invalid(scores: np.ndarray, _: History, __: int) -> np.ndarray:
 
 
 def temperature(t: float) -> Filter:
-    return lambda scores, _h, _g: scores / np.float32(t)
+    """Scores over t. One that a processor raised to float32's largest (exponential_decay_length_penalty,
+    remove_invalid_values) stays there rather than overflow to inf, which made sampling's weights NaN."""
+    largest = np.finfo(np.float32).max
+    reach = largest * np.float32(min(t, 1.0))  # the scores past it would overflow
+
+    def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
+        if scores.max() <= reach:  # a maximum is a third of a clamp's time: the clamp waits for those scores
+            return scores / np.float32(t)
+        with np.errstate(over="ignore"):
+            return np.minimum(scores / np.float32(t), largest)
+
+    return apply
 
 
 def top_k(k: int) -> Filter:

@@ -447,9 +447,10 @@ def test_any_option_values_give_a_completion_or_an_onnxgen_error(model: onnxgen.
     assert time.perf_counter() - start < 10
 
 
-def test_the_smallest_temperature_and_penalties_sample_finite_log_probabilities(model: onnxgen.Model) -> None:
-    """Below these, float32 scores divided by them passed float32's largest: sampling drew NaN (a temperature of 1e-50
-    gave "!!!!!", the vocabulary's first token, with NaN log-probabilities). At them the greedy limit holds."""
+def test_extreme_temperatures_penalties_and_scores_sample_finite_log_probabilities(model: onnxgen.Model) -> None:
+    """Below the smallest temperature and repetition penalties taken, float32 scores divided by them passed float32's
+    largest: sampling drew NaN (a temperature of 1e-50 gave "!!!!!", the vocabulary's first token, with NaN
+    log-probabilities). At them the greedy limit holds."""
     from onnxgen.options import MIN_REPETITION_PENALTY, MIN_TEMPERATURE
 
     penalties = {"repetition_penalty": MIN_REPETITION_PENALTY, "encoder_repetition_penalty": MIN_REPETITION_PENALTY}
@@ -458,6 +459,12 @@ def test_the_smallest_temperature_and_penalties_sample_finite_log_probabilities(
         sampled = model.generate("It is a truth", max_new_tokens=6, do_sample=True, seed=0, logprobs=1, **penalties, **options)[0]
         assert sampled.logprobs and all(math.isfinite(lp) for lp in sampled.logprobs), sampled.logprobs
         assert sampled.token_ids == greedy.token_ids
+    # An end token's score that exponential_decay_length_penalty raised to float32's largest, then a temperature below 1
+    # (the bundled model's default is 0.8): it overflowed to inf, and the weights to NaN. Now the end token comes once
+    # the penalty starts (after 2 new tokens, past start=1).
+    ended = model.generate("It is a truth", max_new_tokens=6, do_sample=True, seed=0, logprobs=1, temperature=0.5,
+                           exponential_decay_length_penalty=(1, 1e300))[0]
+    assert ended.finish_reason == "eos" and len(ended.token_ids) == 3 and all(math.isfinite(lp) for lp in ended.logprobs or [])
 
 
 def test_a_call_whose_cache_cannot_fit_in_memory_is_refused(model: onnxgen.Model, monkeypatch: pytest.MonkeyPatch) -> None:
