@@ -137,7 +137,8 @@ def dry(multiplier: float, base: float, allowed_length: int, last_n: int, breake
             tokens = np.asarray(seen[-last_n:] if last_n > 0 else seen, dtype=np.int64)
             followers, lengths = repeats(tokens, breakers)
             long = lengths >= allowed_length
-            penalty = np.float32(multiplier) * np.float32(base) ** (lengths[long] - allowed_length).astype(np.float32)
+            with np.errstate(over="ignore"):  # a penalty past float32's largest is infinite: that token is out
+                penalty = np.float32(multiplier) * np.float32(base) ** (lengths[long] - allowed_length).astype(np.float32)
             scores[row, followers[long]] -= penalty
         return scores
 
@@ -323,13 +324,11 @@ def temperature(t: float) -> Filter:
     """Scores over t. One that a processor raised to float32's largest (exponential_decay_length_penalty,
     remove_invalid_values) stays there rather than overflow to inf, which made sampling's weights NaN."""
     largest = np.finfo(np.float32).max
-    reach = largest * np.float32(min(t, 1.0))  # the scores past it would overflow
 
     def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
-        if scores.max() <= reach:  # a maximum is a third of a clamp's time: the clamp waits for those scores
-            return scores / np.float32(t)
-        with np.errstate(over="ignore"):
-            return np.minimum(scores / np.float32(t), largest)
+        with np.errstate(over="ignore"):  # one pushed to float32's lowest goes to -inf: the same token left out
+            warmed = scores / np.float32(t)
+        return warmed if warmed.max() < np.inf else np.minimum(warmed, largest)  # a maximum costs a third of a clamp
 
     return apply
 
