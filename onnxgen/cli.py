@@ -263,7 +263,7 @@ def generate(
                          **_watermarked(m.defaults, watermark_key), adapter=next(iter(adapters), None))
         if as_json:
             completions = m.generate(prompt, opts)
-            print(json.dumps({"prompt": prompt, "completions": [asdict(c) for c in completions],
+            print(json.dumps({"prompt": prompt, "completions": [_json_completion(c) for c in completions],
                               "stats": asdict(m.last_stats) if m.last_stats else None}, indent=2))
         elif opts.num_beams == 1 and opts.num_return_sequences == 1:
             for piece in m.stream(prompt, opts):
@@ -291,6 +291,16 @@ def generate(
 def _watermarked(defaults: GenerationOptions, key: int | None) -> dict[str, Any]:
     """generate's and chat's --watermark-key as a call's option (none without a key)."""
     return {} if key is None else {"watermarking_config": under_key(defaults.watermarking_config, key)}
+
+
+def _json_completion(completion: Any) -> dict[str, Any]:
+    """A Completion as --json writes it: its log-probabilities as JSON holds them (generator.for_json)."""
+    from .generator import for_json
+
+    written = asdict(completion)
+    if completion.logprobs is not None:
+        written["logprobs"], written["top_logprobs"] = for_json(completion.logprobs, completion.top_logprobs or [])
+    return written
 
 
 def _one_adapter(specs: list[str] | None) -> dict[str, Path]:

@@ -35,6 +35,15 @@ from .unconditional import Unconditional
 
 # completions() before the end: a running row has no finish reason yet (it used to read "length")
 STILL_RUNNING = "the generator is still running: step() until done, or cancel() first"
+LOWEST_LOGPROB = -9999.0  # vLLM's: what JSON gets for -inf
+
+
+def for_json(logprobs: list[float], alternatives: list[dict[int, float]]) -> tuple[list[float], list[dict[int, float]]]:
+    """Log-probabilities and alternatives as JSON can hold them (the server's replies, the CLI's --json): JSON has no
+    -Infinity, the log-probability of an alternative that the filters left out (top_k, top_p, ...), sent as
+    LOWEST_LOGPROB."""
+    return ([max(lp, LOWEST_LOGPROB) for lp in logprobs],
+            [{token: max(lp, LOWEST_LOGPROB) for token, lp in alts.items()} for alts in alternatives])
 
 
 def check_row(row: int, rows: int) -> int:

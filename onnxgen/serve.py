@@ -59,7 +59,7 @@ from starlette.routing import Match
 
 from .batcher import Batcher, Full, Job
 from .errors import ModelFolderError, OnnxgenError, OptionsError, openai_error, told
-from .generator import Completion, Event
+from .generator import Completion, Event, for_json
 from .guidance import CONSTRAINTS
 from .metrics import Metrics
 from .model import Model
@@ -730,12 +730,15 @@ def _logprobs(model: Model, source: Event | Completion, offset: int) -> dict[str
 
 
 def _scored(source: Event | Completion) -> tuple[list[int], list[float], list[dict[int, float]]] | None:
-    """The tokens of a completion or a streamed token, their log-probabilities and alternatives (None: not asked)."""
+    """The tokens of a completion or a streamed token, their log-probabilities and alternatives (None: not asked),
+    as JSON holds them (generator.for_json)."""
     if isinstance(source, Event):
         ids, logprobs, alternatives = [source.token_id], [source.logprob], [source.top_logprobs or {}]
     else:
         ids, logprobs, alternatives = source.token_ids, source.logprobs, source.top_logprobs or []
-    return None if logprobs is None or None in logprobs else (ids, logprobs, alternatives)  # type: ignore[return-value]
+    if logprobs is None or None in logprobs:
+        return None
+    return ids, *for_json(logprobs, alternatives)  # type: ignore[arg-type]
 
 
 def _logprobs_object(model: Model, ids: list[int], logprobs: list[float | None], alternatives: list[dict[int, float] | None],

@@ -877,6 +877,12 @@ def test_cli_generate(exported: Path, model: onnxgen.Model) -> None:
     r = subprocess.run(base + ["--strategy", "beam", "--num-return-sequences", "2", "--json"], capture_output=True, text=True)
     result = json.loads(r.stdout)
     assert len(result["completions"]) == 2 and result["stats"]["new_tokens"] > 0
+    # an alternative top_k left out: -inf, which JSON cannot hold (it wrote -Infinity), written as -9999.0 (vLLM's)
+    r = subprocess.run(base + ["--strategy", "top-k", "--top-k", "1", "--logprobs", "2", "--seed", "1", "--json"], capture_output=True, text=True)
+    written = json.loads(r.stdout, parse_constant=lambda constant: pytest.fail(f"not JSON: {constant}"))["completions"][0]
+    expected_sampled = model.generate("It is a truth", max_new_tokens=15, do_sample=True, top_k=1, top_p=1.0, seed=1, logprobs=2)[0]
+    assert written["logprobs"] == pytest.approx(expected_sampled.logprobs)
+    assert all(sorted(top.values()) == [-9999.0, pytest.approx(0.0)] for top in written["top_logprobs"])
     r = subprocess.run(base + ["--strategy", "top-p", "--top-p", "2"], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr == "onnxgen: error: top_p must be in (0, 1], got 2.0\n"
     guided = model.generate("It is a truth", max_new_tokens=15, do_sample=False, guidance_scale=3.0, negative_prompt="Call me")[0].text

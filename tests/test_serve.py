@@ -231,6 +231,26 @@ def test_streaming_equals_blocking(client: openai.OpenAI, echo: bool) -> None:
     assert all(offset == len(c.text[:offset]) for c in blocking.choices for offset in c.logprobs.text_offset)
 
 
+def test_alternatives_the_filters_left_out_are_sent_as_json(server: str, model: onnxgen.Model) -> None:
+    """An alternative that top_k left out has log-probability -inf, which JSON cannot hold: the blocking reply was a 500
+    (json.dumps refused it) and the stream sent -Infinity, which strict parsers (JavaScript's JSON.parse) refuse. Both
+    send vLLM's floor, -9999.0, and otherwise what generate gives."""
+    def strict(text: str) -> Any:
+        return json.loads(text, parse_constant=lambda constant: pytest.fail(f"not JSON: {constant}"))
+
+    body = {"model": "tiny", "prompt": "It is a truth", "max_tokens": 4, "temperature": 0.8, "seed": 1, "logprobs": 2, "top_k": 1}
+    expected = model.generate("It is a truth", max_new_tokens=4, do_sample=True, temperature=0.8, top_k=1, seed=1, logprobs=2)[0]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    reply = httpx.post(server + "/v1/completions", json=body, headers=headers, timeout=30)
+    assert reply.status_code == 200, reply.text
+    logprobs = strict(reply.text)["choices"][0]["logprobs"]
+    assert logprobs["token_logprobs"] == pytest.approx(expected.logprobs)
+    assert all(sorted(top.values()) == [-9999.0, pytest.approx(0.0)] for top in logprobs["top_logprobs"])
+    with httpx.stream("POST", server + "/v1/completions", json={**body, "stream": True}, headers=headers, timeout=30) as streamed:
+        chunks = [strict(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
+    assert [top for c in chunks for top in c["choices"][0]["logprobs"]["top_logprobs"]] == logprobs["top_logprobs"]
+
+
 def test_response_format_holds_the_text_to_json(client: openai.OpenAI, model: onnxgen.Model) -> None:
     """OpenAI's response_format (on completions too, as vLLM takes it): json_schema gives JSON its schema allows, the
     text generate() gives with that json_schema; json_object any JSON object; onnxgen's constraints as extra fields."""
