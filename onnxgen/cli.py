@@ -412,9 +412,11 @@ def score(
             with counter(f"Scoring {name}") as progress:
                 s = m.score(text, stride=max(1, m.context_length // 2) if stride is None else stride, progress=progress,
                             adapter=next(iter(adapters), None))[0]
-            results.append({"file": name, "tokens": len(s.token_ids), "total_logprob": s.total, "perplexity": s.perplexity})
+            scored = len(s.token_ids) > 1  # a text of one token has none scored (the first is given nothing): no perplexity
+            results.append({"file": name, "tokens": len(s.token_ids), "total_logprob": s.total, "perplexity": s.perplexity if scored else None})
             if not as_json:
-                print(f"{name}: {len(s.token_ids)} tokens, perplexity {s.perplexity:.3f} (log-probability {s.total:.1f})")
+                said = f"perplexity {s.perplexity:.3f}" if scored else "no perplexity (one token: the first is not scored)"
+                print(f"{name}: {len(s.token_ids)} tokens, {said} (log-probability {s.total:.1f})")
         if as_json:
             print(json.dumps(results, indent=2))
 

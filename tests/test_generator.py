@@ -184,6 +184,14 @@ def test_cli_score_is_model_score(model: onnxgen.Model, exported: Path, tmp_path
     for got, score in zip(result, expected):
         assert got["tokens"] == len(score.token_ids)
         assert got["perplexity"] == pytest.approx(score.perplexity, rel=1e-6) and got["total_logprob"] == pytest.approx(score.total, rel=1e-6)
+    # a text of one token has no token scored: no perplexity (Model.score's NaN, which JSON cannot hold, was written)
+    one = tmp_path / "one.txt"
+    one.write_text("a")
+    r = subprocess.run([sys.executable, "-m", "onnxgen", "score", str(one), "--model", str(exported), "--json"], capture_output=True, text=True)
+    got = json.loads(r.stdout, parse_constant=lambda constant: pytest.fail(f"not JSON: {constant}"))
+    assert got == [{"file": str(one), "tokens": 1, "total_logprob": 0.0, "perplexity": None}]
+    r = subprocess.run([sys.executable, "-m", "onnxgen", "score", str(one), "--model", str(exported)], capture_output=True, text=True)
+    assert r.returncode == 0 and "nan" not in r.stdout and "no perplexity" in r.stdout, r.stdout
 
 
 def test_sampled_logprobs_equal_transformers_warpers(model: onnxgen.Model, torch_model: torch.nn.Module) -> None:
