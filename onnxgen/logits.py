@@ -321,14 +321,17 @@ def remove_invalid(scores: np.ndarray, _: History, __: int) -> np.ndarray:
 
 
 def temperature(t: float) -> Filter:
-    """Scores over t. One that a processor raised to float32's largest (exponential_decay_length_penalty,
-    remove_invalid_values) stays there rather than overflow to inf, which made sampling's weights NaN."""
-    largest = np.finfo(np.float32).max
+    """Scores over t. Where one overflows to +inf (a processor raised it to float32's largest:
+    exponential_decay_length_penalty, remove_invalid_values; then t < 1), the row keeps those tokens alone, as the
+    limit does: +inf left in made sampling's weights NaN, and float32's largest left in overflowed what follows."""
 
     def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
         with np.errstate(over="ignore"):  # one pushed to float32's lowest goes to -inf: the same token left out
             warmed = scores / np.float32(t)
-        return warmed if warmed.max() < np.inf else np.minimum(warmed, largest)  # a maximum costs a third of a clamp
+        if warmed.max() < np.inf:  # a maximum: a third of the division's time
+            return warmed
+        hot = warmed == np.inf
+        return np.where(hot.any(axis=-1, keepdims=True), np.where(hot, np.float32(0), np.float32(-np.inf)), warmed).astype(np.float32)
 
     return apply
 

@@ -465,6 +465,11 @@ def test_extreme_temperatures_penalties_and_scores_sample_finite_log_probabiliti
     ended = model.generate("It is a truth", max_new_tokens=6, do_sample=True, seed=0, logprobs=1, temperature=0.5,
                            exponential_decay_length_penalty=(1, 1e300))[0]
     assert ended.finish_reason == "eos" and len(ended.token_ids) == 3 and all(math.isfinite(lp) for lp in ended.logprobs or [])
+    # row by row: a row with such a score keeps those tokens alone (the limit), another row is only divided
+    from onnxgen import logits
+
+    rows = np.array([[1.0, np.finfo(np.float32).max, -5.0], [1.0, 2.0, -3.0]], dtype=np.float32)
+    assert logits.temperature(0.5)(rows, [], 0).tolist() == [[-math.inf, 0.0, -math.inf], [2.0, 4.0, -6.0]]
 
 
 def test_a_call_whose_cache_cannot_fit_in_memory_is_refused(model: onnxgen.Model, monkeypatch: pytest.MonkeyPatch) -> None:
