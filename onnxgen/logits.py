@@ -328,7 +328,7 @@ def temperature(t: float) -> Filter:
     def apply(scores: np.ndarray, _: History, __: int) -> np.ndarray:
         with np.errstate(over="ignore"):  # one pushed to float32's lowest goes to -inf: the same token left out
             warmed = scores / np.float32(t)
-        if warmed.max() < np.inf:  # a maximum: a third of the division's time
+        if warmed.max() < np.inf:  # the common case, for a maximum (about what the division costs)
             return warmed
         hot = warmed == np.inf
         return np.where(hot.any(axis=-1, keepdims=True), np.where(hot, np.float32(0), np.float32(-np.inf)), warmed).astype(np.float32)
