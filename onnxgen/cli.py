@@ -14,7 +14,7 @@ import warnings
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 try:
     import typer
@@ -24,6 +24,9 @@ except ImportError:  # the embedding install (`pip install onnxgen onnxruntime`)
 from .errors import AdapterWarning, ContextLengthError, IgnoredOptionWarning, OnnxgenError, PerformanceWarning
 from .options import STRATEGIES, GenerationOptions, under_key
 from .tools import PARSERS
+
+if TYPE_CHECKING:
+    from .generator import Completion
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="GPT-2 text generation on onnxruntime: export, quantize, generate, chat, serve, bench.")
@@ -293,7 +296,7 @@ def _watermarked(defaults: GenerationOptions, key: int | None) -> dict[str, Any]
     return {} if key is None else {"watermarking_config": under_key(defaults.watermarking_config, key)}
 
 
-def _json_completion(completion: Any) -> dict[str, Any]:
+def _json_completion(completion: Completion) -> dict[str, Any]:
     """A Completion as --json writes it: its log-probabilities as JSON holds them (generator.for_json)."""
     from .generator import for_json
 
