@@ -37,7 +37,8 @@ from .runtime import Runtime
 from .stopping import StopRules
 from .tokenizer import Tokenizer
 
-NEG = np.float32(-1.0e9)
+NEG = np.float32(-1.0e9)  # transformers' start for every beam but the first
+LARGEST = np.finfo(np.float32).max
 # Why a candidate ended, as the code that the finished slots keep (0: it runs on); by StopRules' order, first first
 REASONS = ("running", "eos", "length", "time", "stop")
 EOS, LENGTH, TIME, STOP = range(1, 5)
@@ -78,7 +79,7 @@ class BeamSearch:
         self.running_scores = np.zeros((b, k), dtype=np.float32)
         self.running_scores[:, 1:] = NEG  # all beams start equal: let only the first one spread at step one
         self.finished, self.finished_lp, self.finished_alt = self.running.copy(), self.running_lp.copy(), self.running_alt.copy()
-        self.finished_scores = np.full((b, k), NEG, dtype=np.float32)
+        self.finished_scores = np.full((b, k), -np.inf, dtype=np.float32)
         self.is_finished = np.zeros((b, k), dtype=bool)
         self.finished_lens = np.zeros((b, k), dtype=np.int64)
         self.finished_why = np.zeros((b, k), dtype=np.int8)  # REASONS' codes
@@ -127,7 +128,8 @@ class BeamSearch:
         self.step_ends.append(time.perf_counter())
         processed = self.scoring(logits.log_softmax(raw), self.rows, cur)  # (b * k, vocab)
         vocab = processed.shape[-1]
-        scores = (processed.reshape(b, k, -1) + self.running_scores[:, :, None]).reshape(b, -1)
+        with np.errstate(over="ignore"):  # a score that a filter took to float32's lowest: -inf, as good as left out
+            scores = (processed.reshape(b, k, -1) + self.running_scores[:, :, None]).reshape(b, -1)
 
         # The best `keep` continuations over all beams of each prompt (or `keep` drawn), and what each one carries.
         top = sample_distinct(scores, self.keep, self.rng) if opts.do_sample else self.top(scores, self.keep)
@@ -144,7 +146,9 @@ class BeamSearch:
         ends = why > 0
 
         # Running beams for the next step: the best candidates that did not end.
-        live_scores = top_scores + ends.astype(np.float32) * NEG
+        # -inf, not transformers' -1e9 added: an end token that a steep exponential_decay_length_penalty raised
+        # to float32's largest kept that score, so the ended beam ran on
+        live_scores = np.where(ends, -np.inf, top_scores).astype(np.float32)
         chosen = self.top(live_scores, k)
         self.running, self.running_lp, self.running_alt = _take(top_seqs, chosen), _take(top_lp, chosen), _take(top_alt, chosen)
         self.running_scores = np.take_along_axis(live_scores, chosen, -1)
@@ -159,7 +163,7 @@ class BeamSearch:
         # Can a running beam still beat the worst finished one?
         horizon = opts.max_new_tokens if opts.early_stopping == "never" and opts.length_penalty > 0 else cur
         best_running = self.running_scores[:, :1] / np.float32(horizon**opts.length_penalty)
-        worst_finished = np.where(self.is_finished, self.finished_scores.min(axis=1, keepdims=True), NEG)
+        worst_finished = np.where(self.is_finished, self.finished_scores.min(axis=1, keepdims=True), -np.inf)
         self.improvable &= (best_running > worst_finished).any(axis=-1, keepdims=True)
         if not self.improvable.any() or (self.is_finished.all() and opts.early_stopping is True) or ends.all():
             self._done = True
@@ -172,7 +176,9 @@ class BeamSearch:
                lens: np.ndarray, why: np.ndarray, length: int) -> None:
         """The `ended` candidates (prompts, candidates) enter the finished slots, each prompt's best k of them and
         those already there kept, on their scores penalised for `length` new tokens."""
-        penalised = scores / np.float32(length**self.opts.length_penalty) + (~ended) * NEG
+        with np.errstate(over="ignore"):  # a score near float32's largest (the decay) times length ** -length_penalty
+            penalised = np.clip(scores / np.float32(length**self.opts.length_penalty), -LARGEST, LARGEST)
+        penalised = np.where(ended, penalised, -np.inf).astype(np.float32)
         merged = np.concatenate([self.finished_scores, penalised], axis=1)
         best = self.top(merged, self.k)
         self.finished_scores = np.take_along_axis(merged, best, -1)

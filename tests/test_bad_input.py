@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -471,6 +472,27 @@ def test_extreme_temperatures_penalties_and_scores_sample_finite_log_probabiliti
     rows = np.array([[1.0, np.finfo(np.float32).max, -5.0], [1.0, 2.0, -3.0]], dtype=np.float32)
     assert logits.temperature(0.5)(rows, [], 0).tolist() == [[-math.inf, 0.0, -math.inf], [2.0, 4.0, -6.0]]
 
+
+
+@pytest.mark.parametrize("length_penalty", [-10.0, 0.0, 2.0])
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_a_steep_decay_ends_every_beam_once_with_a_finite_score(model: onnxgen.Model, length_penalty: float, do_sample: bool) -> None:
+    """An exponential_decay_length_penalty steep enough to raise the end token's score to float32's largest: its
+    candidates kept that score under transformers' -1e9 for an ended beam, so ended beams ran on (an end token, then
+    another) and their sums overflowed to an infinite score. Now each beam ends at the penalty's first step, once,
+    with a finite score (past float32's range under the length penalty: its largest), and nothing overflows."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        results = model.generate(["It is", "The river"], max_new_tokens=8, num_beams=4, num_return_sequences=4, seed=0,
+                                 do_sample=do_sample, length_penalty=length_penalty, exponential_decay_length_penalty=(0, 1e30))
+    eos = model.defaults.eos_ids
+    for c in results:
+        assert c.finish_reason == "eos" and len(c.token_ids) == 2 and c.token_ids[-1] in eos, c
+        assert c.score is not None and math.isfinite(c.score) and c.score > 0, c
+    for prompt in (0, 1):  # four different beams, best first
+        beams = [c for c in results if c.prompt_index == prompt]
+        assert len({tuple(c.token_ids) for c in beams}) == 4
+        assert [c.score for c in beams] == sorted((c.score for c in beams), reverse=True)
 
 def test_a_call_whose_cache_cannot_fit_in_memory_is_refused(model: onnxgen.Model, monkeypatch: pytest.MonkeyPatch) -> None:
     """Refused before anything is allocated: the cache's pages would otherwise fill as the call runs, until the
