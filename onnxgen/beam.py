@@ -32,6 +32,7 @@ from .generator import (
     tokens_before,
 )
 from .guidance import constraint
+from .healing import Healed
 from .options import GenerationOptions
 from .runtime import Runtime
 from .stopping import StopRules
@@ -50,7 +51,9 @@ def _take(array: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 
 class BeamSearch:
-    def __init__(self, runtime: Runtime, tokenizer: Tokenizer, prompts: list[list[int]], opts: GenerationOptions, pad_id: int) -> None:
+    def __init__(self, runtime: Runtime, tokenizer: Tokenizer, prompts: list[list[int]], opts: GenerationOptions, pad_id: int,
+                 healing: list[Healed | None] | None = None) -> None:
+        """`healing` (token_healing, healing.py): per prompt, how it was healed (`prompts` are then the healed ones)."""
         self.start = time.perf_counter()
         self.tokenizer, self.opts = tokenizer, opts
         b, k = len(prompts), opts.num_beams
@@ -66,10 +69,12 @@ class BeamSearch:
         per_beam = max(2, 1 + len(self.eos))
         self.keep = per_beam * k
         self.rng = np.random.default_rng(opts.seed)
+        self.rows = Rows(runtime, prompts, pad_id, opts.max_new_tokens, opts.adapter, repeat=k)  # first: it refuses a call too large
+        self.healed = [h.tail if h else "" for h in healing or [None] * b]  # per prompt
         # guidance.py: each new beam goes on from its parent's state
-        self.scoring = Scoring(opts, constraint(opts, tokenizer), tokenizer, self.rng, runtime.vocab_size, per_beam)
+        self.scoring = Scoring(opts, constraint(opts, tokenizer), tokenizer, self.rng, runtime.vocab_size, per_beam,
+                               first=[h.extensions if h else None for h in healing for _ in range(k)] if healing else None)
         self.top = runtime.top_k
-        self.rows = Rows(runtime, prompts, pad_id, opts.max_new_tokens, opts.adapter, repeat=k)
         self.top_n = opts.logprobs or 0
         new = opts.max_new_tokens
         # Per beam, running and finished: new tokens, each one's log-probability and best alternatives, score, length.
@@ -200,15 +205,16 @@ class BeamSearch:
                 n = int(self.finished_lens[i, j])
                 tokens = self.finished[i, j, :n].tolist()
                 reason = "cancelled" if self.cancelled[i] else REASONS[self.finished_why[i, j]]
-                text = self.tokenizer.decode(tokens)
+                after = len(self.healed[i])
+                text = self.tokenizer.decode(tokens, after=after)
                 cut = self.rules.first_stop(text) if self.rules.stop else None
                 if cut is not None:  # as the generator cuts a row's text and tokens (ended by the length or the time too)
-                    reason, text, n = "stop", text[:cut], tokens_before(self.tokenizer, tokens, cut)
+                    reason, text, n = "stop", text[:cut], tokens_before(self.tokenizer, tokens, cut, after)
                     tokens = tokens[:n]
                 alternatives = [{int(t): float(v) for t, v in step} for step in self.finished_alt[i, j, :n]] if asked else None
                 results.append(Completion(text, tokens, reason, i,
                                           self.finished_lp[i, j, :n].tolist() if asked else None, alternatives,
-                                          float(self.finished_scores[i, j])))
+                                          float(self.finished_scores[i, j]), self.healed[i]))
         return results
 
     def _why(self, tokens: np.ndarray, seqs: np.ndarray, beams: np.ndarray, processed: np.ndarray, cur: int) -> np.ndarray:
@@ -227,7 +233,8 @@ class BeamSearch:
         if self.rules.stop_strings:
             stopped |= np.array([[self._stops(i, seq[: cur + 1]) for seq in seqs[i]] for i in range(b)], dtype=bool).reshape(stopped.shape)
         if self.rules.stop:  # OpenAI's stop: one in a candidate's new text (completions cut it there)
-            stopped |= np.array([[self.rules.first_stop(self.tokenizer.decode(seq[: cur + 1].tolist())) is not None for seq in seqs[i]]
+            stopped |= np.array([[self.rules.first_stop(self.tokenizer.decode(seq[: cur + 1].tolist(), after=len(self.healed[i]))) is not None
+                                  for seq in seqs[i]]
                                  for i in range(b)], dtype=bool).reshape(stopped.shape)
         if self.rules.criteria:  # a row per candidate: its beam's row as processors see it (left-padded), then its token
             parents = _take(self.rows.input_ids.reshape(b, self.k, -1), beams).reshape(b * keep, -1)

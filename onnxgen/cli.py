@@ -223,6 +223,8 @@ def generate(
     assistant_model: Annotated[Path | None, typer.Option(help="assisted generation: a smaller model folder with the same tokenizer "
                                                          "drafts tokens (same text, fewer steps where it agrees)")] = None,
     truncate_prompt: Annotated[bool | None, typer.Option("--truncate-prompt", help="drop the oldest prompt tokens if too long")] = None,
+    token_healing: Annotated[bool | None, typer.Option("--token-healing", help="a prompt ending in a space or mid-word: its last "
+                                                       "token is chosen again with the first new one (the text still follows it)")] = None,
     guidance_scale: Annotated[float | None, typer.Option(help="classifier-free guidance: above 1 the text keeps closer to the "
                                                          "prompt and away from --negative-prompt (a second pass a step)")] = None,
     negative_prompt: Annotated[str | None, typer.Option(help="classifier-free guidance: the text to steer away from "
@@ -247,7 +249,7 @@ def generate(
                  repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, presence_penalty=presence_penalty,
                  frequency_penalty=frequency_penalty, dry_multiplier=dry_multiplier, dry_base=dry_base, dry_allowed_length=dry_allowed_length,
                  xtc_probability=xtc_probability, xtc_threshold=xtc_threshold, stop=stop, seed=seed, max_time=max_time, logprobs=logprobs,
-                 prompt_lookup_num_tokens=prompt_lookup_num_tokens, truncate_prompt=truncate_prompt, regex=regex,
+                 prompt_lookup_num_tokens=prompt_lookup_num_tokens, truncate_prompt=truncate_prompt, token_healing=token_healing, regex=regex,
                  guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                  json_schema=json_schema if json_schema is None or json_schema.lstrip().startswith("{") else _read(json_schema),
                  grammar=None if grammar is None else _read(grammar))

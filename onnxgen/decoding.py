@@ -160,11 +160,14 @@ class Rows:
 
 class Scoring:
     """What turns a step's raw scores into the ones a token is chosen from: the built-in processors,
-    then the caller's `logits_processors` (transformers' order), then a constraint's mask (guidance.py: last, so
-    that none of them can bring back a token it bans), then sampling's warpers and the watermark."""
+    then the caller's `logits_processors` (transformers' order), then a constraint's mask (guidance.py) or token
+    healing's first token (healing.py; last, so that none of them can bring back a token it bans), then sampling's
+    warpers and the watermark."""
 
     def __init__(self, opts: GenerationOptions, constraint: Constraint | None = None, tokenizer: Tokenizer | None = None,
-                 rng: np.random.Generator | None = None, vocab_size: int = 0, keep: int = 1) -> None:
+                 rng: np.random.Generator | None = None, vocab_size: int = 0, keep: int = 1,
+                 first: list[np.ndarray | None] | None = None) -> None:
+        """`first`: per row, the tokens its first new token may be (None: any)."""
         breakers = None
         if opts.dry_multiplier > 0 and tokenizer is not None:  # the tokens that hold a breaker, over the model's whole vocabulary
             held = tokenizer.holding(tuple(opts.dry_sequence_breakers))
@@ -172,18 +175,30 @@ class Scoring:
         self.processors, self.warpers = logits.processors_for(opts, breakers), logits.warpers_for(opts, rng, keep)
         self.user = opts.logits_processors
         self.constraint = constraint
+        self.first = first if first and any(allowed is not None for allowed in first) else None
         self.reads_history = bool(self.processors or constraint or opts.watermarking_config)
 
     def __call__(self, raw: np.ndarray, rows: Rows, step: int) -> np.ndarray:
-        if not (self.processors or self.user or self.constraint or self.warpers):  # greedy's usual case: the raw scores
-            return raw
+        if not (self.processors or self.user or self.constraint or self.warpers or (self.first and step == 0)):
+            return raw  # greedy's usual case: the raw scores
         history = [rows.history(r) for r in range(len(raw))] if self.reads_history else []
         scores = logits.apply(self.processors, raw, history, step)
         for i, processor in enumerate(self.user):
             scores = _checked(processor(rows.input_ids, scores), scores.shape, f"logits_processors[{i}]")
         if self.constraint is not None:
             scores = self.constraint(scores, history, step)
+        if self.first is not None and step == 0:
+            scores = _first_tokens(scores, self.first)
         return logits.apply(self.warpers, scores, history, step)
+
+
+def _first_tokens(scores: np.ndarray, allowed: list[np.ndarray | None]) -> np.ndarray:
+    """Each row's scores with only its allowed tokens left (None: all)."""
+    kept = np.full_like(scores, -np.inf)
+    for row, ids in enumerate(allowed):
+        ids = slice(None) if ids is None else ids[ids < scores.shape[1]]
+        kept[row, ids] = scores[row, ids]
+    return kept
 
 
 def _checked(result: object, shape: tuple[int, ...], name: str) -> np.ndarray:

@@ -26,6 +26,7 @@ from .assistant import Assistant
 from .decoding import Rows, Scoring, sample
 from .errors import OptionsError
 from .guidance import constraint
+from .healing import Healed
 from .lookup import PromptLookup
 from .options import GenerationOptions, is_int
 from .runtime import Runtime
@@ -74,6 +75,7 @@ class Completion:
     logprobs: list[float] | None = None  # per token, its log-probability under the scores it was chosen from
     top_logprobs: list[dict[int, float]] | None = None  # per token, the `logprobs` most likely tokens, best first
     score: float | None = None  # beam search: transformers' sequence score; else the sum of logprobs, when asked
+    healed: str = ""  # token_healing: the prompt's end that the first token re-covers (its text starts after it)
 
 
 class Event(str):
@@ -118,17 +120,22 @@ class Generator:
     """Greedy decoding and sampling; see the module's docstring."""
 
     def __init__(self, runtime: Runtime, tokenizer: Tokenizer, prompts: list[list[int]], opts: GenerationOptions, pad_id: int,
-                 guesser: PromptLookup | Assistant | None = None, unconditional: Unconditional | None = None) -> None:
+                 guesser: PromptLookup | Assistant | None = None, unconditional: Unconditional | None = None,
+                 healing: list[Healed | None] | None = None) -> None:
+        """`healing` (token_healing, healing.py): per prompt, how it was healed (`prompts` are then the healed ones)."""
         self.start = time.perf_counter()
         self.opts, self.pad_id, self.tokenizer = opts, pad_id, tokenizer
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.rules = StopRules.of(opts, self.start)
         self.rng = np.random.default_rng(opts.seed)
-        self.scoring = Scoring(opts, constraint(opts, tokenizer), tokenizer, self.rng, runtime.vocab_size)
         n = opts.num_return_sequences
-        self.rows = Rows(runtime, prompts, pad_id, opts.max_new_tokens, opts.adapter, repeat=n)
+        self.rows = Rows(runtime, prompts, pad_id, opts.max_new_tokens, opts.adapter, repeat=n)  # first: it refuses a call too large
         rows = len(prompts) * n
         self.prompt_index = [i for i in range(len(prompts)) for _ in range(n)]  # a row's prompt
+        healed = [healing[i] if healing else None for i in self.prompt_index]
+        self.healed = [h.tail if h else "" for h in healed]  # per row
+        self.scoring = Scoring(opts, constraint(opts, tokenizer), tokenizer, self.rng, runtime.vocab_size,
+                               first=[h.extensions if h else None for h in healed])
         self.generated: list[list[int]] = [[] for _ in range(rows)]
         self.logprobs: list[list[float]] = [[] for _ in range(rows)]
         self.top_logprobs: list[list[dict[int, float]]] = [[] for _ in range(rows)]
@@ -138,7 +145,7 @@ class Generator:
         self.guessed_tokens = self.guesses_taken = 0  # guesses run, and those chosen (Stats)
         self.guesser = guesser
         self.unconditional = unconditional  # classifier-free guidance's twin rows (unconditional.py)
-        self._streams = [TextStream(tokenizer) for _ in range(rows)]
+        self._streams = [TextStream(tokenizer, len(tail)) for tail in self.healed]
         self._emitted = [0] * rows  # characters of each row's text already in events
 
     @property
@@ -150,7 +157,7 @@ class Generator:
         row = check_row(row, len(self.finish_reasons))
         if self.finish_reasons[row] is None:
             self.finish_reasons[row] = "cancelled"
-            self.texts[row] = self.tokenizer.decode(self.generated[row])
+            self.texts[row] = self._text(row)
             if self.done:
                 self._end()
 
@@ -247,14 +254,14 @@ class Generator:
         top = self.top_logprobs[row][-1] if self.top_logprobs[row] else None
         if cut is not None:
             reason, text = "stop", text[:cut]
-            keep = tokens_before(self.tokenizer, self.generated[row], cut)
+            keep = tokens_before(self.tokenizer, self.generated[row], cut, len(self.healed[row]))
             del self.generated[row][keep:], self.logprobs[row][keep:], self.top_logprobs[row][keep:]
         if reason is None:
             safe = max(emitted, len(text) - self.rules.hold)
             self._emitted[row] = safe
             return Event(text[emitted:safe], row, self.prompt_index[row], token, logprob, top)
         if cut is None:
-            text = self.tokenizer.decode(self.generated[row])  # flush bytes held back
+            text = self._text(row)  # flush bytes held back
         self.finish_reasons[row], self.texts[row] = reason, text
         return Event(text[emitted:], row, self.prompt_index[row], token, logprob, top, reason)
 
@@ -263,11 +270,15 @@ class Generator:
         if not self.done:
             raise OptionsError(STILL_RUNNING)
         asked = self.opts.logprobs is not None
-        return [Completion(self.texts[row] if self.texts[row] is not None else self.tokenizer.decode(ids), list(ids),
+        return [Completion(self.texts[row] if self.texts[row] is not None else self._text(row), list(ids),
                            self.finish_reasons[row] or "length", self.prompt_index[row],
                            list(self.logprobs[row]) if asked else None, list(self.top_logprobs[row]) if asked else None,
-                           float(sum(self.logprobs[row])) if asked else None)
+                           float(sum(self.logprobs[row])) if asked else None, self.healed[row])
                 for row, ids in enumerate(self.generated)]
+
+    def _text(self, row: int) -> str:
+        """A row's whole text: its tokens' after the prompt's end they re-cover (token healing)."""
+        return self.tokenizer.decode(self.generated[row], after=len(self.healed[row]))
 
     @property
     def stats(self) -> Stats:
@@ -275,10 +286,11 @@ class Generator:
         return replace(stats, guessed_tokens=self.guessed_tokens, guesses_taken=self.guesses_taken)
 
 
-def tokens_before(tokenizer: Tokenizer, ids: list[int], cut: int) -> int:
-    """After a stop string, the text ending at character `cut`: how many of the first tokens lie wholly before it."""
+def tokens_before(tokenizer: Tokenizer, ids: list[int], cut: int, after: int = 0) -> int:
+    """After a stop string, the text ending at character `cut`: how many of the first tokens lie wholly before it
+    (the text starting at character `after` of theirs: token healing)."""
     keep = len(ids)
-    while keep and len(tokenizer.decode(ids[:keep])) > cut:
+    while keep and len(tokenizer.decode(ids[:keep], after=after)) > cut:
         keep -= 1
     return keep
 

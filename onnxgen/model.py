@@ -24,6 +24,7 @@ from .chat import ChatTemplate
 from .errors import ContextLengthError, ModelFolderError, OnnxgenError, OptionsError, PerformanceWarning, shown
 from .folder import MANIFEST, ModelFolder
 from .generator import Completion, Event, Generator, Stats, token_logprobs
+from .healing import heal
 from .lookup import PromptLookup
 from .options import MAX_LOGPROBS, GenerationOptions, WatermarkingConfig, is_int, is_number
 from .runtime import Provider, Runtime
@@ -254,9 +255,13 @@ class Model:
         return ids, opts.for_prompts(max(len(p) for p in ids))
 
     def _made(self, ids: list[list[int]], opts: GenerationOptions) -> Generator | BeamSearch:
+        healing = [heal(self.tokenizer, prompt) for prompt in ids] if opts.token_healing else None
+        if healing:  # everything the call runs starts from the healed prompts
+            ids = [h.prompt if h else prompt for h, prompt in zip(healing, ids)]
         if opts.num_beams > 1:
-            return BeamSearch(self.runtime, self.tokenizer, ids, opts, opts.pad_id)
-        return Generator(self.runtime, self.tokenizer, ids, opts, opts.pad_id, self._guesser(ids, opts), self._unconditional(ids, opts))
+            return BeamSearch(self.runtime, self.tokenizer, ids, opts, opts.pad_id, healing)
+        return Generator(self.runtime, self.tokenizer, ids, opts, opts.pad_id, self._guesser(ids, opts), self._unconditional(ids, opts),
+                         healing)
 
     def _unconditional(self, ids: list[list[int]], opts: GenerationOptions) -> Unconditional | None:
         """Classifier-free guidance's twin rows, num_return_sequences for each prompt: each starts from the negative

@@ -29,7 +29,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 # generation_config.json keys that change transformers' output and that onnxgen does not take, with transformers'
 # defaults: a folder that sets one to something else gets a warning, not a silent difference.
 NOT_TAKEN = {"num_beam_groups": 1, "diversity_penalty": 0.0,
-             "penalty_alpha": None, "force_words_ids": None, "constraints": None, "token_healing": False, "dola_layers": None}
+             "penalty_alpha": None, "force_words_ids": None, "constraints": None, "dola_layers": None}
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 MAX_TEMPERATURE = 100.0
 # Scores are float32: divided by a temperature below this (after the strongest repetition penalty's 100x pull) they
@@ -48,7 +48,7 @@ MAX_GUIDANCE_SCALE = 100.0
 FLOATS = {"temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "length_penalty", "repetition_penalty", "encoder_repetition_penalty",
           "presence_penalty", "frequency_penalty", "assistant_confidence_threshold", "dry_multiplier", "dry_base", "xtc_probability",
           "xtc_threshold"}
-BOOLS = {"do_sample", "truncate_prompt", "remove_invalid_values", "renormalize_logits", "include_stop_str_in_output"}
+BOOLS = {"do_sample", "truncate_prompt", "remove_invalid_values", "renormalize_logits", "include_stop_str_in_output", "token_healing"}
 TOKEN_LISTS = {"suppress_tokens", "begin_suppress_tokens"}
 SequenceBias = dict[tuple[int, ...], float]
 
@@ -171,6 +171,10 @@ class GenerationOptions:
     stop_strings: list[str] = field(default_factory=list)
     seed: int | None = None  # makes sampling reproducible
     truncate_prompt: bool = False  # drop the prompt's oldest tokens instead of refusing a too-long prompt
+    # transformers' token healing (healing.py): each prompt's last token is taken back and the first new token is one
+    # whose text begins with it, so that a prompt ending in a space or mid-word goes on as running text does; the
+    # text still starts where the prompt ends (its first token re-covers the prompt's end: Completion.healed).
+    token_healing: bool = False
     logprobs: int | None = None  # per new token its log-probability, and this many most likely alternatives
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' scores (OpenAI's option)
     # OpenAI's: subtracted from the score of every token already generated (not the prompt's), once (presence) and
@@ -313,6 +317,9 @@ class GenerationOptions:
                 raise OptionsError(f"one constraint a call: got {' and '.join(constraints)}")
             if not self.eos_ids:
                 raise OptionsError(f"{constraints[0]} needs an end token (eos_token_id): it ends the text where the text is complete")
+            if self.token_healing:
+                raise OptionsError(f"token_healing and {constraints[0]}: not both (the first token re-covers the prompt's end, "
+                                   "which the constraint does not hold)")
             grammar(self.json_schema, self.regex, self.grammar)  # llguidance installed, and the constraint usable
 
     def with_overrides(self, **overrides: Any) -> GenerationOptions:

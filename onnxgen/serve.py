@@ -726,7 +726,9 @@ def _logprobs(model: Model, source: Event | Completion, offset: int) -> dict[str
     """OpenAI's completions logprobs of a completion, or of a streamed token; `offset`: where its text starts in the
     choice's text (sent so far)."""
     scored = _scored(source)
-    return None if scored is None else _logprobs_object(model, *scored, offset)
+    # token healing: a completion's first token re-covers the prompt's end, and starts where its text does
+    after = len(source.healed) if isinstance(source, Completion) else 0
+    return None if scored is None else _logprobs_object(model, *scored, offset, after)
 
 
 def _scored(source: Event | Completion) -> tuple[list[int], list[float], list[dict[int, float]]] | None:
@@ -742,16 +744,16 @@ def _scored(source: Event | Completion) -> tuple[list[int], list[float], list[di
 
 
 def _logprobs_object(model: Model, ids: list[int], logprobs: list[float | None], alternatives: list[dict[int, float] | None],
-                     offset: int) -> dict[str, Any]:
+                     offset: int, after: int = 0) -> dict[str, Any]:
     """OpenAI's logprobs object: each token's text, where it starts, its log-probability and its alternatives (None
-    for a token that has none: a prompt's first)."""
-    return {**_tokens(model, ids, offset), "token_logprobs": logprobs,
+    for a token that has none: a prompt's first); `after`: characters of the tokens' text before the choice's."""
+    return {**_tokens(model, ids, offset, after), "token_logprobs": logprobs,
             "top_logprobs": [None if alts is None else _by_text(model, alts, (t, lp)) for t, lp, alts in zip(ids, logprobs, alternatives)]}
 
 
-def _tokens(model: Model, ids: list[int], offset: int) -> dict[str, list[Any]]:
+def _tokens(model: Model, ids: list[int], offset: int, after: int = 0) -> dict[str, list[Any]]:
     """OpenAI's logprobs "tokens" (each token's text) and "text_offset" (where each starts in the choice's text)."""
-    tokens, offsets, stream = [], [], TextStream(model.tokenizer)
+    tokens, offsets, stream = [], [], TextStream(model.tokenizer, after)
     for token in ids:
         offsets.append(offset + len(stream.text))
         tokens.append(model.tokenizer.decode([token]))

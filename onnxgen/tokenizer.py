@@ -50,11 +50,12 @@ class Tokenizer:
             raise OptionsError(f"text to encode must be a string, got {type(text).__name__}")
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: list[int], clean: bool = True) -> str:
-        """The text of `ids`, cleaned up where the folder asks (`clean=False`: as the tokens spell it). An id past the
-        vocabulary spells nothing, as in the tokenizers library."""
+    def decode(self, ids: list[int], clean: bool = True, after: int = 0) -> str:
+        """The text of `ids`, cleaned up where the folder asks (`clean=False`: as the tokens spell it), from character
+        `after` of their spelling on (token healing: what lies before is the prompt's). An id past the vocabulary
+        spells nothing, as in the tokenizers library."""
         try:
-            text = self._tok.decode(ids, skip_special_tokens=True)
+            text = self._tok.decode(ids, skip_special_tokens=True)[after:]
         except (TypeError, OverflowError):  # checked here only when it fails: a stream decodes at every token
             raise OptionsError(f"ids to decode must be a list of non-negative integer token ids, got {shown(ids)}") from None
         return clean_up(text) if clean and self.clean_up_spaces else text
@@ -73,6 +74,15 @@ class Tokenizer:
             raise OptionsError(f"token must be a string (as the vocabulary spells it), got {type(token).__name__}")
         return self._tok.token_to_id(token)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        """A token as the vocabulary writes it (token_to_id's reverse), or None."""
+        return self._tok.id_to_token(token_id)
+
+    def vocabulary(self) -> dict[str, int]:
+        """Every token as the vocabulary writes it, with its id; special tokens left out."""
+        special = {i for i, token in self._tok.get_added_tokens_decoder().items() if token.special}
+        return {token: i for token, i in self._tok.get_vocab(with_added_tokens=True).items() if i not in special}
+
     @functools.lru_cache(maxsize=8)  # noqa: B019  (a model's tokenizer lives as long as the model; a few breaker sets)
     def holding(self, texts: tuple[str, ...]) -> np.ndarray:
         """A mask over the vocabulary: the tokens whose text holds one of `texts` (DRY's sequence breakers: logits.dry)."""
@@ -86,8 +96,10 @@ class TextStream:
     clean-up, so is the text after the last character that no pattern holds (" n" waits for "'t" or another
     word), so that the pieces add up to the whole text's clean-up."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, after: int = 0) -> None:
+        """`after`: the first characters the tokens spell are not the text's (token healing: the prompt's end)."""
         self._tokenizer = tokenizer
+        self._after = after
         self._ids: list[int] = []
         self._start = 0  # first token not yet fully emitted
         self._unsettled = ""  # with the clean-up: complete characters after the last that no pattern holds
@@ -99,6 +111,8 @@ class TextStream:
         if pending.endswith("\ufffd"):
             return ""
         self._start = len(self._ids)
+        dropped = min(self._after, len(pending))
+        pending, self._after = pending[dropped:], self._after - dropped
         if self._tokenizer.clean_up_spaces:
             # Text up to a character that no pattern holds cleans up alone: the pieces add up to the whole's clean-up.
             spelled = self._unsettled + pending

@@ -82,3 +82,18 @@ def test_cli_version_names_onnxgen_and_the_onnxruntime_it_runs_on() -> None:
     r = subprocess.run([sys.executable, "-m", "onnxgen", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith(f"onnxgen {onnxgen.__version__}, onnxruntime {onnxruntime.__version__} (")
     assert "CPUExecutionProvider" in r.stdout
+
+
+def test_token_healing_on_the_bundled_tokenizer(bundled: onnxgen.Model) -> None:
+    """A trailing space is chosen again with the next word: the first token is a spaced one, the text starts after
+    the space. Special tokens never extend a prompt's end ("<" is extended by "<|", not by "<|endoftext|>")."""
+    from onnxgen.healing import heal
+
+    tokenizer = bundled.tokenizer
+    c = bundled.generate("The capital of France is ", max_new_tokens=6, token_healing=True, do_sample=False)[0]
+    assert c.healed == " " and tokenizer.decode(c.token_ids[:1]).startswith(" ") and not c.text.startswith(" ")
+    assert "The capital of France is " + c.text == "The capital of France is" + tokenizer.decode(c.token_ids)
+    healed = heal(tokenizer, tokenizer.encode("x<"))
+    assert healed is not None and healed.tail == "<"
+    spelled = [tokenizer.id_to_token(int(i)) for i in healed.extensions]
+    assert "<" in spelled and all(s.startswith("<") for s in spelled) and tokenizer.token_to_id("<|endoftext|>") not in healed.extensions

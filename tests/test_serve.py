@@ -349,6 +349,23 @@ def test_generation_config_options_as_extra_fields(client: openai.OpenAI, model:
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 1
 
 
+def test_token_healing_as_an_extra_field(client: openai.OpenAI, model: onnxgen.Model) -> None:
+    """The text continues the prompt as sent; the first token's text re-covers the prompt's end, so its offset is the
+    text's start and the next one's is where its own text begins; a stream sends the same text."""
+    prompt = "It is a truth universally acknowledged, that a "
+    expected = model.generate(prompt, max_new_tokens=6, token_healing=True, logprobs=1)[0]
+    assert expected.healed == " "
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=1, extra_body={"token_healing": True})
+    choice = out.choices[0]
+    assert choice.text == expected.text and choice.logprobs.token_logprobs == pytest.approx(expected.logprobs)
+    tokens = choice.logprobs.tokens
+    assert "".join(tokens) == expected.healed + expected.text
+    assert choice.logprobs.text_offset[:2] == [0, len(tokens[0]) - 1]
+    streamed = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, stream=True,
+                                         extra_body={"token_healing": True})
+    assert "".join(c.choices[0].text for c in streamed) == expected.text
+
+
 def test_models_and_health(client: openai.OpenAI, server: str, model: onnxgen.Model) -> None:
     assert [m.id for m in client.models.list()] == ["tiny"]
     listed = httpx.get(server + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]
