@@ -60,6 +60,7 @@ from starlette.routing import Match
 from .batcher import Batcher, Full, Job
 from .errors import ModelFolderError, OnnxgenError, OptionsError, openai_error, told
 from .generator import Completion, Event, for_json
+from .healing import heal
 from .guidance import CONSTRAINTS
 from .metrics import Metrics
 from .model import Model
@@ -359,13 +360,20 @@ def create_app(model: Model, name: str, api_key: str | None = None, limits: Limi
             return submitted
         job, channel = submitted
         if body.stream:
-            opening = [{"text": model.tokenizer.decode(prompts[i // body.n]), "index": i, "logprobs": echoed[i // body.n] if echoed else None,
+            # token healing: echoed, a choice's first token starts at its prompt's end, which it re-covers
+            tails = [len(h.tail) if options.token_healing and body.echo and (h := heal(model.tokenizer, p)) else 0 for p in prompts]
+            opening = [{"text": model.tokenizer.decode(prompts[i // body.n]), "index": i,
+                        "logprobs": _echoed(echoed[i // body.n], tails[i // body.n] > 0) if echoed else None,
                         "finish_reason": None} for i in range(len(prompts) * body.n)] if body.echo else []
             sent = [len(c["text"]) for c in opening] or [0] * (len(prompts) * body.n)  # each choice's text so far: offsets
+            before = [tails[i // body.n] for i in range(len(prompts) * body.n)]  # the first token's start, before its text
 
             def piece(index: int, text: str, source: Event | Completion) -> dict[str, Any]:
                 offset, sent[index] = sent[index], sent[index] + len(text)
-                return {"text": text, "index": index, "logprobs": _logprobs(model, source, offset), "finish_reason": _finish(source.finish_reason)}
+                if isinstance(source, Event):
+                    offset, before[index] = offset - before[index], 0
+                return {"text": text, "index": index, "logprobs": _logprobs(model, source, offset, body.echo),
+                        "finish_reason": _finish(source.finish_reason)}
             return _streamed(job, channel, request, {**meta, "object": "text_completion"}, piece, opening, body, prompts)
         done = await ended(job, channel, request)
         if isinstance(done, JSONResponse):
@@ -722,13 +730,13 @@ def _call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"  # OpenAI's shape; a client sends it back with the call's result
 
 
-def _logprobs(model: Model, source: Event | Completion, offset: int) -> dict[str, Any] | None:
+def _logprobs(model: Model, source: Event | Completion, offset: int, echo: bool = False) -> dict[str, Any] | None:
     """OpenAI's completions logprobs of a completion, or of a streamed token; `offset`: where its text starts in the
-    choice's text (sent so far)."""
+    choice's text (sent so far). Token healing: a completion's first token re-covers the prompt's end; it starts
+    there where the prompt is echoed (`echo`), else where the text does."""
     scored = _scored(source)
-    # token healing: a completion's first token re-covers the prompt's end, and starts where its text does
-    after = len(source.healed) if isinstance(source, Completion) else 0
-    return None if scored is None else _logprobs_object(model, *scored, offset, after)
+    healed = len(source.healed) if isinstance(source, Completion) else 0
+    return None if scored is None else _logprobs_object(model, *scored, offset - healed if echo else offset, 0 if echo else healed)
 
 
 def _scored(source: Event | Completion) -> tuple[list[int], list[float], list[dict[int, float]]] | None:
@@ -779,10 +787,15 @@ def _prompt_logprobs(model: Model, prompts: list[list[int]], top: int, adapter: 
 def _choice(model: Model, body: CompletionRequest, prompts: list[list[int]], c: Completion, index: int,
             echoed: list[dict[str, Any]] | None) -> dict[str, Any]:
     prefix = model.tokenizer.decode(prompts[c.prompt_index]) if body.echo else ""
-    logprobs = _logprobs(model, c, len(prefix))
+    logprobs = _logprobs(model, c, len(prefix), body.echo)
     if echoed is not None and logprobs is not None:  # the prompt's entries, then the completion's
-        logprobs = {key: echoed[c.prompt_index][key] + logprobs[key] for key in logprobs}
+        logprobs = {key: _echoed(echoed[c.prompt_index], bool(c.healed))[key] + logprobs[key] for key in logprobs}
     return {"text": prefix + c.text, "index": index, "logprobs": logprobs, "finish_reason": _finish(c.finish_reason)}
+
+
+def _echoed(entries: dict[str, Any], healed: bool) -> dict[str, Any]:
+    """A prompt's logprobs entries as echoed: with token healing, the first new token takes its last token's place."""
+    return {key: values[:-1] for key, values in entries.items()} if healed else entries
 
 
 def _usage(prompts: list[list[int]], done: list[Completion]) -> dict[str, int]:

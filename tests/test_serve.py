@@ -364,6 +364,24 @@ def test_token_healing_as_an_extra_field(client: openai.OpenAI, model: onnxgen.M
     streamed = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, stream=True,
                                          extra_body={"token_healing": True})
     assert "".join(c.choices[0].text for c in streamed) == expected.text
+    # echoed with the prompt's log-probabilities: the first new token takes the place of the prompt's last one
+    echoed = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=1, echo=True,
+                                       extra_body={"token_healing": True}).choices[0]
+    assert echoed.text == prompt + expected.text and "".join(echoed.logprobs.tokens) == echoed.text
+    offsets = echoed.logprobs.text_offset
+    assert offsets == sorted(offsets) and offsets[len(model.tokenizer.encode(prompt)) - 1] == len(prompt) - 1
+    assert echoed.logprobs.token_logprobs[-len(expected.logprobs):] == pytest.approx(expected.logprobs)
+    chunks = [c.choices[0] for c in client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=1,
+                                                              echo=True, stream=True, extra_body={"token_healing": True})]
+    assert "".join(c.text for c in chunks) == echoed.text
+    assert [t for c in chunks if c.logprobs for t in c.logprobs.tokens] == echoed.logprobs.tokens
+    assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == offsets
+    # beam search streams each choice whole, after the echo
+    beams = [c.choices[0] for c in client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=1, echo=True,
+                                                             stream=True, extra_body={"token_healing": True, "num_beams": 2})]
+    assert "".join(t for c in beams if c.logprobs for t in c.logprobs.tokens) == "".join(c.text for c in beams)
+    beam_offsets = [o for c in beams if c.logprobs for o in c.logprobs.text_offset]
+    assert beam_offsets == sorted(beam_offsets) and beam_offsets[len(model.tokenizer.encode(prompt)) - 1] == len(prompt) - 1
 
 
 def test_models_and_health(client: openai.OpenAI, server: str, model: onnxgen.Model) -> None:
