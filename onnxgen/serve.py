@@ -551,6 +551,8 @@ def _chat_input(model: Model, body: ChatRequest, limits: Limits, draft: Model | 
     asked = body.max_completion_tokens or body.max_tokens or max(1, min(limits.max_tokens, model.context_length - len(prompt)))
     shared = {field: getattr(body, field) for field in OpenAIRequest.model_fields}
     extra = dict(body.model_extra or {})
+    for field in sorted(extra.keys() & CompletionRequest.model_fields.keys()):  # echo, prompt: set below, as a chat runs
+        raise ValueError(f"{field} is a completions field, not a chat one")
     if calls.schema is not None:
         if (body.response_format or {}).get("type", "text") != "text" or extra.keys() & set(CONSTRAINTS):
             raise ValueError("tool_choice holds the reply to a call's JSON: not with response_format, json_schema, regex or grammar")

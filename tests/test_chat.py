@@ -371,6 +371,19 @@ def test_tool_requests_it_cannot_do_are_refused(chat_server: tuple[str, str]) ->
         client.chat.completions.create(model="tiny-chat", messages=[*ASKED, *garbled], max_tokens=4)
 
 
+def test_a_completions_field_in_a_chat_request_is_a_400(chat_server: tuple[str, str]) -> None:
+    """echo or prompt sent to chat completions or the Responses API (extra fields, which pass to the options) were a
+    500: the chat's own completion sets them."""
+    import openai
+
+    client = _client(chat_server[0])
+    for field, value in (("echo", True), ("prompt", "Hi")):
+        with pytest.raises(openai.BadRequestError, match=f"{field} is a completions field, not a chat one"):
+            client.chat.completions.create(model="tiny-chat", messages=ASKED, max_tokens=4, extra_body={field: value})
+        with pytest.raises(openai.BadRequestError, match=f"{field} is a completions field, not a chat one"):
+            client.responses.create(model="tiny-chat", input="Hi", max_output_tokens=4, extra_body={field: value})
+
+
 RESPONSES_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]  # the Responses API's tools: flat
 
 
