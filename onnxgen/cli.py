@@ -214,6 +214,8 @@ def generate(
     dry_allowed_length: Annotated[int | None, typer.Option(help="DRY: repeats this long go free")] = None,
     xtc_probability: Annotated[float | None, typer.Option(help="sampling: XTC's chance a step of excluding the most likely tokens")] = None,
     xtc_threshold: Annotated[float | None, typer.Option(help="sampling: XTC excludes the tokens this likely, but the least of them")] = None,
+    top_n_sigma: Annotated[float | None, typer.Option(help="sampling: keep the tokens scored within this many standard deviations "
+                                                      "of the scores below the best (1.0 is usual)")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     max_time: Annotated[float | None, typer.Option(help="seconds: end the text after this long (finish reason time)")] = None,
@@ -248,7 +250,7 @@ def generate(
                  top_p=top_p, min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, num_beams=num_beams, length_penalty=length_penalty, num_return_sequences=num_return_sequences,
                  repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, presence_penalty=presence_penalty,
                  frequency_penalty=frequency_penalty, dry_multiplier=dry_multiplier, dry_base=dry_base, dry_allowed_length=dry_allowed_length,
-                 xtc_probability=xtc_probability, xtc_threshold=xtc_threshold, stop=stop, seed=seed, max_time=max_time, logprobs=logprobs,
+                 xtc_probability=xtc_probability, xtc_threshold=xtc_threshold, top_n_sigma=top_n_sigma, stop=stop, seed=seed, max_time=max_time, logprobs=logprobs,
                  prompt_lookup_num_tokens=prompt_lookup_num_tokens, truncate_prompt=truncate_prompt, token_healing=token_healing, regex=regex,
                  guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                  json_schema=json_schema if json_schema is None or json_schema.lstrip().startswith("{") else _read(json_schema),

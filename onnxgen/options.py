@@ -47,7 +47,7 @@ OPTIONAL_FLOATS = {"max_time", "guidance_scale"}
 MAX_GUIDANCE_SCALE = 100.0
 FLOATS = {"temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "length_penalty", "repetition_penalty", "encoder_repetition_penalty",
           "presence_penalty", "frequency_penalty", "assistant_confidence_threshold", "dry_multiplier", "dry_base", "xtc_probability",
-          "xtc_threshold"}
+          "xtc_threshold", "top_n_sigma"}
 BOOLS = {"do_sample", "truncate_prompt", "remove_invalid_values", "renormalize_logits", "include_stop_str_in_output", "token_healing"}
 TOKEN_LISTS = {"suppress_tokens", "begin_suppress_tokens"}
 SequenceBias = dict[tuple[int, ...], float]
@@ -194,6 +194,9 @@ class GenerationOptions:
     # xtc_threshold likely go but the least likely of them, so the text leaves its most obvious path. 0 is off.
     xtc_probability: float = 0.0
     xtc_threshold: float = 0.1
+    # Top-nσ (llama.cpp's top_n_sigma; sampling only): keep the tokens scored within n standard deviations of the row's
+    # scores below its best (about 1.0 is usual); the same tokens at any temperature. 0 is off.
+    top_n_sigma: float = 0.0
     # Constrained decoding (guidance.py, llguidance): the text held to a JSON schema (a dict, or its JSON text; compact
     # JSON unless the schema's "x-guidance" says otherwise), a regular expression, or a Lark grammar (llguidance's
     # dialect). At most one; greedy decoding or sampling; the end token ends the text where it is complete.
@@ -301,6 +304,8 @@ class GenerationOptions:
         if self.dry_multiplier < 0 or self.dry_base < 1 or self.dry_allowed_length < 1 or self.dry_penalty_last_n < -1:
             raise OptionsError(f"DRY takes dry_multiplier >= 0, dry_base >= 1, dry_allowed_length >= 1 and dry_penalty_last_n >= -1, got "
                                f"{self.dry_multiplier}, {self.dry_base}, {self.dry_allowed_length} and {self.dry_penalty_last_n}")
+        if self.top_n_sigma < 0:
+            raise OptionsError(f"top_n_sigma must be >= 0 (0 is off), got {self.top_n_sigma}")
         if not (0 <= self.xtc_probability <= 1 and 0 < self.xtc_threshold <= 1):
             raise OptionsError(f"XTC takes xtc_probability in [0, 1] and xtc_threshold in (0, 1], got {self.xtc_probability} and "
                                f"{self.xtc_threshold}")

@@ -1,8 +1,10 @@
-"""DRY and XTC (logits.dry, logits.xtc): the local-model samplers llama.cpp's server and text-generation-webui offer,
-which transformers does not. DRY is held to its definition, written out here one match at a time; XTC to its rule."""
+"""DRY, XTC and top-nσ (logits.dry, logits.xtc, logits.top_n_sigma): the local-model samplers llama.cpp's server and
+text-generation-webui offer, which transformers does not. DRY is held to its definition, written out here one match
+at a time; XTC to its rule; top-nσ to its definition."""
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 
 import numpy as np
@@ -72,6 +74,37 @@ def test_xtc_removes_the_likely_tokens_but_the_least_likely_of_them() -> None:
     assert (np.isneginf(cut[:, 0]) == (draws < 0.5)).all() and 10 < np.count_nonzero(draws < 0.5) < 40
 
 
+def top_n_sigma_by_definition(row: np.ndarray, n: float) -> set[int]:
+    """The tokens top-nσ keeps: score >= the best - n x the population deviation of the finite scores."""
+    finite = [float(v) for v in row if np.isfinite(v)]
+    cut = max(finite) - n * statistics.pstdev(finite)
+    return {i for i, v in enumerate(row.tolist()) if v >= cut}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_n_sigma_is_its_definition(seed: int) -> None:
+    """Rows of a bell of unlikely scores under a few likely ones, some banned (-inf, left out of the deviation); the
+    same tokens kept at another temperature; `keep` (beam sampling's) keeps at least that many."""
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(0, 2, (6, 500)).astype(np.float32)
+    scores[:, :5] += rng.uniform(5, 12, (6, 5)).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.1] = -np.inf
+    short = rng.normal(0, 2, (40, 12)).astype(np.float32)  # few scores: the population's deviation, not the sample's
+    for n in (0.5, 1.0, 2.5):
+        for rows in (scores, short):
+            out = logits.top_n_sigma(n)(rows, [[]] * len(rows), 0)
+            assert all(set(np.flatnonzero(o > -np.inf).tolist()) == top_n_sigma_by_definition(r, n) for o, r in zip(out, rows))
+        out = logits.top_n_sigma(n)(scores, [[]] * 6, 0)
+        for row in range(6):
+            kept = set(np.flatnonzero(out[row] > -np.inf).tolist())
+            assert kept == top_n_sigma_by_definition(scores[row], n)
+            assert (out[row, sorted(kept)] == scores[row, sorted(kept)]).all()
+        warmed = logits.top_n_sigma(n)(scores / np.float32(0.7), [[]] * 6, 0)
+        assert (np.isneginf(warmed) == np.isneginf(out)).all()
+    narrow = logits.top_n_sigma(0.01, keep=3)(scores, [[]] * 6, 0)
+    assert (np.count_nonzero(narrow > -np.inf, axis=-1) >= 3).all()
+
+
 def test_the_samplers_through_generate(model: onnxgen.Model) -> None:
     """DRY's breakers come from the tokenizer (any token whose text holds one); greedy text with DRY repeats less;
     seeded sampling with XTC repeats itself and differs from it without; the options are checked."""
@@ -95,7 +128,19 @@ def test_the_samplers_through_generate(model: onnxgen.Model) -> None:
     first = model.generate(prompt, **sampled)[0].token_ids
     assert model.generate(prompt, **sampled)[0].token_ids == first
     assert model.generate(prompt, **{**sampled, "xtc_probability": 0.0})[0].token_ids != first
+    # top-nσ: every sampled token within its step's cut, seen on the scores the warpers get (temperature 1: the raw ones)
+    seen: list[np.ndarray] = []
+
+    def record(_: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        seen.append(scores.copy())
+        return scores
+
+    sigma = {"do_sample": True, "seed": 2, "max_new_tokens": 20, "top_k": 0, "top_n_sigma": 0.5, "logits_processors": [record]}
+    drawn = model.generate(prompt, **sigma)[0].token_ids
+    assert len(seen) == len(drawn) and all(t in top_n_sigma_by_definition(s[0], 0.5) for t, s in zip(drawn, seen))
+    assert max(len(top_n_sigma_by_definition(s[0], 0.5)) for s in seen) < model.runtime.vocab_size  # the cut cut something
     for bad, message in (({"dry_multiplier": -1}, "DRY takes dry_multiplier >= 0"), ({"dry_base": 0.5}, "dry_base >= 1"),
+                         ({"top_n_sigma": -1.0}, "top_n_sigma must be >= 0"),
                          ({"dry_allowed_length": 0}, "dry_allowed_length >= 1"), ({"dry_sequence_breakers": ["\n", ""]},
                                                                                    "a list of non-empty strings"),
                          ({"xtc_probability": 2}, "XTC takes xtc_probability in"), ({"xtc_threshold": 0}, "xtc_threshold in")):
@@ -113,7 +158,8 @@ def test_the_samplers_through_the_server_and_the_command_line(exported, model: o
 
     from onnxgen.serve import create_app
 
-    asked = {"dry_multiplier": 1.5, "dry_allowed_length": 1, "dry_sequence_breakers": ["."], "xtc_probability": 1.0, "xtc_threshold": 0.05}
+    asked = {"dry_multiplier": 1.5, "dry_allowed_length": 1, "dry_sequence_breakers": ["."], "xtc_probability": 1.0, "xtc_threshold": 0.05,
+             "top_n_sigma": 2.0}
     expected = model.generate("It is a truth", max_new_tokens=12, do_sample=True, seed=3, top_k=0, **asked)[0].text
 
     async def ask() -> httpx.Response:
@@ -123,7 +169,7 @@ def test_the_samplers_through_the_server_and_the_command_line(exported, model: o
     assert asyncio.run(ask()).json()["choices"][0]["text"] == expected
     out = subprocess.run([sys.executable, "-m", "onnxgen", "generate", "It is a truth", "--model", str(exported), "--max-new-tokens", "12",
                           "--strategy", "sample", "--seed", "3", "--dry-multiplier", "1.5", "--dry-allowed-length", "1",
-                          "--xtc-probability", "1", "--xtc-threshold", "0.05"], capture_output=True, text=True, check=False)
+                          "--xtc-probability", "1", "--xtc-threshold", "0.05", "--top-n-sigma", "2"], capture_output=True, text=True, check=False)
     with_default_breakers = model.generate("It is a truth", max_new_tokens=12, do_sample=True, seed=3, top_k=0,
                                            **{**asked, "dry_sequence_breakers": ["\n", ":", '"', "*"]})[0].text
     assert out.returncode == 0 and out.stdout == with_default_breakers + "\n", out.stderr
