@@ -175,7 +175,9 @@ class Batcher:
                 self._step_shared()
 
     def _can_share(self, job: Job) -> bool:
-        return self.cache is not None and (job.options.seed is None or self.seeds_share) and job.rows <= self.max_batch
+        # contrastive search runs its own rows: a step's candidates, then the chosen one's copies
+        return (self.cache is not None and (job.options.seed is None or self.seeds_share) and job.rows <= self.max_batch
+                and not job.options.contrastive)
 
     def _start_waiting(self) -> bool:
         """Start waiting jobs while there is room, oldest first; wait for one when nothing runs or waits to. False

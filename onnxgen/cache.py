@@ -27,6 +27,7 @@ import numpy as np
 from .folder import (
     ATTENTION_MASK,
     INPUT_IDS,
+    LAST_HIDDEN_STATE,
     LOGITS,
     LOGITS_TO_KEEP,
     POSITION_IDS,
@@ -84,6 +85,11 @@ class InPlaceCache:
         self.lengths = np.zeros(rows, dtype=np.int64)  # positions written, per row
         self.adapters: list[Adapter | None] = [None] * rows  # each row's LoRA adapter
         self._steps: dict[int, DecodeStep] = {}  # by how many leading rows a decode runs (a batcher's rows come and go)
+        # Contrastive search's: prefill keeps each prompt's hidden states (every position's), and decode_hidden reads the
+        # last step's; others leave the prompts' unbound, as large as the prompts' pass
+        self.keep_hidden = False
+        self.prompt_hidden: list[np.ndarray] = []
+        self._last_step: DecodeStep | None = None
 
     def layers(self) -> np.ndarray:
         """The CPU buffer as (layer's key or value in past_names' order, row, head, position, head size)."""
@@ -99,6 +105,7 @@ class InPlaceCache:
         prompts of equal length in neighbouring rows."""
         rows = list(range(len(prompts))) if rows is None else rows
         scores = np.empty((len(prompts), self.runtime.vocab_size), np.float32)
+        self.prompt_hidden = []
         first = 0
         while first < len(prompts):
             n, stop = len(prompts[first]), first + 1
@@ -108,7 +115,8 @@ class InPlaceCache:
             positions = np.broadcast_to(np.arange(start, start + n), ids.shape)
             seqlens = np.full(stop - first, start + n - 1, dtype=np.int32)
             with self.runtime.exclusive():
-                scores[first:stop] = self._run(ids, positions, rows[first], rows[first] + stop - first, seqlens, start + n)
+                scores[first:stop] = self._run(ids, positions, rows[first], rows[first] + stop - first, seqlens, start + n,
+                                               hidden=self.keep_hidden)
             first = stop
         self.lengths[rows] = [start + len(p) for p in prompts]
         return scores
@@ -130,11 +138,17 @@ class InPlaceCache:
             if not self.runtime.cuda_graph:  # binding again is cheap; a captured graph is not, and onnxruntime keeps it anyway
                 self._steps.clear()
             step = self._steps[n] = DecodeStep(self, n)
+        self._last_step = step
         with self.runtime.exclusive():
             scores = step.run(tokens.reshape(-1, 1).astype(np.int64), lengths.reshape(-1, 1), lengths.astype(np.int32),
                               int(lengths.max()) + 1, self.adapters[:n])
         lengths[advance if advance is not None else slice(None)] += 1
         return scores
+
+    def decode_hidden(self) -> np.ndarray:
+        """The last decode's hidden states, (rows, n_embd) float32 (the graph's LAST_HIDDEN_STATE)."""
+        assert self._last_step is not None and self._last_step.hidden is not None, "a decode of a graph with hidden states first"
+        return self._last_step.hidden.numpy()[:, -1, :].astype(np.float32)
 
     def append(self, tokens: list[int]) -> np.ndarray:
         """Write `tokens` after what row 0 holds, in one pass; each one's scores, (len(tokens), vocab) float32.
@@ -168,9 +182,10 @@ class InPlaceCache:
                     give_back(self.address(layer, row), self.row_bytes)
 
     def _run(self, ids: np.ndarray, positions: np.ndarray, start: int, stop: int, seqlens: np.ndarray, total: int,
-             keep: Any = None) -> np.ndarray:
+             keep: Any = None, hidden: bool = False) -> np.ndarray:
         """Rows start:stop (their slice of every buffer, bound as past and as present: the same memory). With
-        CUDA graphs, under runtime.exclusive(): binding copies the inputs to the device."""
+        CUDA graphs, under runtime.exclusive(): binding copies the inputs to the device. `hidden`: each row's hidden
+        states go to prompt_hidden too."""
         rt = self.runtime
         io = rt.session.io_binding()
         io.bind_cpu_input(INPUT_IDS, ids)
@@ -185,8 +200,13 @@ class InPlaceCache:
             io.bind_input(past, rt.device, 0, rt.cache_dtype, shape, pointer)
             io.bind_output(present, rt.device, 0, rt.cache_dtype, shape, pointer)
         io.bind_output(LOGITS, "cpu")
+        if hidden:
+            io.bind_output(LAST_HIDDEN_STATE, "cpu")
         rt.run(io)
-        logits = io.get_outputs()[-1].numpy()
+        outputs = io.get_outputs()  # in the order bound: the presents, the logits, the hidden states
+        if hidden:
+            self.prompt_hidden += list(outputs[-1].numpy().astype(np.float32))
+        logits = outputs[len(rt.present_names)].numpy()
         return logits if keep is not None else logits[:, -1, :].astype(np.float32, copy=False)
 
     def all_logits(self, ids: np.ndarray) -> np.ndarray:
@@ -240,6 +260,10 @@ class DecodeStep:
         self.positions = ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, 1), np.int64), rt.device, 0)
         self.seqlens = ort.OrtValue.ortvalue_from_numpy(np.zeros(rows, np.int32), rt.device, 0)
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type((rows, 1, rt.vocab_size), rt.logits_dtype, rt.device, 0)
+        # Bound wherever the graph has them (a step's are n_embd numbers a row, which the head reads anyway), so that a
+        # cache's steps serve contrastive search and the rest alike (CUDA graphs' caches go from call to call)
+        self.hidden = (None if rt.hidden_dtype is None else
+                       ort.OrtValue.ortvalue_from_shape_and_type((rows, 1, rt.n_embd), rt.hidden_dtype, rt.device, 0))
         self.io = io = rt.session.io_binding()
         io.bind_ortvalue_input(INPUT_IDS, self.ids)
         io.bind_ortvalue_input(POSITION_IDS, self.positions)
@@ -249,6 +273,8 @@ class DecodeStep:
             io.bind_input(past, rt.device, 0, rt.cache_dtype, shape, cache.address(layer))
             io.bind_output(present, rt.device, 0, rt.cache_dtype, shape, cache.address(layer))
         io.bind_ortvalue_output(LOGITS, self.logits)
+        if self.hidden is not None:
+            io.bind_ortvalue_output(LAST_HIDDEN_STATE, self.hidden)
         self.options = rt.step_options()
         if rt.cuda_graph:
             io.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(cache.capacity, dtype=np.int32))

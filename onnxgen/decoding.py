@@ -56,14 +56,15 @@ def sample_distinct(scores: np.ndarray, n: int, rng: np.random.Generator) -> np.
 
 class Rows:
     def __init__(self, runtime: Runtime, prompts: list[list[int]], pad_id: int, max_new_tokens: int, adapter: str | None = None,
-                 repeat: int = 1) -> None:
-        """`repeat` rows for each prompt, next to each other (return sequences, beams, guidance's twins)."""
+                 repeat: int = 1, hidden: bool = False) -> None:
+        """`repeat` rows for each prompt, next to each other (return sequences, beams, guidance's twins, contrastive
+        search's candidates); `hidden`: the forwards keep the hidden states too (prompt_hidden, step_hidden)."""
         self._shape = (len(prompts) * repeat, max(len(p) for p in prompts) + max_new_tokens, pad_id)  # of the cache
         # A call too large is refused now, not at its first step, and before its rows are made (10**12 beams)
         runtime.check_cache(*self._shape[:2])
         self.adapter = runtime.adapter(adapter)  # every row's LoRA adapter, as loaded when the call was made (or None)
         self._tokens = [list(p) for p in prompts for _ in range(repeat)]  # without padding, as lists: what processors read
-        self._repeat = repeat
+        self._repeat, self._hidden = repeat, hidden
         self._prompts = left_pad(self._tokens, pad_id)[0]
         self._new = np.full((len(self._tokens), max_new_tokens), pad_id, dtype=np.int64)  # a column a step
         self.steps = 0  # tokens appended to every row
@@ -100,6 +101,8 @@ class Rows:
                 self._cache, start = resumed
                 return self._cache.prefill([self._tokens[0][start:]], start=start)
             self._cache = self._runtime.new_cache(*self._shape, adapter=self.adapter)
+            if isinstance(self._cache, InPlaceCache):
+                self._cache.keep_hidden = self._hidden
         assert not isinstance(self._cache, SharedRows), "a batcher runs the forwards of shared rows"
         if self.pending is None:
             if self._repeat > 1 and isinstance(self._cache, InPlaceCache):  # one pass a prompt, copied to its other rows
@@ -108,6 +111,16 @@ class Rows:
                 return np.repeat(scores, self._repeat, axis=0)
             return self._cache.prefill(self._tokens)
         return self._cache.decode(self.pending)
+
+    def prompt_hidden(self) -> list[np.ndarray]:
+        """After the prompt pass, each prompt's hidden states, (its length, n_embd) float32."""
+        assert isinstance(self._cache, InPlaceCache) and self._cache.keep_hidden, "Rows(hidden=True), after the prompt pass"
+        return self._cache.prompt_hidden
+
+    def step_hidden(self) -> np.ndarray:
+        """After a step, each row's hidden state at the position it wrote, (rows, n_embd) float32."""
+        assert isinstance(self._cache, InPlaceCache), "a cache in place"
+        return self._cache.decode_hidden()
 
     def forward_guessed(self, guesses: list[int]) -> np.ndarray:
         """One row: run the pending token and `guesses` after it in one pass; each one's scores (Generator.step)."""

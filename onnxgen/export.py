@@ -397,6 +397,7 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
                 biases = graph.fold_attention_biases(onnx_model) if attention else 0
                 lora = graph.add_lora(onnx_model, cfg.n_layer) if options.lora else 0
                 graph.add_logits_to_keep(onnx_model)
+                graph.add_hidden_output(onnx_model)
                 in_place = graph.cache_in_place(onnx_model) if attention and options.cache_in_place else 0
                 opset = next(o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx"))
                 save_model(onnx_model, work, options.external_data_threshold)

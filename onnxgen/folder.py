@@ -26,6 +26,9 @@ SHARED_FILES = (CONFIG, GENERATION_CONFIG, TOKENIZER, CHAT_TEMPLATE)  # a quanti
 
 # The graph's inputs and outputs (optimum's names, plus transformers' logits_to_keep).
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS_TO_KEEP, LOGITS = "input_ids", "attention_mask", "position_ids", "logits_to_keep", "logits"
+# Every position's hidden state after the last layer norm, what the head reads (transformers' hidden_states[-1]):
+# contrastive search compares a candidate's with the text's (graph.add_hidden_output; folders exported before lack it).
+LAST_HIDDEN_STATE = "last_hidden_state"
 # A graph with the cache in place (graph.cache_in_place) has no attention mask: each row's length is given by
 # GroupQueryAttention's inputs, named as onnxruntime names them.
 SEQLENS_K, TOTAL_SEQUENCE_LENGTH = "seqlens_k", "total_sequence_length"

@@ -216,6 +216,11 @@ class Generator:
     def _choose(self, raw: np.ndarray) -> list[Event]:
         scores = self.scoring(raw, self.rows, self.rows.steps)
         tokens = sample(scores, self.rng) if self.opts.do_sample else scores.argmax(axis=-1)
+        return self._record(tokens, scores)
+
+    def _record(self, tokens: np.ndarray, scores: np.ndarray) -> list[Event]:
+        """Each running row's new token (`tokens`, chosen from `scores`): its log-probability, the rules that end a row,
+        the rows advanced, the events."""
         chosen, best = token_logprobs(scores, tokens, self.opts.logprobs) if self.opts.logprobs is not None else (None, None)
         running = [row for row, reason in enumerate(self.finish_reasons) if reason is None]
         reasons: dict[int, str | None] = {}
@@ -228,21 +233,33 @@ class Generator:
             reasons[row] = self.rules.after_token(token, len(self.generated[row]))
         if len(reasons) < len(tokens):  # finished rows run on with padding
             tokens[[row for row in range(len(tokens)) if row not in reasons]] = self.pad_id
-        self.rows.advance(tokens)
-        if self.unconditional is not None:
-            self.unconditional.advance(tokens)
+        self._advance(tokens)
         if self.rules.criteria:  # the caller's criteria see every row's tokens, the new one included
-            for row in np.flatnonzero(self.rules.criteria_met(self.rows.input_ids, scores)).tolist():
+            for row in np.flatnonzero(self.rules.criteria_met(self._input_ids(), scores)).tolist():
                 if row in reasons and reasons[row] is None:
                     reasons[row] = "stop"
         if self.rules.stop_strings:
             for row, reason in reasons.items():
-                if reason is None and self.rules.completes_stop_string(self.rows.history(row), self.tokenizer.spell):
+                if reason is None and self.rules.completes_stop_string(self._history(row), self.tokenizer.spell):
                     reasons[row] = "stop"
         events = [self._event(row, reason) for row, reason in reasons.items()]
         if self.done:
             self._end()
         return events
+
+    def _advance(self, tokens: np.ndarray) -> None:
+        """The rows take their new tokens (contrastive.py's rows hold them already)."""
+        self.rows.advance(tokens)
+        if self.unconditional is not None:
+            self.unconditional.advance(tokens)
+
+    def _input_ids(self) -> np.ndarray:
+        """Every row's tokens so far, left-padded, as stopping criteria see them."""
+        return self.rows.input_ids
+
+    def _history(self, row: int) -> list[int]:
+        """A row's tokens so far: its prompt's, then its new ones."""
+        return self.rows.history(row)
 
     def _event(self, row: int, reason: str | None) -> Event:
         stream, emitted = self._streams[row], self._emitted[row]

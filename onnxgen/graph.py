@@ -36,6 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .folder import (
     ATTENTION_MASK,
+    LAST_HIDDEN_STATE,
     LOGITS,
     LOGITS_TO_KEEP,
     LORA_TARGETS,
@@ -116,6 +117,27 @@ def add_logits_to_keep(model: onnx.ModelProto) -> None:
     head.input[0] = kept
     logits = next(o for o in g.output if o.name == "logits")
     logits.type.tensor_type.shape.dim[1].dim_param = "logits_length"
+
+
+def add_hidden_output(model: onnx.ModelProto) -> bool:
+    """Make the final layer norm's output, every position's, an output of the graph too (named LAST_HIDDEN_STATE):
+    contrastive search compares a candidate's with the text's. Its tensor is renamed, not copied: a run that does not
+    bind it pays nothing, the head reading it anyway. False where the graph has it already."""
+    g = model.graph
+    if any(o.name == LAST_HIDDEN_STATE for o in g.output):
+        return False
+    keep = next(node for node in g.node if node.name == "/lm_head/Keep")  # add_logits_to_keep's: it reads the layer norm's output
+    hidden = keep.input[0]
+    for node in g.node:
+        node.input[:] = [LAST_HIDDEN_STATE if name == hidden else name for name in node.input]
+        node.output[:] = [LAST_HIDDEN_STATE if name == hidden else name for name in node.output]
+    for info in g.value_info:
+        if info.name == hidden:
+            info.name = LAST_HIDDEN_STATE
+    logits = next(o for o in g.output if o.name == LOGITS)
+    g.output.append(helper.make_tensor_value_info(LAST_HIDDEN_STATE, logits.type.tensor_type.elem_type,
+                                                  ["batch_size", "sequence_length", "hidden_size"]))
+    return True
 
 
 def _consumers(g: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:

@@ -21,6 +21,7 @@ from .assistant import Assistant
 from .batcher import Batcher, Full, Job
 from .beam import BeamSearch
 from .chat import ChatTemplate
+from .contrastive import ContrastiveSearch
 from .errors import ContextLengthError, ModelFolderError, OnnxgenError, OptionsError, PerformanceWarning, shown
 from .folder import MANIFEST, ModelFolder
 from .generator import Completion, Event, Generator, Stats, token_logprobs
@@ -260,6 +261,12 @@ class Model:
             ids = [h.prompt if h else prompt for h, prompt in zip(healing, ids)]
         if opts.num_beams > 1:
             return BeamSearch(self.runtime, self.tokenizer, ids, opts, opts.pad_id, healing)
+        if opts.contrastive:
+            if self.runtime.hidden_dtype is None or not self.runtime.in_place:
+                raise OptionsError(f"penalty_alpha (contrastive search) needs a folder with its hidden states and the cache in place: "
+                                   f"{self.folder.path} was exported {'with --growing-cache' if not self.runtime.in_place else 'before onnxgen wrote them'}; "
+                                   "export it again")
+            return ContrastiveSearch(self.runtime, self.tokenizer, ids, opts, opts.pad_id, healing)
         return Generator(self.runtime, self.tokenizer, ids, opts, opts.pad_id, self._guesser(ids, opts), self._unconditional(ids, opts),
                          healing)
 

@@ -29,7 +29,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 # generation_config.json keys that change transformers' output and that onnxgen does not take, with transformers'
 # defaults: a folder that sets one to something else gets a warning, not a silent difference.
 NOT_TAKEN = {"num_beam_groups": 1, "diversity_penalty": 0.0,
-             "penalty_alpha": None, "force_words_ids": None, "constraints": None, "dola_layers": None}
+             "force_words_ids": None, "constraints": None, "dola_layers": None}
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 MAX_TEMPERATURE = 100.0
 # Scores are float32: divided by a temperature below this (after the strongest repetition penalty's 100x pull) they
@@ -47,7 +47,7 @@ OPTIONAL_FLOATS = {"max_time", "guidance_scale"}
 MAX_GUIDANCE_SCALE = 100.0
 FLOATS = {"temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "length_penalty", "repetition_penalty", "encoder_repetition_penalty",
           "presence_penalty", "frequency_penalty", "assistant_confidence_threshold", "dry_multiplier", "dry_base", "xtc_probability",
-          "xtc_threshold", "top_n_sigma"}
+          "xtc_threshold", "top_n_sigma", "penalty_alpha"}
 BOOLS = {"do_sample", "truncate_prompt", "remove_invalid_values", "renormalize_logits", "include_stop_str_in_output", "token_healing"}
 TOKEN_LISTS = {"suppress_tokens", "begin_suppress_tokens"}
 SequenceBias = dict[tuple[int, ...], float]
@@ -119,6 +119,11 @@ class GenerationOptions:
     epsilon_cutoff: float = 0.0
     eta_cutoff: float = 0.0
     num_beams: int = 1
+    # Contrastive search (transformers' penalty_alpha; Su et al. 2022, on GPT-2): with do_sample off, one beam and
+    # top_k > 1, each step weighs the top_k most likely tokens, each one's probability x (1 - penalty_alpha) against
+    # penalty_alpha x its hidden state's greatest cosine similarity to the text's so far, and takes the best: text that
+    # stays likely without repeating itself (contrastive.py). 0 is off; 0.6 with top_k 4 is the paper's.
+    penalty_alpha: float = 0.0
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
     num_return_sequences: int = 1
@@ -304,6 +309,16 @@ class GenerationOptions:
         if self.dry_multiplier < 0 or self.dry_base < 1 or self.dry_allowed_length < 1 or self.dry_penalty_last_n < -1:
             raise OptionsError(f"DRY takes dry_multiplier >= 0, dry_base >= 1, dry_allowed_length >= 1 and dry_penalty_last_n >= -1, got "
                                f"{self.dry_multiplier}, {self.dry_base}, {self.dry_allowed_length} and {self.dry_penalty_last_n}")
+        if not 0 <= self.penalty_alpha <= 1:
+            raise OptionsError(f"penalty_alpha must be in [0, 1] (0 is off), got {self.penalty_alpha}")
+        if self.penalty_alpha > 0 and not self.do_sample and self.num_beams == 1 and self.top_k <= 1:
+            raise OptionsError(f"penalty_alpha (contrastive search) weighs the top_k most likely tokens: give top_k > 1, got {self.top_k}")
+        if self.contrastive:
+            for name, value in (("guidance_scale", self.guided), ("prompt_lookup_num_tokens", self.prompt_lookup_num_tokens is not None),
+                                ("assistant_model", self.assistant_model is not None),
+                                *((name, getattr(self, name) is not None) for name in CONSTRAINTS)):
+                if value:
+                    raise OptionsError(f"penalty_alpha (contrastive search) and {name}: not both")
         if self.top_n_sigma < 0:
             raise OptionsError(f"top_n_sigma must be >= 0 (0 is off), got {self.top_n_sigma}")
         if not (0 <= self.xtc_probability <= 1 and 0 < self.xtc_threshold <= 1):
@@ -334,9 +349,12 @@ class GenerationOptions:
             near = difflib.get_close_matches(unknown[0], names, n=1)  # a misspelt name (max_new_token)
             raise OptionsError(f"unknown generation option(s): {', '.join(map(repr, unknown))}"
                                + (f" (did you mean {near[0]!r}?)" if near else ""))
-        # Asking for beams asks for beam search: a sampling default (the bundled model's) gives way, unless
-        # sampling is asked for in the same call too (then the conflict is reported).
-        if is_int(overrides.get("num_beams")) and overrides["num_beams"] > 1 and "do_sample" not in overrides:
+        # Asking for beams asks for beam search, and penalty_alpha for contrastive search: a sampling default (the
+        # bundled model's) gives way, unless sampling is asked for in the same call too (then beams are beam sampling,
+        # and penalty_alpha is left unused, as transformers leaves it).
+        asks_beams = is_int(overrides.get("num_beams")) and overrides["num_beams"] > 1
+        asks_contrast = is_number(overrides.get("penalty_alpha")) and overrides["penalty_alpha"] > 0
+        if (asks_beams or asks_contrast) and "do_sample" not in overrides:
             overrides["do_sample"] = False
         return replace(replace(self, **overrides).validate(), **_counted_lengths_cleared(overrides))  # checked, then given way
 
@@ -353,6 +371,11 @@ class GenerationOptions:
             new = self.max_length - width
         least = self.min_new_tokens if self.min_length is None else min(max(self.min_length - width, 0), new)
         return replace(self, max_new_tokens=new, min_new_tokens=least, max_length=None, min_length=None).validate()
+
+    @property
+    def contrastive(self) -> bool:
+        """Whether the call is contrastive search: transformers' rule (penalty_alpha > 0 and top_k > 1, greedy, one beam)."""
+        return self.penalty_alpha > 0 and self.top_k > 1 and not self.do_sample and self.num_beams == 1
 
     @property
     def guided(self) -> bool:

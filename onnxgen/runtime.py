@@ -27,6 +27,7 @@ from .folder import (
     ATTENTION_MASK,
     ELEMENT_TYPES,
     INPUT_IDS,
+    LAST_HIDDEN_STATE,
     LOGITS,
     POSITION_IDS,
     SEQLENS_K,
@@ -191,6 +192,10 @@ class Runtime:
                                 f"onnxgen[gpu] installs them){library_notes}")
         self.device = provider
         self.in_place, self.cache_dtype, self.logits_dtype = self._check_graph(folder)
+        # graph.add_hidden_output's, for contrastive search (None: a folder exported before it)
+        self.hidden_dtype = next((ELEMENT_TYPES.get(o.type, np.dtype(np.float32)) for o in self.session.get_outputs()
+                                  if o.name == LAST_HIDDEN_STATE), None)
+        self.n_embd = dims.n_embd
         self._options, self._providers = options, providers  # for the small graphs below, loaded when first used
         self.cuda_graph = cuda_graph
         self.lora = self._lora(folder, adapters or {})

@@ -593,8 +593,10 @@ def _job_input(model: Model, body: CompletionRequest, limits: Limits, draft: Mod
     constraint = _response_format(body.response_format)
     if constraint and extra.keys() & set(CONSTRAINTS):
         raise ValueError("response_format, or one of json_schema, regex and grammar: not both")
-    # OpenAI: temperature 0 is greedy; beams are beam search unless do_sample asks for beam sampling
-    sampling = body.temperature > 0 and (extra.get("num_beams", 1) == 1 or extra.get("do_sample") is True)  # a bad num_beams: options' 400
+    # OpenAI: temperature 0 is greedy; beams are beam search and penalty_alpha contrastive search unless do_sample asks
+    # for sampling (a bad num_beams or penalty_alpha: options' 400)
+    searching = extra.get("num_beams", 1) != 1 or extra.get("penalty_alpha", 0) not in (0, None)
+    sampling = body.temperature > 0 and (not searching or extra.get("do_sample") is True)
     # max_tokens 0 generates nothing: its options are checked as for 1
     # `model` naming a LoRA adapter the server was started with runs it (other names are refused before this)
     overrides: dict[str, Any] = {"adapter": body.model if body.model in model.adapters else None,

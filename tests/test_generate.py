@@ -730,10 +730,11 @@ def test_generation_config_keys_onnxgen_does_not_take_are_warned_of(tmp_path: Pa
     from onnxgen import cli
 
     (tmp_path / "generation_config.json").write_text(json.dumps({"num_beam_groups": 2, "do_sample": True, "top_k": 7,
-                                                                 "penalty_alpha": 0.6, "stop_strings": "x"}))
-    with pytest.warns(onnxgen.IgnoredOptionWarning, match=r"sets num_beam_groups=2, penalty_alpha=0.6, which onnxgen does not take"):
+                                                                 "diversity_penalty": 0.5, "penalty_alpha": 0.6, "stop_strings": "x"}))
+    with pytest.warns(onnxgen.IgnoredOptionWarning, match=r"sets num_beam_groups=2, diversity_penalty=0.5, which onnxgen does not take"):
         options = GenerationOptions.from_folder(tmp_path)
     assert options.do_sample and options.top_k == 7 and options.stop_strings == ["x"]  # the keys it takes still count
+    assert options.penalty_alpha == 0.6  # contrastive search's, taken (left unused while do_sample is on, as transformers')
     (tmp_path / "generation_config.json").write_text(json.dumps({"max_length": 20, "num_beam_groups": 1, "eos_token_id": 3,
                                                                  "guidance_scale": 1.5}))
     with warnings.catch_warnings():
@@ -958,9 +959,9 @@ def test_a_prompts_rows_share_one_prompt_pass(model: onnxgen.Model, monkeypatch:
     passes: list[tuple[int, ...]] = []
     run = InPlaceCache._run
 
-    def counted(cache: InPlaceCache, ids: np.ndarray, *args: Any) -> np.ndarray:
+    def counted(cache: InPlaceCache, ids: np.ndarray, *args: Any, **kwargs: Any) -> np.ndarray:
         passes.append(ids.shape)
-        return run(cache, ids, *args)
+        return run(cache, ids, *args, **kwargs)
 
     monkeypatch.setattr(InPlaceCache, "_run", counted)
     model.generate(PROMPTS, num_beams=3, max_new_tokens=4)
