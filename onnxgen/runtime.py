@@ -41,6 +41,10 @@ from .options import is_int
 from .pages import page_on_demand
 
 Provider = Literal["cpu", "cuda"]
+# Arrays of rows x vocabulary float32 a call holds at its peak: onnxruntime's head output and the logits it returns, their
+# float32 copy, the filters' copies, the sampling weights. Measured (10,000 rows of the bundled model, peak RSS): greedy
+# 6.2, sampling 6.8, top-p 7.8, top-k + top-p 8.8, beam search 3.5 (of its rows).
+SCORE_COPIES = 10
 
 ONNXRUNTIME_PACKAGES = ("onnxruntime", "onnxruntime-gpu")
 # Gather(cache, rows) on axis 0 and Identity, one graph per cache type (made by graph.select_rows_model and
@@ -311,12 +315,15 @@ class Runtime:
         memory is not available (on the CPU: else pages fill as the call runs, until the kernel kills the process)."""
         capacity = min(-(-capacity // 64) * 64 if self.cuda_graph else capacity, self.n_positions)
         # On CUDA the cache is the GPU's (onnxruntime refuses what does not fit there), but the host still holds each
-        # row's tokens: what keeps 10**20 beams from being built row by row until the host's memory runs out.
-        what, need = (("key/value cache", self.cache_bytes(rows, capacity)) if self.device == "cpu" else
-                      ("token rows", rows * capacity * np.dtype(np.int64).itemsize))
+        # row's tokens: what keeps 10**20 beams from being built row by row until the host's memory runs out. Each
+        # step's scores are the host's too (SCORE_COPIES: 100,000 rows of the bundled model's 8,192 tokens are 3 GiB an
+        # array; unchecked, they ended in a MemoryError mid-step, or in the kernel's kill).
+        scores = rows * self.vocab_size * np.dtype(np.float32).itemsize * SCORE_COPIES
+        what, need = (("key/value cache and scores", self.cache_bytes(rows, capacity) + scores) if self.device == "cpu" else
+                      ("token rows and scores", rows * capacity * np.dtype(np.int64).itemsize + scores))
         free = available_memory()
         if free is not None and need > free:
-            raise OptionsError(f"this call's {what} needs {need / 2**20:,.0f} MiB ({rows} rows x {capacity} positions), "
+            raise OptionsError(f"this call's {what} need {need / 2**20:,.0f} MiB ({rows} rows x {capacity} positions), "
                                f"more than the {free / 2**20:,.0f} MiB of memory available: ask for fewer prompts, beams or "
                                "return sequences, or fewer new tokens")
         return capacity

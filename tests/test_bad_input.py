@@ -500,11 +500,26 @@ def test_a_call_whose_cache_cannot_fit_in_memory_is_refused(model: onnxgen.Model
     from onnxgen import runtime
 
     monkeypatch.setattr(runtime, "available_memory", lambda: 1 << 20)  # the tiny model's cache: 1 KiB a row and position
-    with pytest.raises(OptionsError, match=r"key/value cache needs \d+ MiB \(64 rows x \d+ positions\), more than the 1 MiB"):
+    with pytest.raises(OptionsError, match=r"key/value cache and scores need \d+ MiB \(64 rows x \d+ positions\), more than the 1 MiB"):
         model.generate(["It is"] * 64, max_new_tokens=100)
-    with pytest.raises(OptionsError, match="key/value cache needs"):
+    with pytest.raises(OptionsError, match="key/value cache and scores need"):
         model.generate("It is", max_new_tokens=100, num_beams=64)
     assert model.generate("It is", max_new_tokens=2)  # a call that fits runs
+
+
+def test_a_call_whose_scores_cannot_fit_in_memory_is_refused(model: onnxgen.Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each step's scores count too: rows x vocabulary float32s, the logits and the filters' copies. 100,000 return
+    sequences of the bundled model fitted the cache check and then raised MemoryError mid-step (or met the kernel's kill)."""
+    from onnxgen import runtime
+
+    rows, capacity = 2000, len(model.tokenizer.encode("It is")) + 1
+    cache = model.runtime.cache_bytes(rows, capacity)
+    one_copy = rows * model.runtime.vocab_size * 4
+    monkeypatch.setattr(runtime, "available_memory", lambda: cache + one_copy)  # room for the cache and one array of scores
+    with pytest.raises(OptionsError, match=f"key/value cache and scores need .* \\({rows} rows x {capacity} positions\\)"):
+        model.generate("It is", max_new_tokens=1, do_sample=True, num_return_sequences=rows)
+    monkeypatch.setattr(runtime, "available_memory", lambda: cache + runtime.SCORE_COPIES * one_copy)
+    assert len(model.generate("It is", max_new_tokens=1, do_sample=True, num_return_sequences=rows)) == rows
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -514,7 +529,7 @@ def test_a_call_of_absurdly_many_rows_is_refused_before_they_are_made(model: onn
     memory ran out (a hang, then the kernel's kill; a server's extra field num_beams could do it). On CUDA, whose
     cache is the GPU's, by the host memory the rows' tokens need (the session stays the CPU's: nothing runs)."""
     monkeypatch.setattr(model.runtime, "device", device)
-    what = "key/value cache" if device == "cpu" else "token rows"
+    what = "key/value cache and scores" if device == "cpu" else "token rows and scores"
     for options in ({"num_beams": 10**12}, {"do_sample": True, "num_return_sequences": 10**12}):
-        with pytest.raises(OptionsError, match=f"this call's {what} needs .* \\(1000000000000 rows x \\d+ positions\\)"):
+        with pytest.raises(OptionsError, match=f"this call's {what} need .* \\(1000000000000 rows x \\d+ positions\\)"):
             model.generate("It is", max_new_tokens=4, **options)
