@@ -38,13 +38,15 @@ class ContrastiveSearch(Generator):
         super().__init__(runtime, tokenizer, prompts, opts, pad_id, healing=healing)
         k = self.k = opts.top_k
         self.top = runtime.top_k
-        # The generator's rows are the prompts' texts; these, top_k a prompt, hold its candidates
+        # In place of the generator's rows (one a prompt, never run): top_k a prompt, its candidates'
         self.rows = Rows(runtime, prompts, pad_id, opts.max_new_tokens, opts.adapter, repeat=k, hidden=True)
         self.scoring = Scoring(opts, None, tokenizer, self.rng, runtime.vocab_size,
                                first=[h.extensions if h else None for h in healing or [None] * len(prompts) for _ in range(k)])
         self._scores: np.ndarray | None = None  # every row's processed scores from the last forward
         self._chosen = np.arange(len(prompts)) * k  # per prompt, the row that holds its text
-        self._context: list[np.ndarray] = []  # per prompt, the unit hidden states of its text so far
+        # per prompt, the unit hidden states of its text so far: its first `_known` rows (filled a position a step)
+        self._context = [np.empty((len(p) + opts.max_new_tokens, runtime.n_embd), np.float32) for p in prompts]
+        self._known = np.array([len(p) for p in prompts])
 
     def step(self) -> list[Event]:
         if self.done:
@@ -52,7 +54,8 @@ class ContrastiveSearch(Generator):
         b, k, alpha = len(self.finish_reasons), self.k, self.opts.penalty_alpha
         if self._scores is None:  # the prompt pass: its scores give the first candidates
             raw = self.rows.forward()
-            self._context = [_unit(h) for h in self.rows.prompt_hidden()]
+            for context, prompt in zip(self._context, self.rows.prompt_hidden()):
+                context[: len(prompt)] = _unit(prompt)
             self._scores = self.scoring(raw, self.rows, 0)
         prior = self._scores[self._chosen]  # each prompt's scores for its next token
         candidates = self.top(prior, k)  # (prompts, k), the likeliest first
@@ -63,10 +66,12 @@ class ContrastiveSearch(Generator):
         raw = self.rows.forward()
         self.step_ends.append(time.perf_counter())
         hidden = _unit(self.rows.step_hidden()).reshape(b, k, -1)
-        likeness = np.stack([(hidden[i] @ self._context[i].T).max(axis=-1) for i in range(b)])  # (prompts, k)
+        likeness = np.stack([(hidden[i] @ self._context[i][: self._known[i]].T).max(axis=-1) for i in range(b)])  # (prompts, k)
         best = ((1 - alpha) * likely - alpha * likeness).argmax(axis=-1)
         self._chosen = np.arange(b) * k + best
-        self._context = [np.vstack([context, hidden[i, best[i]]]) for i, context in enumerate(self._context)]
+        for i, context in enumerate(self._context):
+            context[self._known[i]] = hidden[i, best[i]]
+        self._known += 1
         self._scores = self.scoring(raw, self.rows, self.rows.steps)  # each row after its own candidate
         return self._record(candidates[np.arange(b), best], prior)
 
