@@ -60,8 +60,8 @@ from starlette.routing import Match
 from .batcher import Batcher, Full, Job
 from .errors import ModelFolderError, OnnxgenError, OptionsError, openai_error, told
 from .generator import Completion, Event, for_json
-from .healing import heal
 from .guidance import CONSTRAINTS
+from .healing import heal
 from .metrics import Metrics
 from .model import Model
 from .options import WatermarkingConfig, under_key
