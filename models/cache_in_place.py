@@ -14,16 +14,17 @@ evaluation text): perplexity within 0.5% and top-1 agreement at least 97%, or no
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
+import sys
 from pathlib import Path
 
 import onnx
 
-from onnxgen import graph, manifest
+from onnxgen import graph
 from onnxgen.accuracy import compare
-from onnxgen.export import io_names
 from onnxgen.folder import MODEL_FILE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from edited import replace_graph  # noqa: E402
 
 
 def main() -> None:
@@ -33,22 +34,16 @@ def main() -> None:
     model = onnx.load(str(folder / MODEL_FILE))
     if not graph.cache_in_place(model):
         raise SystemExit(f"{folder}: no MultiHeadAttention layers to convert")
-    with tempfile.TemporaryDirectory() as scratch:
-        work = Path(scratch) / folder.name
-        shutil.copytree(folder, work)
-        onnx.save_model(model, str(work / MODEL_FILE))  # small models only: one file, as the folder had it
-        record = manifest.read(folder)
-        record["graph"]["cache_in_place"] = True
-        record["inputs"], record["outputs"] = io_names(work / MODEL_FILE)
-        manifest.write(work, {k: v for k, v in record.items() if k not in ("format_version", "files")})
+
+    def check(work: Path) -> str:
         report = compare(folder, work)
         ppl = report["perplexity_quantized"] / report["perplexity_fp32"] - 1
         summary = f"perplexity {report['perplexity_fp32']:.3f} -> {report['perplexity_quantized']:.3f} ({ppl:+.2%}), top-1 agreement {report['top1_agreement']:.2%}"
         if ppl > 0.005 or report["top1_agreement"] < 0.97:
             raise SystemExit(f"{folder}: the converted graph differs: {summary}; nothing written")
-        for name in (MODEL_FILE, manifest.MANIFEST):
-            shutil.copyfile(work / name, folder / name)
-        print(f"{folder}: cache in place; {summary}")
+        return summary
+
+    print(f"{folder}: cache in place; {replace_graph(folder, model, check, {'cache_in_place': True})}")
 
 
 if __name__ == "__main__":
