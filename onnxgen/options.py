@@ -25,6 +25,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "top-k": {"do_sample": True, "num_beams": 1, "top_k": 50, "top_p": 1.0},
     "top-p": {"do_sample": True, "num_beams": 1, "top_k": 0, "top_p": 0.9},
     "top-k-top-p": {"do_sample": True, "num_beams": 1, "top_k": 50, "top_p": 0.9, "temperature": 0.8, "seed": 0},
+    "contrastive": {"do_sample": False, "num_beams": 1, "top_k": 4, "penalty_alpha": 0.6},  # Su et al.'s settings
 }
 # generation_config.json keys that change transformers' output and that onnxgen does not take, with transformers'
 # defaults: a folder that sets one to something else gets a warning, not a silent difference.

@@ -149,6 +149,9 @@ def test_the_server_and_the_command_line(model: onnxgen.Model, exported: Path) -
     out = subprocess.run([sys.executable, "-m", "onnxgen", "generate", "It is a truth", "--model", str(exported), "--max-new-tokens", "8",
                           "--penalty-alpha", "0.6", "--top-k", "4"], capture_output=True, text=True, check=False)
     assert out.returncode == 0 and out.stdout == expected + "\n", out.stderr
+    preset = subprocess.run([sys.executable, "-m", "onnxgen", "generate", "It is a truth", "--model", str(exported), "--max-new-tokens", "8",
+                             "--strategy", "contrastive"], capture_output=True, text=True, check=False)
+    assert preset.stdout == out.stdout, preset.stderr  # the preset: top_k 4, penalty_alpha 0.6
 
 
 def test_on_the_bundled_model_it_repeats_less_than_greedy_search() -> None:
