@@ -604,7 +604,9 @@ class TextGenerationPipeline:
         generated_text is the chat with the reply as a new assistant message, or, where the chat ends with an
         assistant's message (or `continue_final_message`), with that message gone on with. `kwargs`: generation
         options and CALL_PARAMETERS, over what pipeline() was given."""
-        return self._call(text_inputs, **{**self.given, **kwargs})
+        # The pipeline's do_sample stands unless the call gives one: a call's num_beams over the sampling default is beam
+        # sampling, as transformers' pipeline runs it (generate's own rule would make it beam search)
+        return self._call(text_inputs, **{"do_sample": self.defaults.do_sample, **self.given, **kwargs})
 
     def _call(self, text_inputs: str | list[str] | list[dict[str, Any]] | list[list[dict[str, Any]]], max_length: int | None = None,
               return_full_text: bool = True, return_tensors: bool = False, batch_size: int | None = None,

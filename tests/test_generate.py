@@ -811,8 +811,14 @@ def test_pipeline_takes_options_for_every_call(exported: Path, model: onnxgen.Mo
         onnxgen.pipeline("text-generation", model=exported, torch_dtype="float16")
     # beams over the pipeline's sampling default: beam sampling at its temperature, as transformers' pipeline runs it
     beams = onnxgen.pipeline("text-generation", model=exported, num_beams=3, max_new_tokens=4)
-    assert beams("Call me", seed=2) == [{"generated_text": "Call me" + model.generate(
+    sampled_beams = [{"generated_text": "Call me" + model.generate(
         "Call me", num_beams=3, max_new_tokens=4, do_sample=True, temperature=0.7, seed=2)[0].text}]
+    assert beams("Call me", seed=2) == sampled_beams
+    # asked for by the call, the same (it was beam search: generate's rule for a sampling default, another text here)
+    by_call = onnxgen.pipeline("text-generation", model=exported, max_new_tokens=4)("It is a truth", num_beams=3, seed=2)
+    assert by_call == [{"generated_text": "It is a truth" + model.generate(
+        "It is a truth", num_beams=3, max_new_tokens=4, do_sample=True, temperature=0.7, seed=2)[0].text}]
+    assert by_call != [{"generated_text": "It is a truth" + model.generate("It is a truth", num_beams=3, max_new_tokens=4)[0].text}]
 
 
 def test_the_pipelines_defaults_are_transformers_pipelines(checkpoint: Path, exported: Path, tmp_path: Path) -> None:
