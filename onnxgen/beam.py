@@ -32,7 +32,7 @@ from .generator import (
     tokens_before,
 )
 from .guidance import constraint
-from .healing import Healed
+from .healing import Healed, first_tokens
 from .options import GenerationOptions
 from .runtime import Runtime
 from .stopping import StopRules
@@ -73,7 +73,7 @@ class BeamSearch:
         self.healed = [h.tail if h else "" for h in healing or [None] * b]  # per prompt
         # guidance.py: each new beam goes on from its parent's state
         self.scoring = Scoring(opts, constraint(opts, tokenizer), tokenizer, self.rng, runtime.vocab_size, per_beam,
-                               first=[h.extensions if h else None for h in healing for _ in range(k)] if healing else None)
+                               first=first_tokens(healing, k))
         self.top = runtime.top_k
         self.top_n = opts.logprobs or 0
         new = opts.max_new_tokens

@@ -21,7 +21,7 @@ import numpy as np
 from . import logits
 from .decoding import Rows, Scoring
 from .generator import Event, Generator
-from .healing import Healed
+from .healing import Healed, first_tokens
 from .options import GenerationOptions
 from .runtime import Runtime
 from .tokenizer import Tokenizer
@@ -40,8 +40,7 @@ class ContrastiveSearch(Generator):
         self.top = runtime.top_k
         # In place of the generator's rows (one a prompt, never run): top_k a prompt, its candidates'
         self.rows = Rows(runtime, prompts, pad_id, opts.max_new_tokens, opts.adapter, repeat=k, hidden=True)
-        self.scoring = Scoring(opts, None, tokenizer, self.rng, runtime.vocab_size,
-                               first=[h.extensions if h else None for h in healing or [None] * len(prompts) for _ in range(k)])
+        self.scoring = Scoring(opts, None, tokenizer, self.rng, runtime.vocab_size, first=first_tokens(healing, k))
         self._scores: np.ndarray | None = None  # every row's processed scores from the last forward
         self._chosen = np.arange(len(prompts)) * k  # per prompt, the row that holds its text
         # per prompt, the unit hidden states of its text so far: its first `_known` rows (filled a position a step)

@@ -26,7 +26,7 @@ from .assistant import Assistant
 from .decoding import Rows, Scoring, sample
 from .errors import OptionsError
 from .guidance import constraint
-from .healing import Healed
+from .healing import Healed, first_tokens
 from .lookup import PromptLookup
 from .options import GenerationOptions, is_int
 from .runtime import Runtime
@@ -132,10 +132,8 @@ class Generator:
         self.rows = Rows(runtime, prompts, pad_id, opts.max_new_tokens, opts.adapter, repeat=n)  # first: it refuses a call too large
         rows = len(prompts) * n
         self.prompt_index = [i for i in range(len(prompts)) for _ in range(n)]  # a row's prompt
-        healed = [healing[i] if healing else None for i in self.prompt_index]
-        self.healed = [h.tail if h else "" for h in healed]  # per row
-        self.scoring = Scoring(opts, constraint(opts, tokenizer), tokenizer, self.rng, runtime.vocab_size,
-                               first=[h.extensions if h else None for h in healed])
+        self.healed = [healing[i].tail if healing and healing[i] else "" for i in self.prompt_index]  # per row
+        self.scoring = Scoring(opts, constraint(opts, tokenizer), tokenizer, self.rng, runtime.vocab_size, first=first_tokens(healing, n))
         self.generated: list[list[int]] = [[] for _ in range(rows)]
         self.logprobs: list[list[float]] = [[] for _ in range(rows)]
         self.top_logprobs: list[list[dict[int, float]]] = [[] for _ in range(rows)]

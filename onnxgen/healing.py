@@ -47,6 +47,12 @@ def _spellings(tokenizer: Tokenizer) -> tuple[list[str], np.ndarray]:
     return [token for token, _ in ordered], np.array([i for _, i in ordered], dtype=np.int64)
 
 
+def first_tokens(healing: list[Healed | None] | None, repeat: int) -> list[np.ndarray | None] | None:
+    """Scoring's `first`, per row: the extensions of each prompt's healed token, for its `repeat` neighbouring rows
+    (return sequences, beams, contrastive search's candidates); None where no prompt was healed."""
+    return [h.extensions if h else None for h in healing for _ in range(repeat)] if healing else None
+
+
 def heal(tokenizer: Tokenizer, prompt: list[int]) -> Healed | None:
     """The prompt healed, or None where it is left as it is (see the module's docstring)."""
     written = tokenizer.id_to_token(prompt[-1]) if len(prompt) > 1 else None

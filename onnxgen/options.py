@@ -312,7 +312,7 @@ class GenerationOptions:
                                f"{self.dry_multiplier}, {self.dry_base}, {self.dry_allowed_length} and {self.dry_penalty_last_n}")
         if not 0 <= self.penalty_alpha <= 1:
             raise OptionsError(f"penalty_alpha must be in [0, 1] (0 is off), got {self.penalty_alpha}")
-        if self.penalty_alpha > 0 and not self.do_sample and self.num_beams == 1 and self.top_k <= 1:
+        if self.penalty_alpha > 0 and not self.do_sample and self.num_beams == 1 and not self.contrastive:  # top_k <= 1: greedy
             raise OptionsError(f"penalty_alpha (contrastive search) weighs the top_k most likely tokens: give top_k > 1, got {self.top_k}")
         if self.contrastive:
             for name, value in (("guidance_scale", self.guided), ("prompt_lookup_num_tokens", self.prompt_lookup_num_tokens is not None),
