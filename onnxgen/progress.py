@@ -25,10 +25,16 @@ class Steps:
         self._progress.advance(self._task)
 
 
-def _bar(description: str, quiet: bool) -> Progress:
+@contextmanager
+def _bar(description: str, quiet: bool) -> Iterator[Progress]:
     columns = (SpinnerColumn(), TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     # Drawn on a terminal only: in a log or a pipe a bar is noise (and rich leaves blank lines there).
-    return Progress(*columns, console=stderr, transient=True, disable=quiet or not stderr.is_terminal)
+    progress = Progress(*columns, console=stderr, transient=True, disable=quiet or not stderr.is_terminal)
+    if progress.disable:  # not started at all: rich before 15 writes a blank line when even a disabled bar stops
+        yield progress
+        return
+    with progress:
+        yield progress
 
 
 @contextmanager
