@@ -530,7 +530,10 @@ def _optimize(path: Path, cfg: Any, optimize: bool) -> Any:
     small = [t for t in model.graph.initializer if np.prod(t.dims) < (1 << 20)]
     for tensor in constants + small:
         if onnx.external_data_helper.uses_external_data(tensor):
-            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
+            if np.prod(tensor.dims) == 0:  # onnx before 1.21 reads an empty tensor's length 0 as "to the end of the file"
+                tensor.raw_data = b""
+            else:
+                onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
     if optimize:
