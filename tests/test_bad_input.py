@@ -362,7 +362,7 @@ CLI_CASES: list[tuple[list[str], int, str]] = [
     (["generate", "x", "--assistant-model", "/nope"], 1, "not found"),
     (["generate", "x", "--assistant-model", str(BUNDLED), "--strategy", "beam"], 1, "not beam search"),
     (["serve", "--assistant-model", "/nope"], 1, "not found"),
-    (["score"], 2, "Missing argument 'files'"),
+    (["score"], 2, "Missing argument 'files"),
     (["score", "/nope.txt"], 1, "cannot read /nope.txt: No such file"),
     (["score", str(Path(__file__).parent / "__init__.py")], 1, "nothing to score"),  # empty
     (["score", str(Path(__file__)), "--stride", "0"], 1, "stride must be"),
@@ -370,7 +370,7 @@ CLI_CASES: list[tuple[list[str], int, str]] = [
     (["generate", "x", "--regex", "(", "--max-new-tokens", "3"], 1, "regex is not usable"),
     (["generate", "x", "--watermark-key", "abc"], 2, "--watermark-key"),
     (["generate", "x", "--watermark-key", str(2**63)], 1, "hashing_key must be an integer in [0, 2**63)"),
-    (["detect-watermark"], 2, "Missing argument 'files'"),
+    (["detect-watermark"], 2, "Missing argument 'files"),
     (["detect-watermark", "/nope.txt", "--watermark-key", "1"], 1, "cannot read /nope.txt: No such file"),
     (["detect-watermark", str(Path(__file__).parent / "__init__.py")], 1, "no watermarking_config"),
     (["detect-watermark", str(Path(__file__).parent / "__init__.py"), "--watermark-key", "1"], 1, "needs at least 2 tokens"),
@@ -384,7 +384,8 @@ def test_cli_errors_are_one_line(args: list[str], code: int, message: str) -> No
     r = _cli(*args)
     err = r.stderr.decode()
     assert r.returncode == code, err
-    assert err.startswith("onnxgen: error: ") and err.count("\n") == 1 and message in err and "Traceback" not in err
+    # lower(): typer before 0.16 names a missing argument in capitals ('PROMPT')
+    assert err.startswith("onnxgen: error: ") and err.count("\n") == 1 and message.lower() in err.lower() and "Traceback" not in err
 
 
 def test_cli_takes_a_prompt_that_is_not_utf8() -> None:

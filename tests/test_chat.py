@@ -4,6 +4,7 @@ conversation to the same prompt text as transformers' apply_chat_template."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -328,8 +329,9 @@ def test_required_calls_take_tools_whose_schemas_define_their_parts(chat_server:
     assert out.choices[0].finish_reason == "tool_calls" and len(calls) == 1 and calls[0].function.name in ("go", "fly")
     assert set(json.loads(calls[0].function.arguments)) == {"to"} and len(json.loads(calls[0].function.arguments)["to"]["city"]) <= 4
     clash = {"type": "function", "function": {"name": "stay", "parameters": {**go["function"]["parameters"], "$defs": {"Place": {"type": "string"}}}}}
-    with pytest.raises(openai.BadRequestError, match="the definition 'Place' .* differs between functions"):
+    with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model="tiny-chat", messages=ASKED, tools=[go, clash], tool_choice="required")
+    assert re.search("the definition 'Place' .* differs between functions", refused.value.body["message"])  # str() varies by openai version
 
 
 def test_a_conversation_goes_on_after_a_call(chat_server: tuple[str, str], chat_folder: Path) -> None:
