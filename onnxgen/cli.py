@@ -202,6 +202,10 @@ def generate(
     epsilon_cutoff: Annotated[float | None, typer.Option(help="sampling: drop tokens less likely than this")] = None,
     eta_cutoff: Annotated[float | None, typer.Option(help="sampling: eta-sampling's epsilon (a cut that follows the row's entropy)")] = None,
     num_beams: Annotated[int | None, typer.Option()] = None,
+    num_beam_groups: Annotated[int | None, typer.Option(help="diverse beam search: the beams in this many groups, each "
+                                                        "kept from the tokens earlier groups take (with --diversity-penalty)")] = None,
+    diversity_penalty: Annotated[float | None, typer.Option(help="diverse beam search: taken off a token's log-probability for "
+                                                            "each beam of an earlier group that took it this step")] = None,
     length_penalty: Annotated[float | None, typer.Option()] = None,
     penalty_alpha: Annotated[float | None, typer.Option(help="contrastive search (with --top-k > 1, greedy): weighs each of the "
                                                         "top-k tokens' likeness to the text so far against its probability (0.6 usual)")] = None,
@@ -249,7 +253,8 @@ def generate(
     from . import load
 
     given = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k,
-                 top_p=top_p, min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, num_beams=num_beams, length_penalty=length_penalty, penalty_alpha=penalty_alpha, num_return_sequences=num_return_sequences,
+                 top_p=top_p, min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, num_beams=num_beams,
+                 num_beam_groups=num_beam_groups, diversity_penalty=diversity_penalty, length_penalty=length_penalty, penalty_alpha=penalty_alpha, num_return_sequences=num_return_sequences,
                  repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, presence_penalty=presence_penalty,
                  frequency_penalty=frequency_penalty, dry_multiplier=dry_multiplier, dry_base=dry_base, dry_allowed_length=dry_allowed_length,
                  xtc_probability=xtc_probability, xtc_threshold=xtc_threshold, top_n_sigma=top_n_sigma, stop=stop, seed=seed, max_time=max_time, logprobs=logprobs,

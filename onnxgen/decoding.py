@@ -172,10 +172,10 @@ class Rows:
 
 
 class Scoring:
-    """What turns a step's raw scores into the ones a token is chosen from: the built-in processors,
-    then the caller's `logits_processors` (transformers' order), then a constraint's mask (guidance.py) or token
-    healing's first token (healing.py; last, so that none of them can bring back a token it bans), then sampling's
-    warpers and the watermark."""
+    """What turns a step's raw scores into the ones a token is chosen from: the built-in processors (diverse beam
+    search's penalty among them), then the caller's `logits_processors` (transformers' order), then a constraint's
+    mask (guidance.py) or token healing's first token (healing.py; last, so that none of them can bring back a token
+    it bans), then sampling's warpers and the watermark."""
 
     def __init__(self, opts: GenerationOptions, constraint: Constraint | None = None, tokenizer: Tokenizer | None = None,
                  rng: np.random.Generator | None = None, vocab_size: int = 0, keep: int = 1,
@@ -186,22 +186,33 @@ class Scoring:
             held = tokenizer.holding(tuple(opts.dry_sequence_breakers))
             breakers = np.concatenate([held, np.zeros(max(0, vocab_size - len(held)), bool)])
         self.processors, self.warpers = logits.processors_for(opts, breakers), logits.warpers_for(opts, rng, keep)
+        self.diversity, self._diverse_at = np.float32(opts.diversity_penalty), logits.diversity_position(opts)
         self.user = opts.logits_processors
         self.constraint = constraint
         self.first = first if first and any(allowed is not None for allowed in first) else None
         self.reads_history = bool(self.processors or constraint or opts.watermarking_config)
 
-    def __call__(self, raw: np.ndarray, rows: Rows, step: int) -> np.ndarray:
-        if not (self.processors or self.user or self.constraint or self.warpers or (self.first and step == 0)):
+    def __call__(self, raw: np.ndarray, rows: Rows, step: int, subset: np.ndarray | None = None,
+                 taken: np.ndarray | None = None) -> np.ndarray:
+        """`raw`: the scores of every row, or of the rows `subset` (diverse beam search scores a group's rows at a
+        time, as transformers does, its processors and the caller's seeing those rows alone); `taken`: per row, how
+        many beams of earlier groups took each token this step, which diversity_penalty weighs (BeamSearch._taken, beam.py)."""
+        if not (self.processors or self.user or self.constraint or self.warpers or (self.first and step == 0) or taken is not None):
             return raw  # greedy's usual case: the raw scores
-        history = [rows.history(r) for r in range(len(raw))] if self.reads_history else []
-        scores = logits.apply(self.processors, raw, history, step)
+        which = range(len(raw)) if subset is None else subset.tolist()
+        history = [rows.history(r) for r in which] if self.reads_history else []
+        scores = logits.apply(self.processors[: self._diverse_at], raw, history, step)
+        if taken is not None:  # transformers' HammingDiversityLogitsProcessor, where its chain has it
+            scores = scores - self.diversity * taken
+        scores = logits.apply(self.processors[self._diverse_at :], scores, history, step)
         for i, processor in enumerate(self.user):
-            scores = _checked(processor(rows.input_ids, scores), scores.shape, f"logits_processors[{i}]")
+            ids = rows.input_ids if subset is None else rows.input_ids[subset]
+            scores = _checked(processor(ids, scores), scores.shape, f"logits_processors[{i}]")
         if self.constraint is not None:
+            assert subset is None, "a constraint's matchers follow all rows at once (options refuse one with beam groups)"
             scores = self.constraint(scores, history, step)
         if self.first is not None and step == 0:
-            scores = _first_tokens(scores, self.first)
+            scores = _first_tokens(scores, [self.first[r] for r in which])
         return logits.apply(self.warpers, scores, history, step)
 
 

@@ -580,6 +580,12 @@ def processors_for(opts: GenerationOptions, breakers: np.ndarray | None = None) 
     return chain
 
 
+def diversity_position(opts: GenerationOptions) -> int:
+    """Where diverse beam search's penalty goes in processors_for's chain: after the sequence bias, as
+    transformers' HammingDiversityLogitsProcessor goes in its chain (decoding.Scoring applies it there)."""
+    return 1 if opts.logit_bias or opts.sequence_bias else 0
+
+
 def warpers_for(opts: GenerationOptions, rng: np.random.Generator | None = None, keep: int = 1) -> list[Filter]:
     """Sampling's reshaping of the distribution: temperature, top-nσ (first of the cuts, as llama.cpp's chain has
     it), top-k, top-p, min-p, typical-p, epsilon, eta, each

@@ -29,8 +29,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 }
 # generation_config.json keys that change transformers' output and that onnxgen does not take, with transformers'
 # defaults: a folder that sets one to something else gets a warning, not a silent difference.
-NOT_TAKEN = {"num_beam_groups": 1, "diversity_penalty": 0.0,
-             "force_words_ids": None, "constraints": None, "dola_layers": None}
+NOT_TAKEN = {"force_words_ids": None, "constraints": None, "dola_layers": None}
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 MAX_TEMPERATURE = 100.0
 # Scores are float32: divided by a temperature below this (after the strongest repetition penalty's 100x pull) they
@@ -39,8 +38,11 @@ MIN_TEMPERATURE = 1e-30
 MAX_REPETITION_PENALTY = 100.0
 MIN_REPETITION_PENALTY = 1 / MAX_REPETITION_PENALTY  # as strong a pull to seen tokens as the largest push away
 MAX_LENGTH_PENALTY = 10.0
+# Each earlier group's beam that took a token lowers the token's log-probability by this much: 100 puts it below any
+# token a model gives any weight to, and far larger ones would overflow float32
+MAX_DIVERSITY_PENALTY = 100.0
 MAX_OPENAI_PENALTY = 2.0  # presence_penalty and frequency_penalty
-INTS = {"max_new_tokens", "min_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size", "num_assistant_tokens",
+INTS = {"max_new_tokens", "min_new_tokens", "top_k", "num_beams", "num_beam_groups", "num_return_sequences", "no_repeat_ngram_size", "num_assistant_tokens",
         "encoder_no_repeat_ngram_size", "dry_allowed_length", "dry_penalty_last_n"}
 OPTIONAL_INTS = {"pad_token_id", "seed", "logprobs", "prompt_lookup_num_tokens", "max_matching_ngram_size", "max_length", "min_length",
                  "forced_bos_token_id"}
@@ -48,7 +50,7 @@ OPTIONAL_FLOATS = {"max_time", "guidance_scale"}
 MAX_GUIDANCE_SCALE = 100.0
 FLOATS = {"temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "length_penalty", "repetition_penalty", "encoder_repetition_penalty",
           "presence_penalty", "frequency_penalty", "assistant_confidence_threshold", "dry_multiplier", "dry_base", "xtc_probability",
-          "xtc_threshold", "top_n_sigma", "penalty_alpha"}
+          "xtc_threshold", "top_n_sigma", "penalty_alpha", "diversity_penalty"}
 BOOLS = {"do_sample", "truncate_prompt", "remove_invalid_values", "renormalize_logits", "include_stop_str_in_output", "token_healing"}
 TOKEN_LISTS = {"suppress_tokens", "begin_suppress_tokens"}
 SequenceBias = dict[tuple[int, ...], float]
@@ -120,6 +122,12 @@ class GenerationOptions:
     epsilon_cutoff: float = 0.0
     eta_cutoff: float = 0.0
     num_beams: int = 1
+    # Diverse beam search (transformers' group beam search; Vijayakumar et al. 2016): the beams split into
+    # num_beam_groups groups that search one after another each step, each group's scores lowered by diversity_penalty
+    # for every beam of an earlier group that took the same token this step (Hamming diversity), so that the groups'
+    # results differ; the results are the best of all groups' (beam.py). 1 group is beam search, the penalty unused.
+    num_beam_groups: int = 1
+    diversity_penalty: float = 0.0
     # Contrastive search (transformers' penalty_alpha; Su et al. 2022, on GPT-2): with do_sample off, one beam and
     # top_k > 1, each step weighs the top_k most likely tokens, each one's probability x (1 - penalty_alpha) against
     # penalty_alpha x its hidden state's greatest cosine similarity to the text's so far, and takes the best: text that
@@ -277,6 +285,20 @@ class GenerationOptions:
             raise OptionsError(f"num_beams must be at least 1, got {self.num_beams}")
         if self.num_return_sequences < 1:
             raise OptionsError(f"num_return_sequences must be at least 1, got {self.num_return_sequences}")
+        if self.num_beam_groups < 1 or self.num_beams % self.num_beam_groups:
+            raise OptionsError(f"num_beam_groups must divide num_beams into groups of equal size, got {self.num_beam_groups} for "
+                               f"{self.num_beams} beams")
+        if not 0 <= self.diversity_penalty <= MAX_DIVERSITY_PENALTY:
+            raise OptionsError(f"diversity_penalty must be in [0, {MAX_DIVERSITY_PENALTY}] (0 is off), got {self.diversity_penalty}")
+        if self.num_beam_groups > 1:
+            if self.do_sample:
+                raise OptionsError("num_beam_groups (diverse beam search) chooses the best beams, it does not sample: set do_sample=False")
+            if self.diversity_penalty == 0:
+                raise OptionsError("num_beam_groups (diverse beam search) needs diversity_penalty > 0: without it every group "
+                                   "searches alike")
+            for name in CONSTRAINTS:
+                if getattr(self, name) is not None:
+                    raise OptionsError(f"num_beam_groups (diverse beam search) and {name}: not both")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
             raise OptionsError(f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams})")
         if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:

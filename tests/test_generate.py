@@ -722,20 +722,19 @@ def test_folder_and_provider_errors(tmp_path: Path, exported: Path, checkpoint: 
 
 
 def test_generation_config_keys_onnxgen_does_not_take_are_warned_of(tmp_path: Path) -> None:
-    """A folder whose generation_config.json asks for what onnxgen does not do (transformers' stop strings keep
-    the string, group beam search) is warned of, once, naming the keys; transformers' defaults for them are not;
-    the CLI prints it as one line."""
+    """A folder whose generation_config.json asks for what onnxgen does not do (DoLa, constrained beam search) is
+    warned of, once, naming the keys; transformers' defaults for them are not; the CLI prints it as one line."""
     import warnings
 
     from onnxgen import cli
 
-    (tmp_path / "generation_config.json").write_text(json.dumps({"num_beam_groups": 2, "do_sample": True, "top_k": 7,
-                                                                 "diversity_penalty": 0.5, "penalty_alpha": 0.6, "stop_strings": "x"}))
-    with pytest.warns(onnxgen.IgnoredOptionWarning, match=r"sets num_beam_groups=2, diversity_penalty=0.5, which onnxgen does not take"):
+    (tmp_path / "generation_config.json").write_text(json.dumps({"dola_layers": "high", "do_sample": True, "top_k": 7,
+                                                                 "force_words_ids": [[5]], "penalty_alpha": 0.6, "stop_strings": "x"}))
+    with pytest.warns(onnxgen.IgnoredOptionWarning, match=r"sets dola_layers='high', force_words_ids=\[\[5\]\], which onnxgen does not take"):
         options = GenerationOptions.from_folder(tmp_path)
     assert options.do_sample and options.top_k == 7 and options.stop_strings == ["x"]  # the keys it takes still count
     assert options.penalty_alpha == 0.6  # contrastive search's, taken (left unused while do_sample is on, as transformers')
-    (tmp_path / "generation_config.json").write_text(json.dumps({"max_length": 20, "num_beam_groups": 1, "eos_token_id": 3,
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_length": 20, "dola_layers": None, "eos_token_id": 3,
                                                                  "guidance_scale": 1.5}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
