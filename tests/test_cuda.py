@@ -78,15 +78,16 @@ def _beams_match(gpu: onnxgen.Model, cpu: onnxgen.Model, prompts: list[list[int]
 
 @pytest.mark.parametrize("variant", ["fp32", "fp16", "int4", "fp16 cuda graph", "int4-fp16 cuda graph"])
 def test_cuda_generates_the_cpu_tokens(folders: dict[str, Path], variant: str) -> None:
-    """Greedy, beam search, greedy and beam search held to a regex (guidance.py; beams reordered on the device), and
-    contrastive search (its candidates' hidden states read from the step's bound output) on prompts of different
-    lengths: the same tokens as the same folder on CPU."""
+    """Greedy, beam search, greedy and beam search held to a regex (guidance.py; beams reordered on the device),
+    contrastive search (its candidates' hidden states read from the step's bound output) and diverse beam search on
+    prompts of different lengths: the same tokens as the same folder on CPU."""
     folder = folders[variant.split()[0]]
     cpu, gpu = onnxgen.load(folder, threads=1), onnxgen.load(folder, provider="cuda", cuda_graph="graph" in variant)
     assert gpu.runtime.session.get_providers()[0] == "CUDAExecutionProvider"
     for options in ({"do_sample": False}, {"do_sample": False, "num_beams": 3, "num_return_sequences": 2},
                     {"do_sample": False, "regex": "[a-z ]{3,30}[.]"}, {"num_beams": 3, "regex": "[a-z ]{3,30}[.]"},
-                    {"penalty_alpha": 0.6, "top_k": 4}):
+                    {"penalty_alpha": 0.6, "top_k": 4},
+                    {"num_beams": 4, "num_beam_groups": 2, "diversity_penalty": 1.0, "num_return_sequences": 4}):
         assert _tokens(gpu, PROMPTS, **options) == _tokens(cpu, PROMPTS, **options)
 
 
