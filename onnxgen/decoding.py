@@ -217,11 +217,15 @@ class Scoring:
 
 
 def _first_tokens(scores: np.ndarray, allowed: list[np.ndarray | None]) -> np.ndarray:
-    """Each row's scores with only its allowed tokens left (None: all)."""
+    """Each row's scores with only its allowed tokens left (None: all); an OptionsError where none of them is left."""
     kept = np.full_like(scores, -np.inf)
     for row, ids in enumerate(allowed):
         ids = slice(None) if ids is None else ids[ids < scores.shape[1]]
         kept[row, ids] = scores[row, ids]
+    banned = np.flatnonzero(np.isneginf(kept).all(axis=-1))
+    if banned.size:
+        raise OptionsError(f"token_healing and the other options leave row {int(banned[0])} no first token: none that continues "
+                           "the prompt's last token is allowed (a forced_eos_token_id at the first step, bad_words_ids, suppress_tokens?)")
     return kept
 
 

@@ -107,6 +107,14 @@ def test_healing_with_a_constraint_is_refused(model: onnxgen.Model) -> None:
         model.generate("It is a ", token_healing=True, regex="[a-z]+")
 
 
+@pytest.mark.parametrize("strategy", [{"do_sample": False}, {"do_sample": True, "top_p": 0.9}, {"num_beams": 2}])
+def test_options_that_leave_no_first_token_are_refused(model: onnxgen.Model, strategy: dict[str, Any]) -> None:
+    """An end token forced at the first (and last) step, which does not continue the healed prompt: a clear error,
+    not a token chosen from none (greedy's argmax took token 0; top_p failed inside numpy)."""
+    with pytest.raises(OptionsError, match="token_healing and the other options leave row 0 no first token"):
+        model.generate("It is a ", token_healing=True, max_new_tokens=1, forced_eos_token_id=model.defaults.eos_ids[0], **strategy)
+
+
 def test_a_batch_heals_each_prompt_alone_and_shares_the_servers_steps(model: onnxgen.Model, exported: Path) -> None:
     """Prompts of different lengths, one with nothing to heal: each row as the prompt gives alone; calls from threads
     sharing a batcher's steps give the same."""
