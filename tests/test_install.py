@@ -147,3 +147,20 @@ def test_export_and_quantize_without_the_export_stack_name_the_fix(missing: str,
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert r.returncode == 1 and r.stderr.strip().splitlines() == expected, r.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_dependency_states_the_floor_ci_tests() -> None:
+    """Each requirement in pyproject.toml has a lower bound (or an exact pin), and .ci/floors.py pins every lower
+    bound but those CI tests apart: a dependency added without one would escape the run at the floors."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    requirements = [Requirement(r) for r in [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]]
+    outside = [r for r in requirements if r.name != "onnxgen"]
+    assert all(any(s.operator in (">=", "==") for s in r.specifier) for r in outside), [str(r) for r in outside]
+    floors = subprocess.run([sys.executable, str(root / ".ci" / "floors.py")], capture_output=True, text=True, check=True).stdout.split()
+    pinned = {line.split("==")[0] for line in floors if "==" in line}
+    assert pinned == {r.name for r in outside if any(s.operator == ">=" for s in r.specifier)} - {"numpy", "tokenizers"}
