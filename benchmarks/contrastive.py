@@ -22,7 +22,7 @@ import onnxgen
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import host, write_results  # noqa: E402
+from run import host, strategy_speeds, write_results  # noqa: E402
 
 EVAL = HERE.parent / "onnxgen" / "data" / "eval.txt"
 STRATEGIES: dict[str, dict[str, Any]] = {
@@ -48,18 +48,6 @@ def quality(model: onnxgen.Model, prompts: list[list[int]], new: int) -> dict[st
     return out
 
 
-def speed(folder: Path | None, rounds: int, new: int) -> dict[str, float]:
-    model = onnxgen.load(folder, threads=2)
-    prompt = model.tokenizer.encode(EVAL.read_text())[:32]
-    runs: dict[str, list[float]] = {name: [] for name in STRATEGIES}
-    for _ in range(rounds):
-        for name, options in STRATEGIES.items():
-            model.generate([prompt], max_new_tokens=new, eos_token_id=None, **options)
-            assert model.last_stats is not None
-            runs[name].append(model.last_stats.decode_tokens_per_s)
-    return {name: statistics.median(values) for name, values in runs.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=40)
@@ -71,7 +59,8 @@ def main() -> None:
     tokens = bundled.tokenizer.encode(EVAL.read_text())
     prompts = [tokens[start : start + 32] for start in range(0, len(tokens) - 32, 48)][: args.prompts]
     text = quality(bundled, prompts, 128)
-    timed = {"bundled (prose-mini int8)": speed(None, args.rounds, 64)} | {str(f): speed(f, args.rounds, 64) for f in args.speed}
+    timed = {"bundled (prose-mini int8)": strategy_speeds(None, STRATEGIES, args.rounds, 64)} | {
+        str(f): strategy_speeds(f, STRATEGIES, args.rounds, 64) for f in args.speed}
     table = (f"# Contrastive search against greedy search and nucleus sampling\n\n{host()}; `python benchmarks/contrastive.py "
              f"--prompts {args.prompts}{' --speed ' + ' '.join(map(str, args.speed)) if args.speed else ''}`.\n\n"
              f"Repetition: the bundled model, {len(prompts)} windows of held-out prose (32-token prompts), 128 new tokens each "

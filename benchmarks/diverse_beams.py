@@ -38,7 +38,7 @@ import onnxgen
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from run import host, write_results  # noqa: E402
+from run import host, strategy_speeds, write_results  # noqa: E402
 
 EVAL = HERE.parent / "onnxgen" / "data" / "eval.txt"
 BEAMS = 4
@@ -85,18 +85,6 @@ def quality(model: onnxgen.Model, prompts: list[list[int]], new: int) -> dict[st
     return out
 
 
-def speed(folder: Path | None, rounds: int, new: int) -> dict[str, float]:
-    model = onnxgen.load(folder, threads=2)
-    prompt = model.tokenizer.encode(EVAL.read_text())[:32]
-    runs: dict[str, list[float]] = {name: [] for name in STRATEGIES}
-    for _ in range(rounds):
-        for name, options in STRATEGIES.items():
-            model.generate([prompt], max_new_tokens=new, eos_token_id=None, **options)
-            assert model.last_stats is not None
-            runs[name].append(model.last_stats.decode_tokens_per_s)
-    return {name: statistics.median(values) for name, values in runs.items()}
-
-
 def random_cases(count: int, seed: int) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     cases = []
@@ -117,9 +105,8 @@ def random_cases(count: int, seed: int) -> list[dict[str, Any]]:
 
 
 def against_transformers(folder: Path, count: int, seed: int) -> dict[str, Any]:
-    from tests.conftest import make_checkpoint
-
     from onnxgen.export import export
+    from tests.conftest import make_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_checkpoint(Path(tmp) / "checkpoint")
@@ -165,7 +152,8 @@ def main() -> None:
     tokens = bundled.tokenizer.encode(EVAL.read_text())
     prompts = [tokens[start : start + 32] for start in range(0, len(tokens) - 32, 48)][: args.prompts]
     text = quality(bundled, prompts, 24)
-    timed = {"bundled (prose-mini int8)": speed(None, args.rounds, 64)} | {str(f): speed(f, args.rounds, 64) for f in args.speed}
+    timed = {"bundled (prose-mini int8)": strategy_speeds(None, STRATEGIES, args.rounds, 64)} | {
+        str(f): strategy_speeds(f, STRATEGIES, args.rounds, 64) for f in args.speed}
     table = (f"# Diverse beam search against beam search\n\n{host()}; `python benchmarks/diverse_beams.py --prompts {args.prompts}"
              f"{' --speed ' + ' '.join(map(str, args.speed)) if args.speed else ''}`.\n\n"
              f"The bundled model, {len(prompts)} windows of held-out prose (32-token prompts), 24 new tokens, all {BEAMS} beams "

@@ -311,6 +311,22 @@ def write_results(out: Path, name: str, result: dict[str, Any], table: str) -> N
     print(table)
 
 
+def strategy_speeds(folder: Path | None, strategies: dict[str, dict[str, Any]], rounds: int, new: int) -> dict[str, float]:
+    """Decode tok/s at batch 1 of each strategy (options by name) after a 32-token prompt of held-out prose, 2 threads,
+    `new` tokens without an end token, the strategies in turns, medians of `rounds` (the bundled model for None)."""
+    import onnxgen
+
+    model = onnxgen.load(folder, threads=2)
+    prompt = model.tokenizer.encode((Path(__file__).resolve().parents[1] / "onnxgen" / "data" / "eval.txt").read_text())[:32]
+    runs: dict[str, list[float]] = {name: [] for name in strategies}
+    for _ in range(rounds):
+        for name, options in strategies.items():
+            model.generate([prompt], max_new_tokens=new, eos_token_id=None, **options)
+            assert model.last_stats is not None
+            runs[name].append(model.last_stats.decode_tokens_per_s)
+    return {name: statistics.median(values) for name, values in runs.items()}
+
+
 def host() -> str:
     """The one-line environment of the benchmarks' results: the machine (onnxgen.bench.machine) and Python."""
     from onnxgen.bench import machine
