@@ -22,9 +22,8 @@ import onnxgen
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import host, strategy_speeds, write_results  # noqa: E402
+from run import held_out_prompts, host, strategy_speeds, write_results  # noqa: E402
 
-EVAL = HERE.parent / "onnxgen" / "data" / "eval.txt"
 STRATEGIES: dict[str, dict[str, Any]] = {
     "greedy": {"do_sample": False},
     "contrastive, top_k 4, penalty_alpha 0.6": {"penalty_alpha": 0.6, "top_k": 4},
@@ -56,11 +55,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     bundled = onnxgen.load(threads=2)
-    tokens = bundled.tokenizer.encode(EVAL.read_text())
-    prompts = [tokens[start : start + 32] for start in range(0, len(tokens) - 32, 48)][: args.prompts]
+    prompts = held_out_prompts(bundled.tokenizer, args.prompts)
     text = quality(bundled, prompts, 128)
-    timed = {"bundled (prose-mini int8)": strategy_speeds(None, STRATEGIES, args.rounds, 64)} | {
-        str(f): strategy_speeds(f, STRATEGIES, args.rounds, 64) for f in args.speed}
+    timed = strategy_speeds(args.speed, STRATEGIES, args.rounds, 64)
     table = (f"# Contrastive search against greedy search and nucleus sampling\n\n{host()}; `python benchmarks/contrastive.py "
              f"--prompts {args.prompts}{' --speed ' + ' '.join(map(str, args.speed)) if args.speed else ''}`.\n\n"
              f"Repetition: the bundled model, {len(prompts)} windows of held-out prose (32-token prompts), 128 new tokens each "

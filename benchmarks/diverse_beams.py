@@ -38,9 +38,8 @@ import onnxgen
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from run import host, strategy_speeds, write_results  # noqa: E402
+from run import held_out_prompts, host, strategy_speeds, write_results  # noqa: E402
 
-EVAL = HERE.parent / "onnxgen" / "data" / "eval.txt"
 BEAMS = 4
 STRATEGIES: dict[str, dict[str, Any]] = {
     "beam search, 4 beams": {"num_beams": BEAMS},
@@ -149,11 +148,9 @@ def main() -> None:
                       f"{checked['differ']} differ in a returned sequence or its score (beyond 1e-3 relative).\n")
         raise SystemExit(1 if checked["differ"] else 0)
     bundled = onnxgen.load(threads=2)
-    tokens = bundled.tokenizer.encode(EVAL.read_text())
-    prompts = [tokens[start : start + 32] for start in range(0, len(tokens) - 32, 48)][: args.prompts]
+    prompts = held_out_prompts(bundled.tokenizer, args.prompts)
     text = quality(bundled, prompts, 24)
-    timed = {"bundled (prose-mini int8)": strategy_speeds(None, STRATEGIES, args.rounds, 64)} | {
-        str(f): strategy_speeds(f, STRATEGIES, args.rounds, 64) for f in args.speed}
+    timed = strategy_speeds(args.speed, STRATEGIES, args.rounds, 64)
     table = (f"# Diverse beam search against beam search\n\n{host()}; `python benchmarks/diverse_beams.py --prompts {args.prompts}"
              f"{' --speed ' + ' '.join(map(str, args.speed)) if args.speed else ''}`.\n\n"
              f"The bundled model, {len(prompts)} windows of held-out prose (32-token prompts), 24 new tokens, all {BEAMS} beams "

@@ -311,20 +311,33 @@ def write_results(out: Path, name: str, result: dict[str, Any], table: str) -> N
     print(table)
 
 
-def strategy_speeds(folder: Path | None, strategies: dict[str, dict[str, Any]], rounds: int, new: int) -> dict[str, float]:
-    """Decode tok/s at batch 1 of each strategy (options by name) after a 32-token prompt of held-out prose, 2 threads,
-    `new` tokens without an end token, the strategies in turns, medians of `rounds` (the bundled model for None)."""
+EVAL_TEXT = Path(__file__).resolve().parents[1] / "onnxgen" / "data" / "eval.txt"  # prose the bundled model was not trained on
+
+
+def held_out_prompts(tokenizer: Any, count: int, size: int = 32, apart: int = 48) -> list[list[int]]:
+    """`count` windows of `size` tokens of the held-out prose, `apart` tokens from one start to the next."""
+    tokens = tokenizer.encode(EVAL_TEXT.read_text())
+    return [tokens[start : start + size] for start in range(0, len(tokens) - size, apart)][:count]
+
+
+def strategy_speeds(folders: list[Path], strategies: dict[str, dict[str, Any]], rounds: int, new: int) -> dict[str, dict[str, float]]:
+    """Per model (the bundled one, then `folders`), decode tok/s at batch 1 of each strategy (options by name) after a
+    32-token prompt of the held-out prose, 2 threads, `new` tokens without an end token, the strategies in turns,
+    medians of `rounds`."""
     import onnxgen
 
-    model = onnxgen.load(folder, threads=2)
-    prompt = model.tokenizer.encode((Path(__file__).resolve().parents[1] / "onnxgen" / "data" / "eval.txt").read_text())[:32]
-    runs: dict[str, list[float]] = {name: [] for name in strategies}
-    for _ in range(rounds):
-        for name, options in strategies.items():
-            model.generate([prompt], max_new_tokens=new, eos_token_id=None, **options)
-            assert model.last_stats is not None
-            runs[name].append(model.last_stats.decode_tokens_per_s)
-    return {name: statistics.median(values) for name, values in runs.items()}
+    speeds = {}
+    for folder in [None, *folders]:
+        model = onnxgen.load(folder, threads=2)
+        prompt = held_out_prompts(model.tokenizer, 1)[0]
+        runs: dict[str, list[float]] = {name: [] for name in strategies}
+        for _ in range(rounds):
+            for name, options in strategies.items():
+                model.generate([prompt], max_new_tokens=new, eos_token_id=None, **options)
+                assert model.last_stats is not None
+                runs[name].append(model.last_stats.decode_tokens_per_s)
+        speeds["bundled (prose-mini int8)" if folder is None else str(folder)] = {name: statistics.median(v) for name, v in runs.items()}
+    return speeds
 
 
 def host() -> str:
