@@ -22,7 +22,7 @@ import onnxgen
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import held_out_prompts, host, strategy_speeds, write_results  # noqa: E402
+from run import held_out_prompts, host, speeds_table, strategy_speeds, write_results  # noqa: E402
 
 STRATEGIES: dict[str, dict[str, Any]] = {
     "greedy": {"do_sample": False},
@@ -64,10 +64,7 @@ def main() -> None:
              "(no end token), means over the prompts.\n\n| strategy | rep-2 | rep-3 | rep-4 | diversity |\n| --- | ---: | ---: | ---: | ---: |\n")
     for name, q in text.items():
         table += f"| {name} | {q['rep-2']:.1%} | {q['rep-3']:.1%} | {q['rep-4']:.1%} | {q['diversity']:.3f} |\n"
-    table += (f"\nDecode tok/s, batch 1, 32-token prompt, 64 new tokens, 2 threads, medians of {args.rounds} rounds in turns:\n\n"
-              "| model | " + " | ".join(STRATEGIES) + " |\n| --- |" + " ---: |" * len(STRATEGIES) + "\n")
-    for model, tps in timed.items():
-        table += f"| {model} | " + " | ".join(f"{tps[name]:.1f}" for name in STRATEGIES) + " |\n"
+    table += speeds_table(timed, STRATEGIES, args.rounds)
     write_results(args.out, "contrastive", {"host": host(), "prompts": len(prompts), "repetition": text, "decode_tokens_per_s": timed}, table)
 
 

@@ -38,7 +38,7 @@ import onnxgen
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from run import held_out_prompts, host, strategy_speeds, write_results  # noqa: E402
+from run import held_out_prompts, host, speeds_table, strategy_speeds, write_results  # noqa: E402
 
 BEAMS = 4
 STRATEGIES: dict[str, dict[str, Any]] = {
@@ -159,10 +159,7 @@ def main() -> None:
              "| strategy | distinct-2 | first tokens | best beam's score | all beams' score |\n| --- | ---: | ---: | ---: | ---: |\n")
     for name, q in text.items():
         table += f"| {name} | {q['distinct-2']:.3f} | {q['first tokens']:.2f} | {q['best score']:.3f} | {q['mean score']:.3f} |\n"
-    table += "\nDecode tok/s at batch 1 (a 32-token prompt, 64 new tokens, 2 threads, medians of turns):\n\n| model | " + \
-             " | ".join(STRATEGIES) + " |\n| --- |" + " ---: |" * len(STRATEGIES) + "\n"
-    for model_name, rates in timed.items():
-        table += f"| {model_name} | " + " | ".join(f"{rates[name]:.0f}" for name in STRATEGIES) + " |\n"
+    table += speeds_table(timed, STRATEGIES, args.rounds)
     write_results(args.out, "diverse_beams", {"quality": text, "speed": timed, "prompts": len(prompts)}, table)
 
 

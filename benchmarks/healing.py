@@ -25,9 +25,8 @@ import onnxgen
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import host, write_results  # noqa: E402
+from run import EVAL_TEXT, host, write_results  # noqa: E402
 
-EVAL = HERE.parent / "onnxgen" / "data" / "eval.txt"
 WORD = re.compile(r"[A-Za-z]+")
 CONTEXT = 400  # characters of the text before a cut
 
@@ -57,7 +56,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     model = onnxgen.load()
-    inside, spaced = cuts(EVAL.read_text(), args.cuts, args.seed)
+    inside, spaced = cuts(EVAL_TEXT.read_text(), args.cuts, args.seed)
 
     unspaced = [(prompt[:-1], " " + word) for prompt, word in spaced]  # the space where running text has it
     rows = {"mid-word": (accuracy(model, inside, False), accuracy(model, inside, True)),

@@ -30,10 +30,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from cache import prepare  # noqa: E402  (the in-place gpt2 folders that benchmark makes)
-from run import host, write_results  # noqa: E402
+from run import EVAL_TEXT, host, write_results  # noqa: E402
 
 NEW = 96
-EVAL = HERE.parent / "onnxgen" / "data" / "eval.txt"
 
 
 class Quote:
@@ -54,7 +53,7 @@ class Quote:
 
 def texts(model: Any, passage_tokens: int, trained: bool) -> dict[str, tuple[list[int], list[Any]]]:
     """The prompts (token ids) and processors of the two texts (see the docstring)."""
-    ids = model.tokenizer.encode(EVAL.read_text())
+    ids = model.tokenizer.encode(EVAL_TEXT.read_text())
     passage = ids[:passage_tokens]
     echo = model.tokenizer.encode("\n\n")
     quote = passage + echo + passage[:12]

@@ -26,11 +26,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from make_models import make  # noqa: E402
-from run import environment, host, write_results  # noqa: E402
+from run import EVAL_TEXT, environment, host, write_results  # noqa: E402
 
 from tests.conftest import make_adapter  # noqa: E402  (the tests' adapter maker: peft's LoRA, random B matrices)
 
-EVAL = HERE.parent / "onnxgen" / "data" / "eval.txt"
 ADAPTERS = {"all-r16": {"r": 16, "lora_alpha": 32, "target_modules": ["c_attn", "c_proj", "c_fc"]},
             "attn-r8": {"r": 8, "lora_alpha": 16, "target_modules": ["c_attn"]}}
 MIXED = 4  # adapters in the mixed batch (all-r16 with other random B matrices)
@@ -88,7 +87,7 @@ def measure(folders: dict[str, Path], threads: int, new_tokens: int, rounds: int
     merged = onnxgen.load(folders["merged"], threads=threads)
     adapters = {name.removeprefix("adapter-"): path for name, path in folders.items() if name.startswith("adapter-")}
     lora = onnxgen.load(folders["lora"], threads=threads, adapters=adapters)
-    text = plain.tokenizer.encode(EVAL.read_text())
+    text = plain.tokenizer.encode(EVAL_TEXT.read_text())
     prompts = [text[i * 40 : i * 40 + 32] for i in range(8)]
     mixed = ["all-r16", *[f"mixed-{i}" for i in range(1, MIXED)]] * 2
 

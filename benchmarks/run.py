@@ -340,6 +340,15 @@ def strategy_speeds(folders: list[Path], strategies: dict[str, dict[str, Any]], 
     return speeds
 
 
+def speeds_table(timed: dict[str, dict[str, float]], strategies: dict[str, dict[str, Any]], rounds: int) -> str:
+    """strategy_speeds' figures as a markdown table, a row per model."""
+    table = (f"\nDecode tok/s, batch 1, 32-token prompt, 64 new tokens, 2 threads, medians of {rounds} rounds in turns:\n\n"
+             "| model | " + " | ".join(strategies) + " |\n| --- |" + " ---: |" * len(strategies) + "\n")
+    for model, rates in timed.items():
+        table += f"| {model} | " + " | ".join(f"{rates[name]:.1f}" for name in strategies) + " |\n"
+    return table
+
+
 def host() -> str:
     """The one-line environment of the benchmarks' results: the machine (onnxgen.bench.machine) and Python."""
     from onnxgen.bench import machine

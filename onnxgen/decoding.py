@@ -222,11 +222,17 @@ def _first_tokens(scores: np.ndarray, allowed: list[np.ndarray | None]) -> np.nd
     for row, ids in enumerate(allowed):
         ids = slice(None) if ids is None else ids[ids < scores.shape[1]]
         kept[row, ids] = scores[row, ids]
-    banned = np.flatnonzero(np.isneginf(kept).all(axis=-1))
-    if banned.size:
-        raise OptionsError(f"token_healing and the other options leave row {int(banned[0])} no first token: none that continues "
+    row = _emptied_row(kept)
+    if row is not None:
+        raise OptionsError(f"token_healing and the other options leave row {row} no first token: none that continues "
                            "the prompt's last token is allowed (a forced_eos_token_id at the first step, bad_words_ids, suppress_tokens?)")
     return kept
+
+
+def _emptied_row(scores: np.ndarray) -> int | None:
+    """The first row whose every token is banned (-inf), or None."""
+    banned = np.flatnonzero(np.isneginf(scores).all(axis=-1))
+    return int(banned[0]) if banned.size else None
 
 
 def _checked(result: object, shape: tuple[int, ...], name: str) -> np.ndarray:
@@ -240,7 +246,7 @@ def _checked(result: object, shape: tuple[int, ...], name: str) -> np.ndarray:
         raise OptionsError(f"{name} returned {returned(result)}: expected scores of shape {shape}")
     if np.isnan(scores).any() or np.isposinf(scores).any():
         raise OptionsError(f"{name} returned NaN or +inf scores")
-    banned = np.flatnonzero(np.isneginf(scores).all(axis=-1))
-    if banned.size:
-        raise OptionsError(f"{name} banned every token of row {int(banned[0])}: nothing is left to choose from")
+    row = _emptied_row(scores)
+    if row is not None:
+        raise OptionsError(f"{name} banned every token of row {row}: nothing is left to choose from")
     return scores
